@@ -1,0 +1,70 @@
+"""Maps ServiceError to gRPC status with `google.rpc` rich details, shared by both gRPC servers."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from core.errors import (
+    AlreadyExists,
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
+
+_CODES: list[tuple[type[ServiceError], grpc.StatusCode, int]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, code_pb2.ALREADY_EXISTS),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
+    (Conflict, grpc.StatusCode.ABORTED, code_pb2.ABORTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
+]
+
+
+def status_code_for(error: ServiceError) -> grpc.StatusCode:
+    for cls, code, _ in _CODES:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def to_rpc_status(error: ServiceError) -> status_pb2.Status:
+    """Builds the google.rpc.Status (with BadRequest field violations for InvalidArgument)."""
+    numeric = next((num for cls, _, num in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)
+    status = status_pb2.Status(code=numeric, message=error.message)
+    if isinstance(error, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(bad_request)
+        status.details.append(detail)
+    return status
+
+
+async def abort_with(context: grpc.aio.ServicerContext[object, object], error: ServiceError) -> None:
+    """Ends the RPC with the error's status, message and rich details; never returns."""
+    await context.abort_with_status(rpc_status.to_status(to_rpc_status(error)))
+
+
+def field_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[tuple[str, str]]:
+    """Client-side helper: (field, description) pairs of a BadRequest detail, if any."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:
+        return []
+    pairs: list[tuple[str, str]] = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            pairs.extend((v.field, v.description) for v in bad_request.field_violations)
+    return pairs
