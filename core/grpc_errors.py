@@ -53,7 +53,7 @@ def to_rpc_status(error: ServiceError) -> status_pb2.Status:
 
 async def abort_with(context: grpc.aio.ServicerContext[object, object], error: ServiceError) -> None:
     """Ends the RPC with the error's status, message and rich details; never returns."""
-    await context.abort_with_status(rpc_status.to_status(to_rpc_status(error)))
+    await context.abort_with_status(rpc_status.to_status(to_rpc_status(error)))  # type: ignore[attr-defined]
 
 
 def field_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[tuple[str, str]]:

@@ -1,0 +1,27 @@
+"""command_service settings, read once from the environment in __main__."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.subjects import DEFAULT_STREAM_NAME, SUBJECT_PREFIX
+
+
+class CommandServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CQRS_", extra="ignore")
+
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    nats_url: str = "nats://127.0.0.1:4222"
+    stream_name: str = DEFAULT_STREAM_NAME
+    subject_prefix: str = SUBJECT_PREFIX
+    command_listen: str = "127.0.0.1:50051"
+    postgres_pool_min: int = Field(default=2, ge=1)
+    postgres_pool_max: int = Field(default=32, ge=1)
+    postgres_timeout_seconds: float = Field(default=5.0, gt=0)
+    max_append_attempts: int = Field(default=5, ge=1)
+    relay_batch_size: int = Field(default=500, ge=1, le=10_000)
+    relay_poll_seconds: float = Field(default=1.0, gt=0)
+    relay_enabled: bool = True
+    grace_seconds: float = Field(default=10.0, ge=0)
+    log_level: str = "INFO"

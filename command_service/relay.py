@@ -1,0 +1,208 @@
+"""Outbox relay: publishes committed events to JetStream, deleting each outbox row only after its JetStream ack.
+
+Exactly one relay is active across all command_service replicas (a session-level advisory lock held on a
+dedicated connection); the others wait on standby and take over when that connection dies. The relay keeps no
+high-water mark: it always reads whatever outbox rows exist, in position order, so a transaction that committed
+late with a lower position is simply picked up on the next pass (never lost). A crash between the ack and the
+delete re-publishes the event; `Nats-Msg-Id` dedupes it in JetStream and the projector's version guard makes it
+harmless beyond the duplicate window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+
+from command_service.event_store import OUTBOX_CHANNEL, recorded_event_from_row
+from core.jetstream import ensure_stream, event_stream_config
+from core.subjects import event_subject
+
+log = logging.getLogger(__name__)
+
+RELAY_LOCK_KEY = 0x0C0A5_0002
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    stream_name: str
+    subject_prefix: str
+    batch_size: int = 500
+    poll_interval: float = 1.0
+    publish_timeout: float = 5.0
+    max_backoff: float = 5.0
+
+
+class OutboxRelay:
+    """Runs until `stop()`; survives PostgreSQL and NATS outages by backing off and retrying."""
+
+    def __init__(self, dsn: str, nats_url: str, settings: RelaySettings) -> None:
+        self._dsn = dsn
+        self._nats_url = nats_url
+        self._settings = settings
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.is_leader = False
+        self.published_total = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Connects to NATS (retrying; commands keep working meanwhile), then relays until stopped."""
+        try:
+            await self._connect_nats()
+            await self._relay_while_running()
+        finally:
+            if self._nc is not None and not self._nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._nc.close(), timeout=5.0)
+
+    async def _connect_nats(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            nc: NATS | None = None
+            try:
+                nc = await nats.connect(
+                    self._nats_url,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,  # after the first connect, nats-py reconnects by itself
+                    reconnect_time_wait=1,
+                    name="command_service-relay",
+                )
+                js = nc.jetstream(timeout=self._settings.publish_timeout)
+                await ensure_stream(js, event_stream_config(self._settings.stream_name, self._settings.subject_prefix))
+                self._nc, self._js = nc, js
+                log.info("outbox relay connected to JetStream at %s", self._nats_url)
+                return
+            except (nats.errors.Error, OSError, TimeoutError) as exc:
+                failures += 1
+                log.warning("outbox relay: JetStream (NATS) at %s unavailable: %r; retrying", self._nats_url, exc)
+                if nc is not None:
+                    with contextlib.suppress(Exception):
+                        await nc.close()
+                await self._sleep(_backoff(failures, self._settings.max_backoff))
+
+    async def _relay_while_running(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                await self._run_once()
+                failures = 0
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                failures += 1
+                log.warning("outbox relay: event store (PostgreSQL) unavailable: %r; retrying", exc)
+                await self._sleep(_backoff(failures, self._settings.max_backoff))
+            finally:
+                self.is_leader = False
+
+    async def _run_once(self) -> None:
+        conn: asyncpg.Connection = await asyncpg.connect(self._dsn, timeout=5.0)
+        try:
+            while not self._stopping.is_set():
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY, timeout=5.0):
+                    break
+                await self._sleep(self._settings.poll_interval)  # standby: another replica is relaying
+            else:
+                return
+            self.is_leader = True
+            log.info("outbox relay active (this replica holds the relay lock)")
+            await conn.add_listener(OUTBOX_CHANNEL, self._on_notify)
+            await self._relay_loop(conn)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), timeout=2.0)
+
+    def _on_notify(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def _relay_loop(self, conn: asyncpg.Connection) -> None:
+        nats_failures = 0
+        while not self._stopping.is_set():
+            self._wake.clear()
+            rows = await conn.fetch(
+                """SELECT e.position, e.event_id, e.stream_type, e.stream_id, e.version, e.event_type,
+                          e.schema_version, e.payload::text AS payload, e.metadata::text AS metadata, e.recorded_at
+                     FROM outbox o JOIN events e ON e.position = o.position
+                    ORDER BY o.position LIMIT $1""",
+                self._settings.batch_size,
+                timeout=10.0,
+            )
+            if not rows:
+                await self._wait_for_work()
+                continue
+            acked = await self._publish(rows)
+            if acked:
+                await conn.execute("DELETE FROM outbox WHERE position = ANY($1::bigint[])", acked, timeout=10.0)
+                self.published_total += len(acked)
+            if len(acked) < len(rows):
+                nats_failures += 1
+                await self._sleep(_backoff(nats_failures, self._settings.max_backoff))
+            else:
+                nats_failures = 0
+
+    async def _publish(self, rows: list[Any]) -> list[int]:
+        """Publishes rows in position order (one connection keeps their order); returns the acked positions."""
+        assert self._js is not None
+        events = [recorded_event_from_row(row) for row in rows]
+        futures: list[asyncio.Future[PubAck]] = []
+        try:
+            for event in events:
+                futures.append(
+                    await self._js.publish_async(
+                        event_subject(event.stream_type, event.stream_id, self._settings.subject_prefix),
+                        event.to_json(),
+                        wait_stall=self._settings.publish_timeout,
+                        stream=self._settings.stream_name,
+                        headers=event.headers(),
+                    )
+                )
+        except (nats.errors.Error, OSError) as exc:
+            log.warning("outbox relay: JetStream (NATS) unavailable: %r; will retry", exc)
+        acked: list[int] = []
+        if not futures:
+            return acked
+        done, pending = await asyncio.wait(futures, timeout=self._settings.publish_timeout)
+        for fut in pending:
+            fut.cancel()
+        first_error: BaseException | None = None
+        for event, fut in zip(events, futures, strict=False):
+            if fut in done and not fut.cancelled() and fut.exception() is None:
+                acked.append(event.position)
+            elif first_error is None:
+                first_error = fut.exception() if fut in done and not fut.cancelled() else TimeoutError()
+        if first_error is not None:
+            log.warning(
+                "outbox relay: JetStream (NATS) did not ack %d of %d events (%r); they stay in the outbox",
+                len(events) - len(acked),
+                len(events),
+                first_error,
+            )
+        return acked
+
+    async def _wait_for_work(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=self._settings.poll_interval)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+def _backoff(failures: int, cap: float) -> float:
+    """Exponential backoff with full jitter, capped."""
+    return random.uniform(0, min(cap, 0.1 * 2 ** min(failures, 10)))

@@ -1,0 +1,113 @@
+"""Composition of the command side: PostgreSQL pool, handler, gRPC server, health, reflection and the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+from cqrs.orders.v1 import command_service_pb2, command_service_pb2_grpc
+from grpc_health.v1 import _async as health_aio  # the asyncio HealthServicer (also exported as health.aio)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from command_service.config import CommandServiceSettings
+from command_service.event_store import EventStore
+from command_service.grpc_api import OrderCommandServicer
+from command_service.handlers import OrderCommandHandler
+from command_service.relay import OutboxRelay, RelaySettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = command_service_pb2.DESCRIPTOR.services_by_name["OrderCommandService"].full_name
+HEALTH_INTERVAL_SECONDS = 2.0
+
+
+@dataclass
+class RunningCommandServer:
+    server: grpc.aio.Server
+    port: int
+    pool: asyncpg.Pool
+    relay: OutboxRelay | None
+    tasks: list[asyncio.Task[None]]
+    health: health_aio.HealthServicer
+    grace_seconds: float
+
+    async def stop(self) -> None:
+        """Graceful: report NOT_SERVING, finish in-flight RPCs within the grace period, then stop the relay."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.grace_seconds)
+        if self.relay is not None:
+            self.relay.stop()
+        for task in self.tasks:
+            if task.get_name() == "health-probe":
+                task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), timeout=10)
+        await self.pool.close()
+
+
+async def start_command_server(settings: CommandServiceSettings) -> RunningCommandServer:
+    """Starts everything and returns once the gRPC port is bound (PostgreSQL may still be down: it retries)."""
+    pool = await asyncpg.create_pool(
+        settings.postgres_dsn,
+        min_size=0,  # lazily: the service starts (NOT_SERVING) even when PostgreSQL is down
+        max_size=settings.postgres_pool_max,
+        timeout=settings.postgres_timeout_seconds,
+        command_timeout=settings.postgres_timeout_seconds,
+    )
+    store = EventStore(pool, command_timeout=settings.postgres_timeout_seconds)
+    handler = OrderCommandHandler(store, max_attempts=settings.max_append_attempts)
+
+    server = grpc.aio.server()
+    command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(OrderCommandServicer(handler), server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(settings.command_listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {settings.command_listen}")
+    await server.start()
+
+    tasks = [asyncio.create_task(_probe_postgres(pool, health_servicer), name="health-probe")]
+    relay: OutboxRelay | None = None
+    if settings.relay_enabled:
+        relay = OutboxRelay(
+            settings.postgres_dsn,
+            settings.nats_url,
+            RelaySettings(
+                stream_name=settings.stream_name,
+                subject_prefix=settings.subject_prefix,
+                batch_size=settings.relay_batch_size,
+                poll_interval=settings.relay_poll_seconds,
+            ),
+        )
+        tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
+    log.info("command service listening on %s (port %d)", settings.command_listen, port)
+    return RunningCommandServer(server, port, pool, relay, tasks, health_servicer, settings.grace_seconds)
+
+
+async def _probe_postgres(pool: asyncpg.Pool, servicer: health_aio.HealthServicer) -> None:
+    """SERVING only while PostgreSQL answers; NATS being down does not stop commands (the outbox buffers)."""
+    last: bool | None = None
+    while True:
+        try:
+            await pool.fetchval("SELECT 1", timeout=HEALTH_INTERVAL_SECONDS)
+            ok = True
+        except Exception as exc:  # any failure means "not serving"; the reason is logged once per change
+            ok = False
+            if last is not False:
+                log.warning("event store (PostgreSQL) unavailable: %r", exc)
+        if ok != last:
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await servicer.set(name, status)
+            if ok and last is False:
+                log.info("event store (PostgreSQL) reachable again")
+            last = ok
+        await asyncio.sleep(HEALTH_INTERVAL_SECONDS if ok else 0.5)

@@ -1,0 +1,63 @@
+"""The `cqrs` console script: operator and developer commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from core.logs import configure_logging
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from command_service.migrate import migrate
+
+    applied = asyncio.run(migrate(args.dsn))
+    print(f"applied: {', '.join(applied)}" if applied else "event store schema is up to date")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cqrsctl.demo import run_demo
+
+    return asyncio.run(run_demo(args.command_addr, args.query_addr, orders=args.orders, timeout=args.timeout))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cqrs", description="Order service (CQRS + event sourcing) tools")
+    parser.add_argument("--log-level", default=os.environ.get("CQRS_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    migrate = sub.add_parser("migrate", help="apply the event-store schema (idempotent)")
+    migrate.add_argument(
+        "--dsn",
+        default=os.environ.get("CQRS_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="PostgreSQL DSN (env CQRS_POSTGRES_DSN)",
+    )
+    migrate.set_defaults(run=_migrate)
+
+    demo = sub.add_parser("demo", help="run orders through the running services and print the replication lag")
+    demo.add_argument("--command-addr", default=os.environ.get("CQRS_COMMAND_ADDR", "127.0.0.1:50051"))
+    demo.add_argument("--query-addr", default=os.environ.get("CQRS_QUERY_ADDR", "127.0.0.1:50052"))
+    demo.add_argument("--orders", type=int, default=20, help="how many orders to run concurrently (default 20)")
+    demo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each read (default 10)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, "cqrs")
+    try:
+        code: int = args.run(args)
+    except (OSError, ConnectionError) as exc:
+        logging.getLogger("cqrs").error("%s failed: %s", args.command, exc)
+        print(f"cqrs {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

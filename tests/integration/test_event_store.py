@@ -1,0 +1,168 @@
+"""Event store + handler guarantees against a real PostgreSQL: concurrency, idempotency, atomicity."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from command_service.domain import commands as cmd
+from command_service.event_store import EventStore, RequestRecord, VersionConflict
+from command_service.handlers import CommandContext, OrderCommandHandler
+from core.envelope import EventMetadata
+from core.errors import Conflict, FailedPrecondition
+from core.order_events import OrderItemAdded
+from core.values import Address
+
+ADDRESS = Address("Ada", "1 Main St", "", "London", "N1", "GB")
+
+
+def ctx(request_id: str | None = None, expected_version: int | None = None, fingerprint: str = "") -> CommandContext:
+    rid = request_id or str(uuid.uuid4())
+    return CommandContext(request_id=rid, request_hash=fingerprint or rid, expected_version=expected_version)
+
+
+async def counts(pool: asyncpg.Pool) -> tuple[int, int, int]:
+    row = await pool.fetchrow(
+        "SELECT (SELECT count(*) FROM events) e, (SELECT count(*) FROM outbox) o, (SELECT count(*) FROM request_log) r"
+    )
+    assert row is not None
+    return row["e"], row["o"], row["r"]
+
+
+async def create_order(handler: OrderCommandHandler) -> str:
+    order_id = str(uuid.uuid4())
+    await handler.handle(cmd.CreateOrder(order_id, "customer-1", "EUR", ADDRESS), ctx())
+    return order_id
+
+
+async def test_append_writes_events_outbox_and_request_log_in_one_go(
+    event_store: EventStore, pg_pool: asyncpg.Pool
+) -> None:
+    handler = OrderCommandHandler(event_store)
+    order_id = await create_order(handler)
+    reply = await handler.handle(cmd.AddOrderItem(order_id, "SKU-1", "Thing", 2, 150), ctx())
+    assert (reply.stream_id, reply.version) == (order_id, 2)
+    assert await counts(pg_pool) == (2, 2, 2)
+    rows = await pg_pool.fetch("SELECT position, version, event_type, metadata FROM events ORDER BY position")
+    assert [r["event_type"] for r in rows] == ["OrderCreated", "OrderItemAdded"]
+    assert reply.position == rows[-1]["position"]
+
+
+async def test_concurrent_appends_at_one_version_have_exactly_one_winner(event_store: EventStore) -> None:
+    handler = OrderCommandHandler(event_store)
+    order_id = await create_order(handler)
+    meta = EventMetadata("r", "r", "r")
+
+    async def attempt(i: int) -> bool:
+        try:
+            await event_store.append(
+                stream_type="order",
+                stream_id=order_id,
+                expected_version=1,
+                events=[OrderItemAdded(f"SKU-{i}", "x", 1, 1)],
+                metadata=meta,
+                request=RequestRecord(f"req-{i}", "AddOrderItem", f"h{i}"),
+                last_position=0,
+            )
+            return True
+        except VersionConflict:
+            return False
+
+    results = await asyncio.gather(*(attempt(i) for i in range(20)))
+    assert results.count(True) == 1
+    events = await event_store.load_stream(order_id)
+    assert [e.version for e in events] == [1, 2]
+
+
+async def test_concurrent_commands_with_expected_version_one_wins_rest_aborted(event_store: EventStore) -> None:
+    handler = OrderCommandHandler(event_store)
+    order_id = await create_order(handler)
+
+    async def attempt(i: int) -> str:
+        try:
+            await handler.handle(cmd.AddOrderItem(order_id, f"SKU-{i}", "x", 1, 1), ctx(expected_version=1))
+            return "ok"
+        except Conflict:
+            return "aborted"
+
+    results = await asyncio.gather(*(attempt(i) for i in range(10)))
+    assert results.count("ok") == 1 and results.count("aborted") == 9
+    assert [e.version for e in await event_store.load_stream(order_id)] == [1, 2]
+
+
+async def test_concurrent_commands_without_expected_version_all_land_in_distinct_versions(
+    event_store: EventStore,
+) -> None:
+    handler = OrderCommandHandler(event_store, max_attempts=50)
+    order_id = await create_order(handler)
+    replies = await asyncio.gather(
+        *(handler.handle(cmd.AddOrderItem(order_id, f"SKU-{i}", "x", 1, 1), ctx()) for i in range(8))
+    )
+    assert sorted(r.version for r in replies) == list(range(2, 10))
+    assert [e.version for e in await event_store.load_stream(order_id)] == list(range(1, 10))
+
+
+async def test_repeated_request_id_returns_first_reply_and_writes_nothing(
+    event_store: EventStore, pg_pool: asyncpg.Pool
+) -> None:
+    handler = OrderCommandHandler(event_store)
+    order_id = await create_order(handler)
+    first = await handler.handle(cmd.AddOrderItem(order_id, "SKU-1", "x", 1, 1), ctx("add-once"))
+    before = await counts(pg_pool)
+    again = await handler.handle(cmd.AddOrderItem(order_id, "SKU-1", "x", 1, 1), ctx("add-once"))
+    assert again == first
+    assert await counts(pg_pool) == before
+
+
+async def test_concurrent_duplicates_of_one_request_write_once(event_store: EventStore, pg_pool: asyncpg.Pool) -> None:
+    handler = OrderCommandHandler(event_store)
+    order_id = await create_order(handler)
+    before = await counts(pg_pool)
+    replies = await asyncio.gather(
+        *(handler.handle(cmd.AddOrderItem(order_id, "SKU-9", "x", 1, 1), ctx("same-request")) for _ in range(10))
+    )
+    assert len(set(replies)) == 1
+    assert await counts(pg_pool) == (before[0] + 1, before[1] + 1, before[2] + 1)
+
+
+async def test_request_id_reused_for_another_command_is_refused_and_writes_nothing(
+    event_store: EventStore, pg_pool: asyncpg.Pool
+) -> None:
+    handler = OrderCommandHandler(event_store)
+    order_id = await create_order(handler)
+    await handler.handle(cmd.AddOrderItem(order_id, "SKU-1", "x", 1, 1), ctx("rid", fingerprint="first"))
+    before = await counts(pg_pool)
+    with pytest.raises(FailedPrecondition, match="already used"):
+        await handler.handle(cmd.AddOrderItem(order_id, "SKU-2", "x", 1, 1), ctx("rid", fingerprint="second"))
+    assert await counts(pg_pool) == before
+
+
+async def test_rejected_command_writes_nothing(event_store: EventStore, pg_pool: asyncpg.Pool) -> None:
+    handler = OrderCommandHandler(event_store)
+    order_id = await create_order(handler)
+    before = await counts(pg_pool)
+    with pytest.raises(FailedPrecondition):
+        await handler.handle(cmd.PlaceOrder(order_id), ctx())  # no lines yet
+    with pytest.raises(Conflict):
+        await handler.handle(cmd.AddOrderItem(order_id, "SKU-1", "x", 1, 1), ctx(expected_version=7))
+    assert await counts(pg_pool) == before
+
+
+async def test_noop_command_is_logged_but_writes_no_event(event_store: EventStore, pg_pool: asyncpg.Pool) -> None:
+    handler = OrderCommandHandler(event_store)
+    order_id = await create_order(handler)
+    added = await handler.handle(cmd.AddOrderItem(order_id, "SKU-1", "x", 2, 1), ctx())
+    before = await counts(pg_pool)
+    same = await handler.handle(cmd.ChangeItemQuantity(order_id, "SKU-1", 2), ctx())
+    assert (same.version, same.position) == (added.version, added.position)
+    assert await counts(pg_pool) == (before[0], before[1], before[2] + 1)
+
+
+async def test_migrations_are_idempotent(event_store_dsn: str) -> None:
+    from command_service.migrate import migrate
+
+    assert await migrate(event_store_dsn) == []
+    assert await asyncio.gather(migrate(event_store_dsn), migrate(event_store_dsn)) == [[], []]

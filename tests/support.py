@@ -1,0 +1,44 @@
+"""Helpers shared by integration and end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]], *, what: str, timeout: float = 15.0, interval: float = 0.05
+) -> T:
+    """Polls `probe` until it returns a truthy value (returned); fails saying what was awaited and the last value."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = await probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+        await asyncio.sleep(interval)
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same server DSN pointing at another database."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
+
+
+async def create_database(server_dsn: str, name: str) -> str:
+    """Creates an empty database (name must be a safe identifier) and returns its DSN."""
+    conn = await asyncpg.connect(server_dsn, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return with_database(server_dsn, name)
