@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
@@ -14,6 +14,9 @@ from core.envelope import EventMetadata, RecordedEvent
 from core.events import Event
 
 OUTBOX_CHANNEL = "cqrs_outbox"
+
+if TYPE_CHECKING:
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +106,9 @@ class EventStore:
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
             reply = CommandReply(stream_id, expected_version, last_position)
             if events:
-                reply = await self._insert_events(conn, stream_type, stream_id, expected_version, events, metadata)
+                reply = await insert_events(
+                    conn, stream_type, stream_id, expected_version, events, metadata, timeout=self._timeout
+                )
             logged = await conn.fetchval(
                 """INSERT INTO request_log (request_id, command_type, request_hash, stream_id, reply)
                    VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (request_id) DO NOTHING RETURNING 1""",
@@ -118,49 +123,51 @@ class EventStore:
                 raise DuplicateRequest(request.request_id)
             return reply
 
-    async def _insert_events(
-        self,
-        conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
-        stream_type: str,
-        stream_id: str,
-        expected_version: int,
-        events: Sequence[Event],
-        metadata: EventMetadata,
-    ) -> CommandReply:
-        count = len(events)
-        try:
-            rows = await conn.fetch(
-                """INSERT INTO events (event_id, stream_type, stream_id, version, event_type, schema_version,
-                                       payload, metadata)
-                   SELECT e.event_id, $2, $3, e.version, e.event_type, e.schema_version, e.payload::jsonb, $4::jsonb
-                     FROM unnest($1::uuid[], $5::int[], $6::text[], $7::int[], $8::text[])
-                          AS e(event_id, version, event_type, schema_version, payload)
-                   RETURNING position, version""",
-                [uuid.uuid4() for _ in range(count)],
-                stream_type,
-                stream_id,
-                json.dumps(metadata.to_dict()),
-                [expected_version + i + 1 for i in range(count)],
-                [e.event_type for e in events],
-                [e.schema_version for e in events],
-                [json.dumps(e.to_payload(), ensure_ascii=False) for e in events],
-                timeout=self._timeout,
-            )
-        except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name == "events_stream_version_key":
-                raise VersionConflict(stream_id) from exc
-            raise
-        positions = sorted(r["position"] for r in rows)
-        await conn.execute(
-            """INSERT INTO outbox (position, stream_id) SELECT p, $2 FROM unnest($1::bigint[]) AS p;
-            """.strip(),
-            positions,
+
+async def insert_events(
+    conn: Connection,
+    stream_type: str,
+    stream_id: str,
+    expected_version: int,
+    events: Sequence[Event],
+    metadata: EventMetadata,
+    *,
+    timeout: float,
+) -> CommandReply:
+    """Inserts events and their outbox rows on `conn` inside the caller's transaction, then NOTIFYs the relay."""
+    count = len(events)
+    try:
+        rows = await conn.fetch(
+            """INSERT INTO events (event_id, stream_type, stream_id, version, event_type, schema_version,
+                                   payload, metadata)
+               SELECT e.event_id, $2, $3, e.version, e.event_type, e.schema_version, e.payload::jsonb, $4::jsonb
+                 FROM unnest($1::uuid[], $5::int[], $6::text[], $7::int[], $8::text[])
+                      AS e(event_id, version, event_type, schema_version, payload)
+               RETURNING position, version""",
+            [uuid.uuid4() for _ in range(count)],
+            stream_type,
             stream_id,
-            timeout=self._timeout,
+            json.dumps(metadata.to_dict()),
+            [expected_version + i + 1 for i in range(count)],
+            [e.event_type for e in events],
+            [e.schema_version for e in events],
+            [json.dumps(e.to_payload(), ensure_ascii=False) for e in events],
+            timeout=timeout,
         )
-        # Delivered on commit only: wakes the relay without polling.
-        await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}", timeout=self._timeout)
-        return CommandReply(stream_id, expected_version + count, positions[-1])
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name == "events_stream_version_key":
+            raise VersionConflict(stream_id) from exc
+        raise
+    positions = sorted(r["position"] for r in rows)
+    await conn.execute(
+        "INSERT INTO outbox (position, stream_id) SELECT p, $2 FROM unnest($1::bigint[]) AS p",
+        positions,
+        stream_id,
+        timeout=timeout,
+    )
+    # Delivered on commit only: wakes the relay without polling.
+    await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}", timeout=timeout)
+    return CommandReply(stream_id, expected_version + count, positions[-1])
 
 
 def recorded_event_from_row(row: Any) -> RecordedEvent:

@@ -1,0 +1,219 @@
+"""Outbox relay against real PostgreSQL and nats-server: ordering, late commits, outages, single active relay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+
+import asyncpg
+import nats
+import pytest
+from nats.js.errors import NotFoundError
+
+from command_service.domain import commands as cmd
+from command_service.event_store import EventStore, insert_events
+from command_service.handlers import CommandContext, OrderCommandHandler
+from command_service.relay import OutboxRelay, RelaySettings
+from cqrsctl.devstack import NatsHandle
+from core.envelope import HEADER_MSG_ID, EventMetadata, RecordedEvent
+from core.order_events import OrderItemAdded
+from core.values import Address
+from tests.support import eventually
+
+ADDRESS = Address("Ada", "1 Main St", "", "London", "N1", "GB")
+
+
+def settings(name: str) -> RelaySettings:
+    return RelaySettings(
+        stream_name=name.upper(),
+        subject_prefix=f"{name}.events",
+        poll_interval=0.2,
+        publish_timeout=1.0,
+        max_backoff=0.5,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_relay(dsn: str, nats_url: str, relay_settings: RelaySettings) -> AsyncIterator[OutboxRelay]:
+    relay = OutboxRelay(dsn, nats_url, relay_settings)
+    task = asyncio.create_task(relay.run())
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, timeout=15)
+
+
+async def stream_messages(nats_url: str, stream: str) -> list[tuple[str, str, RecordedEvent]]:
+    """Every message in the stream as (Nats-Msg-Id, subject, decoded event), in stream order."""
+    nc = await nats.connect(nats_url, connect_timeout=2)
+    try:
+        js = nc.jetstream(timeout=2)
+        try:
+            info = await js.stream_info(stream)
+        except NotFoundError:
+            return []
+        out = []
+        if info.state.messages == 0:
+            return out
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(stream, seq)
+            assert msg.headers is not None and msg.data is not None
+            out.append((msg.headers[HEADER_MSG_ID], msg.subject, RecordedEvent.from_json(msg.data)))
+        return out
+    finally:
+        await nc.close()
+
+
+async def stream_events(nats_url: str, stream: str) -> list[tuple[str, RecordedEvent]]:
+    return [(msg_id, event) for msg_id, _, event in await stream_messages(nats_url, stream)]
+
+
+async def outbox_size(pool: asyncpg.Pool) -> int:
+    return int(await pool.fetchval("SELECT count(*) FROM outbox"))
+
+
+def ctx() -> CommandContext:
+    rid = str(uuid.uuid4())
+    return CommandContext(request_id=rid, request_hash=rid)
+
+
+async def run_commands(handler: OrderCommandHandler, orders: int, items: int) -> list[str]:
+    order_ids = []
+    for _ in range(orders):
+        order_id = str(uuid.uuid4())
+        await handler.handle(cmd.CreateOrder(order_id, "c-1", "EUR", ADDRESS), ctx())
+        for i in range(items):
+            await handler.handle(cmd.AddOrderItem(order_id, f"SKU-{i}", "x", 1, 100), ctx())
+        order_ids.append(order_id)
+    return order_ids
+
+
+async def test_relay_publishes_every_event_once_in_per_stream_order_then_empties_outbox(
+    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, unique_name: str
+) -> None:
+    relay_settings = settings(unique_name)
+    handler = OrderCommandHandler(EventStore(pg_pool))
+    async with running_relay(event_store_dsn, nats_url, relay_settings):
+        order_ids = await run_commands(handler, orders=5, items=4)
+        await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the outbox to drain")
+    published = await stream_messages(nats_url, relay_settings.stream_name)
+    assert len(published) == 25
+    assert len({msg_id for msg_id, _, _ in published}) == 25
+    for order_id in order_ids:
+        versions = [e.version for _, _, e in published if e.stream_id == order_id]
+        assert versions == [1, 2, 3, 4, 5]
+    for msg_id, subject, event in published:
+        assert msg_id == str(event.event_id)
+        assert subject == f"{relay_settings.subject_prefix}.order.{event.stream_id}"
+
+
+async def test_transaction_committing_after_a_higher_position_is_still_published(
+    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, unique_name: str
+) -> None:
+    relay_settings = settings(unique_name)
+    meta = EventMetadata("r", "r", "r")
+    slow = await asyncpg.connect(event_store_dsn)
+    fast = await asyncpg.connect(event_store_dsn)
+    try:
+        async with running_relay(event_store_dsn, nats_url, relay_settings):
+            slow_tx = slow.transaction()
+            await slow_tx.start()
+            low = await insert_events(
+                slow, "order", "stream-slow", 0, [OrderItemAdded("A", "a", 1, 1)], meta, timeout=5
+            )
+            async with fast.transaction():
+                high = await insert_events(
+                    fast, "order", "stream-fast", 0, [OrderItemAdded("B", "b", 1, 1)], meta, timeout=5
+                )
+            assert low.position < high.position
+            await eventually(
+                lambda: _positions(nats_url, relay_settings.stream_name, {high.position}),
+                what="the later-position, earlier-committed event to be published",
+            )
+            await slow_tx.commit()
+            await eventually(
+                lambda: _positions(nats_url, relay_settings.stream_name, {low.position, high.position}),
+                what="the lower-position event that committed last to be published too",
+            )
+            await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the outbox to drain")
+    finally:
+        await slow.close()
+        await fast.close()
+
+
+async def test_commands_succeed_while_nats_is_down_and_the_backlog_drains_when_it_returns(
+    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_server: NatsHandle, unique_name: str
+) -> None:
+    relay_settings = settings(unique_name)
+    handler = OrderCommandHandler(EventStore(pg_pool))
+    async with running_relay(event_store_dsn, nats_server.url, relay_settings):
+        await run_commands(handler, orders=1, items=1)
+        await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the first events to be published")
+        with nats_server.outage():
+            await run_commands(handler, orders=3, items=3)
+            await asyncio.sleep(1.5)  # let the relay try (and fail) to publish while NATS is down
+            assert await outbox_size(pg_pool) == 12, "events must stay in the outbox until JetStream acks them"
+        await eventually(
+            lambda: _is_zero(outbox_size(pg_pool)), what="the backlog to drain after NATS returned", timeout=30
+        )
+    published = await stream_events(nats_server.url, relay_settings.stream_name)
+    stored = await pg_pool.fetch("SELECT event_id FROM events")
+    assert sorted(m for m, _ in published) == sorted(str(r["event_id"]) for r in stored), (
+        "every stored event is in the stream exactly once"
+    )
+
+
+async def test_relay_starts_while_nats_is_down_and_connects_when_it_comes_up(
+    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_server: NatsHandle, unique_name: str
+) -> None:
+    relay_settings = settings(unique_name)
+    handler = OrderCommandHandler(EventStore(pg_pool))
+    with nats_server.outage():
+        relay = OutboxRelay(event_store_dsn, nats_server.url, relay_settings)
+        task = asyncio.create_task(relay.run())
+        await run_commands(handler, orders=1, items=2)
+        await asyncio.sleep(1.0)
+    try:
+        await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the relay to connect and drain", timeout=30)
+        assert len(await stream_events(nats_server.url, relay_settings.stream_name)) == 3
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, timeout=15)
+
+
+async def test_only_one_relay_is_active_and_a_standby_takes_over(
+    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, unique_name: str
+) -> None:
+    relay_settings = settings(unique_name)
+    handler = OrderCommandHandler(EventStore(pg_pool))
+    async with running_relay(event_store_dsn, nats_url, relay_settings) as first:
+        await eventually(lambda: _true(first.is_leader), what="the first relay to take the lock")
+        async with running_relay(event_store_dsn, nats_url, relay_settings) as second:
+            await run_commands(handler, orders=2, items=1)
+            await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the outbox to drain")
+            assert first.is_leader and not second.is_leader
+            assert second.published_total == 0
+            first.stop()
+            await eventually(lambda: _true(second.is_leader), what="the standby relay to take over")
+            await run_commands(handler, orders=1, items=1)
+            await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the standby to publish new events")
+            assert second.published_total == 2
+    assert len(await stream_events(nats_url, relay_settings.stream_name)) == 6
+
+
+async def _is_zero(value: Awaitable[int]) -> bool:
+    return await value == 0
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _positions(nats_url: str, stream: str, expected: set[int]) -> bool:
+    return {e.position for _, e in await stream_events(nats_url, stream)} == expected
+
+
+pytestmark = pytest.mark.timeout(120)
