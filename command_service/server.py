@@ -62,16 +62,21 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
     store = EventStore(pool, command_timeout=settings.postgres_timeout_seconds)
     handler = OrderCommandHandler(store, max_attempts=settings.max_append_attempts)
 
-    server = grpc.aio.server()
+    # SO_REUSEPORT (gRPC's default on Linux) would let a second process bind the same port silently.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(OrderCommandServicer(handler), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(settings.command_listen)
-    if port == 0:
-        raise RuntimeError(f"cannot listen on {settings.command_listen}")
+    try:
+        port = server.add_insecure_port(settings.command_listen)
+    except RuntimeError as exc:
+        await pool.close()
+        raise RuntimeError(f"command service cannot listen on {settings.command_listen}: {exc}") from exc
+    for name in ("", SERVICE_NAME):  # NOT_SERVING until the first PostgreSQL probe succeeds
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
 
     tasks = [asyncio.create_task(_probe_postgres(pool, health_servicer), name="health-probe")]

@@ -94,7 +94,7 @@ class RecordedEvent:
                 position=_require(body, "position", int),
                 recorded_at=recorded_at,
             )
-        except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # JSON and UUID errors are ValueErrors
             raise ValueError(f"malformed event envelope: {exc!r}") from exc
         if event.version < 1 or event.position < 1:
             raise ValueError("malformed event envelope: version and position must be >= 1")

@@ -87,7 +87,10 @@ def decode_event(event_type: str, schema_version: int, payload: Payload) -> Even
         up = _UPCASTERS.get((event_type, schema_version))
         if up is None:
             raise UnknownEventType(f"no upcaster for {event_type} from schema version {schema_version}")
-        payload = up(payload)
+        try:
+            payload = up(payload)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MalformedEvent(f"{event_type} v{schema_version} could not be upcast: {exc!r}") from exc
         schema_version += 1
     return _from_payload(cls, payload)
 
@@ -105,7 +108,7 @@ def _from_payload(cls: type[Event], payload: Payload) -> Event:
             expected = hints[field.name]
             if expected is Address:
                 value = Address.from_dict(value)
-            elif expected in (int, str) and not isinstance(value, expected):
+            elif expected in (int, str) and (not isinstance(value, expected) or isinstance(value, bool)):
                 raise MalformedEvent(f"{cls.event_type}.{field.name}: expected {expected.__name__}")
             kwargs[field.name] = value
         return cls(**kwargs)

@@ -1,0 +1,1 @@
+"""Write side of the order service: commands, the Order aggregate, handlers, event store, relay and gRPC API."""
