@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from cqrs.orders.v1 import command_service_pb2_grpc, query_service_pb2_grpc
 
 from command_service.config import CommandServiceSettings
 from command_service.migrate import migrate
 from command_service.server import RunningCommandServer, start_command_server
-from cqrs.orders.v1 import command_service_pb2_grpc, query_service_pb2_grpc
 from projector.config import ProjectorSettings
 from projector.runner import Projector
 from query_service.config import QuerySettings

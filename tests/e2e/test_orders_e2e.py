@@ -7,16 +7,16 @@ import uuid
 import asyncpg
 import grpc
 import pytest
+from cqrs.orders.v1 import command_service_pb2 as cpb
+from cqrs.orders.v1 import command_service_pb2_grpc as cgrpc
+from cqrs.orders.v1 import order_pb2
+from cqrs.orders.v1 import query_service_pb2 as qpb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from command_service.config import CommandServiceSettings
 from command_service.server import start_command_server
 from core.grpc_errors import field_violations
-from cqrs.orders.v1 import command_service_pb2 as cpb
-from cqrs.orders.v1 import command_service_pb2_grpc as cgrpc
-from cqrs.orders.v1 import order_pb2
-from cqrs.orders.v1 import query_service_pb2 as qpb
 from cqrsctl.devstack import NatsHandle
 from tests.e2e.conftest import Stack
 from tests.support import eventually

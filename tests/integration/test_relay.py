@@ -16,10 +16,10 @@ from command_service.domain import commands as cmd
 from command_service.event_store import EventStore, insert_events
 from command_service.handlers import CommandContext, OrderCommandHandler
 from command_service.relay import OutboxRelay, RelaySettings
-from cqrsctl.devstack import NatsHandle
 from core.envelope import HEADER_MSG_ID, EventMetadata, RecordedEvent
 from core.order_events import OrderItemAdded
 from core.values import Address
+from cqrsctl.devstack import NatsHandle
 from tests.support import eventually
 
 ADDRESS = Address("Ada", "1 Main St", "", "London", "N1", "GB")

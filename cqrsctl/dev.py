@@ -1,0 +1,371 @@
+"""`make dev`: the whole system on this machine, on loopback, with one command.
+
+Starts PostgreSQL, NATS JetStream and the MongoDB wire server (data under `./.data`, kept across restarts),
+applies the event-store migration, then runs command_service, projector and query_service as child processes
+with their output prefixed by name. Ctrl-C (or SIGTERM) stops the services, then the servers, and exits 0; a
+service that dies on its own stops everything with a non-zero exit.
+
+Environment:
+  CQRS_DEV_POSTGRES_PORT / CQRS_DEV_NATS_PORT / CQRS_DEV_MONGO_PORT   ports of the local servers
+                                                                      (55432 / 54222 / 57017)
+  CQRS_DEV_DATA_DIR                                                   data folder (./.data)
+  CQRS_POSTGRES_DSN / CQRS_NATS_URL / CQRS_MONGO_URL                  use this external server instead
+  CQRS_COMMAND_LISTEN / CQRS_QUERY_LISTEN                             gRPC listen addresses
+                                                                      (127.0.0.1:50051 / 127.0.0.1:50052)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+from urllib.parse import urlsplit, urlunsplit
+
+from cqrsctl.devstack import (
+    MongoServer,
+    NatsServer,
+    PostgresServer,
+    ServerProcess,
+    ServerStartError,
+    port_is_free,
+    stop_all,
+    wait_for_port,
+    with_parent_death_signal,
+)
+
+DEFAULT_COMMAND_LISTEN = "127.0.0.1:50051"
+DEFAULT_QUERY_LISTEN = "127.0.0.1:50052"
+SERVER_START_TIMEOUT = 90.0
+SERVICE_READY_TIMEOUT = 60.0
+SERVICE_STOP_TIMEOUT = 15.0
+MIGRATE_TIMEOUT = 120.0
+
+_print_lock = threading.Lock()
+
+
+def say(message: str = "") -> None:
+    """Print a launcher message, never interleaved mid-line with the services' output."""
+    with _print_lock:
+        print(message, flush=True)
+
+
+class Shutdown(BaseException):
+    """Raised from the signal handler: Ctrl-C or SIGTERM asked us to stop everything."""
+
+
+class ServiceExited(Exception):
+    """A service or server exited while it should be running."""
+
+
+@dataclass
+class Service:
+    """One of our three processes, run as `python -m <module>`."""
+
+    name: str
+    module: str
+    listen: str | None  # gRPC address to wait for, or None for a service without a port
+    process: subprocess.Popen[bytes] | None = None
+    pump: threading.Thread | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        """Start the process in its own process group, with its output copied to ours line by line."""
+        self.process = subprocess.Popen(
+            with_parent_death_signal([sys.executable, "-m", self.module], signal.SIGTERM),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        assert self.process.stdout is not None
+        self.pump = threading.Thread(
+            target=_copy_prefixed, args=(self.process.stdout, self.name), name=f"{self.name}-output", daemon=True
+        )
+        self.pump.start()
+
+    def stop_signal(self) -> None:
+        """Ask for a graceful shutdown (SIGTERM)."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+
+    def wait_or_kill(self, deadline: float) -> None:
+        """Wait for the process until `deadline` (monotonic), then kill its whole process group."""
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            say(f"{self.name} did not stop within {SERVICE_STOP_TIMEOUT:.0f}s: killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        if self.pump is not None:
+            self.pump.join(timeout=2)
+
+
+def _copy_prefixed(stream: IO[bytes], name: str) -> None:
+    """Copy a child's output to our stdout, each line prefixed with the child's name."""
+    prefix = f"{name:<15}| "
+    with stream:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            with _print_lock:
+                sys.stdout.write(prefix + line + "\n")
+                sys.stdout.flush()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{name} must be a port number, got {value!r}") from None
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by `***`, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass
+class Endpoint:
+    """Where one server is: started here (`server` set) or external (from the environment)."""
+
+    label: str
+    url: str
+    server: ServerProcess | None
+
+
+@contextlib.contextmanager
+def _signals_raise_shutdown() -> Iterator[None]:
+    """Turn SIGINT/SIGTERM/SIGHUP into `Shutdown` inside the block; ignore them afterwards, while we clean up."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Shutdown(signal.Signals(signum).name)
+
+    # SIGHUP too: closing the terminal must not orphan the servers (they run in their own sessions).
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        # Cleanup is bounded; a second Ctrl-C must not interrupt it halfway and leave servers behind.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _start_servers(data_dir: Path, started: list[ServerProcess]) -> list[Endpoint]:
+    """Start each server not given by the environment; `started` collects them for the cleanup."""
+    endpoints: list[Endpoint] = []
+    specs: list[tuple[str, str, type[ServerProcess], str, int]] = [
+        ("PostgreSQL", "CQRS_POSTGRES_DSN", PostgresServer, "postgres", _env_int("CQRS_DEV_POSTGRES_PORT", 55432)),
+        ("NATS JetStream", "CQRS_NATS_URL", NatsServer, "nats", _env_int("CQRS_DEV_NATS_PORT", 54222)),
+        ("MongoDB (SecantusDB)", "CQRS_MONGO_URL", MongoServer, "mongo", _env_int("CQRS_DEV_MONGO_PORT", 57017)),
+    ]
+    for label, env_name, kind, sub, port in specs:
+        external = os.environ.get(env_name, "").strip()
+        if external:
+            say(f"using external {label} from {env_name}: {redact(external)}")
+            endpoints.append(Endpoint(label, external, None))
+            continue
+        server = kind(data_dir / sub, port)
+        say(f"starting {label} on {server.address} ...")
+        began = time.monotonic()
+        server.start(timeout=SERVER_START_TIMEOUT)
+        started.append(server)
+        say(f"  {label} ready in {time.monotonic() - began:.1f}s (pid {server.pid})")
+        endpoints.append(Endpoint(label, server.url, server))
+    return endpoints
+
+
+def _service_env(postgres: str, nats: str, mongo: str, command_listen: str, query_listen: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "CQRS_POSTGRES_DSN": postgres,
+            "CQRS_NATS_URL": nats,
+            "CQRS_MONGO_URL": mongo,
+            "CQRS_COMMAND_LISTEN": command_listen,
+            "CQRS_QUERY_LISTEN": query_listen,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    # Three services on one host would fight over one metrics port: each keeps its own default/off.
+    env.pop("CQRS_METRICS_PORT", None)
+    return env
+
+
+def _migrate(env: dict[str, str]) -> None:
+    say("applying the event-store migration (python -m cqrsctl.main migrate) ...")
+    result = subprocess.run(
+        [sys.executable, "-m", "cqrsctl.main", "migrate"], env=env, timeout=MIGRATE_TIMEOUT, check=False
+    )
+    if result.returncode != 0:
+        raise ServiceExited(f"migration failed with exit code {result.returncode}")
+
+
+def _check_listen_free(services: list[Service]) -> None:
+    for service in services:
+        if service.listen is None:
+            continue
+        host, port = _split_address(service.listen)
+        if not port_is_free(host, port):
+            raise ServiceExited(
+                f"{service.name} cannot listen on {service.listen}: the port is in use (another `make dev`?)"
+            )
+
+
+def _wait_services_ready(services: list[Service]) -> None:
+    for service in services:
+        assert service.process is not None
+        if service.listen is not None:
+            host, port = _split_address(service.listen)
+            try:
+                wait_for_port(host, port, SERVICE_READY_TIMEOUT, f"{service.name} (gRPC)", process=service.process)
+            except ServerStartError as exc:
+                raise ServiceExited(str(exc)) from None
+    for service in services:
+        assert service.process is not None
+        if service.process.poll() is not None:
+            raise ServiceExited(f"{service.name} exited with code {service.process.returncode} while starting")
+
+
+def _print_table(endpoints: list[Endpoint], services: list[Service], data_dir: Path) -> None:
+    rows: list[tuple[str, str, str]] = []
+    for endpoint in endpoints:
+        if endpoint.server is None:
+            rows.append((endpoint.label, redact(endpoint.url), "external"))
+        else:
+            rows.append((endpoint.label, endpoint.url, f"log {_relative(endpoint.server.log_path)}"))
+    for service in services:
+        where = f"gRPC {service.listen}" if service.listen else "(no port: JetStream consumer)"
+        assert service.process is not None
+        rows.append((service.name, where, f"pid {service.process.pid}"))
+    width = max(len(r[0]) for r in rows)
+    url_width = max(len(r[1]) for r in rows)
+    lines = [f"  {label:<{width}}  {where:<{url_width}}  {note}" for label, where, note in rows]
+    rule = "=" * max(len(line) for line in lines)
+    command_listen = services[0].listen or DEFAULT_COMMAND_LISTEN
+    query_listen = services[2].listen or DEFAULT_QUERY_LISTEN
+    demo = "cqrs demo"
+    if command_listen != DEFAULT_COMMAND_LISTEN:
+        demo += f" --command-addr {command_listen}"
+    if query_listen != DEFAULT_QUERY_LISTEN:
+        demo += f" --query-addr {query_listen}"
+    say(rule)
+    say("The CQRS dev stack is running:")
+    for line in lines:
+        say(line)
+    say(f"  data: {_relative(data_dir)}  (kept across restarts; `make clean-data` wipes it)")
+    say(f"Try it from another terminal:  {demo}   (or .venv/bin/{demo})")
+    say("Ctrl-C stops everything.")
+    say(rule)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return f"./{path.relative_to(Path.cwd())}"
+    except ValueError:
+        return str(path)
+
+
+def _watch(services: list[Service], servers: list[ServerProcess]) -> None:
+    """Block until a service or server exits (raise `ServiceExited`) or a signal raises `Shutdown`."""
+    while True:
+        for service in services:
+            assert service.process is not None
+            code = service.process.poll()
+            if code is not None:
+                raise ServiceExited(f"{service.name} exited unexpectedly with code {code}")
+        for server in servers:
+            if not server.running:
+                raise ServiceExited(
+                    f"{server.name} exited unexpectedly with code {server.returncode}; see {server.log_path}"
+                )
+        time.sleep(0.5)
+
+
+def _stop_services(services: list[Service]) -> None:
+    running = [s for s in services if s.process is not None and s.process.poll() is None]
+    if running:
+        say(f"stopping {', '.join(s.name for s in running)} ...")
+    for service in running:
+        service.stop_signal()
+    deadline = time.monotonic() + SERVICE_STOP_TIMEOUT
+    for service in services:
+        service.wait_or_kill(deadline)
+
+
+def run() -> int:
+    """Run the dev stack until Ctrl-C/SIGTERM (exit code 0) or until something fails (exit code 1)."""
+    data_dir = Path(os.environ.get("CQRS_DEV_DATA_DIR", ".data")).resolve()
+    command_listen = os.environ.get("CQRS_COMMAND_LISTEN", DEFAULT_COMMAND_LISTEN)
+    query_listen = os.environ.get("CQRS_QUERY_LISTEN", DEFAULT_QUERY_LISTEN)
+    services = [
+        Service("command_service", "command_service", command_listen),
+        Service("projector", "projector", None),
+        Service("query_service", "query_service", query_listen),
+    ]
+    servers: list[ServerProcess] = []
+    exit_code = 0
+    try:
+        with _signals_raise_shutdown():
+            try:
+                data_dir.mkdir(parents=True, exist_ok=True)
+                _check_listen_free(services)
+                endpoints = _start_servers(data_dir, servers)
+                env = _service_env(endpoints[0].url, endpoints[1].url, endpoints[2].url, command_listen, query_listen)
+                _migrate(env)
+                for service in services:
+                    say(f"starting {service.name} (python -m {service.module}) ...")
+                    service.start(env)
+                _wait_services_ready(services)
+                _print_table(endpoints, services, data_dir)
+                _watch(services, servers)
+            except (ServiceExited, ServerStartError, OSError, subprocess.TimeoutExpired) as exc:
+                say(f"\nERROR: {exc}")
+                if "already in use" in str(exc):
+                    say("(another `make dev` still running? ports: CQRS_DEV_POSTGRES_PORT, CQRS_DEV_NATS_PORT,")
+                    say(" CQRS_DEV_MONGO_PORT, CQRS_COMMAND_LISTEN, CQRS_QUERY_LISTEN)")
+                say("stopping everything ...")
+                exit_code = 1
+    except Shutdown as signal_name:
+        say(f"\n{signal_name} received: stopping everything ...")
+    finally:
+        _stop_services(services)
+        errors = stop_all(list(reversed(servers)))
+        for error in errors:
+            say(f"ERROR while stopping a server: {error}")
+            exit_code = exit_code or 1
+        say("dev stack stopped." if exit_code == 0 else "dev stack stopped after a failure.")
+    return exit_code
+
+
+def main() -> None:
+    """Entry point of `python -m cqrsctl.dev`."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The server fixtures give reachable, correctly configured servers, and the launcher's helpers behave."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+from nats.js.api import StorageType, StreamConfig
+from pymongo import AsyncMongoClient
+
+from cqrsctl.devstack import (
+    NatsHandle,
+    NatsServer,
+    ServerStartError,
+    free_port,
+    port_is_free,
+    wait_for_port,
+    with_parent_death_signal,
+)
+
+
+async def test_postgres_accepts_queries_with_durable_commits(postgres_dsn: str) -> None:
+    conn = await asyncpg.connect(postgres_dsn, timeout=10)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        assert await conn.fetchval("SHOW fsync") == "on"
+    finally:
+        await conn.close(timeout=5)
+
+
+async def test_nats_has_jetstream(nats_server: NatsHandle, nats_url: str) -> None:
+    assert nats_url == nats_server.url
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        info = await nc.jetstream(timeout=5).account_info()
+        assert info.limits is not None
+    finally:
+        await nc.close()
+
+
+async def test_mongo_answers_ping(mongo_url: str, unique_name: str) -> None:
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongo_url, serverSelectionTimeoutMS=10_000)
+    try:
+        assert (await client.admin.command("ping"))["ok"] == 1
+        collection = client[unique_name]["probe"]
+        await collection.insert_one({"_id": 1, "v": 1})
+        assert await collection.find_one({"_id": 1}) == {"_id": 1, "v": 1}
+        await client.drop_database(unique_name)
+    finally:
+        await client.close()
+
+
+def test_unique_name_is_short_and_fresh(unique_name: str) -> None:
+    assert unique_name[0].isalpha() and unique_name.isalnum() and len(unique_name) <= 13
+
+
+async def _publish(url: str, stream: str, count: int) -> None:
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream(timeout=5)
+        await js.add_stream(StreamConfig(name=stream, subjects=[f"{stream}.>"], storage=StorageType.FILE))
+        for i in range(count):
+            await js.publish(f"{stream}.x", str(i).encode(), headers={"Nats-Msg-Id": f"m{i}"})
+    finally:
+        await nc.close()
+
+
+async def _stored(url: str, stream: str) -> tuple[int, bytes]:
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream(timeout=5)
+        info = await js.stream_info(stream)
+        first = await js.get_msg(stream, seq=1)
+        return info.state.messages, first.data or b""
+    finally:
+        await nc.close()
+
+
+@pytest.mark.slow
+async def test_nats_restart_on_same_port_keeps_stream(tmp_path: Path, unique_name: str) -> None:
+    # Its own server, so the outage does not disturb the session's (which may also be external).
+    server = NatsServer(tmp_path / "nats", free_port())
+    await asyncio.to_thread(server.start)
+    try:
+        await _publish(server.url, unique_name, 5)
+        url_before = server.url
+        await asyncio.to_thread(server.stop)
+        assert not server.running
+        with pytest.raises(OSError):
+            socket.create_connection((server.host, server.port), timeout=1).close()
+        await asyncio.to_thread(server.start)
+        assert server.url == url_before
+        assert await _stored(server.url, unique_name) == (5, b"0")
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+def test_wait_for_port_names_what_it_waited_for() -> None:
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(ServerStartError, match=rf"the probe server to listen on 127\.0\.0\.1:{port}"):
+        wait_for_port("127.0.0.1", port, 0.3, "the probe server")
+    assert time.monotonic() - started < 5
+
+
+def test_wait_for_port_reports_a_dead_process_with_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "dead.log"
+    log.write_text("boom: bad flag\n")
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    process.wait(timeout=30)
+    with pytest.raises(ServerStartError, match=r"(?s)exited with code 3.*boom: bad flag"):
+        wait_for_port("127.0.0.1", free_port(), 30, "dead server", process=process, log_path=log)
+
+
+def test_start_refuses_a_port_already_in_use(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        server = NatsServer(tmp_path / "nats", busy.getsockname()[1])
+        with pytest.raises(ServerStartError, match="already in use"):
+            server.start(timeout=5)
+        assert not server.running
+
+
+@pytest.mark.skipif(with_parent_death_signal(["x"], signal.SIGTERM) == ["x"], reason="needs Linux setpriv")
+def test_a_server_stops_when_its_owner_is_killed(tmp_path: Path) -> None:
+    port = free_port()
+    owner = f"""
+import os
+from pathlib import Path
+from cqrsctl.devstack import NatsServer
+NatsServer(Path({str(tmp_path)!r}) / "nats", {port}).start()
+os.kill(os.getpid(), 9)  # dies without stopping it
+"""
+    subprocess.run([sys.executable, "-c", owner], timeout=60, check=False)
+    deadline = time.monotonic() + 15
+    while not port_is_free("127.0.0.1", port):
+        assert time.monotonic() < deadline, f"nats-server on port {port} outlived the process that started it"
+        time.sleep(0.05)
