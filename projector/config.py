@@ -1,0 +1,36 @@
+"""Projector settings, read from `CQRS_*` environment variables only (once, in `__main__`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.subjects import DEFAULT_STREAM_NAME, SUBJECT_PREFIX
+
+
+class ProjectorSettings(BaseSettings):
+    """Every server address is overridable so the same code runs against local and production servers."""
+
+    model_config = SettingsConfigDict(env_prefix="CQRS_", extra="ignore", frozen=True)
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    mongo_url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
+    mongo_database: str = "cqrs"
+    # Server selection / connect timeout; socket reads get a multiple of it (a bulk write takes longer).
+    mongo_timeout_ms: int = Field(default=2000, gt=0)
+    stream_name: str = DEFAULT_STREAM_NAME
+    subject_prefix: str = SUBJECT_PREFIX
+
+    projector_durable: str = "orders-projector"
+    projector_batch_size: int = Field(default=200, ge=1, le=10_000)
+    projector_fetch_timeout_seconds: float = Field(default=1.0, gt=0)
+    # Redelivery if a projector dies holding messages; must exceed the time one batch takes.
+    projector_ack_wait_seconds: float = Field(default=30.0, gt=0)
+    # Bounds the messages a consumer (all replicas together) holds un-acked, including naked-with-delay ones.
+    projector_max_ack_pending: int = Field(default=2000, ge=1)
+    # Cap of the exponential backoff used for MongoDB outages and for version gaps.
+    projector_max_backoff_seconds: float = Field(default=5.0, gt=0)
+    # How often a one-line throughput/lag summary is logged (only when events were applied).
+    projector_stats_interval_seconds: float = Field(default=10.0, gt=0)
+
+    log_level: str = "INFO"

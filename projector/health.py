@@ -1,0 +1,105 @@
+"""In-process facts about the projector: throughput and lag statistics, and whether its dependencies answer.
+
+Exporting them as metrics is a later step; for now the runner logs a one-line summary periodically.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+RECENT_LAGS = 10_000
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of `values` (`fraction` in [0, 1]); 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass(slots=True)
+class Summary:
+    applied: int
+    seconds: float
+    duplicates: int
+    gaps: int
+    dead_letters: int
+    lag_p50: float
+    lag_p99: float
+
+    @property
+    def rate(self) -> float:
+        return self.applied / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(slots=True)
+class ProjectorStats:
+    """Counters since start plus a bounded window of recent lags (seconds from `recorded_at` to applied)."""
+
+    applied: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    dead_letters: int = 0
+    conflicts: int = 0
+    mongo_failures: int = 0
+    last_lag: float | None = None
+    recent_lags: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LAGS))
+    mongo_available: bool = False
+    last_batch_monotonic: float | None = None
+    _interval_start: float = field(default_factory=time.monotonic)
+    _interval_lags: list[float] = field(default_factory=list)
+    _interval_applied: int = 0
+    _interval_duplicates: int = 0
+    _interval_gaps: int = 0
+    _interval_dead_letters: int = 0
+
+    def record_applied(self, lag_seconds: float) -> None:
+        self.applied += 1
+        self._interval_applied += 1
+        self.last_lag = lag_seconds
+        self.recent_lags.append(lag_seconds)
+        if len(self._interval_lags) < RECENT_LAGS:
+            self._interval_lags.append(lag_seconds)
+
+    def record_duplicates(self, count: int) -> None:
+        self.duplicates += count
+        self._interval_duplicates += count
+
+    def record_gaps(self, count: int) -> None:
+        self.gaps += count
+        self._interval_gaps += count
+
+    def record_dead_letters(self, count: int) -> None:
+        self.dead_letters += count
+        self._interval_dead_letters += count
+
+    def lag_percentile(self, fraction: float) -> float:
+        return percentile(list(self.recent_lags), fraction)
+
+    def take_summary(self, min_interval_seconds: float, now: float | None = None) -> Summary | None:
+        """The interval's summary if `min_interval_seconds` passed and events were applied, then starts anew."""
+        now = time.monotonic() if now is None else now
+        elapsed = now - self._interval_start
+        if elapsed < min_interval_seconds:
+            return None
+        summary = None
+        if self._interval_applied:
+            summary = Summary(
+                applied=self._interval_applied,
+                seconds=elapsed,
+                duplicates=self._interval_duplicates,
+                gaps=self._interval_gaps,
+                dead_letters=self._interval_dead_letters,
+                lag_p50=percentile(self._interval_lags, 0.50),
+                lag_p99=percentile(self._interval_lags, 0.99),
+            )
+        self._interval_start = now
+        self._interval_lags = []
+        self._interval_applied = self._interval_duplicates = self._interval_gaps = self._interval_dead_letters = 0
+        return summary

@@ -1,0 +1,203 @@
+"""The `orders` read model: one document per order, as the query service reads it.
+
+Document shape::
+
+    {_id, order_id, customer_id, status: "DRAFT"|"PLACED"|"CANCELLED", currency,
+     lines: [{sku, name, quantity, unit_price_minor, line_total_minor}], total_minor,
+     shipping_address: {recipient, line1, line2, city, postal_code, country}, cancel_reason,
+     created_at, updated_at, placed_at, version, position, deleted}
+
+Totals are always derived from the lines, never accumulated, so a handler cannot make them drift. Handlers raise
+ValueError when an event cannot apply to the document (e.g. an item event for an order with no document): the
+runner dead-letters that event and the order's later events wait, because a read model that silently diverges
+from the event store is worse than one that visibly stalls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from core.envelope import RecordedEvent
+from core.events import Event
+from core.order_events import (
+    ORDER_STREAM_TYPE,
+    OrderCancelled,
+    OrderCreated,
+    OrderDeleted,
+    OrderItemAdded,
+    OrderItemQuantityChanged,
+    OrderItemRemoved,
+    OrderPlaced,
+    OrderShippingAddressChanged,
+)
+from core.values import OrderLine
+from projector.projections import Document, Handler, Projection
+
+STATUS_DRAFT = "DRAFT"
+STATUS_PLACED = "PLACED"
+STATUS_CANCELLED = "CANCELLED"
+
+COLLECTION = "orders"
+
+# Every listing the query service serves filters on `deleted` and pages by (created_at, _id).
+INDEXES: tuple[tuple[tuple[str, int], ...], ...] = (
+    (("deleted", 1), ("created_at", 1), ("_id", 1)),
+    (("deleted", 1), ("customer_id", 1), ("created_at", 1), ("_id", 1)),
+    (("deleted", 1), ("status", 1), ("created_at", 1), ("_id", 1)),
+    (("deleted", 1), ("customer_id", 1), ("status", 1), ("created_at", 1), ("_id", 1)),
+)
+
+E = TypeVar("E", bound=Event)
+
+
+def _as(event: Event, kind: type[E]) -> E:
+    if not isinstance(event, kind):
+        raise ValueError(f"expected {kind.__name__}, got {type(event).__name__}")
+    return event
+
+
+def _existing(doc: Document | None, recorded: RecordedEvent) -> Document:
+    if doc is None:
+        raise ValueError(f"{recorded.event_type} v{recorded.version} for order {recorded.stream_id} with no document")
+    if doc.get("deleted"):
+        raise ValueError(f"{recorded.event_type} v{recorded.version}: order {recorded.stream_id} was deleted")
+    return doc
+
+
+def _line(sku: str, name: str, quantity: int, unit_price_minor: int) -> dict[str, Any]:
+    return {
+        "sku": sku,
+        "name": name,
+        "quantity": quantity,
+        "unit_price_minor": unit_price_minor,
+        "line_total_minor": OrderLine(sku, name, quantity, unit_price_minor).line_total_minor,
+    }
+
+
+def _copy(doc: Document, **changes: Any) -> Document:
+    """A copy of `doc` sharing no mutable part with it, with `changes` applied."""
+    new_doc = {**doc, "lines": _copy_lines(doc), "shipping_address": dict(doc.get("shipping_address") or {})}
+    new_doc.update(changes)
+    return new_doc
+
+
+def _with_lines(doc: Document, lines: list[dict[str, Any]]) -> Document:
+    """A copy of `doc` with new lines and the total derived from them."""
+    return _copy(doc, lines=lines, total_minor=sum(int(line["line_total_minor"]) for line in lines))
+
+
+def _copy_lines(doc: Document) -> list[dict[str, Any]]:
+    return [dict(line) for line in doc.get("lines", [])]
+
+
+def _find_line(lines: list[dict[str, Any]], sku: str, recorded: RecordedEvent) -> int:
+    for index, line in enumerate(lines):
+        if line["sku"] == sku:
+            return index
+    raise ValueError(f"{recorded.event_type} v{recorded.version}: order {recorded.stream_id} has no line {sku!r}")
+
+
+def on_order_created(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
+    e = _as(event, OrderCreated)
+    if doc is not None:
+        raise ValueError(f"OrderCreated for order {recorded.stream_id} which already has a document")
+    if e.order_id != recorded.stream_id:
+        raise ValueError(f"OrderCreated.order_id {e.order_id!r} differs from stream id {recorded.stream_id!r}")
+    return {
+        "_id": e.order_id,
+        "order_id": e.order_id,
+        "customer_id": e.customer_id,
+        "status": STATUS_DRAFT,
+        "currency": e.currency,
+        "lines": [],
+        "total_minor": 0,
+        "shipping_address": e.shipping_address.to_dict(),
+        "cancel_reason": "",
+        "created_at": recorded.recorded_at,
+        "updated_at": recorded.recorded_at,
+        "placed_at": None,
+        "version": recorded.version,
+        "position": recorded.position,
+        "deleted": False,
+    }
+
+
+def on_order_item_added(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
+    """Appends a line; a second line for a SKU cannot apply (the write side never emits one, see its `evolve`)."""
+    e = _as(event, OrderItemAdded)
+    current = _existing(doc, recorded)
+    lines = _copy_lines(current)
+    if any(line["sku"] == e.sku for line in lines):
+        raise ValueError(f"OrderItemAdded v{recorded.version}: order {recorded.stream_id} already has {e.sku!r}")
+    lines.append(_line(e.sku, e.name, e.quantity, e.unit_price_minor))
+    return _with_lines(current, lines)
+
+
+def on_order_item_removed(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
+    e = _as(event, OrderItemRemoved)
+    current = _existing(doc, recorded)
+    lines = _copy_lines(current)
+    del lines[_find_line(lines, e.sku, recorded)]
+    return _with_lines(current, lines)
+
+
+def on_order_item_quantity_changed(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
+    e = _as(event, OrderItemQuantityChanged)
+    current = _existing(doc, recorded)
+    if e.quantity < 1:
+        raise ValueError(f"OrderItemQuantityChanged v{recorded.version}: quantity {e.quantity} < 1")
+    lines = _copy_lines(current)
+    index = _find_line(lines, e.sku, recorded)
+    old = lines[index]
+    lines[index] = _line(e.sku, str(old["name"]), e.quantity, int(old["unit_price_minor"]))
+    return _with_lines(current, lines)
+
+
+def on_order_shipping_address_changed(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
+    e = _as(event, OrderShippingAddressChanged)
+    current = _existing(doc, recorded)
+    return _copy(current, shipping_address=e.shipping_address.to_dict())
+
+
+def on_order_placed(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
+    _as(event, OrderPlaced)
+    current = _existing(doc, recorded)
+    return _copy(current, status=STATUS_PLACED, placed_at=recorded.recorded_at)
+
+
+def on_order_cancelled(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
+    e = _as(event, OrderCancelled)
+    current = _existing(doc, recorded)
+    return _copy(current, status=STATUS_CANCELLED, cancel_reason=e.reason)
+
+
+def on_order_deleted(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
+    """Keeps a tombstone: the version stays on the document so late redeliveries are still recognised."""
+    _as(event, OrderDeleted)
+    current = _existing(doc, recorded)
+    return _copy(current, deleted=True)
+
+
+HANDLERS: dict[str, Handler] = {
+    OrderCreated.event_type: on_order_created,
+    OrderItemAdded.event_type: on_order_item_added,
+    OrderItemRemoved.event_type: on_order_item_removed,
+    OrderItemQuantityChanged.event_type: on_order_item_quantity_changed,
+    OrderShippingAddressChanged.event_type: on_order_shipping_address_changed,
+    OrderPlaced.event_type: on_order_placed,
+    OrderCancelled.event_type: on_order_cancelled,
+    OrderDeleted.event_type: on_order_deleted,
+}
+
+ORDERS = Projection(
+    name="orders",
+    stream_type=ORDER_STREAM_TYPE,
+    collection=COLLECTION,
+    handlers=HANDLERS,
+    indexes=INDEXES,
+)
+
+
+def project(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
+    """Applies one order event to the order's document (or None) and returns the new document."""
+    return ORDERS.project(doc, recorded, event)

@@ -1,0 +1,455 @@
+"""The projector against real servers: events published to JetStream (as the relay would) end up in MongoDB.
+
+Each test has its own stream, subject prefix, durable consumer and Mongo database, so tests never see each
+other's messages. Events are published directly with the relay's wire format to test the projector alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from core.envelope import HEADER_MSG_ID, EventMetadata, RecordedEvent
+from core.events import Event
+from core.order_events import (
+    OrderCancelled,
+    OrderCreated,
+    OrderDeleted,
+    OrderItemAdded,
+    OrderItemQuantityChanged,
+    OrderItemRemoved,
+    OrderPlaced,
+    OrderShippingAddressChanged,
+)
+from core.subjects import event_subject
+from core.values import Address
+from cqrsctl.devstack import MongoServer, NatsServer, free_port
+from projector.config import ProjectorSettings
+from projector.runner import Projector
+from tests.support import eventually
+
+Doc = dict[str, Any]
+
+ADDRESS = Address("Grace Hopper", "1 Compiler Way", "", "Arlington", "22201", "US")
+NEW_ADDRESS = Address("Grace Hopper", "2 Bug Lane", "Suite 9", "Arlington", "22202", "US")
+# MongoDB stores datetimes with millisecond precision; keep test times on whole milliseconds.
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+
+
+def new_order_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass
+class Stream:
+    """Publishes one order's events with consecutive versions, remembering them for re-publishing."""
+
+    order_id: str
+    published: list[RecordedEvent] = field(default_factory=list)
+
+    def record(self, event: Event, version: int, position: int) -> RecordedEvent:
+        return RecordedEvent(
+            event_id=uuid.uuid4(),
+            stream_type="order",
+            stream_id=self.order_id,
+            version=version,
+            event_type=event.event_type,
+            schema_version=event.schema_version,
+            payload=event.to_payload(),
+            metadata=EventMetadata("req-" + uuid.uuid4().hex[:8], "corr", "cause"),
+            position=position,
+            recorded_at=T0 + timedelta(seconds=position),
+        )
+
+
+class Harness:
+    """One test's projector plus the clients the test uses to publish and to look at the read model."""
+
+    def __init__(self, settings: ProjectorSettings, nc: NatsClient, mongo: AsyncMongoClient[Doc]) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.mongo = mongo
+        self.db: AsyncDatabase[Doc] = mongo[settings.mongo_database]
+        self.projectors: list[Projector] = []
+        self.drop_database_at_end = True
+        self._position = 0
+
+    async def start_projector(self, **overrides: Any) -> Projector:
+        projector = Projector(self.settings.model_copy(update=overrides))
+        await projector.start()
+        self.projectors.append(projector)
+        return projector
+
+    async def close(self) -> None:
+        """Stops the projectors, deletes the test's stream (and database), closes the clients; idempotent."""
+        for projector in self.projectors:
+            await projector.stop()
+        if self.nc.is_closed:
+            return
+        with contextlib.suppress(Exception):
+            await self.js.delete_stream(self.settings.stream_name)
+        if self.drop_database_at_end:
+            await self.mongo.drop_database(self.settings.mongo_database)
+        await self.mongo.close()
+        with contextlib.suppress(Exception):  # nats-py raises from close() if the socket is already gone
+            await self.nc.close()
+
+    def next_position(self) -> int:
+        self._position += 1
+        return self._position
+
+    async def publish(self, recorded: RecordedEvent, *, with_msg_id: bool = True) -> None:
+        """Publishes like the relay; without the msg id a copy is not deduped by JetStream (an old re-publish)."""
+        headers = recorded.headers()
+        if not with_msg_id:
+            del headers[HEADER_MSG_ID]
+        subject = event_subject(recorded.stream_type, recorded.stream_id, self.settings.subject_prefix)
+        await self.js.publish(subject, recorded.to_json(), headers=headers)
+
+    async def emit(self, stream: Stream, event: Event, version: int | None = None) -> RecordedEvent:
+        """Publishes `event` as the stream's next version (or the given one)."""
+        version = version if version is not None else len(stream.published) + 1
+        recorded = stream.record(event, version, self.next_position())
+        stream.published.append(recorded)
+        await self.publish(recorded)
+        return recorded
+
+    async def raw(self, subject_suffix: str, data: bytes) -> None:
+        await self.js.publish(f"{self.settings.subject_prefix}.{subject_suffix}", data)
+
+    async def order(self, order_id: str) -> Doc | None:
+        return await self.db["orders"].find_one({"_id": order_id})
+
+    async def order_at(self, order_id: str, version: int, timeout: float = 15.0) -> Doc:
+        async def probe() -> Doc | None:
+            doc = await self.order(order_id)
+            return doc if doc is not None and doc["version"] == version else None
+
+        return await eventually(probe, what=f"order {order_id} at version {version} in the read model", timeout=timeout)
+
+    async def consumer(self) -> ConsumerInfo:
+        info: ConsumerInfo = await self.js.consumer_info(self.settings.stream_name, self.settings.projector_durable)
+        return info
+
+    async def settled(self, what: str, timeout: float = 15.0) -> None:
+        """Waits until the consumer has delivered everything and nothing is waiting for an ack."""
+
+        async def probe() -> ConsumerInfo | None:
+            info = await self.consumer()
+            return info if info.num_pending == 0 and info.num_ack_pending == 0 else None
+
+        await eventually(probe, what=f"the consumer to settle every message ({what})", timeout=timeout)
+
+    async def stats_reach(self, what: str, check: Callable[[Projector], bool], timeout: float = 15.0) -> None:
+        async def probe() -> bool:
+            return any(check(p) for p in self.projectors)
+
+        await eventually(probe, what=what, timeout=timeout)
+
+
+@pytest.fixture
+async def harness_factory(
+    nats_url: str, mongo_url: str, unique_name: str
+) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+    settings = ProjectorSettings(
+        nats_url=nats_url,
+        mongo_url=mongo_url,
+        mongo_database=unique_name,
+        stream_name=unique_name.upper(),
+        subject_prefix=f"{unique_name}.events",
+        projector_durable=f"{unique_name}-projector",
+        projector_fetch_timeout_seconds=0.5,
+        projector_max_backoff_seconds=1.0,
+        mongo_timeout_ms=1000,
+    )
+    harnesses: list[Harness] = []
+
+    async def make(**overrides: Any) -> Harness:
+        s = settings.model_copy(update=overrides)
+        nc = await nats.connect(s.nats_url, connect_timeout=5)
+        mongo: AsyncMongoClient[Doc] = AsyncMongoClient(s.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
+        harness = Harness(s, nc, mongo)
+        harnesses.append(harness)
+        return harness
+
+    yield make
+
+    for harness in harnesses:
+        await harness.close()
+
+
+@pytest.fixture
+async def harness(harness_factory: Callable[..., Awaitable[Harness]]) -> Harness:
+    h = await harness_factory()
+    await h.start_projector()
+    return h
+
+
+def without_bookkeeping(doc: Doc) -> Doc:
+    return {k: v for k, v in doc.items() if k not in {"version", "position", "updated_at"}}
+
+
+async def test_a_full_order_lifecycle_is_projected(harness: Harness) -> None:
+    order = Stream(new_order_id())
+    created = await harness.emit(order, OrderCreated(order.order_id, "cust-7", "EUR", ADDRESS))
+    await harness.emit(order, OrderItemAdded("SKU-A", "Anvil", 2, 1999))
+    await harness.emit(order, OrderItemAdded("SKU-B", "Bell", 1, 500))
+    await harness.emit(order, OrderItemAdded("SKU-C", "Chain", 5, 100))
+    await harness.emit(order, OrderItemQuantityChanged("SKU-B", 3))
+    await harness.emit(order, OrderItemRemoved("SKU-C"))
+    await harness.emit(order, OrderShippingAddressChanged(NEW_ADDRESS))
+    placed = await harness.emit(order, OrderPlaced())
+
+    doc = await harness.order_at(order.order_id, 8)
+    assert doc == {
+        "_id": order.order_id,
+        "order_id": order.order_id,
+        "customer_id": "cust-7",
+        "status": "PLACED",
+        "currency": "EUR",
+        "lines": [
+            {"sku": "SKU-A", "name": "Anvil", "quantity": 2, "unit_price_minor": 1999, "line_total_minor": 3998},
+            {"sku": "SKU-B", "name": "Bell", "quantity": 3, "unit_price_minor": 500, "line_total_minor": 1500},
+        ],
+        "total_minor": 5498,
+        "shipping_address": NEW_ADDRESS.to_dict(),
+        "cancel_reason": "",
+        "created_at": created.recorded_at,
+        "updated_at": placed.recorded_at,
+        "placed_at": placed.recorded_at,
+        "version": 8,
+        "position": placed.position,
+        "deleted": False,
+    }
+
+    cancelled = await harness.emit(order, OrderCancelled("out of stock"))
+    doc = await harness.order_at(order.order_id, 9)
+    assert (doc["status"], doc["cancel_reason"], doc["placed_at"]) == ("CANCELLED", "out of stock", placed.recorded_at)
+    assert (doc["updated_at"], doc["position"]) == (cancelled.recorded_at, cancelled.position)
+
+    indexes = await harness.db["orders"].index_information()
+    assert {tuple(k for k, _ in spec["key"]) for name, spec in indexes.items() if name != "_id_"} == {
+        ("deleted", "created_at", "_id"),
+        ("deleted", "customer_id", "created_at", "_id"),
+        ("deleted", "status", "created_at", "_id"),
+        ("deleted", "customer_id", "status", "created_at", "_id"),
+    }
+    await harness.stats_reach("9 applied events in the stats", lambda p: p.stats.applied == 9)
+    projector = harness.projectors[0]
+    assert projector.stats.last_lag is not None and projector.stats.last_lag > 0
+    assert projector.stats.lag_percentile(0.5) > 0
+
+    # Graceful stop: the acks of the last batch reach the server before the connection closes.
+    await projector.stop()
+    info = await harness.consumer()
+    assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
+
+
+async def test_duplicates_and_stale_redeliveries_change_nothing(harness: Harness) -> None:
+    order = Stream(new_order_id())
+    v1 = await harness.emit(order, OrderCreated(order.order_id, "cust-1", "USD", ADDRESS))
+    v2 = await harness.emit(order, OrderItemAdded("SKU-A", "Anvil", 1, 1000))
+    await harness.emit(order, OrderPlaced())
+    before = await harness.order_at(order.order_id, 3)
+
+    # The same events again, as a relay re-publishes them after the JetStream duplicate window has passed.
+    await harness.publish(v2, with_msg_id=False)
+    await harness.publish(v2, with_msg_id=False)
+    await harness.publish(v1, with_msg_id=False)
+    await harness.stats_reach("3 duplicates to be recognised", lambda p: p.stats.duplicates >= 3)
+    await harness.settled("duplicates acked")
+
+    assert await harness.order(order.order_id) == before
+    assert harness.projectors[0].stats.applied <= 3
+
+
+async def test_a_missing_version_is_waited_for_never_skipped(harness: Harness) -> None:
+    order = Stream(new_order_id())
+    await harness.emit(order, OrderCreated(order.order_id, "cust-1", "EUR", ADDRESS))
+    await harness.order_at(order.order_id, 1)
+    v2 = order.record(OrderItemAdded("SKU-A", "Anvil", 2, 300), 2, harness.next_position())
+    v3 = order.record(OrderPlaced(), 3, harness.next_position())
+    await harness.publish(v3)
+
+    # v3 has been offered (and naked) more than once, and the document still sits at v1.
+    await harness.stats_reach("v3 to be deferred twice as a gap", lambda p: p.stats.gaps >= 2)
+    doc = await harness.order(order.order_id)
+    assert doc is not None and doc["version"] == 1 and doc["status"] == "DRAFT"
+
+    await harness.publish(v2)
+    doc = await harness.order_at(order.order_id, 3)
+    assert doc["status"] == "PLACED"
+    assert doc["total_minor"] == 600
+    assert doc["position"] == v3.position
+    await harness.settled("the gap healed")
+
+
+async def test_poison_messages_are_dead_lettered_without_blocking_others(harness: Harness) -> None:
+    victim = new_order_id()
+    await harness.raw(f"order.{victim}", b"\xff\x00 definitely not json")
+    unknown = Stream(new_order_id())
+    teleported = unknown.record(OrderPlaced(), 1, harness.next_position())
+    teleported = RecordedEvent(
+        **{**{f: getattr(teleported, f) for f in RecordedEvent.__dataclass_fields__}, "event_type": "OrderTeleported"}
+    )
+    await harness.publish(teleported)
+    bad_payload = Stream(new_order_id())
+    malformed = bad_payload.record(OrderItemAdded("SKU", "x", 1, 1), 1, harness.next_position())
+    malformed = RecordedEvent(
+        **{
+            **{f: getattr(malformed, f) for f in RecordedEvent.__dataclass_fields__},
+            "event_type": "OrderCreated",  # the payload lacks order_id, customer_id, ...
+        }
+    )
+    await harness.publish(malformed)
+
+    healthy = Stream(new_order_id())
+    await harness.emit(healthy, OrderCreated(healthy.order_id, "cust-2", "EUR", ADDRESS))
+    await harness.emit(healthy, OrderItemAdded("SKU-B", "Bell", 4, 250))
+    doc = await harness.order_at(healthy.order_id, 2)
+    assert doc["total_minor"] == 1000
+
+    async def dead_letters() -> list[Doc] | None:
+        letters = await harness.db["dead_letters"].find().sort("stream_seq", 1).to_list()
+        return letters if len(letters) == 3 else None
+
+    letters = await eventually(dead_letters, what="3 dead letters")
+    assert [letter["subject"] for letter in letters] == [
+        f"{harness.settings.subject_prefix}.order.{victim}",
+        f"{harness.settings.subject_prefix}.order.{unknown.order_id}",
+        f"{harness.settings.subject_prefix}.order.{bad_payload.order_id}",
+    ]
+    assert "malformed event envelope" in letters[0]["reason"]
+    assert letters[0]["data"] == b"\xff\x00 definitely not json"
+    assert "OrderTeleported" in letters[1]["reason"]
+    assert letters[1]["headers"]["Cqrs-Event-Type"] == "OrderTeleported"
+    assert "MalformedEvent" in letters[2]["reason"]
+    assert all(isinstance(letter["received_at"], datetime) for letter in letters)
+    assert [letter["_id"] for letter in letters] == [letter["stream_seq"] for letter in letters]
+    # Terminated, not redelivered: nothing is left pending, and no document was made for the poisoned orders.
+    await harness.settled("poison terminated")
+    assert await harness.order(unknown.order_id) is None
+    assert await harness.order(bad_payload.order_id) is None
+
+
+async def test_order_deleted_leaves_a_tombstone_that_still_guards(harness: Harness) -> None:
+    order = Stream(new_order_id())
+    v1 = await harness.emit(order, OrderCreated(order.order_id, "cust-3", "EUR", ADDRESS))
+    await harness.emit(order, OrderItemAdded("SKU-A", "Anvil", 1, 100))
+    deleted = await harness.emit(order, OrderDeleted())
+    doc = await harness.order_at(order.order_id, 3)
+    assert doc["deleted"] is True
+    assert doc["lines"] == [
+        {"sku": "SKU-A", "name": "Anvil", "quantity": 1, "unit_price_minor": 100, "line_total_minor": 100}
+    ]
+    assert (doc["updated_at"], doc["position"]) == (deleted.recorded_at, deleted.position)
+
+    await harness.publish(v1, with_msg_id=False)  # a late redelivery of the creation must not resurrect it
+    await harness.stats_reach("the late OrderCreated to be a duplicate", lambda p: p.stats.duplicates >= 1)
+    assert await harness.order(order.order_id) == doc
+
+
+async def test_two_replicas_on_one_durable_converge_in_version_order(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    h = await harness_factory(projector_batch_size=7)  # small batches: the replicas interleave more
+    await h.start_projector()
+    await h.start_projector()
+    orders = [Stream(new_order_id()) for _ in range(20)]
+    for order in orders:
+        await h.emit(order, OrderCreated(order.order_id, "cust-r", "EUR", ADDRESS))
+    for round_ in range(4):
+        for order in orders:
+            await h.emit(order, OrderItemAdded(f"SKU-{round_}", f"Item {round_}", round_ + 1, 100))
+    for order in orders:
+        await h.emit(order, OrderPlaced())
+
+    async def all_placed() -> list[Doc] | None:
+        docs = await h.db["orders"].find({"version": 6}).to_list()
+        return docs if len(docs) == len(orders) else None
+
+    docs = await eventually(all_placed, what="all 20 orders at version 6", timeout=60)
+    for doc in docs:
+        assert doc["status"] == "PLACED"
+        assert [line["sku"] for line in doc["lines"]] == ["SKU-0", "SKU-1", "SKU-2", "SKU-3"]
+        assert doc["total_minor"] == (1 + 2 + 3 + 4) * 100
+    assert sum(p.stats.applied for p in h.projectors) == 6 * len(orders)
+    await h.settled("both replicas done", timeout=30)
+
+
+@pytest.mark.slow
+async def test_projector_survives_a_mongodb_outage(
+    harness_factory: Callable[..., Awaitable[Harness]], tmp_path: Path
+) -> None:
+    server = MongoServer(tmp_path / "mongo", free_port())
+    try:
+        h = await harness_factory(mongo_url=server.url, mongo_timeout_ms=300)
+        projector = await h.start_projector()  # MongoDB is not running yet
+        order = Stream(new_order_id())
+        await h.emit(order, OrderCreated(order.order_id, "cust-9", "EUR", ADDRESS))
+        await h.emit(order, OrderItemAdded("SKU-A", "Anvil", 1, 700))
+        await h.stats_reach("the projector to notice MongoDB is down", lambda p: p.stats.mongo_failures >= 2)
+        assert projector.running
+
+        await asyncio.to_thread(server.start, 90)
+        await h.order_at(order.order_id, 2, timeout=30)
+
+        # Down again while events keep coming, then back on the same storage.
+        await asyncio.to_thread(server.stop)
+        failures = projector.stats.mongo_failures
+        await h.emit(order, OrderPlaced())
+        await h.stats_reach("a failure while MongoDB is down", lambda p: p.stats.mongo_failures > failures)
+        assert projector.running
+        await asyncio.to_thread(server.start, 90)
+        doc = await h.order_at(order.order_id, 3, timeout=30)
+        assert doc["status"] == "PLACED"
+        assert doc["total_minor"] == 700
+        await h.settled("everything applied after the outage")
+        await h.close()  # while the server is still up
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+@pytest.mark.slow
+async def test_projector_survives_a_nats_restart(
+    harness_factory: Callable[..., Awaitable[Harness]], tmp_path: Path
+) -> None:
+    server = NatsServer(tmp_path / "nats", free_port())
+    await asyncio.to_thread(server.start, 60)
+    try:
+        h = await harness_factory(nats_url=server.url)
+        projector = await h.start_projector()
+        order = Stream(new_order_id())
+        await h.emit(order, OrderCreated(order.order_id, "cust-5", "EUR", ADDRESS))
+        await h.order_at(order.order_id, 1)
+
+        await asyncio.to_thread(server.stop)  # file storage: the stream and the durable survive the restart
+        await asyncio.to_thread(server.start, 60)
+
+        async def reconnected() -> bool:
+            return bool(h.nc.is_connected)
+
+        await eventually(reconnected, what="the test's publisher to reconnect to NATS", timeout=30)
+        await h.emit(order, OrderItemAdded("SKU-A", "Anvil", 3, 250))
+        doc = await h.order_at(order.order_id, 2, timeout=30)
+        assert doc["total_minor"] == 750
+        assert projector.running
+        await h.settled("everything applied after the restart")
+        await h.close()  # while the server is still up
+    finally:
+        await asyncio.to_thread(server.stop)
