@@ -23,17 +23,30 @@ if TYPE_CHECKING:
 class CommandReply:
     """What a successful command returns; stored in the request log so a repeat returns exactly this."""
 
+    stream_type: str
     stream_id: str
     version: int
     position: int
 
     def to_json(self) -> str:
-        return json.dumps({"stream_id": self.stream_id, "version": self.version, "position": self.position})
+        return json.dumps(
+            {
+                "stream_type": self.stream_type,
+                "stream_id": self.stream_id,
+                "version": self.version,
+                "position": self.position,
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: str) -> CommandReply:
         data = json.loads(raw)
-        return cls(stream_id=data["stream_id"], version=int(data["version"]), position=int(data["position"]))
+        return cls(
+            stream_type=data["stream_type"],
+            stream_id=data["stream_id"],
+            version=int(data["version"]),
+            position=int(data["position"]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +63,24 @@ class RequestRecord:
     request_id: str
     command_type: str
     request_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class UniqueClaim:
+    """Claim `value` in `scope` for the appending stream (`release=False`), or give up its claim (`release=True`)."""
+
+    scope: str
+    value: str
+    release: bool = False
+
+
+class ClaimTaken(Exception):
+    """Another stream holds the unique value."""
+
+    def __init__(self, scope: str, value: str) -> None:
+        super().__init__(f"{scope} {value!r} is taken")
+        self.scope = scope
+        self.value = value
 
 
 class VersionConflict(Exception):
@@ -97,18 +128,23 @@ class EventStore:
         metadata: EventMetadata,
         request: RequestRecord,
         last_position: int,
+        claims: Sequence[UniqueClaim] = (),
     ) -> CommandReply:
-        """Appends `events` as versions expected_version+1.. and logs the request, atomically.
+        """Appends `events` as versions expected_version+1.., applies the unique claims and logs the request,
+        atomically.
 
         With no events (a no-op command) only the request is logged, so a repeat still returns the same reply.
-        Raises VersionConflict when the stream moved on, DuplicateRequest when the request_id was taken.
+        Raises VersionConflict when the stream moved on, DuplicateRequest when the request_id was taken,
+        ClaimTaken when another stream holds a claimed value.
         """
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            reply = CommandReply(stream_id, expected_version, last_position)
+            reply = CommandReply(stream_type, stream_id, expected_version, last_position)
             if events:
                 reply = await insert_events(
                     conn, stream_type, stream_id, expected_version, events, metadata, timeout=self._timeout
                 )
+            for claim in claims:
+                await self._apply_claim(conn, stream_id, claim)
             logged = await conn.fetchval(
                 """INSERT INTO request_log (request_id, command_type, request_hash, stream_id, reply)
                    VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (request_id) DO NOTHING RETURNING 1""",
@@ -122,6 +158,29 @@ class EventStore:
             if logged is None:
                 raise DuplicateRequest(request.request_id)
             return reply
+
+    async def _apply_claim(self, conn: Connection, stream_id: str, claim: UniqueClaim) -> None:
+        if claim.release:
+            await conn.execute(
+                "DELETE FROM unique_claims WHERE scope = $1 AND value = $2 AND owner_stream_id = $3",
+                claim.scope,
+                claim.value,
+                stream_id,
+                timeout=self._timeout,
+            )
+            return
+        # A concurrent claim of the same value blocks here until the other transaction ends, then conflicts.
+        owner = await conn.fetchval(
+            """INSERT INTO unique_claims (scope, value, owner_stream_id) VALUES ($1, $2, $3)
+               ON CONFLICT (scope, value) DO UPDATE SET owner_stream_id = unique_claims.owner_stream_id
+               RETURNING owner_stream_id""",
+            claim.scope,
+            claim.value,
+            stream_id,
+            timeout=self._timeout,
+        )
+        if owner != stream_id:
+            raise ClaimTaken(claim.scope, claim.value)
 
 
 async def insert_events(
@@ -167,7 +226,7 @@ async def insert_events(
     )
     # Delivered on commit only: wakes the relay without polling.
     await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}", timeout=timeout)
-    return CommandReply(stream_id, expected_version + count, positions[-1])
+    return CommandReply(stream_type, stream_id, expected_version + count, positions[-1])
 
 
 def recorded_event_from_row(row: Any) -> RecordedEvent:

@@ -18,7 +18,8 @@ from google.protobuf.message import Message
 from command_service.domain import commands as cmd
 from command_service.domain.validation import validate
 from command_service.event_store import CommandReply
-from command_service.handlers import CommandContext, OrderCommandHandler
+from command_service.handlers import CommandContext, CommandHandler
+from core.consistency import ConsistencyToken
 from core.errors import FieldViolation, InvalidArgument, ServiceError, Unavailable
 from core.grpc_errors import abort_with
 from core.values import Address
@@ -30,6 +31,7 @@ CORRELATION_HEADER = "x-correlation-id"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R", bound=Message)
+CommandT = TypeVar("CommandT")
 
 # asyncpg raises these (and OSError/TimeoutError) when PostgreSQL is down or unreachable.
 _DB_DOWN = (
@@ -100,8 +102,49 @@ def _fingerprint(method: str, request: Message) -> str:
     return hashlib.sha256(method.encode() + b"\0" + copy.SerializeToString(deterministic=True)).hexdigest()
 
 
+async def run_command(
+    method: str,
+    request: Any,
+    context: Context,
+    handler: CommandHandler[Any, CommandT],
+    build: Callable[[list[FieldViolation]], CommandT],
+    validate_command: Callable[[CommandT], None],
+    reply: Callable[[CommandReply], R],
+) -> R:
+    """The shared path of every command RPC: validate all fields at once, handle, map errors to statuses."""
+    try:
+        violations = _envelope_violations(request)
+        command = build(violations)
+        try:
+            validate_command(command)
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+        if violations:
+            raise InvalidArgument(_without_shadowed(violations))
+        ctx = CommandContext(
+            request_id=request.request_id,
+            request_hash=_fingerprint(method, request),
+            expected_version=_expected_version(request),
+            correlation_id=_metadata_value(context, CORRELATION_HEADER) or request.request_id,
+        )
+        return reply(await handler.handle(command, ctx))
+    except ServiceError as exc:
+        await abort_with(context, exc)
+    except _DB_DOWN as exc:
+        log.warning("%s: event store (PostgreSQL) unavailable: %r", method, exc)
+        await abort_with(context, Unavailable("event store (PostgreSQL) is unavailable; retry later"))
+    except Exception:
+        log.exception("%s failed unexpectedly", method)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
+    raise AssertionError("unreachable: abort raises")
+
+
+def consistency_token(reply: CommandReply) -> str:
+    return ConsistencyToken(reply.stream_type, reply.stream_id, reply.version, reply.position).encode()
+
+
 class OrderCommandServicer(pb_grpc.OrderCommandServiceServicer):
-    def __init__(self, handler: OrderCommandHandler) -> None:
+    def __init__(self, handler: CommandHandler[Any, cmd.OrderCommand]) -> None:
         self._handler = handler
 
     async def _run(
@@ -112,32 +155,9 @@ class OrderCommandServicer(pb_grpc.OrderCommandServiceServicer):
         build: Callable[[list[FieldViolation]], cmd.OrderCommand],
         reply: Callable[[pb.CommandResult], R],
     ) -> R:
-        try:
-            violations = _envelope_violations(request)
-            command = build(violations)
-            try:
-                validate(command)
-            except InvalidArgument as exc:
-                violations.extend(exc.violations)
-            if violations:
-                raise InvalidArgument(_without_shadowed(violations))
-            ctx = CommandContext(
-                request_id=request.request_id,
-                request_hash=_fingerprint(method, request),
-                expected_version=_expected_version(request),
-                correlation_id=_metadata_value(context, CORRELATION_HEADER) or request.request_id,
-            )
-            result = await self._handler.handle(command, ctx)
-            return reply(_result(result))
-        except ServiceError as exc:
-            await abort_with(context, exc)
-        except _DB_DOWN as exc:
-            log.warning("%s: event store (PostgreSQL) unavailable: %r", method, exc)
-            await abort_with(context, Unavailable("event store (PostgreSQL) is unavailable; retry later"))
-        except Exception:
-            log.exception("%s failed unexpectedly", method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
-        raise AssertionError("unreachable: abort raises")
+        return await run_command(
+            method, request, context, self._handler, build, validate, lambda r: reply(_order_result(r))
+        )
 
     async def CreateOrder(self, request: pb.CreateOrderRequest, context: Context) -> pb.CreateOrderResponse:
         def build(violations: list[FieldViolation]) -> cmd.OrderCommand:
@@ -225,8 +245,13 @@ class OrderCommandServicer(pb_grpc.OrderCommandServiceServicer):
         )
 
 
-def _result(reply: CommandReply) -> pb.CommandResult:
-    return pb.CommandResult(order_id=reply.stream_id, version=reply.version, position=reply.position)
+def _order_result(reply: CommandReply) -> pb.CommandResult:
+    return pb.CommandResult(
+        order_id=reply.stream_id,
+        version=reply.version,
+        position=reply.position,
+        consistency_token=consistency_token(reply),
+    )
 
 
 def _metadata_value(context: Context, key: str) -> str | None:

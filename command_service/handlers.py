@@ -1,27 +1,43 @@
-"""Command handling: load the stream, decide, append; with idempotency and bounded optimistic retries."""
+"""Command handling: load the stream, decide, append; with idempotency and bounded optimistic retries.
+
+One generic `CommandHandler` runs every aggregate's commands; an `Aggregate` spec says how to find the stream,
+fold its events and decide. Aggregate-specific checks that need other streams (an order needs an active
+customer) are a `precondition`, run before each attempt.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
+from command_service.domain import customer, order
 from command_service.domain.commands import CreateOrder, OrderCommand
-from command_service.domain.order import decide, fold
+from command_service.domain.customer_commands import CustomerCommand, RegisterCustomer
 from command_service.event_store import (
+    ClaimTaken,
     CommandReply,
     DuplicateRequest,
     EventStore,
     RequestRecord,
+    UniqueClaim,
     VersionConflict,
 )
+from core.customer_events import CUSTOMER_STREAM_TYPE
 from core.envelope import EventMetadata
-from core.errors import Conflict, FailedPrecondition, ServiceError
-from core.events import decode_event
+from core.errors import AlreadyExists, Conflict, FailedPrecondition, ServiceError
+from core.events import Event, decode_event
 from core.order_events import ORDER_STREAM_TYPE
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+C = TypeVar("C")
+
+EMAIL_SCOPE = "customer-email"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,30 +50,59 @@ class CommandContext:
     correlation_id: str = ""
 
 
-class OrderCommandHandler:
-    """Runs one order command: idempotent by request_id, optimistic on the stream version."""
+def _no_claims(state: object, events: Sequence[Event]) -> list[UniqueClaim]:
+    return []
 
-    def __init__(self, store: EventStore, max_attempts: int = 5) -> None:
-        self._store = store
+
+@dataclass(frozen=True)
+class Aggregate(Generic[S, C]):
+    """How the generic handler works with one aggregate type."""
+
+    name: str  # for messages: "order", "customer"
+    stream_type: str
+    stream_id: Callable[[C], str]
+    fold: Callable[[Iterable[Event]], S | None]
+    decide: Callable[[S | None, C], list[Event]]
+    creates: type  # the command that starts a stream (a conflict on it means "already exists")
+    claims: Callable[[S | None, Sequence[Event]], list[UniqueClaim]] = field(default=_no_claims)
+
+
+class CommandHandler(Generic[S, C]):
+    """Runs one command: idempotent by request_id, optimistic on the stream version."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        aggregate: Aggregate[S, C],
+        max_attempts: int = 5,
+        precondition: Callable[[C], Awaitable[None]] | None = None,
+    ) -> None:
+        self.store = store
+        self._aggregate = aggregate
         self._max_attempts = max_attempts
+        self._precondition = precondition
 
-    async def handle(self, command: OrderCommand, ctx: CommandContext) -> CommandReply:
+    async def handle(self, command: C, ctx: CommandContext) -> CommandReply:
+        agg = self._aggregate
         command_type = type(command).__name__
+        stream_id = agg.stream_id(command)
         prior = await self._replay(ctx, command_type)
         if prior is not None:
             return prior
         for attempt in range(1, self._max_attempts + 1):
-            recorded = await self._store.load_stream(command.order_id)
-            state = fold(decode_event(r.event_type, r.schema_version, r.payload) for r in recorded)
+            recorded = await self.store.load_stream(stream_id)
+            state = agg.fold(decode_event(r.event_type, r.schema_version, r.payload) for r in recorded)
             current_version = recorded[-1].version if recorded else 0
             last_position = recorded[-1].position if recorded else 0
             try:
                 if ctx.expected_version is not None and ctx.expected_version != current_version:
                     raise Conflict(
-                        f"order {command.order_id} is at version {current_version}, "
+                        f"{agg.name} {stream_id} is at version {current_version}, "
                         f"not the expected version {ctx.expected_version}"
                     )
-                events = decide(state, command)
+                if self._precondition is not None:
+                    await self._precondition(command)
+                events = agg.decide(state, command)
             except ServiceError:
                 # A concurrent duplicate of this request may have committed between our replay check and the
                 # load; its effect then makes the checks fail. The first reply is the right answer.
@@ -66,9 +111,9 @@ class OrderCommandHandler:
                     return prior
                 raise
             try:
-                return await self._store.append(
-                    stream_type=ORDER_STREAM_TYPE,
-                    stream_id=command.order_id,
+                return await self.store.append(
+                    stream_type=agg.stream_type,
+                    stream_id=stream_id,
                     expected_version=current_version,
                     events=events,
                     metadata=EventMetadata(
@@ -78,25 +123,31 @@ class OrderCommandHandler:
                     ),
                     request=RequestRecord(ctx.request_id, command_type, ctx.request_hash),
                     last_position=last_position,
+                    claims=agg.claims(state, events),
                 )
             except VersionConflict:
-                if ctx.expected_version is not None or isinstance(command, CreateOrder):
-                    raise Conflict(f"order {command.order_id} was changed concurrently; reload it and retry") from None
-                log.debug("version conflict on %s (attempt %d); retrying", command.order_id, attempt)
+                if ctx.expected_version is not None or isinstance(command, agg.creates):
+                    raise Conflict(f"{agg.name} {stream_id} was changed concurrently; reload it and retry") from None
+                log.debug("version conflict on %s (attempt %d); retrying", stream_id, attempt)
                 await asyncio.sleep(random.uniform(0, 0.005 * attempt))
+            except ClaimTaken as taken:
+                prior = await self._replay(ctx, command_type)
+                if prior is not None:
+                    return prior
+                raise AlreadyExists(f"{taken.scope.replace('-', ' ')} {taken.value!r} is already in use") from None
             except DuplicateRequest:
                 prior = await self._replay(ctx, command_type)
                 if prior is not None:
                     return prior
                 raise
         raise Conflict(
-            f"order {command.order_id} is being changed by many writers at once; "
+            f"{agg.name} {stream_id} is being changed by many writers at once; "
             f"gave up after {self._max_attempts} attempts, retry later"
         )
 
     async def _replay(self, ctx: CommandContext, command_type: str) -> CommandReply | None:
         """The first reply for a repeated request_id, or None when the id is new."""
-        logged = await self._store.find_request(ctx.request_id)
+        logged = await self.store.find_request(ctx.request_id)
         if logged is None:
             return None
         if logged.command_type != command_type or logged.request_hash != ctx.request_hash:
@@ -105,3 +156,62 @@ class OrderCommandHandler:
                 "command; use a new request_id for a new command"
             )
         return logged.reply
+
+
+def _email_claims(state: customer.CustomerState | None, events: Sequence[Event]) -> list[UniqueClaim]:
+    reserve, release = customer.email_claims(state, list(events))
+    claims = []
+    if release is not None:
+        claims.append(UniqueClaim(EMAIL_SCOPE, release, release=True))
+    if reserve is not None:
+        claims.append(UniqueClaim(EMAIL_SCOPE, reserve))
+    return claims
+
+
+ORDERS: Aggregate[order.OrderState, OrderCommand] = Aggregate(
+    name="order",
+    stream_type=ORDER_STREAM_TYPE,
+    stream_id=lambda command: command.order_id,
+    fold=order.fold,
+    decide=order.decide,
+    creates=CreateOrder,
+)
+
+CUSTOMERS: Aggregate[customer.CustomerState, CustomerCommand] = Aggregate(
+    name="customer",
+    stream_type=CUSTOMER_STREAM_TYPE,
+    stream_id=lambda command: command.customer_id,
+    fold=customer.fold,
+    decide=customer.decide,
+    creates=RegisterCustomer,
+    claims=_email_claims,
+)
+
+
+class ActiveCustomerCheck:
+    """CreateOrder needs an existing, active customer, checked against the event store (not the read model)."""
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+
+    async def __call__(self, command: OrderCommand) -> None:
+        if not isinstance(command, CreateOrder):
+            return
+        recorded = await self._store.load_stream(command.customer_id)
+        if recorded and recorded[0].stream_type != CUSTOMER_STREAM_TYPE:
+            recorded = []  # the id names some other stream, not a customer
+        state = customer.fold(decode_event(r.event_type, r.schema_version, r.payload) for r in recorded)
+        if state is None:
+            raise FailedPrecondition(f"customer {command.customer_id} does not exist; register the customer first")
+        if not state.is_active:
+            raise FailedPrecondition(f"customer {command.customer_id} is deactivated and cannot create orders")
+
+
+def order_handler(store: EventStore, max_attempts: int = 5) -> CommandHandler[order.OrderState, OrderCommand]:
+    return CommandHandler(store, ORDERS, max_attempts, precondition=ActiveCustomerCheck(store))
+
+
+def customer_handler(
+    store: EventStore, max_attempts: int = 5
+) -> CommandHandler[customer.CustomerState, CustomerCommand]:
+    return CommandHandler(store, CUSTOMERS, max_attempts)

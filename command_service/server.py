@@ -9,20 +9,27 @@ from dataclasses import dataclass
 
 import asyncpg
 import grpc
-from cqrs.orders.v1 import command_service_pb2, command_service_pb2_grpc
+from cqrs.orders.v1 import (
+    command_service_pb2,
+    command_service_pb2_grpc,
+    customer_service_pb2,
+    customer_service_pb2_grpc,
+)
 from grpc_health.v1 import _async as health_aio  # the asyncio HealthServicer (also exported as health.aio)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from command_service.config import CommandServiceSettings
+from command_service.customer_grpc_api import CustomerCommandServicer
 from command_service.event_store import EventStore
 from command_service.grpc_api import OrderCommandServicer
-from command_service.handlers import OrderCommandHandler
+from command_service.handlers import customer_handler, order_handler
 from command_service.relay import OutboxRelay, RelaySettings
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = command_service_pb2.DESCRIPTOR.services_by_name["OrderCommandService"].full_name
+CUSTOMER_SERVICE_NAME = customer_service_pb2.DESCRIPTOR.services_by_name["CustomerCommandService"].full_name
 HEALTH_INTERVAL_SECONDS = 2.0
 
 
@@ -60,22 +67,32 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
         command_timeout=settings.postgres_timeout_seconds,
     )
     store = EventStore(pool, command_timeout=settings.postgres_timeout_seconds)
-    handler = OrderCommandHandler(store, max_attempts=settings.max_append_attempts)
 
     # SO_REUSEPORT (gRPC's default on Linux) would let a second process bind the same port silently.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(OrderCommandServicer(handler), server)
+    command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
+        OrderCommandServicer(order_handler(store, settings.max_append_attempts)), server
+    )
+    customer_service_pb2_grpc.add_CustomerCommandServiceServicer_to_server(
+        CustomerCommandServicer(customer_handler(store, settings.max_append_attempts)), server
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        [
+            SERVICE_NAME,
+            CUSTOMER_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
     )
     try:
         port = server.add_insecure_port(settings.command_listen)
     except RuntimeError as exc:
         await pool.close()
         raise RuntimeError(f"command service cannot listen on {settings.command_listen}: {exc}") from exc
-    for name in ("", SERVICE_NAME):  # NOT_SERVING until the first PostgreSQL probe succeeds
+    for name in ("", SERVICE_NAME, CUSTOMER_SERVICE_NAME):  # NOT_SERVING until the first PostgreSQL probe succeeds
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
 
@@ -110,7 +127,7 @@ async def _probe_postgres(pool: asyncpg.Pool, servicer: health_aio.HealthService
                 log.warning("event store (PostgreSQL) unavailable: %r", exc)
         if ok != last:
             status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", SERVICE_NAME):
+            for name in ("", SERVICE_NAME, CUSTOMER_SERVICE_NAME):
                 await servicer.set(name, status)
             if ok and last is False:
                 log.info("event store (PostgreSQL) reachable again")

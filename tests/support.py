@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
+from command_service.domain.customer_commands import RegisterCustomer
+from command_service.event_store import EventStore
+from command_service.handlers import CommandContext, customer_handler
 
 T = TypeVar("T")
 
@@ -42,3 +47,14 @@ async def create_database(server_dsn: str, name: str) -> str:
     finally:
         await conn.close()
     return with_database(server_dsn, name)
+
+
+async def registered_customer(store: EventStore, name: str = "Ada Lovelace") -> str:
+    """Registers a customer through the real handler (orders need one) and returns its id."""
+    customer_id = str(uuid.uuid4())
+    request_id = str(uuid.uuid4())
+    await customer_handler(store).handle(
+        RegisterCustomer(customer_id, name, f"{customer_id}@example.com"),
+        CommandContext(request_id=request_id, request_hash=request_id),
+    )
+    return customer_id

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from cqrs.orders.v1 import command_service_pb2_grpc, query_service_pb2_grpc
+from cqrs.orders.v1 import command_service_pb2_grpc, customer_service_pb2_grpc, query_service_pb2_grpc
 
 from command_service.config import CommandServiceSettings
 from command_service.migrate import migrate
@@ -24,6 +24,8 @@ from tests.support import create_database
 @dataclass
 class Stack:
     commands: command_service_pb2_grpc.OrderCommandServiceAsyncStub
+    customer_commands: customer_service_pb2_grpc.CustomerCommandServiceAsyncStub
+    customer_queries: customer_service_pb2_grpc.CustomerQueryServiceAsyncStub
     queries: query_service_pb2_grpc.OrderQueryServiceAsyncStub
     command_channel: grpc.aio.Channel
     query_channel: grpc.aio.Channel
@@ -64,6 +66,8 @@ async def stack(postgres_dsn: str, nats_url: str, mongo_url: str, unique_name: s
     try:
         yield Stack(
             commands=command_service_pb2_grpc.OrderCommandServiceStub(command_channel),
+            customer_commands=customer_service_pb2_grpc.CustomerCommandServiceStub(command_channel),
+            customer_queries=customer_service_pb2_grpc.CustomerQueryServiceStub(query_channel),
             queries=query_service_pb2_grpc.OrderQueryServiceStub(query_channel),
             command_channel=command_channel,
             query_channel=query_channel,

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from cqrs.orders.v1 import command_service_pb2 as cpb
 from cqrs.orders.v1 import command_service_pb2_grpc as cgrpc
+from cqrs.orders.v1 import customer_service_pb2 as custpb
 from cqrs.orders.v1 import order_pb2
 from cqrs.orders.v1 import query_service_pb2 as qpb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,7 +30,16 @@ def rid() -> str:
     return str(uuid.uuid4())
 
 
-async def create(stack: Stack, customer: str = "cust-1") -> cpb.CommandResult:
+async def register(stack: Stack, name: str = "Ada Lovelace", email: str | None = None) -> str:
+    reply = await stack.customer_commands.RegisterCustomer(
+        custpb.RegisterCustomerRequest(request_id=rid(), name=name, email=email or f"{uuid.uuid4().hex}@example.com"),
+        timeout=T,
+    )
+    return reply.result.customer_id
+
+
+async def create(stack: Stack, customer: str | None = None) -> cpb.CommandResult:
+    customer = customer or await register(stack)
     reply = await stack.commands.CreateOrder(
         cpb.CreateOrderRequest(request_id=rid(), customer_id=customer, currency="EUR", shipping_address=ADDRESS),
         timeout=T,
@@ -78,7 +88,8 @@ async def expect_error(call: object, code: grpc.StatusCode) -> grpc.aio.AioRpcEr
 
 
 async def test_order_lifecycle_through_commands_and_queries(stack: Stack) -> None:
-    created = await create(stack)
+    customer_id = await register(stack)
+    created = await create(stack, customer_id)
     order_id = created.order_id
     assert created.version == 1 and created.position >= 1
     await add(stack, order_id, "A", qty=2, price=250)
@@ -115,7 +126,7 @@ async def test_order_lifecycle_through_commands_and_queries(stack: Stack) -> Non
     order = await visible(stack, order_id, cancelled.version)
     assert order.status == order_pb2.ORDER_STATUS_CANCELLED and order.cancel_reason == "changed my mind"
 
-    listed = await stack.queries.ListOrders(qpb.ListOrdersRequest(customer_id="cust-1"), timeout=T)
+    listed = await stack.queries.ListOrders(qpb.ListOrdersRequest(customer_id=customer_id), timeout=T)
     assert [o.order_id for o in listed.orders] == [order_id]
 
     deleted = (
@@ -130,7 +141,7 @@ async def test_order_lifecycle_through_commands_and_queries(stack: Stack) -> Non
         return False
 
     await eventually(gone, what="the deleted order to be NOT_FOUND")
-    listed = await stack.queries.ListOrders(qpb.ListOrdersRequest(customer_id="cust-1"), timeout=T)
+    listed = await stack.queries.ListOrders(qpb.ListOrdersRequest(customer_id=customer_id), timeout=T)
     assert list(listed.orders) == []
     assert deleted.version == cancelled.version + 1
     await expect_error(
@@ -159,6 +170,19 @@ async def test_malformed_create_is_invalid_argument_with_field_violations_and_wr
     )  # fmt: skip
     assert [f for f, _ in field_violations(err)] == ["shipping_address.country"]
     assert await event_count(stack) == 0
+
+
+async def test_create_order_needs_an_existing_active_customer(stack: Stack) -> None:
+    before = await event_count(stack)
+    err = await expect_error(create(stack, str(uuid.uuid4())), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "does not exist" in (err.details() or "")
+    customer_id = await register(stack)
+    await stack.customer_commands.DeactivateCustomer(
+        custpb.DeactivateCustomerRequest(request_id=rid(), customer_id=customer_id), timeout=T
+    )
+    err = await expect_error(create(stack, customer_id), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "deactivated" in (err.details() or "")
+    assert await event_count(stack) == before + 2  # the registration and the deactivation only
 
 
 async def test_rule_violations_have_precise_statuses_and_write_nothing(stack: Stack) -> None:
@@ -245,12 +269,13 @@ async def test_repeated_request_id_returns_the_first_reply(stack: Stack) -> None
 async def test_every_event_reaches_the_read_model_exactly_once_across_a_nats_outage(
     stack: Stack, nats_server: NatsHandle
 ) -> None:
-    first = await create(stack, customer="outage")
+    customer_id = await register(stack)
+    first = await create(stack, customer_id)
     await visible(stack, first.order_id, 1)
     finals: dict[str, int] = {}
     with nats_server.outage():
         for _ in range(3):
-            order_id = (await create(stack, customer="outage")).order_id
+            order_id = (await create(stack, customer_id)).order_id
             await add(stack, order_id, "A", qty=2, price=100)
             last = await add(stack, order_id, "B", qty=1, price=50)
             finals[order_id] = last.version

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import asyncpg
 import pytest
 
 from command_service.domain import commands as cmd
 from command_service.event_store import EventStore, RequestRecord, VersionConflict
-from command_service.handlers import CommandContext, OrderCommandHandler
+from command_service.handlers import CommandContext, CommandHandler, order_handler
 from core.envelope import EventMetadata
 from core.errors import Conflict, FailedPrecondition
 from core.order_events import OrderItemAdded
 from core.values import Address
+from tests.support import registered_customer
 
 ADDRESS = Address("Ada", "1 Main St", "", "London", "N1", "GB")
 
@@ -32,28 +34,29 @@ async def counts(pool: asyncpg.Pool) -> tuple[int, int, int]:
     return row["e"], row["o"], row["r"]
 
 
-async def create_order(handler: OrderCommandHandler) -> str:
+async def create_order(handler: CommandHandler[Any, cmd.OrderCommand], store: EventStore) -> str:
     order_id = str(uuid.uuid4())
-    await handler.handle(cmd.CreateOrder(order_id, "customer-1", "EUR", ADDRESS), ctx())
+    customer_id = await registered_customer(store)
+    await handler.handle(cmd.CreateOrder(order_id, customer_id, "EUR", ADDRESS), ctx())
     return order_id
 
 
 async def test_append_writes_events_outbox_and_request_log_in_one_go(
     event_store: EventStore, pg_pool: asyncpg.Pool
 ) -> None:
-    handler = OrderCommandHandler(event_store)
-    order_id = await create_order(handler)
+    handler = order_handler(event_store)
+    order_id = await create_order(handler, event_store)
     reply = await handler.handle(cmd.AddOrderItem(order_id, "SKU-1", "Thing", 2, 150), ctx())
     assert (reply.stream_id, reply.version) == (order_id, 2)
-    assert await counts(pg_pool) == (2, 2, 2)
+    assert await counts(pg_pool) == (3, 3, 3)  # with the customer's registration
     rows = await pg_pool.fetch("SELECT position, version, event_type, metadata FROM events ORDER BY position")
-    assert [r["event_type"] for r in rows] == ["OrderCreated", "OrderItemAdded"]
+    assert [r["event_type"] for r in rows] == ["CustomerRegistered", "OrderCreated", "OrderItemAdded"]
     assert reply.position == rows[-1]["position"]
 
 
 async def test_concurrent_appends_at_one_version_have_exactly_one_winner(event_store: EventStore) -> None:
-    handler = OrderCommandHandler(event_store)
-    order_id = await create_order(handler)
+    handler = order_handler(event_store)
+    order_id = await create_order(handler, event_store)
     meta = EventMetadata("r", "r", "r")
 
     async def attempt(i: int) -> bool:
@@ -78,8 +81,8 @@ async def test_concurrent_appends_at_one_version_have_exactly_one_winner(event_s
 
 
 async def test_concurrent_commands_with_expected_version_one_wins_rest_aborted(event_store: EventStore) -> None:
-    handler = OrderCommandHandler(event_store)
-    order_id = await create_order(handler)
+    handler = order_handler(event_store)
+    order_id = await create_order(handler, event_store)
 
     async def attempt(i: int) -> str:
         try:
@@ -96,8 +99,8 @@ async def test_concurrent_commands_with_expected_version_one_wins_rest_aborted(e
 async def test_concurrent_commands_without_expected_version_all_land_in_distinct_versions(
     event_store: EventStore,
 ) -> None:
-    handler = OrderCommandHandler(event_store, max_attempts=50)
-    order_id = await create_order(handler)
+    handler = order_handler(event_store, max_attempts=50)
+    order_id = await create_order(handler, event_store)
     replies = await asyncio.gather(
         *(handler.handle(cmd.AddOrderItem(order_id, f"SKU-{i}", "x", 1, 1), ctx()) for i in range(8))
     )
@@ -108,8 +111,8 @@ async def test_concurrent_commands_without_expected_version_all_land_in_distinct
 async def test_repeated_request_id_returns_first_reply_and_writes_nothing(
     event_store: EventStore, pg_pool: asyncpg.Pool
 ) -> None:
-    handler = OrderCommandHandler(event_store)
-    order_id = await create_order(handler)
+    handler = order_handler(event_store)
+    order_id = await create_order(handler, event_store)
     first = await handler.handle(cmd.AddOrderItem(order_id, "SKU-1", "x", 1, 1), ctx("add-once"))
     before = await counts(pg_pool)
     again = await handler.handle(cmd.AddOrderItem(order_id, "SKU-1", "x", 1, 1), ctx("add-once"))
@@ -118,8 +121,8 @@ async def test_repeated_request_id_returns_first_reply_and_writes_nothing(
 
 
 async def test_concurrent_duplicates_of_one_request_write_once(event_store: EventStore, pg_pool: asyncpg.Pool) -> None:
-    handler = OrderCommandHandler(event_store)
-    order_id = await create_order(handler)
+    handler = order_handler(event_store)
+    order_id = await create_order(handler, event_store)
     before = await counts(pg_pool)
     replies = await asyncio.gather(
         *(handler.handle(cmd.AddOrderItem(order_id, "SKU-9", "x", 1, 1), ctx("same-request")) for _ in range(10))
@@ -131,8 +134,8 @@ async def test_concurrent_duplicates_of_one_request_write_once(event_store: Even
 async def test_request_id_reused_for_another_command_is_refused_and_writes_nothing(
     event_store: EventStore, pg_pool: asyncpg.Pool
 ) -> None:
-    handler = OrderCommandHandler(event_store)
-    order_id = await create_order(handler)
+    handler = order_handler(event_store)
+    order_id = await create_order(handler, event_store)
     await handler.handle(cmd.AddOrderItem(order_id, "SKU-1", "x", 1, 1), ctx("rid", fingerprint="first"))
     before = await counts(pg_pool)
     with pytest.raises(FailedPrecondition, match="already used"):
@@ -141,8 +144,8 @@ async def test_request_id_reused_for_another_command_is_refused_and_writes_nothi
 
 
 async def test_rejected_command_writes_nothing(event_store: EventStore, pg_pool: asyncpg.Pool) -> None:
-    handler = OrderCommandHandler(event_store)
-    order_id = await create_order(handler)
+    handler = order_handler(event_store)
+    order_id = await create_order(handler, event_store)
     before = await counts(pg_pool)
     with pytest.raises(FailedPrecondition):
         await handler.handle(cmd.PlaceOrder(order_id), ctx())  # no lines yet
@@ -152,8 +155,8 @@ async def test_rejected_command_writes_nothing(event_store: EventStore, pg_pool:
 
 
 async def test_noop_command_is_logged_but_writes_no_event(event_store: EventStore, pg_pool: asyncpg.Pool) -> None:
-    handler = OrderCommandHandler(event_store)
-    order_id = await create_order(handler)
+    handler = order_handler(event_store)
+    order_id = await create_order(handler, event_store)
     added = await handler.handle(cmd.AddOrderItem(order_id, "SKU-1", "x", 2, 1), ctx())
     before = await counts(pg_pool)
     same = await handler.handle(cmd.ChangeItemQuantity(order_id, "SKU-1", 2), ctx())

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import asyncpg
 import nats
@@ -14,13 +15,13 @@ from nats.js.errors import NotFoundError
 
 from command_service.domain import commands as cmd
 from command_service.event_store import EventStore, insert_events
-from command_service.handlers import CommandContext, OrderCommandHandler
+from command_service.handlers import CommandContext, CommandHandler, order_handler
 from command_service.relay import OutboxRelay, RelaySettings
 from core.envelope import HEADER_MSG_ID, EventMetadata, RecordedEvent
 from core.order_events import OrderItemAdded
 from core.values import Address
 from cqrsctl.devstack import NatsHandle
-from tests.support import eventually
+from tests.support import eventually, registered_customer
 
 ADDRESS = Address("Ada", "1 Main St", "", "London", "N1", "GB")
 
@@ -80,11 +81,13 @@ def ctx() -> CommandContext:
     return CommandContext(request_id=rid, request_hash=rid)
 
 
-async def run_commands(handler: OrderCommandHandler, orders: int, items: int) -> list[str]:
+async def run_commands(handler: CommandHandler[Any, cmd.OrderCommand], orders: int, items: int) -> list[str]:
+    """Registers one customer (1 event), then writes `orders` orders of 1 + `items` events each."""
+    customer_id = await registered_customer(handler.store)
     order_ids = []
     for _ in range(orders):
         order_id = str(uuid.uuid4())
-        await handler.handle(cmd.CreateOrder(order_id, "c-1", "EUR", ADDRESS), ctx())
+        await handler.handle(cmd.CreateOrder(order_id, customer_id, "EUR", ADDRESS), ctx())
         for i in range(items):
             await handler.handle(cmd.AddOrderItem(order_id, f"SKU-{i}", "x", 1, 100), ctx())
         order_ids.append(order_id)
@@ -95,19 +98,19 @@ async def test_relay_publishes_every_event_once_in_per_stream_order_then_empties
     event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, unique_name: str
 ) -> None:
     relay_settings = settings(unique_name)
-    handler = OrderCommandHandler(EventStore(pg_pool))
+    handler = order_handler(EventStore(pg_pool))
     async with running_relay(event_store_dsn, nats_url, relay_settings):
         order_ids = await run_commands(handler, orders=5, items=4)
         await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the outbox to drain")
     published = await stream_messages(nats_url, relay_settings.stream_name)
-    assert len(published) == 25
-    assert len({msg_id for msg_id, _, _ in published}) == 25
+    assert len(published) == 26
+    assert len({msg_id for msg_id, _, _ in published}) == 26
     for order_id in order_ids:
         versions = [e.version for _, _, e in published if e.stream_id == order_id]
         assert versions == [1, 2, 3, 4, 5]
     for msg_id, subject, event in published:
         assert msg_id == str(event.event_id)
-        assert subject == f"{relay_settings.subject_prefix}.order.{event.stream_id}"
+        assert subject == f"{relay_settings.subject_prefix}.{event.stream_type}.{event.stream_id}"
 
 
 async def test_transaction_committing_after_a_higher_position_is_still_published(
@@ -148,14 +151,14 @@ async def test_commands_succeed_while_nats_is_down_and_the_backlog_drains_when_i
     event_store_dsn: str, pg_pool: asyncpg.Pool, nats_server: NatsHandle, unique_name: str
 ) -> None:
     relay_settings = settings(unique_name)
-    handler = OrderCommandHandler(EventStore(pg_pool))
+    handler = order_handler(EventStore(pg_pool))
     async with running_relay(event_store_dsn, nats_server.url, relay_settings):
         await run_commands(handler, orders=1, items=1)
         await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the first events to be published")
         with nats_server.outage():
             await run_commands(handler, orders=3, items=3)
             await asyncio.sleep(1.5)  # let the relay try (and fail) to publish while NATS is down
-            assert await outbox_size(pg_pool) == 12, "events must stay in the outbox until JetStream acks them"
+            assert await outbox_size(pg_pool) == 13, "events must stay in the outbox until JetStream acks them"
         await eventually(
             lambda: _is_zero(outbox_size(pg_pool)), what="the backlog to drain after NATS returned", timeout=30
         )
@@ -170,7 +173,7 @@ async def test_relay_starts_while_nats_is_down_and_connects_when_it_comes_up(
     event_store_dsn: str, pg_pool: asyncpg.Pool, nats_server: NatsHandle, unique_name: str
 ) -> None:
     relay_settings = settings(unique_name)
-    handler = OrderCommandHandler(EventStore(pg_pool))
+    handler = order_handler(EventStore(pg_pool))
     with nats_server.outage():
         relay = OutboxRelay(event_store_dsn, nats_server.url, relay_settings)
         task = asyncio.create_task(relay.run())
@@ -178,7 +181,7 @@ async def test_relay_starts_while_nats_is_down_and_connects_when_it_comes_up(
         await asyncio.sleep(1.0)
     try:
         await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the relay to connect and drain", timeout=30)
-        assert len(await stream_events(nats_server.url, relay_settings.stream_name)) == 3
+        assert len(await stream_events(nats_server.url, relay_settings.stream_name)) == 4
     finally:
         relay.stop()
         await asyncio.wait_for(task, timeout=15)
@@ -188,7 +191,7 @@ async def test_only_one_relay_is_active_and_a_standby_takes_over(
     event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, unique_name: str
 ) -> None:
     relay_settings = settings(unique_name)
-    handler = OrderCommandHandler(EventStore(pg_pool))
+    handler = order_handler(EventStore(pg_pool))
     async with running_relay(event_store_dsn, nats_url, relay_settings) as first:
         await eventually(lambda: _true(first.is_leader), what="the first relay to take the lock")
         async with running_relay(event_store_dsn, nats_url, relay_settings) as second:
@@ -200,8 +203,8 @@ async def test_only_one_relay_is_active_and_a_standby_takes_over(
             await eventually(lambda: _true(second.is_leader), what="the standby relay to take over")
             await run_commands(handler, orders=1, items=1)
             await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the standby to publish new events")
-            assert second.published_total == 2
-    assert len(await stream_events(nats_url, relay_settings.stream_name)) == 6
+            assert second.published_total == 3
+    assert len(await stream_events(nats_url, relay_settings.stream_name)) == 8
 
 
 async def _is_zero(value: Awaitable[int]) -> bool:

@@ -26,21 +26,25 @@ class CommandResult(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     version: _builtins.int
     """The order's version after this command."""
     position: _builtins.int
     """Global event-store position of the last event this command wrote."""
+    consistency_token: _builtins.str
+    """Opaque token: pass it to a query to read this write (read-your-writes)."""
     def __init__(
         self,
         *,
         order_id: _builtins.str = ...,
         version: _builtins.int = ...,
         position: _builtins.int = ...,
+        consistency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "position", b"position", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "order_id", b"order_id", "position", b"position", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

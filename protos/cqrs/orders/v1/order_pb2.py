@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63qrs/orders/v1/order.proto\x12\x0e\x63qrs.orders.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"n\n\x07\x41\x64\x64ress\x12\x11\n\trecipient\x18\x01 \x01(\t\x12\r\n\x05line1\x18\x02 \x01(\t\x12\r\n\x05line2\x18\x03 \x01(\t\x12\x0c\n\x04\x63ity\x18\x04 \x01(\t\x12\x13\n\x0bpostal_code\x18\x05 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x06 \x01(\t\"l\n\tOrderLine\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x05\x12\x18\n\x10unit_price_minor\x18\x04 \x01(\x03\x12\x18\n\x10line_total_minor\x18\x05 \x01(\x03\"\xa8\x03\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.cqrs.orders.v1.OrderStatus\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12(\n\x05lines\x18\x05 \x03(\x0b\x32\x19.cqrs.orders.v1.OrderLine\x12\x13\n\x0btotal_minor\x18\x06 \x01(\x03\x12\x31\n\x10shipping_address\x18\x07 \x01(\x0b\x32\x17.cqrs.orders.v1.Address\x12\x15\n\rcancel_reason\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tplaced_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x0c \x01(\x03\x12\x10\n\x08position\x18\r \x01(\x03*x\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12ORDER_STATUS_DRAFT\x10\x01\x12\x17\n\x13ORDER_STATUS_PLACED\x10\x02\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x03\x42%Z#example.com/cqrs/orders/v1;ordersv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63qrs/orders/v1/order.proto\x12\x0e\x63qrs.orders.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"n\n\x07\x41\x64\x64ress\x12\x11\n\trecipient\x18\x01 \x01(\t\x12\r\n\x05line1\x18\x02 \x01(\t\x12\r\n\x05line2\x18\x03 \x01(\t\x12\x0c\n\x04\x63ity\x18\x04 \x01(\t\x12\x13\n\x0bpostal_code\x18\x05 \x01(\t\x12\x0f\n\x07\x63ountry\x18\x06 \x01(\t\"l\n\tOrderLine\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x05\x12\x18\n\x10unit_price_minor\x18\x04 \x01(\x03\x12\x18\n\x10line_total_minor\x18\x05 \x01(\x03\"\xf1\x03\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.cqrs.orders.v1.OrderStatus\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12(\n\x05lines\x18\x05 \x03(\x0b\x32\x19.cqrs.orders.v1.OrderLine\x12\x13\n\x0btotal_minor\x18\x06 \x01(\x03\x12\x31\n\x10shipping_address\x18\x07 \x01(\x0b\x32\x17.cqrs.orders.v1.Address\x12\x15\n\rcancel_reason\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tplaced_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x0c \x01(\x03\x12\x10\n\x08position\x18\r \x01(\x03\x12\x15\n\rcustomer_name\x18\x0e \x01(\t\x12\x16\n\x0e\x63ustomer_email\x18\x0f \x01(\t\x12\x18\n\x10\x63ustomer_version\x18\x10 \x01(\x03*x\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12ORDER_STATUS_DRAFT\x10\x01\x12\x17\n\x13ORDER_STATUS_PLACED\x10\x02\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x03\x42%Z#example.com/cqrs/orders/v1;ordersv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cqrs.orders.v1.order_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z#example.com/cqrs/orders/v1;ordersv1'
-  _globals['_ORDERSTATUS']._serialized_start=728
-  _globals['_ORDERSTATUS']._serialized_end=848
+  _globals['_ORDERSTATUS']._serialized_start=801
+  _globals['_ORDERSTATUS']._serialized_end=921
   _globals['_ADDRESS']._serialized_start=79
   _globals['_ADDRESS']._serialized_end=189
   _globals['_ORDERLINE']._serialized_start=191
   _globals['_ORDERLINE']._serialized_end=299
   _globals['_ORDER']._serialized_start=302
-  _globals['_ORDER']._serialized_end=726
+  _globals['_ORDER']._serialized_end=799
 # @@protoc_insertion_point(module_scope)

@@ -136,6 +136,9 @@ class Order(_message.Message):
     PLACED_AT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
+    CUSTOMER_NAME_FIELD_NUMBER: _builtins.int
+    CUSTOMER_EMAIL_FIELD_NUMBER: _builtins.int
+    CUSTOMER_VERSION_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     customer_id: _builtins.str
     status: Global___OrderStatus.ValueType
@@ -148,6 +151,11 @@ class Order(_message.Message):
     """Version of the order's event stream this view reflects."""
     position: _builtins.int
     """Global event-store position of the last event applied to this view."""
+    customer_name: _builtins.str
+    """The customer's current name and email, as last projected from the customer's stream."""
+    customer_email: _builtins.str
+    customer_version: _builtins.int
+    """Version of the customer's stream the two fields above reflect."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderLine]: ...
     @_builtins.property
@@ -174,10 +182,13 @@ class Order(_message.Message):
         placed_at: _timestamp_pb2.Timestamp | None = ...,
         version: _builtins.int = ...,
         position: _builtins.int = ...,
+        customer_name: _builtins.str = ...,
+        customer_email: _builtins.str = ...,
+        customer_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "placed_at", b"placed_at", "shipping_address", b"shipping_address", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "created_at", b"created_at", "currency", b"currency", "customer_id", b"customer_id", "lines", b"lines", "order_id", b"order_id", "placed_at", b"placed_at", "position", b"position", "shipping_address", b"shipping_address", "status", b"status", "total_minor", b"total_minor", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "created_at", b"created_at", "currency", b"currency", "customer_email", b"customer_email", "customer_id", b"customer_id", "customer_name", b"customer_name", "customer_version", b"customer_version", "lines", b"lines", "order_id", b"order_id", "placed_at", b"placed_at", "position", b"position", "shipping_address", b"shipping_address", "status", b"status", "total_minor", b"total_minor", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from cqrs.orders.v1 import consistency_pb2 as _consistency_pb2
 from cqrs.orders.v1 import order_pb2 as _order_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -24,15 +25,19 @@ class GetOrderRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORDER_ID_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
+    @_builtins.property
+    def consistency(self) -> _consistency_pb2.ConsistencyRequirement: ...
     def __init__(
         self,
         *,
         order_id: _builtins.str = ...,
+        consistency: _consistency_pb2.ConsistencyRequirement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "order_id", b"order_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -43,16 +48,20 @@ class GetOrderResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ORDER_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def order(self) -> _order_pb2.Order: ...
+    @_builtins.property
+    def consistency(self) -> _consistency_pb2.ReadConsistency: ...
     def __init__(
         self,
         *,
         order: _order_pb2.Order | None = ...,
+        consistency: _consistency_pb2.ReadConsistency | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "order", b"order"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "order", b"order"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -66,6 +75,7 @@ class ListOrdersRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     """Only orders of this customer, when set."""
     status: _order_pb2.OrderStatus.ValueType
@@ -74,6 +84,8 @@ class ListOrdersRequest(_message.Message):
     """At most this many orders (default 50, maximum 500)."""
     page_token: _builtins.str
     """Opaque token from a previous ListOrdersResponse; the filters must be the same."""
+    @_builtins.property
+    def consistency(self) -> _consistency_pb2.ConsistencyRequirement: ...
     def __init__(
         self,
         *,
@@ -81,10 +93,11 @@ class ListOrdersRequest(_message.Message):
         status: _order_pb2.OrderStatus.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        consistency: _consistency_pb2.ConsistencyRequirement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "customer_id", b"customer_id", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -96,20 +109,71 @@ class ListOrdersResponse(_message.Message):
 
     ORDERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
     def orders(self) -> _containers.RepeatedCompositeFieldContainer[_order_pb2.Order]: ...
+    @_builtins.property
+    def consistency(self) -> _consistency_pb2.ReadConsistency: ...
     def __init__(
         self,
         *,
         orders: _abc.Iterable[_order_pb2.Order] | None = ...,
         next_page_token: _builtins.str = ...,
+        consistency: _consistency_pb2.ReadConsistency | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "orders", b"orders"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "next_page_token", b"next_page_token", "orders", b"orders"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListOrdersResponse: _TypeAlias = ListOrdersResponse  # noqa: Y015
+
+@_typing.final
+class WatchOrderRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    consistency_token: _builtins.str
+    """Optional: start only once the read model reflects this token."""
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        consistency_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_token", b"consistency_token", "order_id", b"order_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchOrderRequest: _TypeAlias = WatchOrderRequest  # noqa: Y015
+
+@_typing.final
+class WatchOrderResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    """True on the last message, when the order has been deleted."""
+    @_builtins.property
+    def order(self) -> _order_pb2.Order: ...
+    def __init__(
+        self,
+        *,
+        order: _order_pb2.Order | None = ...,
+        deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["order", b"order"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "order", b"order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchOrderResponse: _TypeAlias = WatchOrderResponse  # noqa: Y015

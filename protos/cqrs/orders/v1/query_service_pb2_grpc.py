@@ -45,6 +45,11 @@ class OrderQueryServiceStub:
                 request_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.ListOrdersRequest.SerializeToString,
                 response_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.ListOrdersResponse.FromString,
                 _registered_method=True)
+        self.WatchOrder = channel.unary_stream(
+                '/cqrs.orders.v1.OrderQueryService/WatchOrder',
+                request_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderRequest.SerializeToString,
+                response_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderResponse.FromString,
+                _registered_method=True)
 
 
 class OrderQueryServiceServicer:
@@ -65,6 +70,13 @@ class OrderQueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchOrder(self, request, context):
+        """Streams the order each time its projection changes; ends when the order is deleted or the client leaves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrderQueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +89,11 @@ def add_OrderQueryServiceServicer_to_server(servicer, server):
                     servicer.ListOrders,
                     request_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.ListOrdersRequest.FromString,
                     response_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.ListOrdersResponse.SerializeToString,
+            ),
+            'WatchOrder': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOrder,
+                    request_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderRequest.FromString,
+                    response_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +151,33 @@ class OrderQueryService:
             '/cqrs.orders.v1.OrderQueryService/ListOrders',
             cqrs_dot_orders_dot_v1_dot_query__service__pb2.ListOrdersRequest.SerializeToString,
             cqrs_dot_orders_dot_v1_dot_query__service__pb2.ListOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cqrs.orders.v1.OrderQueryService/WatchOrder',
+            cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderRequest.SerializeToString,
+            cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderResponse.FromString,
             options,
             channel_credentials,
             insecure,

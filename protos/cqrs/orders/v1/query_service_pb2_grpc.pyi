@@ -37,6 +37,8 @@ class OrderQueryServiceStub:
     """Returns one order; NOT_FOUND when unknown or deleted."""
     ListOrders: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListOrdersRequest, _query_service_pb2.ListOrdersResponse]
     """Lists orders newest first, optionally filtered by customer and status."""
+    WatchOrder: _grpc.UnaryStreamMultiCallable[_query_service_pb2.WatchOrderRequest, _query_service_pb2.WatchOrderResponse]
+    """Streams the order each time its projection changes; ends when the order is deleted or the client leaves."""
 
 @_typing.type_check_only
 class OrderQueryServiceAsyncStub(OrderQueryServiceStub):
@@ -47,6 +49,8 @@ class OrderQueryServiceAsyncStub(OrderQueryServiceStub):
     """Returns one order; NOT_FOUND when unknown or deleted."""
     ListOrders: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListOrdersRequest, _query_service_pb2.ListOrdersResponse]  # type: ignore[assignment]
     """Lists orders newest first, optionally filtered by customer and status."""
+    WatchOrder: _aio.UnaryStreamMultiCallable[_query_service_pb2.WatchOrderRequest, _query_service_pb2.WatchOrderResponse]  # type: ignore[assignment]
+    """Streams the order each time its projection changes; ends when the order is deleted or the client leaves."""
 
 class OrderQueryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Read side of the order service: answers only from the MongoDB read model."""
@@ -66,5 +70,13 @@ class OrderQueryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.ListOrdersResponse, _abc.Awaitable[_query_service_pb2.ListOrdersResponse]]:
         """Lists orders newest first, optionally filtered by customer and status."""
+
+    @_abc_1.abstractmethod
+    def WatchOrder(
+        self,
+        request: _query_service_pb2.WatchOrderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_query_service_pb2.WatchOrderResponse], _abc.AsyncIterator[_query_service_pb2.WatchOrderResponse]]:
+        """Streams the order each time its projection changes; ends when the order is deleted or the client leaves."""
 
 def add_OrderQueryServiceServicer_to_server(servicer: OrderQueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
