@@ -24,4 +24,7 @@ class CommandServiceSettings(BaseSettings):
     relay_poll_seconds: float = Field(default=1.0, gt=0)
     relay_enabled: bool = True
     grace_seconds: float = Field(default=10.0, ge=0)
+    # Prometheus /metrics; unset = no exporter, 0 = any free port.
+    command_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"

@@ -18,13 +18,16 @@ from cqrs.orders.v1 import (
 from grpc_health.v1 import _async as health_aio  # the asyncio HealthServicer (also exported as health.aio)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from command_service.config import CommandServiceSettings
 from command_service.customer_grpc_api import CustomerCommandServicer
 from command_service.event_store import EventStore
 from command_service.grpc_api import OrderCommandServicer
 from command_service.handlers import customer_handler, order_handler
+from command_service.metrics import OutboxMetrics
 from command_service.relay import OutboxRelay, RelaySettings
+from core.metrics import MetricsServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class RunningCommandServer:
     tasks: list[asyncio.Task[None]]
     health: health_aio.HealthServicer
     grace_seconds: float
+    metrics: MetricsServer | None = None
 
     async def stop(self) -> None:
         """Graceful: report NOT_SERVING, finish in-flight RPCs within the grace period, then stop the relay."""
@@ -50,11 +54,13 @@ class RunningCommandServer:
         if self.relay is not None:
             self.relay.stop()
         for task in self.tasks:
-            if task.get_name() == "health-probe":
+            if task.get_name() in ("health-probe", "outbox-metrics"):
                 task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), timeout=10)
         await self.pool.close()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
 
 
 async def start_command_server(settings: CommandServiceSettings) -> RunningCommandServer:
@@ -97,6 +103,11 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
     await server.start()
 
     tasks = [asyncio.create_task(_probe_postgres(pool, health_servicer), name="health-probe")]
+    metrics_server: MetricsServer | None = None
+    if settings.command_metrics_port is not None:
+        registry = CollectorRegistry()
+        tasks.append(asyncio.create_task(OutboxMetrics(registry).observe_forever(pool), name="outbox-metrics"))
+        metrics_server = start_metrics_server(registry, settings.metrics_host, settings.command_metrics_port)
     relay: OutboxRelay | None = None
     if settings.relay_enabled:
         relay = OutboxRelay(
@@ -111,7 +122,9 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
         )
         tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
     log.info("command service listening on %s (port %d)", settings.command_listen, port)
-    return RunningCommandServer(server, port, pool, relay, tasks, health_servicer, settings.grace_seconds)
+    return RunningCommandServer(
+        server, port, pool, relay, tasks, health_servicer, settings.grace_seconds, metrics_server
+    )
 
 
 async def _probe_postgres(pool: asyncpg.Pool, servicer: health_aio.HealthServicer) -> None:

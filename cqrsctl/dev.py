@@ -209,10 +209,11 @@ def _service_env(postgres: str, nats: str, mongo: str, command_listen: str, quer
             "CQRS_COMMAND_LISTEN": command_listen,
             "CQRS_QUERY_LISTEN": query_listen,
             "PYTHONUNBUFFERED": "1",
+            # One metrics port per service, where `cqrs status` looks by default.
+            "CQRS_COMMAND_METRICS_PORT": os.environ.get("CQRS_COMMAND_METRICS_PORT", "9101"),
+            "CQRS_PROJECTOR_METRICS_PORT": os.environ.get("CQRS_PROJECTOR_METRICS_PORT", "9102"),
         }
     )
-    # Three services on one host would fight over one metrics port: each keeps its own default/off.
-    env.pop("CQRS_METRICS_PORT", None)
     return env
 
 
@@ -279,6 +280,7 @@ def _print_table(endpoints: list[Endpoint], services: list[Service], data_dir: P
         say(line)
     say(f"  data: {_relative(data_dir)}  (kept across restarts; `make clean-data` wipes it)")
     say(f"Try it from another terminal:  {demo}   (or .venv/bin/{demo})")
+    say("Replication lag and backlog:   cqrs status   (metrics: command :9101, projector :9102 /metrics)")
     say("Ctrl-C stops everything.")
     say(rule)
 

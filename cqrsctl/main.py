@@ -25,6 +25,12 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(args.command_addr, args.query_addr, orders=args.orders, timeout=args.timeout))
 
 
+def _status(args: argparse.Namespace) -> int:
+    from cqrsctl.status import run_status
+
+    return run_status(args.command_metrics, args.projector_metrics)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cqrs", description="Order service (CQRS + event sourcing) tools")
     parser.add_argument("--log-level", default=os.environ.get("CQRS_LOG_LEVEL", "WARNING"))
@@ -44,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--orders", type=int, default=20, help="how many orders to run concurrently (default 20)")
     demo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each read (default 10)")
     demo.set_defaults(run=_demo)
+
+    status = sub.add_parser("status", help="outbox backlog, consumer pending and replication lag, on one screen")
+    status.add_argument(
+        "--command-metrics",
+        default=os.environ.get("CQRS_STATUS_COMMAND_METRICS", "http://127.0.0.1:9101/metrics"),
+        help="command_service /metrics URL (env CQRS_STATUS_COMMAND_METRICS)",
+    )
+    status.add_argument(
+        "--projector-metrics",
+        default=os.environ.get("CQRS_STATUS_PROJECTOR_METRICS", "http://127.0.0.1:9102/metrics"),
+        help="projector /metrics URL (env CQRS_STATUS_PROJECTOR_METRICS)",
+    )
+    status.set_defaults(run=_status)
     return parser
 
 
