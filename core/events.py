@@ -117,5 +117,5 @@ def _from_payload(cls: type[Event], payload: Payload) -> Event:
 
 
 # Import the event modules so their classes are registered whenever the codec is used.
-import core.customer_events  # noqa: E402,F401
+import core.customer_events  # noqa: E402
 import core.order_events  # noqa: E402,F401
