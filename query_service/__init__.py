@@ -1,0 +1,5 @@
+"""Read side of the order service: a gRPC server that answers only from the MongoDB read model.
+
+It imports neither asyncpg nor nats: PostgreSQL and NATS are the write side's business, and the read model in
+MongoDB is all this service needs (ARCHITECTURE.md, guarantee 6).
+"""

@@ -1,0 +1,37 @@
+"""Settings of the query service, read from environment variables only (once, in `__main__`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class QuerySettings(BaseSettings):
+    """Environment: CQRS_MONGO_URL, CQRS_MONGO_DATABASE, CQRS_QUERY_LISTEN, CQRS_MONGO_TIMEOUT_MS,
+    CQRS_GRACE_SECONDS, CQRS_LOG_LEVEL.
+
+    Unrelated CQRS_* variables (the other services' settings) are ignored, so one environment can serve all
+    three processes. No `.env` file is read: configuration comes from the environment only.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CQRS_", extra="ignore", frozen=True)
+
+    mongo_url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
+    mongo_database: Annotated[str, Field(min_length=1)] = "cqrs"
+    query_listen: Annotated[str, Field(min_length=1)] = "127.0.0.1:50052"
+    # One budget for server selection, socket reads and the whole operation (client-side operation timeout),
+    # so a request against an unreachable MongoDB fails fast with UNAVAILABLE instead of hanging.
+    mongo_timeout_ms: Annotated[int, Field(gt=0)] = 2000
+    grace_seconds: Annotated[float, Field(ge=0)] = 10.0
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if not isinstance(logging.getLevelName(level), int):
+            raise ValueError(f"unknown log level {value!r}")
+        return level

@@ -1,0 +1,152 @@
+"""Reads of the `orders` read model in MongoDB (PyMongo's native async API) and the indexes they need.
+
+The projector owns the documents; this module only reads them. The document shape is:
+`{_id: order_id, order_id, customer_id, status: "DRAFT"|"PLACED"|"CANCELLED", currency, lines: [...],
+total_minor, shipping_address: {...}, cancel_reason, created_at, updated_at, placed_at, version, position,
+deleted}`. Deleted orders stay as tombstones (`deleted: true`) and are never returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Final
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure, PyMongoError, WTimeoutError
+
+from query_service.config import QuerySettings
+from query_service.paging import Cursor, ListFilter
+
+log = logging.getLogger(__name__)
+
+Document = dict[str, Any]
+OrdersCollection = AsyncCollection[Document]
+
+ORDERS_COLLECTION: Final = "orders"
+
+# Newest first; `_id` breaks ties between orders created in the same millisecond, which makes the order total
+# and therefore keyset pagination exact.
+NEWEST_FIRST: Final[list[tuple[str, int]]] = [("created_at", DESCENDING), ("_id", DESCENDING)]
+
+
+def _listing_index(*equality_fields: str) -> IndexModel:
+    # Equality fields first, then the sort keys: MongoDB walks the index (backwards, for newest first) and never
+    # sorts in memory. All ascending with generated names, exactly as the projector declares them, so that
+    # whichever process comes first creates them and the other's create_indexes is a no-op (not a second set).
+    keys = ("deleted", *equality_fields, "created_at", "_id")
+    return IndexModel([(name, ASCENDING) for name in keys])
+
+
+# The canonical index list of the read model, one per ListOrders filter combination.
+ORDER_INDEXES: Final[list[IndexModel]] = [
+    _listing_index(),
+    _listing_index("customer_id"),
+    _listing_index("status"),
+    _listing_index("customer_id", "status"),
+]
+
+# MongoDB error codes for "an index with these keys/this name exists with other options": someone else (the
+# projector, an operator) created an equivalent index under another name. Harmless for our queries.
+_INDEX_CONFLICT_CODES: Final = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
+
+
+async def ensure_order_indexes(collection: OrdersCollection) -> bool:
+    """Creates the indexes the queries need once the collection exists; False if it does not exist yet.
+
+    Idempotent, and tolerant of equivalent indexes made by others. The query service is a reader: it never
+    creates the collection itself (the projector does, with its first write), so it cannot race the projector's
+    implicit creation. That race is legal in MongoDB but deadlocks SecantusDB 0.7 with on-disk storage.
+    """
+    if not await collection.database.list_collection_names(filter={"name": collection.name}):
+        return False
+    try:
+        await collection.create_indexes(ORDER_INDEXES)
+    except OperationFailure as exc:
+        if exc.code not in _INDEX_CONFLICT_CODES:
+            raise
+        log.warning("read-model index already exists with other options, keeping it: %s", exc)
+    return True
+
+
+def is_mongo_unavailable(exc: BaseException) -> bool:
+    """True if `exc` means "MongoDB cannot be reached or did not answer in time" (retryable, UNAVAILABLE)."""
+    if isinstance(exc, ConnectionFailure | ExecutionTimeout | WTimeoutError | TimeoutError):
+        return True  # ConnectionFailure covers AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError
+    return isinstance(exc, PyMongoError) and exc.timeout
+
+
+def describe_mongo_error(exc: BaseException) -> str:
+    """A one-line summary of a driver error, without PyMongo's long topology description."""
+    text = str(exc).split(", Topology Description:", 1)[0].strip() or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def redact_mongo_url(url: str) -> str:
+    """`scheme://hosts` of a MongoDB URL, with credentials, database and options removed (safe to log)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<unparsable MongoDB URL>"
+    hosts = re.split(r"[/?]", rest.rpartition("@")[2], maxsplit=1)[0]
+    return f"{scheme}://{hosts}"
+
+
+def make_client(settings: QuerySettings) -> AsyncMongoClient[Document]:
+    """A client whose every operation fails within the configured timeout when MongoDB is unreachable.
+
+    No I/O happens here: AsyncMongoClient connects on first use.
+    """
+    timeout_ms = settings.mongo_timeout_ms
+    return AsyncMongoClient(
+        settings.mongo_url,
+        serverSelectionTimeoutMS=timeout_ms,
+        socketTimeoutMS=timeout_ms,
+        timeoutMS=timeout_ms,
+        # BSON dates are UTC; decode them as aware datetimes so nothing downstream guesses a time zone.
+        tz_aware=True,
+        appname="cqrs-query-service",
+    )
+
+
+class OrderReadModel:
+    """Queries on the `orders` collection; methods may raise PyMongo errors (see `is_mongo_unavailable`)."""
+
+    def __init__(self, collection: OrdersCollection) -> None:
+        self._orders = collection
+
+    @classmethod
+    def from_client(cls, client: AsyncMongoClient[Document], database: str) -> OrderReadModel:
+        return cls(client[database][ORDERS_COLLECTION])
+
+    @property
+    def collection(self) -> OrdersCollection:
+        return self._orders
+
+    async def get(self, order_id: str) -> Document | None:
+        """The live (not deleted) order with this id, or None."""
+        return await self._orders.find_one({"_id": order_id, "deleted": {"$ne": True}})
+
+    async def list_page(self, filters: ListFilter, after: Cursor | None, limit: int) -> list[Document]:
+        """Up to `limit` live orders matching `filters`, newest first, strictly after `after` when given."""
+        cursor = self._orders.find(listing_query(filters, after)).sort(NEWEST_FIRST).limit(limit)
+        return await cursor.to_list()
+
+
+def listing_query(filters: ListFilter, after: Cursor | None) -> Document:
+    """The MongoDB filter of one ListOrders page.
+
+    Equality on `deleted: false` (not `$ne: true`) so that the query is an index prefix and the sort needs no
+    in-memory stage; the projector always writes the flag. The keyset condition is written as a range on
+    `created_at` (tight index bounds) plus an `$or` that breaks ties on `_id`.
+    """
+    query: Document = {"deleted": False}
+    if filters.customer_id:
+        query["customer_id"] = filters.customer_id
+    if filters.status is not None:
+        query["status"] = filters.status
+    if after is not None:
+        created_at = after.created_at
+        query["created_at"] = {"$lte": created_at}
+        query["$or"] = [{"created_at": {"$lt": created_at}}, {"_id": {"$lt": after.order_id}}]
+    return query

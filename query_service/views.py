@@ -1,0 +1,91 @@
+"""Read-model documents -> protobuf messages (and the status enum in both directions)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from cqrs.orders.v1 import order_pb2
+from google.protobuf import timestamp_pb2
+
+_STATUS_TO_PROTO: dict[str, order_pb2.OrderStatus.ValueType] = {
+    "DRAFT": order_pb2.ORDER_STATUS_DRAFT,
+    "PLACED": order_pb2.ORDER_STATUS_PLACED,
+    "CANCELLED": order_pb2.ORDER_STATUS_CANCELLED,
+}
+_STATUS_FROM_PROTO: dict[int, str] = {value: name for name, value in _STATUS_TO_PROTO.items()}
+
+
+def status_to_proto(status: str | None) -> order_pb2.OrderStatus.ValueType:
+    """The enum for a read-model status string; an unknown string becomes ORDER_STATUS_UNSPECIFIED."""
+    return _STATUS_TO_PROTO.get(status or "", order_pb2.ORDER_STATUS_UNSPECIFIED)
+
+
+def status_from_proto(status: int) -> str | None:
+    """The read-model status string for an enum value; None for UNSPECIFIED ("any status").
+
+    Raises ValueError for a number this server does not know (e.g. from a newer client).
+    """
+    if status == order_pb2.ORDER_STATUS_UNSPECIFIED:
+        return None
+    try:
+        return _STATUS_FROM_PROTO[status]
+    except KeyError:
+        raise ValueError(f"unknown order status {status}") from None
+
+
+def order_from_document(doc: Mapping[str, Any]) -> order_pb2.Order:
+    """The `Order` view of a read-model document; missing optional parts stay unset."""
+    order = order_pb2.Order(
+        order_id=str(doc.get("order_id") or doc["_id"]),
+        customer_id=str(doc.get("customer_id", "")),
+        status=status_to_proto(doc.get("status")),
+        currency=str(doc.get("currency", "")),
+        lines=[_line(line) for line in doc.get("lines") or []],
+        total_minor=int(doc.get("total_minor", 0)),
+        cancel_reason=str(doc.get("cancel_reason") or ""),
+        version=int(doc.get("version", 0)),
+        position=int(doc.get("position", 0)),
+        customer_name=str(doc.get("customer_name") or ""),
+        customer_email=str(doc.get("customer_email") or ""),
+        customer_version=int(doc.get("customer_version") or 0),
+    )
+    address = doc.get("shipping_address")
+    if address:
+        order.shipping_address.CopyFrom(_address(address))
+    for field in ("created_at", "updated_at", "placed_at"):
+        value = doc.get(field)
+        if isinstance(value, dt.datetime):
+            getattr(order, field).CopyFrom(timestamp(value))
+    return order
+
+
+def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
+    """A protobuf Timestamp; a naive datetime is taken as UTC (that is what BSON dates are)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    result = timestamp_pb2.Timestamp()
+    result.FromDatetime(value)
+    return result
+
+
+def _line(line: Mapping[str, Any]) -> order_pb2.OrderLine:
+    return order_pb2.OrderLine(
+        sku=str(line.get("sku", "")),
+        name=str(line.get("name", "")),
+        quantity=int(line.get("quantity", 0)),
+        unit_price_minor=int(line.get("unit_price_minor", 0)),
+        line_total_minor=int(line.get("line_total_minor", 0)),
+    )
+
+
+def _address(address: Mapping[str, Any]) -> order_pb2.Address:
+    return order_pb2.Address(
+        recipient=str(address.get("recipient", "")),
+        line1=str(address.get("line1", "")),
+        line2=str(address.get("line2") or ""),
+        city=str(address.get("city", "")),
+        postal_code=str(address.get("postal_code", "")),
+        country=str(address.get("country", "")),
+    )
