@@ -20,6 +20,10 @@ class CommandServiceSettings(BaseSettings):
     postgres_pool_max: int = Field(default=32, ge=1)
     postgres_timeout_seconds: float = Field(default=5.0, gt=0)
     max_append_attempts: int = Field(default=5, ge=1)
+    # Group commit: concurrent appends share transactions (one durable commit for many commands).
+    group_commit: bool = True
+    group_commit_max_batch: int = Field(default=64, ge=1, le=1000)
+    group_commit_flushers: int = Field(default=4, ge=1, le=64)
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     relay_poll_seconds: float = Field(default=1.0, gt=0)
     relay_enabled: bool = True

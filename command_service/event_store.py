@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import asyncpg
 
@@ -91,12 +91,20 @@ class DuplicateRequest(Exception):
     """A concurrent transaction with the same request_id committed first."""
 
 
+class Committer(Protocol):
+    async def submit(self, append: AppendRequest) -> CommandReply: ...
+
+    async def close(self) -> None: ...
+
+
 class EventStore:
     """All SQL of the write side lives here; callers see domain events and replies."""
 
-    def __init__(self, pool: asyncpg.Pool, command_timeout: float = 5.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, command_timeout: float = 5.0, committer: Committer | None = None) -> None:
+        """`committer` (e.g. group_commit.GroupCommitter) batches appends; without it each has its own transaction."""
         self._pool = pool
         self._timeout = command_timeout
+        self._group_commit = committer
 
     async def load_stream(self, stream_id: str) -> list[RecordedEvent]:
         rows = await self._pool.fetch(
@@ -135,98 +143,121 @@ class EventStore:
 
         With no events (a no-op command) only the request is logged, so a repeat still returns the same reply.
         Raises VersionConflict when the stream moved on, DuplicateRequest when the request_id was taken,
-        ClaimTaken when another stream holds a claimed value.
+        ClaimTaken when another stream holds a claimed value. Returns only once the append is durable.
         """
+        append = AppendRequest(
+            stream_type, stream_id, expected_version, tuple(events), metadata, request, last_position, tuple(claims)
+        )
+        if self._group_commit is not None:
+            return await self._group_commit.submit(append)
         async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-            reply = CommandReply(stream_type, stream_id, expected_version, last_position)
-            if events:
-                reply = await insert_events(
-                    conn, stream_type, stream_id, expected_version, events, metadata, timeout=self._timeout
-                )
-            for claim in claims:
-                await self._apply_claim(conn, stream_id, claim)
-            logged = await conn.fetchval(
-                """INSERT INTO request_log (request_id, command_type, request_hash, stream_id, reply)
-                   VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (request_id) DO NOTHING RETURNING 1""",
-                request.request_id,
-                request.command_type,
-                request.request_hash,
-                stream_id,
-                reply.to_json(),
-                timeout=self._timeout,
-            )
-            if logged is None:
-                raise DuplicateRequest(request.request_id)
+            reply = await append_in_transaction(conn, append, timeout=self._timeout)
+            if append.events:
+                await notify_relay(conn, timeout=self._timeout)
             return reply
 
-    async def _apply_claim(self, conn: Connection, stream_id: str, claim: UniqueClaim) -> None:
-        if claim.release:
-            await conn.execute(
-                "DELETE FROM unique_claims WHERE scope = $1 AND value = $2 AND owner_stream_id = $3",
-                claim.scope,
-                claim.value,
-                stream_id,
-                timeout=self._timeout,
-            )
-            return
-        # A concurrent claim of the same value blocks here until the other transaction ends, then conflicts.
-        owner = await conn.fetchval(
-            """INSERT INTO unique_claims (scope, value, owner_stream_id) VALUES ($1, $2, $3)
-               ON CONFLICT (scope, value) DO UPDATE SET owner_stream_id = unique_claims.owner_stream_id
-               RETURNING owner_stream_id""",
-            claim.scope,
-            claim.value,
-            stream_id,
-            timeout=self._timeout,
-        )
-        if owner != stream_id:
-            raise ClaimTaken(claim.scope, claim.value)
+    async def close(self) -> None:
+        if self._group_commit is not None:
+            await self._group_commit.close()
 
 
-async def insert_events(
-    conn: Connection,
-    stream_type: str,
-    stream_id: str,
-    expected_version: int,
-    events: Sequence[Event],
-    metadata: EventMetadata,
-    *,
-    timeout: float,
-) -> CommandReply:
-    """Inserts events and their outbox rows on `conn` inside the caller's transaction, then NOTIFYs the relay."""
-    count = len(events)
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    """One command's write: its events, the request-log row and the unique claims, to apply atomically."""
+
+    stream_type: str
+    stream_id: str
+    expected_version: int
+    events: tuple[Event, ...]
+    metadata: EventMetadata
+    request: RequestRecord
+    last_position: int
+    claims: tuple[UniqueClaim, ...] = ()
+
+
+# One round trip writes the events, their outbox rows and the request log (whose reply holds the position the
+# events got). A duplicate request_id inserts no log row: the caller then rolls back and raises DuplicateRequest.
+_APPEND_SQL = """
+WITH ev AS (
+    INSERT INTO events (event_id, stream_type, stream_id, version, event_type, schema_version, payload, metadata)
+    SELECT e.event_id, $2, $3, e.version, e.event_type, e.schema_version, e.payload::jsonb, $4::jsonb
+      FROM unnest($1::uuid[], $5::int[], $6::text[], $7::int[], $8::text[])
+           AS e(event_id, version, event_type, schema_version, payload)
+    RETURNING position
+), ob AS (
+    INSERT INTO outbox (position, stream_id) SELECT position, $3 FROM ev
+), rl AS (
+    INSERT INTO request_log (request_id, command_type, request_hash, stream_id, reply)
+    SELECT $9, $10, $11, $3, jsonb_build_object(
+               'stream_type', $2::text, 'stream_id', $3::text, 'version', $12::int,
+               'position', coalesce((SELECT max(position) FROM ev), $13::bigint))
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING (reply ->> 'position')::bigint AS position
+)
+SELECT (SELECT position FROM rl) AS position
+"""
+
+
+async def append_in_transaction(conn: Connection, append: AppendRequest, *, timeout: float) -> CommandReply:
+    """Writes one append inside the caller's transaction (it does not NOTIFY: see `notify_relay`)."""
+    events = append.events
+    new_version = append.expected_version + len(events)
     try:
-        rows = await conn.fetch(
-            """INSERT INTO events (event_id, stream_type, stream_id, version, event_type, schema_version,
-                                   payload, metadata)
-               SELECT e.event_id, $2, $3, e.version, e.event_type, e.schema_version, e.payload::jsonb, $4::jsonb
-                 FROM unnest($1::uuid[], $5::int[], $6::text[], $7::int[], $8::text[])
-                      AS e(event_id, version, event_type, schema_version, payload)
-               RETURNING position, version""",
-            [uuid.uuid4() for _ in range(count)],
-            stream_type,
-            stream_id,
-            json.dumps(metadata.to_dict()),
-            [expected_version + i + 1 for i in range(count)],
+        position = await conn.fetchval(
+            _APPEND_SQL,
+            [uuid.uuid4() for _ in events],
+            append.stream_type,
+            append.stream_id,
+            json.dumps(append.metadata.to_dict()),
+            [append.expected_version + i + 1 for i in range(len(events))],
             [e.event_type for e in events],
             [e.schema_version for e in events],
             [json.dumps(e.to_payload(), ensure_ascii=False) for e in events],
+            append.request.request_id,
+            append.request.command_type,
+            append.request.request_hash,
+            new_version,
+            append.last_position,
             timeout=timeout,
         )
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "events_stream_version_key":
-            raise VersionConflict(stream_id) from exc
+            raise VersionConflict(append.stream_id) from exc
         raise
-    positions = sorted(r["position"] for r in rows)
-    await conn.execute(
-        "INSERT INTO outbox (position, stream_id) SELECT p, $2 FROM unnest($1::bigint[]) AS p",
-        positions,
+    if position is None:
+        raise DuplicateRequest(append.request.request_id)
+    for claim in append.claims:
+        await _apply_claim(conn, append.stream_id, claim, timeout)
+    return CommandReply(append.stream_type, append.stream_id, new_version, int(position))
+
+
+async def notify_relay(conn: Connection, *, timeout: float) -> None:
+    """Wakes the relay when the transaction commits (NOTIFY is delivered on commit only)."""
+    await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}", timeout=timeout)
+
+
+async def _apply_claim(conn: Connection, stream_id: str, claim: UniqueClaim, timeout: float) -> None:
+    if claim.release:
+        await conn.execute(
+            "DELETE FROM unique_claims WHERE scope = $1 AND value = $2 AND owner_stream_id = $3",
+            claim.scope,
+            claim.value,
+            stream_id,
+            timeout=timeout,
+        )
+        return
+    # A concurrent claim of the same value blocks here until the other transaction ends, then conflicts.
+    owner = await conn.fetchval(
+        """INSERT INTO unique_claims (scope, value, owner_stream_id) VALUES ($1, $2, $3)
+           ON CONFLICT (scope, value) DO UPDATE SET owner_stream_id = unique_claims.owner_stream_id
+           RETURNING owner_stream_id""",
+        claim.scope,
+        claim.value,
         stream_id,
         timeout=timeout,
     )
-    # Delivered on commit only: wakes the relay without polling.
-    await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}", timeout=timeout)
-    return CommandReply(stream_type, stream_id, expected_version + count, positions[-1])
+    if owner != stream_id:
+        raise ClaimTaken(claim.scope, claim.value)
 
 
 def recorded_event_from_row(row: Any) -> RecordedEvent:

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from command_service.config import CommandServiceSettings
 from command_service.customer_grpc_api import CustomerCommandServicer
 from command_service.event_store import EventStore
+from command_service.group_commit import GroupCommitter
 from command_service.grpc_api import OrderCommandServicer
 from command_service.handlers import customer_handler, order_handler
 from command_service.metrics import OutboxMetrics
@@ -41,6 +42,7 @@ class RunningCommandServer:
     server: grpc.aio.Server
     port: int
     pool: asyncpg.Pool
+    store: EventStore
     relay: OutboxRelay | None
     tasks: list[asyncio.Task[None]]
     health: health_aio.HealthServicer
@@ -58,6 +60,7 @@ class RunningCommandServer:
                 task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), timeout=10)
+        await self.store.close()
         await self.pool.close()
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
@@ -72,7 +75,17 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
         timeout=settings.postgres_timeout_seconds,
         command_timeout=settings.postgres_timeout_seconds,
     )
-    store = EventStore(pool, command_timeout=settings.postgres_timeout_seconds)
+    committer = (
+        GroupCommitter(
+            pool,
+            timeout=settings.postgres_timeout_seconds,
+            max_batch=settings.group_commit_max_batch,
+            flushers=settings.group_commit_flushers,
+        )
+        if settings.group_commit
+        else None
+    )
+    store = EventStore(pool, command_timeout=settings.postgres_timeout_seconds, committer=committer)
 
     # SO_REUSEPORT (gRPC's default on Linux) would let a second process bind the same port silently.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -123,7 +136,7 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
         tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
     log.info("command service listening on %s (port %d)", settings.command_listen, port)
     return RunningCommandServer(
-        server, port, pool, relay, tasks, health_servicer, settings.grace_seconds, metrics_server
+        server, port, pool, store, relay, tasks, health_servicer, settings.grace_seconds, metrics_server
     )
 
 

@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 
 from command_service.event_store import EventStore
+from command_service.group_commit import GroupCommitter
 from command_service.migrate import migrate
 from tests.support import create_database
 
@@ -29,6 +30,12 @@ async def pg_pool(event_store_dsn: str) -> AsyncIterator[asyncpg.Pool]:
         await pool.close()
 
 
-@pytest.fixture
-def event_store(pg_pool: asyncpg.Pool) -> EventStore:
-    return EventStore(pg_pool)
+@pytest.fixture(params=["own-transactions", "group-commit"])
+async def event_store(request: pytest.FixtureRequest, pg_pool: asyncpg.Pool) -> AsyncIterator[EventStore]:
+    """The event store in both write modes: every guarantee must hold with and without group commit."""
+    committer = GroupCommitter(pg_pool, timeout=10) if request.param == "group-commit" else None
+    store = EventStore(pg_pool, committer=committer)
+    try:
+        yield store
+    finally:
+        await store.close()

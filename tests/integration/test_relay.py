@@ -14,7 +14,7 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from command_service.domain import commands as cmd
-from command_service.event_store import EventStore, insert_events
+from command_service.event_store import AppendRequest, EventStore, RequestRecord, append_in_transaction
 from command_service.handlers import CommandContext, CommandHandler, order_handler
 from command_service.relay import OutboxRelay, RelaySettings
 from core.envelope import HEADER_MSG_ID, EventMetadata, RecordedEvent
@@ -76,6 +76,18 @@ async def outbox_size(pool: asyncpg.Pool) -> int:
     return int(await pool.fetchval("SELECT count(*) FROM outbox"))
 
 
+def one_event_append(stream_id: str, meta: EventMetadata) -> AppendRequest:
+    return AppendRequest(
+        stream_type="order",
+        stream_id=stream_id,
+        expected_version=0,
+        events=(OrderItemAdded("A", "a", 1, 1),),
+        metadata=meta,
+        request=RequestRecord(str(uuid.uuid4()), "Test", "h"),
+        last_position=0,
+    )
+
+
 def ctx() -> CommandContext:
     rid = str(uuid.uuid4())
     return CommandContext(request_id=rid, request_hash=rid)
@@ -124,13 +136,9 @@ async def test_transaction_committing_after_a_higher_position_is_still_published
         async with running_relay(event_store_dsn, nats_url, relay_settings):
             slow_tx = slow.transaction()
             await slow_tx.start()
-            low = await insert_events(
-                slow, "order", "stream-slow", 0, [OrderItemAdded("A", "a", 1, 1)], meta, timeout=5
-            )
+            low = await append_in_transaction(slow, one_event_append("stream-slow", meta), timeout=5)
             async with fast.transaction():
-                high = await insert_events(
-                    fast, "order", "stream-fast", 0, [OrderItemAdded("B", "b", 1, 1)], meta, timeout=5
-                )
+                high = await append_in_transaction(fast, one_event_append("stream-fast", meta), timeout=5)
             assert low.position < high.position
             await eventually(
                 lambda: _positions(nats_url, relay_settings.stream_name, {high.position}),
