@@ -32,5 +32,8 @@ class ProjectorSettings(BaseSettings):
     projector_max_backoff_seconds: float = Field(default=5.0, gt=0)
     # How often a one-line throughput/lag summary is logged (only when events were applied).
     projector_stats_interval_seconds: float = Field(default=10.0, gt=0)
+    # Serve Prometheus `/metrics` on this port (0: any free port); unset: no HTTP server.
+    projector_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     log_level: str = "INFO"

@@ -1,6 +1,6 @@
 """In-process facts about the projector: throughput and lag statistics, and whether its dependencies answer.
 
-Exporting them as metrics is a later step; for now the runner logs a one-line summary periodically.
+The runner logs a one-line summary of them periodically; `projector.metrics` exports the same facts to Prometheus.
 """
 
 from __future__ import annotations

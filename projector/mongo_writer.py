@@ -3,11 +3,17 @@
 The local MongoDB-wire server does about 1,400 bulk upserts/s but only 450 single updates/s, so a batch of events
 becomes one `find` and one unordered `bulk_write`. Each write is conditional on the version that was read:
 
-* a new document is an `InsertOne`: it fails with a duplicate key if someone else created it meanwhile;
-* an existing one is `ReplaceOne({_id, version: old}, upsert=True)`: if the document moved to another version
-  meanwhile the filter misses, the upsert tries to insert the same `_id` and fails with a duplicate key.
+* a new document (none was read, or one without `version`: a customer document holding only order statistics) is
+  `UpdateOne({_id, version: {$exists: false}}, upsert=True)`: if someone else created the versioned document
+  meanwhile, the filter misses, the upsert tries to insert the same `_id` and fails with a duplicate key;
+* an existing one is `UpdateOne({_id, version: old}, upsert=True)`: if the document moved to another version
+  meanwhile, the same happens.
 
 Either way a lost race surfaces as a per-operation duplicate-key error, never as a silent overwrite.
+
+The update `$set`s the projection's own fields only. The `foreign_fields` another writer keeps current (an
+order's customer name, a customer's order statistics) go into `$setOnInsert`: written when the document is
+created, never overwritten afterwards, so neither writer can clobber the other.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pymongo import ASCENDING, IndexModel, InsertOne, ReplaceOne
+from pymongo import ASCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
@@ -31,7 +37,7 @@ class Change:
     """The new document of one entity, to be written only if the stored one is still at `expected_version`."""
 
     doc_id: str
-    expected_version: int | None  # None: no document existed when it was read
+    expected_version: int | None  # None: no document existed when it was read; 0: one without `version`
     new_doc: Document
 
 
@@ -80,14 +86,7 @@ class ReadModelWriter:
         outcome = WriteOutcome()
         if not changes:
             return outcome
-        ops: list[InsertOne[MongoDocument] | ReplaceOne[MongoDocument]] = []
-        for change in changes:
-            if change.expected_version is None:
-                ops.append(InsertOne(change.new_doc))
-            else:
-                ops.append(
-                    ReplaceOne({"_id": change.doc_id, "version": change.expected_version}, change.new_doc, upsert=True)
-                )
+        ops = [write_operation(self._projection, change) for change in changes]
         try:
             await self._collection.bulk_write(ops, ordered=False)
         except BulkWriteError as exc:
@@ -101,3 +100,29 @@ class ReadModelWriter:
                 else:
                     outcome.failed[doc_id] = f"code {error.get('code')}: {error.get('errmsg', '')}"
         return outcome
+
+
+def duplicate_key_indexes(exc: BulkWriteError) -> list[int]:
+    """The indexes of the operations that failed with a duplicate key; re-raises `exc` for any other failure.
+
+    An upsert racing another upsert of the same `_id` loses with a duplicate key; repeating it (as an update of
+    the document that now exists) is the right answer for writes that are idempotent or guarded by their filter.
+    """
+    details = exc.details
+    errors = details.get("writeErrors", [])
+    if details.get("writeConcernErrors") or any(error.get("code") != DUPLICATE_KEY for error in errors):
+        raise exc
+    return [int(error["index"]) for error in errors]
+
+
+def write_operation(projection: Projection, change: Change) -> UpdateOne:
+    """The version-guarded update of one change (see the module docstring)."""
+    foreign = projection.foreign_fields
+    own = {k: v for k, v in change.new_doc.items() if k != "_id" and k not in foreign}
+    if not change.expected_version:
+        on_insert = {k: v for k, v in change.new_doc.items() if k in foreign}
+        update: MongoDocument = {"$set": own}
+        if on_insert:
+            update["$setOnInsert"] = on_insert
+        return UpdateOne({"_id": change.doc_id, "version": {"$exists": False}}, update, upsert=True)
+    return UpdateOne({"_id": change.doc_id, "version": change.expected_version}, {"$set": own}, upsert=True)

@@ -1,15 +1,25 @@
 """The projector loop: fetch a batch from the durable pull consumer, apply it to the read model, then ack.
 
-Per batch:
+One durable consumer carries the events of every aggregate; each stream type has its projection (`orders`,
+`customers`). Per batch:
 
 1. decode every message (`RecordedEvent.from_json`, `decode_event`); anything undecodable is a poison message;
-2. group the events by aggregate (stream id), load the current documents with one `find`;
-3. fold each aggregate's events in version order onto its document (`fold`): `v <= version` is a duplicate,
-   `v == version + 1` applies, `v > version + 1` is a gap: that event and the aggregate's later events in the
-   batch wait (nak with delay, retried later, never skipped);
-4. write all changed documents with one version-guarded bulk write, record poison messages in `dead_letters`;
+   events of stream types without a projection are acknowledged and ignored;
+2. per projection, orders first: group the events by aggregate (stream id), load the current documents with one
+   `find`, fold each aggregate's events in version order onto its document (`fold`): `v <= version` is a
+   duplicate, `v == version + 1` applies, `v > version + 1` is a gap: that event and the aggregate's later events
+   in the batch wait (nak with delay, retried later, never skipped); write all changed documents with one
+   version-guarded bulk write (new orders get their customer's fields if the customer is known);
+3. derived views (`customer_views`): copy customer fields onto the orders of every customer touched by a customer
+   event or an `OrderCreated`, then recompute the order statistics of every customer touched by an order event;
+   record poison messages in `dead_letters`;
+4. advance `checkpoints` of every stream whose events were applied or recognised as duplicates: written last, so
+   a checkpoint at version v means every view reflects that stream up to v (read-your-writes waits on it);
 5. only then settle the messages: ack what was applied or is a duplicate, nak what must be re-evaluated, term
    what was dead-lettered.
+
+Duplicates take part in steps 3 and 4 as well: a batch that was written but not acknowledged (a crash, a MongoDB
+failure half-way) comes back as duplicates and completes the derived views and the checkpoints then.
 
 A MongoDB outage naks the batch with a bounded exponential backoff and pauses fetching until MongoDB answers
 again; the version guard makes every redelivery harmless, so the loop never has to be clever about what was
@@ -39,12 +49,17 @@ from pymongo.errors import PyMongoError
 from core.envelope import RecordedEvent
 from core.events import Event, decode_event
 from core.jetstream import ensure_stream, event_stream_config
+from core.order_events import OrderCreated
 from core.subjects import stream_subjects
+from projector.checkpoints import Checkpoint, CheckpointWriter
 from projector.config import ProjectorSettings
+from projector.customer_views import CustomerFields, CustomerViews
 from projector.dead_letters import DeadLetter, DeadLetterWriter
 from projector.health import ProjectorStats
-from projector.mongo_writer import Change, MongoDocument, ReadModelWriter
+from projector.metrics import ProjectorMetrics
+from projector.mongo_writer import Change, MongoDocument, ReadModelWriter, WriteOutcome
 from projector.projections import Document, Projection
+from projector.projections.customers import CUSTOMERS
 from projector.projections.orders import ORDERS
 
 log = logging.getLogger(__name__)
@@ -53,6 +68,12 @@ log = logging.getLogger(__name__)
 MONGO_BACKOFF_BASE_SECONDS = 0.1
 GAP_BACKOFF_BASE_SECONDS = 0.25
 CONFLICT_BACKOFF_BASE_SECONDS = 0.05
+# The consumer's pending counts are a metric, not worth a request per batch.
+CONSUMER_INFO_INTERVAL_SECONDS = 2.0
+CONSUMER_INFO_TIMEOUT_SECONDS = 1.0
+
+# The read models this projector keeps; orders come first in a batch (see the module docstring).
+DEFAULT_PROJECTIONS: tuple[Projection, ...] = (ORDERS, CUSTOMERS)
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
@@ -133,6 +154,58 @@ def fold(projection: Projection, groups: dict[str, list[Delivery]], docs: dict[s
     return result
 
 
+@dataclass(slots=True)
+class ProjectionBatch:
+    """One projection's part of a batch: its deliveries by stream id, the loaded documents, the fold, the write."""
+
+    projection: Projection
+    groups: dict[str, list[Delivery]] = field(default_factory=dict)
+    docs: dict[str, Document] = field(default_factory=dict)
+    result: FoldResult = field(default_factory=FoldResult)
+    outcome: WriteOutcome = field(default_factory=WriteOutcome)
+
+    def written(self) -> dict[str, list[Delivery]]:
+        """Applied deliveries whose document write succeeded, by stream id."""
+        return {
+            doc_id: applied
+            for doc_id, applied in self.result.applied.items()
+            if doc_id not in self.outcome.conflicts and doc_id not in self.outcome.failed
+        }
+
+    def settled(self) -> dict[str, list[Delivery]]:
+        """Deliveries that will be acked (written or duplicates), by stream id."""
+        done = {doc_id: list(applied) for doc_id, applied in self.written().items()}
+        for delivery in self.result.duplicates:
+            done.setdefault(delivery.recorded.stream_id, []).append(delivery)
+        return done
+
+    def current_docs(self) -> dict[str, Document]:
+        """The documents as this batch left them (written or loaded), by stream id."""
+        return {**self.docs, **{change.doc_id: change.new_doc for change in self.result.changes}}
+
+
+def prefill_customer_fields(changes: Sequence[Change], customers: dict[str, CustomerFields]) -> None:
+    """Gives new order documents the fields of their customer, when the customer is in the read model."""
+    for change in changes:
+        if change.expected_version is None:
+            customer = customers.get(str(change.new_doc.get("customer_id")))
+            if customer is not None:
+                change.new_doc.update(customer.order_fields())
+
+
+def checkpoints_of(batches: Iterable[ProjectionBatch]) -> dict[str, Checkpoint]:
+    """Per settled stream, the latest event version (and its position) this batch applied or found applied."""
+    checkpoints: dict[str, Checkpoint] = {}
+    for batch in batches:
+        for stream_id, settled in batch.settled().items():
+            for delivery in settled:
+                rec = delivery.recorded
+                checkpoints[stream_id] = Checkpoint(rec.stream_type, rec.version, rec.position).later(
+                    checkpoints.get(stream_id)
+                )
+    return checkpoints
+
+
 def _num_delivered(msg: Msg) -> int:
     try:
         return int(msg.metadata.num_delivered)
@@ -152,16 +225,21 @@ class Projector:
     the durable consumer: the version guard keeps them from overwriting each other.
     """
 
-    def __init__(self, settings: ProjectorSettings, projection: Projection = ORDERS) -> None:
+    def __init__(self, settings: ProjectorSettings) -> None:
         self._settings = settings
-        self._projection = projection
+        self._projections = {p.stream_type: p for p in DEFAULT_PROJECTIONS}
         self.stats = ProjectorStats()
+        self.metrics = ProjectorMetrics()
+        self._js: JetStreamContext | None = None
+        self._consumer_info_at: float | None = None
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._nc: NatsClient | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._mongo: AsyncMongoClient[MongoDocument] | None = None
-        self._writer: ReadModelWriter | None = None
+        self._writers: dict[str, ReadModelWriter] = {}
+        self._views: CustomerViews | None = None
+        self._checkpoints: CheckpointWriter | None = None
         self._dead_letters: DeadLetterWriter | None = None
         self._indexes_ready = False
         self._mongo_attempts = 0
@@ -169,6 +247,11 @@ class Projector:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port `/metrics` is served on (None unless `projector_metrics_port` is set)."""
+        return self.metrics.port
 
     async def start(self) -> None:
         """Connects and starts the loop.
@@ -180,8 +263,11 @@ class Projector:
         # Assigned before connecting so that a start() cancelled while NATS is unreachable can still close it:
         # with infinite reconnects nats-py retries even the *first* connection forever.
         self._nc = NatsClient()
-        log.info("connecting to NATS at %s", s.nats_url)
         try:
+            if s.projector_metrics_port is not None:
+                # First: while the projector waits for NATS, /metrics already says so (mongo_up 0, no progress).
+                self.metrics.serve(s.projector_metrics_port, s.metrics_host)
+            log.info("connecting to NATS at %s", s.nats_url)
             await self._nc.connect(
                 servers=s.nats_url,
                 name=f"projector-{s.projector_durable}",
@@ -192,7 +278,7 @@ class Projector:
                 disconnected_cb=self._on_nats_disconnected,
                 reconnected_cb=self._on_nats_reconnected,
             )
-            js = self._nc.jetstream()
+            js = self._js = self._nc.jetstream()
             await ensure_stream(js, event_stream_config(s.stream_name, s.subject_prefix))
             await js.add_consumer(s.stream_name, self._consumer_config())
             self._sub = await js.pull_subscribe_bind(durable=s.projector_durable, stream=s.stream_name)
@@ -205,7 +291,9 @@ class Projector:
                 socketTimeoutMS=s.mongo_timeout_ms * 5,
             )
             database = self._mongo[s.mongo_database]
-            self._writer = ReadModelWriter(database, self._projection)
+            self._writers = {t: ReadModelWriter(database, p) for t, p in self._projections.items()}
+            self._views = CustomerViews(database)
+            self._checkpoints = CheckpointWriter(database)
             self._dead_letters = DeadLetterWriter(database)
         except BaseException:
             self._stopping.set()
@@ -214,12 +302,12 @@ class Projector:
         self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name=f"projector-{s.projector_durable}")
         log.info(
-            "projector %s consuming %s (stream %s) into %s.%s",
+            "projector %s consuming %s (stream %s) into %s (%s)",
             s.projector_durable,
             stream_subjects(s.subject_prefix)[0],
             s.stream_name,
             s.mongo_database,
-            self._projection.collection,
+            ", ".join(p.collection for p in self._projections.values()),
         )
 
     async def stop(self) -> None:
@@ -245,7 +333,7 @@ class Projector:
         return ConsumerConfig(
             name=s.projector_durable,
             durable_name=s.projector_durable,
-            description=f"{self._projection.name} read model projector",
+            description="read model projector: " + ", ".join(p.name for p in self._projections.values()),
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=s.projector_ack_wait_seconds,
             max_ack_pending=s.projector_max_ack_pending,
@@ -269,12 +357,15 @@ class Projector:
             with contextlib.suppress(Exception):
                 await self._mongo.close()
             self._mongo = None
+        self._js = None
+        await asyncio.to_thread(self.metrics.close)
 
     # ---- the loop -------------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         s = self._settings
         while not self._stopping.is_set():
+            await self._refresh_consumer_gauges()
             if not self.stats.mongo_available:
                 await self._wait_for_mongo()
                 continue
@@ -317,15 +408,36 @@ class Projector:
             await self._sleep(1.0)
             return []
 
+    async def _refresh_consumer_gauges(self) -> None:
+        """Updates the consumer's pending counts, at most every few seconds; failures only leave them stale."""
+        now = asyncio.get_running_loop().time()
+        if self._js is None or (
+            self._consumer_info_at is not None and now - self._consumer_info_at < CONSUMER_INFO_INTERVAL_SECONDS
+        ):
+            return
+        self._consumer_info_at = now
+        s = self._settings
+        try:
+            info = await self._js.consumer_info(
+                s.stream_name, s.projector_durable, timeout=CONSUMER_INFO_TIMEOUT_SECONDS
+            )
+        except Exception as exc:  # a metric must never stop the projector (timeouts, disconnects, ...)
+            log.debug("could not read the consumer info: %s", exc)
+            return
+        self.metrics.consumer_pending.set(info.num_pending or 0)
+        self.metrics.consumer_ack_pending.set(info.num_ack_pending or 0)
+
     async def _wait_for_mongo(self) -> None:
         """Creates the indexes (first time) or pings, backing off until MongoDB answers or stop() is called."""
-        assert self._writer is not None
+        writers = list(self._writers.values())
+        assert writers
         try:
             if not self._indexes_ready:
-                await self._writer.ensure_indexes()
+                for writer in writers:
+                    await writer.ensure_indexes()
                 self._indexes_ready = True
             else:
-                await self._writer.ping()
+                await writers[0].ping()
         except PyMongoError as exc:
             self._mongo_unavailable(exc)
             await self._sleep(self._mongo_backoff())
@@ -334,11 +446,13 @@ class Projector:
             log.info("read model (MongoDB) available again")
         self._mongo_attempts = 0
         self.stats.mongo_available = True
+        self.metrics.mongo_up.set(1)
 
     def _mongo_unavailable(self, exc: BaseException) -> None:
         self._mongo_attempts += 1
         self.stats.mongo_failures += 1
         self.stats.mongo_available = False
+        self.metrics.mongo_up.set(0)
         log.warning("read model (MongoDB) unavailable: %s", _short(exc))
 
     def _mongo_backoff(self) -> float:
@@ -355,64 +469,107 @@ class Projector:
 
     async def process_batch(self, msgs: Sequence[Msg]) -> None:
         """Applies one fetched batch to the read model and settles every message in it."""
-        assert self._writer is not None and self._dead_letters is not None
-        deliveries, poison, foreign = self._decode(msgs)
-        groups: dict[str, list[Delivery]] = {}
-        for delivery in deliveries:
-            groups.setdefault(delivery.recorded.stream_id, []).append(delivery)
-
+        assert self._dead_letters is not None and self._checkpoints is not None
+        batches, poison, foreign = self._decode(msgs)
         try:
-            docs = await self._writer.load(groups)
-            result = fold(self._projection, groups, docs)
-            outcome = await self._writer.write(result.changes)
-            all_poison = poison + result.poison
+            await self._write_documents(batches)
+            await self._write_derived_views(batches)
+            all_poison = poison + [p for batch in batches.values() for p in batch.result.poison]
             await self._dead_letters.write([self._dead_letter(p) for p in all_poison])
+            # Last: a checkpoint promises that every view above reflects its stream up to its version.
+            await self._checkpoints.write(checkpoints_of(batches.values()))
         except PyMongoError as exc:
             self._mongo_unavailable(exc)
             delay = self._mongo_backoff()
             await _settle_all(m.nak(delay=delay) for m in msgs)
             return
 
-        cap = self._settings.projector_max_backoff_seconds
         settle: list[Any] = [m.ack() for m in foreign]
-        settle += [d.msg.ack() for d in result.duplicates]
-        now = datetime.now(UTC)
-        for doc_id, applied in result.applied.items():
-            if doc_id in outcome.conflicts:
-                self.stats.conflicts += 1
-                log.info("%s %s changed concurrently; re-evaluating", self._projection.stream_type, doc_id)
-                settle += [
-                    d.msg.nak(delay=backoff_delay(_num_delivered(d.msg), CONFLICT_BACKOFF_BASE_SECONDS, cap))
-                    for d in applied
-                ]
-            elif doc_id in outcome.failed:
-                log.warning(
-                    "writing %s %s failed: %s; retrying later",
-                    self._projection.stream_type,
-                    doc_id,
-                    outcome.failed[doc_id],
-                )
-                settle += [d.msg.nak(delay=cap) for d in applied]
-            else:
-                for d in applied:
-                    self.stats.record_applied((now - d.recorded.recorded_at).total_seconds())
-                settle += [d.msg.ack() for d in applied]
-        settle += [
-            d.msg.nak(delay=backoff_delay(_num_delivered(d.msg), GAP_BACKOFF_BASE_SECONDS, cap))
-            for d in result.deferred
-        ]
+        for batch in batches.values():
+            settle += self._settle_projection(batch)
         for p in all_poison:
             log.warning("dead-lettered message %s on %s: %s", _seq_text(p.msg), p.msg.subject, p.reason)
             settle.append(p.msg.term())
         await _settle_all(settle)
 
-        self.stats.record_duplicates(len(result.duplicates))
-        self.stats.record_gaps(result.gaps)
+        duplicates = sum(len(batch.result.duplicates) for batch in batches.values())
+        self.stats.record_duplicates(duplicates)
+        self.stats.record_gaps(sum(batch.result.gaps for batch in batches.values()))
         self.stats.record_dead_letters(len(all_poison))
+        self.metrics.duplicates.inc(duplicates)
+        self.metrics.dead_letters.inc(len(all_poison))
 
-    def _decode(self, msgs: Iterable[Msg]) -> tuple[list[Delivery], list[Poison], list[Msg]]:
-        """Splits messages into decoded deliveries, poison messages, and events of other stream types."""
-        deliveries: list[Delivery] = []
+    async def _write_documents(self, batches: dict[str, ProjectionBatch]) -> None:
+        """Loads, folds and writes each projection's documents, in projection order (orders first)."""
+        assert self._views is not None
+        for stream_type, batch in batches.items():
+            writer = self._writers[stream_type]
+            batch.docs = await writer.load(batch.groups)
+            batch.result = fold(batch.projection, batch.groups, batch.docs)
+            if batch.projection is ORDERS:
+                created = [c for c in batch.result.changes if c.expected_version is None]
+                if created:
+                    known = await self._views.customer_fields(str(c.new_doc["customer_id"]) for c in created)
+                    prefill_customer_fields(created, known)
+            batch.outcome = await writer.write(batch.result.changes)
+
+    async def _write_derived_views(self, batches: dict[str, ProjectionBatch]) -> None:
+        """Customer fields onto orders, then order statistics onto customers (see `projector.customer_views`)."""
+        assert self._views is not None
+        fan_out: set[str] = set()
+        stats: set[str] = set()
+        customers = batches.get(CUSTOMERS.stream_type)
+        if customers is not None:
+            fan_out.update(customers.settled())
+        orders = batches.get(ORDERS.stream_type)
+        if orders is not None:
+            order_docs = orders.current_docs()
+            for order_id, settled in orders.settled().items():
+                for delivery in settled:
+                    if isinstance(delivery.event, OrderCreated):
+                        # Again after the insert: a customer renamed since the prefill read is caught here.
+                        fan_out.add(delivery.event.customer_id)
+                doc = order_docs.get(order_id)
+                if doc is not None and doc.get("customer_id"):
+                    stats.add(str(doc["customer_id"]))
+        await self._views.fan_out(fan_out)
+        await self._views.recompute_order_stats(stats)
+
+    def _settle_projection(self, batch: ProjectionBatch) -> list[Any]:
+        """The acks and naks of one projection's deliveries; records the applied ones in stats and metrics."""
+        cap = self._settings.projector_max_backoff_seconds
+        stream_type = batch.projection.stream_type
+        settle: list[Any] = [d.msg.ack() for d in batch.result.duplicates]
+        now = datetime.now(UTC)
+        for doc_id, applied in batch.result.applied.items():
+            if doc_id in batch.outcome.conflicts:
+                self.stats.conflicts += 1
+                log.info("%s %s changed concurrently; re-evaluating", stream_type, doc_id)
+                settle += [
+                    d.msg.nak(delay=backoff_delay(_num_delivered(d.msg), CONFLICT_BACKOFF_BASE_SECONDS, cap))
+                    for d in applied
+                ]
+            elif doc_id in batch.outcome.failed:
+                log.warning(
+                    "writing %s %s failed: %s; retrying later", stream_type, doc_id, batch.outcome.failed[doc_id]
+                )
+                settle += [d.msg.nak(delay=cap) for d in applied]
+            else:
+                for d in applied:
+                    lag = (now - d.recorded.recorded_at).total_seconds()
+                    self.stats.record_applied(lag)
+                    self.metrics.lag.observe(max(0.0, lag))
+                self.metrics.applied.inc(len(applied))
+                settle += [d.msg.ack() for d in applied]
+        settle += [
+            d.msg.nak(delay=backoff_delay(_num_delivered(d.msg), GAP_BACKOFF_BASE_SECONDS, cap))
+            for d in batch.result.deferred
+        ]
+        return settle
+
+    def _decode(self, msgs: Iterable[Msg]) -> tuple[dict[str, ProjectionBatch], list[Poison], list[Msg]]:
+        """Splits messages into per-projection deliveries, poison messages, and events of unknown stream types."""
+        batches = {stream_type: ProjectionBatch(projection) for stream_type, projection in self._projections.items()}
         poison: list[Poison] = []
         foreign: list[Msg] = []
         for msg in msgs:
@@ -421,10 +578,11 @@ class Projector:
             except ValueError as exc:
                 poison.append(Poison(msg, str(exc)))
                 continue
-            if recorded.stream_type != self._projection.stream_type:
-                foreign.append(msg)  # another aggregate's events: not this read model's business
+            batch = batches.get(recorded.stream_type)
+            if batch is None:
+                foreign.append(msg)  # an aggregate no read model follows: not this projector's business
                 continue
-            if not self._projection.handles(recorded.event_type):
+            if not batch.projection.handles(recorded.event_type):
                 poison.append(Poison(msg, f"no handler for event type {recorded.event_type!r}"))
                 continue
             try:
@@ -432,8 +590,8 @@ class Projector:
             except ValueError as exc:  # UnknownEventType, MalformedEvent
                 poison.append(Poison(msg, f"{type(exc).__name__}: {exc}"))
                 continue
-            deliveries.append(Delivery(msg, recorded, event))
-        return deliveries, poison, foreign
+            batch.groups.setdefault(recorded.stream_id, []).append(Delivery(msg, recorded, event))
+        return {t: b for t, b in batches.items() if b.groups}, poison, foreign
 
     def _dead_letter(self, poison: Poison) -> DeadLetter:
         msg = poison.msg
@@ -484,11 +642,10 @@ def _short(exc: BaseException, limit: int = 300) -> str:
 async def run_projector(
     settings: ProjectorSettings,
     stop_event: asyncio.Event,
-    projection: Projection = ORDERS,
     on_started: Callable[[Projector], None] | None = None,
 ) -> None:
     """Runs a projector until `stop_event` is set (or its loop fails), then stops it gracefully."""
-    projector = Projector(settings, projection)
+    projector = Projector(settings)
     stop_waiter = asyncio.create_task(stop_event.wait())
     try:
         # Starting waits for NATS (forever, as a deployment wants); a stop request must still end it.

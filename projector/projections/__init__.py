@@ -4,7 +4,8 @@ A handler takes the current document (or None when the entity has no document ye
 decoded payload, and returns the new document without mutating its input. The runner owns everything else:
 ordering, the version guard, batching, acknowledgements.
 
-Adding a read model: write a module with its own handler table and a `Projection`, and run a projector with it.
+Adding a read model: write a module with its own handler table and a `Projection`, and add it to the runner's
+`DEFAULT_PROJECTIONS`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class Projection:
     collection: str
     handlers: Mapping[str, Handler]
     indexes: Sequence[IndexKeys] = field(default_factory=tuple)
+    # Fields of the document that other writers keep current (e.g. an order's copy of its customer's name): the
+    # version-guarded write sets them only when it creates the document, so it never overwrites a newer value
+    # written concurrently by that other writer.
+    foreign_fields: frozenset[str] = frozenset()
 
     def handles(self, event_type: str) -> bool:
         return event_type in self.handlers

@@ -5,7 +5,12 @@ Document shape::
     {_id, order_id, customer_id, status: "DRAFT"|"PLACED"|"CANCELLED", currency,
      lines: [{sku, name, quantity, unit_price_minor, line_total_minor}], total_minor,
      shipping_address: {recipient, line1, line2, city, postal_code, country}, cancel_reason,
-     created_at, updated_at, placed_at, version, position, deleted}
+     created_at, updated_at, placed_at, version, position, deleted,
+     customer_name, customer_email, customer_version}
+
+`customer_name`/`customer_email` are a copy of the customer's read model at `customer_version` (0, with empty
+strings, while the customer is unknown). The order handlers only initialise them; the runner keeps them current
+(`projector.customer_views`), guarded by `customer_version`, and the order writes never overwrite them.
 
 Totals are always derived from the lines, never accumulated, so a handler cannot make them drift. Handlers raise
 ValueError when an event cannot apply to the document (e.g. an item event for an order with no document): the
@@ -45,7 +50,12 @@ INDEXES: tuple[tuple[tuple[str, int], ...], ...] = (
     (("deleted", 1), ("customer_id", 1), ("created_at", 1), ("_id", 1)),
     (("deleted", 1), ("status", 1), ("created_at", 1), ("_id", 1)),
     (("deleted", 1), ("customer_id", 1), ("status", 1), ("created_at", 1), ("_id", 1)),
+    # The customer fan-out: `update_many({customer_id, customer_version: {$lt: v}})`.
+    (("customer_id", 1), ("customer_version", 1)),
 )
+
+# Kept current by the customer fan-out, not by order events.
+CUSTOMER_FIELDS = frozenset({"customer_name", "customer_email", "customer_version"})
 
 E = TypeVar("E", bound=Event)
 
@@ -119,6 +129,9 @@ def on_order_created(doc: Document | None, recorded: RecordedEvent, event: Event
         "version": recorded.version,
         "position": recorded.position,
         "deleted": False,
+        "customer_name": "",
+        "customer_email": "",
+        "customer_version": 0,
     }
 
 
@@ -195,6 +208,7 @@ ORDERS = Projection(
     collection=COLLECTION,
     handlers=HANDLERS,
     indexes=INDEXES,
+    foreign_fields=CUSTOMER_FIELDS,
 )
 
 

@@ -24,8 +24,9 @@ from core.order_events import (
 )
 from core.values import Address
 from projector.projections import Document, UnhandledEvent
+from projector.projections.customers import HANDLERS as CUSTOMER_HANDLERS
 from projector.projections.orders import HANDLERS, ORDERS, project
-from projector.runner import Delivery, fold
+from projector.runner import DEFAULT_PROJECTIONS, Delivery, fold
 
 ORDER_ID = "0b6f1f3e-2a39-4c33-9c6c-0e6a1b1d2f11"
 T0 = datetime(2025, 1, 2, 3, 4, 5, 123000, tzinfo=UTC)
@@ -69,8 +70,10 @@ def draft_with_two_lines() -> Document:
     )
 
 
-def test_every_order_event_type_has_a_handler() -> None:
-    assert set(HANDLERS) == known_event_types()
+def test_every_known_event_type_has_a_handler_in_the_projection_of_its_stream_type() -> None:
+    assert set(HANDLERS) | set(CUSTOMER_HANDLERS) == known_event_types()
+    assert not set(HANDLERS) & set(CUSTOMER_HANDLERS)
+    assert {p.stream_type for p in DEFAULT_PROJECTIONS} == {"order", "customer"}
 
 
 def test_order_created_starts_an_empty_draft() -> None:
@@ -91,6 +94,9 @@ def test_order_created_starts_an_empty_draft() -> None:
         "version": 1,
         "position": 7,
         "deleted": False,
+        "customer_name": "",
+        "customer_email": "",
+        "customer_version": 0,
     }
 
 

@@ -1,0 +1,79 @@
+"""Prometheus metrics of one projector, in a registry of its own (several projectors may share a process).
+
+`/metrics` is served over HTTP when `CQRS_PROJECTOR_METRICS_PORT` is set (0 picks a free port), by
+prometheus_client's own threaded server on `CQRS_METRICS_HOST` (default loopback).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# From 1 ms (the projector keeping up) to 60 s (a backlog after an outage); beyond that only the count matters.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ProjectorMetrics:
+    """The projector's metrics, and the optional HTTP server that exposes them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.lag = Histogram(
+            "cqrs_projection_lag_seconds",
+            "Seconds from an event's commit in PostgreSQL (recorded_at) to its being applied in MongoDB.",
+            buckets=LAG_BUCKETS,
+            registry=self.registry,
+        )
+        self.applied = Counter(
+            "cqrs_projector_events_applied", "Events applied to the read model.", registry=self.registry
+        )
+        self.duplicates = Counter(
+            "cqrs_projector_events_duplicate",
+            "Events recognised as already applied (redeliveries, replays) and acknowledged.",
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "cqrs_projector_dead_letters", "Messages recorded in dead_letters and terminated.", registry=self.registry
+        )
+        self.consumer_pending = Gauge(
+            "cqrs_projector_consumer_pending",
+            "Messages of the stream not yet delivered to the durable consumer.",
+            registry=self.registry,
+        )
+        self.consumer_ack_pending = Gauge(
+            "cqrs_projector_consumer_ack_pending",
+            "Messages delivered to the durable consumer and not yet acknowledged.",
+            registry=self.registry,
+        )
+        self.mongo_up = Gauge(
+            "cqrs_projector_mongo_up", "1 while the read model (MongoDB) answers, else 0.", registry=self.registry
+        )
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int | None:
+        """The port `/metrics` is served on, once serving."""
+        return None if self._server is None else int(self._server.server_port)
+
+    def serve(self, port: int, host: str) -> int:
+        """Starts serving `/metrics` (port 0: a free one) in a daemon thread; returns the bound port."""
+        if self._server is None:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            log.info("serving metrics on http://%s:%d/metrics", host, self._server.server_port)
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        """Stops the HTTP server (if any) and waits for its thread."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)

@@ -1,0 +1,344 @@
+"""Customers in the read model against real servers: the customer documents, the customer fields copied onto
+orders (fan-out), the customers' order statistics, the checkpoints read-your-writes waits on, and `/metrics`.
+
+Uses the harness of `test_projector` (own stream, subjects, durable and database per test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable
+
+from core.customer_events import CustomerDeactivated, CustomerEmailChanged, CustomerRegistered, CustomerRenamed
+from core.order_events import (
+    OrderCancelled,
+    OrderCreated,
+    OrderDeleted,
+    OrderItemAdded,
+    OrderPlaced,
+)
+from tests.integration import test_projector
+from tests.integration.test_projector import ADDRESS, Doc, Harness, Stream, new_order_id
+from tests.support import eventually
+
+# The same fixtures as the projector's tests.
+harness_factory = test_projector.harness_factory
+harness = test_projector.harness
+
+
+def customer_stream() -> Stream:
+    return Stream(str(uuid.uuid4()), stream_type="customer")
+
+
+async def register(h: Harness, name: str = "Ada Lovelace", email: str = "ada@example.org") -> Stream:
+    customer = customer_stream()
+    await h.emit(customer, CustomerRegistered(customer.stream_id, name, email))
+    return customer
+
+
+async def create_orders(h: Harness, customer_id: str, count: int, currency: str = "EUR") -> list[Stream]:
+    orders = [Stream(new_order_id()) for _ in range(count)]
+    for order in orders:
+        await h.emit(order, OrderCreated(order.order_id, customer_id, currency, ADDRESS))
+    return orders
+
+
+async def customer_doc(h: Harness, customer_id: str) -> Doc | None:
+    return await h.db["customers"].find_one({"_id": customer_id})
+
+
+async def customer_at(h: Harness, customer_id: str, version: int) -> Doc:
+    async def probe() -> Doc | None:
+        doc = await customer_doc(h, customer_id)
+        return doc if doc is not None and doc.get("version") == version else None
+
+    return await eventually(probe, what=f"customer {customer_id} at version {version}")
+
+
+async def orders_of(h: Harness, customer_id: str) -> list[Doc]:
+    return await h.db["orders"].find({"customer_id": customer_id}).sort("_id", 1).to_list()
+
+
+async def checkpoint(h: Harness, stream_id: str) -> Doc | None:
+    return await h.db["checkpoints"].find_one({"_id": stream_id})
+
+
+async def checkpoint_at(h: Harness, stream_id: str, version: int) -> Doc:
+    async def probe() -> Doc | None:
+        doc = await checkpoint(h, stream_id)
+        return doc if doc is not None and doc["version"] >= version else None
+
+    return await eventually(probe, what=f"the checkpoint of {stream_id} at version {version}")
+
+
+class MonotonicWatch:
+    """Polls a customer's orders, failing if any order's customer fields ever go back to an older version."""
+
+    def __init__(self, h: Harness, customer_id: str) -> None:
+        self.h = h
+        self.customer_id = customer_id
+        self.seen: dict[str, tuple[int, str]] = {}
+        self.polls = 0
+
+    async def poll(self) -> list[Doc]:
+        docs = await orders_of(self.h, self.customer_id)
+        self.polls += 1
+        for doc in docs:
+            now = (doc["customer_version"], doc["customer_name"])
+            before = self.seen.get(doc["_id"], (0, ""))
+            assert now[0] >= before[0], f"order {doc['_id']} went from customer v{before[0]} back to v{now[0]}"
+            self.seen[doc["_id"]] = now
+        return docs
+
+
+async def test_a_rename_fans_out_to_every_order_despite_reordering_and_redelivery(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    h = await harness_factory(projector_batch_size=16)  # several batches: the fan-out is not one lucky write
+    await h.start_projector()
+    customer = await register(h, "Name v1", "v1@example.org")
+    orders = await create_orders(h, customer.stream_id, 30)
+    watch = MonotonicWatch(h, customer.stream_id)
+
+    async def all_at(version: int, name: str) -> list[Doc] | None:
+        docs = await watch.poll()
+        ok = len(docs) == len(orders) and all(
+            (d["customer_version"], d["customer_name"]) == (version, name) for d in docs
+        )
+        return docs if ok else None
+
+    await eventually(lambda: all_at(1, "Name v1"), what="30 orders showing customer v1")
+
+    v2 = customer.record(CustomerRenamed("Name v2"), 2, h.next_position())
+    v3 = customer.record(CustomerRenamed("Name v3"), 3, h.next_position())
+    await h.publish(v3)  # a gap: waits for v2
+    await h.stats_reach("v3 to be deferred as a gap", lambda p: p.stats.gaps >= 1)
+    await h.publish(v2)
+    for stale in (v2, v3, v2, customer.published[0]):  # re-published after the duplicate window
+        await h.publish(stale, with_msg_id=False)
+    docs = await eventually(lambda: all_at(3, "Name v3"), what="30 orders showing customer v3")
+    assert {d["customer_email"] for d in docs} == {"v1@example.org"}
+
+    await h.emit(customer, CustomerEmailChanged("v4@example.org"), version=4)
+    docs = await eventually(lambda: all_at(4, "Name v3"), what="30 orders showing customer v4", timeout=15)
+    assert {d["customer_email"] for d in docs} == {"v4@example.org"}
+    await h.settled("renames, duplicates and the e-mail change")
+    assert (await checkpoint(h, customer.stream_id) or {}).get("version") == 4
+    doc = await customer_doc(h, customer.stream_id)
+    assert doc is not None
+    assert (doc["name"], doc["email"], doc["status"], doc["version"]) == ("Name v3", "v4@example.org", "ACTIVE", 4)
+    assert watch.polls > 2
+
+
+async def test_orders_created_before_their_customer_get_its_fields_and_stats_survive(harness: Harness) -> None:
+    customer = customer_stream()
+    orders = await create_orders(harness, customer.stream_id, 3)
+    await harness.emit(orders[0], OrderItemAdded("SKU-A", "Anvil", 2, 500))
+    await harness.emit(orders[0], OrderPlaced())
+    await harness.order_at(orders[0].order_id, 3)
+
+    async def stats_only() -> Doc | None:
+        doc = await customer_doc(harness, customer.stream_id)
+        return doc if doc is not None and doc["order_stats"]["placed_orders"] == 1 else None
+
+    doc = await eventually(stats_only, what="order statistics before the customer is known")
+    assert "version" not in doc and "name" not in doc
+    assert all(
+        o["customer_version"] == 0 and o["customer_name"] == "" for o in await orders_of(harness, customer.stream_id)
+    )
+
+    await harness.emit(customer, CustomerRegistered(customer.stream_id, "Late Larry", "larry@example.org"))
+    registered = await customer_at(harness, customer.stream_id, 1)
+    assert registered["order_stats"] == {
+        "draft_orders": 2,
+        "placed_orders": 1,
+        "cancelled_orders": 0,
+        "placed_totals": [{"currency": "EUR", "total_minor": 1000}],
+    }
+    assert (registered["name"], registered["status"], registered["customer_id"]) == (
+        "Late Larry",
+        "ACTIVE",
+        customer.stream_id,
+    )
+    await checkpoint_at(harness, customer.stream_id, 1)
+    docs = await orders_of(harness, customer.stream_id)
+    assert [(d["customer_name"], d["customer_email"], d["customer_version"]) for d in docs] == [
+        ("Late Larry", "larry@example.org", 1)
+    ] * 3
+
+    # A new order of a known customer gets the fields straight away.
+    [late] = await create_orders(harness, customer.stream_id, 1)
+    await checkpoint_at(harness, late.order_id, 1)
+    doc = await harness.order(late.order_id)
+    assert doc is not None and (doc["customer_name"], doc["customer_version"]) == ("Late Larry", 1)
+    await harness.emit(customer, CustomerDeactivated())
+    deactivated = await customer_at(harness, customer.stream_id, 2)
+    assert deactivated["status"] == "DEACTIVATED"
+    assert deactivated["order_stats"]["draft_orders"] == 3
+
+
+async def test_customer_order_statistics_follow_creates_places_cancels_and_deletes(harness: Harness) -> None:
+    customer = await register(harness)
+    cid = customer.stream_id
+    eur_placed, eur_cancelled, eur_draft, eur_deleted = await create_orders(harness, cid, 4, "EUR")
+    usd_placed, usd_placed_deleted = await create_orders(harness, cid, 2, "USD")
+    other = await register(harness, "Other", "other@example.org")
+    [others_order] = await create_orders(harness, other.stream_id, 1, "EUR")
+
+    for order, price in ((eur_placed, 1000), (eur_cancelled, 300), (eur_draft, 50), (eur_deleted, 70)):
+        await harness.emit(order, OrderItemAdded("SKU-E", "Euro thing", 2, price))
+    for order, price in ((usd_placed, 250), (usd_placed_deleted, 999)):
+        await harness.emit(order, OrderItemAdded("SKU-U", "Dollar thing", 1, price))
+    await harness.emit(others_order, OrderItemAdded("SKU-O", "Other thing", 1, 12345))
+    for order in (eur_placed, eur_cancelled, usd_placed, usd_placed_deleted, others_order):
+        await harness.emit(order, OrderPlaced())
+    await harness.emit(eur_cancelled, OrderCancelled("changed my mind"))
+    await harness.emit(eur_deleted, OrderDeleted())
+    last = await harness.emit(usd_placed_deleted, OrderDeleted())
+
+    expected = {
+        "draft_orders": 1,
+        "placed_orders": 2,
+        "cancelled_orders": 1,
+        "placed_totals": [{"currency": "EUR", "total_minor": 2000}, {"currency": "USD", "total_minor": 250}],
+    }
+
+    async def stats() -> Doc | None:
+        doc = await customer_doc(harness, cid)
+        return doc if doc is not None and doc["order_stats"] == expected else None
+
+    await eventually(stats, what=f"customer statistics {expected}")
+    await checkpoint_at(harness, usd_placed_deleted.order_id, last.version)
+    await harness.settled("all order events")
+    other_doc = await customer_doc(harness, other.stream_id)
+    assert other_doc is not None and other_doc["order_stats"]["placed_totals"] == [
+        {"currency": "EUR", "total_minor": 12345}
+    ]
+
+    # Replays change nothing: statistics are recomputed from the orders, never accumulated.
+    for order in (eur_placed, eur_cancelled, usd_placed_deleted):
+        for event in order.published:
+            await harness.publish(event, with_msg_id=False)
+    await harness.stats_reach("the replayed events to be duplicates", lambda p: p.stats.duplicates >= 10)
+    await harness.settled("the replay")
+    doc = await customer_doc(harness, cid)
+    assert doc is not None and doc["order_stats"] == expected
+    assert doc["name"] == "Ada Lovelace" and doc["version"] == 1
+
+    indexes = await harness.db["customers"].index_information()
+    assert {tuple(k for k, _ in spec["key"]) for name, spec in indexes.items() if name != "_id_"} == {
+        ("name", "_id"),
+        ("email",),
+    }
+
+
+async def test_a_checkpoint_is_written_only_after_the_views_derived_from_its_stream(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    h = await harness_factory(projector_batch_size=8)
+    await h.start_projector()
+    customer = await register(h, "Rename 1")
+    orders = await create_orders(h, customer.stream_id, 20)
+    violations: list[str] = []
+    stop = asyncio.Event()
+
+    async def watch() -> int:
+        checks = 0
+        while not stop.is_set():
+            # The checkpoint first: orders only move forward, so what is read after it must be at least as new.
+            cp = await checkpoint(h, customer.stream_id)
+            docs = await orders_of(h, customer.stream_id)
+            if cp is not None:
+                checks += 1
+                behind = [d["_id"] for d in docs if d["customer_version"] < cp["version"]]
+                if behind:
+                    violations.append(f"checkpoint v{cp['version']} but {len(behind)} orders behind")
+            await asyncio.sleep(0.005)
+        return checks
+
+    watcher = asyncio.create_task(watch())
+    try:
+        for n in range(2, 8):
+            await h.emit(customer, CustomerRenamed(f"Rename {n}"))
+        cp = await checkpoint_at(h, customer.stream_id, 7)
+    finally:
+        stop.set()
+        checks = await watcher
+    assert violations == []
+    assert checks > 0
+    assert (cp["stream_type"], cp["version"], cp["position"]) == ("customer", 7, customer.published[-1].position)
+    assert cp["updated_at"] is not None
+
+    await h.settled("all renames")
+    for order in orders:
+        order_cp = await checkpoint(h, order.order_id)
+        assert order_cp is not None
+        assert (order_cp["stream_type"], order_cp["version"], order_cp["position"]) == (
+            "order",
+            1,
+            order.published[0].position,
+        )
+    docs = await orders_of(h, customer.stream_id)
+    assert {(d["customer_name"], d["customer_version"]) for d in docs} == {("Rename 7", 7)}
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        body: bytes = response.read()
+    return body.decode()
+
+
+def _sample(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+async def test_metrics_are_served_over_http(harness_factory: Callable[..., Awaitable[Harness]]) -> None:
+    h = await harness_factory()
+    projector = await h.start_projector(projector_metrics_port=0)
+    port = projector.metrics_port
+    assert port is not None and port > 0
+    customer = await register(h)
+    [order] = await create_orders(h, customer.stream_id, 1)
+    await h.publish(order.published[0], with_msg_id=False)  # a duplicate
+    await h.settled("three messages")
+
+    async def scraped() -> str | None:
+        text = await asyncio.to_thread(_scrape, port)
+        ready = (_sample(text, "cqrs_projector_events_duplicate_total") or 0) >= 1
+        ready = ready and _sample(text, "cqrs_projector_consumer_pending") == 0
+        return text if ready and _sample(text, "cqrs_projector_consumer_ack_pending") == 0 else None
+
+    text = await eventually(scraped, what="/metrics to show the duplicate and an idle consumer")
+    assert _sample(text, "cqrs_projection_lag_seconds_count") == 2
+    assert (_sample(text, "cqrs_projection_lag_seconds_sum") or 0) > 0
+    assert 'cqrs_projection_lag_seconds_bucket{le="0.001"}' in text
+    assert 'cqrs_projection_lag_seconds_bucket{le="60.0"}' in text
+    assert _sample(text, "cqrs_projector_events_applied_total") == 2
+    assert _sample(text, "cqrs_projector_dead_letters_total") == 0
+    assert _sample(text, "cqrs_projector_mongo_up") == 1
+
+    # Another projector in the same process has metrics of its own.
+    other = await h.start_projector(projector_durable=f"{h.settings.projector_durable}-2", projector_metrics_port=0)
+    assert other.metrics_port not in (None, port)
+    await h.stats_reach("the second projector to see 3 duplicates", lambda p: p is other and p.stats.duplicates == 3)
+    assert other.metrics_port is not None
+    second = await asyncio.to_thread(_scrape, other.metrics_port)
+    assert (
+        _sample(second, "cqrs_projector_events_duplicate_total"),
+        _sample(second, "cqrs_projector_events_applied_total"),
+    ) == (3, 0)
+    assert _sample(await asyncio.to_thread(_scrape, port), "cqrs_projector_events_applied_total") == 2
+
+    await projector.stop()
+    assert projector.metrics_port is None
+    try:
+        await asyncio.to_thread(_scrape, port)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("/metrics still served after stop()")

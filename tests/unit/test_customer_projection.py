@@ -1,0 +1,267 @@
+"""The customer projection's handlers, the pure parts of the cross-aggregate views, and the write operations."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from nats.aio.msg import Msg
+from pymongo import UpdateOne
+
+from core.customer_events import CustomerDeactivated, CustomerEmailChanged, CustomerRegistered, CustomerRenamed
+from core.envelope import EventMetadata, RecordedEvent
+from core.events import Event
+from core.order_events import OrderCreated, OrderPlaced
+from core.values import Address
+from projector.checkpoints import Checkpoint
+from projector.customer_views import CustomerFields, order_stats_from_groups, order_stats_pipeline
+from projector.mongo_writer import Change, write_operation
+from projector.projections import Document
+from projector.projections.customers import CUSTOMERS, HANDLERS, empty_order_stats, project
+from projector.projections.orders import ORDERS
+from projector.runner import Delivery, FoldResult, ProjectionBatch, checkpoints_of, fold, prefill_customer_fields
+
+CUSTOMER_ID = "5d0c3a52-8f0e-4d0f-a2a1-3c8d6f0e9b21"
+T0 = datetime(2025, 3, 4, 5, 6, 7, 250000, tzinfo=UTC)
+ADDRESS = Address("Ada Lovelace", "1 Analytical St", "", "London", "N1 1AA", "GB")
+STATS = {
+    "draft_orders": 1,
+    "placed_orders": 2,
+    "cancelled_orders": 0,
+    "placed_totals": [{"currency": "EUR", "total_minor": 1500}],
+}
+
+
+def recorded(
+    event: Event, version: int, *, stream_id: str = CUSTOMER_ID, stream_type: str = "customer"
+) -> RecordedEvent:
+    return RecordedEvent(
+        event_id=uuid.uuid4(),
+        stream_type=stream_type,
+        stream_id=stream_id,
+        version=version,
+        event_type=event.event_type,
+        schema_version=event.schema_version,
+        payload=event.to_payload(),
+        metadata=EventMetadata("req", "corr", "cause"),
+        position=200 + version,
+        recorded_at=T0 + timedelta(seconds=version),
+    )
+
+
+def registered() -> CustomerRegistered:
+    return CustomerRegistered(customer_id=CUSTOMER_ID, name="Ada Lovelace", email="ada@example.org")
+
+
+def apply_all(events: list[Event], doc: Document | None = None, first_version: int = 1) -> Document:
+    for offset, event in enumerate(events):
+        doc = project(doc, recorded(event, first_version + offset), event)
+    assert doc is not None
+    return doc
+
+
+def test_the_customer_table_handles_exactly_the_customer_events() -> None:
+    assert set(HANDLERS) == {"CustomerRegistered", "CustomerRenamed", "CustomerEmailChanged", "CustomerDeactivated"}
+    assert CUSTOMERS.stream_type == "customer"
+    assert CUSTOMERS.collection == "customers"
+
+
+def test_registration_starts_an_active_customer_with_empty_order_stats() -> None:
+    doc = project(None, recorded(registered(), 1), registered())
+    assert doc == {
+        "_id": CUSTOMER_ID,
+        "customer_id": CUSTOMER_ID,
+        "name": "Ada Lovelace",
+        "email": "ada@example.org",
+        "status": "ACTIVE",
+        "registered_at": T0 + timedelta(seconds=1),
+        "updated_at": T0 + timedelta(seconds=1),
+        "version": 1,
+        "position": 201,
+        "order_stats": {"draft_orders": 0, "placed_orders": 0, "cancelled_orders": 0, "placed_totals": []},
+        "order_stats_version": 0,
+    }
+
+
+def test_registration_onto_a_statistics_only_document_keeps_the_statistics() -> None:
+    stats_only = {"_id": CUSTOMER_ID, "order_stats": copy.deepcopy(STATS), "order_stats_version": 7}
+    snapshot = copy.deepcopy(stats_only)
+    doc = project(stats_only, recorded(registered(), 1), registered())
+    assert stats_only == snapshot
+    assert (doc["order_stats"], doc["order_stats_version"]) == (STATS, 7)
+    assert (doc["name"], doc["version"], doc["status"]) == ("Ada Lovelace", 1, "ACTIVE")
+
+
+def test_registering_twice_or_under_another_id_cannot_apply() -> None:
+    doc = apply_all([registered()])
+    with pytest.raises(ValueError, match="already registered"):
+        project(doc, recorded(registered(), 2), registered())
+    with pytest.raises(ValueError, match="differs from stream id"):
+        project(None, recorded(registered(), 1, stream_id="other"), registered())
+
+
+def test_rename_email_change_and_deactivation_update_the_document() -> None:
+    doc = apply_all(
+        [registered(), CustomerRenamed("Ada King"), CustomerEmailChanged("ada@king.example"), CustomerDeactivated()]
+    )
+    assert (doc["name"], doc["email"], doc["status"]) == ("Ada King", "ada@king.example", "DEACTIVATED")
+    assert (doc["version"], doc["position"]) == (4, 204)
+    assert doc["registered_at"] == T0 + timedelta(seconds=1)
+    assert doc["updated_at"] == T0 + timedelta(seconds=4)
+
+
+@pytest.mark.parametrize("event", [CustomerRenamed("X"), CustomerEmailChanged("x@example.org"), CustomerDeactivated()])
+def test_changes_need_a_registered_customer(event: Event) -> None:
+    with pytest.raises(ValueError, match="no document"):
+        project(None, recorded(event, 1), event)
+    stats_only = {"_id": CUSTOMER_ID, "order_stats": copy.deepcopy(STATS)}
+    with pytest.raises(ValueError, match="no document"):
+        project(stats_only, recorded(event, 1), event)
+
+
+@pytest.mark.parametrize("event", [CustomerRenamed("X"), CustomerEmailChanged("x@example.org"), CustomerDeactivated()])
+def test_handlers_do_not_mutate_their_input(event: Event) -> None:
+    doc = apply_all([registered()])
+    doc["order_stats"] = copy.deepcopy(STATS)
+    snapshot = copy.deepcopy(doc)
+    new_doc = project(doc, recorded(event, 2), event)
+    assert doc == snapshot
+    assert new_doc["order_stats"] == STATS
+    assert new_doc["order_stats"] is not doc["order_stats"]
+    assert new_doc["order_stats"]["placed_totals"] is not doc["order_stats"]["placed_totals"]
+
+
+def test_a_handler_given_the_wrong_event_class_refuses_it() -> None:
+    doc = apply_all([registered()])
+    event = CustomerDeactivated()
+    mislabelled = RecordedEvent(**{**_fields(recorded(event, 2)), "event_type": "CustomerRenamed"})
+    with pytest.raises(ValueError, match="expected CustomerRenamed"):
+        project(doc, mislabelled, event)
+
+
+def _fields(event: RecordedEvent) -> dict[str, Any]:
+    return {name: getattr(event, name) for name in RecordedEvent.__dataclass_fields__}
+
+
+# ---- fold and write operations ----------------------------------------------------------------------------------
+
+
+def delivery(event: Event, version: int, *, stream_id: str = CUSTOMER_ID, stream_type: str = "customer") -> Delivery:
+    rec = recorded(event, version, stream_id=stream_id, stream_type=stream_type)
+    msg = Msg(_client=None, subject=f"cqrs.events.{stream_type}.{stream_id}", data=rec.to_json())  # type: ignore[arg-type]
+    return Delivery(msg, rec, event)
+
+
+def test_fold_treats_a_statistics_only_document_as_version_0() -> None:
+    stats_only = {"_id": CUSTOMER_ID, "order_stats": copy.deepcopy(STATS), "order_stats_version": 3}
+    batch = [delivery(CustomerRenamed("Ada King"), 2), delivery(registered(), 1)]
+    result = fold(CUSTOMERS, {CUSTOMER_ID: batch}, {CUSTOMER_ID: stats_only})
+    assert [(c.expected_version, c.new_doc["version"], c.new_doc["name"]) for c in result.changes] == [
+        (0, 2, "Ada King")
+    ]
+
+
+def test_customer_writes_never_set_the_order_statistics() -> None:
+    doc = apply_all([registered()])
+    create = write_operation(CUSTOMERS, Change(CUSTOMER_ID, 0, doc))
+    own = {k: v for k, v in doc.items() if k not in {"_id", "order_stats", "order_stats_version"}}
+    assert create == UpdateOne(
+        {"_id": CUSTOMER_ID, "version": {"$exists": False}},
+        {"$set": own, "$setOnInsert": {"order_stats": empty_order_stats(), "order_stats_version": 0}},
+        upsert=True,
+    )
+    renamed = project(doc, recorded(CustomerRenamed("B"), 2), CustomerRenamed("B"))
+    update = write_operation(CUSTOMERS, Change(CUSTOMER_ID, 1, renamed))
+    assert update == UpdateOne(
+        {"_id": CUSTOMER_ID, "version": 1},
+        {"$set": {k: v for k, v in renamed.items() if k not in {"_id", "order_stats", "order_stats_version"}}},
+        upsert=True,
+    )
+
+
+def test_order_updates_never_set_the_customer_fields_but_creation_does() -> None:
+    order_id = "order-1"
+    created = OrderCreated(order_id, CUSTOMER_ID, "EUR", ADDRESS)
+    new_order = ORDERS.project(None, recorded(created, 1, stream_id=order_id, stream_type="order"), created)
+    prefill_customer_fields([Change(order_id, None, new_order)], {CUSTOMER_ID: CustomerFields("Ada", "a@x.org", 4)})
+    assert (new_order["customer_name"], new_order["customer_email"], new_order["customer_version"]) == (
+        "Ada",
+        "a@x.org",
+        4,
+    )
+    op = write_operation(ORDERS, Change(order_id, None, new_order))
+    assert op._doc["$setOnInsert"] == {"customer_name": "Ada", "customer_email": "a@x.org", "customer_version": 4}
+    placed = ORDERS.project(new_order, recorded(OrderPlaced(), 2, stream_id=order_id), OrderPlaced())
+    op = write_operation(ORDERS, Change(order_id, 1, placed))
+    assert op._filter == {"_id": order_id, "version": 1}
+    assert set(op._doc) == {"$set"}
+    assert not {"customer_name", "customer_email", "customer_version", "_id"} & set(op._doc["$set"])
+
+
+def test_prefill_leaves_unknown_customers_and_existing_orders_alone() -> None:
+    doc = {"customer_id": "unknown", "customer_name": "", "customer_version": 0}
+    existing = {"customer_id": CUSTOMER_ID, "customer_name": "Old", "customer_version": 1}
+    prefill_customer_fields(
+        [Change("o1", None, doc), Change("o2", 3, existing)], {CUSTOMER_ID: CustomerFields("New", "n@x.org", 2)}
+    )
+    assert (doc["customer_name"], existing["customer_name"]) == ("", "Old")
+
+
+# ---- order statistics and checkpoints ---------------------------------------------------------------------------
+
+
+def row(customer: str, status: str, currency: str, deleted: bool, orders: int, total: int, versions: int) -> Document:
+    return {
+        "_id": {"customer_id": customer, "status": status, "currency": currency, "deleted": deleted},
+        "orders": orders,
+        "total_minor": total,
+        "versions": versions,
+    }
+
+
+def test_order_stats_count_live_orders_and_total_placed_ones_per_currency() -> None:
+    rows = [
+        row("c1", "DRAFT", "EUR", False, 2, 300, 4),
+        row("c1", "PLACED", "USD", False, 1, 700, 3),
+        row("c1", "PLACED", "EUR", False, 2, 1100, 6),
+        row("c1", "PLACED", "EUR", True, 1, 9999, 4),  # deleted: only its versions count
+        row("c1", "CANCELLED", "EUR", False, 1, 50, 4),
+        row("c2", "DRAFT", "GBP", False, 1, 0, 1),
+    ]
+    stats = order_stats_from_groups(["c1", "c2", "c3"], rows)
+    assert stats["c1"].stats == {
+        "draft_orders": 2,
+        "placed_orders": 3,
+        "cancelled_orders": 1,
+        "placed_totals": [{"currency": "EUR", "total_minor": 1100}, {"currency": "USD", "total_minor": 700}],
+    }
+    assert stats["c1"].source_version == 4 + 3 + 6 + 4 + 4
+    assert stats["c2"].stats == {"draft_orders": 1, "placed_orders": 0, "cancelled_orders": 0, "placed_totals": []}
+    assert (stats["c3"].stats, stats["c3"].source_version) == (empty_order_stats(), 0)
+
+
+def test_order_stats_pipeline_is_one_match_and_one_group() -> None:
+    pipeline = order_stats_pipeline(["c1", "c2"])
+    assert [next(iter(stage)) for stage in pipeline] == ["$match", "$group"]
+    assert pipeline[0] == {"$match": {"customer_id": {"$in": ["c1", "c2"]}}}
+
+
+def test_checkpoints_take_the_latest_applied_or_duplicate_version_per_stream() -> None:
+    customers = ProjectionBatch(CUSTOMERS)
+    customers.result = FoldResult(
+        applied={CUSTOMER_ID: [delivery(CustomerRenamed("A"), 3), delivery(CustomerRenamed("B"), 4)]},
+        duplicates=[delivery(registered(), 1), delivery(CustomerRenamed("Z"), 2, stream_id="other")],
+        deferred=[delivery(CustomerRenamed("C"), 6, stream_id="gappy")],
+    )
+    assert checkpoints_of([customers]) == {
+        CUSTOMER_ID: Checkpoint("customer", 4, 204),
+        "other": Checkpoint("customer", 2, 202),
+    }
+    customers.outcome.conflicts.add(CUSTOMER_ID)  # not written: only what was already there counts
+    assert checkpoints_of([customers]) == {
+        CUSTOMER_ID: Checkpoint("customer", 1, 201),
+        "other": Checkpoint("customer", 2, 202),
+    }
