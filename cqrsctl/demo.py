@@ -11,6 +11,8 @@ import uuid
 import grpc
 from cqrs.orders.v1 import command_service_pb2 as cpb
 from cqrs.orders.v1 import command_service_pb2_grpc as cgrpc
+from cqrs.orders.v1 import customer_service_pb2 as custpb
+from cqrs.orders.v1 import customer_service_pb2_grpc as custgrpc
 from cqrs.orders.v1 import order_pb2
 from cqrs.orders.v1 import query_service_pb2 as qpb
 from cqrs.orders.v1 import query_service_pb2_grpc as qgrpc
@@ -91,7 +93,15 @@ async def run_demo(command_addr: str, query_addr: str, orders: int = 20, timeout
     async with grpc.aio.insecure_channel(command_addr) as cch, grpc.aio.insecure_channel(query_addr) as qch:
         commands = cgrpc.OrderCommandServiceStub(cch)
         query = qgrpc.OrderQueryServiceStub(qch)
-        customer = f"demo-{uuid.uuid4().hex[:8]}"
+        customers = custgrpc.CustomerCommandServiceStub(cch)
+        suffix = uuid.uuid4().hex[:8]
+        registered = await customers.RegisterCustomer(
+            custpb.RegisterCustomerRequest(
+                request_id=_rid(), name=f"Ada Lovelace {suffix}", email=f"ada.{suffix}@example.com"
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+        customer = registered.result.customer_id
 
         started = time.perf_counter()
         results = await asyncio.gather(*(_one_order(commands, query, customer, timeout) for _ in range(orders)))
@@ -102,7 +112,7 @@ async def run_demo(command_addr: str, query_addr: str, orders: int = 20, timeout
         listed = await query.ListOrders(qpb.ListOrdersRequest(customer_id=customer, page_size=500), timeout=RPC_TIMEOUT)
 
     print(
-        f"order {last.order_id} for customer {last.customer_id}: "
+        f"order {last.order_id} for customer {last.customer_name or last.customer_id}: "
         f"{order_pb2.OrderStatus.Name(last.status)}, version {last.version}, position {last.position}"
     )
     for line in last.lines:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
+
+import grpc
 
 from core.logs import configure_logging
 
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="projector /metrics URL (env CQRS_STATUS_PROJECTOR_METRICS)",
     )
     status.set_defaults(run=_status)
+
+    from cqrsctl.load.cli import add_load_parser
+
+    add_load_parser(sub)
     return parser
 
 
@@ -71,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, "cqrs")
     try:
         code: int = args.run(args)
-    except (OSError, ConnectionError) as exc:
-        logging.getLogger("cqrs").error("%s failed: %s", args.command, exc)
+    except grpc.aio.AioRpcError as exc:
+        print(f"cqrs {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    except (OSError, ConnectionError, TimeoutError) as exc:
         print(f"cqrs {args.command}: {exc}", file=sys.stderr)
         return 2
     return code

@@ -70,6 +70,8 @@ GAP_BACKOFF_BASE_SECONDS = 0.25
 CONFLICT_BACKOFF_BASE_SECONDS = 0.05
 # The consumer's pending counts are a metric, not worth a request per batch.
 CONSUMER_INFO_INTERVAL_SECONDS = 2.0
+# Budget for the no-wait drain after the first message of a batch (one round trip to nats-server).
+DRAIN_TIMEOUT_SECONDS = 0.005
 CONSUMER_INFO_TIMEOUT_SECONDS = 1.0
 
 # The read models this projector keeps; orders come first in a batch (see the module docstring).
@@ -396,10 +398,17 @@ class Projector:
                 )
 
     async def _fetch(self) -> list[Msg]:
+        """Waits for the first message, then takes whatever else is already there, up to the batch size.
+
+        A single `fetch(batch, timeout)` would hold the first message back until the batch is full or the timeout
+        expires (nats-py keeps a lingering pull open for the rest), adding up to the fetch timeout to the lag of
+        every event at low traffic. Waiting for one message, then draining with a no-wait pull, keeps latency low
+        and still forms large batches under load.
+        """
         assert self._sub is not None
         s = self._settings
         try:
-            return await self._sub.fetch(s.projector_batch_size, timeout=s.projector_fetch_timeout_seconds)
+            msgs = await self._sub.fetch(1, timeout=s.projector_fetch_timeout_seconds)
         except TimeoutError:  # nats.errors.TimeoutError too: no messages within the timeout is normal
             return []
         except nats.errors.Error as exc:
@@ -407,6 +416,12 @@ class Projector:
             log.warning("fetch from JetStream failed (%s); retrying", exc)
             await self._sleep(1.0)
             return []
+        if s.projector_batch_size > 1:
+            try:
+                msgs += await self._sub.fetch(s.projector_batch_size - 1, timeout=DRAIN_TIMEOUT_SECONDS)
+            except (TimeoutError, nats.errors.Error):
+                pass  # nothing more was waiting (or the connection dropped): project what we have
+        return msgs
 
     async def _refresh_consumer_gauges(self) -> None:
         """Updates the consumer's pending counts, at most every few seconds; failures only leave them stale."""
