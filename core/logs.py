@@ -28,6 +28,9 @@ def configure_logging(level: str, service: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # The drivers are chatty at INFO/DEBUG; our own lines say what matters.
+    for chatty in ("pymongo", "nats", "asyncio"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     old_factory = logging.getLogRecordFactory()
 
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:

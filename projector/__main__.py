@@ -7,21 +7,11 @@ import logging
 import signal
 import sys
 
+from core.logs import configure_logging
 from projector.config import ProjectorSettings
 from projector.runner import run_projector
 
 log = logging.getLogger("projector")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # The drivers are chatty at INFO/DEBUG; our own lines say what matters.
-    logging.getLogger("pymongo").setLevel(logging.WARNING)
-    logging.getLogger("nats").setLevel(logging.WARNING)
 
 
 async def main(settings: ProjectorSettings) -> None:
@@ -34,7 +24,7 @@ async def main(settings: ProjectorSettings) -> None:
 
 def cli() -> int:
     settings = ProjectorSettings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, "projector")
     try:
         asyncio.run(main(settings))
     except Exception:
