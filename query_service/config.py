@@ -11,7 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 class QuerySettings(BaseSettings):
     """Environment: CQRS_MONGO_URL, CQRS_MONGO_DATABASE, CQRS_QUERY_LISTEN, CQRS_MONGO_TIMEOUT_MS,
-    CQRS_GRACE_SECONDS, CQRS_LOG_LEVEL.
+    CQRS_GRACE_SECONDS, CQRS_LOG_LEVEL, CQRS_QUERY_MAX_WAIT_SECONDS, CQRS_QUERY_MAX_WAITERS,
+    CQRS_QUERY_CONSISTENCY_POLL_MS, CQRS_QUERY_MAX_WATCHERS.
 
     Unrelated CQRS_* variables (the other services' settings) are ignored, so one environment can serve all
     three processes. No `.env` file is read: configuration comes from the environment only.
@@ -27,6 +28,15 @@ class QuerySettings(BaseSettings):
     mongo_timeout_ms: Annotated[int, Field(gt=0)] = 2000
     grace_seconds: Annotated[float, Field(ge=0)] = 10.0
     log_level: str = "INFO"
+    # Read-your-writes: a query with consistency tokens waits at most this long (and never past the caller's
+    # deadline) for the read model to reflect them.
+    query_max_wait_seconds: Annotated[float, Field(ge=0)] = 5.0
+    # Queries waiting for tokens at once; more are RESOURCE_EXHAUSTED (each one holds a future and its token).
+    query_max_waiters: Annotated[int, Field(gt=0)] = 10_000
+    # How often the one shared waiter reads the checkpoints of all pending tokens (one query per round).
+    query_consistency_poll_ms: Annotated[int, Field(ge=1, le=1000)] = 15
+    # Concurrent WatchOrder streams; more are RESOURCE_EXHAUSTED.
+    query_max_watchers: Annotated[int, Field(gt=0)] = 10_000
 
     @field_validator("log_level")
     @classmethod

@@ -1,4 +1,4 @@
-"""The OrderQueryService gRPC servicer: request validation, read-model queries, errors -> gRPC status."""
+"""The OrderQueryService gRPC servicer: request validation, read-your-writes, read-model queries, errors -> status."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from cqrs.orders.v1 import query_service_pb2, query_service_pb2_grpc
 from core.errors import FieldViolation, InvalidArgument, NotFound, ServiceError, Unavailable
 from core.grpc_errors import abort_with
 from query_service import paging, views
-from query_service.read_model import OrderReadModel, describe_mongo_error, is_mongo_unavailable
+from query_service.consistency import ReadYourWrites, Requirement, TooManyWaiters, parse_requirement, parse_tokens
+from query_service.read_model import Document, OrderReadModel, describe_mongo_error, is_mongo_unavailable
+from query_service.watch import OrderWatchHub, Removed
 
 log = logging.getLogger(__name__)
 
@@ -27,55 +29,140 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 
 
 class OrderQueryServicer(query_service_pb2_grpc.OrderQueryServiceServicer):
-    """Answers GetOrder and ListOrders from the MongoDB read model only."""
+    """Answers GetOrder, ListOrders and WatchOrder from the MongoDB read model only."""
 
-    def __init__(self, read_model: OrderReadModel) -> None:
+    def __init__(self, read_model: OrderReadModel, read_your_writes: ReadYourWrites, watch_hub: OrderWatchHub) -> None:
         self._read_model = read_model
+        self._ryw = read_your_writes
+        self._hub = watch_hub
 
     async def GetOrder(
         self, request: query_service_pb2.GetOrderRequest, context: Context
     ) -> query_service_pb2.GetOrderResponse:
-        return await _answer(context, "GetOrder", lambda: self._get_order(request))
+        return await answer(context, "GetOrder", lambda: self._get_order(request, context))
 
     async def ListOrders(
         self, request: query_service_pb2.ListOrdersRequest, context: Context
     ) -> query_service_pb2.ListOrdersResponse:
-        return await _answer(context, "ListOrders", lambda: self._list_orders(request))
+        return await answer(context, "ListOrders", lambda: self._list_orders(request, context))
 
     async def WatchOrder(
         self, request: query_service_pb2.WatchOrderRequest, context: Context
     ) -> AsyncIterator[query_service_pb2.WatchOrderResponse]:
-        # Added to the API after this service was built: say so explicitly instead of the generated default.
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchOrder is not implemented yet")
-        yield query_service_pb2.WatchOrderResponse()  # pragma: no cover - unreachable, makes this a generator
+        """The current order, then the order again each time its projection changes; ends after a deletion."""
+        try:
+            async for response in self._watch_order(request, context):
+                yield response
+        except Exception as exc:  # CancelledError (the client left) is a BaseException and passes through
+            await fail(context, "WatchOrder", exc)
 
-    async def _get_order(self, request: query_service_pb2.GetOrderRequest) -> query_service_pb2.GetOrderResponse:
-        order_id = parse_order_id(request.order_id)
+    async def _get_order(
+        self, request: query_service_pb2.GetOrderRequest, context: Context
+    ) -> query_service_pb2.GetOrderResponse:
+        requirements, violations = parse_requirement(request.consistency)
+        order_id = collect(violations, lambda: parse_order_id(request.order_id))
+        if violations:
+            raise InvalidArgument(violations)
+        assert order_id is not None
+        consistency = await self._ryw.ensure(
+            requirements, accept_stale=request.consistency.accept_stale, time_remaining=context.time_remaining()
+        )
         doc = await self._read_model.get(order_id)
         if doc is None:
             raise NotFound(f"order {order_id} not found")
-        return query_service_pb2.GetOrderResponse(order=views.order_from_document(doc))
+        return query_service_pb2.GetOrderResponse(order=views.order_from_document(doc), consistency=consistency)
 
-    async def _list_orders(self, request: query_service_pb2.ListOrdersRequest) -> query_service_pb2.ListOrdersResponse:
-        filters, page_size, after = parse_list_request(request)
+    async def _list_orders(
+        self, request: query_service_pb2.ListOrdersRequest, context: Context
+    ) -> query_service_pb2.ListOrdersResponse:
+        requirements, violations = parse_requirement(request.consistency)
+        parsed = collect(violations, lambda: parse_list_request(request))
+        if violations:
+            raise InvalidArgument(violations)
+        assert parsed is not None
+        filters, page_size, after = parsed
+        consistency = await self._ryw.ensure(
+            requirements, accept_stale=request.consistency.accept_stale, time_remaining=context.time_remaining()
+        )
         # One extra document tells whether another page exists without a second query.
         docs = await self._read_model.list_page(filters, after, page_size + 1)
         page = docs[:page_size]
-        response = query_service_pb2.ListOrdersResponse(orders=[views.order_from_document(d) for d in page])
+        response = query_service_pb2.ListOrdersResponse(
+            orders=[views.order_from_document(d) for d in page], consistency=consistency
+        )
         if len(docs) > page_size:
             last = page[-1]
             cursor = paging.Cursor.after(last["created_at"], str(last["_id"]))
             response.next_page_token = paging.encode_page_token(cursor, filters)
         return response
 
+    async def _watch_order(
+        self, request: query_service_pb2.WatchOrderRequest, context: Context
+    ) -> AsyncIterator[query_service_pb2.WatchOrderResponse]:
+        requirements: list[Requirement] = []
+        violations: list[FieldViolation] = []
+        if request.consistency_token:
+            requirements, bad = parse_tokens([request.consistency_token], "consistency_token")
+            violations = [FieldViolation("consistency_token", v.description) for v in bad]
+        order_id = collect(violations, lambda: parse_order_id(request.order_id))
+        if violations:
+            raise InvalidArgument(violations)
+        assert order_id is not None
+        # A watch has no "stale" answer: it starts from the token's state or fails (UNAVAILABLE, with the lag).
+        await self._ryw.ensure(requirements, accept_stale=False, time_remaining=context.time_remaining())
+        # Subscribe first, read second: every change after the read is then on its way to us (see watch.py).
+        subscription = await self._hub.subscribe(order_id)
+        try:
+            doc = await self._read_model.get_including_deleted(order_id)
+            if doc is None or doc.get("deleted") is True:
+                raise NotFound(f"order {order_id} not found")
+            last = views.order_from_document(doc)
+            yield query_service_pb2.WatchOrderResponse(order=last)
+            while True:
+                item = await subscription.next()
+                if isinstance(item, Removed):  # the document vanished (the projector writes tombstones instead)
+                    yield query_service_pb2.WatchOrderResponse(order=last, deleted=True)
+                    return
+                if _version(item) <= last.version:
+                    continue  # a duplicate, or a lookup older than what this stream already sent
+                last = views.order_from_document(item)
+                deleted = item.get("deleted") is True
+                yield query_service_pb2.WatchOrderResponse(order=last, deleted=deleted)
+                if deleted:
+                    return
+        finally:
+            self._hub.unsubscribe(subscription)
+
 
 def parse_order_id(raw: str) -> str:
     """The canonical (lower-case) form of a UUID order id; InvalidArgument on `order_id` otherwise."""
+    return parse_uuid(raw, "order_id")
+
+
+def parse_uuid(raw: str, field: str) -> str:
+    """The canonical (lower-case) form of a UUID; InvalidArgument on `field` otherwise."""
     if not raw:
-        raise InvalidArgument([FieldViolation("order_id", "is required")])
+        raise InvalidArgument([FieldViolation(field, "is required")])
     if not _UUID.fullmatch(raw):
-        raise InvalidArgument([FieldViolation("order_id", "must be a UUID, e.g. 123e4567-e89b-12d3-a456-426614174000")])
+        raise InvalidArgument([FieldViolation(field, "must be a UUID, e.g. 123e4567-e89b-12d3-a456-426614174000")])
     return str(uuid.UUID(raw))
+
+
+_Parsed = TypeVar("_Parsed")
+
+
+def collect(violations: list[FieldViolation], parse: Callable[[], _Parsed]) -> _Parsed | None:
+    """Runs a parser; its field violations are added to `violations` (None returned) so all are reported at once."""
+    try:
+        return parse()
+    except InvalidArgument as exc:
+        violations.extend(exc.violations)
+        return None
+
+
+def _version(doc: Document) -> int:
+    value = doc.get("version")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def parse_list_request(
@@ -105,17 +192,27 @@ def parse_list_request(
     return filters, page_size, after
 
 
-async def _answer(context: Context, method: str, handle: Callable[[], Awaitable[_Response]]) -> _Response:
+async def answer(context: Context, method: str, handle: Callable[[], Awaitable[_Response]]) -> _Response:
     """Runs a handler and turns every failure into a deliberate status (never UNKNOWN, no stack trace)."""
     try:
         return await handle()
-    except ServiceError as exc:
-        await abort_with(context, exc)
     except Exception as exc:
-        if not is_mongo_unavailable(exc):
-            log.exception("%s failed unexpectedly", method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the query service's log")
-        reason = describe_mongo_error(exc)
-        log.warning("%s: read model (MongoDB) is unavailable: %s", method, reason)
-        await abort_with(context, Unavailable(f"read model (MongoDB) is unavailable: {reason}"))
+        await fail(context, method, exc)
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+async def fail(context: Context, method: str, exc: Exception) -> None:
+    """Ends the RPC with the status that `exc` deserves; never returns."""
+    if isinstance(exc, ServiceError):
+        if isinstance(exc, Unavailable):
+            log.info("%s: %s", method, exc.message)  # e.g. the read model is behind a token
+        await abort_with(context, exc)
+    if isinstance(exc, TooManyWaiters):
+        log.warning("%s: %s", method, exc)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if not is_mongo_unavailable(exc):
+        log.error("%s failed unexpectedly", method, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the query service's log")
+    reason = describe_mongo_error(exc)
+    log.warning("%s: read model (MongoDB) is unavailable: %s", method, reason)
+    await abort_with(context, Unavailable(f"read model (MongoDB) is unavailable: {reason}"))

@@ -1,4 +1,4 @@
-"""Keyset pagination for ListOrders: page sizes and the opaque page token (pure code, no I/O).
+"""Keyset pagination for ListOrders and ListCustomers: page sizes and the opaque page tokens (pure code, no I/O).
 
 Orders are listed newest first by `(created_at desc, _id desc)`. A page token names the last order of
 the previous page by exactly that key, so the next page starts strictly after it: no `skip`, constant cost
@@ -7,6 +7,10 @@ per page, and orders inserted between two calls neither shift nor repeat the rem
 Token format: urlsafe base64 (no padding) of the compact JSON
 `{"v":1,"t":<created_at ms>,"i":"<_id>","f":"<hash>"}`, where `f` fingerprints the filters the token was
 issued for. It is opaque to clients and may change with `v`.
+
+Customers are listed by `(name asc, _id asc)`; their token is `{"v":1,"n":"<name>","i":"<_id>","f":"<hash>"}`
+with a fingerprint over the kind of listing and its filters, so neither kind of token is accepted by the other
+listing.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
 _TOKEN_VERSION = 1
-# Far longer than any token we issue (about 120 characters); rejects junk before decoding it.
-_MAX_TOKEN_LENGTH = 1024
+# Longer than any token we issue (orders: about 120 characters; customers: up to about 1,200 for a name of 200
+# four-byte characters); rejects junk before decoding it.
+_MAX_TOKEN_LENGTH = 4096
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ONE_MS = dt.timedelta(milliseconds=1)
 
@@ -75,12 +80,17 @@ def effective_page_size(requested: int) -> int:
 
 def encode_page_token(cursor: Cursor, filters: ListFilter) -> str:
     """The opaque token that continues a listing with `filters` after `cursor`."""
-    payload = {
-        "v": _TOKEN_VERSION,
-        "t": cursor.created_at_ms,
-        "i": cursor.order_id,
-        "f": filters.fingerprint(),
-    }
+    return _encode(
+        {
+            "v": _TOKEN_VERSION,
+            "t": cursor.created_at_ms,
+            "i": cursor.order_id,
+            "f": filters.fingerprint(),
+        }
+    )
+
+
+def _encode(payload: dict[str, Any]) -> str:
     raw = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
@@ -91,6 +101,43 @@ def decode_page_token(token: str, filters: ListFilter) -> Cursor:
     if payload.get("f") != filters.fingerprint():
         raise _bad_token("was issued for different filters; repeat the request with the same filters")
     return _cursor_from(payload)
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerFilter:
+    """The filters of one ListCustomers call: a name prefix (as given) and a normalised email, "" for none."""
+
+    name_prefix: str = ""
+    email: str = ""
+
+    def fingerprint(self) -> str:
+        canonical = json.dumps(["customers", self.name_prefix, self.email], separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerCursor:
+    """Sort key of the last customer on a page."""
+
+    name: str
+    customer_id: str
+
+
+def encode_customer_page_token(cursor: CustomerCursor, filters: CustomerFilter) -> str:
+    """The opaque token that continues a customer listing with `filters` after `cursor`."""
+    return _encode({"v": _TOKEN_VERSION, "n": cursor.name, "i": cursor.customer_id, "f": filters.fingerprint()})
+
+
+def decode_customer_page_token(token: str, filters: CustomerFilter) -> CustomerCursor:
+    """The cursor inside `token`; InvalidArgument on `page_token` if garbled or issued for other filters."""
+    payload = _parse(token)
+    if payload.get("f") != filters.fingerprint():
+        raise _bad_token("was issued for different filters; repeat the request with the same filters")
+    name = payload.get("n")
+    customer_id = payload.get("i")
+    if not isinstance(name, str) or not isinstance(customer_id, str):
+        raise _bad_token("is not a token this service issued")
+    return CustomerCursor(name=name, customer_id=customer_id)
 
 
 def _parse(token: str) -> dict[str, Any]:

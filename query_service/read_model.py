@@ -53,7 +53,12 @@ _INDEX_CONFLICT_CODES: Final = frozenset({85, 86})  # IndexOptionsConflict, Inde
 
 
 async def ensure_order_indexes(collection: OrdersCollection) -> bool:
-    """Creates the indexes the queries need once the collection exists; False if it does not exist yet.
+    """Creates the indexes the order queries need once the collection exists; False if it does not exist yet."""
+    return await ensure_indexes(collection, ORDER_INDEXES)
+
+
+async def ensure_indexes(collection: OrdersCollection, indexes: list[IndexModel]) -> bool:
+    """Creates `indexes` once the collection exists; False if it does not exist yet.
 
     Idempotent, and tolerant of equivalent indexes made by others. The query service is a reader: it never
     creates the collection itself (the projector does, with its first write), so it cannot race the projector's
@@ -62,7 +67,7 @@ async def ensure_order_indexes(collection: OrdersCollection) -> bool:
     if not await collection.database.list_collection_names(filter={"name": collection.name}):
         return False
     try:
-        await collection.create_indexes(ORDER_INDEXES)
+        await collection.create_indexes(indexes)
     except OperationFailure as exc:
         if exc.code not in _INDEX_CONFLICT_CODES:
             raise
@@ -126,6 +131,10 @@ class OrderReadModel:
     async def get(self, order_id: str) -> Document | None:
         """The live (not deleted) order with this id, or None."""
         return await self._orders.find_one({"_id": order_id, "deleted": {"$ne": True}})
+
+    async def get_including_deleted(self, order_id: str) -> Document | None:
+        """The order document with this id, a tombstone (`deleted: true`) included, or None."""
+        return await self._orders.find_one({"_id": order_id})
 
     async def list_page(self, filters: ListFilter, after: Cursor | None, limit: int) -> list[Document]:
         """Up to `limit` live orders matching `filters`, newest first, strictly after `after` when given."""

@@ -1,4 +1,4 @@
-"""Composition of the query service: gRPC server, health, reflection, MongoDB watcher, graceful shutdown."""
+"""Composition of the query service: gRPC servers, health, reflection, MongoDB watcher, shared waiters, shutdown."""
 
 from __future__ import annotations
 
@@ -10,30 +10,37 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import grpc
-from cqrs.orders.v1 import query_service_pb2, query_service_pb2_grpc
+from cqrs.orders.v1 import customer_service_pb2, customer_service_pb2_grpc, query_service_pb2, query_service_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
 
 from query_service.config import QuerySettings
+from query_service.consistency import CHECKPOINTS_COLLECTION, ConsistencyWaiter, ReadYourWrites
+from query_service.customer_grpc_api import CustomerQueryServicer
+from query_service.customer_read_model import CUSTOMER_INDEXES, CustomerReadModel
 from query_service.grpc_api import OrderQueryServicer
 from query_service.read_model import (
+    ORDER_INDEXES,
     Document,
     OrderReadModel,
     describe_mongo_error,
-    ensure_order_indexes,
+    ensure_indexes,
     make_client,
     redact_mongo_url,
 )
+from query_service.watch import OrderWatchHub
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: Final[str] = query_service_pb2.DESCRIPTOR.services_by_name["OrderQueryService"].full_name
+CUSTOMER_SERVICE_NAME: Final[str] = customer_service_pb2.DESCRIPTOR.services_by_name["CustomerQueryService"].full_name
 HEALTH_INTERVAL_SECONDS: Final = 2.0
 _SERVING: Final = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING: Final = health_pb2.HealthCheckResponse.NOT_SERVING
-# The overall status ("") and the service's own name report the same thing: can we answer from MongoDB?
-_HEALTH_SERVICES: Final = ("", SERVICE_NAME)
+# The overall status ("") and the services' own names report the same thing: can we answer from MongoDB?
+_HEALTH_SERVICES: Final = ("", SERVICE_NAME, CUSTOMER_SERVICE_NAME)
 
 
 class _AsyncHealth(Protocol):
@@ -54,6 +61,8 @@ class RunningServer:
     health: _AsyncHealth
     client: AsyncMongoClient[Document]
     grace_seconds: float
+    consistency_waiter: ConsistencyWaiter
+    watch_hub: OrderWatchHub
     _watcher: asyncio.Task[None] = field(repr=False)
     _stop_watching: asyncio.Event = field(repr=False)
     _stopped: bool = field(default=False, repr=False)
@@ -66,7 +75,11 @@ class RunningServer:
         # First tell load balancers / Kubernetes to send no more traffic; later health updates are ignored.
         await self.health.enter_graceful_shutdown()
         await _stop_task(self._watcher, self._stop_watching)
+        # WatchOrder streams never finish by themselves: end them now (UNAVAILABLE, so clients watch again
+        # elsewhere) instead of holding the whole grace period; unary queries, waiting ones too, may finish.
+        await self.watch_hub.close()
         await self.server.stop(self.grace_seconds if grace is None else grace)
+        await self.consistency_waiter.close()
         await self.client.close()
         log.info("query service stopped")
 
@@ -80,13 +93,29 @@ async def start_query_server(
     and reports NOT_SERVING until a ping succeeds (checked every `health_interval` seconds).
     """
     client = make_client(settings)
+    database = client[settings.mongo_database]
     read_model = OrderReadModel.from_client(client, settings.mongo_database)
+    customers = CustomerReadModel.from_client(client, settings.mongo_database)
+    waiter = ConsistencyWaiter(
+        database[CHECKPOINTS_COLLECTION],
+        poll_interval=settings.query_consistency_poll_ms / 1000,
+        max_waiters=settings.query_max_waiters,
+    )
+    read_your_writes = ReadYourWrites(waiter, settings.query_max_wait_seconds)
+    watch_hub = OrderWatchHub(read_model.collection, max_watchers=settings.query_max_watchers)
     # SO_REUSEPORT (gRPC's default on Linux) would let a second process bind the same port silently.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    query_service_pb2_grpc.add_OrderQueryServiceServicer_to_server(OrderQueryServicer(read_model), server)
+    query_service_pb2_grpc.add_OrderQueryServiceServicer_to_server(
+        OrderQueryServicer(read_model, read_your_writes, watch_hub), server
+    )
+    customer_service_pb2_grpc.add_CustomerQueryServiceServicer_to_server(
+        CustomerQueryServicer(customers, read_your_writes), server
+    )
     health_servicer: _AsyncHealth = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, CUSTOMER_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     try:
         port = server.add_insecure_port(settings.query_listen)
     except RuntimeError as exc:  # grpc raises on bind failure in recent versions, returned 0 in older ones
@@ -99,8 +128,9 @@ async def start_query_server(
         await health_servicer.set(service, _NOT_SERVING)
     await server.start()
     stop_watching = asyncio.Event()
+    index_plans = [(read_model.collection, ORDER_INDEXES), (customers.collection, CUSTOMER_INDEXES)]
     watcher = asyncio.create_task(
-        _watch_mongo(read_model, client, health_servicer, settings, health_interval, stop_watching),
+        _watch_mongo(index_plans, client, health_servicer, settings, health_interval, stop_watching),
         name="mongo-health",
     )
     address = f"{settings.query_listen.rpartition(':')[0]}:{port}"
@@ -117,6 +147,8 @@ async def start_query_server(
         health=health_servicer,
         client=client,
         grace_seconds=settings.grace_seconds,
+        consistency_waiter=waiter,
+        watch_hub=watch_hub,
         _watcher=watcher,
         _stop_watching=stop_watching,
     )
@@ -139,8 +171,11 @@ async def serve(settings: QuerySettings) -> None:
         await running.stop()
 
 
+IndexPlan = tuple[AsyncCollection[Document], list[IndexModel]]
+
+
 async def _watch_mongo(
-    read_model: OrderReadModel,
+    index_plans: list[IndexPlan],
     client: AsyncMongoClient[Document],
     health_servicer: _AsyncHealth,
     settings: QuerySettings,
@@ -150,8 +185,9 @@ async def _watch_mongo(
     """Pings MongoDB until `stop` is set, mirrors reachability into the health status, creates the indexes."""
     where = f"{redact_mongo_url(settings.mongo_url)} (database {settings.mongo_database!r})"
     healthy: bool | None = None
-    indexes_ready = False
-    index_error: str | None = None  # last logged failure, so a lasting one is logged once, not every round
+    pending = list(index_plans)
+    # last logged failure per collection, so a lasting one is logged once, not every round
+    index_errors: dict[str, str | None] = {}
     while not stop.is_set():
         try:
             await client.admin.command("ping")
@@ -163,9 +199,11 @@ async def _watch_mongo(
             if healthy is not True:
                 log.info("read model (MongoDB) at %s is reachable", where)
             healthy = True
-            if not indexes_ready:
-                index_error = await _ensure_indexes(read_model, where, index_error)
-                indexes_ready = index_error is None
+            for plan in list(pending):
+                name = plan[0].name
+                index_errors[name] = await _ensure_indexes(plan, where, index_errors.get(name))
+                if index_errors[name] is None:
+                    pending.remove(plan)
         status = _SERVING if healthy else _NOT_SERVING
         for service in _HEALTH_SERVICES:
             await health_servicer.set(service, status)
@@ -189,20 +227,21 @@ async def _stop_task(task: asyncio.Task[None], stop: asyncio.Event, timeout: flo
         log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
-async def _ensure_indexes(read_model: OrderReadModel, where: str, previous_error: str | None) -> str | None:
-    """Creates the indexes; returns None on success, else the error (logged when it differs from the last)."""
+async def _ensure_indexes(plan: IndexPlan, where: str, previous_error: str | None) -> str | None:
+    """Creates one collection's indexes; returns None on success, else the error (logged when it changed)."""
     # Queries work without the indexes (only slower), so a failure here is a warning, retried next round.
+    collection, indexes = plan
     try:
-        created = await ensure_order_indexes(read_model.collection)
+        created = await ensure_indexes(collection, indexes)
     except Exception as exc:
         error = describe_mongo_error(exc)
         if error != previous_error:
-            log.warning("could not create read-model indexes at %s (will retry): %s", where, error)
+            log.warning("could not create %s indexes at %s (will retry): %s", collection.name, where, error)
         return error
     if not created:
-        error = "the orders collection does not exist yet"
+        error = f"the {collection.name} collection does not exist yet"
         if error != previous_error:
             log.info("read-model indexes at %s: %s (the projector creates it); will retry", where, error)
         return error
-    log.info("read-model indexes are in place at %s", where)
+    log.info("read-model indexes of %s are in place at %s", collection.name, where)
     return None

@@ -1,4 +1,4 @@
-"""Read-model documents -> protobuf messages (and the status enum in both directions)."""
+"""Read-model documents -> protobuf messages (and the status enums)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from cqrs.orders.v1 import order_pb2
+from cqrs.orders.v1 import customer_pb2, order_pb2
 from google.protobuf import timestamp_pb2
 
 _STATUS_TO_PROTO: dict[str, order_pb2.OrderStatus.ValueType] = {
@@ -15,6 +15,10 @@ _STATUS_TO_PROTO: dict[str, order_pb2.OrderStatus.ValueType] = {
     "CANCELLED": order_pb2.ORDER_STATUS_CANCELLED,
 }
 _STATUS_FROM_PROTO: dict[int, str] = {value: name for name, value in _STATUS_TO_PROTO.items()}
+_CUSTOMER_STATUS_TO_PROTO: dict[str, customer_pb2.CustomerStatus.ValueType] = {
+    "ACTIVE": customer_pb2.CUSTOMER_STATUS_ACTIVE,
+    "DEACTIVATED": customer_pb2.CUSTOMER_STATUS_DEACTIVATED,
+}
 
 
 def status_to_proto(status: str | None) -> order_pb2.OrderStatus.ValueType:
@@ -88,4 +92,38 @@ def _address(address: Mapping[str, Any]) -> order_pb2.Address:
         city=str(address.get("city", "")),
         postal_code=str(address.get("postal_code", "")),
         country=str(address.get("country", "")),
+    )
+
+
+def customer_from_document(doc: Mapping[str, Any]) -> customer_pb2.Customer:
+    """The `Customer` view of a read-model document; missing statistics are zeros."""
+    customer = customer_pb2.Customer(
+        customer_id=str(doc.get("customer_id") or doc["_id"]),
+        name=str(doc.get("name") or ""),
+        email=str(doc.get("email") or ""),
+        status=_CUSTOMER_STATUS_TO_PROTO.get(str(doc.get("status") or ""), customer_pb2.CUSTOMER_STATUS_UNSPECIFIED),
+        order_stats=_order_stats(doc.get("order_stats") or {}),
+        version=int(doc.get("version", 0)),
+        position=int(doc.get("position", 0)),
+    )
+    for field in ("registered_at", "updated_at"):
+        value = doc.get(field)
+        if isinstance(value, dt.datetime):
+            getattr(customer, field).CopyFrom(timestamp(value))
+    return customer
+
+
+def _order_stats(stats: Mapping[str, Any]) -> customer_pb2.CustomerOrderStats:
+    totals = sorted(
+        (
+            customer_pb2.CurrencyTotal(currency=str(t.get("currency", "")), total_minor=int(t.get("total_minor", 0)))
+            for t in stats.get("placed_totals") or []
+        ),
+        key=lambda total: total.currency,
+    )
+    return customer_pb2.CustomerOrderStats(
+        draft_orders=int(stats.get("draft_orders", 0)),
+        placed_orders=int(stats.get("placed_orders", 0)),
+        cancelled_orders=int(stats.get("cancelled_orders", 0)),
+        placed_totals=totals,
     )

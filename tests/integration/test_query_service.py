@@ -30,7 +30,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 
 from core.grpc_errors import field_violations
 from query_service.config import QuerySettings
-from query_service.server import SERVICE_NAME, RunningServer, start_query_server
+from query_service.server import CUSTOMER_SERVICE_NAME, SERVICE_NAME, RunningServer, start_query_server
+from query_service.watch import OrderWatchHub
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     from cqrs.orders.v1.query_service_pb2_grpc import OrderQueryServiceAsyncStub as Stub
@@ -417,20 +418,186 @@ async def test_default_page_size_is_50_and_maximum_is_500(orders: AsyncCollectio
     assert rest.next_page_token == ""
 
 
-async def test_watch_order_says_unimplemented(stub: Stub) -> None:
-    call = stub.WatchOrder(query_service_pb2.WatchOrderRequest(order_id=str(uuid.uuid4())))
+# --------------------------------------------------------------------------------------------------- WatchOrder
 
+
+async def read_watch(stub: Stub, order_id: str, first: asyncio.Event | None = None, token: str = "") -> list[Any]:
+    """Reads a WatchOrder stream to its end: [(version, deleted), ...]; sets `first` after the first message."""
+    seen: list[Any] = []
+    call = stub.WatchOrder(
+        query_service_pb2.WatchOrderRequest(order_id=order_id, consistency_token=token), timeout=WAIT_SECONDS * 2
+    )
+    async for response in call:
+        seen.append((response.order.version, response.deleted))
+        if first is not None:
+            first.set()
+    return seen
+
+
+async def start_watchers(stub: Stub, order_id: str, count: int) -> list[asyncio.Task[list[Any]]]:
+    """`count` watchers of one order, returned once each has received the current document."""
+    firsts = [asyncio.Event() for _ in range(count)]
+    tasks = [asyncio.create_task(read_watch(stub, order_id, first)) for first in firsts]
+    await asyncio.wait_for(asyncio.gather(*(first.wait() for first in firsts)), timeout=WAIT_SECONDS)
+    return tasks
+
+
+async def test_twenty_watchers_see_every_version_in_order_and_the_stream_ends_on_delete(
+    orders: AsyncCollection[Document], stub: Stub, query_server: RunningServer
+) -> None:
+    doc = make_order(created_at=T0) | {"version": 1}
+    await orders.insert_one(doc)
+    watchers = await start_watchers(stub, doc["_id"], 20)
+    assert query_server.watch_hub.watchers == 20
+    assert query_server.watch_hub.mode == "change stream"
+
+    # Whole-document writes: each change event carries the document exactly as written.
+    for version in range(2, 11):
+        await orders.replace_one({"_id": doc["_id"]}, doc | {"version": version})
+    await orders.replace_one({"_id": doc["_id"]}, doc | {"version": 11, "deleted": True})
+    results = await asyncio.wait_for(asyncio.gather(*watchers), timeout=WAIT_SECONDS)
+
+    expected = [(v, False) for v in range(1, 11)] + [(11, True)]
+    assert all(seen == expected for seen in results), results
+
+    async def all_gone() -> bool:
+        return query_server.watch_hub.watchers == 0
+
+    await wait_for(all_gone, "the finished watchers to be unsubscribed")
+
+
+async def test_watchers_of_fast_updates_see_increasing_versions_ending_with_the_latest(
+    orders: AsyncCollection[Document], stub: Stub
+) -> None:
+    doc = make_order(created_at=T0) | {"version": 1}
+    other = make_order(created_at=T0) | {"version": 1}
+    await orders.insert_many([doc, other])
+    watchers = await start_watchers(stub, doc["_id"], 5)
+
+    # `$set` updates as the projector writes them, faster than anyone reads them: a watcher may get several of
+    # them as one (the looked-up latest document) but never an old one, a duplicate or another order's.
+    for version in range(2, 41):
+        await orders.update_one({"_id": doc["_id"]}, {"$set": {"version": version}})
+        await orders.update_one({"_id": other["_id"]}, {"$set": {"version": version}})
+    await orders.update_one({"_id": doc["_id"]}, {"$set": {"version": 41, "deleted": True}})
+    results = await asyncio.wait_for(asyncio.gather(*watchers), timeout=WAIT_SECONDS)
+
+    for seen in results:
+        versions = [version for version, _ in seen]
+        assert versions == sorted(set(versions)), seen
+        assert seen[0] == (1, False) and seen[-1] == (41, True)
+        assert all(not deleted for _, deleted in seen[:-1])
+
+
+async def test_watch_order_of_an_unknown_or_deleted_order_is_not_found(
+    orders: AsyncCollection[Document], stub: Stub
+) -> None:
+    deleted = make_order(created_at=T0, deleted=True)
+    await orders.insert_one(deleted)
+
+    for order_id in (str(uuid.uuid4()), deleted["_id"]):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_watch(stub, order_id)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_watch_order_with_a_malformed_id_or_token_is_invalid_argument(stub: Stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call.read()
+        await read_watch(stub, "nope", token="v1.garbage")
 
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sorted(field for field, _ in field_violations(caught.value)) == ["consistency_token", "order_id"]
+
+
+async def test_a_watcher_that_leaves_is_forgotten(
+    orders: AsyncCollection[Document], stub: Stub, query_server: RunningServer
+) -> None:
+    doc = make_order(created_at=T0)
+    await orders.insert_one(doc)
+    [watcher] = await start_watchers(stub, doc["_id"], 1)
+    assert query_server.watch_hub.watchers == 1
+
+    watcher.cancel()  # the client goes away
+
+    async def forgotten() -> bool:
+        return query_server.watch_hub.watchers == 0
+
+    await wait_for(forgotten, "the server to drop the cancelled watcher")
+
+
+async def test_watch_streams_end_with_unavailable_when_the_server_stops(
+    mongo_url: str, unique_name: str, orders: AsyncCollection[Document]
+) -> None:
+    doc = make_order(created_at=T0)
+    await orders.insert_one(doc)
+    settings = QuerySettings(
+        mongo_url=mongo_url, mongo_database=unique_name, query_listen="127.0.0.1:0", grace_seconds=30
+    )
+    running = await start_query_server(settings, health_interval=0.2)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as chan:
+            watchers = await start_watchers(query_service_pb2_grpc.OrderQueryServiceStub(chan), doc["_id"], 3)
+            started = asyncio.get_running_loop().time()
+            await running.stop()
+            elapsed = asyncio.get_running_loop().time() - started
+            for watcher in watchers:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await watcher
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert elapsed < 5, f"streams held the shutdown for {elapsed:.1f}s (grace is 30s)"
+    finally:
+        await running.stop()
+
+
+async def test_watchers_beyond_the_limit_are_resource_exhausted(
+    mongo_url: str, unique_name: str, orders: AsyncCollection[Document]
+) -> None:
+    doc = make_order(created_at=T0)
+    await orders.insert_one(doc)
+    settings = QuerySettings(
+        mongo_url=mongo_url, mongo_database=unique_name, query_listen="127.0.0.1:0", query_max_watchers=2
+    )
+    running = await start_query_server(settings, health_interval=0.2)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as chan:
+            stub = query_service_pb2_grpc.OrderQueryServiceStub(chan)
+            watchers = await start_watchers(stub, doc["_id"], 2)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await read_watch(stub, doc["_id"])
+            for watcher in watchers:
+                watcher.cancel()
+    finally:
+        await running.stop()
+
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many WatchOrder streams" in (caught.value.details() or "")
+
+
+async def test_the_watch_feed_falls_back_to_polling_without_change_streams(
+    orders: AsyncCollection[Document],
+) -> None:
+    # Standalone mongod has no change streams; the hub then polls. Forced here, since our server has them.
+    doc = make_order(created_at=T0) | {"version": 1}
+    await orders.insert_one(doc)
+    hub = OrderWatchHub(orders, poll_interval=0.05, use_change_stream=False)
+    try:
+        subscription = await hub.subscribe(doc["_id"])
+        assert hub.mode == "poll"
+        await orders.update_one({"_id": doc["_id"]}, {"$set": {"version": 2}})
+        while True:
+            item = await asyncio.wait_for(subscription.next(), timeout=WAIT_SECONDS)
+            if isinstance(item, dict) and item["version"] == 2:
+                break
+        hub.unsubscribe(subscription)
+    finally:
+        await hub.close()
 
 
 # ----------------------------------------------------------------------------- health, reflection, indexes
 
 
-async def test_health_is_serving_for_the_server_and_the_service(channel: grpc.aio.Channel) -> None:
-    for service in ("", SERVICE_NAME):
+async def test_health_is_serving_for_the_server_and_the_services(channel: grpc.aio.Channel) -> None:
+    for service in ("", SERVICE_NAME, CUSTOMER_SERVICE_NAME):
 
         async def serving(service: str = service) -> bool:
             return bool(await health_status(channel, service) == health_pb2.HealthCheckResponse.SERVING)
@@ -445,8 +612,14 @@ async def test_reflection_lists_the_services(channel: grpc.aio.Channel) -> None:
     responses = [response async for response in stub.ServerReflectionInfo(iter([request]))]
 
     names = {service.name for service in responses[0].list_services_response.service}
-    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert {
+        SERVICE_NAME,
+        CUSTOMER_SERVICE_NAME,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
     assert SERVICE_NAME == "cqrs.orders.v1.OrderQueryService"
+    assert CUSTOMER_SERVICE_NAME == "cqrs.orders.v1.CustomerQueryService"
 
 
 async def test_the_listing_indexes_are_created_once_the_collection_exists(

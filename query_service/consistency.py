@@ -1,0 +1,403 @@
+"""Read-your-writes: waiting until the read model reflects the consistency tokens a query carries.
+
+The projector raises `checkpoints[stream_id].version` (with `$max`) last in every batch, after all derived views,
+so a token `(stream_id, version)` is reflected once that checkpoint reaches its version.
+
+Waiting is shared: one `ConsistencyWaiter` per server runs one background task, only while some query waits,
+that reads the checkpoints of *all* pending streams with one `find({_id: {$in: ...}})` per round (every
+`poll_interval` seconds) and wakes every query whose tokens are now reflected. The highest versions seen are
+cached (they only ever grow), so a token that is already reflected costs no query at all. N waiting queries
+therefore cost one small query per round, not N queries in a busy loop.
+
+The bookkeeping (`WaitBook`) is pure; `ConsistencyWaiter` adds the task and the MongoDB query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from cqrs.orders.v1 import consistency_pb2
+from pymongo.asynchronous.collection import AsyncCollection
+
+from core.consistency import ConsistencyToken, decode_token
+from core.errors import FieldViolation, Unavailable
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS_COLLECTION: Final = "checkpoints"
+# More tokens than any sensible client sends (one per command it issued before the query).
+MAX_TOKENS: Final = 100
+# Stop waiting a little before the caller's deadline, so it gets our answer (a stale one, or UNAVAILABLE with the
+# lag) instead of its own DEADLINE_EXCEEDED: 50 ms plus 10% of the remaining time, at most 500 ms. The read after
+# the wait needs that time on a slow or busy MongoDB.
+_MARGIN_FRACTION: Final = 0.10
+_MARGIN_BASE_SECONDS: Final = 0.05
+_MARGIN_MAX_SECONDS: Final = 0.5
+
+
+class TooManyWaiters(Exception):
+    """More queries wait for tokens than the server allows (gRPC RESOURCE_EXHAUSTED)."""
+
+
+# ------------------------------------------------------------------------------------------- request parsing
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """One stream the read model must reflect up to `version`."""
+
+    stream_type: str
+    stream_id: str
+    version: int
+
+
+def parse_tokens(tokens: Iterable[str], field_path: str) -> tuple[list[Requirement], list[FieldViolation]]:
+    """The requirements of some tokens (one per stream, the highest version wins) and their field violations.
+
+    `field_path` names the repeated field, e.g. `consistency.consistency_tokens`; a bad token at index i is
+    reported as `<field_path>[i]`.
+    """
+    violations: list[FieldViolation] = []
+    by_stream: dict[str, Requirement] = {}
+    token_list = list(tokens)
+    if len(token_list) > MAX_TOKENS:
+        return [], [FieldViolation(field_path, f"at most {MAX_TOKENS} tokens are accepted")]
+    for index, text in enumerate(token_list):
+        try:
+            token: ConsistencyToken = decode_token(text)
+        except ValueError as exc:
+            violations.append(FieldViolation(f"{field_path}[{index}]", f"{exc} (pass tokens exactly as received)"))
+            continue
+        known = by_stream.get(token.stream_id)
+        if known is None or token.version > known.version:
+            by_stream[token.stream_id] = Requirement(token.stream_type, token.stream_id, token.version)
+    return list(by_stream.values()), violations
+
+
+def parse_requirement(
+    consistency: consistency_pb2.ConsistencyRequirement, field_path: str = "consistency"
+) -> tuple[list[Requirement], list[FieldViolation]]:
+    """The requirements of a query's `consistency` field, and the violations of its malformed tokens."""
+    return parse_tokens(consistency.consistency_tokens, f"{field_path}.consistency_tokens")
+
+
+def wait_budget(time_remaining: float | None, max_wait: float) -> float:
+    """Seconds a query may wait for its tokens: the caller's remaining deadline minus a margin, capped."""
+    if time_remaining is None:
+        return max_wait
+    margin = min(_MARGIN_BASE_SECONDS + _MARGIN_FRACTION * time_remaining, _MARGIN_MAX_SECONDS)
+    return max(0.0, min(max_wait, time_remaining - margin))
+
+
+# ------------------------------------------------------------------------------------------------ outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """A requirement the read model has not reached: it has applied `applied` (0: nothing) of `required`."""
+
+    stream_type: str
+    stream_id: str
+    required: int
+    applied: int
+
+
+@dataclass(frozen=True, slots=True)
+class WaitOutcome:
+    """How a wait ended: `behind` is empty when every requirement is reflected."""
+
+    waited_seconds: float
+    behind: tuple[Lag, ...] = ()
+
+    @property
+    def reached(self) -> bool:
+        return not self.behind
+
+    @property
+    def waited_ms(self) -> int:
+        return round(self.waited_seconds * 1000)
+
+    def read_consistency(self) -> consistency_pb2.ReadConsistency:
+        """The `ReadConsistency` of a response answered after this wait (stale when something is behind)."""
+        return consistency_pb2.ReadConsistency(
+            stale=not self.reached,
+            waited_ms=self.waited_ms,
+            behind=[
+                consistency_pb2.StreamLag(
+                    stream_type=lag.stream_type,
+                    stream_id=lag.stream_id,
+                    required_version=lag.required,
+                    applied_version=lag.applied,
+                )
+                for lag in self.behind
+            ],
+        )
+
+    def describe(self) -> str:
+        """A message for UNAVAILABLE: how far behind the read model is, per stream, and how long we waited."""
+        streams = "; ".join(
+            f"{lag.stream_type} {lag.stream_id} is at version {lag.applied}, the token needs {lag.required}"
+            for lag in self.behind
+        )
+        return (
+            f"the read model has not caught up with the consistency tokens after waiting "
+            f"{self.waited_seconds:.3f}s: {streams}. Retry later, or set consistency.accept_stale to read "
+            f"stale data"
+        )
+
+
+NO_WAIT: Final = WaitOutcome(waited_seconds=0.0)
+
+
+# ------------------------------------------------------------------------------------ pure bookkeeping
+
+
+class VersionCache:
+    """The highest applied version seen per stream (monotonic), bounded: least recently used entries go first.
+
+    Forgetting an entry is harmless: the stream is simply read again when a token needs it.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._capacity = capacity
+        self._versions: OrderedDict[str, int] = OrderedDict()
+
+    def get(self, stream_id: str) -> int:
+        version = self._versions.get(stream_id)
+        if version is None:
+            return 0
+        self._versions.move_to_end(stream_id)
+        return version
+
+    def raise_to(self, stream_id: str, version: int) -> None:
+        """Records that `stream_id` is applied at least up to `version` (a lower value changes nothing)."""
+        if version > self._versions.get(stream_id, 0):
+            self._versions[stream_id] = version
+        if stream_id in self._versions:
+            self._versions.move_to_end(stream_id)
+            while len(self._versions) > self._capacity:
+                self._versions.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One waiting query: the versions it still needs per stream, and the future that wakes it."""
+
+    id: int
+    missing: dict[str, int]
+    future: asyncio.Future[None] | None = field(default=None, repr=False)
+
+
+class WaitBook:
+    """Which queries wait for which streams (pure: no I/O, no task).
+
+    `observe(versions)` feeds in what the checkpoints say and returns the tickets now satisfied (and forgets
+    them); `pending_streams()` is what the next round must read.
+    """
+
+    def __init__(self, *, max_waiters: int, cache: VersionCache | None = None) -> None:
+        self._max_waiters = max_waiters
+        self.cache = cache or VersionCache()
+        self._tickets: dict[int, Ticket] = {}
+        self._by_stream: dict[str, set[int]] = {}
+        self._ids = itertools.count(1)
+
+    def unmet(self, requirements: Iterable[Requirement]) -> dict[str, int]:
+        """stream id -> version of the requirements the cache does not already know to be reflected."""
+        return {r.stream_id: r.version for r in requirements if self.cache.get(r.stream_id) < r.version}
+
+    def add(self, missing: Mapping[str, int]) -> Ticket:
+        """Registers a waiting query; TooManyWaiters when the book is full."""
+        if len(self._tickets) >= self._max_waiters:
+            raise TooManyWaiters(
+                f"too many queries are waiting for consistency tokens ({self._max_waiters}); retry later"
+            )
+        ticket = Ticket(id=next(self._ids), missing=dict(missing))
+        self._tickets[ticket.id] = ticket
+        for stream_id in ticket.missing:
+            self._by_stream.setdefault(stream_id, set()).add(ticket.id)
+        return ticket
+
+    def remove(self, ticket: Ticket) -> None:
+        """Forgets a ticket (satisfied, timed out or cancelled); idempotent."""
+        if self._tickets.pop(ticket.id, None) is None:
+            return
+        for stream_id in ticket.missing:
+            waiting = self._by_stream.get(stream_id)
+            if waiting is not None:
+                waiting.discard(ticket.id)
+                if not waiting:
+                    del self._by_stream[stream_id]
+
+    def observe(self, versions: Mapping[str, int]) -> list[Ticket]:
+        """Records applied versions; returns (and removes) the tickets whose every stream is now reflected."""
+        satisfied: list[Ticket] = []
+        for stream_id, version in versions.items():
+            self.cache.raise_to(stream_id, version)
+            for ticket_id in list(self._by_stream.get(stream_id, ())):
+                ticket = self._tickets[ticket_id]
+                if all(self.cache.get(s) >= v for s, v in ticket.missing.items()):
+                    satisfied.append(ticket)
+                    self.remove(ticket)
+        return satisfied
+
+    def pending_streams(self) -> list[str]:
+        return list(self._by_stream)
+
+    def tickets(self) -> list[Ticket]:
+        return list(self._tickets.values())
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+
+# ------------------------------------------------------------------------------------- the shared waiter
+
+
+class ConsistencyWaiter:
+    """The one shared waiter of a server (see the module docstring). Not thread-safe: one event loop."""
+
+    def __init__(
+        self,
+        checkpoints: AsyncCollection[dict[str, Any]],
+        *,
+        poll_interval: float = 0.015,
+        max_waiters: int = 10_000,
+    ) -> None:
+        self._checkpoints = checkpoints
+        self._poll_interval = poll_interval
+        self._book = WaitBook(max_waiters=max_waiters)
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._closed = False
+        self.queries = 0  # checkpoint queries run so far (tests and metrics)
+        self.last_error: BaseException | None = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._book)
+
+    async def wait(self, requirements: list[Requirement], timeout: float) -> WaitOutcome:
+        """Waits up to `timeout` seconds until every requirement is reflected.
+
+        Returns the outcome (with what is still behind when the time ran out). Raises TooManyWaiters when the
+        server is saturated, Unavailable when shutting down, and the driver's error when MongoDB failed
+        while we waited (the caller maps it to UNAVAILABLE).
+        """
+        missing = self._book.unmet(requirements)
+        if not missing:
+            return NO_WAIT  # known to be reflected: no query at all
+        if self._closed:
+            raise Unavailable("the query service is shutting down")
+        started = time.monotonic()
+        if timeout > 0:
+            ticket = self._book.add(missing)
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            ticket.future = future
+            self._ensure_running()
+            try:
+                # asyncio.wait neither cancels the future nor swallows our own cancellation (unlike wait_for
+                # on 3.11): a client that leaves cancels this task, and `finally` forgets the ticket.
+                await asyncio.wait({future}, timeout=timeout)
+            finally:
+                self._book.remove(ticket)
+            if future.done():
+                future.result()  # re-raises a MongoDB failure of the shared poll
+                return WaitOutcome(waited_seconds=time.monotonic() - started)
+            future.cancel()
+        waited = time.monotonic() - started
+        behind = tuple(
+            Lag(r.stream_type, r.stream_id, r.version, self._book.cache.get(r.stream_id))
+            for r in requirements
+            if self._book.cache.get(r.stream_id) < r.version
+        )
+        return WaitOutcome(waited_seconds=waited, behind=behind)
+
+    def _ensure_running(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="consistency-waiter")
+
+    async def _run(self) -> None:
+        """Polls while anyone waits; ends (and is restarted by the next waiter) when nobody does."""
+        try:
+            while len(self._book) and not self._stop.is_set():
+                await self._poll_once()
+                if len(self._book):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), timeout=self._poll_interval)
+        finally:
+            # No await between the loop's last check and this line: a waiter added meanwhile starts a new task.
+            self._task = None
+
+    async def _poll_once(self) -> None:
+        streams = self._book.pending_streams()
+        self.queries += 1
+        try:
+            cursor = self._checkpoints.find({"_id": {"$in": streams}}, {"version": 1})
+            docs = await cursor.to_list()
+        except Exception as exc:
+            # Every current waiter fails with the driver's error (UNAVAILABLE for them); the next waiter
+            # restarts the poll, so an outage does not outlive MongoDB's.
+            self.last_error = exc
+            for ticket in self._book.tickets():
+                self._book.remove(ticket)
+                if ticket.future is not None and not ticket.future.done():
+                    ticket.future.set_exception(exc)
+            return
+        self.last_error = None
+        versions = {str(doc["_id"]): _version(doc) for doc in docs}
+        for ticket in self._book.observe(versions):
+            if ticket.future is not None and not ticket.future.done():
+                ticket.future.set_result(None)
+
+    async def close(self) -> None:
+        """Stops the poll; waiters still registered fail with Unavailable. Idempotent."""
+        self._closed = True
+        self._stop.set()
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=10.0)
+        for ticket in self._book.tickets():
+            self._book.remove(ticket)
+            if ticket.future is not None and not ticket.future.done():
+                ticket.future.set_exception(Unavailable("the query service is shutting down"))
+
+
+def _version(doc: Mapping[str, Any]) -> int:
+    value = doc.get("version")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+class ReadYourWrites:
+    """What every query does with its tokens: wait within its budget, then answer, fail or answer stale."""
+
+    def __init__(self, waiter: ConsistencyWaiter, max_wait_seconds: float) -> None:
+        self.waiter = waiter
+        self._max_wait = max_wait_seconds
+
+    async def ensure(
+        self, requirements: list[Requirement], *, accept_stale: bool, time_remaining: float | None
+    ) -> consistency_pb2.ReadConsistency:
+        """The response's `ReadConsistency` once the tokens are reflected (or stale data is acceptable).
+
+        Raises Unavailable, saying how far behind the read model is, when they are not reflected in time and the
+        caller did not accept stale data.
+        """
+        if not requirements:
+            return consistency_pb2.ReadConsistency()
+        outcome = await self.waiter.wait(requirements, wait_budget(time_remaining, self._max_wait))
+        if outcome.reached or accept_stale:
+            return outcome.read_consistency()
+        raise Unavailable(outcome.describe())

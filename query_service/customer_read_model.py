@@ -1,0 +1,86 @@
+"""Reads of the `customers` read model in MongoDB and the indexes they need.
+
+The projector owns the documents: `{_id: customer_id, customer_id, name, email, status: "ACTIVE"|"DEACTIVATED",
+registered_at, updated_at, version, position, order_stats: {draft_orders, placed_orders, cancelled_orders,
+placed_totals: [{currency, total_minor}]}}`. Order statistics may arrive before the customer's own events: such a
+document holds only `order_stats`, has no `version`, and is not a customer yet (not found, not listed).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Final
+
+from pymongo import ASCENDING, AsyncMongoClient, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+
+from query_service.paging import CustomerCursor, CustomerFilter
+from query_service.read_model import Document
+
+CustomersCollection = AsyncCollection[Document]
+
+CUSTOMERS_COLLECTION: Final = "customers"
+
+BY_NAME: Final[list[tuple[str, int]]] = [("name", ASCENDING), ("_id", ASCENDING)]
+
+# `(name, _id)` serves the sort, the keyset condition and an anchored name-prefix regex (index bounds);
+# `email` the exact-email filter. Generated names, as the projector declares them, so the second creator no-ops.
+CUSTOMER_INDEXES: Final[list[IndexModel]] = [IndexModel(BY_NAME), IndexModel([("email", ASCENDING)])]
+
+# Only documents the customer's own events have created; statistics-only documents have no version.
+_IS_CUSTOMER: Final[Document] = {"version": {"$exists": True}}
+
+
+def normalize_email(raw: str) -> str:
+    """The stored form of an email: stripped, lower case, Unicode NFC.
+
+    Must equal the command side's normalisation (command_service/domain/customer_validation.py), which a query
+    service may not import: the services share only `core/` and the protos.
+    """
+    return unicodedata.normalize("NFC", raw.strip().lower())
+
+
+class CustomerReadModel:
+    """Queries on the `customers` collection; methods may raise PyMongo errors (see `is_mongo_unavailable`)."""
+
+    def __init__(self, collection: CustomersCollection) -> None:
+        self._customers = collection
+
+    @classmethod
+    def from_client(cls, client: AsyncMongoClient[Document], database: str) -> CustomerReadModel:
+        return cls(client[database][CUSTOMERS_COLLECTION])
+
+    @property
+    def collection(self) -> CustomersCollection:
+        return self._customers
+
+    async def get(self, customer_id: str) -> Document | None:
+        """The customer with this id, or None (also for a document that holds only order statistics)."""
+        return await self._customers.find_one({"_id": customer_id, **_IS_CUSTOMER})
+
+    async def list_page(self, filters: CustomerFilter, after: CustomerCursor | None, limit: int) -> list[Document]:
+        """Up to `limit` customers matching `filters`, by name then id, strictly after `after` when given."""
+        cursor = self._customers.find(customer_listing_query(filters, after)).sort(BY_NAME).limit(limit)
+        return await cursor.to_list()
+
+
+def customer_listing_query(filters: CustomerFilter, after: CustomerCursor | None) -> Document:
+    """The MongoDB filter of one ListCustomers page.
+
+    The name prefix becomes an anchored regex of the escaped prefix (no options): MongoDB turns exactly that form
+    into index bounds on `name`, and escaping makes `.`/`*`/`(` in a name match literally. The keyset condition
+    is a range on `name` plus an `$or` that breaks ties on `_id`.
+    """
+    query: Document = dict(_IS_CUSTOMER)
+    name: Document = {}
+    if filters.name_prefix:
+        name["$regex"] = "^" + re.escape(filters.name_prefix)
+    if filters.email:
+        query["email"] = filters.email
+    if after is not None:
+        name["$gte"] = after.name
+        query["$or"] = [{"name": {"$gt": after.name}}, {"_id": {"$gt": after.customer_id}}]
+    if name:
+        query["name"] = name
+    return query

@@ -1,0 +1,367 @@
+"""Read-your-writes on the query side against a real MongoDB-wire server: queries with consistency tokens.
+
+Each test inserts read-model documents and `checkpoints` directly (as the projector writes them: the checkpoint
+last) and calls an in-process query server through a real gRPC channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from cqrs.orders.v1 import consistency_pb2, customer_service_pb2, customer_service_pb2_grpc, query_service_pb2
+from cqrs.orders.v1 import query_service_pb2_grpc as qgrpc
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from core.consistency import ConsistencyToken
+from core.grpc_errors import field_violations
+from query_service.config import QuerySettings
+from query_service.server import RunningServer, start_query_server
+from tests.integration.test_query_service import T0, closed_port, make_order
+from tests.support import eventually
+
+if TYPE_CHECKING:
+    from cqrs.orders.v1.customer_service_pb2_grpc import CustomerQueryServiceAsyncStub as CustomerStub
+    from cqrs.orders.v1.query_service_pb2_grpc import OrderQueryServiceAsyncStub as Stub
+
+Document = dict[str, Any]
+
+
+def token(stream_id: str, version: int, stream_type: str = "order") -> str:
+    return ConsistencyToken(stream_type, stream_id, version, position=1000 + version).encode()
+
+
+def consistency(*tokens: str, accept_stale: bool = False) -> consistency_pb2.ConsistencyRequirement:
+    return consistency_pb2.ConsistencyRequirement(consistency_tokens=list(tokens), accept_stale=accept_stale)
+
+
+async def set_checkpoint(db: AsyncDatabase[Document], stream_id: str, version: int, stream_type: str = "order") -> None:
+    """Raises a stream's checkpoint as the projector does (`$max`, last in its batch)."""
+    await db["checkpoints"].update_one(
+        {"_id": stream_id},
+        {
+            "$max": {"version": version, "position": 1000 + version},
+            "$set": {"stream_type": stream_type, "updated_at": dt.datetime.now(dt.UTC)},
+        },
+        upsert=True,
+    )
+
+
+async def put_order(db: AsyncDatabase[Document], version: int, order_id: str | None = None) -> Document:
+    """An order document at `version` with its checkpoint (document first, checkpoint last)."""
+    doc = make_order(created_at=T0, order_id=order_id) | {"version": version}
+    await db["orders"].replace_one({"_id": doc["_id"]}, doc, upsert=True)
+    await set_checkpoint(db, doc["_id"], version)
+    return doc
+
+
+# -------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+async def db(mongo_url: str, unique_name: str) -> AsyncIterator[AsyncDatabase[Document]]:
+    client: AsyncMongoClient[Document] = AsyncMongoClient(mongo_url, tz_aware=True)
+    try:
+        yield client[unique_name]
+        await client.drop_database(unique_name)
+    finally:
+        await client.close()
+
+
+async def _server(mongo_url: str, database: str, **overrides: Any) -> RunningServer:
+    settings = QuerySettings(
+        mongo_url=mongo_url, mongo_database=database, query_listen="127.0.0.1:0", grace_seconds=1, **overrides
+    )
+    return await start_query_server(settings, health_interval=0.2)
+
+
+@pytest.fixture
+async def query_server(mongo_url: str, unique_name: str) -> AsyncIterator[RunningServer]:
+    running = await _server(mongo_url, unique_name)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture
+async def channel(query_server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{query_server.port}") as chan:
+        yield chan
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> Stub:
+    return qgrpc.OrderQueryServiceStub(channel)
+
+
+@pytest.fixture
+def customer_stub(channel: grpc.aio.Channel) -> CustomerStub:
+    return customer_service_pb2_grpc.CustomerQueryServiceStub(channel)
+
+
+# ----------------------------------------------------------------------------------------------------- tests
+
+
+async def test_without_tokens_the_response_says_it_did_not_wait(db: AsyncDatabase[Document], stub: Stub) -> None:
+    doc = await put_order(db, 3)
+
+    response = await stub.GetOrder(query_service_pb2.GetOrderRequest(order_id=doc["_id"]))
+
+    assert response.consistency == consistency_pb2.ReadConsistency()  # stale=false, waited_ms=0, behind=[]
+
+
+async def test_a_reflected_token_answers_at_once_and_then_without_any_query(
+    db: AsyncDatabase[Document], stub: Stub, query_server: RunningServer
+) -> None:
+    doc = await put_order(db, 3)
+    request = query_service_pb2.GetOrderRequest(order_id=doc["_id"], consistency=consistency(token(doc["_id"], 3)))
+
+    first = await stub.GetOrder(request, timeout=5)
+    queries = query_server.consistency_waiter.queries
+    again = await stub.GetOrder(request, timeout=5)
+    older = await stub.GetOrder(
+        query_service_pb2.GetOrderRequest(order_id=doc["_id"], consistency=consistency(token(doc["_id"], 1))),
+        timeout=5,
+    )
+
+    for response in (first, again, older):
+        assert response.order.version == 3
+        assert not response.consistency.stale and not response.consistency.behind
+    assert first.consistency.waited_ms < 500
+    assert again.consistency.waited_ms == 0 and older.consistency.waited_ms == 0
+    assert query_server.consistency_waiter.queries == queries, "a known-reflected token queried MongoDB"
+
+
+async def test_a_token_reflected_later_is_waited_for(db: AsyncDatabase[Document], stub: Stub) -> None:
+    doc = await put_order(db, 1)
+
+    async def project_later() -> None:
+        await asyncio.sleep(0.3)
+        await put_order(db, 2, order_id=doc["_id"])
+
+    started = time.monotonic()
+    projector = asyncio.create_task(project_later())
+    response = await stub.GetOrder(
+        query_service_pb2.GetOrderRequest(order_id=doc["_id"], consistency=consistency(token(doc["_id"], 2))),
+        timeout=10,
+    )
+    elapsed = time.monotonic() - started
+    await projector
+
+    assert response.order.version == 2
+    assert not response.consistency.stale
+    assert 250 <= response.consistency.waited_ms <= elapsed * 1000 + 1
+    assert elapsed >= 0.3
+
+
+async def test_an_unreachable_token_is_unavailable_within_the_deadline_saying_how_far_behind(
+    db: AsyncDatabase[Document], stub: Stub
+) -> None:
+    doc = await put_order(db, 2)
+    request = query_service_pb2.GetOrderRequest(order_id=doc["_id"], consistency=consistency(token(doc["_id"], 5)))
+
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetOrder(request, timeout=1.0)
+    elapsed = time.monotonic() - started
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # ours, not DEADLINE_EXCEEDED
+    details = caught.value.details() or ""
+    assert f"order {doc['_id']} is at version 2, the token needs 5" in details, details
+    assert "after waiting 0.8" in details, details  # 1 s minus the margin that keeps us ahead of the deadline
+    assert "accept_stale" in details
+    assert 0.7 < elapsed < 1.0
+
+
+async def test_accept_stale_answers_with_what_is_there_marked_stale(db: AsyncDatabase[Document], stub: Stub) -> None:
+    doc = await put_order(db, 2)
+    unknown_customer = str(uuid.uuid4())
+    request = query_service_pb2.GetOrderRequest(
+        order_id=doc["_id"],
+        consistency=consistency(
+            token(doc["_id"], 5), token(unknown_customer, 1, "customer"), token(doc["_id"], 2), accept_stale=True
+        ),
+    )
+
+    response = await stub.GetOrder(request, timeout=1.0)
+
+    assert response.order.version == 2
+    assert response.consistency.stale
+    assert 700 <= response.consistency.waited_ms < 1000
+    behind = {
+        (lag.stream_type, lag.stream_id, lag.required_version, lag.applied_version)
+        for lag in response.consistency.behind
+    }
+    assert behind == {("order", doc["_id"], 5, 2), ("customer", unknown_customer, 1, 0)}
+
+
+async def test_the_server_caps_the_wait_below_a_long_deadline(mongo_url: str, db: AsyncDatabase[Document]) -> None:
+    doc = await put_order(db, 1)
+    running = await _server(mongo_url, db.name, query_max_wait_seconds=0.3)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as chan:
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await qgrpc.OrderQueryServiceStub(chan).ListOrders(
+                    query_service_pb2.ListOrdersRequest(consistency=consistency(token(doc["_id"], 2))), timeout=30
+                )
+            elapsed = time.monotonic() - started
+    finally:
+        await running.stop()
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert 0.3 <= elapsed < 2
+
+
+@pytest.mark.parametrize("bad", ["", "v1.", "v1.bm90IGpzb24", "v2.eyJ0IjoibyJ9", "x" * 600, token("o", 1)[:-3] + "!!!"])
+async def test_a_malformed_token_is_invalid_argument_naming_it(stub: Stub, bad: str) -> None:
+    request = query_service_pb2.GetOrderRequest(
+        order_id="not-a-uuid", consistency=consistency(token(str(uuid.uuid4()), 1), bad)
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetOrder(request, timeout=5)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sorted(field for field, _ in field_violations(caught.value)) == [
+        "consistency.consistency_tokens[1]",
+        "order_id",
+    ]
+
+
+async def test_every_query_takes_tokens_and_reports_its_consistency(
+    db: AsyncDatabase[Document], stub: Stub, customer_stub: CustomerStub
+) -> None:
+    order = await put_order(db, 4)
+    customer_id = str(uuid.uuid4())
+    await db["customers"].insert_one(
+        {"_id": customer_id, "customer_id": customer_id, "name": "Ada", "email": "ada@example.com",
+         "status": "ACTIVE", "version": 2, "position": 77}
+    )  # fmt: skip
+    await set_checkpoint(db, customer_id, 2, "customer")
+    tokens = consistency(token(order["_id"], 4), token(customer_id, 2, "customer"))
+    late = consistency(token(order["_id"], 9), accept_stale=True)
+
+    answers = [
+        await stub.ListOrders(query_service_pb2.ListOrdersRequest(consistency=tokens), timeout=5),
+        await customer_stub.GetCustomer(
+            customer_service_pb2.GetCustomerRequest(customer_id=customer_id, consistency=tokens), timeout=5
+        ),
+        await customer_stub.ListCustomers(customer_service_pb2.ListCustomersRequest(consistency=tokens), timeout=5),
+    ]
+    stale = [
+        await stub.ListOrders(query_service_pb2.ListOrdersRequest(consistency=late), timeout=1.0),
+        await customer_stub.GetCustomer(
+            customer_service_pb2.GetCustomerRequest(customer_id=customer_id, consistency=late), timeout=1.0
+        ),
+        await customer_stub.ListCustomers(customer_service_pb2.ListCustomersRequest(consistency=late), timeout=1.0),
+    ]
+
+    assert all(not a.consistency.stale and not a.consistency.behind for a in answers)
+    assert all(s.consistency.stale and [lag.required_version for lag in s.consistency.behind] == [9] for s in stale)
+    for bad_call in (
+        stub.ListOrders(query_service_pb2.ListOrdersRequest(consistency=consistency("junk")), timeout=5),
+        customer_stub.ListCustomers(customer_service_pb2.ListCustomersRequest(consistency=consistency("junk"))),
+        customer_stub.GetCustomer(
+            customer_service_pb2.GetCustomerRequest(customer_id=customer_id, consistency=consistency("junk"))
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await bad_call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in field_violations(caught.value)] == ["consistency.consistency_tokens[0]"]
+
+
+async def test_two_hundred_waiting_queries_share_one_poll(
+    db: AsyncDatabase[Document], stub: Stub, query_server: RunningServer
+) -> None:
+    docs = [await put_order(db, 1) for _ in range(20)]
+    waiter = query_server.consistency_waiter
+    queries_before = waiter.queries
+
+    async def query(i: int) -> query_service_pb2.GetOrderResponse:
+        doc = docs[i % len(docs)]
+        request = query_service_pb2.GetOrderRequest(order_id=doc["_id"], consistency=consistency(token(doc["_id"], 2)))
+        return await stub.GetOrder(request, timeout=20)
+
+    started = time.monotonic()
+    calls = [asyncio.create_task(query(i)) for i in range(200)]
+
+    async def all_waiting() -> bool:
+        return waiter.waiting == 200
+
+    try:
+        await eventually(all_waiting, what="200 queries waiting for their tokens", interval=0.01)
+        await asyncio.sleep(0.3)  # the queries wait a while; the poll runs meanwhile
+        for doc in docs:
+            await put_order(db, 2, order_id=doc["_id"])
+        responses = await asyncio.wait_for(asyncio.gather(*calls), timeout=20)
+    finally:
+        for call in calls:
+            call.cancel()
+
+    elapsed = time.monotonic() - started
+    assert all(r.order.version == 2 and not r.consistency.stale for r in responses)
+    rounds = waiter.queries - queries_before
+    # One query per round of 15 ms at most, however many requests wait (per request it would be ~200 x rounds).
+    print(f"{rounds} checkpoint queries in {elapsed:.2f}s for 200 waiting requests")
+    assert 1 <= rounds <= elapsed / 0.015 + 2, f"{rounds} checkpoint queries in {elapsed:.2f}s"
+    assert waiter.waiting == 0
+
+
+async def test_waiting_queries_beyond_the_limit_are_resource_exhausted(
+    mongo_url: str, db: AsyncDatabase[Document]
+) -> None:
+    doc = await put_order(db, 1)
+    running = await _server(mongo_url, db.name, query_max_waiters=2)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as chan:
+            stub = qgrpc.OrderQueryServiceStub(chan)
+            request = query_service_pb2.GetOrderRequest(
+                order_id=doc["_id"], consistency=consistency(token(doc["_id"], 2), accept_stale=True)
+            )
+            waiting = [asyncio.ensure_future(stub.GetOrder(request, timeout=3)) for _ in range(2)]
+
+            async def two_waiting() -> bool:
+                return running.consistency_waiter.waiting == 2
+
+            await eventually(two_waiting, what="two queries waiting for their token", interval=0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetOrder(request, timeout=3)
+            stale = await asyncio.gather(*waiting)
+    finally:
+        await running.stop()
+
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many queries are waiting" in (caught.value.details() or "")
+    assert all(r.consistency.stale for r in stale)
+
+
+async def test_mongodb_down_while_waiting_is_unavailable() -> None:
+    settings = QuerySettings(
+        mongo_url=f"mongodb://127.0.0.1:{closed_port()}/?directConnection=true",
+        mongo_database="unreachable",
+        query_listen="127.0.0.1:0",
+        mongo_timeout_ms=300,
+        grace_seconds=0,
+    )
+    running = await start_query_server(settings, health_interval=0.1)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as chan:
+            order_id = str(uuid.uuid4())
+            request = query_service_pb2.GetOrderRequest(order_id=order_id, consistency=consistency(token(order_id, 1)))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await qgrpc.OrderQueryServiceStub(chan).GetOrder(request, timeout=10)
+    finally:
+        await running.stop()
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (caught.value.details() or "").startswith("read model (MongoDB) is unavailable: ")
