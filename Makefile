@@ -6,20 +6,37 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed.stamp
 
-.PHONY: venv dev test lint protos clean-data
+.PHONY: venv tools image-lock bench bench-smoke dev test lint protos clean-data
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,load,bench]"
 	npm install --no-audit --no-fund
 	touch $@
+
+# Deployment linters and validators used by tests/deploy/ (hadolint, kubernetes-validate, checkov, kubectl's
+# kustomize), in their own environment: checkov pins many libraries that would fight the project's grpcio/protobuf.
+# Every version is pinned in deploy/tools-requirements.txt.
+TOOLS_VENV ?= .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed.stamp
+
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): deploy/tools-requirements.txt
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --requirement deploy/tools-requirements.txt
+	touch $@
+
+# Re-pin deploy/image-requirements.txt (the container image's runtime dependencies) from the project's .venv.
+image-lock: venv
+	$(BIN)/python deploy/lock_image_requirements.py
 
 dev: venv
 	$(BIN)/python -m cqrsctl.dev
 
-test: venv
+test: venv tools
 	$(BIN)/python -m pytest -q --durations=15
 
 lint: venv
@@ -30,6 +47,13 @@ lint: venv
 
 protos: venv
 	PYTHON=$(BIN)/python scripts/gen_protos.sh
+
+# The benchmark suite: starts the local stack, prints one table of figures beside same-run baselines.
+bench: venv
+	$(BIN)/python -m bench
+
+bench-smoke: venv
+	$(BIN)/python -m bench --quick
 
 clean-data:
 	rm -rf .data

@@ -38,9 +38,7 @@ def decode_token(text: str) -> ConsistencyToken:
     raw = text[len(_PREFIX) :]
     try:
         body = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        token = ConsistencyToken(
-            stream_type=body["t"], stream_id=body["s"], version=body["v"], position=body["p"]
-        )
+        token = ConsistencyToken(stream_type=body["t"], stream_id=body["s"], version=body["v"], position=body["p"])
     except (binascii.Error, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise ValueError("malformed consistency token") from exc
     if not (

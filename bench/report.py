@@ -1,0 +1,81 @@
+"""The one table of a benchmark run: each figure beside its same-run baseline, the ratio and the target."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+NOT_MEASURED = "not measured"
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    value: float | None
+    unit: str
+    baseline_name: str = ""
+    baseline: float | None = None
+    ratio: float | None = None
+    target: str = ""
+    verdict: str = ""
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if unit == "ms":
+        return f"{value:.1f} ms"
+    text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.1f}"
+    return f"{text} {unit}".strip()
+
+
+def ratio_row(
+    section: str,
+    name: str,
+    value: float | None,
+    unit: str,
+    baseline_name: str,
+    baseline: float | None,
+    minimum: float,
+    note: str = "",
+) -> Row:
+    """A figure compared with a baseline; met when value / baseline >= minimum."""
+    ratio = None
+    verdict = NOT_MEASURED
+    if value is not None and baseline and not math.isnan(value) and not math.isnan(baseline):
+        ratio = value / baseline
+        verdict = "met" if ratio >= minimum else "not met"
+    return Row(section, name, value, unit, baseline_name, baseline, ratio, f">= {minimum:g}x", verdict, note)
+
+
+def limit_row(section: str, name: str, value: float | None, unit: str, maximum: float | None, note: str = "") -> Row:
+    """A figure with an absolute upper bound (or none: informational)."""
+    verdict = ""
+    target = ""
+    if maximum is not None:
+        target = f"<= {maximum:g} {unit}"
+        verdict = NOT_MEASURED if value is None or math.isnan(value) else ("met" if value <= maximum else "not met")
+    return Row(section, name, value, unit, target=target, verdict=verdict, note=note)
+
+
+def render_markdown(header: list[str], rows: list[Row], notes: list[str]) -> str:
+    lines = [*header, ""]
+    lines.append("| section | measure | value | baseline (same run) | ratio | target | verdict |")
+    lines.append("|---|---|---:|---|---:|---|---|")
+    for row in rows:
+        baseline = f"{row.baseline_name}: {_fmt(row.baseline, '/s')}" if row.baseline_name else ""
+        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
+        name = row.name + (f" ({row.note})" if row.note else "")
+        lines.append(
+            f"| {row.section} | {name} | {_fmt(row.value, row.unit)} | {baseline} | {ratio} | {row.target} "
+            f"| {row.verdict} |"
+        )
+    if notes:
+        lines += ["", *[f"- {note}" for note in notes]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,56 @@
+"""Smoke test of `make bench`: `python -m bench --quick` runs end to end and prints the whole table.
+
+Benchmarks are not tests: the numbers are not asserted, only that every measurement ran and has its row.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Every row of the table, by a phrase its measure column contains.
+ROWS = [
+    "gRPC unary echo",
+    "PostgreSQL single-row INSERT+COMMIT",
+    "PostgreSQL batched insert",
+    "JetStream publish_async",
+    "MongoDB bulk upsert",
+    "MongoDB find_one",
+    "sustained command rate",
+    "command throughput, closed loop",
+    "projector catch-up throughput",
+    "query QPS",
+    "time-to-queryable p50",
+    "time-to-queryable p99",
+    "eventsourcing",
+    "our EventStore.append (1 event",
+    "our EventStore.append vs raw single-row commits",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_quick_bench_runs_and_prints_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    report = f"exit {result.returncode}\nstdout:\n{result.stdout[-6000:]}\nstderr:\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, report
+    table_lines = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    for phrase in ROWS:
+        matching = [line for line in table_lines if phrase in line]
+        assert matching, f"no table row for {phrase!r}\n{report}"
+        assert all("not measured" not in line for line in matching), f"{phrase!r} was not measured\n{report}"
+    assert (out / "results.md").read_text() in result.stdout
+    assert (out / "results.json").is_file()

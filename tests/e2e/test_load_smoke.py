@@ -1,0 +1,121 @@
+"""Smoke test of `cqrs load` against the whole system: the real CLI, as a subprocess with worker processes.
+
+It checks that the load generator works end to end and writes its report, not the numbers it measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cqrsctl.load import LoadConfig, run_load
+from tests.e2e.conftest import Stack
+
+_REPO = Path(__file__).resolve().parents[2]
+_CLI_TIMEOUT = 60.0
+
+
+async def _run_load_cli(stack: Stack, out: Path, *flags: str) -> dict[str, Any]:
+    """Runs `python -m cqrsctl.main load ...` without blocking this event loop (the stack runs in it)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cqrsctl.main", "load",
+        "--command-addr", f"127.0.0.1:{stack.command_server.port}",
+        "--query-addr", stack.query_server.address,
+        "--out", str(out),
+        *flags,
+        cwd=_REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), _CLI_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"cqrs load did not finish within {_CLI_TIMEOUT:g}s")
+    assert proc.returncode == 0, (
+        f"cqrs load exited {proc.returncode}\nstdout:\n{stdout.decode()}\nstderr:\n{stderr.decode()}"
+    )
+    print(stdout.decode(), stderr.decode(), sep="\n")
+    for name in ("report.json", "summary.md", "latency.png", "lag.png"):
+        assert (out / name).is_file(), f"{name} was not written"
+        assert (out / name).stat().st_size > 0, f"{name} is empty"
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    return report
+
+
+def _check_report(report: dict[str, Any]) -> None:
+    assert set(report) == {
+        "config", "duration_s", "totals", "rpcs", "commands", "queries", "time_to_queryable_ms", "charts"
+    }  # fmt: skip
+    totals = report["totals"]
+    assert totals["requests"] > 0
+    assert totals["throughput_rps"] > 0
+    for name, entry in {**report["rpcs"], "commands": report["commands"], "queries": report["queries"]}.items():
+        bad = {code: n for code, n in entry["errors_by_code"].items() if code in ("INTERNAL", "UNKNOWN")}
+        assert not bad, f"{name} answered {bad}"
+    assert report["commands"]["count"] > 0 and report["queries"]["count"] > 0
+    assert report["time_to_queryable_ms"]["count"] > 0, report["time_to_queryable_ms"]
+    assert report["charts"] == {"latency": "latency.png", "lag": "lag.png"}
+
+
+async def test_closed_loop_run_writes_a_complete_report(stack: Stack, tmp_path: Path) -> None:
+    report = await _run_load_cli(
+        stack, tmp_path, "--mode", "closed", "--concurrency", "4", "--duration", "3", "--workers", "2",
+        "--ttq-sample", "0.3", "--customers", "4",
+    )  # fmt: skip
+    _check_report(report)
+    assert report["config"]["mode"] == "closed" and report["config"]["workers"] == 2
+    assert report["totals"]["dropped"] == 0
+    assert "CreateOrder" in report["rpcs"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Latency by RPC (ms)" in summary and "## Time to queryable (ms)" in summary
+
+
+async def test_open_loop_run_keeps_to_its_schedule(stack: Stack, tmp_path: Path) -> None:
+    report = await _run_load_cli(
+        stack, tmp_path, "--mode", "open", "--rate", "50", "--duration", "2", "--workers", "2",
+        "--ttq-sample", "0.5", "--customers", "4",
+    )  # fmt: skip
+    _check_report(report)
+    sent = report["totals"]["requests"] + report["totals"]["dropped"]
+    assert sent == 100, f"open loop at 50/s for 2 s should schedule 100 arrivals, got {sent}"
+
+
+async def test_in_process_api_stops_at_max_requests(stack: Stack) -> None:
+    config = LoadConfig(
+        command_addr=f"127.0.0.1:{stack.command_server.port}", query_addr=stack.query_server.address,
+        mode="closed", concurrency=3, max_requests=40, workers=2, customers=2, ttq_sample=1.0, seed=7,
+    )  # fmt: skip
+    report = await run_load(config)
+    data = report.to_json()
+    assert data["totals"]["requests"] == 40
+    assert data["totals"]["errors"] == report.errors
+    assert data["time_to_queryable_ms"]["count"] + data["time_to_queryable_ms"]["timeouts"] > 0
+    assert data["time_to_queryable_ms"]["timeouts"] == 0
+
+
+async def test_unreachable_service_exits_2_with_a_clear_message(unused_port: int, tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cqrsctl.main", "load", "--command-addr", f"127.0.0.1:{unused_port}",
+        "--query-addr", f"127.0.0.1:{unused_port}", "--duration", "1", "--out", str(tmp_path),
+        cwd=_REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(proc.communicate(), _CLI_TIMEOUT)
+    assert proc.returncode == 2, stderr.decode()
+    assert f"cannot reach the command service at 127.0.0.1:{unused_port}" in stderr.decode()
+    assert not (tmp_path / "report.json").exists()
+
+
+@pytest.fixture
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
