@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from core.grpc_server import ServerSecurity
 from core.subjects import DEFAULT_STREAM_NAME, SUBJECT_PREFIX
 
 
-class CommandServiceSettings(BaseSettings):
+class CommandServiceSettings(ServerSecurity):
+    """Environment: CQRS_<FIELD>; gRPC limits, TLS and auth come from ServerSecurity (core/grpc_server.py)."""
+
     model_config = SettingsConfigDict(env_prefix="CQRS_", extra="ignore")
 
     postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"

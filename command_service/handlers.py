@@ -31,6 +31,7 @@ from core.envelope import EventMetadata
 from core.errors import AlreadyExists, Conflict, FailedPrecondition, ServiceError
 from core.events import Event, decode_event
 from core.order_events import ORDER_STREAM_TYPE
+from core.tracing import current_traceparent, tracer
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,19 @@ class CommandHandler(Generic[S, C]):
         agg = self._aggregate
         command_type = type(command).__name__
         stream_id = agg.stream_id(command)
+        attributes = {
+            "cqrs.stream_id": stream_id,
+            "cqrs.stream_type": agg.stream_type,
+            "cqrs.request_id": ctx.request_id,
+            "cqrs.command_type": command_type,
+        }
+        with tracer().start_as_current_span(f"command {command_type}", attributes=attributes) as span:
+            reply = await self._handle(command, ctx, command_type, stream_id)
+            span.set_attribute("cqrs.version", reply.version)
+            return reply
+
+    async def _handle(self, command: C, ctx: CommandContext, command_type: str, stream_id: str) -> CommandReply:
+        agg = self._aggregate
         prior = await self._replay(ctx, command_type)
         if prior is not None:
             return prior
@@ -111,20 +125,33 @@ class CommandHandler(Generic[S, C]):
                     return prior
                 raise
             try:
-                return await self.store.append(
-                    stream_type=agg.stream_type,
-                    stream_id=stream_id,
-                    expected_version=current_version,
-                    events=events,
-                    metadata=EventMetadata(
-                        request_id=ctx.request_id,
-                        correlation_id=ctx.correlation_id or ctx.request_id,
-                        causation_id=ctx.request_id,
-                    ),
-                    request=RequestRecord(ctx.request_id, command_type, ctx.request_hash),
-                    last_position=last_position,
-                    claims=agg.claims(state, events),
-                )
+                with tracer().start_as_current_span(
+                    "eventstore.append",
+                    attributes={
+                        "db.system": "postgresql",
+                        "db.operation.name": "append",
+                        "cqrs.stream_id": stream_id,
+                        "cqrs.expected_version": current_version,
+                        "cqrs.events": len(events),
+                        "cqrs.attempt": attempt,
+                    },
+                ):
+                    return await self.store.append(
+                        stream_type=agg.stream_type,
+                        stream_id=stream_id,
+                        expected_version=current_version,
+                        events=events,
+                        metadata=EventMetadata(
+                            request_id=ctx.request_id,
+                            correlation_id=ctx.correlation_id or ctx.request_id,
+                            causation_id=ctx.request_id,
+                            # The append span's context: the relay's publish continues the trace from here.
+                            traceparent=current_traceparent(),
+                        ),
+                        request=RequestRecord(ctx.request_id, command_type, ctx.request_hash),
+                        last_position=last_position,
+                        claims=agg.claims(state, events),
+                    )
             except VersionConflict:
                 if ctx.expected_version is not None or isinstance(command, agg.creates):
                     raise Conflict(f"{agg.name} {stream_id} was changed concurrently; reload it and retry") from None

@@ -23,10 +23,13 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from command_service.event_store import OUTBOX_CHANNEL, recorded_event_from_row
 from core.jetstream import ensure_stream, event_stream_config
 from core.subjects import event_subject
+from core.tracing import context_from_traceparent, inject_headers, tracer
 
 log = logging.getLogger(__name__)
 
@@ -160,39 +163,67 @@ class OutboxRelay:
         assert self._js is not None
         events = [recorded_event_from_row(row) for row in rows]
         futures: list[asyncio.Future[PubAck]] = []
+        spans: list[Span] = []
         try:
             for event in events:
+                subject = event_subject(event.stream_type, event.stream_id, self._settings.subject_prefix)
+                # Continues the command's trace (its traceparent was stored with the event); the message carries
+                # this span's context on to the projector.
+                span = tracer().start_span(
+                    "jetstream.publish",
+                    context=context_from_traceparent(event.metadata.traceparent),
+                    kind=SpanKind.PRODUCER,
+                    attributes={
+                        "messaging.system": "nats",
+                        "messaging.destination.name": subject,
+                        "messaging.message.id": str(event.event_id),
+                        "cqrs.stream_id": event.stream_id,
+                        "cqrs.version": event.version,
+                        "cqrs.position": event.position,
+                    },
+                )
+                spans.append(span)
+                headers = event.headers()
+                inject_headers(headers, context=trace.set_span_in_context(span))
                 futures.append(
                     await self._js.publish_async(
-                        event_subject(event.stream_type, event.stream_id, self._settings.subject_prefix),
+                        subject,
                         event.to_json(),
                         wait_stall=self._settings.publish_timeout,
                         stream=self._settings.stream_name,
-                        headers=event.headers(),
+                        headers=headers,
                     )
                 )
         except (nats.errors.Error, OSError) as exc:
             log.warning("outbox relay: JetStream (NATS) unavailable: %r; will retry", exc)
         acked: list[int] = []
-        if not futures:
+        try:
+            if not futures:
+                return acked
+            done, pending = await asyncio.wait(futures, timeout=self._settings.publish_timeout)
+            for fut in pending:
+                fut.cancel()
+            first_error: BaseException | None = None
+            for event, fut, span in zip(events, futures, spans, strict=False):
+                if fut in done and not fut.cancelled() and fut.exception() is None:
+                    acked.append(event.position)
+                    span.set_attribute("messaging.nats.stream_sequence", fut.result().seq)
+                else:
+                    error = fut.exception() if fut in done and not fut.cancelled() else TimeoutError()
+                    span.set_status(Status(StatusCode.ERROR, repr(error)))
+                    if first_error is None:
+                        first_error = error
+            if first_error is not None:
+                log.warning(
+                    "outbox relay: JetStream (NATS) did not ack %d of %d events (%r); they stay in the outbox",
+                    len(events) - len(acked),
+                    len(events),
+                    first_error,
+                )
             return acked
-        done, pending = await asyncio.wait(futures, timeout=self._settings.publish_timeout)
-        for fut in pending:
-            fut.cancel()
-        first_error: BaseException | None = None
-        for event, fut in zip(events, futures, strict=False):
-            if fut in done and not fut.cancelled() and fut.exception() is None:
-                acked.append(event.position)
-            elif first_error is None:
-                first_error = fut.exception() if fut in done and not fut.cancelled() else TimeoutError()
-        if first_error is not None:
-            log.warning(
-                "outbox relay: JetStream (NATS) did not ack %d of %d events (%r); they stay in the outbox",
-                len(events) - len(acked),
-                len(events),
-                first_error,
-            )
-        return acked
+        finally:
+            for span in spans:
+                span.end()
 
     async def _wait_for_work(self) -> None:
         with contextlib.suppress(TimeoutError):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import grpc
@@ -28,7 +29,11 @@ from command_service.grpc_api import OrderCommandServicer
 from command_service.handlers import customer_handler, order_handler
 from command_service.metrics import OutboxMetrics
 from command_service.relay import OutboxRelay, RelaySettings
+from core.auth import auth_interceptors
+from core.grpc_server import bind, build_server, tls_credentials
 from core.metrics import MetricsServer, start_metrics_server
+from core.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
+from core.tracing import server_interceptor as tracing_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ class RunningCommandServer:
     health: health_aio.HealthServicer
     grace_seconds: float
     metrics: MetricsServer | None = None
+    registry: CollectorRegistry | None = None
 
     async def stop(self) -> None:
         """Graceful: report NOT_SERVING, finish in-flight RPCs within the grace period, then stop the relay."""
@@ -87,8 +93,20 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
     )
     store = EventStore(pool, command_timeout=settings.postgres_timeout_seconds, committer=committer)
 
-    # SO_REUSEPORT (gRPC's default on Linux) would let a second process bind the same port silently.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    registry = CollectorRegistry()
+    # Metrics first (outermost), so that calls the auth interceptor rejects are counted too.
+    # Tracing first (a server span per RPC, also around rejected calls), then metrics, then auth.
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+        tracing_interceptor(),
+        RpcMetricsInterceptor(RpcMetrics(registry)),
+    ]
+    try:
+        interceptors += auth_interceptors(settings, write_services=(SERVICE_NAME, CUSTOMER_SERVICE_NAME))
+        tls = tls_credentials(settings)
+    except (OSError, ValueError) as exc:
+        await pool.close()
+        raise RuntimeError(f"command service: bad TLS/auth configuration: {exc}") from exc
+    server = build_server(settings, interceptors)
     command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
         OrderCommandServicer(order_handler(store, settings.max_append_attempts)), server
     )
@@ -107,7 +125,7 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
         server,
     )
     try:
-        port = server.add_insecure_port(settings.command_listen)
+        port = bind(server, settings.command_listen, tls)
     except RuntimeError as exc:
         await pool.close()
         raise RuntimeError(f"command service cannot listen on {settings.command_listen}: {exc}") from exc
@@ -118,7 +136,6 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
     tasks = [asyncio.create_task(_probe_postgres(pool, health_servicer), name="health-probe")]
     metrics_server: MetricsServer | None = None
     if settings.command_metrics_port is not None:
-        registry = CollectorRegistry()
         tasks.append(asyncio.create_task(OutboxMetrics(registry).observe_forever(pool), name="outbox-metrics"))
         metrics_server = start_metrics_server(registry, settings.metrics_host, settings.command_metrics_port)
     relay: OutboxRelay | None = None
@@ -134,9 +151,9 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
             ),
         )
         tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
-    log.info("command service listening on %s (port %d)", settings.command_listen, port)
+    log.info("command service listening on %s (port %d, %s)", settings.command_listen, port, _transport(settings))
     return RunningCommandServer(
-        server, port, pool, store, relay, tasks, health_servicer, settings.grace_seconds, metrics_server
+        server, port, pool, store, relay, tasks, health_servicer, settings.grace_seconds, metrics_server, registry
     )
 
 
@@ -159,3 +176,9 @@ async def _probe_postgres(pool: asyncpg.Pool, servicer: health_aio.HealthService
                 log.info("event store (PostgreSQL) reachable again")
             last = ok
         await asyncio.sleep(HEALTH_INTERVAL_SECONDS if ok else 0.5)
+
+
+def _transport(settings: CommandServiceSettings) -> str:
+    if settings.tls_client_ca_file is not None:
+        return "mutual TLS"
+    return "TLS" if settings.tls_cert_file is not None else "plaintext"

@@ -20,6 +20,8 @@ HEADER_VERSION = "Cqrs-Version"
 HEADER_POSITION = "Cqrs-Position"
 HEADER_RECORDED_AT = "Cqrs-Recorded-At"
 HEADER_CORRELATION_ID = "Cqrs-Correlation-Id"
+# W3C trace context (OpenTelemetry): the span that wrote the event, continued by whoever handles the message.
+HEADER_TRACEPARENT = "traceparent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,13 +29,19 @@ class EventMetadata:
     request_id: str
     correlation_id: str
     causation_id: str
+    # The command's W3C trace context ("" when tracing is off): the relay, which runs later in another task,
+    # continues the command's trace from it.
+    traceparent: str = ""
 
     def to_dict(self) -> dict[str, str]:
-        return {
+        data = {
             "request_id": self.request_id,
             "correlation_id": self.correlation_id,
             "causation_id": self.causation_id,
         }
+        if self.traceparent:
+            data["traceparent"] = self.traceparent
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EventMetadata:
@@ -41,6 +49,7 @@ class EventMetadata:
             request_id=str(data.get("request_id", "")),
             correlation_id=str(data.get("correlation_id", "")),
             causation_id=str(data.get("causation_id", "")),
+            traceparent=str(data.get("traceparent", "")),
         )
 
 
@@ -101,7 +110,7 @@ class RecordedEvent:
         return event
 
     def headers(self) -> dict[str, str]:
-        return {
+        headers = {
             HEADER_MSG_ID: str(self.event_id),
             HEADER_EVENT_TYPE: self.event_type,
             HEADER_STREAM_ID: self.stream_id,
@@ -110,6 +119,9 @@ class RecordedEvent:
             HEADER_RECORDED_AT: self.recorded_at.isoformat(),
             HEADER_CORRELATION_ID: self.metadata.correlation_id,
         }
+        if self.metadata.traceparent:
+            headers[HEADER_TRACEPARENT] = self.metadata.traceparent
+        return headers
 
 
 def _require(body: dict[str, Any], key: str, kind: type) -> Any:

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from core.logs import configure_logging
+from core.tracing import configure_tracing, shutdown_tracing
 from projector.config import ProjectorSettings
 from projector.runner import run_projector
 
@@ -25,11 +26,15 @@ async def main(settings: ProjectorSettings) -> None:
 def cli() -> int:
     settings = ProjectorSettings()
     configure_logging(settings.log_level, "projector")
+    configure_tracing("projector")
     try:
         asyncio.run(main(settings))
     except Exception:
         log.exception("projector failed")
         return 1
+    finally:
+        shutdown_tracing()
+    log.info("projector exited cleanly")
     return 0
 
 

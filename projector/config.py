@@ -36,4 +36,8 @@ class ProjectorSettings(BaseSettings):
     projector_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
 
+    # SIGTERM: the batch in hand gets this long to be written and acked; after that the loop is cancelled and its
+    # unacked messages are redelivered by JetStream (after ack_wait) to another replica or the next start.
+    grace_seconds: float = Field(default=10.0, ge=0)
+
     log_level: str = "INFO"

@@ -43,14 +43,17 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanKind
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
-from core.envelope import RecordedEvent
+from core.envelope import HEADER_MSG_ID, HEADER_STREAM_ID, HEADER_VERSION, RecordedEvent
 from core.events import Event, decode_event
 from core.jetstream import ensure_stream, event_stream_config
 from core.order_events import OrderCreated
 from core.subjects import stream_subjects
+from core.tracing import extract_context, tracer
 from projector.checkpoints import Checkpoint, CheckpointWriter
 from projector.config import ProjectorSettings
 from projector.customer_views import CustomerFields, CustomerViews
@@ -208,6 +211,23 @@ def checkpoints_of(batches: Iterable[ProjectionBatch]) -> dict[str, Checkpoint]:
     return checkpoints
 
 
+def _apply_span(msg: Msg) -> Span:
+    """A CONSUMER span for one message, continuing the trace of the relay's publish (from its headers)."""
+    headers = msg.headers or {}
+    return tracer().start_span(
+        "projector.apply",
+        context=extract_context(headers),
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.destination.name": msg.subject,
+            "messaging.message.id": headers.get(HEADER_MSG_ID, ""),
+            "cqrs.stream_id": headers.get(HEADER_STREAM_ID, ""),
+            "cqrs.version": headers.get(HEADER_VERSION, ""),
+        },
+    )
+
+
 def _num_delivered(msg: Msg) -> int:
     try:
         return int(msg.metadata.num_delivered)
@@ -245,6 +265,7 @@ class Projector:
         self._dead_letters: DeadLetterWriter | None = None
         self._indexes_ready = False
         self._mongo_attempts = 0
+        self._apply_spans: dict[int, Span] = {}
 
     @property
     def running(self) -> bool:
@@ -318,8 +339,15 @@ class Projector:
         if self._task is None and self._nc is None and self._mongo is None:
             return  # never started, or already stopped
         if self._task is not None:
+            task = self._task
             try:
-                await self._task
+                await asyncio.wait_for(asyncio.shield(task), timeout=self._settings.grace_seconds)
+            except TimeoutError:
+                # Release the batch in hand: unacked messages are redelivered; the version guard makes it harmless.
+                log.warning("projector: batch not finished within %.1fs; releasing it", self._settings.grace_seconds)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             finally:
                 self._task = None
         await self._close_connections()
@@ -483,7 +511,20 @@ class Projector:
     # ---- one batch ------------------------------------------------------------------------------------------
 
     async def process_batch(self, msgs: Sequence[Msg]) -> None:
-        """Applies one fetched batch to the read model and settles every message in it."""
+        """Applies one fetched batch to the read model and settles every message in it.
+
+        Each message gets a `projector.apply` span continuing the trace in its `traceparent` header; it lasts
+        until the message is settled.
+        """
+        self._apply_spans = {id(msg): _apply_span(msg) for msg in msgs}
+        try:
+            await self._process_batch(msgs)
+        finally:
+            for span in self._apply_spans.values():
+                span.end()
+            self._apply_spans = {}
+
+    async def _process_batch(self, msgs: Sequence[Msg]) -> None:
         assert self._dead_letters is not None and self._checkpoints is not None
         batches, poison, foreign = self._decode(msgs)
         try:
@@ -526,7 +567,30 @@ class Projector:
                 if created:
                     known = await self._views.customer_fields(str(c.new_doc["customer_id"]) for c in created)
                     prefill_customer_fields(created, known)
-            batch.outcome = await writer.write(batch.result.changes)
+            with self._bulk_write_span(batch):
+                batch.outcome = await writer.write(batch.result.changes)
+
+    def _bulk_write_span(self, batch: ProjectionBatch) -> Any:
+        """`mongodb.bulk_write`, a child of the first applied message's span and linked to the others'."""
+        spans = [
+            self._apply_spans[id(d.msg)]
+            for applied in batch.result.applied.values()
+            for d in applied
+            if id(d.msg) in self._apply_spans
+        ]
+        parent = trace.set_span_in_context(spans[0]) if spans else None
+        return tracer().start_as_current_span(
+            "mongodb.bulk_write",
+            context=parent,
+            kind=SpanKind.CLIENT,
+            links=[Link(span.get_span_context()) for span in spans[1:]],
+            attributes={
+                "db.system": "mongodb",
+                "db.operation.name": "bulk_write",
+                "db.collection.name": batch.projection.collection,
+                "cqrs.documents": len(batch.result.changes),
+            },
+        )
 
     async def _write_derived_views(self, batches: dict[str, ProjectionBatch]) -> None:
         """Customer fields onto orders, then order statistics onto customers (see `projector.customer_views`)."""

@@ -10,6 +10,7 @@ import sys
 
 from pydantic import ValidationError
 
+from core.tracing import configure_tracing, shutdown_tracing
 from query_service.config import QuerySettings
 from query_service.server import serve
 
@@ -41,7 +42,11 @@ def main() -> None:
     except ValidationError as exc:  # a clear message, not a traceback, for a misconfigured deployment
         sys.exit(f"query service: invalid configuration (CQRS_* environment variables):\n{exc}")
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    configure_tracing("query_service")
+    try:
+        asyncio.run(serve(settings))  # returns after SIGTERM/SIGINT and a graceful stop: exit status 0
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

@@ -6,13 +6,16 @@ import logging
 from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from core.grpc_server import ServerSecurity
 
 
-class QuerySettings(BaseSettings):
+class QuerySettings(ServerSecurity):
     """Environment: CQRS_MONGO_URL, CQRS_MONGO_DATABASE, CQRS_QUERY_LISTEN, CQRS_MONGO_TIMEOUT_MS,
     CQRS_GRACE_SECONDS, CQRS_LOG_LEVEL, CQRS_QUERY_MAX_WAIT_SECONDS, CQRS_QUERY_MAX_WAITERS,
-    CQRS_QUERY_CONSISTENCY_POLL_MS, CQRS_QUERY_MAX_WATCHERS.
+    CQRS_QUERY_CONSISTENCY_POLL_MS, CQRS_QUERY_MAX_WATCHERS, CQRS_QUERY_METRICS_PORT, CQRS_METRICS_HOST;
+    gRPC limits, TLS and auth (CQRS_GRPC_*, CQRS_TLS_*, CQRS_AUTH_*) come from ServerSecurity (core/grpc_server.py).
 
     Unrelated CQRS_* variables (the other services' settings) are ignored, so one environment can serve all
     three processes. No `.env` file is read: configuration comes from the environment only.
@@ -37,6 +40,9 @@ class QuerySettings(BaseSettings):
     query_consistency_poll_ms: Annotated[int, Field(ge=1, le=1000)] = 15
     # Concurrent WatchOrder streams; more are RESOURCE_EXHAUSTED.
     query_max_watchers: Annotated[int, Field(gt=0)] = 10_000
+    # Prometheus /metrics (RPC counts and latencies); unset = no exporter, 0 = any free port.
+    query_metrics_port: Annotated[int | None, Field(ge=0, le=65535)] = None
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("log_level")
     @classmethod

@@ -13,9 +13,15 @@ import grpc
 from cqrs.orders.v1 import customer_service_pb2, customer_service_pb2_grpc, query_service_pb2, query_service_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
+from core.auth import auth_interceptors
+from core.grpc_server import bind, build_server, tls_credentials
+from core.metrics import MetricsServer, start_metrics_server
+from core.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
+from core.tracing import server_interceptor as tracing_interceptor
 from query_service.config import QuerySettings
 from query_service.consistency import CHECKPOINTS_COLLECTION, ConsistencyWaiter, ReadYourWrites
 from query_service.customer_grpc_api import CustomerQueryServicer
@@ -65,6 +71,8 @@ class RunningServer:
     watch_hub: OrderWatchHub
     _watcher: asyncio.Task[None] = field(repr=False)
     _stop_watching: asyncio.Event = field(repr=False)
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    metrics: MetricsServer | None = None
     _stopped: bool = field(default=False, repr=False)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -81,6 +89,8 @@ class RunningServer:
         await self.server.stop(self.grace_seconds if grace is None else grace)
         await self.consistency_waiter.close()
         await self.client.close()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         log.info("query service stopped")
 
 
@@ -92,6 +102,19 @@ async def start_query_server(
     Nothing here waits for MongoDB: the server starts even when MongoDB is down, then answers UNAVAILABLE
     and reports NOT_SERVING until a ping succeeds (checked every `health_interval` seconds).
     """
+    registry = CollectorRegistry()
+    # Metrics first (outermost), so that calls the auth interceptor rejects are counted too. Configuration
+    # errors (unreadable key or certificate files) surface here, before anything is opened.
+    # Tracing first (a server span per RPC, also around rejected calls), then metrics, then auth.
+    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+        tracing_interceptor(),
+        RpcMetricsInterceptor(RpcMetrics(registry)),
+    ]
+    try:
+        interceptors += auth_interceptors(settings, read_services=(SERVICE_NAME, CUSTOMER_SERVICE_NAME))
+        tls = tls_credentials(settings)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"query service: bad TLS/auth configuration: {exc}") from exc
     client = make_client(settings)
     database = client[settings.mongo_database]
     read_model = OrderReadModel.from_client(client, settings.mongo_database)
@@ -103,8 +126,7 @@ async def start_query_server(
     )
     read_your_writes = ReadYourWrites(waiter, settings.query_max_wait_seconds)
     watch_hub = OrderWatchHub(read_model.collection, max_watchers=settings.query_max_watchers)
-    # SO_REUSEPORT (gRPC's default on Linux) would let a second process bind the same port silently.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = build_server(settings, interceptors)
     query_service_pb2_grpc.add_OrderQueryServiceServicer_to_server(
         OrderQueryServicer(read_model, read_your_writes, watch_hub), server
     )
@@ -117,16 +139,16 @@ async def start_query_server(
         (SERVICE_NAME, CUSTOMER_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = server.add_insecure_port(settings.query_listen)
+        port = bind(server, settings.query_listen, tls)
     except RuntimeError as exc:  # grpc raises on bind failure in recent versions, returned 0 in older ones
         await client.close()
         raise RuntimeError(f"query service cannot listen on {settings.query_listen}: {exc}") from exc
-    if port == 0:
-        await client.close()
-        raise RuntimeError(f"query service cannot listen on {settings.query_listen}")
     for service in _HEALTH_SERVICES:  # the health servicer starts with "" SERVING; we know nothing yet
         await health_servicer.set(service, _NOT_SERVING)
     await server.start()
+    metrics_server = None
+    if settings.query_metrics_port is not None:
+        metrics_server = start_metrics_server(registry, settings.metrics_host, settings.query_metrics_port)
     stop_watching = asyncio.Event()
     index_plans = [(read_model.collection, ORDER_INDEXES), (customers.collection, CUSTOMER_INDEXES)]
     watcher = asyncio.create_task(
@@ -151,6 +173,8 @@ async def start_query_server(
         watch_hub=watch_hub,
         _watcher=watcher,
         _stop_watching=stop_watching,
+        registry=registry,
+        metrics=metrics_server,
     )
 
 
