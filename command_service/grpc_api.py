@@ -19,6 +19,7 @@ from command_service.domain import commands as cmd
 from command_service.domain.validation import validate
 from command_service.event_store import CommandReply
 from command_service.handlers import CommandContext, CommandHandler
+from core import logs
 from core.consistency import ConsistencyToken
 from core.errors import FieldViolation, InvalidArgument, ServiceError, Unavailable
 from core.grpc_errors import abort_with
@@ -127,6 +128,7 @@ async def run_command(
             expected_version=_expected_version(request),
             correlation_id=_metadata_value(context, CORRELATION_HEADER) or request.request_id,
         )
+        logs.correlation_id.set(ctx.correlation_id)
         return reply(await handler.handle(command, ctx))
     except ServiceError as exc:
         await abort_with(context, exc)

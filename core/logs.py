@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
+
+# The correlation id of the request being handled (set per RPC by the gRPC layers); asyncio copies context
+# variables into the tasks a request starts, so every line the request causes carries it.
+correlation_id: ContextVar[str] = ContextVar("correlation_id", default="")
 
 
 class JsonFormatter(logging.Formatter):
@@ -16,6 +21,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        current = correlation_id.get()
+        if current:
+            entry["correlation_id"] = current
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
