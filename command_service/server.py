@@ -30,7 +30,7 @@ from command_service.handlers import customer_handler, order_handler
 from command_service.metrics import OutboxMetrics
 from command_service.relay import OutboxRelay, RelaySettings
 from core.auth import auth_interceptors
-from core.grpc_server import bind, build_server, tls_credentials
+from core.grpc_server import LIVENESS_SERVICE, bind, build_server, tls_credentials
 from core.metrics import MetricsServer, start_metrics_server
 from core.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from core.tracing import server_interceptor as tracing_interceptor
@@ -131,6 +131,7 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
         raise RuntimeError(f"command service cannot listen on {settings.command_listen}: {exc}") from exc
     for name in ("", SERVICE_NAME, CUSTOMER_SERVICE_NAME):  # NOT_SERVING until the first PostgreSQL probe succeeds
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
 
     tasks = [asyncio.create_task(_probe_postgres(pool, health_servicer), name="health-probe")]

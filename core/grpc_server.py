@@ -26,6 +26,10 @@ else:
 
 # Keepalive, server side. A client must not ping more often than MIN_PING_INTERVAL_MS (else the server answers
 # GOAWAY "too_many_pings"), so the shipped client uses keepalive_time_ms = KEEPALIVE_TIME_MS too.
+# Health service name that is SERVING while the process can answer at all, whatever its databases do: the
+# Kubernetes liveness probe asks for it (a database outage must make pods unready, never restart them).
+LIVENESS_SERVICE: Final = "liveness"
+
 KEEPALIVE_TIME_MS: Final = 30_000
 KEEPALIVE_TIMEOUT_MS: Final = 10_000
 MIN_PING_INTERVAL_MS: Final = 10_000

@@ -18,7 +18,7 @@ from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
 from core.auth import auth_interceptors
-from core.grpc_server import bind, build_server, tls_credentials
+from core.grpc_server import LIVENESS_SERVICE, bind, build_server, tls_credentials
 from core.metrics import MetricsServer, start_metrics_server
 from core.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from core.tracing import server_interceptor as tracing_interceptor
@@ -145,6 +145,7 @@ async def start_query_server(
         raise RuntimeError(f"query service cannot listen on {settings.query_listen}: {exc}") from exc
     for service in _HEALTH_SERVICES:  # the health servicer starts with "" SERVING; we know nothing yet
         await health_servicer.set(service, _NOT_SERVING)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     metrics_server = None
     if settings.query_metrics_port is not None:

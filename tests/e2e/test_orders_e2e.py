@@ -323,5 +323,8 @@ async def test_command_service_answers_unavailable_when_postgres_is_down() -> No
             health = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=T)
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # ... but alive: a database outage must not get the pod restarted.
+            reply = await health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=T)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await running.stop()
