@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 
+from core.dependency_metrics import dependency_metrics
 from core.envelope import EventMetadata, RecordedEvent
 from core.events import Event
 
@@ -100,28 +102,38 @@ class Committer(Protocol):
 class EventStore:
     """All SQL of the write side lives here; callers see domain events and replies."""
 
-    def __init__(self, pool: asyncpg.Pool, command_timeout: float = 5.0, committer: Committer | None = None) -> None:
-        """`committer` (e.g. group_commit.GroupCommitter) batches appends; without it each has its own transaction."""
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        command_timeout: float = 5.0,
+        committer: Committer | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        """`committer` (e.g. group_commit.GroupCommitter) batches appends; without it each has its own transaction.
+        Call latencies go to `registry` (a private one when None)."""
         self._pool = pool
         self._timeout = command_timeout
         self._group_commit = committer
+        self._deps = dependency_metrics(registry)
 
     async def load_stream(self, stream_id: str) -> list[RecordedEvent]:
-        rows = await self._pool.fetch(
-            """SELECT position, event_id, stream_type, stream_id, version, event_type, schema_version,
-                      payload::text AS payload, metadata::text AS metadata, recorded_at
-                 FROM events WHERE stream_id = $1 ORDER BY version""",
-            stream_id,
-            timeout=self._timeout,
-        )
+        async with self._deps.timed("postgres", "load_stream"):
+            rows = await self._pool.fetch(
+                """SELECT position, event_id, stream_type, stream_id, version, event_type, schema_version,
+                          payload::text AS payload, metadata::text AS metadata, recorded_at
+                     FROM events WHERE stream_id = $1 ORDER BY version""",
+                stream_id,
+                timeout=self._timeout,
+            )
         return [recorded_event_from_row(row) for row in rows]
 
     async def find_request(self, request_id: str) -> LoggedRequest | None:
-        row = await self._pool.fetchrow(
-            "SELECT command_type, request_hash, reply::text AS reply FROM request_log WHERE request_id = $1",
-            request_id,
-            timeout=self._timeout,
-        )
+        async with self._deps.timed("postgres", "find_request"):
+            row = await self._pool.fetchrow(
+                "SELECT command_type, request_hash, reply::text AS reply FROM request_log WHERE request_id = $1",
+                request_id,
+                timeout=self._timeout,
+            )
         if row is None:
             return None
         return LoggedRequest(row["command_type"], row["request_hash"], CommandReply.from_json(row["reply"]))
@@ -150,7 +162,11 @@ class EventStore:
         )
         if self._group_commit is not None:
             return await self._group_commit.submit(append)
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+        async with (
+            self._deps.timed("postgres", "append"),
+            self._pool.acquire(timeout=self._timeout) as conn,
+            conn.transaction(),
+        ):
             reply = await append_in_transaction(conn, append, timeout=self._timeout)
             if append.events:
                 await notify_relay(conn, timeout=self._timeout)

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 
 from command_service.event_store import (
     AppendRequest,
@@ -25,6 +26,7 @@ from command_service.event_store import (
     append_in_transaction,
     notify_relay,
 )
+from core.dependency_metrics import dependency_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,17 @@ class GroupCommitter:
     """`submit` an append; `flushers` tasks each commit up to `max_batch` waiting appends per transaction."""
 
     def __init__(
-        self, pool: asyncpg.Pool, *, timeout: float, max_batch: int = 64, flushers: int = 4, max_waiting: int = 10_000
+        self,
+        pool: asyncpg.Pool,
+        *,
+        timeout: float,
+        max_batch: int = 64,
+        flushers: int = 4,
+        max_waiting: int = 10_000,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._pool = pool
+        self._deps = dependency_metrics(registry)
         self._timeout = timeout
         self._max_batch = max_batch
         self._flusher_count = flushers
@@ -96,7 +106,11 @@ class GroupCommitter:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         """One transaction for the batch; outcomes are recorded, and only announced after the COMMIT."""
-        async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+        async with (
+            self._deps.timed("postgres", "append_batch"),
+            self._pool.acquire(timeout=self._timeout) as conn,
+            conn.transaction(),
+        ):
             wrote_events = False
             for pending in batch:
                 try:

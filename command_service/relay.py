@@ -25,8 +25,10 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from prometheus_client import CollectorRegistry
 
 from command_service.event_store import OUTBOX_CHANNEL, recorded_event_from_row
+from core.dependency_metrics import dependency_metrics
 from core.jetstream import ensure_stream, event_stream_config
 from core.subjects import event_subject
 from core.tracing import context_from_traceparent, inject_headers, tracer
@@ -49,8 +51,11 @@ class RelaySettings:
 class OutboxRelay:
     """Runs until `stop()`; survives PostgreSQL and NATS outages by backing off and retrying."""
 
-    def __init__(self, dsn: str, nats_url: str, settings: RelaySettings) -> None:
+    def __init__(
+        self, dsn: str, nats_url: str, settings: RelaySettings, registry: CollectorRegistry | None = None
+    ) -> None:
         self._dsn = dsn
+        self._deps = dependency_metrics(registry)
         self._nats_url = nats_url
         self._settings = settings
         self._nc: NATS | None = None
@@ -137,20 +142,26 @@ class OutboxRelay:
         nats_failures = 0
         while not self._stopping.is_set():
             self._wake.clear()
-            rows = await conn.fetch(
-                """SELECT e.position, e.event_id, e.stream_type, e.stream_id, e.version, e.event_type,
-                          e.schema_version, e.payload::text AS payload, e.metadata::text AS metadata, e.recorded_at
-                     FROM outbox o JOIN events e ON e.position = o.position
-                    ORDER BY o.position LIMIT $1""",
-                self._settings.batch_size,
-                timeout=10.0,
-            )
+            async with self._deps.timed("postgres", "outbox_fetch"):
+                rows = await conn.fetch(
+                    """SELECT e.position, e.event_id, e.stream_type, e.stream_id, e.version, e.event_type,
+                              e.schema_version, e.payload::text AS payload, e.metadata::text AS metadata,
+                              e.recorded_at
+                         FROM outbox o JOIN events e ON e.position = o.position
+                        ORDER BY o.position LIMIT $1""",
+                    self._settings.batch_size,
+                    timeout=10.0,
+                )
             if not rows:
                 await self._wait_for_work()
                 continue
-            acked = await self._publish(rows)
+            async with self._deps.timed("nats", "publish_batch"):  # until the last ack (or the publish timeout)
+                acked = await self._publish(rows)
+            if len(acked) < len(rows):  # _publish does not raise: a batch not fully acked is the failure
+                self._deps.error("nats", "publish_batch")
             if acked:
-                await conn.execute("DELETE FROM outbox WHERE position = ANY($1::bigint[])", acked, timeout=10.0)
+                async with self._deps.timed("postgres", "outbox_delete"):
+                    await conn.execute("DELETE FROM outbox WHERE position = ANY($1::bigint[])", acked, timeout=10.0)
                 self.published_total += len(acked)
             if len(acked) < len(rows):
                 nats_failures += 1

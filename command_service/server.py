@@ -74,6 +74,7 @@ class RunningCommandServer:
 
 async def start_command_server(settings: CommandServiceSettings) -> RunningCommandServer:
     """Starts everything and returns once the gRPC port is bound (PostgreSQL may still be down: it retries)."""
+    registry = CollectorRegistry()
     pool = await asyncpg.create_pool(
         settings.postgres_dsn,
         min_size=0,  # lazily: the service starts (NOT_SERVING) even when PostgreSQL is down
@@ -87,13 +88,13 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
             timeout=settings.postgres_timeout_seconds,
             max_batch=settings.group_commit_max_batch,
             flushers=settings.group_commit_flushers,
+            registry=registry,
         )
         if settings.group_commit
         else None
     )
-    store = EventStore(pool, command_timeout=settings.postgres_timeout_seconds, committer=committer)
+    store = EventStore(pool, command_timeout=settings.postgres_timeout_seconds, committer=committer, registry=registry)
 
-    registry = CollectorRegistry()
     # Metrics first (outermost), so that calls the auth interceptor rejects are counted too.
     # Tracing first (a server span per RPC, also around rejected calls), then metrics, then auth.
     interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
@@ -150,6 +151,7 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
                 batch_size=settings.relay_batch_size,
                 poll_interval=settings.relay_poll_seconds,
             ),
+            registry=registry,
         )
         tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
     log.info("command service listening on %s (port %d, %s)", settings.command_listen, port, _transport(settings))

@@ -50,6 +50,11 @@ class ProjectorMetrics:
             "Messages delivered to the durable consumer and not yet acknowledged.",
             registry=self.registry,
         )
+        self.redeliveries = Counter(
+            "cqrs_projector_redeliveries",
+            "Fetched messages that JetStream had delivered before (num_delivered > 1).",
+            registry=self.registry,
+        )
         self.mongo_up = Gauge(
             "cqrs_projector_mongo_up", "1 while the read model (MongoDB) answers, else 0.", registry=self.registry
         )

@@ -48,6 +48,7 @@ from opentelemetry.trace import Link, Span, SpanKind
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
+from core.dependency_metrics import dependency_metrics
 from core.envelope import HEADER_MSG_ID, HEADER_STREAM_ID, HEADER_VERSION, RecordedEvent
 from core.events import Event, decode_event
 from core.jetstream import ensure_stream, event_stream_config
@@ -252,6 +253,7 @@ class Projector:
         self._projections = {p.stream_type: p for p in DEFAULT_PROJECTIONS}
         self.stats = ProjectorStats()
         self.metrics = ProjectorMetrics()
+        self._deps = dependency_metrics(self.metrics.registry)
         self._js: JetStreamContext | None = None
         self._consumer_info_at: float | None = None
         self._stopping = asyncio.Event()
@@ -436,7 +438,9 @@ class Projector:
         assert self._sub is not None
         s = self._settings
         try:
-            msgs = await self._sub.fetch(1, timeout=s.projector_fetch_timeout_seconds)
+            # An empty long poll (a timeout) is neither a latency sample nor an error.
+            async with self._deps.timed("nats", "fetch", ignore=(TimeoutError,)):
+                msgs = await self._sub.fetch(1, timeout=s.projector_fetch_timeout_seconds)
         except TimeoutError:  # nats.errors.TimeoutError too: no messages within the timeout is normal
             return []
         except nats.errors.Error as exc:
@@ -446,7 +450,8 @@ class Projector:
             return []
         if s.projector_batch_size > 1:
             try:
-                msgs += await self._sub.fetch(s.projector_batch_size - 1, timeout=DRAIN_TIMEOUT_SECONDS)
+                async with self._deps.timed("nats", "fetch", ignore=(TimeoutError,)):
+                    msgs += await self._sub.fetch(s.projector_batch_size - 1, timeout=DRAIN_TIMEOUT_SECONDS)
             except (TimeoutError, nats.errors.Error):
                 pass  # nothing more was waiting (or the connection dropped): project what we have
         return msgs
@@ -516,6 +521,7 @@ class Projector:
         Each message gets a `projector.apply` span continuing the trace in its `traceparent` header; it lasts
         until the message is settled.
         """
+        self.metrics.redeliveries.inc(sum(1 for msg in msgs if _num_delivered(msg) > 1))
         self._apply_spans = {id(msg): _apply_span(msg) for msg in msgs}
         try:
             await self._process_batch(msgs)
@@ -533,7 +539,8 @@ class Projector:
             all_poison = poison + [p for batch in batches.values() for p in batch.result.poison]
             await self._dead_letters.write([self._dead_letter(p) for p in all_poison])
             # Last: a checkpoint promises that every view above reflects its stream up to its version.
-            await self._checkpoints.write(checkpoints_of(batches.values()))
+            async with self._deps.timed("mongodb", "checkpoints"):
+                await self._checkpoints.write(checkpoints_of(batches.values()))
         except PyMongoError as exc:
             self._mongo_unavailable(exc)
             delay = self._mongo_backoff()
@@ -560,7 +567,8 @@ class Projector:
         assert self._views is not None
         for stream_type, batch in batches.items():
             writer = self._writers[stream_type]
-            batch.docs = await writer.load(batch.groups)
+            async with self._deps.timed("mongodb", "find"):
+                batch.docs = await writer.load(batch.groups)
             batch.result = fold(batch.projection, batch.groups, batch.docs)
             if batch.projection is ORDERS:
                 created = [c for c in batch.result.changes if c.expected_version is None]
@@ -568,7 +576,8 @@ class Projector:
                     known = await self._views.customer_fields(str(c.new_doc["customer_id"]) for c in created)
                     prefill_customer_fields(created, known)
             with self._bulk_write_span(batch):
-                batch.outcome = await writer.write(batch.result.changes)
+                async with self._deps.timed("mongodb", "bulk_write"):
+                    batch.outcome = await writer.write(batch.result.changes)
 
     def _bulk_write_span(self, batch: ProjectionBatch) -> Any:
         """`mongodb.bulk_write`, a child of the first applied message's span and linked to the others'."""

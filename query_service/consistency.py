@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from cqrs.orders.v1 import consistency_pb2
+from prometheus_client import CollectorRegistry
 from pymongo.asynchronous.collection import AsyncCollection
 
 from core.consistency import ConsistencyToken, decode_token
+from core.dependency_metrics import dependency_metrics
 from core.errors import FieldViolation, Unavailable
 
 log = logging.getLogger(__name__)
@@ -274,8 +276,10 @@ class ConsistencyWaiter:
         *,
         poll_interval: float = 0.015,
         max_waiters: int = 10_000,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._checkpoints = checkpoints
+        self._deps = dependency_metrics(registry)
         self._poll_interval = poll_interval
         self._book = WaitBook(max_waiters=max_waiters)
         self._task: asyncio.Task[None] | None = None
@@ -344,8 +348,9 @@ class ConsistencyWaiter:
         streams = self._book.pending_streams()
         self.queries += 1
         try:
-            cursor = self._checkpoints.find({"_id": {"$in": streams}}, {"version": 1})
-            docs = await cursor.to_list()
+            async with self._deps.timed("mongodb", "checkpoints"):
+                cursor = self._checkpoints.find({"_id": {"$in": streams}}, {"version": 1})
+                docs = await cursor.to_list()
         except Exception as exc:
             # Every current waiter fails with the driver's error (UNAVAILABLE for them); the next waiter
             # restarts the poll, so an outage does not outlive MongoDB's.

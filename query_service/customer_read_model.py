@@ -12,9 +12,11 @@ import re
 import unicodedata
 from typing import Final
 
+from prometheus_client import CollectorRegistry
 from pymongo import ASCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
+from core.dependency_metrics import dependency_metrics
 from query_service.paging import CustomerCursor, CustomerFilter
 from query_service.read_model import Document
 
@@ -44,12 +46,15 @@ def normalize_email(raw: str) -> str:
 class CustomerReadModel:
     """Queries on the `customers` collection; methods may raise PyMongo errors (see `is_mongo_unavailable`)."""
 
-    def __init__(self, collection: CustomersCollection) -> None:
+    def __init__(self, collection: CustomersCollection, registry: CollectorRegistry | None = None) -> None:
         self._customers = collection
+        self._deps = dependency_metrics(registry)
 
     @classmethod
-    def from_client(cls, client: AsyncMongoClient[Document], database: str) -> CustomerReadModel:
-        return cls(client[database][CUSTOMERS_COLLECTION])
+    def from_client(
+        cls, client: AsyncMongoClient[Document], database: str, registry: CollectorRegistry | None = None
+    ) -> CustomerReadModel:
+        return cls(client[database][CUSTOMERS_COLLECTION], registry)
 
     @property
     def collection(self) -> CustomersCollection:
@@ -57,12 +62,14 @@ class CustomerReadModel:
 
     async def get(self, customer_id: str) -> Document | None:
         """The customer with this id, or None (also for a document that holds only order statistics)."""
-        return await self._customers.find_one({"_id": customer_id, **_IS_CUSTOMER})
+        async with self._deps.timed("mongodb", "get_customer"):
+            return await self._customers.find_one({"_id": customer_id, **_IS_CUSTOMER})
 
     async def list_page(self, filters: CustomerFilter, after: CustomerCursor | None, limit: int) -> list[Document]:
         """Up to `limit` customers matching `filters`, by name then id, strictly after `after` when given."""
-        cursor = self._customers.find(customer_listing_query(filters, after)).sort(BY_NAME).limit(limit)
-        return await cursor.to_list()
+        async with self._deps.timed("mongodb", "list_customers"):
+            cursor = self._customers.find(customer_listing_query(filters, after)).sort(BY_NAME).limit(limit)
+            return await cursor.to_list()
 
 
 def customer_listing_query(filters: CustomerFilter, after: CustomerCursor | None) -> Document:

@@ -12,10 +12,12 @@ import logging
 import re
 from typing import Any, Final
 
+from prometheus_client import CollectorRegistry
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure, PyMongoError, WTimeoutError
 
+from core.dependency_metrics import dependency_metrics
 from query_service.config import QuerySettings
 from query_service.paging import Cursor, ListFilter
 
@@ -117,12 +119,15 @@ def make_client(settings: QuerySettings) -> AsyncMongoClient[Document]:
 class OrderReadModel:
     """Queries on the `orders` collection; methods may raise PyMongo errors (see `is_mongo_unavailable`)."""
 
-    def __init__(self, collection: OrdersCollection) -> None:
+    def __init__(self, collection: OrdersCollection, registry: CollectorRegistry | None = None) -> None:
         self._orders = collection
+        self._deps = dependency_metrics(registry)
 
     @classmethod
-    def from_client(cls, client: AsyncMongoClient[Document], database: str) -> OrderReadModel:
-        return cls(client[database][ORDERS_COLLECTION])
+    def from_client(
+        cls, client: AsyncMongoClient[Document], database: str, registry: CollectorRegistry | None = None
+    ) -> OrderReadModel:
+        return cls(client[database][ORDERS_COLLECTION], registry)
 
     @property
     def collection(self) -> OrdersCollection:
@@ -130,16 +135,19 @@ class OrderReadModel:
 
     async def get(self, order_id: str) -> Document | None:
         """The live (not deleted) order with this id, or None."""
-        return await self._orders.find_one({"_id": order_id, "deleted": {"$ne": True}})
+        async with self._deps.timed("mongodb", "get_order"):
+            return await self._orders.find_one({"_id": order_id, "deleted": {"$ne": True}})
 
     async def get_including_deleted(self, order_id: str) -> Document | None:
         """The order document with this id, a tombstone (`deleted: true`) included, or None."""
-        return await self._orders.find_one({"_id": order_id})
+        async with self._deps.timed("mongodb", "get_order"):
+            return await self._orders.find_one({"_id": order_id})
 
     async def list_page(self, filters: ListFilter, after: Cursor | None, limit: int) -> list[Document]:
         """Up to `limit` live orders matching `filters`, newest first, strictly after `after` when given."""
-        cursor = self._orders.find(listing_query(filters, after)).sort(NEWEST_FIRST).limit(limit)
-        return await cursor.to_list()
+        async with self._deps.timed("mongodb", "list_orders"):
+            cursor = self._orders.find(listing_query(filters, after)).sort(NEWEST_FIRST).limit(limit)
+            return await cursor.to_list()
 
 
 def listing_query(filters: ListFilter, after: Cursor | None) -> Document:

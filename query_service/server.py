@@ -117,12 +117,13 @@ async def start_query_server(
         raise RuntimeError(f"query service: bad TLS/auth configuration: {exc}") from exc
     client = make_client(settings)
     database = client[settings.mongo_database]
-    read_model = OrderReadModel.from_client(client, settings.mongo_database)
-    customers = CustomerReadModel.from_client(client, settings.mongo_database)
+    read_model = OrderReadModel.from_client(client, settings.mongo_database, registry)
+    customers = CustomerReadModel.from_client(client, settings.mongo_database, registry)
     waiter = ConsistencyWaiter(
         database[CHECKPOINTS_COLLECTION],
         poll_interval=settings.query_consistency_poll_ms / 1000,
         max_waiters=settings.query_max_waiters,
+        registry=registry,
     )
     read_your_writes = ReadYourWrites(waiter, settings.query_max_wait_seconds)
     watch_hub = OrderWatchHub(read_model.collection, max_watchers=settings.query_max_watchers)

@@ -457,9 +457,12 @@ def test_network_policy_lets_only_the_necessary_flows_through(rendered: dict[str
         (query, command, 50051, False),
         (client, command, 9101, False),
         (client, projector, 9102, False),
+        (client, query, 9103, False),
         # metrics scraping from the monitoring namespace only, metrics ports only
         (monitoring, command, 9101, True),
         (monitoring, projector, 9102, True),
+        (monitoring, query, 9103, True),
+        (monitoring, query, 50052, False),
         (monitoring, command, 50051, False),
         (stranger, projector, 9102, False),
         # each process reaches only its own dependencies

@@ -299,6 +299,12 @@ async def test_a_missing_version_is_waited_for_never_skipped(harness: Harness) -
     await harness.stats_reach("v3 to be deferred twice as a gap", lambda p: p.stats.gaps >= 2)
     doc = await harness.order(order.order_id)
     assert doc is not None and doc["version"] == 1 and doc["status"] == "DRAFT"
+    # The second offer of v3 was a JetStream redelivery (num_delivered 2).
+    registry = harness.projectors[0].metrics.registry
+    assert (registry.get_sample_value("cqrs_projector_redeliveries_total") or 0) >= 1
+    for dependency, operation in (("nats", "fetch"), ("mongodb", "find"), ("mongodb", "bulk_write")):
+        labels = {"dependency": dependency, "operation": operation}
+        assert (registry.get_sample_value("cqrs_dependency_call_seconds_count", labels) or 0) >= 1, labels
 
     await harness.publish(v2)
     doc = await harness.order_at(order.order_id, 3)

@@ -12,6 +12,7 @@ import asyncpg
 import nats
 import pytest
 from nats.js.errors import NotFoundError
+from prometheus_client import CollectorRegistry
 
 from command_service.domain import commands as cmd
 from command_service.event_store import AppendRequest, EventStore, RequestRecord, append_in_transaction
@@ -37,8 +38,10 @@ def settings(name: str) -> RelaySettings:
 
 
 @contextlib.asynccontextmanager
-async def running_relay(dsn: str, nats_url: str, relay_settings: RelaySettings) -> AsyncIterator[OutboxRelay]:
-    relay = OutboxRelay(dsn, nats_url, relay_settings)
+async def running_relay(
+    dsn: str, nats_url: str, relay_settings: RelaySettings, registry: CollectorRegistry | None = None
+) -> AsyncIterator[OutboxRelay]:
+    relay = OutboxRelay(dsn, nats_url, relay_settings, registry=registry)
     task = asyncio.create_task(relay.run())
     try:
         yield relay
@@ -110,10 +113,21 @@ async def test_relay_publishes_every_event_once_in_per_stream_order_then_empties
     event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, unique_name: str
 ) -> None:
     relay_settings = settings(unique_name)
-    handler = order_handler(EventStore(pg_pool))
-    async with running_relay(event_store_dsn, nats_url, relay_settings):
+    registry = CollectorRegistry()
+    handler = order_handler(EventStore(pg_pool, registry=registry))
+    async with running_relay(event_store_dsn, nats_url, relay_settings, registry):
         order_ids = await run_commands(handler, orders=5, items=4)
         await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the outbox to drain")
+    for dependency, operation in (
+        ("postgres", "append"),
+        ("postgres", "outbox_fetch"),
+        ("nats", "publish_batch"),
+        ("postgres", "outbox_delete"),
+    ):
+        labels = {"dependency": dependency, "operation": operation}
+        assert (registry.get_sample_value("cqrs_dependency_call_seconds_count", labels) or 0) >= 1, labels
+    nats_errors = {"dependency": "nats", "operation": "publish_batch"}
+    assert not registry.get_sample_value("cqrs_dependency_call_errors_total", nats_errors)
     published = await stream_messages(nats_url, relay_settings.stream_name)
     assert len(published) == 26
     assert len({msg_id for msg_id, _, _ in published}) == 26

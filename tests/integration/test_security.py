@@ -247,6 +247,10 @@ async def test_query_auth(mongo_url: str, unique_name: str, signer: Signer, jwt_
         assert handled(HEALTH_CHECK, "OK") >= 1
         count = server.registry.get_sample_value("cqrs_grpc_server_handling_seconds_count", {"method": GET_ORDER})
         assert count == 9
+        # and so are the MongoDB calls behind them
+        for operation in ("get_order", "list_orders"):
+            labels = {"dependency": "mongodb", "operation": operation}
+            assert (server.registry.get_sample_value("cqrs_dependency_call_seconds_count", labels) or 0) >= 1, labels
 
 
 async def _serving(channel: grpc.aio.Channel) -> bool:
@@ -280,6 +284,10 @@ async def test_command_auth_needs_the_write_scope(
         assert server.registry is not None
         labels = {"method": REGISTER, "code": "OK"}
         assert server.registry.get_sample_value("cqrs_grpc_server_handled_total", labels) == 1
+        # the PostgreSQL calls behind it are timed (group commit is on by default: one batch transaction)
+        for operation in ("find_request", "append_batch"):
+            labels = {"dependency": "postgres", "operation": operation}
+            assert (server.registry.get_sample_value("cqrs_dependency_call_seconds_count", labels) or 0) >= 1, labels
 
 
 # --- limits and metrics exporter ---------------------------------------------------------------------------------
