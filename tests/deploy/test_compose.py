@@ -73,6 +73,9 @@ def test_services_point_at_the_compose_servers(compose: dict[str, Any]) -> None:
     assert env["command-service"]["CQRS_COMMAND_LISTEN"] == "0.0.0.0:50051"
     assert env["query-service"]["CQRS_QUERY_LISTEN"] == "0.0.0.0:50052"
     assert env["projector"]["CQRS_PROJECTOR_METRICS_PORT"] == "9102"
+    assert env["query-service"]["CQRS_QUERY_METRICS_PORT"] == "9103"
+    for name in ("command-service", "query-service", "projector"):  # published ports need a non-loopback bind
+        assert env[name]["CQRS_METRICS_HOST"] == "0.0.0.0"
 
 
 def test_servers_are_real_pinned_images_with_volumes(compose: dict[str, Any]) -> None:
@@ -152,4 +155,4 @@ def test_ports_are_published_on_loopback_only(compose: dict[str, Any]) -> None:
             host_port = int(match.group(1))
             assert host_port not in published, f"{name} and {published.get(host_port)} both publish {host_port}"
             published[host_port] = name
-    assert {50051, 50052, 9101, 9102} <= set(published)
+    assert {50051, 50052, 9101, 9102, 9103} <= set(published)

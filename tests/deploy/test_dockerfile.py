@@ -29,7 +29,7 @@ from tests.deploy.support import DEPLOY, ROOT, all_env_read, run, tool
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 SERVICE_PORTS = {"command_service": 50051, "query_service": 50052}
-METRICS_PORTS = {"command_service": 9101, "projector": 9102}
+METRICS_PORTS = {"command_service": 9101, "projector": 9102, "query_service": 9103}
 BASE_IMAGE = re.compile(r"^python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}$")
 
 
