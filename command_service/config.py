@@ -19,7 +19,6 @@ class CommandServiceSettings(ServerSecurity):
     stream_name: str = DEFAULT_STREAM_NAME
     subject_prefix: str = SUBJECT_PREFIX
     command_listen: str = "127.0.0.1:50051"
-    postgres_pool_min: int = Field(default=2, ge=1)
     postgres_pool_max: int = Field(default=32, ge=1)
     postgres_timeout_seconds: float = Field(default=5.0, gt=0)
     max_append_attempts: int = Field(default=5, ge=1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry
 
 from command_service.event_store import OUTBOX_CHANNEL, recorded_event_from_row
+from core.backoff import full_jitter
 from core.dependency_metrics import dependency_metrics
 from core.jetstream import ensure_stream, event_stream_config
 from core.subjects import event_subject
@@ -36,6 +36,7 @@ from core.tracing import context_from_traceparent, inject_headers, tracer
 log = logging.getLogger(__name__)
 
 RELAY_LOCK_KEY = 0x0C0A5_0002
+RETRY_BASE_SECONDS = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +104,7 @@ class OutboxRelay:
                 if nc is not None:
                     with contextlib.suppress(Exception):
                         await nc.close()
-                await self._sleep(_backoff(failures, self._settings.max_backoff))
+                await self._sleep(full_jitter(failures + 1, RETRY_BASE_SECONDS, self._settings.max_backoff))
 
     async def _relay_while_running(self) -> None:
         failures = 0
@@ -114,7 +115,7 @@ class OutboxRelay:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 failures += 1
                 log.warning("outbox relay: event store (PostgreSQL) unavailable: %r; retrying", exc)
-                await self._sleep(_backoff(failures, self._settings.max_backoff))
+                await self._sleep(full_jitter(failures + 1, RETRY_BASE_SECONDS, self._settings.max_backoff))
             finally:
                 self.is_leader = False
 
@@ -165,7 +166,7 @@ class OutboxRelay:
                 self.published_total += len(acked)
             if len(acked) < len(rows):
                 nats_failures += 1
-                await self._sleep(_backoff(nats_failures, self._settings.max_backoff))
+                await self._sleep(full_jitter(nats_failures + 1, RETRY_BASE_SECONDS, self._settings.max_backoff))
             else:
                 nats_failures = 0
 
@@ -243,8 +244,3 @@ class OutboxRelay:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-
-
-def _backoff(failures: int, cap: float) -> float:
-    """Exponential backoff with full jitter, capped."""
-    return random.uniform(0, min(cap, 0.1 * 2 ** min(failures, 10)))

@@ -27,13 +27,6 @@ _CODES: list[tuple[type[ServiceError], grpc.StatusCode, int]] = [
 ]
 
 
-def status_code_for(error: ServiceError) -> grpc.StatusCode:
-    for cls, code, _ in _CODES:
-        if isinstance(error, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
 def to_rpc_status(error: ServiceError) -> status_pb2.Status:
     """Builds the google.rpc.Status (with BadRequest field violations for InvalidArgument)."""
     numeric = next((num for cls, _, num in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)

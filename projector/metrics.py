@@ -7,10 +7,10 @@ prometheus_client's own threaded server on `CQRS_METRICS_HOST` (default loopback
 from __future__ import annotations
 
 import logging
-import threading
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from core.metrics import MetricsServer, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -58,27 +58,21 @@ class ProjectorMetrics:
         self.mongo_up = Gauge(
             "cqrs_projector_mongo_up", "1 while the read model (MongoDB) answers, else 0.", registry=self.registry
         )
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._exporter: MetricsServer | None = None
 
     @property
     def port(self) -> int | None:
         """The port `/metrics` is served on, once serving."""
-        return None if self._server is None else int(self._server.server_port)
+        return None if self._exporter is None else self._exporter.port
 
     def serve(self, port: int, host: str) -> int:
         """Starts serving `/metrics` (port 0: a free one) in a daemon thread; returns the bound port."""
-        if self._server is None:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-            log.info("serving metrics on http://%s:%d/metrics", host, self._server.server_port)
-        return int(self._server.server_port)
+        if self._exporter is None:
+            self._exporter = start_metrics_server(self.registry, host, port)
+        return self._exporter.port
 
     def close(self) -> None:
         """Stops the HTTP server (if any) and waits for its thread."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        exporter, self._exporter = self._exporter, None
+        if exporter is not None:
+            exporter.stop()

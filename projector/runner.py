@@ -48,6 +48,7 @@ from opentelemetry.trace import Link, Span, SpanKind
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
+from core.backoff import exponential
 from core.dependency_metrics import dependency_metrics
 from core.envelope import HEADER_MSG_ID, HEADER_STREAM_ID, HEADER_VERSION, RecordedEvent
 from core.events import Event, decode_event
@@ -80,11 +81,6 @@ CONSUMER_INFO_TIMEOUT_SECONDS = 1.0
 
 # The read models this projector keeps; orders come first in a batch (see the module docstring).
 DEFAULT_PROJECTIONS: tuple[Projection, ...] = (ORDERS, CUSTOMERS)
-
-
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """`base * 2**(attempt-1)`, capped; attempt 1 is the first retry."""
-    return float(min(cap, base * 2 ** max(0, min(attempt - 1, 30))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,7 +500,7 @@ class Projector:
         log.warning("read model (MongoDB) unavailable: %s", _short(exc))
 
     def _mongo_backoff(self) -> float:
-        return backoff_delay(
+        return exponential(
             self._mongo_attempts, MONGO_BACKOFF_BASE_SECONDS, self._settings.projector_max_backoff_seconds
         )
 
@@ -634,7 +630,7 @@ class Projector:
                 self.stats.conflicts += 1
                 log.info("%s %s changed concurrently; re-evaluating", stream_type, doc_id)
                 settle += [
-                    d.msg.nak(delay=backoff_delay(_num_delivered(d.msg), CONFLICT_BACKOFF_BASE_SECONDS, cap))
+                    d.msg.nak(delay=exponential(_num_delivered(d.msg), CONFLICT_BACKOFF_BASE_SECONDS, cap))
                     for d in applied
                 ]
             elif doc_id in batch.outcome.failed:
@@ -650,7 +646,7 @@ class Projector:
                 self.metrics.applied.inc(len(applied))
                 settle += [d.msg.ack() for d in applied]
         settle += [
-            d.msg.nak(delay=backoff_delay(_num_delivered(d.msg), GAP_BACKOFF_BASE_SECONDS, cap))
+            d.msg.nak(delay=exponential(_num_delivered(d.msg), GAP_BACKOFF_BASE_SECONDS, cap))
             for d in batch.result.deferred
         ]
         return settle
