@@ -162,15 +162,11 @@ class EventStore:
         )
         if self._group_commit is not None:
             return await self._group_commit.submit(append)
-        async with (
-            self._deps.timed("postgres", "append"),
-            self._pool.acquire(timeout=self._timeout) as conn,
-            conn.transaction(),
-        ):
-            reply = await append_in_transaction(conn, append, timeout=self._timeout)
-            if append.events:
-                await notify_relay(conn, timeout=self._timeout)
-            return reply
+        async with self._deps.timed("postgres", "append"), self._pool.acquire(timeout=self._timeout) as conn:
+            (outcome,) = await commit_appends(conn, [append], timeout=self._timeout)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     async def close(self) -> None:
         if self._group_commit is not None:
@@ -191,65 +187,130 @@ class AppendRequest:
     claims: tuple[UniqueClaim, ...] = ()
 
 
-# One round trip writes the events, their outbox rows and the request log (whose reply holds the position the
-# events got). A duplicate request_id inserts no log row: the caller then rolls back and raises DuplicateRequest.
-_APPEND_SQL = """
-WITH ev AS (
+# One statement writes the events, their outbox rows and the request-log rows of any number of appends, and wakes
+# the relay (the NOTIFY is delivered on commit). Outside an explicit transaction it is one round trip and one
+# durable commit for the whole batch. The request log's reply holds the last position the append's events got
+# (or, for a no-op command, the position the command saw). Any conflict (a version or a request_id taken) fails
+# the whole statement, so nothing of the batch is written.
+_APPEND_BATCH_SQL = (
+    """
+WITH input AS (
+    SELECT * FROM unnest($1::int[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::text[], $7::int[],
+                         $8::text[], $9::text[])
+        WITH ORDINALITY AS e(append_no, event_id, stream_type, stream_id, version, event_type, schema_version,
+                             payload, metadata, n)
+), ev AS (
     INSERT INTO events (event_id, stream_type, stream_id, version, event_type, schema_version, payload, metadata)
-    SELECT e.event_id, $2, $3, e.version, e.event_type, e.schema_version, e.payload::jsonb, $4::jsonb
-      FROM unnest($1::uuid[], $5::int[], $6::text[], $7::int[], $8::text[])
-           AS e(event_id, version, event_type, schema_version, payload)
-    RETURNING position
+    SELECT event_id, stream_type, stream_id, version, event_type, schema_version, payload::jsonb, metadata::jsonb
+      FROM input ORDER BY n  -- positions follow versions within a stream
+    RETURNING position, event_id, stream_id
 ), ob AS (
-    INSERT INTO outbox (position, stream_id) SELECT position, $3 FROM ev
+    INSERT INTO outbox (position, stream_id) SELECT position, stream_id FROM ev
+), last_positions AS (
+    SELECT input.append_no, max(ev.position) AS position FROM ev JOIN input USING (event_id) GROUP BY input.append_no
+), placed AS (
+    SELECT r.*, coalesce(lp.position, r.last_position) AS position
+      FROM unnest($10::int[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::int[],
+                  $17::bigint[])
+           AS r(append_no, request_id, command_type, request_hash, stream_type, stream_id, version, last_position)
+      LEFT JOIN last_positions lp USING (append_no)
 ), rl AS (
     INSERT INTO request_log (request_id, command_type, request_hash, stream_id, reply)
-    SELECT $9, $10, $11, $3, jsonb_build_object(
-               'stream_type', $2::text, 'stream_id', $3::text, 'version', $12::int,
-               'position', coalesce((SELECT max(position) FROM ev), $13::bigint))
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING (reply ->> 'position')::bigint AS position
+    SELECT request_id, command_type, request_hash, stream_id,
+           jsonb_build_object('stream_type', stream_type, 'stream_id', stream_id, 'version', version,
+                              'position', position)
+      FROM placed
+), wake AS (
+    SELECT pg_notify('"""
+    + OUTBOX_CHANNEL
+    + """', '') FROM (SELECT 1 FROM ev LIMIT 1) AS any_event
 )
-SELECT (SELECT position FROM rl) AS position
+SELECT placed.append_no, placed.position FROM placed LEFT JOIN wake ON true ORDER BY placed.append_no
 """
+)
+
+_STREAM_VERSION_KEY = "events_stream_version_key"
+_REQUEST_ID_KEY = "request_log_pkey"
+
+
+async def append_batch(conn: Connection, appends: Sequence[AppendRequest], *, timeout: float) -> list[CommandReply]:
+    """Writes the appends (not their unique claims) in one statement: all of them or, on any conflict, none.
+
+    Run outside a transaction, the statement commits by itself. Raises asyncpg.UniqueViolationError when a
+    version or request_id is taken; `conflict_error` says which for a single append.
+    """
+    event_cols: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [])
+    request_cols: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
+    for append_no, append in enumerate(appends):
+        metadata = json.dumps(append.metadata.to_dict())
+        for offset, event in enumerate(append.events, start=1):
+            row = (
+                append_no, uuid.uuid4(), append.stream_type, append.stream_id, append.expected_version + offset,
+                event.event_type, event.schema_version, json.dumps(event.to_payload(), ensure_ascii=False), metadata,
+            )  # fmt: skip
+            for col, value in zip(event_cols, row, strict=True):
+                col.append(value)
+        request = append.request
+        request_row = (
+            append_no, request.request_id, request.command_type, request.request_hash, append.stream_type,
+            append.stream_id, append.expected_version + len(append.events), append.last_position,
+        )  # fmt: skip
+        for col, value in zip(request_cols, request_row, strict=True):
+            col.append(value)
+    rows = await conn.fetch(_APPEND_BATCH_SQL, *event_cols, *request_cols, timeout=timeout)
+    return [
+        CommandReply(a.stream_type, a.stream_id, a.expected_version + len(a.events), int(row["position"]))
+        for a, row in zip(appends, rows, strict=True)
+    ]
+
+
+def conflict_error(exc: asyncpg.UniqueViolationError, append: AppendRequest) -> Exception:
+    """The domain error for a unique violation raised by `append`'s own statement (or `exc` itself)."""
+    if exc.constraint_name == _STREAM_VERSION_KEY:
+        return VersionConflict(append.stream_id)
+    if exc.constraint_name == _REQUEST_ID_KEY:
+        return DuplicateRequest(append.request.request_id)
+    return exc
+
+
+async def commit_appends(
+    conn: Connection, appends: Sequence[AppendRequest], *, timeout: float
+) -> list[CommandReply | Exception]:
+    """Commits the appends on `conn` (not inside a transaction); each gets its reply or its own conflict error.
+
+    Fast path: one statement for all of them (one round trip, one commit). Appends with unique claims, or a batch
+    in which some append conflicts, take one transaction with a SAVEPOINT per append instead, so a conflict undoes
+    only its own append and the others still commit together.
+    """
+    if not any(append.claims for append in appends):
+        try:
+            return list(await append_batch(conn, appends, timeout=timeout))
+        except asyncpg.UniqueViolationError as exc:
+            if len(appends) == 1:
+                error = conflict_error(exc, appends[0])
+                if error is exc:
+                    raise
+                return [error]
+    outcomes: list[CommandReply | Exception] = []
+    async with conn.transaction():
+        for append in appends:
+            try:
+                async with conn.transaction():
+                    outcomes.append(await append_in_transaction(conn, append, timeout=timeout))
+            except (VersionConflict, DuplicateRequest, ClaimTaken) as exc:
+                outcomes.append(exc)
+    return outcomes
 
 
 async def append_in_transaction(conn: Connection, append: AppendRequest, *, timeout: float) -> CommandReply:
-    """Writes one append inside the caller's transaction (it does not NOTIFY: see `notify_relay`)."""
-    events = append.events
-    new_version = append.expected_version + len(events)
+    """Writes one append and its unique claims inside the caller's transaction (the relay is woken on commit)."""
     try:
-        position = await conn.fetchval(
-            _APPEND_SQL,
-            [uuid.uuid4() for _ in events],
-            append.stream_type,
-            append.stream_id,
-            json.dumps(append.metadata.to_dict()),
-            [append.expected_version + i + 1 for i in range(len(events))],
-            [e.event_type for e in events],
-            [e.schema_version for e in events],
-            [json.dumps(e.to_payload(), ensure_ascii=False) for e in events],
-            append.request.request_id,
-            append.request.command_type,
-            append.request.request_hash,
-            new_version,
-            append.last_position,
-            timeout=timeout,
-        )
+        (reply,) = await append_batch(conn, [append], timeout=timeout)
     except asyncpg.UniqueViolationError as exc:
-        if exc.constraint_name == "events_stream_version_key":
-            raise VersionConflict(append.stream_id) from exc
-        raise
-    if position is None:
-        raise DuplicateRequest(append.request.request_id)
+        raise conflict_error(exc, append) from exc
     for claim in append.claims:
         await _apply_claim(conn, append.stream_id, claim, timeout)
-    return CommandReply(append.stream_type, append.stream_id, new_version, int(position))
-
-
-async def notify_relay(conn: Connection, *, timeout: float) -> None:
-    """Wakes the relay when the transaction commits (NOTIFY is delivered on commit only)."""
-    await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}", timeout=timeout)
+    return reply
 
 
 async def _apply_claim(conn: Connection, stream_id: str, claim: UniqueClaim, timeout: float) -> None:

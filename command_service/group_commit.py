@@ -1,10 +1,11 @@
 """Group commit: concurrent appends share one PostgreSQL transaction, so one durable commit (one WAL flush)
 serves many commands without weakening durability (`synchronous_commit` stays on).
 
-Each append runs inside its own SAVEPOINT, so a conflict (version taken, request_id repeated, unique value
-claimed) rolls back only that append and is reported to its caller; the others commit together. Nobody hears
-"done" before the shared COMMIT returns. When nothing else is waiting, a batch is a single append: no added
-latency at low load; batches grow by themselves as load rises (while one batch commits, the next one fills).
+A batch is written by one statement (`event_store.commit_appends`); when one of its appends conflicts (version
+taken, request_id repeated, unique value claimed) the batch is redone with a SAVEPOINT per append, so only that
+append fails and is reported to its caller; the others commit together. Nobody hears "done" before the commit.
+When nothing else is waiting, a batch is a single append: no added latency at low load; batches grow by
+themselves as load rises (while one batch commits, the next one fills).
 """
 
 from __future__ import annotations
@@ -19,19 +20,12 @@ from prometheus_client import CollectorRegistry
 
 from command_service.event_store import (
     AppendRequest,
-    ClaimTaken,
     CommandReply,
-    DuplicateRequest,
-    VersionConflict,
-    append_in_transaction,
-    notify_relay,
+    commit_appends,
 )
 from core.dependency_metrics import dependency_metrics
 
 log = logging.getLogger(__name__)
-
-# Failures of one append that leave the shared transaction usable (after rolling back to its savepoint).
-_PER_APPEND = (VersionConflict, DuplicateRequest, ClaimTaken)
 
 
 @dataclass
@@ -105,22 +99,11 @@ class GroupCommitter:
             self._resolve(batch)
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        """One transaction for the batch; outcomes are recorded, and only announced after the COMMIT."""
-        async with (
-            self._deps.timed("postgres", "append_batch"),
-            self._pool.acquire(timeout=self._timeout) as conn,
-            conn.transaction(),
-        ):
-            wrote_events = False
-            for pending in batch:
-                try:
-                    async with conn.transaction():  # SAVEPOINT: a conflict undoes only this append
-                        pending.outcome = await append_in_transaction(conn, pending.append, timeout=self._timeout)
-                    wrote_events = wrote_events or bool(pending.append.events)
-                except _PER_APPEND as exc:
-                    pending.outcome = exc
-            if wrote_events:
-                await notify_relay(conn, timeout=self._timeout)
+        """Commits the batch; outcomes are recorded here and only announced (`_resolve`) after the commit."""
+        async with self._deps.timed("postgres", "append_batch"), self._pool.acquire(timeout=self._timeout) as conn:
+            outcomes = await commit_appends(conn, [pending.append for pending in batch], timeout=self._timeout)
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            pending.outcome = outcome
         self.batches += 1
         self.appends += len(batch)
 
