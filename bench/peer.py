@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from command_service.config import CommandServiceSettings
-from command_service.event_store import EventStore, RequestRecord
+from command_service.event_store import EventStore, RequestRecord, keep_session
 from command_service.group_commit import GroupCommitter
 from command_service.migrate import migrate
 from core.envelope import EventMetadata
@@ -83,7 +83,7 @@ def eventsourcing_appends(dsn: str, writers: int, duration: float) -> dict[str, 
 async def our_appends(dsn: str, writers: int, duration: float) -> dict[str, Any]:
     """`EventStore.append` of one event to fresh streams from `writers` concurrent tasks; appends/s."""
     await migrate(dsn)
-    pool = await asyncpg.create_pool(dsn, min_size=writers, max_size=writers)
+    pool = await asyncpg.create_pool(dsn, min_size=writers, max_size=writers, reset=keep_session)
     defaults = CommandServiceSettings()
     # Configured as command_service runs it: concurrent appends share transactions (group commit).
     committer = GroupCommitter(

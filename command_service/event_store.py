@@ -337,6 +337,12 @@ async def _apply_claim(conn: Connection, stream_id: str, claim: UniqueClaim, tim
         raise ClaimTaken(claim.scope, claim.value)
 
 
+async def keep_session(conn: Connection) -> None:
+    """The pool's `reset`: releases a connection without asyncpg's reset query (a round trip per release). The
+    event store's pooled connections change no session state (no SET, LISTEN or advisory lock; the relay has its
+    own connection); asyncpg still rolls back a transaction left open before calling this."""
+
+
 def recorded_event_from_row(row: Any) -> RecordedEvent:
     """Builds a RecordedEvent from a row with the `events` columns (payload and metadata as text)."""
     return RecordedEvent(

@@ -100,9 +100,9 @@ class CommandHandler(Generic[S, C]):
 
     async def _handle(self, command: C, ctx: CommandContext, command_type: str, stream_id: str) -> CommandReply:
         agg = self._aggregate
-        prior = await self._replay(ctx, command_type)
-        if prior is not None:
-            return prior
+        # No request-log lookup up front: a repeated request_id either fails the checks its first run changed,
+        # or fails its append on the request log (which writes nothing); both paths return the first reply
+        # through `_replay`. New commands, nearly all of them, save a round trip.
         for attempt in range(1, self._max_attempts + 1):
             recorded = await self.store.load_stream(stream_id)
             state = agg.fold(decode_event(r.event_type, r.schema_version, r.payload) for r in recorded)
@@ -118,8 +118,8 @@ class CommandHandler(Generic[S, C]):
                     await self._precondition(command)
                 events = agg.decide(state, command)
             except ServiceError:
-                # A concurrent duplicate of this request may have committed between our replay check and the
-                # load; its effect then makes the checks fail. The first reply is the right answer.
+                # A repeat of a request that already committed (or is committing concurrently): its own effect
+                # makes the checks fail. The first reply is the right answer.
                 prior = await self._replay(ctx, command_type)
                 if prior is not None:
                     return prior
@@ -154,6 +154,9 @@ class CommandHandler(Generic[S, C]):
                     )
             except VersionConflict:
                 if ctx.expected_version is not None or isinstance(command, agg.creates):
+                    prior = await self._replay(ctx, command_type)  # a concurrent duplicate may have won the race
+                    if prior is not None:
+                        return prior
                     raise Conflict(f"{agg.name} {stream_id} was changed concurrently; reload it and retry") from None
                 log.debug("version conflict on %s (attempt %d); retrying", stream_id, attempt)
                 await asyncio.sleep(random.uniform(0, 0.005 * attempt))

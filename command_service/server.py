@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from command_service.config import CommandServiceSettings
 from command_service.customer_grpc_api import CustomerCommandServicer
-from command_service.event_store import EventStore
+from command_service.event_store import EventStore, keep_session
 from command_service.group_commit import GroupCommitter
 from command_service.grpc_api import OrderCommandServicer
 from command_service.handlers import customer_handler, order_handler
@@ -81,6 +81,7 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
         max_size=settings.postgres_pool_max,
         timeout=settings.postgres_timeout_seconds,
         command_timeout=settings.postgres_timeout_seconds,
+        reset=keep_session,
     )
     committer = (
         GroupCommitter(

@@ -95,17 +95,28 @@ def decode_event(event_type: str, schema_version: int, payload: Payload) -> Even
     return _from_payload(cls, payload)
 
 
+_FIELDS: dict[type[Event], tuple[tuple[dataclasses.Field[Any], Any], ...]] = {}
+
+
+def _fields_of(cls: type[Event]) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
+    """Each dataclass field of `cls` with its resolved type (resolving them is slow; every decode needs them)."""
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        hints = typing.get_type_hints(cls)
+        fields = tuple((field, hints[field.name]) for field in dataclasses.fields(cls))  # type: ignore[arg-type]
+        _FIELDS[cls] = fields
+    return fields
+
+
 def _from_payload(cls: type[Event], payload: Payload) -> Event:
-    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     try:
-        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for field, expected in _fields_of(cls):
             if field.name not in payload:
                 if field.default is not dataclasses.MISSING:
                     continue
                 raise MalformedEvent(f"{cls.event_type}: payload lacks field {field.name!r}")
             value = payload[field.name]
-            expected = hints[field.name]
             if expected is Address:
                 value = Address.from_dict(value)
             elif expected in (int, str) and (not isinstance(value, expected) or isinstance(value, bool)):

@@ -131,6 +131,33 @@ async def test_concurrent_duplicates_of_one_request_write_once(event_store: Even
     assert await counts(pg_pool) == (before[0] + 1, before[1] + 1, before[2] + 1)
 
 
+async def test_concurrent_duplicates_of_one_create_write_once(event_store: EventStore, pg_pool: asyncpg.Pool) -> None:
+    handler = order_handler(event_store)
+    customer_id = await registered_customer(event_store)
+    order_id = str(uuid.uuid4())
+    before = await counts(pg_pool)
+    create = cmd.CreateOrder(order_id, customer_id, "EUR", ADDRESS)
+    replies = await asyncio.gather(*(handler.handle(create, ctx("create-once")) for _ in range(10)))
+    assert len(set(replies)) == 1
+    assert await counts(pg_pool) == (before[0] + 1, before[1] + 1, before[2] + 1)
+
+
+async def test_repeats_return_the_first_reply_even_after_later_changes(
+    event_store: EventStore, pg_pool: asyncpg.Pool
+) -> None:
+    """A repeat is answered from the request log whatever the stream looks like now, and writes nothing."""
+    handler = order_handler(event_store)
+    order_id = await create_order(handler, event_store)
+    add = cmd.AddOrderItem(order_id, "SKU-1", "x", 1, 1)
+    first = await handler.handle(add, ctx("add", expected_version=1))
+    noop = await handler.handle(cmd.ChangeItemQuantity(order_id, "SKU-1", 1), ctx("noop"))  # already 1
+    await handler.handle(cmd.AddOrderItem(order_id, "SKU-2", "y", 1, 1), ctx())
+    before = await counts(pg_pool)
+    assert await handler.handle(add, ctx("add", expected_version=1)) == first  # version 1 is long gone
+    assert await handler.handle(cmd.ChangeItemQuantity(order_id, "SKU-1", 1), ctx("noop")) == noop
+    assert await counts(pg_pool) == before
+
+
 async def test_request_id_reused_for_another_command_is_refused_and_writes_nothing(
     event_store: EventStore, pg_pool: asyncpg.Pool
 ) -> None:

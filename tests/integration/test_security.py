@@ -285,7 +285,7 @@ async def test_command_auth_needs_the_write_scope(
         labels = {"method": REGISTER, "code": "OK"}
         assert server.registry.get_sample_value("cqrs_grpc_server_handled_total", labels) == 1
         # the PostgreSQL calls behind it are timed (group commit is on by default: one batch transaction)
-        for operation in ("find_request", "append_batch"):
+        for operation in ("load_stream", "append_batch"):
             labels = {"dependency": "postgres", "operation": operation}
             assert (server.registry.get_sample_value("cqrs_dependency_call_seconds_count", labels) or 0) >= 1, labels
 
