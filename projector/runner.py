@@ -53,7 +53,7 @@ from core.dependency_metrics import dependency_metrics
 from core.envelope import HEADER_MSG_ID, HEADER_STREAM_ID, HEADER_VERSION, RecordedEvent
 from core.events import Event, decode_event
 from core.jetstream import ensure_stream, event_stream_config
-from core.order_events import OrderCreated
+from core.order_events import OrderCancelled, OrderCreated, OrderDeleted, OrderPlaced
 from core.subjects import stream_subjects
 from core.tracing import extract_context, tracer
 from projector.checkpoints import Checkpoint, CheckpointWriter
@@ -81,6 +81,11 @@ CONSUMER_INFO_TIMEOUT_SECONDS = 1.0
 
 # The read models this projector keeps; orders come first in a batch (see the module docstring).
 DEFAULT_PROJECTIONS: tuple[Projection, ...] = (ORDERS, CUSTOMERS)
+
+# The order events that can change a customer's order statistics (counts by status, totals of placed orders).
+# The others only touch lines and addresses of draft orders (the domain allows nothing else), which no statistic
+# counts; skipping them leaves `order_stats_version` behind, which only fences newer against older results.
+ORDER_STATS_EVENTS: tuple[type[Event], ...] = (OrderCreated, OrderPlaced, OrderCancelled, OrderDeleted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,6 +618,8 @@ class Projector:
                     if isinstance(delivery.event, OrderCreated):
                         # Again after the insert: a customer renamed since the prefill read is caught here.
                         fan_out.add(delivery.event.customer_id)
+                if not any(isinstance(delivery.event, ORDER_STATS_EVENTS) for delivery in settled):
+                    continue  # lines and addresses of draft orders count in no statistic: nothing to recompute
                 doc = order_docs.get(order_id)
                 if doc is not None and doc.get("customer_id"):
                     stats.add(str(doc["customer_id"]))

@@ -179,6 +179,30 @@ async def test_orders_created_before_their_customer_get_its_fields_and_stats_sur
     assert deactivated["order_stats"]["draft_orders"] == 3
 
 
+async def test_line_edits_of_draft_orders_do_not_recompute_statistics(harness: Harness) -> None:
+    """Only creates, places, cancels and deletes can change statistics, so only they cost an aggregation."""
+    customer = await register(harness)
+    cid = customer.stream_id
+    [order] = await create_orders(harness, cid, 1)
+    await checkpoint_at(harness, order.order_id, 1)
+    before = await customer_doc(harness, cid)
+    assert before is not None and before["order_stats"]["draft_orders"] == 1
+    for i in range(3):
+        last = await harness.emit(order, OrderItemAdded(f"SKU-{i}", "Thing", 1, 100))
+    await checkpoint_at(harness, order.order_id, last.version)
+    after_lines = await customer_doc(harness, cid)
+    assert after_lines is not None
+    assert (after_lines["order_stats"], after_lines["order_stats_version"]) == (
+        before["order_stats"],
+        before["order_stats_version"],
+    )
+    placed = await harness.emit(order, OrderPlaced())
+    await checkpoint_at(harness, order.order_id, placed.version)
+    after_place = await customer_doc(harness, cid)
+    assert after_place is not None and after_place["order_stats_version"] == placed.version
+    assert after_place["order_stats"]["placed_totals"] == [{"currency": "EUR", "total_minor": 300}]
+
+
 async def test_customer_order_statistics_follow_creates_places_cancels_and_deletes(harness: Harness) -> None:
     customer = await register(harness)
     cid = customer.stream_id
