@@ -191,7 +191,7 @@ class Bench:
     def _search(self, addr: tuple[str, str], step: float) -> dict[str, Any]:
         # Warm-up (not judged): connection pools, first-use imports and caches of three fresh processes.
         system.run_load(*addr, mode="open", rate=self.args.start_rate, duration=step, workers=self.workers,
-                        mix=system.COMMAND_MIX, log=self.load_log)  # fmt: skip
+                        mix=system.COMMAND_MIX, ttq_sample=0.0, log=self.load_log)  # fmt: skip
         result = system.search_command_rate(
             *addr,
             step_seconds=step,

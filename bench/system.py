@@ -170,8 +170,9 @@ def search_command_rate(
 
     def run(rate: float) -> bool:
         for _attempt in range(2):
+            # Commands only: time-to-queryable probes are queries, measured in a run of their own.
             report = run_load(command_addr, query_addr, mode="open", rate=rate, duration=step_seconds,
-                              workers=workers, mix=COMMAND_MIX, log=log)  # fmt: skip
+                              workers=workers, mix=COMMAND_MIX, ttq_sample=0.0, log=log)  # fmt: skip
             step = judge_step(rate, report)
             search.steps.append(step)
             if step.ok:

@@ -128,19 +128,24 @@ class CustomerViews:
             async for doc in cursor
         }
 
-    async def fan_out(self, customer_ids: Iterable[str]) -> dict[str, int]:
-        """Brings every order of these customers up to the customer's current version; returns those versions."""
+    async def fan_out(self, customer_ids: Iterable[str], carried: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Brings every order of these customers up to the customer's current version; returns those versions.
+
+        `carried[c]`: the orders that need customer `c` here already carry its version `carried[c]` (new orders
+        prefilled in this batch), so `c` needs no update unless it has moved past that version since.
+        """
+        carried = carried or {}
         fields = await self.customer_fields(customer_ids)
-        if not fields:
-            return {}
         ops = [
             UpdateMany(
                 {"customer_id": customer_id, "customer_version": {"$lt": customer.version}},
                 {"$set": customer.order_fields()},
             )
             for customer_id, customer in sorted(fields.items())
+            if customer.version > carried.get(customer_id, 0)
         ]
-        await self._orders.bulk_write(ops, ordered=False)
+        if ops:
+            await self._orders.bulk_write(ops, ordered=False)
         return {customer_id: customer.version for customer_id, customer in fields.items()}
 
     async def recompute_order_stats(self, customer_ids: Iterable[str]) -> dict[str, OrderStats]:

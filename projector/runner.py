@@ -31,10 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -78,6 +78,8 @@ CONSUMER_INFO_INTERVAL_SECONDS = 2.0
 # Budget for the no-wait drain after the first message of a batch (one round trip to nats-server).
 DRAIN_TIMEOUT_SECONDS = 0.005
 CONSUMER_INFO_TIMEOUT_SECONDS = 1.0
+
+T = TypeVar("T")
 
 # The read models this projector keeps; orders come first in a batch (see the module docstring).
 DEFAULT_PROJECTIONS: tuple[Projection, ...] = (ORDERS, CUSTOMERS)
@@ -603,28 +605,48 @@ class Projector:
         )
 
     async def _write_derived_views(self, batches: dict[str, ProjectionBatch]) -> None:
-        """Customer fields onto orders, then order statistics onto customers (see `projector.customer_views`)."""
+        """Customer fields onto orders and order statistics onto customers (see `projector.customer_views`).
+
+        The two are independent (the fan-out sets customer fields, the statistics read status, totals and
+        versions), so they run concurrently: one MongoDB round trip of latency instead of two.
+        """
         assert self._views is not None
         fan_out: set[str] = set()
+        carried: dict[str, int] = {}  # per customer: the lowest customer version this batch's new orders carry
         stats: set[str] = set()
         customers = batches.get(CUSTOMERS.stream_type)
-        if customers is not None:
-            fan_out.update(customers.settled())
         orders = batches.get(ORDERS.stream_type)
         if orders is not None:
             order_docs = orders.current_docs()
             for order_id, settled in orders.settled().items():
+                doc = order_docs.get(order_id) or {}
                 for delivery in settled:
                     if isinstance(delivery.event, OrderCreated):
                         # Again after the insert: a customer renamed since the prefill read is caught here.
-                        fan_out.add(delivery.event.customer_id)
+                        customer_id = delivery.event.customer_id
+                        fan_out.add(customer_id)
+                        version = int(doc.get("customer_version") or 0)
+                        carried[customer_id] = min(version, carried.get(customer_id, version))
                 if not any(isinstance(delivery.event, ORDER_STATS_EVENTS) for delivery in settled):
                     continue  # lines and addresses of draft orders count in no statistic: nothing to recompute
-                doc = order_docs.get(order_id)
-                if doc is not None and doc.get("customer_id"):
+                if doc.get("customer_id"):
                     stats.add(str(doc["customer_id"]))
-        await self._views.fan_out(fan_out)
-        await self._views.recompute_order_stats(stats)
+        if customers is not None:
+            for customer_id in customers.settled():
+                fan_out.add(customer_id)
+                carried.pop(customer_id, None)  # the customer changed: every order of theirs may need it
+        results = await asyncio.gather(
+            self._timed("fan_out", self._views.fan_out(fan_out, carried)),
+            self._timed("order_stats", self._views.recompute_order_stats(stats)),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        async with self._deps.timed("mongodb", operation):
+            return await call
 
     def _settle_projection(self, batch: ProjectionBatch) -> list[Any]:
         """The acks and naks of one projection's deliveries; records the applied ones in stats and metrics."""

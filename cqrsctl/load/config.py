@@ -109,8 +109,6 @@ class LoadConfig:
     max_in_flight: int = 2000  # open loop, per worker: arrivals beyond it are dropped and counted
     pool_size: int = 1000  # orders each worker keeps to act on
     ttq_timeout: float = 10.0
-    ttq_poll_interval: float = 0.002  # first polls; later ones every 5% of the wait so far, at most every 50 ms
-    ttq_max_poll_interval: float = 0.05
     max_ttq_probes: int = 256  # per worker; samples beyond it are skipped (and counted) rather than queued
     seed: int | None = None
 
@@ -144,8 +142,8 @@ class LoadConfig:
         for name in ("max_in_flight", "pool_size", "max_ttq_probes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
-        if not (0 < self.ttq_timeout <= 600 and 0 < self.ttq_poll_interval <= self.ttq_max_poll_interval):
-            raise ConfigError("ttq timeout and poll interval must be positive, the interval below the timeout")
+        if not (0 < self.ttq_timeout <= 600):
+            raise ConfigError(f"ttq timeout must be in (0, 600] seconds, got {self.ttq_timeout:g}")
         for name, addr in (("command-addr", self.command_addr), ("query-addr", self.query_addr)):
             if not addr or any(c.isspace() for c in addr):
                 raise ConfigError(f"{name} must be host:port, got {addr!r}")
@@ -183,5 +181,5 @@ class LoadConfig:
             "max_in_flight_per_worker": self.max_in_flight,
             "pool_size_per_worker": self.pool_size,
             "ttq_timeout_s": self.ttq_timeout,
-            "ttq_poll_interval_ms": [self.ttq_poll_interval * 1000, self.ttq_max_poll_interval * 1000],
+            "ttq_probe": "GetOrder with the reply's consistency token (the query service waits for the read model)",
         }

@@ -25,8 +25,6 @@ class WorkerSpec:
     max_in_flight: int
     pool_size: int
     ttq_timeout: float
-    ttq_poll_interval: float
-    ttq_max_poll_interval: float
     max_ttq_probes: int
     seed: int
     start_timeout: float = 120.0

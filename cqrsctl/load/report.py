@@ -95,7 +95,12 @@ class LoadReport:
             "rpcs": {name: stats.to_json(self.duration_s) for name, stats in sorted(self.rpcs.items())},
             "commands": self.commands.to_json(self.duration_s),
             "queries": self.queries.to_json(self.duration_s),
-            "time_to_queryable_ms": {"count": hist.count(self.ttq), "timeouts": self.ttq_timeouts}
+            "time_to_queryable_ms": {
+                "count": hist.count(self.ttq),
+                "timeouts": self.ttq_timeouts,
+                "skipped": self.ttq_skipped,
+                "probe_calls": self.ttq_polls,
+            }
             | hist.summary_ms(self.ttq),
             "charts": dict(self.charts),
         }
@@ -174,8 +179,10 @@ def render_summary(report: LoadReport) -> str:
     ttq = data["time_to_queryable_ms"]
     out += ["", "## Time to queryable (ms)", ""]
     out += [
-        "From a sampled command's reply until GetOrder (no consistency token) shows the reply's version. "
-        f"The probes polled GetOrder {report.ttq_polls:,} times (not counted in the query figures above).",
+        "From a sampled command's reply until a GetOrder carrying the reply's consistency token answers: the query "
+        "service waits until the read model reflects the command (read-your-writes), so this is what a client "
+        f"waiting for its own write sees. The probes made {report.ttq_polls:,} GetOrder calls (not counted in the "
+        "query figures above).",
         "",
     ]
     out += _table(

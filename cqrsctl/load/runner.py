@@ -160,8 +160,6 @@ def make_specs(config: LoadConfig, customer_ids: tuple[str, ...]) -> list[Worker
             max_in_flight=config.max_in_flight,
             pool_size=config.pool_size,
             ttq_timeout=config.ttq_timeout,
-            ttq_poll_interval=config.ttq_poll_interval,
-            ttq_max_poll_interval=config.ttq_max_poll_interval,
             max_ttq_probes=config.max_ttq_probes,
             seed=seed + w,
             start_timeout=READY_TIMEOUT,

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from cqrs.orders.v1 import command_service_pb2 as cpb
 from cqrs.orders.v1 import command_service_pb2_grpc as cgrpc
-from cqrs.orders.v1 import order_pb2
+from cqrs.orders.v1 import consistency_pb2, order_pb2
 from cqrs.orders.v1 import query_service_pb2 as qpb
 from cqrs.orders.v1 import query_service_pb2_grpc as qgrpc
 
@@ -214,9 +214,9 @@ class Worker:
         sent = time.perf_counter()
         code: grpc.StatusCode | None = None
         version = 0
-        order_id = ""
+        order_id = token = ""
         try:
-            order_id, version = await self._send(operation, order, read_id)
+            order_id, version, token = await self._send(operation, order, read_id)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
         done = time.perf_counter()
@@ -227,10 +227,11 @@ class Worker:
                 order.version = version
             self._pool.release(order, keep=code not in _STALE_CODES)
         if code is None and rpc in COMMAND_RPCS and self._rng.random() < self.spec.ttq_sample:
-            self._start_probe(order_id, version, done)
+            self._start_probe(order_id, version, token, done)
 
-    async def _send(self, operation: str, order: PooledOrder | None, read_id: str | None) -> tuple[str, int]:
-        """Sends `operation`; returns (order id, version) of a command's result; updates `order` on success."""
+    async def _send(self, operation: str, order: PooledOrder | None, read_id: str | None) -> tuple[str, int, str]:
+        """Sends `operation`; returns (order id, version, consistency token) of a command's result; updates `order`
+        on success."""
         timeout = self.spec.deadline
         if operation == "create":
             customer = self._rng.choice(self.spec.customer_ids)
@@ -241,15 +242,15 @@ class Worker:
                 timeout=timeout,
             )
             self._pool.add_new(created.result.order_id, customer, created.result.version, time.perf_counter())
-            return created.result.order_id, created.result.version
+            return created.result.order_id, created.result.version, created.result.consistency_token
         if operation == "get":
             assert read_id is not None
             await self._queries.GetOrder(qpb.GetOrderRequest(order_id=read_id), timeout=timeout)
-            return read_id, 0
+            return read_id, 0, ""
         if operation == "list":
             customer = self._rng.choice(self.spec.customer_ids)
             await self._queries.ListOrders(qpb.ListOrdersRequest(customer_id=customer, page_size=20), timeout=timeout)
-            return "", 0
+            return "", 0, ""
         assert order is not None
         oid = order.order_id
         if operation == "add":
@@ -262,7 +263,7 @@ class Worker:
                 timeout=timeout,
             )  # fmt: skip
             order.skus.append(sku)
-            return oid, added.result.version
+            return oid, added.result.version, added.result.consistency_token
         if operation == "change":
             changed = await self._commands.ChangeItemQuantity(
                 cpb.ChangeItemQuantityRequest(
@@ -270,38 +271,41 @@ class Worker:
                 ),
                 timeout=timeout,
             )
-            return oid, changed.result.version
+            return oid, changed.result.version, changed.result.consistency_token
         if operation == "place":
             placed = await self._commands.PlaceOrder(
                 cpb.PlaceOrderRequest(request_id=_rid(), order_id=oid), timeout=timeout
             )
             order.status = Status.PLACED
-            return oid, placed.result.version
+            return oid, placed.result.version, placed.result.consistency_token
         if operation == "cancel":
             cancelled = await self._commands.CancelOrder(
                 cpb.CancelOrderRequest(request_id=_rid(), order_id=oid, reason="load test"), timeout=timeout
             )
             order.status = Status.CANCELLED
-            return oid, cancelled.result.version
+            return oid, cancelled.result.version, cancelled.result.consistency_token
         raise ValueError(f"unknown operation {operation!r}")
 
-    def _start_probe(self, order_id: str, version: int, replied_at: float) -> None:
+    def _start_probe(self, order_id: str, version: int, token: str, replied_at: float) -> None:
         if len(self._probes) >= self.spec.max_ttq_probes:
             self._ttq_skipped += 1
             return
-        task = asyncio.create_task(self._probe(order_id, version, replied_at))
+        task = asyncio.create_task(self._probe(order_id, version, token, replied_at))
         self._probes.add(task)
         task.add_done_callback(self._probes.discard)
 
-    async def _probe(self, order_id: str, version: int, replied_at: float) -> None:
-        """Polls GetOrder (no consistency token) until the read model shows `version`; records the wait.
+    async def _probe(self, order_id: str, version: int, token: str, replied_at: float) -> None:
+        """One GetOrder carrying the command's consistency token: the query service answers once the read model
+        reflects the command, so the call returns at the moment a query can see it; records that wait.
 
-        It polls every 2 ms at first, then every 5% of the wait so far (at most every 50 ms): the resolution stays
-        within 5% while a lagging read model is not also flooded with polls, which would inflate the lag itself.
+        One call per probe (the server's waiting is shared by all callers), where polling would add load to the
+        very read model whose lag it measures. The call is repeated only if the server gives up waiting first.
         """
         spec = self.spec
         give_up = replied_at + spec.ttq_timeout
-        request = qpb.GetOrderRequest(order_id=order_id)
+        request = qpb.GetOrderRequest(
+            order_id=order_id, consistency=consistency_pb2.ConsistencyRequirement(consistency_tokens=[token])
+        )
         while True:
             remaining = give_up - time.perf_counter()
             if remaining <= 0:
@@ -309,14 +313,17 @@ class Worker:
                 return
             self._ttq_polls += 1
             try:
-                reply = await self._queries.GetOrder(request, timeout=min(self.spec.deadline, remaining))
+                reply = await self._queries.GetOrder(request, timeout=remaining)
                 if reply.order.version >= version:
                     hist.record_seconds(self._ttq, time.perf_counter() - replied_at)
                     return
             except grpc.aio.AioRpcError:
-                pass  # NOT_FOUND until the creation is projected; anything else: keep trying until the cap
-            waited = time.perf_counter() - replied_at
-            await asyncio.sleep(min(spec.ttq_max_poll_interval, max(spec.ttq_poll_interval, 0.05 * waited)))
+                pass  # UNAVAILABLE once the server's own wait ran out: ask again until our timeout
+            await asyncio.sleep(_PROBE_RETRY_SECONDS)
+
+
+# Pause before repeating a time-to-queryable probe the server could not answer yet (its wait ran out, or an error).
+_PROBE_RETRY_SECONDS = 0.01
 
 
 def _rid() -> str:

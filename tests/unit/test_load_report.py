@@ -93,8 +93,8 @@ def test_report_merges_workers_and_has_exactly_the_agreed_keys() -> None:
     assert data["queries"]["count"] == 5 and data["queries"]["errors_by_code"] == {"NOT_FOUND": 2}
     assert set(data["queries"]) == set(create)
     ttq = data["time_to_queryable_ms"]
-    assert set(ttq) == {"count", "timeouts"} | LATENCY_KEYS
-    assert ttq["count"] == 4 and ttq["timeouts"] == 2
+    assert set(ttq) == {"count", "timeouts", "skipped", "probe_calls"} | LATENCY_KEYS
+    assert ttq["count"] == 4 and ttq["timeouts"] == 2 and ttq["probe_calls"] == 10
     assert ttq["p99"] == pytest.approx(20, rel=1e-2)
     assert data["charts"] == {"latency": None, "lag": None}
 
