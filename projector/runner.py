@@ -80,6 +80,7 @@ DRAIN_TIMEOUT_SECONDS = 0.005
 CONSUMER_INFO_TIMEOUT_SECONDS = 1.0
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 # The read models this projector keeps; orders come first in a batch (see the module docstring).
 DEFAULT_PROJECTIONS: tuple[Projection, ...] = (ORDERS, CUSTOMERS)
@@ -570,14 +571,17 @@ class Projector:
         assert self._views is not None
         for stream_type, batch in batches.items():
             writer = self._writers[stream_type]
-            async with self._deps.timed("mongodb", "find"):
-                batch.docs = await writer.load(batch.groups)
+            # New orders get their customer's fields; that read runs alongside the documents' read.
+            new_orders_of = {
+                d.event.customer_id for deliveries in batch.groups.values() for d in deliveries
+                if isinstance(d.event, OrderCreated)
+            }  # fmt: skip
+            batch.docs, known = await _both(
+                self._timed("find", writer.load(batch.groups)), self._views.customer_fields(new_orders_of)
+            )
             batch.result = fold(batch.projection, batch.groups, batch.docs)
-            if batch.projection is ORDERS:
-                created = [c for c in batch.result.changes if c.expected_version is None]
-                if created:
-                    known = await self._views.customer_fields(str(c.new_doc["customer_id"]) for c in created)
-                    prefill_customer_fields(created, known)
+            if known:
+                prefill_customer_fields([c for c in batch.result.changes if c.expected_version is None], known)
             with self._bulk_write_span(batch):
                 async with self._deps.timed("mongodb", "bulk_write"):
                     batch.outcome = await writer.write(batch.result.changes)
@@ -635,14 +639,10 @@ class Projector:
             for customer_id in customers.settled():
                 fan_out.add(customer_id)
                 carried.pop(customer_id, None)  # the customer changed: every order of theirs may need it
-        results = await asyncio.gather(
+        await _both(
             self._timed("fan_out", self._views.fan_out(fan_out, carried)),
             self._timed("order_stats", self._views.recompute_order_stats(stats)),
-            return_exceptions=True,
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
 
     async def _timed(self, operation: str, call: Awaitable[T]) -> T:
         async with self._deps.timed("mongodb", operation):
@@ -729,6 +729,16 @@ class Projector:
 
     async def _on_nats_reconnected(self) -> None:
         log.info("reconnected to NATS")
+
+
+async def _both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
+    """Runs two independent MongoDB calls concurrently; waits for both, then raises the first failure if any."""
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    if isinstance(a, BaseException):
+        raise a
+    if isinstance(b, BaseException):
+        raise b
+    return a, b
 
 
 async def _settle_all(settlements: Iterable[Any]) -> None:
