@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
@@ -192,26 +191,26 @@ class AppendRequest:
 # durable commit for the whole batch. The request log's reply holds the last position the append's events got
 # (or, for a no-op command, the position the command saw). Any conflict (a version or a request_id taken) fails
 # the whole statement, so nothing of the batch is written.
-_APPEND_BATCH_SQL = (
-    """
+_APPEND_BATCH_SQL = f"""
 WITH input AS (
-    SELECT * FROM unnest($1::int[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::text[], $7::int[],
-                         $8::text[], $9::text[])
-        WITH ORDINALITY AS e(append_no, event_id, stream_type, stream_id, version, event_type, schema_version,
-                             payload, metadata, n)
+    SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[], $8::text[])
+        WITH ORDINALITY AS e(append_no, stream_type, stream_id, version, event_type, schema_version, payload,
+                             metadata, n)
 ), ev AS (
     INSERT INTO events (event_id, stream_type, stream_id, version, event_type, schema_version, payload, metadata)
-    SELECT event_id, stream_type, stream_id, version, event_type, schema_version, payload::jsonb, metadata::jsonb
+    SELECT gen_random_uuid(), stream_type, stream_id, version, event_type, schema_version, payload::jsonb,
+           metadata::jsonb
       FROM input ORDER BY n  -- positions follow versions within a stream
-    RETURNING position, event_id, stream_id
+    RETURNING position, stream_id, version
 ), ob AS (
     INSERT INTO outbox (position, stream_id) SELECT position, stream_id FROM ev
 ), last_positions AS (
-    SELECT input.append_no, max(ev.position) AS position FROM ev JOIN input USING (event_id) GROUP BY input.append_no
+    SELECT input.append_no, max(ev.position) AS position
+      FROM ev JOIN input USING (stream_id, version) GROUP BY input.append_no
 ), placed AS (
     SELECT r.*, coalesce(lp.position, r.last_position) AS position
-      FROM unnest($10::int[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[], $16::int[],
-                  $17::bigint[])
+      FROM unnest($9::int[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::int[],
+                  $16::bigint[])
            AS r(append_no, request_id, command_type, request_hash, stream_type, stream_id, version, last_position)
       LEFT JOIN last_positions lp USING (append_no)
 ), rl AS (
@@ -221,13 +220,10 @@ WITH input AS (
                               'position', position)
       FROM placed
 ), wake AS (
-    SELECT pg_notify('"""
-    + OUTBOX_CHANNEL
-    + """', '') FROM (SELECT 1 FROM ev LIMIT 1) AS any_event
+    SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM (SELECT 1 FROM ev LIMIT 1) AS any_event
 )
 SELECT placed.append_no, placed.position FROM placed LEFT JOIN wake ON true ORDER BY placed.append_no
 """
-)
 
 _STREAM_VERSION_KEY = "events_stream_version_key"
 _REQUEST_ID_KEY = "request_log_pkey"
@@ -239,13 +235,13 @@ async def append_batch(conn: Connection, appends: Sequence[AppendRequest], *, ti
     Run outside a transaction, the statement commits by itself. Raises asyncpg.UniqueViolationError when a
     version or request_id is taken; `conflict_error` says which for a single append.
     """
-    event_cols: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [])
+    event_cols: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
     request_cols: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
     for append_no, append in enumerate(appends):
         metadata = json.dumps(append.metadata.to_dict())
         for offset, event in enumerate(append.events, start=1):
             row = (
-                append_no, uuid.uuid4(), append.stream_type, append.stream_id, append.expected_version + offset,
+                append_no, append.stream_type, append.stream_id, append.expected_version + offset,
                 event.event_type, event.schema_version, json.dumps(event.to_payload(), ensure_ascii=False), metadata,
             )  # fmt: skip
             for col, value in zip(event_cols, row, strict=True):
