@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 TRACER_NAME = "cqrs"
 TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
 
 _propagator = TraceContextTextMapPropagator()
 _provider: Any = None  # the SDK TracerProvider installed by configure_tracing, if any

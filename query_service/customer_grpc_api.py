@@ -6,9 +6,9 @@ from cqrs.orders.v1 import customer_service_pb2, customer_service_pb2_grpc
 
 from core.errors import FieldViolation, InvalidArgument, NotFound
 from query_service import paging, views
-from query_service.consistency import ReadYourWrites, parse_requirement
+from query_service.consistency import ReadYourWrites
 from query_service.customer_read_model import CustomerReadModel, normalize_email
-from query_service.grpc_api import Context, answer, collect, parse_uuid
+from query_service.grpc_api import Context, answer, collect, parse_uuid, validated_and_consistent
 
 # Longer than any stored value (names: 200 characters, emails: 254): anything longer cannot match.
 MAX_NAME_PREFIX_LENGTH = 200
@@ -35,13 +35,8 @@ class CustomerQueryServicer(customer_service_pb2_grpc.CustomerQueryServiceServic
     async def _get_customer(
         self, request: customer_service_pb2.GetCustomerRequest, context: Context
     ) -> customer_service_pb2.GetCustomerResponse:
-        requirements, violations = parse_requirement(request.consistency)
-        customer_id = collect(violations, lambda: parse_uuid(request.customer_id, "customer_id"))
-        if violations:
-            raise InvalidArgument(violations)
-        assert customer_id is not None
-        consistency = await self._ryw.ensure(
-            requirements, accept_stale=request.consistency.accept_stale, time_remaining=context.time_remaining()
+        customer_id, consistency = await validated_and_consistent(
+            self._ryw, request.consistency, context, lambda: parse_uuid(request.customer_id, "customer_id")
         )
         doc = await self._read_model.get(customer_id)
         if doc is None:
@@ -53,14 +48,8 @@ class CustomerQueryServicer(customer_service_pb2_grpc.CustomerQueryServiceServic
     async def _list_customers(
         self, request: customer_service_pb2.ListCustomersRequest, context: Context
     ) -> customer_service_pb2.ListCustomersResponse:
-        requirements, violations = parse_requirement(request.consistency)
-        parsed = collect(violations, lambda: parse_list_customers_request(request))
-        if violations:
-            raise InvalidArgument(violations)
-        assert parsed is not None
-        filters, page_size, after = parsed
-        consistency = await self._ryw.ensure(
-            requirements, accept_stale=request.consistency.accept_stale, time_remaining=context.time_remaining()
+        (filters, page_size, after), consistency = await validated_and_consistent(
+            self._ryw, request.consistency, context, lambda: parse_list_customers_request(request)
         )
         # One extra document tells whether another page exists without a second query.
         docs = await self._read_model.list_page(filters, after, page_size + 1)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from cqrs.orders.v1 import query_service_pb2, query_service_pb2_grpc
+from cqrs.orders.v1 import consistency_pb2, query_service_pb2, query_service_pb2_grpc
 
 from core.errors import FieldViolation, InvalidArgument, NotFound, ServiceError, Unavailable
 from core.grpc_errors import abort_with
@@ -59,13 +59,8 @@ class OrderQueryServicer(query_service_pb2_grpc.OrderQueryServiceServicer):
     async def _get_order(
         self, request: query_service_pb2.GetOrderRequest, context: Context
     ) -> query_service_pb2.GetOrderResponse:
-        requirements, violations = parse_requirement(request.consistency)
-        order_id = collect(violations, lambda: parse_order_id(request.order_id))
-        if violations:
-            raise InvalidArgument(violations)
-        assert order_id is not None
-        consistency = await self._ryw.ensure(
-            requirements, accept_stale=request.consistency.accept_stale, time_remaining=context.time_remaining()
+        order_id, consistency = await validated_and_consistent(
+            self._ryw, request.consistency, context, lambda: parse_order_id(request.order_id)
         )
         doc = await self._read_model.get(order_id)
         if doc is None:
@@ -75,14 +70,8 @@ class OrderQueryServicer(query_service_pb2_grpc.OrderQueryServiceServicer):
     async def _list_orders(
         self, request: query_service_pb2.ListOrdersRequest, context: Context
     ) -> query_service_pb2.ListOrdersResponse:
-        requirements, violations = parse_requirement(request.consistency)
-        parsed = collect(violations, lambda: parse_list_request(request))
-        if violations:
-            raise InvalidArgument(violations)
-        assert parsed is not None
-        filters, page_size, after = parsed
-        consistency = await self._ryw.ensure(
-            requirements, accept_stale=request.consistency.accept_stale, time_remaining=context.time_remaining()
+        (filters, page_size, after), consistency = await validated_and_consistent(
+            self._ryw, request.consistency, context, lambda: parse_list_request(request)
         )
         # One extra document tells whether another page exists without a second query.
         docs = await self._read_model.list_page(filters, after, page_size + 1)
@@ -160,6 +149,25 @@ def collect(violations: list[FieldViolation], parse: Callable[[], _Parsed]) -> _
         return None
 
 
+async def validated_and_consistent(
+    ryw: ReadYourWrites,
+    requirement: consistency_pb2.ConsistencyRequirement,
+    context: Context,
+    parse: Callable[[], _Parsed],
+) -> tuple[_Parsed, consistency_pb2.ReadConsistency]:
+    """The shared start of every read: `parse` the request and its consistency tokens, reporting all field
+    violations at once (InvalidArgument), then wait until the read model reflects the tokens."""
+    requirements, violations = parse_requirement(requirement)
+    parsed = collect(violations, parse)
+    if violations:
+        raise InvalidArgument(violations)
+    assert parsed is not None
+    consistency = await ryw.ensure(
+        requirements, accept_stale=requirement.accept_stale, time_remaining=context.time_remaining()
+    )
+    return parsed, consistency
+
+
 def _version(doc: Document) -> int:
     value = doc.get("version")
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
@@ -175,20 +183,14 @@ def parse_list_request(
         status = views.status_from_proto(request.status)
     except ValueError:
         violations.append(FieldViolation("status", f"unknown order status {request.status}"))
-    page_size = paging.DEFAULT_PAGE_SIZE
-    try:
-        page_size = paging.effective_page_size(request.page_size)
-    except InvalidArgument as exc:
-        violations.extend(exc.violations)
+    page_size = collect(violations, lambda: paging.effective_page_size(request.page_size))
     filters = paging.ListFilter(customer_id=request.customer_id, status=status)
     after: paging.Cursor | None = None
     if request.page_token and not violations:
-        try:
-            after = paging.decode_page_token(request.page_token, filters)
-        except InvalidArgument as exc:
-            violations.extend(exc.violations)
+        after = collect(violations, lambda: paging.decode_page_token(request.page_token, filters))
     if violations:
         raise InvalidArgument(violations)
+    assert page_size is not None
     return filters, page_size, after
 
 
