@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 import asyncpg
 from prometheus_client import CollectorRegistry
 
+from command_service.outages import event_store_outage
 from core.dependency_metrics import dependency_metrics
 from core.envelope import EventMetadata, RecordedEvent
 from core.events import Event
@@ -116,23 +117,25 @@ class EventStore:
         self._deps = dependency_metrics(registry)
 
     async def load_stream(self, stream_id: str) -> list[RecordedEvent]:
-        async with self._deps.timed("postgres", "load_stream"):
-            rows = await self._pool.fetch(
-                """SELECT position, event_id, stream_type, stream_id, version, event_type, schema_version,
-                          payload::text AS payload, metadata::text AS metadata, recorded_at
-                     FROM events WHERE stream_id = $1 ORDER BY version""",
-                stream_id,
-                timeout=self._timeout,
-            )
+        with event_store_outage():
+            async with self._deps.timed("postgres", "load_stream"):
+                rows = await self._pool.fetch(
+                    """SELECT position, event_id, stream_type, stream_id, version, event_type, schema_version,
+                              payload::text AS payload, metadata::text AS metadata, recorded_at
+                         FROM events WHERE stream_id = $1 ORDER BY version""",
+                    stream_id,
+                    timeout=self._timeout,
+                )
         return [recorded_event_from_row(row) for row in rows]
 
     async def find_request(self, request_id: str) -> LoggedRequest | None:
-        async with self._deps.timed("postgres", "find_request"):
-            row = await self._pool.fetchrow(
-                "SELECT command_type, request_hash, reply::text AS reply FROM request_log WHERE request_id = $1",
-                request_id,
-                timeout=self._timeout,
-            )
+        with event_store_outage():
+            async with self._deps.timed("postgres", "find_request"):
+                row = await self._pool.fetchrow(
+                    "SELECT command_type, request_hash, reply::text AS reply FROM request_log WHERE request_id = $1",
+                    request_id,
+                    timeout=self._timeout,
+                )
         if row is None:
             return None
         return LoggedRequest(row["command_type"], row["request_hash"], CommandReply.from_json(row["reply"]))
@@ -159,10 +162,11 @@ class EventStore:
         append = AppendRequest(
             stream_type, stream_id, expected_version, tuple(events), metadata, request, last_position, tuple(claims)
         )
-        if self._group_commit is not None:
-            return await self._group_commit.submit(append)
-        async with self._deps.timed("postgres", "append"), self._pool.acquire(timeout=self._timeout) as conn:
-            (outcome,) = await commit_appends(conn, [append], timeout=self._timeout)
+        with event_store_outage():
+            if self._group_commit is not None:
+                return await self._group_commit.submit(append)
+            async with self._deps.timed("postgres", "append"), self._pool.acquire(timeout=self._timeout) as conn:
+                (outcome,) = await commit_appends(conn, [append], timeout=self._timeout)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome

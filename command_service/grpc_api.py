@@ -8,7 +8,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import asyncpg
 import grpc
 from cqrs.orders.v1 import command_service_pb2 as pb
 from cqrs.orders.v1 import command_service_pb2_grpc as pb_grpc
@@ -19,6 +18,7 @@ from command_service.domain import commands as cmd
 from command_service.domain.validation import validate
 from command_service.event_store import CommandReply
 from command_service.handlers import CommandContext, CommandHandler
+from command_service.outages import CONNECTION_LOST, UNAVAILABLE_MESSAGE
 from core import logs
 from core.consistency import ConsistencyToken
 from core.errors import FieldViolation, InvalidArgument, ServiceError, Unavailable
@@ -33,16 +33,6 @@ CORRELATION_HEADER = "x-correlation-id"
 Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R", bound=Message)
 CommandT = TypeVar("CommandT")
-
-# asyncpg raises these (and OSError/TimeoutError) when PostgreSQL is down or unreachable.
-_DB_DOWN = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-)
 
 
 def _address(message: order_pb2.Address) -> Address:
@@ -132,9 +122,9 @@ async def run_command(
         return reply(await handler.handle(command, ctx))
     except ServiceError as exc:
         await abort_with(context, exc)
-    except _DB_DOWN as exc:
+    except CONNECTION_LOST as exc:  # the store translates these; this catches any path that does not
         log.warning("%s: event store (PostgreSQL) unavailable: %r", method, exc)
-        await abort_with(context, Unavailable("event store (PostgreSQL) is unavailable; retry later"))
+        await abort_with(context, Unavailable(UNAVAILABLE_MESSAGE))
     except Exception:
         log.exception("%s failed unexpectedly", method)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; it has been logged")

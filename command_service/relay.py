@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +28,18 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry
 
 from command_service.event_store import OUTBOX_CHANNEL, recorded_event_from_row
+from command_service.outages import CONNECTION_LOST
+from command_service.relay_lease import LeaseLost, RelayLease, Session
 from core.backoff import full_jitter
 from core.dependency_metrics import dependency_metrics
+from core.failpoints import failpoint
 from core.jetstream import ensure_stream, event_stream_config
 from core.subjects import event_subject
+from core.supervisor import first_to_finish
 from core.tracing import context_from_traceparent, inject_headers, tracer
 
 log = logging.getLogger(__name__)
 
-RELAY_LOCK_KEY = 0x0C0A5_0002
 RETRY_BASE_SECONDS = 0.1
 
 
@@ -47,10 +51,20 @@ class RelaySettings:
     poll_interval: float = 1.0
     publish_timeout: float = 5.0
     max_backoff: float = 5.0
+    # A frozen or cut-off active relay loses the lease after this long (see relay_lease); failover takes about
+    # this plus one poll interval.
+    lease_seconds: float = 15.0
+    # Bounds of the NATS client: un-acked async publishes in flight, and bytes buffered while reconnecting.
+    publish_max_pending: int = 4000
+    nats_pending_bytes: int = 2 * 1024 * 1024
 
 
 class OutboxRelay:
-    """Runs until `stop()`; survives PostgreSQL and NATS outages by backing off and retrying."""
+    """Runs until `stop()`; survives PostgreSQL and NATS outages by backing off and retrying.
+
+    Unexpected errors propagate: the command service runs `run()` under a `core.supervisor.Supervisor`, which
+    logs them and starts it again.
+    """
 
     def __init__(
         self, dsn: str, nats_url: str, settings: RelaySettings, registry: CollectorRegistry | None = None
@@ -63,6 +77,8 @@ class OutboxRelay:
         self._js: JetStreamContext | None = None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._previous_session: Session | None = None
+        self._last_progress = time.monotonic()
         self.is_leader = False
         self.published_total = 0
 
@@ -70,15 +86,25 @@ class OutboxRelay:
         self._stopping.set()
         self._wake.set()
 
+    def stalled_for(self) -> float:
+        """Seconds since the relay last made progress (a standby's lock attempt counts as progress)."""
+        return time.monotonic() - self._last_progress
+
     async def run(self) -> None:
         """Connects to NATS (retrying; commands keep working meanwhile), then relays until stopped."""
+        self._last_progress = time.monotonic()
         try:
             await self._connect_nats()
             await self._relay_while_running()
         finally:
-            if self._nc is not None and not self._nc.is_closed:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._nc.close(), timeout=5.0)
+            self.is_leader = False
+            await self._close_nats()
+
+    async def _close_nats(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), timeout=5.0)
 
     async def _connect_nats(self) -> None:
         failures = 0
@@ -91,47 +117,72 @@ class OutboxRelay:
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,  # after the first connect, nats-py reconnects by itself
                     reconnect_time_wait=1,
+                    pending_size=self._settings.nats_pending_bytes,
                     name="command_service-relay",
                 )
-                js = nc.jetstream(timeout=self._settings.publish_timeout)
+                js = nc.jetstream(
+                    timeout=self._settings.publish_timeout,
+                    publish_async_max_pending=self._settings.publish_max_pending,
+                )
                 await ensure_stream(js, event_stream_config(self._settings.stream_name, self._settings.subject_prefix))
                 self._nc, self._js = nc, js
-                log.info("outbox relay connected to JetStream at %s", self._nats_url)
+                log.info("outbox relay connected to JetStream (NATS)")
                 return
             except (nats.errors.Error, OSError, TimeoutError) as exc:
                 failures += 1
-                log.warning("outbox relay: JetStream (NATS) at %s unavailable: %r; retrying", self._nats_url, exc)
+                log.warning("outbox relay: JetStream (NATS) unavailable: %r; retrying", exc)
                 if nc is not None:
                     with contextlib.suppress(Exception):
-                        await nc.close()
+                        await asyncio.wait_for(nc.close(), timeout=2.0)
                 await self._sleep(full_jitter(failures + 1, RETRY_BASE_SECONDS, self._settings.max_backoff))
+
+    async def _reconnect_nats(self) -> None:
+        """A fresh connection and JetStream context after a pass that was not fully acked.
+
+        nats-py's publish_async keeps a pending-ack permit (and a future nobody completes) when the publish itself
+        fails after taking it, e.g. with the client's buffer full during a reconnect; enough of those and the
+        context refuses every publish even with NATS back. A new context starts with all its permits.
+        """
+        await self._close_nats()
+        await self._connect_nats()
 
     async def _relay_while_running(self) -> None:
         failures = 0
         while not self._stopping.is_set():
+            lease = RelayLease(self._dsn, self._settings.lease_seconds, self._previous_session)
             try:
-                await self._run_once()
+                await self._lead(lease)
                 failures = 0
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except LeaseLost as exc:
+                failures += 1
+                log.warning("outbox relay: lost the relay lease (%s); this replica stops relaying for now", exc)
+            except CONNECTION_LOST as exc:
                 failures += 1
                 log.warning("outbox relay: event store (PostgreSQL) unavailable: %r; retrying", exc)
-                await self._sleep(full_jitter(failures + 1, RETRY_BASE_SECONDS, self._settings.max_backoff))
             finally:
+                if self.is_leader:
+                    log.info("outbox relay: this replica is no longer the active relay")
                 self.is_leader = False
+                self._previous_session = lease.session
+                await lease.release()
+            if failures:
+                await self._sleep(full_jitter(failures + 1, RETRY_BASE_SECONDS, self._settings.max_backoff))
 
-    async def _run_once(self) -> None:
+    async def _lead(self, lease: RelayLease) -> None:
+        """Holds the lease and relays until stopped or the lease is lost (both end this call)."""
+
+        def stopping() -> bool:
+            self._last_progress = time.monotonic()  # a standby polling the lock is healthy
+            return self._stopping.is_set()
+
+        if not await lease.acquire(self._settings.poll_interval, stopping):
+            return
+        self.is_leader = True
+        log.info("outbox relay active (this replica holds the relay lease)")
         conn: asyncpg.Connection = await asyncpg.connect(self._dsn, timeout=5.0)
         try:
-            while not self._stopping.is_set():
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_KEY, timeout=5.0):
-                    break
-                await self._sleep(self._settings.poll_interval)  # standby: another replica is relaying
-            else:
-                return
-            self.is_leader = True
-            log.info("outbox relay active (this replica holds the relay lock)")
-            await conn.add_listener(OUTBOX_CHANNEL, self._on_notify)
-            await self._relay_loop(conn)
+            await asyncio.wait_for(conn.add_listener(OUTBOX_CHANNEL, self._on_notify), timeout=5.0)
+            await first_to_finish(self._relay_loop(conn), lease.hold())
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), timeout=2.0)
@@ -154,21 +205,26 @@ class OutboxRelay:
                     timeout=10.0,
                 )
             if not rows:
+                self._last_progress = time.monotonic()
                 await self._wait_for_work()
                 continue
+            failpoint("relay.after_commit_before_publish")
             async with self._deps.timed("nats", "publish_batch"):  # until the last ack (or the publish timeout)
                 acked = await self._publish(rows)
             if len(acked) < len(rows):  # _publish does not raise: a batch not fully acked is the failure
                 self._deps.error("nats", "publish_batch")
             if acked:
+                failpoint("relay.after_ack_before_delete")
                 async with self._deps.timed("postgres", "outbox_delete"):
                     await conn.execute("DELETE FROM outbox WHERE position = ANY($1::bigint[])", acked, timeout=10.0)
                 self.published_total += len(acked)
             if len(acked) < len(rows):
                 nats_failures += 1
                 await self._sleep(full_jitter(nats_failures + 1, RETRY_BASE_SECONDS, self._settings.max_backoff))
+                await self._reconnect_nats()
             else:
                 nats_failures = 0
+                self._last_progress = time.monotonic()
 
     async def _publish(self, rows: list[Any]) -> list[int]:
         """Publishes rows in position order (one connection keeps their order); returns the acked positions."""

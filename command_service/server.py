@@ -31,8 +31,10 @@ from command_service.metrics import OutboxMetrics
 from command_service.relay import OutboxRelay, RelaySettings
 from core.auth import auth_interceptors
 from core.grpc_server import LIVENESS_SERVICE, bind, build_server, tls_credentials
+from core.health import Readiness
 from core.metrics import MetricsServer, start_metrics_server
 from core.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
+from core.supervisor import Supervisor
 from core.tracing import server_interceptor as tracing_interceptor
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = command_service_pb2.DESCRIPTOR.services_by_name["OrderCommandService"].full_name
 CUSTOMER_SERVICE_NAME = customer_service_pb2.DESCRIPTOR.services_by_name["CustomerCommandService"].full_name
 HEALTH_INTERVAL_SECONDS = 2.0
+# Health name of the outbox relay (see `_probe`), and how long it may make no progress before it is reported.
+RELAY_HEALTH_SERVICE = "outbox-relay"
+RELAY_STALL_SECONDS = 30.0
+RELAY_TASK = "outbox-relay"
+EVENT_STORE_CONDITION = "event store (PostgreSQL) reachable"
+TASKS_CONDITION = "background tasks running"
 
 
 @dataclass
@@ -49,25 +57,31 @@ class RunningCommandServer:
     pool: asyncpg.Pool
     store: EventStore
     relay: OutboxRelay | None
-    tasks: list[asyncio.Task[None]]
+    supervisor: Supervisor
     health: health_aio.HealthServicer
+    readiness: Readiness
     grace_seconds: float
     metrics: MetricsServer | None = None
     registry: CollectorRegistry | None = None
 
     async def stop(self) -> None:
-        """Graceful: report NOT_SERVING, finish in-flight RPCs within the grace period, then stop the relay."""
+        """Graceful: report NOT_SERVING, finish in-flight RPCs within the grace period, then stop the relay.
+
+        Every wait is bounded, so the process ends (and closes its pools) even when the relay's pass or
+        PostgreSQL takes longer than the grace period.
+        """
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.grace_seconds)
         if self.relay is not None:
             self.relay.stop()
-        for task in self.tasks:
-            if task.get_name() in ("health-probe", "outbox-metrics"):
-                task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), timeout=10)
-        await self.store.close()
-        await self.pool.close()
+        await self.supervisor.stop(timeout=5.0, drain=(RELAY_TASK,), drain_timeout=max(self.grace_seconds, 1.0))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.store.close(), timeout=5.0)
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout=5.0)
+        except Exception as exc:  # in-flight work past every grace period: drop the connections
+            log.warning("closing the PostgreSQL pool took too long (%r); terminating its connections", exc)
+            self.pool.terminate()
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
 
@@ -131,16 +145,19 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
     except RuntimeError as exc:
         await pool.close()
         raise RuntimeError(f"command service cannot listen on {settings.command_listen}: {exc}") from exc
-    for name in ("", SERVICE_NAME, CUSTOMER_SERVICE_NAME):  # NOT_SERVING until the first PostgreSQL probe succeeds
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    readiness = Readiness(health_servicer, (("", SERVICE_NAME, CUSTOMER_SERVICE_NAME)), "command service")
+    readiness.declare(EVENT_STORE_CONDITION, False)  # NOT_SERVING until the first PostgreSQL probe succeeds
+    readiness.declare(TASKS_CONDITION, True)
+    await readiness.publish()
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    if settings.relay_enabled:
+        await health_servicer.set(RELAY_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
 
-    tasks = [asyncio.create_task(_probe_postgres(pool, health_servicer), name="health-probe")]
-    metrics_server: MetricsServer | None = None
-    if settings.command_metrics_port is not None:
-        tasks.append(asyncio.create_task(OutboxMetrics(registry).observe_forever(pool), name="outbox-metrics"))
-        metrics_server = start_metrics_server(registry, settings.metrics_host, settings.command_metrics_port)
+    async def tasks_health(healthy: bool) -> None:
+        await readiness.set(TASKS_CONDITION, healthy)
+
+    supervisor = Supervisor("command service", on_health_change=tasks_health)
     relay: OutboxRelay | None = None
     if settings.relay_enabled:
         relay = OutboxRelay(
@@ -151,34 +168,66 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
                 subject_prefix=settings.subject_prefix,
                 batch_size=settings.relay_batch_size,
                 poll_interval=settings.relay_poll_seconds,
+                lease_seconds=settings.relay_lease_seconds,
             ),
             registry=registry,
         )
-        tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
+        supervisor.start(RELAY_TASK, relay.run)
+    supervisor.start("health-probe", lambda: _probe(pool, readiness, health_servicer, relay))
+    metrics_server: MetricsServer | None = None
+    if settings.command_metrics_port is not None:
+        supervisor.start("outbox-metrics", lambda: OutboxMetrics(registry).observe_forever(pool), essential=False)
+        metrics_server = start_metrics_server(registry, settings.metrics_host, settings.command_metrics_port)
     log.info("command service listening on %s (port %d, %s)", settings.command_listen, port, _transport(settings))
     return RunningCommandServer(
-        server, port, pool, store, relay, tasks, health_servicer, settings.grace_seconds, metrics_server, registry
+        server,
+        port,
+        pool,
+        store,
+        relay,
+        supervisor,
+        health_servicer,
+        readiness,
+        settings.grace_seconds,
+        metrics_server,
+        registry,
     )
 
 
-async def _probe_postgres(pool: asyncpg.Pool, servicer: health_aio.HealthServicer) -> None:
-    """SERVING only while PostgreSQL answers; NATS being down does not stop commands (the outbox buffers)."""
-    last: bool | None = None
+async def _probe(
+    pool: asyncpg.Pool, readiness: Readiness, servicer: health_aio.HealthServicer, relay: OutboxRelay | None
+) -> None:
+    """Ready only while PostgreSQL answers; NATS being down does not stop commands (the outbox buffers).
+
+    The relay has a health name of its own (`outbox-relay`): NOT_SERVING while this replica's relay is stuck
+    (neither relaying nor standing by), so an operator sees a frozen outbox even while commands succeed.
+    """
+    reachable: bool | None = None
+    relay_ok: bool | None = None
     while True:
         try:
             await pool.fetchval("SELECT 1", timeout=HEALTH_INTERVAL_SECONDS)
             ok = True
         except Exception as exc:  # any failure means "not serving"; the reason is logged once per change
             ok = False
-            if last is not False:
+            if reachable is not False:
                 log.warning("event store (PostgreSQL) unavailable: %r", exc)
-        if ok != last:
-            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", SERVICE_NAME, CUSTOMER_SERVICE_NAME):
-                await servicer.set(name, status)
-            if ok and last is False:
-                log.info("event store (PostgreSQL) reachable again")
-            last = ok
+        if ok and reachable is False:
+            log.info("event store (PostgreSQL) reachable again")
+        reachable = ok
+        await readiness.set(EVENT_STORE_CONDITION, ok)
+        if relay is None:
+            await asyncio.sleep(HEALTH_INTERVAL_SECONDS if ok else 0.5)
+            continue
+        now_relay_ok = relay.stalled_for() < RELAY_STALL_SECONDS
+        if now_relay_ok != relay_ok:
+            if not now_relay_ok:
+                log.warning("outbox relay has made no progress for %.0fs", relay.stalled_for())
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if now_relay_ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            await servicer.set(RELAY_HEALTH_SERVICE, status)
+            relay_ok = now_relay_ok
         await asyncio.sleep(HEALTH_INTERVAL_SECONDS if ok else 0.5)
 
 

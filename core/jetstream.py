@@ -1,4 +1,4 @@
-"""Creates or updates the JetStream event stream idempotently (called at start-up by the relay and the projector)."""
+"""Creates the JetStream event stream when missing (called at start-up by the relay and the projector)."""
 
 from __future__ import annotations
 
@@ -37,13 +37,38 @@ def event_stream_config(
     )
 
 
+_COMPARED_FIELDS = ("subjects", "retention", "storage", "max_age", "duplicate_window", "num_replicas", "discard")
+
+
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Adds the stream, or updates it when it exists (both are idempotent on the server)."""
+    """Adds the stream when it is missing; an existing stream is left exactly as it is.
+
+    Operators tune the stream (replicas, retention, storage) with the NATS tools; a service restarting must never
+    undo that, so differences from our defaults are only logged.
+    """
     assert config.name is not None
     try:
-        await js.stream_info(config.name)
+        info = await js.stream_info(config.name)
     except NotFoundError:
         await js.add_stream(config)
         log.info("created JetStream stream %s", config.name)
         return
-    await js.update_stream(config)
+    differences = stream_config_differences(info.config, config)
+    if differences:
+        log.warning(
+            "JetStream stream %s differs from this service's defaults (kept as configured): %s",
+            config.name,
+            "; ".join(differences),
+        )
+
+
+def stream_config_differences(existing: StreamConfig, wanted: StreamConfig) -> list[str]:
+    """Human-readable `field: existing (default wanted)` for each compared field that differs (pure)."""
+    differences = []
+    for field in _COMPARED_FIELDS:
+        have, want = getattr(existing, field), getattr(wanted, field)
+        if field == "subjects":
+            have, want = sorted(have or []), sorted(want or [])
+        if have != want:
+            differences.append(f"{field}: {have!r} (default {want!r})")
+    return differences

@@ -267,6 +267,17 @@ class ServerProcess:
         with self._lock:
             self._terminate(timeout)
 
+    def kill(self) -> None:
+        """SIGKILL the server and its whole process group at once, as a crash would (fault-injection tests);
+        `start()` brings it back on the same port and data. Safe to call when it is not running."""
+        with self._lock:
+            process = self._process
+            if process is None or process.poll() is not None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10.0)
+
     def _terminate(self, timeout: float) -> None:
         process = self._process
         if process is None or process.poll() is not None:
