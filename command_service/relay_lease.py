@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +38,11 @@ class Session:
 
     pid: int
     started: str
+
+
+def lease_holder_name() -> str:
+    """`application_name` of the lease session: which host and process holds the relay (pg_stat_activity)."""
+    return f"cqrs-relay {socket.gethostname()[:40]} pid={os.getpid()}"
 
 
 class LeaseLost(Exception):
@@ -62,7 +69,7 @@ class RelayLease:
             self._dsn,
             timeout=CONNECT_TIMEOUT_SECONDS,
             server_settings={
-                "application_name": "cqrs-relay-lease",
+                "application_name": lease_holder_name(),
                 "idle_session_timeout": f"{int(self._lease_seconds * 1000)}",
                 "tcp_keepalives_idle": "5",
                 "tcp_keepalives_interval": "2",
