@@ -19,8 +19,10 @@ from pymongo.asynchronous.collection import AsyncCollection
 
 from core.auth import auth_interceptors
 from core.grpc_server import LIVENESS_SERVICE, bind, build_server, tls_credentials
+from core.health import Readiness
 from core.metrics import MetricsServer, start_metrics_server
 from core.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
+from core.supervisor import Supervisor
 from core.tracing import server_interceptor as tracing_interceptor
 from query_service.config import QuerySettings
 from query_service.consistency import CHECKPOINTS_COLLECTION, ConsistencyWaiter, ReadYourWrites
@@ -43,8 +45,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME: Final[str] = query_service_pb2.DESCRIPTOR.services_by_name["OrderQueryService"].full_name
 CUSTOMER_SERVICE_NAME: Final[str] = customer_service_pb2.DESCRIPTOR.services_by_name["CustomerQueryService"].full_name
 HEALTH_INTERVAL_SECONDS: Final = 2.0
-_SERVING: Final = health_pb2.HealthCheckResponse.SERVING
-_NOT_SERVING: Final = health_pb2.HealthCheckResponse.NOT_SERVING
+READ_MODEL_CONDITION: Final = "read model (MongoDB) reachable"
+TASKS_CONDITION: Final = "background tasks running"
 # The overall status ("") and the services' own names report the same thing: can we answer from MongoDB?
 _HEALTH_SERVICES: Final = ("", SERVICE_NAME, CUSTOMER_SERVICE_NAME)
 
@@ -69,7 +71,8 @@ class RunningServer:
     grace_seconds: float
     consistency_waiter: ConsistencyWaiter
     watch_hub: OrderWatchHub
-    _watcher: asyncio.Task[None] = field(repr=False)
+    supervisor: Supervisor
+    readiness: Readiness
     _stop_watching: asyncio.Event = field(repr=False)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     metrics: MetricsServer | None = None
@@ -82,7 +85,8 @@ class RunningServer:
         self._stopped = True
         # First tell load balancers / Kubernetes to send no more traffic; later health updates are ignored.
         await self.health.enter_graceful_shutdown()
-        await _stop_task(self._watcher, self._stop_watching)
+        self._stop_watching.set()  # the loops also watch this: see `_watch_mongo`
+        await self.supervisor.stop(timeout=10.0)
         # WatchOrder streams never finish by themselves: end them now (UNAVAILABLE, so clients watch again
         # elsewhere) instead of holding the whole grace period; unary queries, waiting ones too, may finish.
         await self.watch_hub.close()
@@ -144,8 +148,10 @@ async def start_query_server(
     except RuntimeError as exc:  # grpc raises on bind failure in recent versions, returned 0 in older ones
         await client.close()
         raise RuntimeError(f"query service cannot listen on {settings.query_listen}: {exc}") from exc
-    for service in _HEALTH_SERVICES:  # the health servicer starts with "" SERVING; we know nothing yet
-        await health_servicer.set(service, _NOT_SERVING)
+    readiness = Readiness(health_servicer, _HEALTH_SERVICES, "query service")
+    readiness.declare(READ_MODEL_CONDITION, False)  # the health servicer starts "" SERVING; we know nothing yet
+    readiness.declare(TASKS_CONDITION, True)
+    await readiness.publish()
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
     metrics_server = None
@@ -153,9 +159,13 @@ async def start_query_server(
         metrics_server = start_metrics_server(registry, settings.metrics_host, settings.query_metrics_port)
     stop_watching = asyncio.Event()
     index_plans = [(read_model.collection, ORDER_INDEXES), (customers.collection, CUSTOMER_INDEXES)]
-    watcher = asyncio.create_task(
-        _watch_mongo(index_plans, client, health_servicer, settings, health_interval, stop_watching),
-        name="mongo-health",
+
+    async def tasks_health(healthy: bool) -> None:
+        await readiness.set(TASKS_CONDITION, healthy)
+
+    supervisor = Supervisor("query service", on_health_change=tasks_health)
+    supervisor.start(
+        "mongo-health", lambda: _watch_mongo(index_plans, client, readiness, settings, health_interval, stop_watching)
     )
     address = f"{settings.query_listen.rpartition(':')[0]}:{port}"
     log.info(
@@ -173,7 +183,8 @@ async def start_query_server(
         grace_seconds=settings.grace_seconds,
         consistency_waiter=waiter,
         watch_hub=watch_hub,
-        _watcher=watcher,
+        supervisor=supervisor,
+        readiness=readiness,
         _stop_watching=stop_watching,
         registry=registry,
         metrics=metrics_server,
@@ -203,12 +214,16 @@ IndexPlan = tuple[AsyncCollection[Document], list[IndexModel]]
 async def _watch_mongo(
     index_plans: list[IndexPlan],
     client: AsyncMongoClient[Document],
-    health_servicer: _AsyncHealth,
+    readiness: Readiness,
     settings: QuerySettings,
     interval: float,
     stop: asyncio.Event,
 ) -> None:
-    """Pings MongoDB until `stop` is set, mirrors reachability into the health status, creates the indexes."""
+    """Pings MongoDB until `stop` is set, mirrors reachability into readiness, creates the indexes.
+
+    It also watches `stop` because on Python 3.11 `asyncio.wait_for` (inside PyMongo's async network layer) can
+    swallow a cancellation when the awaited operation finishes at the same moment (CPython gh-86296).
+    """
     where = f"{redact_mongo_url(settings.mongo_url)} (database {settings.mongo_database!r})"
     healthy: bool | None = None
     pending = list(index_plans)
@@ -230,27 +245,9 @@ async def _watch_mongo(
                 index_errors[name] = await _ensure_indexes(plan, where, index_errors.get(name))
                 if index_errors[name] is None:
                     pending.remove(plan)
-        status = _SERVING if healthy else _NOT_SERVING
-        for service in _HEALTH_SERVICES:
-            await health_servicer.set(service, status)
+        await readiness.set(READ_MODEL_CONDITION, healthy)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
-
-
-async def _stop_task(task: asyncio.Task[None], stop: asyncio.Event, timeout: float = 10.0) -> None:
-    """Stops a loop task that watches `stop`; cancellation alone is not enough.
-
-    On Python 3.11, `asyncio.wait_for` (used inside PyMongo's async network layer) can swallow a cancellation
-    when the awaited operation finishes at the same moment (CPython gh-86296, fixed in 3.12): the task then
-    simply carries on. So the loop also checks an event, and we never wait for it without a bound.
-    """
-    stop.set()
-    task.cancel()  # interrupts a slow ping at once, when the cancellation is not lost
-    done, _ = await asyncio.wait({task}, timeout=timeout)
-    if not done:
-        log.error("background task %s did not stop within %ss", task.get_name(), timeout)
-    elif not task.cancelled() and task.exception() is not None:
-        log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
 async def _ensure_indexes(plan: IndexPlan, where: str, previous_error: str | None) -> str | None:

@@ -115,8 +115,8 @@ async def command_server(postgres_dsn: str, name: str, **settings: Any) -> Async
     dsn = await create_database(postgres_dsn, name)
     await migrate(dsn)
     running = await start_command_server(
-        CommandServiceSettings(postgres_dsn=dsn, command_listen="127.0.0.1:0", relay_enabled=False, grace_seconds=1,
-                               **settings)
+        CommandServiceSettings(postgres_dsn=dsn, command_listen="127.0.0.1:0", grace_seconds=1,
+                               **{"relay_enabled": False, **settings})
     )  # fmt: skip
     try:
         yield running
