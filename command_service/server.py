@@ -33,6 +33,7 @@ from core.auth import auth_interceptors
 from core.grpc_server import LIVENESS_SERVICE, bind, build_server, tls_credentials
 from core.health import Readiness
 from core.metrics import MetricsServer, start_metrics_server
+from core.request_decoding import MalformedRequestInterceptor
 from core.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from core.supervisor import Supervisor
 from core.tracing import server_interceptor as tracing_interceptor
@@ -122,7 +123,8 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
     except (OSError, ValueError) as exc:
         await pool.close()
         raise RuntimeError(f"command service: bad TLS/auth configuration: {exc}") from exc
-    server = build_server(settings, interceptors)
+    # Innermost: an undecodable request is INVALID_ARGUMENT (after auth, so it reveals nothing to strangers).
+    server = build_server(settings, [*interceptors, MalformedRequestInterceptor()])
     command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
         OrderCommandServicer(order_handler(store, settings.max_append_attempts)), server
     )

@@ -4,24 +4,25 @@ The projector raises `checkpoints[stream_id].version` (with `$max`) last in ever
 so a token `(stream_id, version)` is reflected once that checkpoint reaches its version.
 
 Waiting is shared: one `ConsistencyWaiter` per server runs one background task, only while some query waits,
-that reads the checkpoints of *all* pending streams with one `find({_id: {$in: ...}})` per round (every
-`poll_interval` seconds) and wakes every query whose tokens are now reflected. The highest versions seen are
-cached (they only ever grow), so a token that is already reflected costs no query at all. N waiting queries
-therefore cost one small query per round, not N queries in a busy loop.
+that reads the checkpoints of the pending streams with `find({_id: {$in: ...}})` every `poll_interval` seconds
+and wakes every query whose tokens are now reflected. Tokens are client input, so a round is bounded: at most
+`MAX_STREAMS_PER_POLL` streams, shared fairly among the waiting queries (see `WaitBook.streams_to_poll`), in
+queries of at most `STREAMS_PER_QUERY` ids. The highest versions seen are cached (they only ever grow), so a
+token that is already reflected costs no query at all. N waiting queries therefore cost one small round per
+interval, not N queries in a busy loop.
 
-The bookkeeping (`WaitBook`) is pure; `ConsistencyWaiter` adds the task and the MongoDB query.
+The bookkeeping (`WaitBook`, in `query_service.wait_book`) is pure; `ConsistencyWaiter` adds the task and the
+MongoDB queries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from cqrs.orders.v1 import consistency_pb2
@@ -31,12 +32,35 @@ from pymongo.asynchronous.collection import AsyncCollection
 from core.consistency import ConsistencyToken, decode_token
 from core.dependency_metrics import dependency_metrics
 from core.errors import FieldViolation, Unavailable
+from query_service.wait_book import Requirement, TooManyWaiters, VersionCache, WaitBook
+
+__all__ = [
+    "CHECKPOINTS_COLLECTION",
+    "ConsistencyWaiter",
+    "Lag",
+    "ReadYourWrites",
+    "Requirement",
+    "TooManyWaiters",
+    "VersionCache",
+    "WaitBook",
+    "WaitOutcome",
+    "parse_requirement",
+    "parse_tokens",
+    "wait_budget",
+]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_COLLECTION: Final = "checkpoints"
 # More tokens than any sensible client sends (one per command it issued before the query).
 MAX_TOKENS: Final = 100
+# Malformed tokens reported one by one; the rest are counted in one more violation, so that the error stays small.
+MAX_REPORTED_TOKEN_VIOLATIONS: Final = 5
+# One poll round reads at most this many distinct streams, in queries of at most STREAMS_PER_QUERY ids each, so
+# that neither a query (a few tens of KB) nor a round grows with the number of waiting tokens: 10,000 waiters
+# with 100 forged tokens each would otherwise be one `$in` of a million ids, over MongoDB's 16 MB limit.
+MAX_STREAMS_PER_POLL: Final = 5_000
+STREAMS_PER_QUERY: Final = 500
 # Stop waiting a little before the caller's deadline, so it gets our answer (a stale one, or UNAVAILABLE with the
 # lag) instead of its own DEADLINE_EXCEEDED: 50 ms plus 10% of the remaining time, at most 500 ms. The read after
 # the wait needs that time on a slow or busy MongoDB.
@@ -45,20 +69,7 @@ _MARGIN_BASE_SECONDS: Final = 0.05
 _MARGIN_MAX_SECONDS: Final = 0.5
 
 
-class TooManyWaiters(Exception):
-    """More queries wait for tokens than the server allows (gRPC RESOURCE_EXHAUSTED)."""
-
-
 # ------------------------------------------------------------------------------------------- request parsing
-
-
-@dataclass(frozen=True, slots=True)
-class Requirement:
-    """One stream the read model must reflect up to `version`."""
-
-    stream_type: str
-    stream_id: str
-    version: int
 
 
 def parse_tokens(tokens: Iterable[str], field_path: str) -> tuple[list[Requirement], list[FieldViolation]]:
@@ -72,15 +83,23 @@ def parse_tokens(tokens: Iterable[str], field_path: str) -> tuple[list[Requireme
     token_list = list(tokens)
     if len(token_list) > MAX_TOKENS:
         return [], [FieldViolation(field_path, f"at most {MAX_TOKENS} tokens are accepted")]
+    unreported = 0
     for index, text in enumerate(token_list):
         try:
             token: ConsistencyToken = decode_token(text)
         except ValueError as exc:
-            violations.append(FieldViolation(f"{field_path}[{index}]", f"{exc} (pass tokens exactly as received)"))
+            if len(violations) < MAX_REPORTED_TOKEN_VIOLATIONS:
+                violations.append(FieldViolation(f"{field_path}[{index}]", f"{exc} (pass tokens exactly as received)"))
+            else:
+                unreported += 1
             continue
         known = by_stream.get(token.stream_id)
         if known is None or token.version > known.version:
             by_stream[token.stream_id] = Requirement(token.stream_type, token.stream_id, token.version)
+    if unreported:
+        # All of them would not fit the status trailers (gRPC's 16 KB metadata limit): the caller would see
+        # RESOURCE_EXHAUSTED "Stream removed" instead of our answer.
+        violations.append(FieldViolation(field_path, f"{unreported} more tokens are malformed"))
     return list(by_stream.values()), violations
 
 
@@ -159,111 +178,6 @@ class WaitOutcome:
 NO_WAIT: Final = WaitOutcome(waited_seconds=0.0)
 
 
-# ------------------------------------------------------------------------------------ pure bookkeeping
-
-
-class VersionCache:
-    """The highest applied version seen per stream (monotonic), bounded: least recently used entries go first.
-
-    Forgetting an entry is harmless: the stream is simply read again when a token needs it.
-    """
-
-    def __init__(self, capacity: int = 100_000) -> None:
-        self._capacity = capacity
-        self._versions: OrderedDict[str, int] = OrderedDict()
-
-    def get(self, stream_id: str) -> int:
-        version = self._versions.get(stream_id)
-        if version is None:
-            return 0
-        self._versions.move_to_end(stream_id)
-        return version
-
-    def raise_to(self, stream_id: str, version: int) -> None:
-        """Records that `stream_id` is applied at least up to `version` (a lower value changes nothing)."""
-        if version > self._versions.get(stream_id, 0):
-            self._versions[stream_id] = version
-        if stream_id in self._versions:
-            self._versions.move_to_end(stream_id)
-            while len(self._versions) > self._capacity:
-                self._versions.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._versions)
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One waiting query: the versions it still needs per stream, and the future that wakes it."""
-
-    id: int
-    missing: dict[str, int]
-    future: asyncio.Future[None] | None = field(default=None, repr=False)
-
-
-class WaitBook:
-    """Which queries wait for which streams (pure: no I/O, no task).
-
-    `observe(versions)` feeds in what the checkpoints say and returns the tickets now satisfied (and forgets
-    them); `pending_streams()` is what the next round must read.
-    """
-
-    def __init__(self, *, max_waiters: int, cache: VersionCache | None = None) -> None:
-        self._max_waiters = max_waiters
-        self.cache = cache or VersionCache()
-        self._tickets: dict[int, Ticket] = {}
-        self._by_stream: dict[str, set[int]] = {}
-        self._ids = itertools.count(1)
-
-    def unmet(self, requirements: Iterable[Requirement]) -> dict[str, int]:
-        """stream id -> version of the requirements the cache does not already know to be reflected."""
-        return {r.stream_id: r.version for r in requirements if self.cache.get(r.stream_id) < r.version}
-
-    def add(self, missing: Mapping[str, int]) -> Ticket:
-        """Registers a waiting query; TooManyWaiters when the book is full."""
-        if len(self._tickets) >= self._max_waiters:
-            raise TooManyWaiters(
-                f"too many queries are waiting for consistency tokens ({self._max_waiters}); retry later"
-            )
-        ticket = Ticket(id=next(self._ids), missing=dict(missing))
-        self._tickets[ticket.id] = ticket
-        for stream_id in ticket.missing:
-            self._by_stream.setdefault(stream_id, set()).add(ticket.id)
-        return ticket
-
-    def remove(self, ticket: Ticket) -> None:
-        """Forgets a ticket (satisfied, timed out or cancelled); idempotent."""
-        if self._tickets.pop(ticket.id, None) is None:
-            return
-        for stream_id in ticket.missing:
-            waiting = self._by_stream.get(stream_id)
-            if waiting is not None:
-                waiting.discard(ticket.id)
-                if not waiting:
-                    del self._by_stream[stream_id]
-
-    def observe(self, versions: Mapping[str, int]) -> list[Ticket]:
-        """Records applied versions; returns (and removes) the tickets whose every stream is now reflected."""
-        satisfied: list[Ticket] = []
-        for stream_id, version in versions.items():
-            self.cache.raise_to(stream_id, version)
-            for ticket_id in list(self._by_stream.get(stream_id, ())):
-                ticket = self._tickets[ticket_id]
-                if all(self.cache.get(s) >= v for s, v in ticket.missing.items()):
-                    satisfied.append(ticket)
-                    self.remove(ticket)
-        return satisfied
-
-    def pending_streams(self) -> list[str]:
-        return list(self._by_stream)
-
-    def tickets(self) -> list[Ticket]:
-        return list(self._tickets.values())
-
-    def __len__(self) -> int:
-        return len(self._tickets)
-
-
 # ------------------------------------------------------------------------------------- the shared waiter
 
 
@@ -276,9 +190,13 @@ class ConsistencyWaiter:
         *,
         poll_interval: float = 0.015,
         max_waiters: int = 10_000,
+        max_streams_per_poll: int = MAX_STREAMS_PER_POLL,
+        streams_per_query: int = STREAMS_PER_QUERY,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self._checkpoints = checkpoints
+        self._max_streams_per_poll = max_streams_per_poll
+        self._streams_per_query = streams_per_query
         self._deps = dependency_metrics(registry)
         self._poll_interval = poll_interval
         self._book = WaitBook(max_waiters=max_waiters)
@@ -345,26 +263,29 @@ class ConsistencyWaiter:
             self._task = None
 
     async def _poll_once(self) -> None:
-        streams = self._book.pending_streams()
+        """One round: the checkpoints of (at most `max_streams_per_poll`) pending streams, in bounded queries."""
+        streams = self._book.streams_to_poll(self._max_streams_per_poll)
         self.queries += 1
-        try:
-            async with self._deps.timed("mongodb", "checkpoints"):
-                cursor = self._checkpoints.find({"_id": {"$in": streams}}, {"version": 1})
-                docs = await cursor.to_list()
-        except Exception as exc:
-            # Every current waiter fails with the driver's error (UNAVAILABLE for them); the next waiter
-            # restarts the poll, so an outage does not outlive MongoDB's.
-            self.last_error = exc
-            for ticket in self._book.tickets():
-                self._book.remove(ticket)
+        for start in range(0, len(streams), self._streams_per_query):
+            chunk = streams[start : start + self._streams_per_query]
+            try:
+                async with self._deps.timed("mongodb", "checkpoints"):
+                    cursor = self._checkpoints.find({"_id": {"$in": chunk}}, {"version": 1})
+                    docs = await cursor.to_list()
+            except Exception as exc:
+                # Every current waiter fails with the driver's error (UNAVAILABLE for them); the next waiter
+                # restarts the poll, so an outage does not outlive MongoDB's.
+                self.last_error = exc
+                for ticket in self._book.tickets():
+                    self._book.remove(ticket)
+                    if ticket.future is not None and not ticket.future.done():
+                        ticket.future.set_exception(exc)
+                return
+            self.last_error = None
+            versions = {str(doc["_id"]): _version(doc) for doc in docs}
+            for ticket in self._book.observe(versions):
                 if ticket.future is not None and not ticket.future.done():
-                    ticket.future.set_exception(exc)
-            return
-        self.last_error = None
-        versions = {str(doc["_id"]): _version(doc) for doc in docs}
-        for ticket in self._book.observe(versions):
-            if ticket.future is not None and not ticket.future.done():
-                ticket.future.set_result(None)
+                    ticket.future.set_result(None)
 
     async def close(self) -> None:
         """Stops the poll; waiters still registered fail with Unavailable. Idempotent."""

@@ -9,6 +9,7 @@ from query_service import paging, views
 from query_service.consistency import ReadYourWrites
 from query_service.customer_read_model import CustomerReadModel, normalize_email
 from query_service.grpc_api import Context, answer, collect, parse_uuid, validated_and_consistent
+from query_service.request_checks import text_filter_violation
 
 # Longer than any stored value (names: 200 characters, emails: 254): anything longer cannot match.
 MAX_NAME_PREFIX_LENGTH = 200
@@ -18,9 +19,16 @@ MAX_EMAIL_LENGTH = 254
 class CustomerQueryServicer(customer_service_pb2_grpc.CustomerQueryServiceServicer):
     """Answers GetCustomer and ListCustomers from the MongoDB read model only."""
 
-    def __init__(self, read_model: CustomerReadModel, read_your_writes: ReadYourWrites) -> None:
+    def __init__(
+        self,
+        read_model: CustomerReadModel,
+        read_your_writes: ReadYourWrites,
+        *,
+        max_message_bytes: int = paging.DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self._read_model = read_model
         self._ryw = read_your_writes
+        self._page_budget = paging.page_budget(max_message_bytes)
 
     async def GetCustomer(
         self, request: customer_service_pb2.GetCustomerRequest, context: Context
@@ -53,12 +61,11 @@ class CustomerQueryServicer(customer_service_pb2_grpc.CustomerQueryServiceServic
         )
         # One extra document tells whether another page exists without a second query.
         docs = await self._read_model.list_page(filters, after, page_size + 1)
-        page = docs[:page_size]
-        response = customer_service_pb2.ListCustomersResponse(
-            customers=[views.customer_from_document(d) for d in page], consistency=consistency
-        )
-        if len(docs) > page_size:
-            last = page[-1]
+        customers = [views.customer_from_document(d) for d in docs[:page_size]]
+        count = paging.fit_page((c.ByteSize() for c in customers), page_size, self._page_budget)
+        response = customer_service_pb2.ListCustomersResponse(customers=customers[:count], consistency=consistency)
+        if len(docs) > count:
+            last = docs[count - 1]
             cursor = paging.CustomerCursor(name=str(last.get("name") or ""), customer_id=str(last["_id"]))
             response.next_page_token = paging.encode_customer_page_token(cursor, filters)
         return response
@@ -69,11 +76,13 @@ def parse_list_customers_request(
 ) -> tuple[paging.CustomerFilter, int, paging.CustomerCursor | None]:
     """Filters, effective page size and cursor of a ListCustomers request; all field errors at once."""
     violations: list[FieldViolation] = []
-    if len(request.name_prefix) > MAX_NAME_PREFIX_LENGTH:
-        violations.append(FieldViolation("name_prefix", f"must be at most {MAX_NAME_PREFIX_LENGTH} characters long"))
     email = normalize_email(request.email)
-    if len(email) > MAX_EMAIL_LENGTH:
-        violations.append(FieldViolation("email", f"must be at most {MAX_EMAIL_LENGTH} characters long"))
+    for problem in (
+        text_filter_violation("name_prefix", request.name_prefix, max_length=MAX_NAME_PREFIX_LENGTH),
+        text_filter_violation("email", email, max_length=MAX_EMAIL_LENGTH),
+    ):
+        if problem is not None:
+            violations.append(problem)
     page_size = collect(violations, lambda: paging.effective_page_size(request.page_size))
     filters = paging.CustomerFilter(name_prefix=request.name_prefix, email=email)
     after: paging.CustomerCursor | None = None

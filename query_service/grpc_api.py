@@ -16,25 +16,37 @@ from core.grpc_errors import abort_with
 from query_service import paging, views
 from query_service.consistency import ReadYourWrites, Requirement, TooManyWaiters, parse_requirement, parse_tokens
 from query_service.read_model import Document, OrderReadModel, describe_mongo_error, is_mongo_unavailable
+from query_service.request_checks import text_filter_violation
 from query_service.watch import OrderWatchHub, Removed
 
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+READ_MODEL_UNAVAILABLE = "read model (MongoDB) is unavailable; retry later"
 _Response = TypeVar("_Response")
 
 # Canonical hyphenated form only: the read model is keyed by `str(uuid.UUID(...))`, and accepting the other
 # spellings `uuid.UUID` allows (braces, urn:uuid:, no hyphens) would only hide client bugs.
+# Longer than any customer id the command side accepts: a longer filter cannot match anything.
+MAX_CUSTOMER_ID_LENGTH = 64
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 class OrderQueryServicer(query_service_pb2_grpc.OrderQueryServiceServicer):
     """Answers GetOrder, ListOrders and WatchOrder from the MongoDB read model only."""
 
-    def __init__(self, read_model: OrderReadModel, read_your_writes: ReadYourWrites, watch_hub: OrderWatchHub) -> None:
+    def __init__(
+        self,
+        read_model: OrderReadModel,
+        read_your_writes: ReadYourWrites,
+        watch_hub: OrderWatchHub,
+        *,
+        max_message_bytes: int = paging.DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self._read_model = read_model
         self._ryw = read_your_writes
         self._hub = watch_hub
+        self._page_budget = paging.page_budget(max_message_bytes)
 
     async def GetOrder(
         self, request: query_service_pb2.GetOrderRequest, context: Context
@@ -75,12 +87,12 @@ class OrderQueryServicer(query_service_pb2_grpc.OrderQueryServiceServicer):
         )
         # One extra document tells whether another page exists without a second query.
         docs = await self._read_model.list_page(filters, after, page_size + 1)
-        page = docs[:page_size]
-        response = query_service_pb2.ListOrdersResponse(
-            orders=[views.order_from_document(d) for d in page], consistency=consistency
-        )
-        if len(docs) > page_size:
-            last = page[-1]
+        orders = [views.order_from_document(d) for d in docs[:page_size]]
+        # Cut by encoded size too: 500 orders of 100 long lines would not fit a gRPC message.
+        count = paging.fit_page((order.ByteSize() for order in orders), page_size, self._page_budget)
+        response = query_service_pb2.ListOrdersResponse(orders=orders[:count], consistency=consistency)
+        if len(docs) > count:
+            last = docs[count - 1]
             cursor = paging.Cursor.after(last["created_at"], str(last["_id"]))
             response.next_page_token = paging.encode_page_token(cursor, filters)
         return response
@@ -184,6 +196,9 @@ def parse_list_request(
     except ValueError:
         violations.append(FieldViolation("status", f"unknown order status {request.status}"))
     page_size = collect(violations, lambda: paging.effective_page_size(request.page_size))
+    bad_customer = text_filter_violation("customer_id", request.customer_id, max_length=MAX_CUSTOMER_ID_LENGTH)
+    if bad_customer is not None:
+        violations.append(bad_customer)
     filters = paging.ListFilter(customer_id=request.customer_id, status=status)
     after: paging.Cursor | None = None
     if request.page_token and not violations:
@@ -215,6 +230,6 @@ async def fail(context: Context, method: str, exc: Exception) -> None:
     if not is_mongo_unavailable(exc):
         log.error("%s failed unexpectedly", method, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the query service's log")
-    reason = describe_mongo_error(exc)
-    log.warning("%s: read model (MongoDB) is unavailable: %s", method, reason)
-    await abort_with(context, Unavailable(f"read model (MongoDB) is unavailable: {reason}"))
+    # The driver's text (hosts, ports, topology) goes to our log only; the caller learns what is down.
+    log.warning("%s: read model (MongoDB) is unavailable: %s", method, describe_mongo_error(exc))
+    await abort_with(context, Unavailable(READ_MODEL_UNAVAILABLE))

@@ -21,6 +21,7 @@ from core.auth import auth_interceptors
 from core.grpc_server import LIVENESS_SERVICE, bind, build_server, tls_credentials
 from core.health import Readiness
 from core.metrics import MetricsServer, start_metrics_server
+from core.request_decoding import MalformedRequestInterceptor
 from core.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from core.supervisor import Supervisor
 from core.tracing import server_interceptor as tracing_interceptor
@@ -131,12 +132,14 @@ async def start_query_server(
     )
     read_your_writes = ReadYourWrites(waiter, settings.query_max_wait_seconds)
     watch_hub = OrderWatchHub(read_model.collection, max_watchers=settings.query_max_watchers)
-    server = build_server(settings, interceptors)
+    # Innermost: an undecodable request is INVALID_ARGUMENT (after auth, so it reveals nothing to strangers).
+    server = build_server(settings, [*interceptors, MalformedRequestInterceptor()])
     query_service_pb2_grpc.add_OrderQueryServiceServicer_to_server(
-        OrderQueryServicer(read_model, read_your_writes, watch_hub), server
+        OrderQueryServicer(read_model, read_your_writes, watch_hub, max_message_bytes=settings.grpc_max_message_bytes),
+        server,
     )
     customer_service_pb2_grpc.add_CustomerQueryServiceServicer_to_server(
-        CustomerQueryServicer(customers, read_your_writes), server
+        CustomerQueryServicer(customers, read_your_writes, max_message_bytes=settings.grpc_max_message_bytes), server
     )
     health_servicer: _AsyncHealth = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -233,6 +233,11 @@ def _text_problem(value: object, *, max_length: int, optional: bool = False) -> 
 
 
 def _forbidden_character(value: str) -> str | None:
+    """What makes `value` unfit to store as text (None when it is fine).
+
+    Control characters (NUL included), line/paragraph separators and noncharacters are refused; everything else
+    in Unicode is welcome: any script, right-to-left text and its direction marks, emoji.
+    """
     for index, char in enumerate(value):
         category = unicodedata.category(char)
         if category == "Cc":
@@ -240,7 +245,16 @@ def _forbidden_character(value: str) -> str | None:
         if category == "Cs":
             # A lone surrogate cannot be encoded as UTF-8, so it could not be stored or sent on.
             return f"must be valid Unicode text (found a lone surrogate at position {index})"
+        if category in ("Zl", "Zp"):
+            return f"must be a single line (found U+{ord(char):04X} at position {index})"
+        if _is_noncharacter(ord(char)):
+            return f"must not contain Unicode noncharacters (found U+{ord(char):04X} at position {index})"
     return None
+
+
+def _is_noncharacter(code_point: int) -> bool:
+    # U+FDD0..U+FDEF and the last two code points of every plane are permanently reserved for internal use.
+    return 0xFDD0 <= code_point <= 0xFDEF or code_point & 0xFFFE == 0xFFFE
 
 
 def _currency_problem(value: object) -> str | None:

@@ -7,7 +7,9 @@ last) and calls an in-process query server through a real gRPC channel.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +25,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from core.consistency import ConsistencyToken
 from core.grpc_errors import field_violations
 from query_service.config import QuerySettings
+from query_service.consistency import ConsistencyWaiter, Requirement
 from query_service.server import RunningServer, start_query_server
 from tests.integration.test_query_service import T0, closed_port, make_order
 from tests.support import eventually
@@ -364,4 +367,117 @@ async def test_mongodb_down_while_waiting_is_unavailable() -> None:
         await running.stop()
 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert (caught.value.details() or "").startswith("read model (MongoDB) is unavailable: ")
+    assert caught.value.details() == "read model (MongoDB) is unavailable; retry later"
+
+
+# ------------------------------------------------------------------------------------- tokens are input
+
+
+def forged(body: object) -> str:
+    """A token of our format around any JSON body (what a client could forge)."""
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    return "v1." + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+_ID = "3f2c8a9e-5b1d-4c7a-9e2f-0a1b2c3d4e5f"
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        (forged({"t": "invoice", "s": _ID, "v": 1, "p": 1}), "unknown stream type"),
+        (forged({"t": "order", "s": "x" * 300, "v": 1, "p": 1}), "stream id"),
+        (forged({"t": "order", "s": _ID.upper(), "v": 1, "p": 1}), "stream id"),
+        (forged({"t": "order", "s": "a\u0000b", "v": 1, "p": 1}), "stream id"),
+        (forged({"t": "order", "s": _ID, "v": 2**63, "p": 1}), "version"),
+        (forged({"t": "order", "s": _ID, "v": 10**40, "p": 1}), "version"),
+        (forged({"t": "order", "s": _ID, "v": 0, "p": 1}), "version"),
+        (forged({"t": "order", "s": _ID, "v": True, "p": 1}), "version"),
+        (forged({"t": "order", "s": _ID, "v": 1.5, "p": 1}), "version"),
+        (forged({"t": "order", "s": _ID, "v": 1, "p": 2**64}), "position"),
+        (forged({"t": ["order"], "s": _ID, "v": 1, "p": 1}), "unknown stream type"),
+        (forged([[[[[[[[]]]]]]]]), "malformed"),
+        ("v1." + base64.urlsafe_b64encode(b"\xff\xfe garbage").decode(), "malformed"),
+    ],
+)
+async def test_a_forged_token_is_invalid_argument_saying_why(stub: Stub, bad: str, why: str) -> None:
+    order_id = str(uuid.uuid4())
+    request = query_service_pb2.GetOrderRequest(order_id=order_id, consistency=consistency(bad))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetOrder(request, timeout=5)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = field_violations(caught.value)
+    assert [f for f, _ in violations] == ["consistency.consistency_tokens[0]"]
+    assert why in violations[0][1]
+
+
+async def test_a_token_with_the_largest_version_waits_and_answers_stale(
+    db: AsyncDatabase[Document], stub: Stub
+) -> None:
+    doc = await put_order(db, 1)
+    request = query_service_pb2.GetOrderRequest(
+        order_id=doc["_id"],
+        consistency=consistency(ConsistencyToken("order", doc["_id"], 2**63 - 1, 1).encode(), accept_stale=True),
+    )
+
+    response = await stub.GetOrder(request, timeout=1.0)
+
+    assert response.consistency.stale
+    assert [(lag.required_version, lag.applied_version) for lag in response.consistency.behind] == [(2**63 - 1, 1)]
+
+
+async def test_more_than_a_hundred_tokens_are_one_violation(stub: Stub) -> None:
+    tokens = [token(str(uuid.uuid4()), 1) for _ in range(101)]
+    request = query_service_pb2.ListOrdersRequest(consistency=consistency(*tokens))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListOrders(request, timeout=5)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(caught.value)] == ["consistency.consistency_tokens"]
+
+
+async def test_a_flood_of_waiting_tokens_keeps_every_checkpoint_query_small(db: AsyncDatabase[Document]) -> None:
+    """4,000 waiting queries with 100 unknown streams each (as forged tokens would make): 400,000 streams, whose
+    single `$in` would exceed MongoDB's 16 MB document limit. Every poll must stay small, nobody may fail, and a
+    query with one real token among them is still answered."""
+    real = await put_order(db, 1)
+    waiter = ConsistencyWaiter(db["checkpoints"], poll_interval=0.01)
+    flood = [
+        [Requirement("order", str(uuid.uuid4()), 1) for _ in range(100)]  # never reflected
+        for _ in range(4_000)
+    ]
+    try:
+        flooding = [asyncio.create_task(waiter.wait(reqs, timeout=8.0)) for reqs in flood]
+        await eventually(lambda: _true(waiter.waiting == len(flood)), what="the flood to wait", interval=0.01)
+        started = time.monotonic()
+        outcome = await waiter.wait([Requirement("order", real["_id"], 1)], timeout=6.0)
+        waited = time.monotonic() - started
+        assert waiter.last_error is None, f"the shared poll failed: {waiter.last_error!r}"
+        assert outcome.reached, f"a real token was not seen among the flood within {waited:.2f}s"
+        for task in flooding:
+            task.cancel()
+        results = await asyncio.gather(*flooding, return_exceptions=True)
+    finally:
+        await waiter.close()
+    failures = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+    assert failures == [], f"{len(failures)} flooding waits failed, e.g. {failures[:1]!r}"
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_hundred_malformed_tokens_are_one_short_invalid_argument(stub: Stub) -> None:
+    """Every violation spelled out would exceed gRPC's 16 KB trailer limit (RESOURCE_EXHAUSTED, not our answer)."""
+    tokens = [token(str(uuid.uuid4()), 1)[:-4] + "AAAA!" for _ in range(100)]
+    request = query_service_pb2.ListOrdersRequest(consistency=consistency(*tokens))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListOrders(request, timeout=5)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = [f for f, _ in field_violations(caught.value)]
+    assert fields[-1] == "consistency.consistency_tokens" and len(fields) == 6

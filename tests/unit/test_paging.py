@@ -17,6 +17,8 @@ from query_service.paging import (
     decode_page_token,
     effective_page_size,
     encode_page_token,
+    fit_page,
+    page_budget,
 )
 from query_service.read_model import listing_query
 
@@ -147,3 +149,55 @@ def test_a_later_page_query_starts_strictly_after_the_cursor() -> None:
         "created_at": {"$lte": CURSOR.created_at},
         "$or": [{"created_at": {"$lt": CURSOR.created_at}}, {"_id": {"$lt": CURSOR.order_id}}],
     }
+
+
+# ------------------------------------------------------------------------------------------ crafted tokens
+
+
+_ID = "0b9f7c7e-3f7e-4c1e-9a55-3c0d7f1f2a10"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"v": 1, "t": 1, "i": "not-an-id", "f": ALL.fingerprint()},
+        {"v": 1, "t": 1, "i": "\ud800", "f": ALL.fingerprint()},
+        {"v": True, "t": 1, "i": _ID, "f": ALL.fingerprint()},
+        {"v": 1.0, "t": 1, "i": _ID, "f": ALL.fingerprint()},
+        {"v": 1, "t": 1.5, "i": _ID, "f": ALL.fingerprint()},
+        {"v": 1, "t": 10**200, "i": _ID, "f": ALL.fingerprint()},
+        {"v": 1, "t": 1, "i": _ID, "f": ALL.fingerprint(), "extra": 1},
+    ],
+)
+def test_a_token_with_wrong_types_or_values_is_rejected(payload: object) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        decode_page_token(_token(payload), ALL)
+
+    assert _fields(caught.value) == ["page_token"]
+
+
+def test_a_deeply_nested_token_is_rejected_not_a_crash() -> None:
+    deep = base64.urlsafe_b64encode(b"[" * 3000).decode().rstrip("=")
+
+    with pytest.raises(InvalidArgument):
+        decode_page_token(deep, ALL)
+
+
+# ---------------------------------------------------------------------------------------- pages by size
+
+
+def test_a_page_ends_at_its_size_or_at_the_byte_budget_whichever_comes_first() -> None:
+    assert fit_page([10] * 10, page_size=4, budget=1_000) == 4
+    assert fit_page([100] * 10, page_size=10, budget=3 * 102) == 3  # each item: 1 tag + 1 length byte + 100
+    assert fit_page([100] * 10, page_size=10, budget=3 * 102 - 1) == 2
+    assert fit_page([], page_size=10, budget=1_000) == 0
+
+
+def test_a_page_always_holds_at_least_one_item() -> None:
+    assert fit_page([5_000, 1], page_size=10, budget=1_000) == 1
+
+
+def test_the_budget_leaves_room_for_the_rest_of_the_response_and_never_exceeds_4_mib() -> None:
+    assert page_budget(4 * 1024 * 1024) < 4 * 1024 * 1024
+    assert page_budget(64 * 1024 * 1024) == page_budget(4 * 1024 * 1024)
+    assert 0 < page_budget(16 * 1024) <= 16 * 1024

@@ -18,6 +18,13 @@ from command_service.domain.commands import (
     PlaceOrder,
     RemoveOrderItem,
 )
+from command_service.domain.customer_commands import (
+    ChangeCustomerEmail,
+    DeactivateCustomer,
+    RegisterCustomer,
+    RenameCustomer,
+)
+from command_service.domain.customer_validation import validate_customer
 from command_service.domain.validation import (
     ADDRESS_FIELD_MAX_LENGTH,
     CANCEL_REASON_MAX_LENGTH,
@@ -413,3 +420,80 @@ def test_item_violations_are_collected_in_field_order() -> None:
     # The error's message lists every violation for people reading logs.
     for field in ["order_id", "sku", "name", "quantity", "unit_price_minor"]:
         assert f"{field}: " in caught.value.message
+
+
+# --- hostile text in every string field -------------------------------------------------------------------------
+
+
+def _with_text(field: str, value: str) -> OrderCommand:
+    """A command that is valid except for `value` in the (dotted) string field `field`."""
+    commands: dict[str, OrderCommand] = {
+        "order_id": PlaceOrder(order_id=value),
+        "customer_id": create(customer_id=value),
+        "currency": create(currency=value),
+        "sku": add_item(sku=value),
+        "name": add_item(name=value),
+        "reason": cancel(reason=value),
+    }
+    if field.startswith("shipping_address."):
+        return create(shipping_address=address(**{field.split(".", 1)[1]: value}))
+    return commands[field]
+
+
+STRING_FIELDS = [
+    "order_id",
+    "customer_id",
+    "currency",
+    "sku",
+    "name",
+    "reason",
+    *(f"shipping_address.{f}" for f in ("recipient", "line1", "line2", "city", "postal_code", "country")),
+]
+HOSTILE_TEXT = ["A\x00B", "A\x07B", "A\x1bB", "A\x7fB", "A\x9bB", "A\ud800B", "A\udfffB", "A\u2028B", "A\ufffeB"]
+
+
+@pytest.mark.parametrize("field", STRING_FIELDS)
+@pytest.mark.parametrize("text", HOSTILE_TEXT, ids=lambda t: f"U+{ord(t[1]):04X}")
+def test_nul_control_characters_surrogates_and_separators_are_refused_in_every_string_field(
+    field: str, text: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        validate(_with_text(field, text))
+
+    assert [v.field for v in caught.value.violations] == [field]
+
+
+@pytest.mark.parametrize(
+    "field", ["name", "reason", *(f"shipping_address.{f}" for f in ("recipient", "line1", "city"))]
+)
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u05e9\u05dc\u05d5\u05dd \u05e2\u05d5\u05dc\u05dd",  # Hebrew (right to left)
+        "\u0645\u0631\u062d\u0628\u0627 \u200f(1)",  # Arabic with a right-to-left mark
+        "caf\u00e9 \u2615\U0001f600\U0001f1e9\U0001f1ea",  # accents, emoji, a flag
+        "\u4e2d\u6587 \u0928\u092e\u0938\u094d\u0924\u0947",  # CJK and Devanagari
+    ],
+)
+def test_any_script_rtl_text_and_emoji_are_fine_in_text_fields(field: str, text: str) -> None:
+    validate(_with_text(field, text))
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXT, ids=lambda t: f"U+{ord(t[1]):04X}")
+def test_customer_names_and_emails_refuse_the_same_characters(text: str) -> None:
+    customer_id = "0b7f3c1e-8d2a-4f5b-9c6d-1e2f3a4b5c6d"
+    for command, field in [
+        (RegisterCustomer(customer_id=customer_id, name=f"Ada {text}", email="ada@example.com"), "name"),
+        (RenameCustomer(customer_id=customer_id, name=text), "name"),
+        (ChangeCustomerEmail(customer_id=customer_id, email=f"ada{text}@example.com"), "email"),
+        (DeactivateCustomer(customer_id=text), "customer_id"),
+    ]:
+        with pytest.raises(InvalidArgument) as caught:
+            validate_customer(command)
+        assert [v.field for v in caught.value.violations] == [field], command
+
+
+def test_customer_names_in_any_script_are_fine() -> None:
+    customer_id = "0b7f3c1e-8d2a-4f5b-9c6d-1e2f3a4b5c6d"
+    for name in ["\u05d3\u05e0\u05d4 \u05db\u05d4\u05df", "\u0645\u0631\u064a\u0645 \u200f", "Zo\u00eb \U0001f600"]:
+        validate_customer(RenameCustomer(customer_id=customer_id, name=name))
