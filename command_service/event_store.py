@@ -89,6 +89,26 @@ class VersionConflict(Exception):
     """Another transaction appended the same stream version first."""
 
 
+@dataclass(frozen=True, slots=True)
+class StreamGuard:
+    """The append happens only if another stream (e.g. the order's customer) is still at `version`.
+
+    A decision that depended on another aggregate (CreateOrder needs an active customer) is then checked inside the
+    append's own statement: a customer deactivated after the check was made makes the append write nothing.
+    """
+
+    stream_id: str
+    version: int
+
+
+class GuardMoved(Exception):
+    """A guarded stream changed since the decision was made; decide again."""
+
+    def __init__(self, guard: StreamGuard) -> None:
+        super().__init__(f"stream {guard.stream_id} moved past version {guard.version}")
+        self.guard = guard
+
+
 class DuplicateRequest(Exception):
     """A concurrent transaction with the same request_id committed first."""
 
@@ -151,16 +171,25 @@ class EventStore:
         request: RequestRecord,
         last_position: int,
         claims: Sequence[UniqueClaim] = (),
+        guards: Sequence[StreamGuard] = (),
     ) -> CommandReply:
         """Appends `events` as versions expected_version+1.., applies the unique claims and logs the request,
-        atomically.
+        atomically, provided every guarded stream is still at its version (else GuardMoved, nothing written).
 
         With no events (a no-op command) only the request is logged, so a repeat still returns the same reply.
         Raises VersionConflict when the stream moved on, DuplicateRequest when the request_id was taken,
         ClaimTaken when another stream holds a claimed value. Returns only once the append is durable.
         """
         append = AppendRequest(
-            stream_type, stream_id, expected_version, tuple(events), metadata, request, last_position, tuple(claims)
+            stream_type,
+            stream_id,
+            expected_version,
+            tuple(events),
+            metadata,
+            request,
+            last_position,
+            tuple(claims),
+            tuple(guards),
         )
         with event_store_outage():
             if self._group_commit is not None:
@@ -188,18 +217,25 @@ class AppendRequest:
     request: RequestRecord
     last_position: int
     claims: tuple[UniqueClaim, ...] = ()
+    guards: tuple[StreamGuard, ...] = ()
 
 
 # One statement writes the events, their outbox rows and the request-log rows of any number of appends, and wakes
 # the relay (the NOTIFY is delivered on commit). Outside an explicit transaction it is one round trip and one
 # durable commit for the whole batch. The request log's reply holds the last position the append's events got
 # (or, for a no-op command, the position the command saw). Any conflict (a version or a request_id taken) fails
-# the whole statement, so nothing of the batch is written.
+# the whole statement, so nothing of the batch is written. An append whose guarded stream moved on (`moved`)
+# writes nothing and returns no row; the others go ahead.
 _APPEND_BATCH_SQL = f"""
-WITH input AS (
+WITH moved AS (
+    SELECT DISTINCT g.append_no
+      FROM unnest($17::int[], $18::text[], $19::int[]) AS g(append_no, stream_id, version)
+     WHERE coalesce((SELECT max(e.version) FROM events e WHERE e.stream_id = g.stream_id), 0) <> g.version
+), input AS (
     SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::int[], $5::text[], $6::int[], $7::text[], $8::text[])
         WITH ORDINALITY AS e(append_no, stream_type, stream_id, version, event_type, schema_version, payload,
                              metadata, n)
+     WHERE e.append_no NOT IN (SELECT append_no FROM moved)
 ), ev AS (
     INSERT INTO events (event_id, stream_type, stream_id, version, event_type, schema_version, payload, metadata)
     SELECT gen_random_uuid(), stream_type, stream_id, version, event_type, schema_version, payload::jsonb,
@@ -217,6 +253,7 @@ WITH input AS (
                   $16::bigint[])
            AS r(append_no, request_id, command_type, request_hash, stream_type, stream_id, version, last_position)
       LEFT JOIN last_positions lp USING (append_no)
+     WHERE r.append_no NOT IN (SELECT append_no FROM moved)
 ), rl AS (
     INSERT INTO request_log (request_id, command_type, request_hash, stream_id, reply)
     SELECT request_id, command_type, request_hash, stream_id,
@@ -233,15 +270,22 @@ _STREAM_VERSION_KEY = "events_stream_version_key"
 _REQUEST_ID_KEY = "request_log_pkey"
 
 
-async def append_batch(conn: Connection, appends: Sequence[AppendRequest], *, timeout: float) -> list[CommandReply]:
-    """Writes the appends (not their unique claims) in one statement: all of them or, on any conflict, none.
+async def append_batch(
+    conn: Connection, appends: Sequence[AppendRequest], *, timeout: float
+) -> list[CommandReply | GuardMoved]:
+    """Writes the appends (not their unique claims) in one statement: all of them or, on any conflict, none;
+    an append whose guard failed gets GuardMoved and writes nothing.
 
     Run outside a transaction, the statement commits by itself. Raises asyncpg.UniqueViolationError when a
     version or request_id is taken; `conflict_error` says which for a single append.
     """
     event_cols: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
     request_cols: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
+    guard_cols: tuple[list[Any], ...] = ([], [], [])
     for append_no, append in enumerate(appends):
+        for guard in append.guards:
+            for col, value in zip(guard_cols, (append_no, guard.stream_id, guard.version), strict=True):
+                col.append(value)
         metadata = json.dumps(append.metadata.to_dict())
         for offset, event in enumerate(append.events, start=1):
             row = (
@@ -257,11 +301,23 @@ async def append_batch(conn: Connection, appends: Sequence[AppendRequest], *, ti
         )  # fmt: skip
         for col, value in zip(request_cols, request_row, strict=True):
             col.append(value)
-    rows = await conn.fetch(_APPEND_BATCH_SQL, *event_cols, *request_cols, timeout=timeout)
-    return [
-        CommandReply(a.stream_type, a.stream_id, a.expected_version + len(a.events), int(row["position"]))
-        for a, row in zip(appends, rows, strict=True)
-    ]
+    rows = await conn.fetch(_APPEND_BATCH_SQL, *event_cols, *request_cols, *guard_cols, timeout=timeout)
+    positions = {int(row["append_no"]): int(row["position"]) for row in rows}
+    outcomes: list[CommandReply | GuardMoved] = []
+    for append_no, a in enumerate(appends):
+        position = positions.get(append_no)
+        if position is None:
+            outcomes.append(GuardMoved(_moved_guard(a)))
+        else:
+            outcomes.append(CommandReply(a.stream_type, a.stream_id, a.expected_version + len(a.events), position))
+    return outcomes
+
+
+def _moved_guard(append: AppendRequest) -> StreamGuard:
+    """The guard to blame when an append wrote nothing (only guarded appends can)."""
+    if not append.guards:
+        raise RuntimeError(f"append to {append.stream_id} returned no row but has no guard")
+    return append.guards[0]
 
 
 def conflict_error(exc: asyncpg.UniqueViolationError, append: AppendRequest) -> Exception:
@@ -297,7 +353,7 @@ async def commit_appends(
             try:
                 async with conn.transaction():
                     outcomes.append(await append_in_transaction(conn, append, timeout=timeout))
-            except (VersionConflict, DuplicateRequest, ClaimTaken) as exc:
+            except (VersionConflict, DuplicateRequest, ClaimTaken, GuardMoved) as exc:
                 outcomes.append(exc)
     return outcomes
 
@@ -308,6 +364,8 @@ async def append_in_transaction(conn: Connection, append: AppendRequest, *, time
         (reply,) = await append_batch(conn, [append], timeout=timeout)
     except asyncpg.UniqueViolationError as exc:
         raise conflict_error(exc, append) from exc
+    if isinstance(reply, GuardMoved):
+        raise reply
     for claim in append.claims:
         await _apply_claim(conn, append.stream_id, claim, timeout)
     return reply

@@ -2,7 +2,8 @@
 
 One generic `CommandHandler` runs every aggregate's commands; an `Aggregate` spec says how to find the stream,
 fold its events and decide. Aggregate-specific checks that need other streams (an order needs an active
-customer) are a `precondition`, run before each attempt.
+customer) are a `precondition`, run before each attempt; it returns the versions of the streams it read, and the
+append writes only if they are unchanged (decided in the append's own statement), else the command is decided again.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from command_service.event_store import (
     CommandReply,
     DuplicateRequest,
     EventStore,
+    GuardMoved,
     RequestRecord,
+    StreamGuard,
     UniqueClaim,
     VersionConflict,
 )
 from core.customer_events import CUSTOMER_STREAM_TYPE
 from core.envelope import EventMetadata
-from core.errors import AlreadyExists, Conflict, FailedPrecondition, ServiceError
+from core.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound, ServiceError
 from core.events import Event, decode_event
 from core.order_events import ORDER_STREAM_TYPE
 from core.tracing import current_traceparent, tracer
@@ -76,7 +79,7 @@ class CommandHandler(Generic[S, C]):
         store: EventStore,
         aggregate: Aggregate[S, C],
         max_attempts: int = 5,
-        precondition: Callable[[C], Awaitable[None]] | None = None,
+        precondition: Callable[[C], Awaitable[Sequence[StreamGuard]]] | None = None,
     ) -> None:
         self.store = store
         self._aggregate = aggregate
@@ -105,6 +108,8 @@ class CommandHandler(Generic[S, C]):
         # through `_replay`. New commands, nearly all of them, save a round trip.
         for attempt in range(1, self._max_attempts + 1):
             recorded = await self.store.load_stream(stream_id)
+            if recorded and recorded[0].stream_type != agg.stream_type:  # the id names another aggregate's stream
+                raise NotFound(f"{agg.name} {stream_id} not found")
             state = agg.fold(decode_event(r.event_type, r.schema_version, r.payload) for r in recorded)
             current_version = recorded[-1].version if recorded else 0
             last_position = recorded[-1].position if recorded else 0
@@ -114,8 +119,7 @@ class CommandHandler(Generic[S, C]):
                         f"{agg.name} {stream_id} is at version {current_version}, "
                         f"not the expected version {ctx.expected_version}"
                     )
-                if self._precondition is not None:
-                    await self._precondition(command)
+                guards = await self._precondition(command) if self._precondition is not None else ()
                 events = agg.decide(state, command)
             except ServiceError:
                 # A repeat of a request that already committed (or is committing concurrently): its own effect
@@ -151,6 +155,7 @@ class CommandHandler(Generic[S, C]):
                         request=RequestRecord(ctx.request_id, command_type, ctx.request_hash),
                         last_position=last_position,
                         claims=agg.claims(state, events),
+                        guards=guards,
                     )
             except VersionConflict:
                 if ctx.expected_version is not None or isinstance(command, agg.creates):
@@ -160,6 +165,8 @@ class CommandHandler(Generic[S, C]):
                     raise Conflict(f"{agg.name} {stream_id} was changed concurrently; reload it and retry") from None
                 log.debug("version conflict on %s (attempt %d); retrying", stream_id, attempt)
                 await asyncio.sleep(random.uniform(0, 0.005 * attempt))
+            except GuardMoved as moved:
+                log.debug("%s on %s (attempt %d); deciding again", moved, stream_id, attempt)
             except ClaimTaken as taken:
                 prior = await self._replay(ctx, command_type)
                 if prior is not None:
@@ -224,9 +231,10 @@ class ActiveCustomerCheck:
     def __init__(self, store: EventStore) -> None:
         self._store = store
 
-    async def __call__(self, command: OrderCommand) -> None:
+    async def __call__(self, command: OrderCommand) -> Sequence[StreamGuard]:
+        """Raises FailedPrecondition, or returns the customer's version that the append must still find."""
         if not isinstance(command, CreateOrder):
-            return
+            return ()
         recorded = await self._store.load_stream(command.customer_id)
         if recorded and recorded[0].stream_type != CUSTOMER_STREAM_TYPE:
             recorded = []  # the id names some other stream, not a customer
@@ -235,6 +243,7 @@ class ActiveCustomerCheck:
             raise FailedPrecondition(f"customer {command.customer_id} does not exist; register the customer first")
         if not state.is_active:
             raise FailedPrecondition(f"customer {command.customer_id} is deactivated and cannot create orders")
+        return (StreamGuard(command.customer_id, recorded[-1].version),)
 
 
 def order_handler(store: EventStore, max_attempts: int = 5) -> CommandHandler[order.OrderState, OrderCommand]:
