@@ -251,13 +251,23 @@ class ConsistencyWaiter:
             self._task = asyncio.create_task(self._run(), name="consistency-waiter")
 
     async def _run(self) -> None:
-        """Polls while anyone waits; ends (and is restarted by the next waiter) when nobody does."""
+        """Polls while anyone waits; ends (and is restarted by the next waiter) when nobody does.
+
+        Supervised in place: an unexpected failure is logged with its traceback and fails the current waiters
+        with UNAVAILABLE (they may retry) instead of leaving them to their deadline; the next waiter restarts it.
+        """
         try:
             while len(self._book) and not self._stop.is_set():
                 await self._poll_once()
                 if len(self._book):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), timeout=self._poll_interval)
+        except Exception:
+            log.exception("consistency waiter failed; its current waiters get UNAVAILABLE, the next one restarts it")
+            for ticket in self._book.tickets():
+                self._book.remove(ticket)
+                if ticket.future is not None and not ticket.future.done():
+                    ticket.future.set_exception(Unavailable("read-your-writes wait failed; retry"))
         finally:
             # No await between the loop's last check and this line: a waiter added meanwhile starts a new task.
             self._task = None

@@ -23,6 +23,7 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from core.consistency import ConsistencyToken
+from core.errors import Unavailable
 from core.grpc_errors import field_violations
 from query_service.config import QuerySettings
 from query_service.consistency import ConsistencyWaiter, Requirement
@@ -481,3 +482,32 @@ async def test_a_hundred_malformed_tokens_are_one_short_invalid_argument(stub: S
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     fields = [f for f, _ in field_violations(caught.value)]
     assert fields[-1] == "consistency.consistency_tokens" and len(fields) == 6
+
+
+async def test_a_waiter_loop_that_fails_unexpectedly_fails_its_waiters_fast_and_restarts(
+    db: AsyncDatabase[Document], caplog: pytest.LogCaptureFixture
+) -> None:
+    real = await put_order(db, 1)
+    waiter = ConsistencyWaiter(db["checkpoints"], poll_interval=0.01)
+    book = waiter._book  # inject a bug into our own bookkeeping, once
+    observe = book.observe
+    calls = 0
+
+    def broken_once(versions: dict[str, int]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected bug in the waiter loop")
+        return observe(versions)
+
+    book.observe = broken_once  # type: ignore[method-assign]
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="retry"):
+            await waiter.wait([Requirement("order", real["_id"], 1)], timeout=5.0)
+        assert time.monotonic() - started < 2.0  # failed at once, not at its deadline
+        assert any("consistency waiter failed" in r.getMessage() and r.exc_info for r in caplog.records)
+        outcome = await waiter.wait([Requirement("order", real["_id"], 1)], timeout=5.0)  # restarted
+        assert outcome.reached
+    finally:
+        await waiter.close()
