@@ -35,6 +35,9 @@ class _HasToken(Protocol):
     @property
     def consistency_token(self) -> str: ...
 
+    @property
+    def version(self) -> int: ...
+
 
 @dataclass
 class _Connection:
@@ -74,7 +77,9 @@ class OrdersClient:
         self.default_timeout = default_timeout
         self.retry = retry
         self._owns_connection = owns_connection
-        self._session_tokens: OrderedDict[tuple[str, str], str] | None = OrderedDict() if session else None
+        # (kind, id) -> (version, token): the highest version seen per aggregate, since concurrent commands on one
+        # aggregate may reply out of order and an older token must not replace a newer one.
+        self._session_tokens: OrderedDict[tuple[str, str], tuple[int, str]] | None = OrderedDict() if session else None
         self.last_token: str | None = None
         """Consistency token of the last successful command sent through this client (or session)."""
 
@@ -140,7 +145,7 @@ class OrdersClient:
     @property
     def session_tokens(self) -> list[str]:
         """Tokens a session adds to its queries (empty for a plain client)."""
-        return list(self._session_tokens.values()) if self._session_tokens is not None else []
+        return [token for _, token in self._session_tokens.values()] if self._session_tokens is not None else []
 
     # ------------------------------------------------------------------ plumbing
 
@@ -159,8 +164,13 @@ class OrdersClient:
     def _remember(self, kind: str, key: str, result: _HasToken) -> None:
         self.last_token = result.consistency_token
         if self._session_tokens is not None:
-            self._session_tokens.pop((kind, key), None)
-            self._session_tokens[(kind, key)] = result.consistency_token
+            known = self._session_tokens.pop((kind, key), None)
+            newest = (
+                max(known, (result.version, result.consistency_token))
+                if known
+                else (result.version, result.consistency_token)
+            )
+            self._session_tokens[(kind, key)] = newest
             while len(self._session_tokens) > MAX_SESSION_TOKENS:
                 self._session_tokens.popitem(last=False)
 

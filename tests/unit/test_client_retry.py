@@ -228,6 +228,20 @@ async def test_tokens_last_token_and_session(served: tuple[Flaky, str]) -> None:
     ]
 
 
+async def test_a_session_keeps_the_highest_version_per_aggregate_when_replies_arrive_out_of_order(
+    served: tuple[Flaky, str],
+) -> None:
+    _, address = served
+    async with OrdersClient.connect(address, address, retry=FAST) as client:
+        session = client.session()
+        # Two concurrent commands on one order: the reply of version 5 arrives before the one of version 4.
+        newer = cpb.CommandResult(order_id="o-x", version=5, consistency_token="tok-o-x-5")
+        older = cpb.CommandResult(order_id="o-x", version=4, consistency_token="tok-o-x-4")
+        session._order_result(newer)
+        session._order_result(older)
+        assert session.session_tokens == ["tok-o-x-5"]
+
+
 async def test_query_retries_on_unavailable(served: tuple[Flaky, str]) -> None:
     servicer, address = served
     servicer.failures = 2
