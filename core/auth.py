@@ -9,9 +9,11 @@ PERMISSION_DENIED (you may not), with a short reason; the token itself is never 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeAlias
@@ -102,7 +104,7 @@ class TokenValidator:
         self._issuer = issuer
         self._audience = audience
         self._algorithms = frozenset(algorithms) - {"none"}
-        self._leeway = leeway
+        self.leeway = leeway
 
     def validate(self, token: str) -> Claims:
         """Returns the claims, or raises AuthError(UNAUTHENTICATED) with the reason."""
@@ -123,7 +125,7 @@ class TokenValidator:
                 algorithms=[algorithm],
                 audience=self._audience,
                 issuer=self._issuer,
-                leeway=self._leeway,
+                leeway=self.leeway,
                 options={"require": ["exp", "iss", "aud"]},
             )
         except jwt.ExpiredSignatureError:
@@ -206,6 +208,41 @@ def _denying_handler(handler: grpc.RpcMethodHandler[Any, Any], error: AuthError)
     return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
 
 
+def _expiring_stream_handler(
+    handler: grpc.RpcMethodHandler[Any, Any], expires_at: float
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The server-streaming `handler`, ended with UNAUTHENTICATED when the bearer token expires (epoch seconds).
+
+    A token is checked when a call starts; a stream (WatchOrder) may outlive it by hours, and must not: the
+    client reconnects with a fresh token.
+    """
+    behavior = handler.unary_stream
+    assert behavior is not None
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        responses: AsyncIterator[Any] = behavior(request, context)  # type: ignore[assignment,arg-type]  # async in grpc.aio
+        try:
+            while True:
+                remaining = expires_at - time.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        response = await anext(responses)
+                except TimeoutError:
+                    break
+                except StopAsyncIteration:
+                    return
+                yield response
+        finally:
+            await responses.aclose()  # type: ignore[attr-defined]
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bearer token expired; call again with a fresh token")
+
+    return grpc.unary_stream_rpc_method_handler(
+        stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
 class AuthInterceptor(ServerInterceptorBase):
     """Authenticates every call outside OPEN_SERVICES, then requires the scope its service maps to.
 
@@ -228,10 +265,13 @@ class AuthInterceptor(ServerInterceptorBase):
         if service in OPEN_SERVICES or handler is None:  # None: unknown method, gRPC answers UNIMPLEMENTED
             return handler
         try:
-            self.authorize(method, handler_call_details.invocation_metadata)
+            claims = self.authorize(method, handler_call_details.invocation_metadata)
         except AuthError as error:
             log.warning("rejected %s: %s (%s)", method, error.reason, error.code.name)
             return _denying_handler(handler, error)
+        expires = claims.get("exp")
+        if handler.response_streaming and not handler.request_streaming and isinstance(expires, int | float):
+            return _expiring_stream_handler(handler, float(expires) + self._validator.leeway)
         return handler
 
     def authorize(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Claims:

@@ -6,6 +6,7 @@ Certificates come from `trustme` and signing keys from `cryptography`, all made 
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -327,3 +328,37 @@ async def test_query_service_exports_rpc_metrics_over_http(mongo_url: str, uniqu
         text = (await asyncio.to_thread(fetch)).decode()
         assert f'cqrs_grpc_server_handled_total{{code="OK",method="{HEALTH_CHECK}"}} 1.0' in text
         assert f'cqrs_grpc_server_handling_seconds_bucket{{le="+Inf",method="{HEALTH_CHECK}"}} 1.0' in text
+
+
+async def test_a_watch_stream_ends_unauthenticated_when_its_bearer_token_expires(
+    mongo_url: str, unique_name: str, signer: Signer, jwt_key_file: Path
+) -> None:
+    from pymongo import AsyncMongoClient
+
+    from tests.integration.test_query_service import T0, make_order
+
+    order = make_order(created_at=T0)
+    client: AsyncMongoClient[Any] = AsyncMongoClient(mongo_url)
+    try:
+        await client[unique_name]["orders"].insert_one(order)
+    finally:
+        await client.close()
+    settings = {**auth_settings(jwt_key_file), "auth_leeway_seconds": 0}
+    async with (
+        query_server(mongo_url, unique_name, **settings) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        await eventually(lambda: _serving(channel), what="query service SERVING")
+        queries = query_service_pb2_grpc.OrderQueryServiceStub(channel)
+        short_lived = signer.token(scope="orders:read", exp=int(time.time()) + 2)
+        started = time.monotonic()
+        call = queries.WatchOrder(
+            query_service_pb2.WatchOrderRequest(order_id=order["_id"]), metadata=bearer(short_lived), timeout=30
+        )
+        first = await call.read()
+        assert first.order.order_id == order["_id"]  # the stream was open and working
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "expired" in (ended.value.details() or "")
+        assert time.monotonic() - started < 10, "the stream outlived its token"
