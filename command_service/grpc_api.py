@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import uuid
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_LENGTH = 128
 CORRELATION_HEADER = "x-correlation-id"
+# A command stops this long before the caller's deadline, so that its UNAVAILABLE reaches the caller in time.
+DEADLINE_MARGIN_SECONDS = 0.25
 
 Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R", bound=Message)
@@ -119,7 +122,15 @@ async def run_command(
             correlation_id=_metadata_value(context, CORRELATION_HEADER) or request.request_id,
         )
         logs.correlation_id.set(ctx.correlation_id)
-        return reply(await handler.handle(command, ctx))
+        try:
+            # One budget for the whole command (load, decide, append, retries), inside the caller's deadline: a
+            # PostgreSQL that accepts connections but answers nothing (a blackholed network) must get UNAVAILABLE
+            # before the client gives up, not DEADLINE_EXCEEDED. Stopped mid-append, the outcome is unknown;
+            # the client's retry with the same request_id then writes it once.
+            async with asyncio.timeout(_command_budget(context, handler.max_seconds)):
+                return reply(await handler.handle(command, ctx))
+        except TimeoutError as exc:
+            raise Unavailable(f"{UNAVAILABLE_MESSAGE} (no answer in time)") from exc
     except ServiceError as exc:
         await abort_with(context, exc)
     except CONNECTION_LOST as exc:  # the store translates these; this catches any path that does not
@@ -129,6 +140,14 @@ async def run_command(
         log.exception("%s failed unexpectedly", method)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
     raise AssertionError("unreachable: abort raises")
+
+
+def _command_budget(context: Context, max_seconds: float) -> float:
+    """Seconds the command may take: the caller's remaining deadline less a margin to answer, capped."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return max_seconds
+    return max(0.05, min(max_seconds, remaining - DEADLINE_MARGIN_SECONDS))
 
 
 def consistency_token(reply: CommandReply) -> str:

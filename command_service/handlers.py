@@ -80,8 +80,11 @@ class CommandHandler(Generic[S, C]):
         aggregate: Aggregate[S, C],
         max_attempts: int = 5,
         precondition: Callable[[C], Awaitable[Sequence[StreamGuard]]] | None = None,
+        max_seconds: float = 30.0,
     ) -> None:
+        """`max_seconds` bounds one command as a whole (every attempt), within the caller's deadline."""
         self.store = store
+        self.max_seconds = max_seconds
         self._aggregate = aggregate
         self._max_attempts = max_attempts
         self._precondition = precondition
@@ -246,11 +249,13 @@ class ActiveCustomerCheck:
         return (StreamGuard(command.customer_id, recorded[-1].version),)
 
 
-def order_handler(store: EventStore, max_attempts: int = 5) -> CommandHandler[order.OrderState, OrderCommand]:
-    return CommandHandler(store, ORDERS, max_attempts, precondition=ActiveCustomerCheck(store))
+def order_handler(
+    store: EventStore, max_attempts: int = 5, max_seconds: float = 30.0
+) -> CommandHandler[order.OrderState, OrderCommand]:
+    return CommandHandler(store, ORDERS, max_attempts, precondition=ActiveCustomerCheck(store), max_seconds=max_seconds)
 
 
 def customer_handler(
-    store: EventStore, max_attempts: int = 5
+    store: EventStore, max_attempts: int = 5, max_seconds: float = 30.0
 ) -> CommandHandler[customer.CustomerState, CustomerCommand]:
-    return CommandHandler(store, CUSTOMERS, max_attempts)
+    return CommandHandler(store, CUSTOMERS, max_attempts, max_seconds=max_seconds)

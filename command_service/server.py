@@ -125,11 +125,14 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
         raise RuntimeError(f"command service: bad TLS/auth configuration: {exc}") from exc
     # Innermost: an undecodable request is INVALID_ARGUMENT (after auth, so it reveals nothing to strangers).
     server = build_server(settings, [*interceptors, MalformedRequestInterceptor()])
+    # A whole command (load, decide, append, retries) gets two statement timeouts: past that, PostgreSQL is not
+    # answering, and the caller is better served by UNAVAILABLE now than by its own deadline.
+    command_seconds = 2 * settings.postgres_timeout_seconds
     command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
-        OrderCommandServicer(order_handler(store, settings.max_append_attempts)), server
+        OrderCommandServicer(order_handler(store, settings.max_append_attempts, command_seconds)), server
     )
     customer_service_pb2_grpc.add_CustomerCommandServiceServicer_to_server(
-        CustomerCommandServicer(customer_handler(store, settings.max_append_attempts)), server
+        CustomerCommandServicer(customer_handler(store, settings.max_append_attempts, command_seconds)), server
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
