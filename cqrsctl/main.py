@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cqrsctl.load.cli import add_load_parser
 
     add_load_parser(sub)
+
+    from cqrsctl.dead_letters import add_dead_letters_parser
+
+    add_dead_letters_parser(sub)
     return parser
 
 

@@ -30,6 +30,12 @@ class ProjectorSettings(BaseSettings):
     projector_max_ack_pending: int = Field(default=2000, ge=1)
     # Cap of the exponential backoff used for MongoDB outages and for version gaps.
     projector_max_backoff_seconds: float = Field(default=5.0, gt=0)
+    # A gap, or a write MongoDB refuses, is retried with backoff; offered this many times, its stream is parked
+    # (its messages copied to MongoDB and acknowledged) so that it never holds max_ack_pending slots for long.
+    projector_park_after_deliveries: int = Field(default=6, ge=1)
+    # How often parked streams are counted (metric) and the self-healing ones (needs_upgrade, gap, write_failed)
+    # are tried again from their held copies.
+    projector_resume_interval_seconds: float = Field(default=5.0, gt=0)
     # How often a one-line throughput/lag summary is logged (only when events were applied).
     projector_stats_interval_seconds: float = Field(default=10.0, gt=0)
     # Serve Prometheus `/metrics` on this port (0: any free port); unset: no HTTP server.

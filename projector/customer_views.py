@@ -26,7 +26,7 @@ from pymongo import UpdateMany, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-from projector.mongo_writer import MongoDocument, duplicate_key_indexes
+from projector.mongo_writer import DUPLICATE_KEY, MongoDocument
 from projector.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
 from projector.projections.customers import empty_order_stats
 from projector.projections.orders import COLLECTION as ORDERS_COLLECTION
@@ -128,28 +128,45 @@ class CustomerViews:
             async for doc in cursor
         }
 
-    async def fan_out(self, customer_ids: Iterable[str], carried: Mapping[str, int] | None = None) -> dict[str, int]:
+    async def fan_out(
+        self, customer_ids: Iterable[str], carried: Mapping[str, int] | None = None, failed: set[str] | None = None
+    ) -> dict[str, int]:
         """Brings every order of these customers up to the customer's current version; returns those versions.
 
         `carried[c]`: the orders that need customer `c` here already carry its version `carried[c]` (new orders
         prefilled in this batch), so `c` needs no update unless it has moved past that version since.
+        `failed`: where to record customers whose write was refused (instead of raising for them).
         """
         carried = carried or {}
         fields = await self.customer_fields(customer_ids)
+        todo = [
+            (customer_id, customer)
+            for customer_id, customer in sorted(fields.items())
+            if customer.version > carried.get(customer_id, 0)
+        ]
         ops = [
             UpdateMany(
                 {"customer_id": customer_id, "customer_version": {"$lt": customer.version}},
                 {"$set": customer.order_fields()},
             )
-            for customer_id, customer in sorted(fields.items())
-            if customer.version > carried.get(customer_id, 0)
+            for customer_id, customer in todo
         ]
         if ops:
-            await self._orders.bulk_write(ops, ordered=False)
+            try:
+                await self._orders.bulk_write(ops, ordered=False)
+            except BulkWriteError as exc:
+                for index in refused_indexes(exc, failed):
+                    assert failed is not None
+                    failed.add(todo[index][0])
         return {customer_id: customer.version for customer_id, customer in fields.items()}
 
-    async def recompute_order_stats(self, customer_ids: Iterable[str]) -> dict[str, OrderStats]:
-        """Recomputes and stores the order statistics of these customers (one aggregation, one bulk write)."""
+    async def recompute_order_stats(
+        self, customer_ids: Iterable[str], failed: set[str] | None = None
+    ) -> dict[str, OrderStats]:
+        """Recomputes and stores the order statistics of these customers (one aggregation, one bulk write).
+
+        `failed`: where to record customers whose write was refused (instead of raising for them).
+        """
         ids = sorted(set(customer_ids))
         if not ids:
             return {}
@@ -163,11 +180,20 @@ class CustomerViews:
         except BulkWriteError as exc:
             # The filter missed: statistics at least as new are stored (fine), or a concurrent upsert created the
             # document first; repeating as a plain update settles which.
-            retry = [order[index] for index in duplicate_key_indexes(exc)]
+            retry = [order[index] for index in refused_indexes(exc, failed, retry_duplicates=True)]
+            duplicates = {order[index] for index in _duplicate_indexes(exc)}
+            if failed is not None:
+                failed.update(set(retry) - duplicates)
+            retry = [c for c in retry if c in duplicates]
             if retry:
-                await self._customers.bulk_write(
-                    [self._stats_update(c, stats[c], upsert=False) for c in retry], ordered=False
-                )
+                try:
+                    await self._customers.bulk_write(
+                        [self._stats_update(c, stats[c], upsert=False) for c in retry], ordered=False
+                    )
+                except BulkWriteError as again:
+                    for index in refused_indexes(again, failed):
+                        assert failed is not None
+                        failed.add(retry[index])
         return stats
 
     @staticmethod
@@ -177,3 +203,24 @@ class CustomerViews:
             {"$set": {"order_stats": stats.stats, "order_stats_version": stats.source_version}},
             upsert=upsert,
         )
+
+
+def _duplicate_indexes(exc: BulkWriteError) -> list[int]:
+    return [int(e["index"]) for e in exc.details.get("writeErrors", []) if e.get("code") == DUPLICATE_KEY]
+
+
+def refused_indexes(exc: BulkWriteError, failed: set[str] | None, *, retry_duplicates: bool = False) -> list[int]:
+    """The indexes of the operations the server refused (a validator, a unique index, ...).
+
+    Re-raises `exc` when the failure is not per operation (a write concern error) or when the caller records no
+    failures (`failed` is None) and an operation failed for another reason than a duplicate key that
+    `retry_duplicates` allows to repeat.
+    """
+    details = exc.details
+    if details.get("writeConcernErrors"):
+        raise exc
+    errors = details.get("writeErrors", [])
+    if failed is None:
+        if not retry_duplicates or any(e.get("code") != DUPLICATE_KEY for e in errors):
+            raise exc
+    return [int(e["index"]) for e in errors]

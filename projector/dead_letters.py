@@ -1,5 +1,5 @@
-"""Messages the projector can never apply (garbage bodies, unknown event types, events that do not fit the
-document) are recorded here and terminated on JetStream, so they never block the messages behind them.
+"""Messages that name no stream at all (an unreadable body on a subject that is not an aggregate's) are recorded
+here and terminated on JetStream: there is no stream to park (see `projector.parking` for everything else).
 
 `_id` is the JetStream stream sequence, so recording the same message again (a redelivery after a crash between
 the write and the `term`) overwrites instead of duplicating.
@@ -13,8 +13,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bson.binary import Binary
+from nats.aio.msg import Msg
 from pymongo import ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
+
+from projector.planning import delivered, stream_seq
 
 COLLECTION = "dead_letters"
 MongoDocument = dict[str, Any]
@@ -29,6 +32,19 @@ class DeadLetter:
     data: bytes
     headers: Mapping[str, str] | None
     num_delivered: int
+
+    @classmethod
+    def of(cls, msg: Msg, reason: str, stream: str) -> DeadLetter:
+        """The dead letter of a JetStream message that names no stream."""
+        return cls(
+            stream=stream,
+            stream_seq=stream_seq(msg) or 0,
+            subject=msg.subject,
+            reason=reason,
+            data=bytes(msg.data),
+            headers=msg.headers,
+            num_delivered=delivered(msg),
+        )
 
     def to_document(self, received_at: datetime) -> MongoDocument:
         try:

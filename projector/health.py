@@ -1,6 +1,7 @@
-"""In-process facts about the projector: throughput and lag statistics, and whether its dependencies answer.
+"""In-process facts about the projector: health, throughput and lag statistics, whether its dependencies answer.
 
-The runner logs a one-line summary of them periodically; `projector.metrics` exports the same facts to Prometheus.
+The runner logs a one-line summary of them periodically; `projector.metrics` exports the same facts to Prometheus
+(`cqrs_projector_serving` is the health).
 """
 
 from __future__ import annotations
@@ -10,8 +11,33 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from projector.pipeline import BatchOutcome
 
 RECENT_LAGS = 10_000
+
+SERVING = "SERVING"
+NOT_SERVING = "NOT_SERVING"
+
+
+@dataclass(slots=True)
+class ProjectorHealth:
+    """SERVING while the projector runs and every essential background loop is up (not waiting to restart)."""
+
+    started: bool = False
+    loops_up: bool = True
+    down: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return SERVING if self.started and self.loops_up else NOT_SERVING
+
+    @property
+    def serving(self) -> bool:
+        return self.status == SERVING
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -47,6 +73,9 @@ class ProjectorStats:
     gaps: int = 0
     dead_letters: int = 0
     conflicts: int = 0
+    parked: int = 0  # streams this projector parked
+    held: int = 0  # events of parked streams it copied and acknowledged
+    resumed: int = 0  # parked streams it resumed
     mongo_failures: int = 0
     last_lag: float | None = None
     recent_lags: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LAGS))
@@ -78,6 +107,18 @@ class ProjectorStats:
     def record_dead_letters(self, count: int) -> None:
         self.dead_letters += count
         self._interval_dead_letters += count
+
+    def record_outcome(self, outcome: BatchOutcome) -> None:
+        """Counts what one settled batch did."""
+        now = datetime.now(UTC)
+        for delivery in outcome.applied:
+            self.record_applied((now - delivery.recorded.recorded_at).total_seconds())
+        self.record_duplicates(outcome.duplicates)
+        self.record_gaps(outcome.gaps)
+        self.record_dead_letters(len(outcome.parks) + len(outcome.dead_letters))
+        self.conflicts += outcome.conflicts
+        self.parked += len(outcome.parks)
+        self.held += outcome.held
 
     def lag_percentile(self, fraction: float) -> float:
         return percentile(list(self.recent_lags), fraction)

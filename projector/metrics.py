@@ -7,10 +7,15 @@ prometheus_client's own threaded server on `CQRS_METRICS_HOST` (default loopback
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from core.metrics import MetricsServer, start_metrics_server
+
+if TYPE_CHECKING:
+    from projector.pipeline import BatchOutcome
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,9 @@ class ProjectorMetrics:
             registry=self.registry,
         )
         self.dead_letters = Counter(
-            "cqrs_projector_dead_letters", "Messages recorded in dead_letters and terminated.", registry=self.registry
+            "cqrs_projector_dead_letters",
+            "Events that parked their stream, and messages naming no stream (recorded in dead_letters and terminated).",
+            registry=self.registry,
         )
         self.consumer_pending = Gauge(
             "cqrs_projector_consumer_pending",
@@ -58,7 +65,40 @@ class ProjectorMetrics:
         self.mongo_up = Gauge(
             "cqrs_projector_mongo_up", "1 while the read model (MongoDB) answers, else 0.", registry=self.registry
         )
+        self.parked_streams = Gauge(
+            "cqrs_projector_parked_streams",
+            "Streams parked behind an event that cannot be applied yet, by kind (poison, needs_upgrade, gap, "
+            "write_failed); `cqrs dead-letters list` shows them.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.held_events = Counter(
+            "cqrs_projector_events_held",
+            "Events of parked streams copied to parked_events and acknowledged (they wait behind the park).",
+            registry=self.registry,
+        )
+        self.serving = Gauge(
+            "cqrs_projector_serving",
+            "1 while every essential background loop of the projector runs (SERVING), else 0 (NOT_SERVING).",
+            registry=self.registry,
+        )
+        self.loop_restarts = Counter(
+            "cqrs_projector_loop_restarts",
+            "Background loops restarted after an unexpected end.",
+            ["loop"],
+            registry=self.registry,
+        )
         self._exporter: MetricsServer | None = None
+
+    def record_outcome(self, outcome: BatchOutcome) -> None:
+        """Counts what one settled batch did (lag of each applied event from its commit)."""
+        now = datetime.now(UTC)
+        for delivery in outcome.applied:
+            self.lag.observe(max(0.0, (now - delivery.recorded.recorded_at).total_seconds()))
+        self.applied.inc(len(outcome.applied))
+        self.duplicates.inc(outcome.duplicates)
+        self.dead_letters.inc(len(outcome.parks) + len(outcome.dead_letters))
+        self.held_events.inc(outcome.held)
 
     @property
     def port(self) -> int | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pymongo import ASCENDING, IndexModel, UpdateOne
@@ -76,6 +77,13 @@ class ReadModelWriter:
             return {}
         cursor = self._collection.find({"_id": {"$in": ids}})
         return {str(doc["_id"]): doc async for doc in cursor}
+
+    async def skip_to(self, doc_id: str, expected: int, version: int, position: int, at: datetime) -> bool:
+        """Moves a document from `expected` to `version` without changing its content (an operator's skip)."""
+        result = await self._collection.update_one(
+            {"_id": doc_id, "version": expected}, {"$set": {"version": version, "position": position, "updated_at": at}}
+        )
+        return result.modified_count == 1
 
     async def write(self, changes: Sequence[Change]) -> WriteOutcome:
         """Writes all changes in one unordered bulk write.

@@ -14,8 +14,9 @@ strings, while the customer is unknown). The order handlers only initialise them
 
 Totals are always derived from the lines, never accumulated, so a handler cannot make them drift. Handlers raise
 ValueError when an event cannot apply to the document (e.g. an item event for an order with no document): the
-runner dead-letters that event and the order's later events wait, because a read model that silently diverges
-from the event store is worse than one that visibly stalls.
+projector parks the order's stream at that event (its later events wait, in order, until an operator retries or
+skips it with `cqrs dead-letters`), because a read model that silently diverges from the event store is worse
+than one that visibly stalls.
 """
 
 from __future__ import annotations

@@ -171,8 +171,8 @@ async def test_orders_created_before_their_customer_get_its_fields_and_stats_sur
     # A new order of a known customer gets the fields straight away.
     [late] = await create_orders(harness, customer.stream_id, 1)
     await checkpoint_at(harness, late.order_id, 1)
-    doc = await harness.order(late.order_id)
-    assert doc is not None and (doc["customer_name"], doc["customer_version"]) == ("Late Larry", 1)
+    late_doc = await harness.order(late.order_id)
+    assert late_doc is not None and (late_doc["customer_name"], late_doc["customer_version"]) == ("Late Larry", 1)
     await harness.emit(customer, CustomerDeactivated())
     deactivated = await customer_at(harness, customer.stream_id, 2)
     assert deactivated["status"] == "DEACTIVATED"
@@ -366,3 +366,112 @@ async def test_metrics_are_served_over_http(harness_factory: Callable[..., Await
         pass
     else:
         raise AssertionError("/metrics still served after stop()")
+
+
+async def test_a_checkpoint_never_covers_a_derived_view_that_mongodb_refused(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    h = await harness_factory(projector_park_after_deliveries=4)
+    customer_id = str(uuid.uuid4())
+    # MongoDB refuses order statistics with a draft order for this one customer (as a validator added by hand,
+    # or a disk-full replica, would): the documents get written, their derived view does not.
+    refuse = {"$or": [{"_id": {"$ne": customer_id}}, {"order_stats.draft_orders": {"$lte": 0}}]}
+    await h.db.create_collection("customers", validator=refuse)
+    await h.start_projector()
+    await h.start_projector()  # two replicas racing on one durable consumer
+    customer = Stream(customer_id, stream_type="customer")
+    await h.emit(customer, CustomerRegistered(customer_id, "Val Idator", "val@example.org"))
+    await customer_at(h, customer_id, 1)
+
+    [order] = await create_orders(h, customer_id, 1)  # its statistics (one draft) are refused
+    await h.order_at(order.order_id, 1)
+    await h.emit(order, OrderItemAdded("SKU-A", "Anvil", 1, 100))  # a line edit: no statistic of its own
+    await h.order_at(order.order_id, 2)
+    bystander = await register(h, "By Stander", "by@example.org")
+    [flowing] = await create_orders(h, bystander.stream_id, 1)
+    await checkpoint_at(h, flowing.order_id, 1)  # other streams' checkpoints move on
+
+    async def retried_a_few_times() -> bool:
+        redeliveries = sum(
+            p.metrics.registry.get_sample_value("cqrs_projector_redeliveries_total") or 0 for p in h.projectors
+        )
+        return redeliveries >= 3
+
+    await eventually(retried_a_few_times, what="the refused batch to be offered again", timeout=30)
+
+    async def parked() -> bool:
+        doc = await checkpoint(h, order.order_id)
+        return doc is not None and doc.get("parked", {}).get("kind") == "write_failed"
+
+    # Offered `park_after` times, the stream parks (holding no JetStream slot); the projectors keep trying it.
+    await eventually(parked, what="the stream to park as write_failed", timeout=30)
+    for _ in range(30):  # and stays so: no batch may claim version 1 or 2 while the statistics are missing
+        cp = await checkpoint(h, order.order_id)
+        assert cp is None or cp["version"] == 0, f"checkpoint {cp} covers a version whose statistics are missing"
+        stats = (await customer_doc(h, customer_id) or {}).get("order_stats", {})
+        assert stats.get("draft_orders", 0) == 0
+        await asyncio.sleep(0.05)
+
+    await h.db.command("collMod", "customers", validator={})  # the cause is fixed
+    cp = await checkpoint_at(h, order.order_id, 2)
+    assert cp["version"] == 2
+    doc = await customer_at(h, customer_id, 1)
+    assert doc["order_stats"]["draft_orders"] == 1
+    assert (await h.order(order.order_id) or {}).get("customer_name") == "Val Idator"
+    await h.settled("everything applied once the statistics could be written")
+
+    async def unparked() -> bool:
+        return await h.db["checkpoints"].count_documents({"parked": {"$exists": True}}) == 0
+
+    await eventually(unparked, what="no parked stream left")
+
+
+async def test_two_replicas_end_with_correct_documents_views_and_checkpoints(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    h = await harness_factory(projector_batch_size=5)
+    await h.start_projector()
+    await h.start_projector()
+    customers = [await register(h, f"Customer {n}", f"c{n}@example.org") for n in range(3)]
+    orders = {c.stream_id: await create_orders(h, c.stream_id, 6) for c in customers}
+    for round_ in range(3):
+        for customer in customers:
+            await h.emit(customer, CustomerRenamed(f"{customer.stream_id[:4]} rename {round_}"))
+            for n, order in enumerate(orders[customer.stream_id]):
+                if round_ == 0:
+                    await h.emit(order, OrderItemAdded("SKU-A", "Anvil", n + 1, 100))
+                elif round_ == 1 and n % 2 == 0:
+                    await h.emit(order, OrderPlaced())
+                elif round_ == 2 and n % 3 == 0:
+                    await h.emit(order, OrderCancelled("changed my mind"))
+
+    for customer in customers:
+        await checkpoint_at(h, customer.stream_id, 4)
+        for order in orders[customer.stream_id]:
+            await checkpoint_at(h, order.order_id, len(order.published))
+    await h.settled("both replicas done", timeout=30)
+
+    for customer in customers:
+        final_name = f"{customer.stream_id[:4]} rename 2"
+        docs = await orders_of(h, customer.stream_id)
+        assert {(d["customer_name"], d["customer_version"]) for d in docs} == {(final_name, 4)}
+        by_status = {"DRAFT": 0, "PLACED": 0, "CANCELLED": 0}
+        placed_total = 0
+        for order, doc in zip(orders[customer.stream_id], sorted(docs, key=lambda d: d["created_at"]), strict=True):
+            assert doc["version"] == len(order.published)
+            by_status[doc["status"]] += 1
+            placed_total += doc["total_minor"] if doc["status"] == "PLACED" else 0
+            cp = await checkpoint(h, order.order_id)
+            assert cp is not None and (cp["version"], cp["position"]) == (
+                len(order.published),
+                order.published[-1].position,
+            )
+        view = await customer_doc(h, customer.stream_id)
+        assert view is not None and view["name"] == final_name
+        assert view["order_stats"] == {
+            "draft_orders": by_status["DRAFT"],
+            "placed_orders": by_status["PLACED"],
+            "cancelled_orders": by_status["CANCELLED"],
+            "placed_totals": [{"currency": "EUR", "total_minor": placed_total}] if placed_total else [],
+        }
+        assert (await checkpoint(h, customer.stream_id) or {}).get("version") == 4

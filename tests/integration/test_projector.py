@@ -23,8 +23,9 @@ from nats.js.api import ConsumerInfo
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from core import failpoints
 from core.envelope import HEADER_MSG_ID, EventMetadata, RecordedEvent
-from core.events import Event
+from core.events import Event, decode_event
 from core.order_events import (
     OrderCancelled,
     OrderCreated,
@@ -39,6 +40,7 @@ from core.subjects import event_subject
 from core.values import Address
 from cqrsctl.devstack import MongoServer, NatsServer, free_port
 from projector.config import ProjectorSettings
+from projector.planning import Decoder
 from projector.runner import Projector
 from tests.support import eventually
 
@@ -94,8 +96,9 @@ class Harness:
         self.drop_database_at_end = True
         self._position = 0
 
-    async def start_projector(self, **overrides: Any) -> Projector:
-        projector = Projector(self.settings.model_copy(update=overrides))
+    async def start_projector(self, decoder: Decoder = decode_event, **overrides: Any) -> Projector:
+        """Starts a projector with these settings overrides (and this build's event decoder)."""
+        projector = Projector(self.settings.model_copy(update=overrides), decoder=decoder)
         await projector.start()
         self.projectors.append(projector)
         return projector
@@ -180,6 +183,7 @@ async def harness_factory(
         projector_durable=f"{unique_name}-projector",
         projector_fetch_timeout_seconds=0.5,
         projector_max_backoff_seconds=1.0,
+        projector_resume_interval_seconds=0.3,
         mongo_timeout_ms=1000,
     )
     harnesses: list[Harness] = []
@@ -314,9 +318,10 @@ async def test_a_missing_version_is_waited_for_never_skipped(harness: Harness) -
     await harness.settled("the gap healed")
 
 
-async def test_poison_messages_are_dead_lettered_without_blocking_others(harness: Harness) -> None:
+async def test_poison_messages_park_their_streams_without_blocking_others(harness: Harness) -> None:
     victim = new_order_id()
     await harness.raw(f"order.{victim}", b"\xff\x00 definitely not json")
+    await harness.raw("no-stream-here", b"not even a subject we know")
     unknown = Stream(new_order_id())
     teleported = unknown.record(OrderPlaced(), 1, harness.next_position())
     teleported = RecordedEvent(
@@ -332,6 +337,8 @@ async def test_poison_messages_are_dead_lettered_without_blocking_others(harness
         }
     )
     await harness.publish(malformed)
+    behind = bad_payload.record(OrderPlaced(), 2, harness.next_position())  # waits behind the poison, in order
+    await harness.publish(behind)
 
     healthy = Stream(new_order_id())
     await harness.emit(healthy, OrderCreated(healthy.order_id, "cust-2", "EUR", ADDRESS))
@@ -339,27 +346,52 @@ async def test_poison_messages_are_dead_lettered_without_blocking_others(harness
     doc = await harness.order_at(healthy.order_id, 2)
     assert doc["total_minor"] == 1000
 
-    async def dead_letters() -> list[Doc] | None:
-        letters = await harness.db["dead_letters"].find().sort("stream_seq", 1).to_list()
-        return letters if len(letters) == 3 else None
+    async def parks() -> dict[str, Doc] | None:
+        docs = await harness.db["checkpoints"].find({"parked": {"$exists": True}}).to_list()
+        return {d["_id"]: d["parked"] for d in docs} if len(docs) == 3 else None
 
-    letters = await eventually(dead_letters, what="3 dead letters")
-    assert [letter["subject"] for letter in letters] == [
-        f"{harness.settings.subject_prefix}.order.{victim}",
-        f"{harness.settings.subject_prefix}.order.{unknown.order_id}",
-        f"{harness.settings.subject_prefix}.order.{bad_payload.order_id}",
+    parked = await eventually(parks, what="3 parked streams")
+    assert parked[victim]["kind"] == "poison" and "malformed event envelope" in parked[victim]["reason"]
+    assert parked[victim]["version"] is None
+    assert parked[unknown.order_id]["kind"] == "needs_upgrade"
+    assert "OrderTeleported" in parked[unknown.order_id]["reason"]
+    assert (parked[bad_payload.order_id]["kind"], parked[bad_payload.order_id]["version"]) == ("poison", 1)
+    assert "MalformedEvent" in parked[bad_payload.order_id]["reason"]
+    assert all(isinstance(p["parked_at"], datetime) for p in parked.values())
+
+    # Each parked stream's messages are kept in MongoDB (acknowledged, holding no JetStream slot), in order.
+    await harness.settled("poison parked, held copies acknowledged")
+    held = await harness.db["parked_events"].find().sort("_id", 1).to_list()
+    assert sorted((h["stream_id"], h["version"]) for h in held if h["stream_id"] == bad_payload.order_id) == [
+        (bad_payload.order_id, 1),
+        (bad_payload.order_id, 2),
     ]
-    assert "malformed event envelope" in letters[0]["reason"]
-    assert letters[0]["data"] == b"\xff\x00 definitely not json"
-    assert "OrderTeleported" in letters[1]["reason"]
-    assert letters[1]["headers"]["Cqrs-Event-Type"] == "OrderTeleported"
-    assert "MalformedEvent" in letters[2]["reason"]
-    assert all(isinstance(letter["received_at"], datetime) for letter in letters)
-    assert [letter["_id"] for letter in letters] == [letter["stream_seq"] for letter in letters]
-    # Terminated, not redelivered: nothing is left pending, and no document was made for the poisoned orders.
-    await harness.settled("poison terminated")
+    garbage = next(h for h in held if h["stream_id"] == victim)
+    assert garbage["data"] == b"\xff\x00 definitely not json"
+    assert garbage["subject"] == f"{harness.settings.subject_prefix}.order.{victim}"
     assert await harness.order(unknown.order_id) is None
     assert await harness.order(bad_payload.order_id) is None
+
+    # A message naming no stream cannot park anything: it is a dead letter of its own, terminated.
+    async def dead_letters() -> list[Doc] | None:
+        letters = await harness.db["dead_letters"].find().to_list()
+        return letters or None
+
+    [letter] = await eventually(dead_letters, what="1 dead letter")
+    assert letter["subject"] == f"{harness.settings.subject_prefix}.no-stream-here"
+    assert letter["_id"] == letter["stream_seq"]
+    assert isinstance(letter["received_at"], datetime)
+
+    registry = harness.projectors[0].metrics.registry
+
+    def parked_gauge(kind: str) -> float:
+        return registry.get_sample_value("cqrs_projector_parked_streams", {"kind": kind}) or 0
+
+    async def gauges() -> bool:
+        return parked_gauge("poison") == 2 and parked_gauge("needs_upgrade") == 1
+
+    await eventually(gauges, what="the parked-streams gauge to count 2 poison + 1 needs_upgrade")
+    assert (registry.get_sample_value("cqrs_projector_dead_letters_total") or 0) == 4
 
 
 async def test_order_deleted_leaves_a_tombstone_that_still_guards(harness: Harness) -> None:
@@ -453,6 +485,8 @@ async def test_projector_survives_a_nats_restart(
         order = Stream(new_order_id())
         await h.emit(order, OrderCreated(order.order_id, "cust-5", "EUR", ADDRESS))
         await h.order_at(order.order_id, 1)
+        # The ack follows the write: wait for it, or the restart may lose it (redelivered only after ack_wait).
+        await h.settled("v1 acknowledged before the restart")
 
         await asyncio.to_thread(server.stop)  # file storage: the stream and the durable survive the restart
         await asyncio.to_thread(server.start, 60)
@@ -469,3 +503,67 @@ async def test_projector_survives_a_nats_restart(
         await h.close()  # while the server is still up
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_a_loop_that_dies_is_restarted_and_reported_not_serving_meanwhile(
+    harness_factory: Callable[..., Awaitable[Harness]], caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await harness_factory()
+    projector = await h.start_projector()
+    assert projector.health.status == "SERVING"
+    order = Stream(new_order_id())
+    await h.emit(order, OrderCreated(order.order_id, "cust-s", "EUR", ADDRESS))
+    await h.order_at(order.order_id, 1)
+    registry = projector.metrics.registry
+    assert registry.get_sample_value("cqrs_projector_serving") == 1
+    assert projector.supervisor is not None
+
+    statuses: list[str] = []
+    failpoints.configure("projector.loop=raise")  # an unexpected exception in the consume loop, every pass
+    try:
+
+        async def restarted_and_seen_down() -> bool:
+            statuses.append(projector.health.status)
+            assert projector.supervisor is not None
+            return projector.supervisor.restarts("consume") >= 2 and "NOT_SERVING" in statuses
+
+        await eventually(restarted_and_seen_down, what="the consume loop to fail, be restarted, and health to drop")
+        await h.emit(order, OrderItemAdded("SKU-A", "Anvil", 1, 100))  # nothing applies while it keeps failing
+    finally:
+        failpoints.configure("")
+    doc = await h.order_at(order.order_id, 2)
+    assert doc["total_minor"] == 100
+
+    async def serving() -> bool:
+        return projector.health.status == "SERVING" and registry.get_sample_value("cqrs_projector_serving") == 1
+
+    await eventually(serving, what="health back to SERVING after the restart")
+    assert (registry.get_sample_value("cqrs_projector_loop_restarts_total", {"loop": "consume"}) or 0) >= 1
+    failures = [r for r in caplog.records if "background task consume failed" in r.getMessage()]
+    assert failures and failures[0].exc_info is not None  # logged with the traceback
+    assert projector.running
+
+
+async def test_a_batch_that_fails_after_its_writes_is_redelivered_and_completed_after_the_restart(
+    harness: Harness,
+) -> None:
+    projector = harness.projectors[0]
+    order = Stream(new_order_id())
+    failpoints.configure("projector.after_write_before_ack=raise")
+    try:
+        await harness.emit(order, OrderCreated(order.order_id, "cust-f", "EUR", ADDRESS))
+        await harness.order_at(order.order_id, 1)  # written, then the batch blew up before its acks
+
+        async def restarted() -> bool:
+            assert projector.supervisor is not None
+            return projector.supervisor.restarts("consume") >= 1
+
+        await eventually(restarted, what="the consume loop to be restarted after the failure")
+    finally:
+        failpoints.configure("")
+    await harness.emit(order, OrderPlaced())
+    doc = await harness.order_at(order.order_id, 2)
+    assert doc["status"] == "PLACED"
+    await harness.settled("the failed batch redelivered and acknowledged")
+    checkpoint = await harness.db["checkpoints"].find_one({"_id": order.order_id})
+    assert checkpoint is not None and checkpoint["version"] == 2

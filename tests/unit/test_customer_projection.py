@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,6 +20,7 @@ from core.values import Address
 from projector.checkpoints import Checkpoint
 from projector.customer_views import CustomerFields, order_stats_from_groups, order_stats_pipeline
 from projector.mongo_writer import Change, write_operation
+from projector.planning import Poison, decode_messages, doc_checkpoints, hold_from_failures, plan_views
 from projector.projections import Document
 from projector.projections.customers import CUSTOMERS, HANDLERS, empty_order_stats, project
 from projector.projections.orders import ORDERS
@@ -265,3 +267,73 @@ def test_checkpoints_take_the_latest_applied_or_duplicate_version_per_stream() -
         CUSTOMER_ID: Checkpoint("customer", 1, 201),
         "other": Checkpoint("customer", 2, 202),
     }
+
+
+# ---- batch planning: decoding, holding behind failures, derived views of lagging streams ------------------------
+
+
+def message(rec: RecordedEvent | None, *, data: bytes | None = None, subject: str = "") -> Msg:
+    body = rec.to_json() if rec is not None else (data or b"")
+    headers = rec.headers() if rec is not None else None
+    subject = subject or (f"cqrs.events.{rec.stream_type}.{rec.stream_id}" if rec is not None else "cqrs.events.x")
+    return Msg(_client=None, subject=subject, data=body, headers=headers)  # type: ignore[arg-type]
+
+
+PROJECTIONS = {"order": ORDERS, "customer": CUSTOMERS}
+
+
+def test_decoding_tells_poison_from_events_too_new_and_from_streams_nobody_follows() -> None:
+    good = recorded(CustomerRenamed("B"), 2)
+    too_new = replace(recorded(CustomerRenamed("C"), 3), schema_version=9)
+    unknown_type = replace(recorded(CustomerRenamed("D"), 4, stream_id="c2"), event_type="CustomerTeleported")
+    malformed = replace(recorded(CustomerRenamed("E"), 1, stream_id="c3"), payload={"nom": "E"})
+    foreign = replace(recorded(CustomerRenamed("F"), 1, stream_id="w1"), stream_type="warehouse")
+    msgs = [message(r) for r in (good, too_new, unknown_type, malformed, foreign)]
+    msgs.append(message(None, data=b"\xff", subject=f"cqrs.events.order.{CUSTOMER_ID}-o"))
+    msgs.append(message(None, data=b"\xff", subject="cqrs.events.nowhere"))
+    batch = decode_messages(msgs, PROJECTIONS, "cqrs.events")
+    assert [d.recorded.version for d in batch.groups["customer"][CUSTOMER_ID]] == [2]
+    kinds = [(f.kind, f.stream_id, f.version) for f in batch.failures]
+    assert kinds == [
+        ("needs_upgrade", CUSTOMER_ID, 3),
+        ("needs_upgrade", "c2", 4),
+        ("poison", "c3", 1),
+        ("poison", f"{CUSTOMER_ID}-o", None),  # unreadable: the stream from the subject, no version
+        ("poison", None, None),  # names no stream: a dead letter of its own
+    ]
+    assert [m.subject for m in batch.foreign] == ["cqrs.events.warehouse.w1"]
+
+
+def test_a_failure_holds_its_stream_from_its_version_on_and_an_unreadable_one_holds_it_all() -> None:
+    events = [recorded(CustomerRenamed(f"N{v}"), v) for v in (1, 2, 3, 4)]
+    other = [recorded(CustomerRenamed("X"), v, stream_id="c9") for v in (5, 6)]
+    batch = decode_messages([message(r) for r in events + other], PROJECTIONS, "cqrs.events")
+    batch.failures.append(Poison(None, "bad", "poison", CUSTOMER_ID, "customer", 3))
+    batch.failures.append(Poison(None, "unreadable", "poison", "c9", "customer", None))
+    held = hold_from_failures(batch)
+    assert [d.recorded.version for d in batch.groups["customer"][CUSTOMER_ID]] == [1, 2]
+    assert [d.recorded.version for d in held[CUSTOMER_ID]] == [3, 4]
+    assert "c9" not in batch.groups["customer"] and [d.recorded.version for d in held["c9"]] == [5, 6]
+
+
+def test_a_stream_ahead_of_its_checkpoint_gets_its_derived_views_in_full() -> None:
+    order_id = "order-7"
+    created = OrderCreated(order_id, CUSTOMER_ID, "EUR", ADDRESS)
+    doc = ORDERS.project(None, recorded(created, 1, stream_id=order_id, stream_type="order"), created)
+    doc["customer_version"] = 3
+    placed = OrderPlaced()  # a statistics event; the batch brings only a duplicate of it
+    orders = ProjectionBatch(ORDERS)
+    orders.docs = {order_id: doc}
+    orders.result = FoldResult(duplicates=[delivery(placed, 1, stream_id=order_id, stream_type="order")])
+    # In step with its checkpoint: a duplicate of OrderPlaced recomputes statistics; no fan-out is needed.
+    plan = plan_views(orders, None, lagging=set(), touched=set())
+    assert (plan.stats, plan.fan_out) == ({CUSTOMER_ID}, set())
+    # Ahead of its checkpoint (an earlier batch wrote it and stopped before its views): everything, from scratch.
+    plan = plan_views(orders, None, lagging={order_id}, touched=set())
+    assert (plan.stats, plan.fan_out, plan.carried) == ({CUSTOMER_ID}, {CUSTOMER_ID}, {CUSTOMER_ID: 0})
+    assert plan.depends == {order_id: {CUSTOMER_ID}}
+    # A stream being resumed without events of its own is planned as well.
+    orders.result = FoldResult()
+    plan = plan_views(orders, None, lagging={order_id}, touched={order_id})
+    assert plan.stats == {CUSTOMER_ID}
+    assert doc_checkpoints([orders], {order_id}) == {order_id: Checkpoint("order", 1, 201)}

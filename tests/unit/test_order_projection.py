@@ -300,9 +300,12 @@ def test_fold_defers_a_gap_and_everything_after_it() -> None:
     assert result.gaps == 1
 
 
-def test_fold_dead_letters_an_event_that_cannot_apply_and_holds_back_the_rest() -> None:
+def test_fold_parks_an_event_that_cannot_apply_and_holds_back_the_rest() -> None:
     batch = deliveries((created(), 1), (OrderItemRemoved("missing"), 2), (OrderPlaced(), 3))
     result = fold(ORDERS, {ORDER_ID: batch}, {})
     assert [c.new_doc["version"] for c in result.changes] == [1]
     assert len(result.poison) == 1 and "has no line 'missing'" in result.poison[0].reason
-    assert versions(result.deferred) == [3]
+    poison = result.poison[0]
+    assert (poison.kind, poison.stream_id, poison.stream_type, poison.version) == ("poison", ORDER_ID, "order", 2)
+    assert versions(result.held) == [3]
+    assert result.deferred == []

@@ -1,0 +1,408 @@
+"""The batch pipeline: load, apply, write documents, derived views, parks, checkpoints; then say how to settle.
+
+Per batch (from JetStream, or from a parked stream being resumed):
+
+1. load, concurrently: each projection's documents, the customers of new orders (prefill), and the batch's
+   streams' `checkpoints` documents (checkpoint version and park);
+2. streams already parked: their messages are copied to `parked_events` and acknowledged (they hold no slot);
+   a stream with an event that cannot be applied (`planning` names the kinds) parks there, and its later
+   events wait the same way; a gap waits (nak with backoff) and parks once it has been offered
+   `park_after` times; a message that names no stream is recorded in `dead_letters` and terminated;
+3. fold each projection (orders first) and write it with one version-guarded bulk write;
+4. derived views (`customer_views`): fan-out and order statistics of the customers the batch touched; a stream
+   whose document is ahead of its checkpoint (an earlier batch wrote it and never finished its views) gets its
+   views in full. A view MongoDB refuses fails only the streams that need it: they are naked (parked after
+   `park_after` offers), and their checkpoints stay where they are;
+5. checkpoints, last: a checkpoint at v means every document and view reflects the stream up to v;
+6. the settlement: ack applied, duplicates and held copies (once their park is re-read and still there), nak
+   what must be re-evaluated, term dead letters.
+
+A MongoDB outage raises `PyMongoError` out of `apply`; the caller naks the whole batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from opentelemetry.trace import Link, Span, SpanKind
+from pymongo.asynchronous.database import AsyncDatabase
+
+from core.backoff import exponential
+from core.dependency_metrics import DependencyMetrics
+from core.order_events import OrderCreated
+from core.tracing import tracer
+from projector.checkpoints import CheckpointWriter
+from projector.customer_views import CustomerFields, CustomerViews
+from projector.dead_letters import DeadLetter, DeadLetterWriter
+from projector.mongo_writer import MongoDocument, ReadModelWriter
+from projector.parking import Park, ParkStore, StreamState, earlier, held_copy, park_of
+from projector.planning import (
+    GAP,
+    WRITE_FAILED,
+    DecodedBatch,
+    Delivery,
+    Poison,
+    ProjectionBatch,
+    checkpoints_of,
+    delivered,
+    doc_checkpoints,
+    fold,
+    hold_from_failures,
+    merge_checkpoints,
+    plan_views,
+    prefill_customer_fields,
+    stored_version,
+)
+from projector.projections import Document, Projection
+from projector.projections.customers import CUSTOMERS
+from projector.projections.orders import ORDERS
+
+log = logging.getLogger(__name__)
+
+GAP_BACKOFF_BASE_SECONDS = 0.25
+CONFLICT_BACKOFF_BASE_SECONDS = 0.05
+WRITE_BACKOFF_BASE_SECONDS = 0.25
+# A held copy whose park vanished meanwhile (a resumption won the race) comes back soon, to be applied normally.
+UNPARKED_RETRY_SECONDS = 0.05
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """How to settle a batch's messages, and what happened, for stats, metrics and resumptions."""
+
+    ack: list[Msg] = field(default_factory=list)
+    nak: list[tuple[Msg, float]] = field(default_factory=list)
+    term: list[Msg] = field(default_factory=list)
+    applied: list[Delivery] = field(default_factory=list)
+    duplicates: int = 0
+    gaps: int = 0
+    conflicts: int = 0
+    held: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    parks: dict[str, Park] = field(default_factory=dict)  # parked by this batch
+    unsettled: dict[str, str] = field(default_factory=dict)  # stream -> why some of its events did not apply
+    versions: dict[str, int] = field(default_factory=dict)  # stream -> document version after this batch
+
+
+class Pipeline:
+    """Applies decoded batches to the read model (see the module docstring)."""
+
+    def __init__(
+        self,
+        database: AsyncDatabase[MongoDocument],
+        projections: Mapping[str, Projection],
+        deps: DependencyMetrics,
+        *,
+        stream_name: str,
+        park_after: int,
+        max_backoff: float,
+    ) -> None:
+        self.projections = dict(projections)
+        self.writers = {t: ReadModelWriter(database, p) for t, p in self.projections.items()}
+        self.views = CustomerViews(database)
+        self.checkpoints = CheckpointWriter(database)
+        self.parks = ParkStore(database)
+        self.dead_letters = DeadLetterWriter(database)
+        self._deps = deps
+        self._stream_name = stream_name
+        self._park_after = park_after
+        self._cap = max_backoff
+
+    async def ensure_indexes(self) -> None:
+        for writer in self.writers.values():
+            await writer.ensure_indexes()
+        await self.parks.ensure_indexes()
+
+    async def ping(self) -> None:
+        await next(iter(self.writers.values())).ping()
+
+    async def apply(
+        self,
+        decoded: DecodedBatch,
+        *,
+        spans: Mapping[int, Span] | None = None,
+        resuming: Mapping[str, Park] | None = None,
+    ) -> BatchOutcome:
+        """Applies one batch; `resuming`: parked streams whose events this batch brings back (their park stays
+        until the caller removes it). Raises `PyMongoError` if MongoDB fails as a whole."""
+        resuming = resuming or {}
+        out = BatchOutcome()
+        stream_ids = decoded.stream_ids() | set(resuming)
+        held_by_failure = hold_from_failures(decoded)  # takes them out of the groups
+        batches = {t: ProjectionBatch(p, dict(decoded.groups.get(t, {}))) for t, p in self.projections.items()}
+        states, known = await self._load(batches, stream_ids, resuming)
+
+        parked = {sid: st.park for sid, st in states.items() if st.park is not None and sid not in resuming}
+        hold: dict[str, list[Delivery | Poison]] = {sid: list(ds) for sid, ds in held_by_failure.items()}
+        for batch in batches.values():
+            for sid in [sid for sid in batch.groups if sid in parked]:
+                hold.setdefault(sid, []).extend(batch.groups.pop(sid))
+        self._failures(decoded, parked, out, hold)
+
+        for batch in batches.values():
+            batch.result = fold(batch.projection, batch.groups, batch.docs)
+            for poison in batch.result.poison:
+                self._new_park(out, park_of(poison))
+                hold.setdefault(str(poison.stream_id), []).append(poison)
+            for delivery in batch.result.held:
+                hold.setdefault(delivery.recorded.stream_id, []).append(delivery)
+            self._gaps(batch, out, hold)
+        await self._write_documents(batches, known, spans or {})
+        failed_views = await self._write_views(batches, states, resuming)
+        for sid in failed_views:
+            out.unsettled.setdefault(sid, "MongoDB refused a derived view (customer fan-out or order statistics)")
+        self._settle_written(batches, out, failed_views, states, hold)
+
+        copies = [held_copy(item) for items in hold.values() for item in items]
+        await _all(
+            self._timed("park", self.parks.park(list(out.parks.values()))),
+            self._timed("park", self.parks.hold([c for c in copies if c is not None])),
+            self._timed("dead_letters", self.dead_letters.write(out.dead_letters)),
+        )
+        settled = checkpoints_of(batches.values())
+        full = (set(settled) | set(resuming)) - failed_views
+        checkpoints = merge_checkpoints(
+            {sid: cp for sid, cp in settled.items() if sid not in failed_views}, doc_checkpoints(batches.values(), full)
+        )
+        # Last: a checkpoint promises that every view above reflects its stream up to its version.
+        async with self._deps.timed("mongodb", "checkpoints"):
+            await self.checkpoints.write(checkpoints)
+        still = await self.parks.parked_ids(hold) if hold else set()
+        for sid, items in hold.items():
+            for item in items:
+                if item.msg is None:
+                    continue
+                if sid in still:
+                    out.ack.append(item.msg)
+                    out.held += 1
+                else:  # resumed meanwhile: offer it again, to be applied normally
+                    out.nak.append((item.msg, UNPARKED_RETRY_SECONDS))
+            out.unsettled.setdefault(sid, "waits behind a parked event")
+        for batch in batches.values():
+            for sid, doc in batch.current_docs().items():
+                out.versions[sid] = stored_version(doc)
+        return out
+
+    async def _load(
+        self, batches: dict[str, ProjectionBatch], stream_ids: set[str], resuming: Mapping[str, Park]
+    ) -> tuple[dict[str, StreamState], dict[str, CustomerFields]]:
+        """Documents, new orders' customers and the streams' checkpoint states, concurrently."""
+        new_orders_of = {
+            d.event.customer_id
+            for batch in batches.values() for deliveries in batch.groups.values() for d in deliveries
+            if isinstance(d.event, OrderCreated)
+        }  # fmt: skip
+        loads = [
+            self._timed(
+                "find",
+                self.writers[t].load(set(batch.groups) | {s for s, p in resuming.items() if p.stream_type == t}),
+            )
+            for t, batch in batches.items()
+        ]
+        results = await asyncio.gather(
+            self._timed("customer_fields", self.views.customer_fields(new_orders_of)),
+            self._timed("checkpoints", self.parks.states(stream_ids)),
+            *loads,
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        known, states, *docs = results
+        assert isinstance(known, dict) and isinstance(states, dict)
+        for batch, loaded in zip(batches.values(), docs, strict=True):
+            assert isinstance(loaded, dict)
+            batch.docs = loaded
+        return states, known
+
+    def _failures(
+        self, decoded: DecodedBatch, parked: Mapping[str, Park | None], out: BatchOutcome, hold: dict[str, list[Any]]
+    ) -> None:
+        """Undecodable and not-yet-understood events: park their stream (or dead-letter a stream-less message)."""
+        for failure in decoded.failures:
+            if failure.stream_id is None:
+                if failure.msg is not None:
+                    out.dead_letters.append(DeadLetter.of(failure.msg, failure.reason, self._stream_name))
+                    out.term.append(failure.msg)
+                continue
+            if failure.stream_id not in parked:
+                self._new_park(out, park_of(failure))
+            hold.setdefault(failure.stream_id, []).append(failure)
+
+    def _new_park(self, out: BatchOutcome, park: Park) -> None:
+        current = out.parks.get(park.stream_id)
+        if current is None or earlier(park.version, current.version):
+            out.parks[park.stream_id] = park
+
+    def _gaps(self, batch: ProjectionBatch, out: BatchOutcome, hold: dict[str, list[Any]]) -> None:
+        """A gap is retried with backoff; offered `park_after` times (or met while resuming), it parks."""
+        out.gaps += batch.result.gaps
+        by_stream: dict[str, list[Delivery]] = {}
+        for delivery in batch.result.deferred:
+            by_stream.setdefault(delivery.recorded.stream_id, []).append(delivery)
+        for sid, deliveries in by_stream.items():
+            if any(d.msg is None or delivered(d.msg) >= self._park_after for d in deliveries):
+                missing = batch.result.gap_at.get(sid, min(d.recorded.version for d in deliveries))
+                self._new_park(
+                    out,
+                    Park(sid, batch.projection.stream_type, GAP, f"waiting for version {missing}", missing),
+                )
+                hold.setdefault(sid, []).extend(deliveries)
+                continue
+            out.unsettled.setdefault(sid, "gap")
+            for d in deliveries:
+                assert d.msg is not None
+                out.nak.append((d.msg, exponential(delivered(d.msg), GAP_BACKOFF_BASE_SECONDS, self._cap)))
+
+    async def _write_documents(
+        self, batches: dict[str, ProjectionBatch], known: dict[str, CustomerFields], spans: Mapping[int, Span]
+    ) -> None:
+        """Writes each projection's changes, in projection order (orders first); new orders get their customer."""
+        for stream_type, batch in batches.items():
+            if known and stream_type == ORDERS.stream_type:
+                prefill_customer_fields([c for c in batch.result.changes if c.expected_version is None], known)
+            if not batch.result.changes:
+                continue
+            with _bulk_write_span(batch, spans):
+                async with self._deps.timed("mongodb", "bulk_write"):
+                    batch.outcome = await self.writers[stream_type].write(batch.result.changes)
+
+    async def _write_views(
+        self, batches: dict[str, ProjectionBatch], states: Mapping[str, StreamState], resuming: Mapping[str, Park]
+    ) -> set[str]:
+        """Fan-out and order statistics, concurrently; returns the streams whose views MongoDB refused."""
+        lagging: set[str] = set()
+        for batch in batches.values():
+            for sid, doc in batch.docs.items():
+                state = states.get(sid)
+                if stored_version(doc) > (state.checkpoint if state is not None else 0):
+                    lagging.add(sid)
+        plan = plan_views(batches.get(ORDERS.stream_type), batches.get(CUSTOMERS.stream_type), lagging, set(resuming))
+        refused: set[str] = set()
+        await _all(
+            self._timed("fan_out", self.views.fan_out(plan.fan_out, plan.carried, refused)),
+            self._timed("order_stats", self.views.recompute_order_stats(plan.stats, refused)),
+        )
+        if refused:
+            log.warning("MongoDB refused the derived views of customers %s", ", ".join(sorted(refused)))
+        return {sid for sid, customers in plan.depends.items() if customers & refused}
+
+    def _settle_written(
+        self,
+        batches: dict[str, ProjectionBatch],
+        out: BatchOutcome,
+        failed_views: set[str],
+        states: Mapping[str, StreamState],
+        hold: dict[str, list[Any]],
+    ) -> None:
+        """Acks and naks of what was folded: applied, duplicates, lost races, refused writes."""
+        for batch in batches.values():
+            stream_type = batch.projection.stream_type
+            for delivery in batch.result.duplicates:
+                self._done(delivery, out, failed_views, states, stream_type, hold, duplicate=True)
+            for doc_id, applied in batch.result.applied.items():
+                if doc_id in batch.outcome.conflicts:
+                    out.conflicts += 1
+                    out.unsettled.setdefault(doc_id, "conflict")
+                    log.info("%s %s changed concurrently; re-evaluating", stream_type, doc_id)
+                    for d in applied:
+                        if d.msg is not None:
+                            delay = exponential(delivered(d.msg), CONFLICT_BACKOFF_BASE_SECONDS, self._cap)
+                            out.nak.append((d.msg, delay))
+                elif doc_id in batch.outcome.failed:
+                    reason = f"writing the document failed: {batch.outcome.failed[doc_id]}"
+                    log.warning("%s %s: %s", stream_type, doc_id, reason)
+                    self._refused(applied, out, reason, stream_type, applied[0].recorded.version, hold)
+                else:
+                    for d in applied:
+                        self._done(d, out, failed_views, states, stream_type, hold, duplicate=False)
+
+    def _done(
+        self,
+        delivery: Delivery,
+        out: BatchOutcome,
+        failed_views: set[str],
+        states: Mapping[str, StreamState],
+        stream_type: str,
+        hold: dict[str, list[Any]],
+        *,
+        duplicate: bool,
+    ) -> None:
+        sid = delivery.recorded.stream_id
+        if sid in failed_views:
+            state = states.get(sid)
+            version = (state.checkpoint if state is not None else 0) + 1
+            reason = "MongoDB refused a derived view (customer fan-out or order statistics)"
+            self._refused([delivery], out, reason, stream_type, version, hold, applied=True)
+            return
+        if duplicate:
+            out.duplicates += 1
+        else:
+            out.applied.append(delivery)
+        if delivery.msg is not None:
+            out.ack.append(delivery.msg)
+
+    def _refused(
+        self,
+        deliveries: list[Delivery],
+        out: BatchOutcome,
+        reason: str,
+        stream_type: str,
+        version: int,
+        hold: dict[str, list[Any]],
+        *,
+        applied: bool = False,
+    ) -> None:
+        """MongoDB refused a write for this stream: retry with backoff; after `park_after` offers, park it."""
+        sid = deliveries[0].recorded.stream_id
+        out.unsettled.setdefault(sid, reason)
+        if any(d.msg is None or delivered(d.msg) >= self._park_after for d in deliveries):
+            self._new_park(out, Park(sid, stream_type, WRITE_FAILED, reason, version))
+            if applied:  # the documents have it; only the views wait: the message itself needs no copy
+                out.ack += [d.msg for d in deliveries if d.msg is not None]
+            else:
+                hold.setdefault(sid, []).extend(deliveries)
+            return
+        for d in deliveries:
+            if d.msg is not None:
+                out.nak.append((d.msg, exponential(delivered(d.msg), WRITE_BACKOFF_BASE_SECONDS, self._cap)))
+
+    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        async with self._deps.timed("mongodb", operation):
+            return await call
+
+
+def _bulk_write_span(batch: ProjectionBatch, spans: Mapping[int, Span]) -> Any:
+    """`mongodb.bulk_write`, a child of the first applied message's span and linked to the others'."""
+    own = [spans[id(d.msg)] for applied in batch.result.applied.values() for d in applied if id(d.msg) in spans]
+    parent = trace.set_span_in_context(own[0]) if own else None
+    return tracer().start_as_current_span(
+        "mongodb.bulk_write",
+        context=parent,
+        kind=SpanKind.CLIENT,
+        links=[Link(span.get_span_context()) for span in own[1:]],
+        attributes={
+            "db.system": "mongodb",
+            "db.operation.name": "bulk_write",
+            "db.collection.name": batch.projection.collection,
+            "cqrs.documents": len(batch.result.changes),
+        },
+    )
+
+
+async def _all(*calls: Awaitable[Any]) -> None:
+    """Runs independent MongoDB calls concurrently; waits for all, then raises the first failure if any."""
+    for result in await asyncio.gather(*calls, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
+
+
+__all__ = ["BatchOutcome", "Document", "Pipeline"]
