@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from command_service.server import RELAY_HEALTH_SERVICE
+from core.supervisor import Supervisor
 from tests.integration.test_security import command_server, query_server
 from tests.support import eventually
 
@@ -48,31 +49,28 @@ async def _until(port: int, wanted: Any, what: str, service: str = "") -> None:
     await eventually(reached, what=what, timeout=15, interval=0.05)
 
 
+async def _not_serving_while_a_task_is_down(port: int, supervisor: Supervisor) -> None:
+    await _until(port, SERVING, "the server SERVING")
+    release = asyncio.Event()
+    crashing = _Crashing(times=1, release=release)
+    supervisor._base_backoff = 2.0  # a restart slow enough to observe the down state
+    supervisor.start("injected", crashing)
+    release.set()
+    await _until(port, NOT_SERVING, "NOT_SERVING while the failed task waits for its restart")
+    await _until(port, SERVING, "SERVING again once it is restarted")
+    assert crashing.runs == 2 and supervisor.restarts("injected") == 1
+
+
 async def test_command_server_is_not_serving_while_an_essential_task_is_down(
     postgres_dsn: str, unique_name: str
 ) -> None:
     async with command_server(postgres_dsn, unique_name) as running:
-        await _until(running.port, SERVING, "the command server SERVING")
-        release = asyncio.Event()
-        crashing = _Crashing(times=1, release=release)
-        running.supervisor._base_backoff = 2.0
-        running.supervisor.start("injected", crashing)
-        release.set()
-        await _until(running.port, NOT_SERVING, "NOT_SERVING while the failed task waits for its restart")
-        await _until(running.port, SERVING, "SERVING again once it is restarted")
-        assert crashing.runs == 2 and running.supervisor.restarts("injected") == 1
+        await _not_serving_while_a_task_is_down(running.port, running.supervisor)
 
 
 async def test_query_server_is_not_serving_while_an_essential_task_is_down(mongo_url: str, unique_name: str) -> None:
     async with query_server(mongo_url, unique_name) as running:
-        await _until(running.port, SERVING, "the query server SERVING")
-        release = asyncio.Event()
-        crashing = _Crashing(times=1, release=release)
-        running.supervisor._base_backoff = 2.0
-        running.supervisor.start("injected", crashing)
-        release.set()
-        await _until(running.port, NOT_SERVING, "NOT_SERVING while the failed task waits for its restart")
-        await _until(running.port, SERVING, "SERVING again once it is restarted")
+        await _not_serving_while_a_task_is_down(running.port, running.supervisor)
 
 
 async def test_relay_health_is_serving_while_the_relay_relays(
