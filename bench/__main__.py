@@ -43,6 +43,7 @@ TTQ_P99_LIMIT_MS = 50.0
 # Fraction of the TTQ run's commands whose time-to-queryable is probed: enough samples for a p99 in a 10 s run,
 # few enough that the probes' polling does not become the load.
 TTQ_SAMPLE = 0.25
+TTQ_MIN_SAMPLES = 20  # expected probes at least, whatever the rate
 
 
 def say(message: str) -> None:
@@ -208,8 +209,10 @@ class Bench:
         }
 
     def _ttq(self, addr: tuple[str, str], rate: float) -> dict[str, Any]:
+        # At a low rate (a slow machine, a quick run) probe more of the commands, so that there are samples at all.
+        sample = min(1.0, max(TTQ_SAMPLE, TTQ_MIN_SAMPLES / max(1.0, rate * self.seconds)))
         report = system.run_load(*addr, mode="open", rate=rate, duration=self.seconds, workers=self.workers,
-                                 mix=system.COMMAND_MIX, ttq_sample=TTQ_SAMPLE, log=self.load_log)  # fmt: skip
+                                 mix=system.COMMAND_MIX, ttq_sample=sample, log=self.load_log)  # fmt: skip
         ttq = report.get("time_to_queryable_ms") or {}
         if not ttq.get("count"):
             raise RuntimeError(f"the load report has no time-to-queryable samples: {ttq}")
