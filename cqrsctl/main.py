@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cqrsctl.dead_letters import add_dead_letters_parser
 
     add_dead_letters_parser(sub)
+
+    from cqrsctl.verify.cli import add_verify_parser
+
+    add_verify_parser(sub)
     return parser
 
 

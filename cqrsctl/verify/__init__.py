@@ -1,0 +1,100 @@
+"""`cqrs verify`: proves the read model and the JetStream stream match PostgreSQL (guarantee 9).
+
+Use in-process as `result = await run_verify(VerifyConfig(...))`, then `result.clean` / `result.findings`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import nats
+from nats.aio.client import Client as NatsClient
+from pymongo import AsyncMongoClient
+
+from cqrsctl.verify.audit import Audit
+from cqrsctl.verify.model import (
+    Document,
+    ExpectedDoc,
+    FieldDiff,
+    Finding,
+    FindingKind,
+    Repair,
+    VerifyConfig,
+    VerifyResult,
+)
+from cqrsctl.verify.progress import Progress
+from cqrsctl.verify.repair import repair_documents
+from cqrsctl.verify.sources import EventStoreReader, ReadModelReader, StreamScanner
+
+__all__ = [
+    "ExpectedDoc",
+    "FieldDiff",
+    "Finding",
+    "FindingKind",
+    "Repair",
+    "VerifyConfig",
+    "VerifyResult",
+    "run_verify",
+]
+
+
+@dataclass(slots=True)
+class _Connections:
+    pool: asyncpg.Pool
+    nats: NatsClient
+    mongo: AsyncMongoClient[Document]
+
+
+@contextlib.asynccontextmanager
+async def _connect(config: VerifyConfig) -> AsyncIterator[_Connections]:
+    timeout = config.timeout_seconds
+    ms = int(timeout * 1000)
+    pool = await asyncpg.create_pool(
+        config.postgres_dsn, min_size=1, max_size=3, timeout=timeout, command_timeout=timeout
+    )
+    try:
+        nc = await nats.connect(config.nats_url, connect_timeout=timeout, allow_reconnect=False, name="cqrs-verify")
+        try:
+            # socketTimeoutMS bounds every round trip (a getMore included) without bounding a cursor's lifetime.
+            mongo: AsyncMongoClient[Document] = AsyncMongoClient(
+                config.mongo_url, appname="cqrs-verify", tz_aware=True, serverSelectionTimeoutMS=ms,
+                connectTimeoutMS=ms, socketTimeoutMS=ms,
+            )  # fmt: skip
+            try:
+                yield _Connections(pool, nc, mongo)
+            finally:
+                await mongo.close()
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.close()
+    finally:
+        await pool.close()
+
+
+async def run_verify(config: VerifyConfig, *, repair: bool = False, progress: bool = False) -> VerifyResult:
+    """Audits the stream and the read model against PostgreSQL; with `repair`, rewrites the differing documents
+    from PostgreSQL afterwards (the result keeps the findings and lists the repairs). `progress` draws a bar on
+    stderr when it is a terminal. Raises on connection failures (OSError, asyncpg/nats/pymongo errors)."""
+    async with _connect(config) as conns:
+        database = conns.mongo[config.mongo_database]
+        js = conns.nats.jetstream(timeout=config.timeout_seconds)
+        scanner = StreamScanner(
+            js, config.stream_name, config.subject_prefix, config.batch_size, config.timeout_seconds
+        )
+        audit = Audit(
+            config,
+            EventStoreReader(conns.pool, config.timeout_seconds),
+            scanner,
+            ReadModelReader(database),
+            Progress(progress),
+        )
+        try:
+            result = await audit.run()
+        finally:
+            await scanner.close()
+        if repair:
+            result.repairs = await repair_documents(database, result.findings)
+        return result
