@@ -30,8 +30,8 @@ from core.events import decode_event
 from projector.dead_letters import COLLECTION as DEAD_LETTERS
 from projector.parking import Park
 from projector.pipeline import Pipeline
+from projector.registry import PROJECTIONS
 from projector.repair import CannotSkip, Repairer, ResumeResult
-from projector.runner import DEFAULT_PROJECTIONS
 
 Doc = dict[str, Any]
 
@@ -106,7 +106,7 @@ class DeadLetters:
 
     def __init__(self, database: AsyncDatabase[Doc]) -> None:
         self._db = database
-        projections = {p.stream_type: p for p in DEFAULT_PROJECTIONS}
+        projections = {p.stream_type: p for p in PROJECTIONS}
         self.pipeline = Pipeline(
             database,
             projections,

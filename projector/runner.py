@@ -62,8 +62,7 @@ from projector.planning import (
     stored_version,
 )
 from projector.projections import Projection
-from projector.projections.customers import CUSTOMERS
-from projector.projections.orders import ORDERS
+from projector.registry import PROJECTIONS
 from projector.repair import Repairer
 
 log = logging.getLogger(__name__)
@@ -71,8 +70,8 @@ log = logging.getLogger(__name__)
 # First delay of the MongoDB outage backoff; doubles per attempt up to `projector_max_backoff_seconds`.
 MONGO_BACKOFF_BASE_SECONDS = 0.1
 
-# The read models this projector keeps; orders come first in a batch (see `projector.pipeline`).
-DEFAULT_PROJECTIONS: tuple[Projection, ...] = (ORDERS, CUSTOMERS)
+# The read models this projector keeps (the shared registry).
+DEFAULT_PROJECTIONS: tuple[Projection, ...] = PROJECTIONS
 
 CONSUME = "consume"
 RESUME_PARKED = "resume-parked"

@@ -19,13 +19,14 @@ from core.order_events import OrderCreated
 from cqrsctl.verify.compare import as_stored
 from cqrsctl.verify.model import Document, ExpectedDoc
 from projector.customer_views import CustomerFields, OrderStats, order_stats_from_groups
+from projector.planning import ORDER_STATS_EVENTS, Delivery, fold
 from projector.projections import Projection
 from projector.projections.customers import CUSTOMERS
 from projector.projections.orders import ORDERS
-from projector.runner import DEFAULT_PROJECTIONS, ORDER_STATS_EVENTS, Delivery, fold
+from projector.registry import PROJECTIONS
 
 # The one registry the projector runs (orders before customers, as in the projector's batches).
-REGISTRY: tuple[Projection, ...] = DEFAULT_PROJECTIONS
+REGISTRY: tuple[Projection, ...] = PROJECTIONS
 ORDER_TYPE = ORDERS.stream_type
 CUSTOMER_TYPE = CUSTOMERS.stream_type
 # How an order names its customer in PostgreSQL (for finding a customer's orders there).

@@ -4,8 +4,8 @@ A handler takes the current document (or None when the entity has no document ye
 decoded payload, and returns the new document without mutating its input. The runner owns everything else:
 ordering, the version guard, batching, acknowledgements.
 
-Adding a read model: write a module with its own handler table and a `Projection`, and add it to the runner's
-`DEFAULT_PROJECTIONS`.
+Adding a read model: write a module with its own handler table and a `Projection`, and add it to
+`projector.registry.PROJECTIONS`.
 """
 
 from __future__ import annotations
