@@ -1,0 +1,870 @@
+"""Building blocks of the fault-injection scenarios: dedicated servers, service subprocesses, gRPC load, waits
+and the end-of-scenario assertions.
+
+Every scenario follows the same shape: start dedicated servers and the services as real subprocesses
+(`python -m ...`, configured by environment only), run load through the gRPC API recording every reply, inject
+the fault, heal it, wait for quiescence (outbox empty, read model caught up; bounded polling that says what it
+waited for), then check that (a) every command that got OK is in the event store at the version it was told,
+(b) failed commands got only retryable statuses (UNAVAILABLE / ABORTED), never INTERNAL/UNKNOWN or a hang past
+the deadline, (c) the end-to-end audit is clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from cqrs.orders.v1 import (
+    command_service_pb2,
+    command_service_pb2_grpc,
+    customer_service_pb2,
+    customer_service_pb2_grpc,
+    order_pb2,
+    query_service_pb2,
+    query_service_pb2_grpc,
+)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pymongo import AsyncMongoClient
+
+from core.customer_events import CUSTOMER_STREAM_TYPE
+from core.order_events import ORDER_STREAM_TYPE
+from cqrsctl.devstack import PostgresServer, ServerProcess, free_port, log_tail, with_parent_death_signal
+from cqrsctl.verify import VerifyConfig, run_verify
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Short timeouts everywhere: a scenario must fail fast and the whole suite must stay within minutes on 2 cores.
+RPC_TIMEOUT = 5.0  # the client's deadline per command; a service must answer (even UNAVAILABLE) well before it
+POSTGRES_TIMEOUT = 2.0  # CQRS_POSTGRES_TIMEOUT_SECONDS of command_service
+MONGO_TIMEOUT_MS = 1000  # CQRS_MONGO_TIMEOUT_MS of projector and query_service
+ACK_WAIT = 3.0  # CQRS_PROJECTOR_ACK_WAIT_SECONDS: redelivery after a projector dies holding messages
+QUIESCE_TIMEOUT = 45.0
+SERVING_TIMEOUT = 30.0
+
+# The statuses a failed command may end with when a dependency or the service itself is gone.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+
+CHANNEL_OPTIONS = [
+    # Reconnect quickly after a restarted server (gRPC's default backoff grows to two minutes).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),  # a transparent retry would hide what the service answered
+]
+
+ADDRESS = order_pb2.Address(
+    recipient="Fault Tester", line1="1 Chaos Lane", city="Berlin", postal_code="10115", country="DE"
+)
+
+
+# --------------------------------------------------------------------------------------------- waiting
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[tuple[bool, str]]], *, what: str, timeout: float, interval: float = 0.1
+) -> float:
+    """Polls `probe` (returning (done, detail)) until done; returns the seconds it took.
+
+    Fails after `timeout` seconds saying what it waited for and the probe's last detail. A probe that raises is
+    treated as "not yet" (a dependency may be restarting), its error becoming the detail.
+    """
+    started = time.monotonic()
+    detail = "never probed"
+    while True:
+        try:
+            done, detail = await probe()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, grpc.aio.AioRpcError) as exc:
+            done, detail = False, f"probe failed: {exc!r}"
+        if done:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {detail}")
+        await asyncio.sleep(interval)
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+@dataclass(frozen=True)
+class Names:
+    """Per-scenario names: database, stream, subjects, durable consumer, Mongo database."""
+
+    name: str
+
+    @property
+    def stream(self) -> str:
+        return self.name.upper()
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}.events"
+
+    @property
+    def durable(self) -> str:
+        return f"{self.name}-projector"
+
+
+# --------------------------------------------------------------------------------------------- services
+
+
+class Service:
+    """One of our services as a real subprocess (`python -m module`), output appended to a log file."""
+
+    def __init__(self, module: str, env: dict[str, str], log_path: Path, address: str = "") -> None:
+        self.module = module
+        self.env = env
+        self.log_path = log_path
+        self.address = address
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self, *, extra_env: dict[str, str] | None = None) -> Service:
+        """Starts it (again); `extra_env` applies to this start only (e.g. `CQRS_FAILPOINTS`)."""
+        assert not self.alive, f"{self.module} is already running"
+        env = {**os.environ, **self.env, **(extra_env or {})}
+        if not extra_env or "CQRS_FAILPOINTS" not in extra_env:
+            env.pop("CQRS_FAILPOINTS", None)
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"\n=== start #{self.starts} of {self.module} {extra_env or ''} ===\n".encode())
+            log.flush()
+            self.proc = await asyncio.create_subprocess_exec(
+                *with_parent_death_signal([sys.executable, "-m", self.module], signal.SIGKILL),
+                env=env,
+                cwd=REPO_ROOT,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        return self
+
+    async def wait_serving(self, timeout: float = SERVING_TIMEOUT) -> float:
+        """Waits for grpc health SERVING (overall status); fails early if the process exits."""
+        assert self.address, f"{self.module} serves no gRPC"
+
+        async def probe() -> tuple[bool, str]:
+            if not self.alive:
+                raise AssertionError(f"{self.module} exited with {self.returncode} while starting: {self.tail()}")
+            status = await health_status(self.address)
+            return status == "SERVING", status
+
+        return await wait_until(probe, what=f"{self.module} at {self.address} to report SERVING", timeout=timeout)
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    async def kill(self) -> None:
+        """SIGKILL (continuing it first would not matter: SIGKILL ends a stopped process too)."""
+        if self.alive:
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await self.wait_exit(10, "SIGKILL")
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+
+    async def wait_exit(self, timeout: float, why: str) -> int:
+        assert self.proc is not None
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout=timeout)
+        except TimeoutError:
+            raise AssertionError(f"{self.module} (pid {self.pid}) did not exit within {timeout}s of {why}") from None
+
+    async def terminate(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time (teardown only)."""
+        if not self.alive:
+            return
+        assert self.proc is not None
+        self.resume()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout=timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+    def tail(self, max_bytes: int = 3000) -> str:
+        return log_tail(self.log_path, max_bytes)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+async def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
+    """`SERVING`, `NOT_SERVING`, ... or `UNREACHABLE (<code>)` when the health RPC itself fails."""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            return f"UNREACHABLE ({exc.code().name})"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+# --------------------------------------------------------------------------------------------- the stack
+
+
+class FaultStack:
+    """Dedicated PostgreSQL, NATS and MongoDB servers for one scenario (free ports, data in a temp dir) plus the
+    services it starts. Scenarios kill and pause these servers, so they are never the shared session servers.
+
+    The servers are owned by a launcher subprocess (`tests.faults.launcher`, see there why); the `ServerProcess`
+    objects here describe them (URLs, log files) and are never started in this process.
+    """
+
+    def __init__(self, base_dir: Path, name: str) -> None:
+        from tests.faults.launcher import servers_for
+
+        self.base_dir = base_dir
+        self.names = Names(name)
+        self._ports = (free_port(), free_port(), free_port())
+        described = servers_for(base_dir, *self._ports)
+        postgres = described["postgres"]
+        assert isinstance(postgres, PostgresServer)
+        self.postgres = postgres
+        self.nats = described["nats"]
+        self.mongo = described["mongo"]
+        self.servers: tuple[ServerProcess, ...] = (self.postgres, self.nats, self.mongo)
+        self._pids: dict[str, int] = {}
+        self._launcher: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self.services: list[Service] = []
+
+    # ---- addresses
+
+    @property
+    def dsn(self) -> str:
+        return self.postgres.dsn
+
+    @property
+    def nats_url(self) -> str:
+        return self.nats.url
+
+    @property
+    def mongo_url(self) -> str:
+        return self.mongo.url
+
+    # ---- servers
+
+    async def _request(self, timeout: float, **request: Any) -> dict[str, Any]:
+        assert self._launcher is not None and self._launcher.stdin and self._launcher.stdout
+        async with self._lock:
+            self._launcher.stdin.write((json.dumps(request) + "\n").encode())
+            await self._launcher.stdin.drain()
+            try:
+                line = await asyncio.wait_for(self._launcher.stdout.readline(), timeout=timeout)
+            except TimeoutError:
+                raise AssertionError(f"server launcher did not answer {request} within {timeout}s") from None
+        if not line:
+            raise AssertionError(f"server launcher exited: {log_tail(self.base_dir / 'launcher.log')}")
+        reply: dict[str, Any] = json.loads(line)
+        if not reply.get("ok"):
+            raise AssertionError(f"server launcher: {request} failed: {reply.get('error')}")
+        return reply
+
+    async def start_servers(self) -> None:
+        with (self.base_dir / "launcher.log").open("ab") as log:
+            self._launcher = await asyncio.create_subprocess_exec(
+                *with_parent_death_signal(
+                    [sys.executable, "-m", "tests.faults.launcher", str(self.base_dir), *map(str, self._ports)],
+                    signal.SIGTERM,
+                ),
+                cwd=REPO_ROOT,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+            )
+        await self._request(180, op="start_all")
+        for server in self.servers:
+            self._pids[server.name] = int((await self._request(10, op="status", kind=server.name))["pid"])
+        from command_service.migrate import migrate
+
+        await migrate(self.dsn)
+
+    async def kill_server(self, server: ServerProcess) -> None:
+        """SIGKILL the server's whole process group (PostgreSQL's backends too), as an OOM kill would."""
+        await self._request(20, op="kill", kind=server.name)
+
+    async def restart_server(self, server: ServerProcess) -> float:
+        """Starts the server again on its port and data; returns the seconds it took to become ready."""
+        started = time.monotonic()
+        reply = await self._request(70, op="start", kind=server.name)
+        self._pids[server.name] = int(reply["pid"])
+        return time.monotonic() - started
+
+    def pause_server(self, server: ServerProcess) -> None:
+        os.killpg(self._pids[server.name], signal.SIGSTOP)
+
+    def resume_server(self, server: ServerProcess) -> None:
+        with contextlib.suppress(ProcessLookupError, KeyError):
+            os.killpg(self._pids[server.name], signal.SIGCONT)
+
+    # ---- services
+
+    def _log(self, stem: str) -> Path:
+        return self.base_dir / f"{stem}-{len(self.services)}.log"
+
+    def command_env(
+        self, port: int, *, dsn: str | None = None, nats_url: str | None = None, **extra: str
+    ) -> dict[str, str]:
+        n = self.names
+        return {
+            "CQRS_POSTGRES_DSN": dsn or self.dsn,
+            "CQRS_NATS_URL": nats_url or self.nats_url,
+            "CQRS_STREAM_NAME": n.stream,
+            "CQRS_SUBJECT_PREFIX": n.prefix,
+            "CQRS_COMMAND_LISTEN": f"127.0.0.1:{port}",
+            "CQRS_GRACE_SECONDS": "1",
+            "CQRS_RELAY_POLL_SECONDS": "0.2",
+            "CQRS_RELAY_BATCH_SIZE": "50",
+            "CQRS_POSTGRES_TIMEOUT_SECONDS": str(POSTGRES_TIMEOUT),
+            "CQRS_POSTGRES_POOL_MAX": "8",
+            "CQRS_LOG_LEVEL": "INFO",
+            **extra,
+        }
+
+    def projector_env(self, *, mongo_url: str | None = None, nats_url: str | None = None) -> dict[str, str]:
+        n = self.names
+        return {
+            "CQRS_NATS_URL": nats_url or self.nats_url,
+            "CQRS_MONGO_URL": mongo_url or self.mongo_url,
+            "CQRS_MONGO_DATABASE": n.name,
+            "CQRS_MONGO_TIMEOUT_MS": str(MONGO_TIMEOUT_MS),
+            "CQRS_STREAM_NAME": n.stream,
+            "CQRS_SUBJECT_PREFIX": n.prefix,
+            "CQRS_PROJECTOR_DURABLE": n.durable,
+            "CQRS_PROJECTOR_ACK_WAIT_SECONDS": str(ACK_WAIT),
+            "CQRS_PROJECTOR_BATCH_SIZE": "50",
+            "CQRS_PROJECTOR_FETCH_TIMEOUT_SECONDS": "0.2",
+            "CQRS_PROJECTOR_MAX_BACKOFF_SECONDS": "1",
+            "CQRS_GRACE_SECONDS": "1",
+            "CQRS_LOG_LEVEL": "INFO",
+        }
+
+    def query_env(self, port: int, *, mongo_url: str | None = None) -> dict[str, str]:
+        return {
+            "CQRS_MONGO_URL": mongo_url or self.mongo_url,
+            "CQRS_MONGO_DATABASE": self.names.name,
+            "CQRS_MONGO_TIMEOUT_MS": str(MONGO_TIMEOUT_MS),
+            "CQRS_QUERY_LISTEN": f"127.0.0.1:{port}",
+            "CQRS_GRACE_SECONDS": "1",
+            "CQRS_LOG_LEVEL": "INFO",
+        }
+
+    async def command_service(
+        self, *, wait: bool = True, failpoints: str | None = None, **env_overrides: Any
+    ) -> Service:
+        port = free_port()
+        service = Service(
+            "command_service",
+            self.command_env(port, **env_overrides),
+            self._log("command_service"),
+            f"127.0.0.1:{port}",
+        )
+        self.services.append(service)
+        await service.start(extra_env={"CQRS_FAILPOINTS": failpoints} if failpoints else None)
+        if wait:
+            await service.wait_serving()
+        return service
+
+    async def projector(self, *, failpoints: str | None = None, **env_overrides: Any) -> Service:
+        service = Service("projector", self.projector_env(**env_overrides), self._log("projector"))
+        self.services.append(service)
+        await service.start(extra_env={"CQRS_FAILPOINTS": failpoints} if failpoints else None)
+        return service
+
+    async def query_service(self, *, wait: bool = True, **env_overrides: Any) -> Service:
+        port = free_port()
+        service = Service(
+            "query_service", self.query_env(port, **env_overrides), self._log("query_service"), f"127.0.0.1:{port}"
+        )
+        self.services.append(service)
+        await service.start()
+        if wait:
+            await service.wait_serving()
+        return service
+
+    # ---- teardown
+
+    async def close(self) -> None:
+        """SIGKILL everything: the scenario is over and its data is thrown away (a clean stop only costs time)."""
+        for server in self.servers:  # a stopped process still dies of SIGKILL, but resume anyway for the logs
+            self.resume_server(server)
+        await asyncio.gather(*(s.kill() for s in self.services), return_exceptions=True)
+        launcher = self._launcher
+        if launcher is not None and launcher.returncode is None:
+            with contextlib.suppress(AssertionError, OSError):
+                await self._request(30, op="kill_all")
+            assert launcher.stdin is not None
+            launcher.stdin.close()  # EOF: the launcher exits
+            try:
+                await asyncio.wait_for(launcher.wait(), timeout=30)
+            except TimeoutError:
+                launcher.kill()
+                await launcher.wait()
+
+    def diagnostics(self) -> str:
+        """The tail of every log, for a failing scenario's report."""
+        parts = []
+        for service in self.services:
+            parts.append(f"--- {service.log_path.name} (rc={service.returncode})\n{service.tail(2500)}")
+        for server in self.servers:
+            parts.append(f"--- {server.log_path}\n{log_tail(server.log_path, 1200)}")
+        return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A command that got OK: where the reply says its event is."""
+
+    rpc: str
+    request_id: str
+    stream_id: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    rpc: str
+    request_id: str
+    code: grpc.StatusCode
+    details: str
+    seconds: float  # how long the call took
+    at: float  # time.monotonic() when it ended
+
+
+@dataclass
+class Load:
+    """Concurrent clients issuing RegisterCustomer / CreateOrder / AddOrderItem / PlaceOrder / CancelOrder.
+
+    Each client works on its own customer and orders (no write conflicts between clients), never retries a call
+    (a failed call is recorded and its order abandoned, since the command may or may not have been applied), and
+    paces itself a little so that the load stays modest on two cores.
+    """
+
+    addresses: Sequence[str]
+    workers: int = 4
+    seed: int = field(default_factory=lambda: random.randrange(1 << 30))
+    pause: float = 0.02
+    acks: list[Ack] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self) -> Load:
+        self._tasks = [asyncio.create_task(self._worker(i), name=f"load-{i}") for i in range(self.workers)]
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        done, pending = await asyncio.wait(self._tasks, timeout=RPC_TIMEOUT + 5)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]  # a bug in the load itself
+        assert not pending, f"{len(pending)} load workers did not stop within {RPC_TIMEOUT + 5}s"
+
+    async def progress(self, count: int, *, timeout: float = 30.0, what: str = "") -> None:
+        """Waits until `count` more commands got OK (proof that the system accepts commands right now)."""
+        target = len(self.acks) + count
+        await wait_until(
+            lambda: _now(len(self.acks) >= target, f"{len(self.acks)}/{target} acked; {self.failure_summary()}"),
+            what=f"{count} more acknowledged commands{' ' + what if what else ''}",
+            timeout=timeout,
+            interval=0.05,
+        )
+
+    def failure_summary(self) -> str:
+        counts = Counter(f.code.name for f in self.failures)
+        return ", ".join(f"{code}: {n}" for code, n in sorted(counts.items())) or "no failures"
+
+    def failures_since(self, since: float) -> list[Failure]:
+        return [f for f in self.failures if f.at >= since]
+
+    async def _worker(self, index: int) -> None:
+        rng = random.Random(self.seed * 1000 + index)
+        address = self.addresses[index % len(self.addresses)]
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            orders = command_service_pb2_grpc.OrderCommandServiceStub(channel)
+            customers = customer_service_pb2_grpc.CustomerCommandServiceStub(channel)
+            customer_id: str | None = None
+            while not self._stop.is_set():
+                if customer_id is None:
+                    rid = _rid()
+                    reply = await self._call(
+                        "RegisterCustomer",
+                        rid,
+                        customers.RegisterCustomer(
+                            customer_service_pb2.RegisterCustomerRequest(
+                                request_id=rid, name=f"Fault client {index}", email=f"{rid}@example.com"
+                            ),
+                            timeout=RPC_TIMEOUT,
+                        ),
+                    )
+                    if reply is not None:
+                        customer_id = reply.result.customer_id
+                        self._ack("RegisterCustomer", rid, reply.result.customer_id, reply.result.version)
+                    continue
+                await self._order_lifecycle(orders, customer_id, rng)
+
+    async def _order_lifecycle(
+        self, stub: command_service_pb2_grpc.OrderCommandServiceAsyncStub, customer_id: str, rng: random.Random
+    ) -> None:
+        rid = _rid()
+        created = await self._call(
+            "CreateOrder",
+            rid,
+            stub.CreateOrder(
+                command_service_pb2.CreateOrderRequest(
+                    request_id=rid, customer_id=customer_id, currency="EUR", shipping_address=ADDRESS
+                ),
+                timeout=RPC_TIMEOUT,
+            ),
+        )
+        if created is None:
+            return
+        order_id = created.result.order_id
+        self._ack("CreateOrder", rid, order_id, created.result.version)
+        for line in range(rng.randint(1, 3)):
+            if self._stop.is_set():
+                return
+            rid = _rid()
+            added = await self._call(
+                "AddOrderItem",
+                rid,
+                stub.AddOrderItem(
+                    command_service_pb2.AddOrderItemRequest(
+                        request_id=rid, order_id=order_id, sku=f"SKU-{line}", name=f"Item {line}",
+                        quantity=rng.randint(1, 4), unit_price_minor=rng.randint(100, 5000),
+                    ),
+                    timeout=RPC_TIMEOUT,
+                ),
+            )  # fmt: skip
+            if added is None:
+                return
+            self._ack("AddOrderItem", rid, order_id, added.result.version)
+        steps = ["PlaceOrder"] if rng.random() < 0.7 else ["CancelOrder"]
+        if steps == ["PlaceOrder"] and rng.random() < 0.3:
+            steps.append("CancelOrder")
+        for step in steps:
+            if self._stop.is_set():
+                return
+            rid = _rid()
+            call: Awaitable[Any]
+            if step == "PlaceOrder":
+                call = stub.PlaceOrder(
+                    command_service_pb2.PlaceOrderRequest(request_id=rid, order_id=order_id), timeout=RPC_TIMEOUT
+                )
+            else:
+                call = stub.CancelOrder(
+                    command_service_pb2.CancelOrderRequest(request_id=rid, order_id=order_id, reason="fault test"),
+                    timeout=RPC_TIMEOUT,
+                )
+            reply = await self._call(step, rid, call)
+            if reply is None:
+                return
+            self._ack(step, rid, order_id, reply.result.version)
+
+    def _ack(self, rpc: str, rid: str, stream_id: str, version: int) -> None:
+        self.acks.append(Ack(rpc, rid, stream_id, int(version)))
+
+    async def _call(self, rpc: str, rid: str, call: Awaitable[Any]) -> Any:
+        started = time.monotonic()
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError as exc:
+            now = time.monotonic()
+            self.failures.append(Failure(rpc, rid, exc.code(), exc.details() or "", now - started, now))
+            await asyncio.sleep(0.1)  # pacing after a failure: no hot loop against a server that is down
+            return None
+        if self.pause:
+            await asyncio.sleep(self.pause)
+        return reply
+
+
+def _rid() -> str:
+    return str(uuid.uuid4())
+
+
+async def _now(done: bool, detail: str) -> tuple[bool, str]:
+    return done, detail
+
+
+# --------------------------------------------------------------------------------------------- quiescence
+
+
+async def pg_scalar(dsn: str, sql: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        return await conn.fetchval(sql, *args, timeout=5)
+    finally:
+        await conn.close()
+
+
+async def outbox_rows(dsn: str) -> int:
+    return int(await pg_scalar(dsn, "SELECT count(*) FROM outbox"))
+
+
+async def wait_outbox_empty(dsn: str, *, timeout: float = QUIESCE_TIMEOUT) -> float:
+    async def probe() -> tuple[bool, str]:
+        rows = await outbox_rows(dsn)
+        return rows == 0, f"{rows} outbox rows left"
+
+    return await wait_until(probe, what="the outbox to drain (every event published and acked)", timeout=timeout)
+
+
+async def wait_outbox_older_than_drained(dsn: str, since_wallclock: float, *, timeout: float, what: str) -> float:
+    """Waits until no outbox row enqueued before `since_wallclock` (epoch seconds) is left: the relay publishes."""
+
+    async def probe() -> tuple[bool, str]:
+        rows = int(
+            await pg_scalar(dsn, "SELECT count(*) FROM outbox WHERE enqueued_at < to_timestamp($1)", since_wallclock)
+        )
+        total = await outbox_rows(dsn)
+        return rows == 0, f"{rows} rows from before still in the outbox ({total} in all)"
+
+    return await wait_until(probe, what=what, timeout=timeout, interval=0.2)
+
+
+async def stream_versions(dsn: str) -> dict[tuple[str, str], int]:
+    """(stream_type, stream_id) -> the stream's last version in the event store."""
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        rows = await conn.fetch(
+            "SELECT stream_type, stream_id, max(version) AS v FROM events GROUP BY 1, 2", timeout=10
+        )
+    finally:
+        await conn.close()
+    return {(r["stream_type"], r["stream_id"]): int(r["v"]) for r in rows}
+
+
+_COLLECTIONS = {ORDER_STREAM_TYPE: "orders", CUSTOMER_STREAM_TYPE: "customers"}
+
+
+def _collection_names() -> dict[str, str]:
+    """stream type -> read-model collection, from the projection registry when it can be imported."""
+    try:
+        from projector.projections.customers import CUSTOMERS
+        from projector.projections.orders import ORDERS
+
+        return {ORDERS.stream_type: ORDERS.collection, CUSTOMERS.stream_type: CUSTOMERS.collection}
+    except ImportError:  # pragma: no cover - the registry moved; the names are the documented ones
+        return dict(_COLLECTIONS)
+
+
+async def read_model_versions(mongo_url: str, database: str) -> dict[tuple[str, str], int]:
+    """(stream_type, stream_id) -> `version` of its read-model document."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        mongo_url, serverSelectionTimeoutMS=3000, timeoutMS=10000
+    )
+    try:
+        versions: dict[tuple[str, str], int] = {}
+        for stream_type, collection in _collection_names().items():
+            async for doc in client[database][collection].find({}, {"version": 1}):
+                versions[(stream_type, str(doc["_id"]))] = int(doc.get("version", 0))
+        return versions
+    finally:
+        await client.close()
+
+
+def read_model_lag(expected: dict[tuple[str, str], int], actual: dict[tuple[str, str], int]) -> list[str]:
+    """Every stream whose document is missing, behind, ahead, or has no stream in the event store."""
+    problems = []
+    for key, version in sorted(expected.items()):
+        have = actual.get(key)
+        if have != version:
+            problems.append(
+                f"{key[0]} {key[1]}: event store v{version}, read model {'missing' if have is None else f'v{have}'}"
+            )
+    for key in sorted(set(actual) - set(expected)):
+        problems.append(f"{key[0]} {key[1]}: document v{actual[key]} without events in the event store")
+    return problems
+
+
+async def wait_read_model_caught_up(stack: FaultStack, *, timeout: float = QUIESCE_TIMEOUT) -> float:
+    async def probe() -> tuple[bool, str]:
+        expected = await stream_versions(stack.dsn)
+        actual = await read_model_versions(stack.mongo_url, stack.names.name)
+        problems = read_model_lag(expected, actual)
+        return not problems, f"{len(problems)} of {len(expected)} streams differ, e.g. {problems[:3]}"
+
+    return await wait_until(
+        probe,
+        what="the read model (MongoDB) to reach every stream's last version in the event store",
+        timeout=timeout,
+        interval=0.25,
+    )
+
+
+async def wait_quiescent(stack: FaultStack, *, timeout: float = QUIESCE_TIMEOUT) -> None:
+    """Outbox empty, then every read-model document at its stream's last version."""
+    outbox = await wait_outbox_empty(stack.dsn, timeout=timeout)
+    read_model = await wait_read_model_caught_up(stack, timeout=timeout)
+    print(f"quiescent: outbox drained in {outbox:.1f}s, read model caught up {read_model:.1f}s later")
+
+
+# --------------------------------------------------------------------------------------------- assertions
+
+
+async def assert_acked_commands_stored(dsn: str, acks: Sequence[Ack]) -> None:
+    """(a) Every command that got OK is in the request log and its event is at the replied (stream, version)."""
+    assert acks, "the scenario acknowledged no command at all: the load never ran"
+    rids = [a.request_id for a in acks]
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        logged = {
+            r["request_id"]: r["stream_id"]
+            for r in await conn.fetch("SELECT request_id, stream_id FROM request_log WHERE request_id = ANY($1)", rids)
+        }
+        events = {
+            (r["stream_id"], r["version"]): r["rid"]
+            for r in await conn.fetch(
+                """SELECT e.stream_id, e.version, e.metadata->>'request_id' AS rid
+                     FROM events e JOIN unnest($1::text[], $2::int[]) AS k(sid, v)
+                       ON e.stream_id = k.sid AND e.version = k.v""",
+                [a.stream_id for a in acks],
+                [a.version for a in acks],
+            )
+        }
+    finally:
+        await conn.close()
+    lost = []
+    for ack in acks:
+        problems = []
+        if logged.get(ack.request_id) != ack.stream_id:
+            problems.append(f"request log: {logged.get(ack.request_id, 'missing')!r}")
+        event_rid = events.get((ack.stream_id, ack.version))
+        if event_rid != ack.request_id:
+            problems.append(f"event at v{ack.version}: {'missing' if event_rid is None else f'request {event_rid}'}")
+        if problems:
+            lost.append(f"{ack.rpc} {ack.request_id} -> {ack.stream_id} v{ack.version}: {'; '.join(problems)}")
+    assert not lost, f"{len(lost)} of {len(acks)} acknowledged commands are not in the event store: {lost[:5]}"
+
+
+def assert_failures_retryable(load: Load) -> None:
+    """(b) Failed commands got only UNAVAILABLE / ABORTED: never INTERNAL/UNKNOWN, never a hang past the deadline."""
+    bad = [f for f in load.failures if f.code not in RETRYABLE]
+    if bad:
+        examples = [f"{f.rpc}: {f.code.name} after {f.seconds:.1f}s: {f.details[:200]}" for f in bad[:5]]
+        raise AssertionError(
+            f"{len(bad)} of {len(load.failures)} failed commands got a non-retryable status "
+            f"({Counter(f.code.name for f in bad)}); e.g. {examples}"
+        )
+
+
+async def assert_audit_clean(
+    *,
+    postgres_dsn: str,
+    nats_url: str,
+    mongo_url: str,
+    mongo_database: str,
+    stream_name: str,
+    subject_prefix: str | None = None,
+    settle_seconds: float = 2.0,
+) -> None:
+    """(c) The end-to-end audit (`cqrs verify`, i.e. `cqrsctl.verify.run_verify`) finds nothing.
+
+    First a narrow check of our own that needs nothing but the two databases (every order/customer document in
+    MongoDB is at its PostgreSQL stream's max version and every stream has its document), then the real audit.
+    """
+    expected = await stream_versions(postgres_dsn)
+    actual = await read_model_versions(mongo_url, mongo_database)
+    problems = read_model_lag(expected, actual)
+    assert not problems, f"audit (versions): {len(problems)} streams differ: {problems[:10]}"
+    config = VerifyConfig(
+        postgres_dsn=postgres_dsn,
+        nats_url=nats_url,
+        mongo_url=mongo_url,
+        mongo_database=mongo_database,
+        stream_name=stream_name,
+        settle_seconds=settle_seconds,
+        **({"subject_prefix": subject_prefix} if subject_prefix is not None else {}),
+    )
+    try:
+        result = await run_verify(config)
+    except Exception as exc:  # reported as what it is: the audit tool failed, not the scenario
+        raise AssertionError(
+            f"cqrs verify itself failed (bug in cqrsctl/verify?): {exc!r}; the version check before it had passed"
+        ) from exc
+    findings = list(result.findings)
+    assert result.clean, f"cqrs verify found {len(findings)} problems: {[str(f) for f in findings[:10]]}"
+
+
+async def assert_scenario_clean(stack: FaultStack, load: Load) -> None:
+    """Quiescence, then (a), (b) and (c), with the load's seed in every failure message."""
+    try:
+        await wait_quiescent(stack)
+        await assert_acked_commands_stored(stack.dsn, load.acks)
+        assert_failures_retryable(load)
+        n = stack.names
+        await assert_audit_clean(
+            postgres_dsn=stack.dsn, nats_url=stack.nats_url, mongo_url=stack.mongo_url, mongo_database=n.name,
+            stream_name=n.stream, subject_prefix=n.prefix,
+        )  # fmt: skip
+    except AssertionError as exc:
+        raise AssertionError(
+            f"{exc}\n[load seed {load.seed}: {len(load.acks)} acked, failures: {load.failure_summary()}]"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------- query side
+
+
+async def get_order_status(address: str, order_id: str, timeout: float = RPC_TIMEOUT) -> tuple[str, float]:
+    """Calls GetOrder; returns (status code name, seconds taken)."""
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        try:
+            await query_service_pb2_grpc.OrderQueryServiceStub(channel).GetOrder(
+                query_service_pb2.GetOrderRequest(order_id=order_id), timeout=timeout
+            )
+            code = "OK"
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+    return code, time.monotonic() - started
+
+
+def failpoint_in_source(name: str, package: str) -> bool:
+    """True when some module of `package` calls `failpoint("<name>")` (another engineer may not have added it)."""
+    needle = f'failpoint("{name}")'
+    return any(needle in path.read_text(errors="replace") for path in (REPO_ROOT / package).rglob("*.py"))
