@@ -18,6 +18,8 @@ class ProjectorSettings(BaseSettings):
     mongo_database: str = "cqrs"
     # Server selection / connect timeout; socket reads get a multiple of it (a bulk write takes longer).
     mongo_timeout_ms: int = Field(default=2000, gt=0)
+    # Write concern of every projector write (always journaled): "majority" on a replica set, or a member count.
+    mongo_write_concern: str = Field(default="majority", pattern=r"^(majority|[1-9][0-9]?)$")
     stream_name: str = DEFAULT_STREAM_NAME
     subject_prefix: str = SUBJECT_PREFIX
 
@@ -47,3 +49,9 @@ class ProjectorSettings(BaseSettings):
     grace_seconds: float = Field(default=10.0, ge=0)
 
     log_level: str = "INFO"
+
+    @property
+    def mongo_write_concern_w(self) -> int | str:
+        """`mongo_write_concern` as PyMongo's `w`: "majority" or an int."""
+        value = self.mongo_write_concern
+        return int(value) if value.isdigit() else value

@@ -166,6 +166,11 @@ class Projector:
                 serverSelectionTimeoutMS=s.mongo_timeout_ms,
                 connectTimeoutMS=s.mongo_timeout_ms,
                 socketTimeoutMS=s.mongo_timeout_ms * 5,
+                # A batch is acked to JetStream once MongoDB acknowledged its writes, and never delivered again:
+                # the writes must survive a crash of MongoDB (journal) and a failover (majority), or an applied
+                # event is lost from the read model while the stream has moved on.
+                w=s.mongo_write_concern_w,
+                journal=True,
             )
             self._pipeline = Pipeline(
                 self._mongo[s.mongo_database],
