@@ -17,9 +17,10 @@ from pymongo import UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from core.read_model import CHECKPOINTS_COLLECTION
 from projector.mongo_writer import MongoDocument, duplicate_key_indexes
 
-COLLECTION = "checkpoints"
+COLLECTION = CHECKPOINTS_COLLECTION  # the read-model contract (core/read_model.py)
 
 
 @dataclass(frozen=True, slots=True)

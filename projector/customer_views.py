@@ -26,13 +26,18 @@ from pymongo import UpdateMany, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from core.read_model import OrderStatus
 from projector.mongo_writer import DUPLICATE_KEY, MongoDocument
 from projector.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
 from projector.projections.customers import empty_order_stats
 from projector.projections.orders import COLLECTION as ORDERS_COLLECTION
-from projector.projections.orders import STATUS_CANCELLED, STATUS_DRAFT, STATUS_PLACED
 
-_STATUS_COUNTERS = {STATUS_DRAFT: "draft_orders", STATUS_PLACED: "placed_orders", STATUS_CANCELLED: "cancelled_orders"}
+# One counter per order status (a test checks that every status has one).
+STATUS_COUNTERS: dict[str, str] = {
+    OrderStatus.DRAFT: "draft_orders",
+    OrderStatus.PLACED: "placed_orders",
+    OrderStatus.CANCELLED: "cancelled_orders",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +72,7 @@ def order_stats_from_groups(customer_ids: Iterable[str], groups: Iterable[Mappin
         source[customer_id] = source.get(customer_id, 0) + int(row["versions"])
         if key.get("deleted"):
             continue  # a tombstone counts for the source version only
-        counter = _STATUS_COUNTERS.get(str(key.get("status")))
+        counter = STATUS_COUNTERS.get(str(key.get("status")))
         if counter is None:
             continue
         per_status = counts.setdefault(customer_id, {})

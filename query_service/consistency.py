@@ -32,6 +32,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from core.consistency import ConsistencyToken, decode_token
 from core.dependency_metrics import dependency_metrics
 from core.errors import FieldViolation, Unavailable
+from core.read_model import CHECKPOINTS_COLLECTION
 from query_service.wait_book import Requirement, TooManyWaiters, VersionCache, WaitBook
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_COLLECTION: Final = "checkpoints"
 # More tokens than any sensible client sends (one per command it issued before the query).
 MAX_TOKENS: Final = 100
 # Malformed tokens reported one by one; the rest are counted in one more violation, so that the error stays small.

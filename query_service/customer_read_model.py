@@ -16,19 +16,20 @@ from prometheus_client import CollectorRegistry
 from pymongo import ASCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
+from core import read_model as contract
 from core.dependency_metrics import dependency_metrics
+from core.read_model import CUSTOMERS_COLLECTION
 from query_service.paging import CustomerCursor, CustomerFilter
 from query_service.read_model import Document
 
 CustomersCollection = AsyncCollection[Document]
 
-CUSTOMERS_COLLECTION: Final = "customers"
 
 BY_NAME: Final[list[tuple[str, int]]] = [("name", ASCENDING), ("_id", ASCENDING)]
 
-# `(name, _id)` serves the sort, the keyset condition and an anchored name-prefix regex (index bounds);
-# `email` the exact-email filter. Generated names, as the projector declares them, so the second creator no-ops.
-CUSTOMER_INDEXES: Final[list[IndexModel]] = [IndexModel(BY_NAME), IndexModel([("email", ASCENDING)])]
+# The read-model contract's indexes (core/read_model.py): `(name, _id)` serves the sort, the keyset condition and
+# an anchored name-prefix regex; `email` the exact-email filter.
+CUSTOMER_INDEXES: Final[list[IndexModel]] = [IndexModel(list(keys)) for keys in contract.CUSTOMER_INDEXES]
 
 # Only documents the customer's own events have created; statistics-only documents have no version.
 _IS_CUSTOMER: Final[Document] = {"version": {"$exists": True}}

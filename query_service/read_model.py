@@ -13,11 +13,13 @@ import re
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
+from pymongo import DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure, PyMongoError, WTimeoutError
 
+from core import read_model as contract
 from core.dependency_metrics import dependency_metrics
+from core.read_model import ORDERS_COLLECTION
 from query_service.config import QuerySettings
 from query_service.paging import Cursor, ListFilter
 
@@ -26,28 +28,14 @@ log = logging.getLogger(__name__)
 Document = dict[str, Any]
 OrdersCollection = AsyncCollection[Document]
 
-ORDERS_COLLECTION: Final = "orders"
 
 # Newest first; `_id` breaks ties between orders created in the same millisecond, which makes the order total
 # and therefore keyset pagination exact.
 NEWEST_FIRST: Final[list[tuple[str, int]]] = [("created_at", DESCENDING), ("_id", DESCENDING)]
 
 
-def _listing_index(*equality_fields: str) -> IndexModel:
-    # Equality fields first, then the sort keys: MongoDB walks the index (backwards, for newest first) and never
-    # sorts in memory. All ascending with generated names, exactly as the projector declares them, so that
-    # whichever process comes first creates them and the other's create_indexes is a no-op (not a second set).
-    keys = ("deleted", *equality_fields, "created_at", "_id")
-    return IndexModel([(name, ASCENDING) for name in keys])
-
-
-# The canonical index list of the read model, one per ListOrders filter combination.
-ORDER_INDEXES: Final[list[IndexModel]] = [
-    _listing_index(),
-    _listing_index("customer_id"),
-    _listing_index("status"),
-    _listing_index("customer_id", "status"),
-]
+# The read-model contract's indexes (core/read_model.py, the projector declares the same ones).
+ORDER_INDEXES: Final[list[IndexModel]] = [IndexModel(list(keys)) for keys in contract.ORDER_INDEXES]
 
 # MongoDB error codes for "an index with these keys/this name exists with other options": someone else (the
 # projector, an operator) created an equivalent index under another name. Harmless for our queries.

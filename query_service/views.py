@@ -9,21 +9,24 @@ from typing import Any
 from cqrs.orders.v1 import customer_pb2, order_pb2
 from google.protobuf import timestamp_pb2
 
-_STATUS_TO_PROTO: dict[str, order_pb2.OrderStatus.ValueType] = {
-    "DRAFT": order_pb2.ORDER_STATUS_DRAFT,
-    "PLACED": order_pb2.ORDER_STATUS_PLACED,
-    "CANCELLED": order_pb2.ORDER_STATUS_CANCELLED,
+from core.read_model import CustomerStatus, OrderStatus
+
+# Every status of the read-model contract maps to a proto value (tests/unit/test_read_model_contract.py).
+ORDER_STATUS_TO_PROTO: dict[str, order_pb2.OrderStatus.ValueType] = {
+    OrderStatus.DRAFT: order_pb2.ORDER_STATUS_DRAFT,
+    OrderStatus.PLACED: order_pb2.ORDER_STATUS_PLACED,
+    OrderStatus.CANCELLED: order_pb2.ORDER_STATUS_CANCELLED,
 }
-_STATUS_FROM_PROTO: dict[int, str] = {value: name for name, value in _STATUS_TO_PROTO.items()}
-_CUSTOMER_STATUS_TO_PROTO: dict[str, customer_pb2.CustomerStatus.ValueType] = {
-    "ACTIVE": customer_pb2.CUSTOMER_STATUS_ACTIVE,
-    "DEACTIVATED": customer_pb2.CUSTOMER_STATUS_DEACTIVATED,
+_STATUS_FROM_PROTO: dict[int, str] = {value: str(name) for name, value in ORDER_STATUS_TO_PROTO.items()}
+CUSTOMER_STATUS_TO_PROTO: dict[str, customer_pb2.CustomerStatus.ValueType] = {
+    CustomerStatus.ACTIVE: customer_pb2.CUSTOMER_STATUS_ACTIVE,
+    CustomerStatus.DEACTIVATED: customer_pb2.CUSTOMER_STATUS_DEACTIVATED,
 }
 
 
 def status_to_proto(status: str | None) -> order_pb2.OrderStatus.ValueType:
     """The enum for a read-model status string; an unknown string becomes ORDER_STATUS_UNSPECIFIED."""
-    return _STATUS_TO_PROTO.get(status or "", order_pb2.ORDER_STATUS_UNSPECIFIED)
+    return ORDER_STATUS_TO_PROTO.get(status or "", order_pb2.ORDER_STATUS_UNSPECIFIED)
 
 
 def status_from_proto(status: int) -> str | None:
@@ -101,7 +104,7 @@ def customer_from_document(doc: Mapping[str, Any]) -> customer_pb2.Customer:
         customer_id=str(doc.get("customer_id") or doc["_id"]),
         name=str(doc.get("name") or ""),
         email=str(doc.get("email") or ""),
-        status=_CUSTOMER_STATUS_TO_PROTO.get(str(doc.get("status") or ""), customer_pb2.CUSTOMER_STATUS_UNSPECIFIED),
+        status=CUSTOMER_STATUS_TO_PROTO.get(str(doc.get("status") or ""), customer_pb2.CUSTOMER_STATUS_UNSPECIFIED),
         order_stats=_order_stats(doc.get("order_stats") or {}),
         version=int(doc.get("version", 0)),
         position=int(doc.get("position", 0)),

@@ -27,18 +27,14 @@ from core.customer_events import (
 )
 from core.envelope import RecordedEvent
 from core.events import Event
+from core.read_model import CUSTOMER_INDEXES, CUSTOMERS_COLLECTION, CustomerStatus
 from projector.projections import Document, Handler, Projection
 
-STATUS_ACTIVE = "ACTIVE"
-STATUS_DEACTIVATED = "DEACTIVATED"
-
-COLLECTION = "customers"
-
-# Listing by name (keyset on name, _id) and lookup by e-mail.
-INDEXES: tuple[tuple[tuple[str, int], ...], ...] = (
-    (("name", 1), ("_id", 1)),
-    (("email", 1),),
-)
+# The names and indexes are the read-model contract's (core/read_model.py), shared with the query service.
+STATUS_ACTIVE = CustomerStatus.ACTIVE
+STATUS_DEACTIVATED = CustomerStatus.DEACTIVATED
+COLLECTION = CUSTOMERS_COLLECTION
+INDEXES = CUSTOMER_INDEXES
 
 # Written by the order statistics, never by customer events.
 STATS_FIELDS = frozenset({"order_stats", "order_stats_version"})

@@ -36,24 +36,16 @@ from core.order_events import (
     OrderPlaced,
     OrderShippingAddressChanged,
 )
+from core.read_model import ORDER_INDEXES, ORDERS_COLLECTION, OrderStatus
 from core.values import OrderLine
 from projector.projections import Document, Handler, Projection
 
-STATUS_DRAFT = "DRAFT"
-STATUS_PLACED = "PLACED"
-STATUS_CANCELLED = "CANCELLED"
-
-COLLECTION = "orders"
-
-# Every listing the query service serves filters on `deleted` and pages by (created_at, _id).
-INDEXES: tuple[tuple[tuple[str, int], ...], ...] = (
-    (("deleted", 1), ("created_at", 1), ("_id", 1)),
-    (("deleted", 1), ("customer_id", 1), ("created_at", 1), ("_id", 1)),
-    (("deleted", 1), ("status", 1), ("created_at", 1), ("_id", 1)),
-    (("deleted", 1), ("customer_id", 1), ("status", 1), ("created_at", 1), ("_id", 1)),
-    # The customer fan-out: `update_many({customer_id, customer_version: {$lt: v}})`.
-    (("customer_id", 1), ("customer_version", 1)),
-)
+# The names and indexes are the read-model contract's (core/read_model.py), shared with the query service.
+STATUS_DRAFT = OrderStatus.DRAFT
+STATUS_PLACED = OrderStatus.PLACED
+STATUS_CANCELLED = OrderStatus.CANCELLED
+COLLECTION = ORDERS_COLLECTION
+INDEXES = ORDER_INDEXES
 
 # Kept current by the customer fan-out, not by order events.
 CUSTOMER_FIELDS = frozenset({"customer_name", "customer_email", "customer_version"})
