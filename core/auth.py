@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeAlias
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
-from core.grpc_server import ServerInterceptorBase, ServerSecurity
+from core.grpc_server import ServerInterceptorBase, ServerSecurity, responses_of
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _expiring_stream_handler(
     assert behavior is not None
 
     async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        responses: AsyncIterator[Any] = behavior(request, context)  # type: ignore[assignment,arg-type]  # async in grpc.aio
+        responses = responses_of(behavior(request, context))  # type: ignore[arg-type]  # aio context
         try:
             while True:
                 remaining = expires_at - time.time()
@@ -235,7 +235,7 @@ def _expiring_stream_handler(
                     return
                 yield response
         finally:
-            await responses.aclose()  # type: ignore[attr-defined]
+            await responses.aclose()
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bearer token expired; call again with a fresh token")
 
     return grpc.unary_stream_rpc_method_handler(

@@ -6,7 +6,8 @@ read the same CQRS_GRPC_*, CQRS_TLS_* and CQRS_AUTH_* variables (see the README'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
@@ -139,3 +140,16 @@ def bind(server: grpc.aio.Server, listen: str, tls: grpc.ServerCredentials | Non
     if port == 0:  # older grpc versions return 0 instead of raising
         raise RuntimeError(f"cannot bind {listen}")
     return port
+
+
+async def responses_of(result: Any) -> AsyncGenerator[Any, None]:
+    """The responses of a server-streaming behaviour, whatever its shape: an async generator (ours), a coroutine
+    that writes with `context.write()`, or a plain iterable. Every interceptor that wraps a stream uses this."""
+    if hasattr(result, "__aiter__"):
+        async for response in result:
+            yield response
+    elif inspect.isawaitable(result):
+        await result
+    else:
+        for response in result:
+            yield response

@@ -10,7 +10,6 @@ Both servers install it (see `core.grpc_server` / the servers' interceptor lists
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ import grpc
 
 from core.errors import FieldViolation, InvalidArgument
 from core.grpc_errors import abort_with
-from core.grpc_server import ServerInterceptorBase
+from core.grpc_server import ServerInterceptorBase, responses_of
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -67,12 +66,8 @@ def _streaming(behavior: Callable[..., Any]) -> Callable[[Any, Context], AsyncIt
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
         if isinstance(request, Malformed):
             await abort_with(context, malformed_request_error(request.method))
-        result = behavior(request, context)
-        if inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
-            async for response in result:
-                yield response
-        else:  # a coroutine that writes with context.write()
-            await result
+        async for response in responses_of(behavior(request, context)):
+            yield response
 
     return handle
 

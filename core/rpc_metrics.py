@@ -9,7 +9,6 @@ counted here. Put this interceptor first, so that calls rejected by authenticati
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
@@ -17,7 +16,7 @@ from typing import Any, Final
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from core.grpc_server import ServerInterceptorBase
+from core.grpc_server import ServerInterceptorBase, responses_of
 
 # From 1 ms (a cached query) to 30 s (a long read-your-writes wait); streams land in +Inf.
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -101,12 +100,8 @@ class RpcMetricsInterceptor(ServerInterceptorBase):
                 start = time.perf_counter()
                 error: BaseException | None = None
                 try:
-                    result = behavior(request, context)
-                    if inspect.isasyncgen(result) or hasattr(result, "__aiter__"):
-                        async for response in result:
-                            yield response
-                    else:  # a coroutine that writes with context.write()
-                        await result
+                    async for response in responses_of(behavior(request, context)):
+                        yield response
                 except BaseException as exc:
                     error = exc
                     raise

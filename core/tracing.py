@@ -29,6 +29,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from core.grpc_server import responses_of
+
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "cqrs"
@@ -218,15 +220,8 @@ def _wrap_handler(
     def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def traced(request: Any, context: Any) -> AsyncIterator[Any]:
             with start() as span:
-                result = behavior(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for item in result:
-                        yield item
-                elif inspect.isawaitable(result):
-                    await result  # a handler that writes with context.write()
-                else:
-                    for item in result:
-                        yield item
+                async for item in responses_of(behavior(request, context)):
+                    yield item
                 _finish(span, context)
 
         return traced
