@@ -11,7 +11,9 @@ an operator's `cqrs dead-letters retry` reads the stream from PostgreSQL instead
 
 Races with a resumption are settled by re-reading: a batch that copied a message checks that the park is still
 there before acknowledging it (else it naks the message, which is then applied normally); a resumption that
-removed the park looks for copies made meanwhile and applies them too.
+removed the park looks for copies made meanwhile and applies them too. A replica whose batch read the stream's
+state just before another parked it applies its events directly: a gap can so be filled without a held copy of the
+missing version, and the resumption then goes by the checkpoint having reached the park's version.
 """
 
 from __future__ import annotations

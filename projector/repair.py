@@ -58,13 +58,22 @@ class Repairer:
                 return None
             events.append(recorded)
         head = next((e for e in events if e.version == park.version), None)
-        if park.kind == GAP and head is None:
+        if park.kind == GAP and head is None and not await self._gap_filled(park):
             return None  # still missing
         if park.kind == NEEDS_UPGRADE and head is not None:
             item = classify(None, head, self._projections, self._decoder)
             if isinstance(item, Poison) and item.kind == NEEDS_UPGRADE:
                 return None  # this build does not understand it either: leave it for a newer replica
         return await self.resume(park, events)
+
+    async def _gap_filled(self, park: Park) -> bool:
+        """Whether the missing version was applied without passing through the park: another replica's batch that
+        read the stream's state just before this park was written applies it directly, and no copy is held."""
+        if park.version is None:
+            return False
+        states = await self._parks.states([park.stream_id])
+        state = states.get(park.stream_id)
+        return state is not None and state.checkpoint >= park.version
 
     async def resume(self, park: Park, events: Sequence[RecordedEvent]) -> ResumeResult:
         """Applies `events` (the stream's, in any order; duplicates are harmless), then unparks if all applied."""

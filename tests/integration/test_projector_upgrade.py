@@ -14,6 +14,8 @@ from dataclasses import replace
 from core.envelope import RecordedEvent
 from core.events import Event, Payload, decode_event
 from core.order_events import OrderCreated, OrderItemAdded, OrderItemQuantityChanged
+from projector.parking import Park
+from projector.planning import decode_recorded
 from tests.integration import test_projector
 from tests.integration.test_projector import ADDRESS, Doc, Harness, Stream, new_order_id
 from tests.support import eventually
@@ -139,6 +141,42 @@ async def test_a_gap_that_lasts_parks_its_stream_and_resumes_when_the_missing_ev
     assert doc["total_minor"] == 31 * 100
 
     async def unparked() -> bool:  # the park record goes right after the held events are applied
+        return await parked(h, order.order_id) is None
+
+    await eventually(unparked, what="the stream to be unparked once its held events applied")
+
+
+async def test_a_gap_filled_by_a_replica_that_never_saw_the_park_still_resumes(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    """The race two replicas can run: one parks a stream at its gap while the other, having read the stream's
+    state just before, applies the missing event directly. No copy of it is ever held, so the park must notice
+    the read model has reached its version and apply the held later events (a fault run once left such a stream
+    one version behind for good)."""
+    h = await harness_factory(projector_max_ack_pending=20, projector_park_after_deliveries=3)
+    projector = await h.start_projector()
+    order = Stream(new_order_id())
+    await h.emit(order, OrderCreated(order.order_id, "cust-r", "EUR", ADDRESS))
+    await h.order_at(order.order_id, 1)
+    missing = order.record(OrderItemAdded("SKU-A", "Anvil", 1, 100), 2, h.next_position())
+    order.published.append(missing)
+    for n in range(3):
+        await h.emit(order, OrderItemQuantityChanged("SKU-A", n + 2))
+    park = await eventually(lambda: parked(h, order.order_id), what="the gap to park its stream", timeout=30)
+    assert (park["kind"], park["version"]) == ("gap", 2)
+    await h.settled("the gapped stream's messages held, not pending")
+
+    # The other replica's batch: it read "not parked" before the park was written, so it applies v2 as usual.
+    pipeline = projector.pipeline
+    unaware = Park.from_checkpoint(await h.db["checkpoints"].find_one({"_id": order.order_id}) or {})
+    out = await pipeline.apply(decode_recorded([missing], pipeline.projections), resuming={order.order_id: unaware})
+    assert out.versions.get(order.order_id) == 2, out
+    assert await h.db["parked_events"].count_documents({"stream_id": order.order_id, "version": 2}) == 0
+
+    doc = await h.order_at(order.order_id, 5, timeout=30)  # v3..v5: the held copies
+    assert doc["lines"][0]["quantity"] == 4
+
+    async def unparked() -> bool:
         return await parked(h, order.order_id) is None
 
     await eventually(unparked, what="the stream to be unparked once its held events applied")
