@@ -1,4 +1,5 @@
-"""The views that join the two aggregates: customer fields on orders, and order statistics on customers.
+"""The writers of the views that join the two aggregates (declared in `projector.registry.VIEWS`): customer
+fields on orders, and order statistics on customers.
 
 Both are written after the order and customer documents of a batch, and both are idempotent, so a redelivered
 batch (even one made only of duplicates) simply writes them again:
@@ -18,7 +19,7 @@ batch (even one made only of duplicates) simply writes them again:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from projector.mongo_writer import DUPLICATE_KEY, MongoDocument
 from projector.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
 from projector.projections.customers import empty_order_stats
 from projector.projections.orders import COLLECTION as ORDERS_COLLECTION
+from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS
 
 # One counter per order status (a test checks that every status has one).
 STATUS_COUNTERS: dict[str, str] = {
@@ -113,12 +115,24 @@ def order_stats_pipeline(customer_ids: list[str]) -> list[MongoDocument]:
     ]
 
 
+# A view writer: (keys to recompute, versions the triggering documents already carry, refused keys to record).
+ViewWriter = Callable[[Iterable[str], Mapping[str, int], set[str]], Awaitable[object]]
+
+
 class CustomerViews:
     """Writes the fan-out and the order statistics; every method raises `PyMongoError` if MongoDB fails."""
 
     def __init__(self, database: AsyncDatabase[MongoDocument]) -> None:
         self._orders = database[ORDERS_COLLECTION]
         self._customers = database[CUSTOMERS_COLLECTION]
+
+    def writers(self) -> dict[str, ViewWriter]:
+        """The writer of each view in `projector.registry.VIEWS`, by view name (a test checks none is missing)."""
+
+        async def order_stats(keys: Iterable[str], _carried: Mapping[str, int], failed: set[str]) -> object:
+            return await self.recompute_order_stats(keys, failed)
+
+        return {ORDER_CUSTOMER_FIELDS.name: self.fan_out, CUSTOMER_ORDER_STATS.name: order_stats}
 
     async def customer_fields(self, customer_ids: Iterable[str]) -> dict[str, CustomerFields]:
         """The current fields of the customers that are registered in the read model, in one round trip."""

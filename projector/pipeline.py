@@ -35,7 +35,6 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from core.backoff import exponential
 from core.dependency_metrics import DependencyMetrics
-from core.order_events import OrderCreated
 from core.tracing import tracer
 from projector.checkpoints import CheckpointWriter
 from projector.customer_views import CustomerFields, CustomerViews
@@ -60,8 +59,8 @@ from projector.planning import (
     stored_version,
 )
 from projector.projections import Document, Projection
-from projector.projections.customers import CUSTOMERS
 from projector.projections.orders import ORDERS
+from projector.registry import ORDER_CUSTOMER_FIELDS, VIEWS
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +107,7 @@ class Pipeline:
         self.projections = dict(projections)
         self.writers = {t: ReadModelWriter(database, p) for t, p in self.projections.items()}
         self.views = CustomerViews(database)
+        self._view_writers = self.views.writers()
         self.checkpoints = CheckpointWriter(database)
         self.parks = ParkStore(database)
         self.dead_letters = DeadLetterWriter(database)
@@ -195,11 +195,7 @@ class Pipeline:
         self, batches: dict[str, ProjectionBatch], stream_ids: set[str], resuming: Mapping[str, Park]
     ) -> tuple[dict[str, StreamState], dict[str, CustomerFields]]:
         """Documents, new orders' customers and the streams' checkpoint states, concurrently."""
-        new_orders_of = {
-            d.event.customer_id
-            for batch in batches.values() for deliveries in batch.groups.values() for d in deliveries
-            if isinstance(d.event, OrderCreated)
-        }  # fmt: skip
+        new_orders_of = _new_orders_customers(batches.get(ORDERS.stream_type))
         loads = [
             self._timed(
                 "find",
@@ -285,15 +281,21 @@ class Pipeline:
                 state = states.get(sid)
                 if stored_version(doc) > (state.checkpoint if state is not None else 0):
                     lagging.add(sid)
-        plan = plan_views(batches.get(ORDERS.stream_type), batches.get(CUSTOMERS.stream_type), lagging, set(resuming))
-        refused: set[str] = set()
+        plan = plan_views(batches, VIEWS, lagging, set(resuming))
+        refused: dict[str, set[str]] = {view.name: set() for view in VIEWS}
         await _all(
-            self._timed("fan_out", self.views.fan_out(plan.fan_out, plan.carried, refused)),
-            self._timed("order_stats", self.views.recompute_order_stats(plan.stats, refused)),
+            *(
+                self._timed(view.name, self._view_writers[view.name](keys, plan.carried[view.name], refused[view.name]))
+                for view in VIEWS
+                if (keys := plan.keys.get(view.name))
+            )
         )
-        if refused:
-            log.warning("MongoDB refused the derived views of customers %s", ", ".join(sorted(refused)))
-        return {sid for sid, customers in plan.depends.items() if customers & refused}
+        if any(refused.values()):
+            log.warning(
+                "MongoDB refused derived views: %s",
+                "; ".join(f"{name} of {', '.join(sorted(keys))}" for name, keys in refused.items() if keys),
+            )
+        return {sid for sid, needs in plan.depends.items() if any(key in refused[name] for name, key in needs)}
 
     def _settle_written(
         self,
@@ -396,6 +398,20 @@ def _bulk_write_span(batch: ProjectionBatch, spans: Mapping[int, Span]) -> Any:
             "cqrs.documents": len(batch.result.changes),
         },
     )
+
+
+def _new_orders_customers(orders: ProjectionBatch | None) -> set[str]:
+    """The customers of the orders a batch creates: their fields go into the orders' first write (and the
+    customer-fields view then finds those orders current)."""
+    if orders is None:
+        return set()
+    key_field = ORDER_CUSTOMER_FIELDS.key_fields[ORDERS.stream_type] or ""
+    return {
+        str(d.recorded.payload[key_field])
+        for deliveries in orders.groups.values() for d in deliveries
+        if ORDER_CUSTOMER_FIELDS.triggered_by(ORDERS.stream_type, d.recorded.event_type)
+        and d.recorded.payload.get(key_field)
+    }  # fmt: skip
 
 
 async def _all(*calls: Awaitable[Any]) -> None:

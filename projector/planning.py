@@ -24,11 +24,10 @@ from nats.aio.msg import Msg
 
 from core.envelope import HEADER_STREAM_ID, HEADER_VERSION, RecordedEvent
 from core.events import Event, Payload, UnknownEventType, decode_event
-from core.order_events import OrderCancelled, OrderCreated, OrderDeleted, OrderPlaced
 from projector.checkpoints import Checkpoint
 from projector.customer_views import CustomerFields
 from projector.mongo_writer import Change, WriteOutcome
-from projector.projections import Document, Projection
+from projector.projections import EVERY_EVENT, DerivedView, Document, Projection
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +40,6 @@ WRITE_FAILED: Final = "write_failed"
 SELF_HEALING_KINDS: Final = frozenset({NEEDS_UPGRADE, GAP, WRITE_FAILED})
 
 Decoder = Callable[[str, int, Payload], Event]
-
-# The order events that can change a customer's order statistics (counts by status, totals of placed orders).
-# The others only touch lines and addresses of draft orders (the domain allows nothing else), which no statistic
-# counts; skipping them leaves `order_stats_version` behind, which only fences newer against older results.
-ORDER_STATS_EVENTS: tuple[type[Event], ...] = (OrderCreated, OrderPlaced, OrderCancelled, OrderDeleted)
-
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -318,21 +311,23 @@ def hold_from_failures(batch: DecodedBatch) -> dict[str, list[Delivery]]:
 
 @dataclass(slots=True)
 class ViewPlan:
-    """Which customers need which derived view, and which streams depend on each customer's views."""
+    """Per derived view, the keys to recompute; and which streams depend on which view keys."""
 
-    fan_out: set[str] = field(default_factory=set)
-    carried: dict[str, int] = field(default_factory=dict)  # per customer: lowest version new orders carry
-    stats: set[str] = field(default_factory=set)
-    depends: dict[str, set[str]] = field(default_factory=dict)  # stream id -> customer ids
+    keys: dict[str, set[str]] = field(default_factory=dict)  # view name -> keys
+    # view name -> key -> lowest version of the key's document the triggering documents already carry
+    carried: dict[str, dict[str, int]] = field(default_factory=dict)
+    depends: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # stream id -> {(view name, key)}
 
-    def needs(self, stream_id: str, customer_id: str) -> None:
-        self.depends.setdefault(stream_id, set()).add(customer_id)
+    def needs(self, stream_id: str, view: str, key: str) -> None:
+        self.keys.setdefault(view, set()).add(key)
+        self.depends.setdefault(stream_id, set()).add((view, key))
 
 
 def plan_views(
-    orders: ProjectionBatch | None, customers: ProjectionBatch | None, lagging: set[str], touched: set[str]
+    batches: Mapping[str, ProjectionBatch], views: Iterable[DerivedView], lagging: set[str], touched: set[str]
 ) -> ViewPlan:
-    """Plans the fan-out and order statistics a batch must write before its checkpoints.
+    """Plans the derived views a batch must write before its checkpoints: a view is recomputed for the key of
+    every settled stream to which the batch applied one of the view's trigger events.
 
     Streams in `lagging` have a document ahead of their checkpoint: an earlier batch wrote it and did not get
     as far as its derived views (a failure, a crash, a replica that stopped). Their views are done in full here,
@@ -340,32 +335,35 @@ def plan_views(
     `touched` are stream ids to treat as settled even without deliveries (a stream being resumed).
     """
     plan = ViewPlan()
-    if orders is not None:
-        order_docs = orders.current_docs()
-        settled = orders.settled()
-        for order_id in set(settled) | (touched & set(order_docs)):
-            deliveries = settled.get(order_id, [])
-            doc = order_docs.get(order_id) or {}
-            customer_id = str(doc.get("customer_id") or "")
-            if not customer_id:
+    for view in views:
+        plan.keys[view.name] = set()
+        carried = plan.carried[view.name] = {}
+        full_keys: set[str] = set()
+        for stream_type, events in view.triggers.items():
+            batch = batches.get(stream_type)
+            if batch is None:
                 continue
-            full = order_id in lagging
-            stats = full or any(isinstance(d.event, ORDER_STATS_EVENTS) for d in deliveries)
-            created = full or any(isinstance(d.event, OrderCreated) for d in deliveries)
-            if created:
-                # Again after the insert: a customer renamed since the prefill read is caught here.
-                plan.fan_out.add(customer_id)
-                version = 0 if full else int(doc.get("customer_version") or 0)
-                plan.carried[customer_id] = min(version, plan.carried.get(customer_id, version))
-                plan.needs(order_id, customer_id)
-            if stats:  # lines and addresses of draft orders count in no statistic: nothing to recompute
-                plan.stats.add(customer_id)
-                plan.needs(order_id, customer_id)
-    if customers is not None:
-        for customer_id in set(customers.settled()) | (touched & set(customers.current_docs())):
-            plan.fan_out.add(customer_id)
-            plan.carried.pop(customer_id, None)  # the customer changed: every order of theirs may need it
-            plan.needs(customer_id, customer_id)
+            docs = batch.current_docs()
+            settled = batch.settled()
+            own_key = view.key_fields.get(stream_type) is None
+            for stream_id in set(settled) | (touched & set(docs)):
+                doc = docs.get(stream_id)
+                key = view.key_of(stream_type, stream_id, doc)
+                if key is None:
+                    continue
+                full = stream_id in lagging
+                applied = settled.get(stream_id, [])
+                triggered = any(view.triggered_by(stream_type, d.recorded.event_type) for d in applied)
+                if not (full or triggered or (events == EVERY_EVENT and stream_id in touched)):
+                    continue
+                plan.needs(stream_id, view.name, key)
+                if own_key or view.stamp_field is None:
+                    full_keys.add(key)  # the key's own document changed: every target may need it
+                else:
+                    version = 0 if full else int((doc or {}).get(view.stamp_field) or 0)
+                    carried[key] = min(version, carried.get(key, version))
+        for key in full_keys:
+            carried.pop(key, None)
     return plan
 
 

@@ -45,7 +45,6 @@ from projector.pipeline import Pipeline
 from projector.planning import (
     GAP,
     NEEDS_UPGRADE,
-    ORDER_STATS_EVENTS,
     POISON,
     SELF_HEALING_KINDS,
     WRITE_FAILED,
@@ -81,7 +80,6 @@ __all__ = [
     "DEFAULT_PROJECTIONS",
     "GAP",
     "NEEDS_UPGRADE",
-    "ORDER_STATS_EVENTS",
     "POISON",
     "WRITE_FAILED",
     "Delivery",

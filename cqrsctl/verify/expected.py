@@ -19,11 +19,11 @@ from core.order_events import OrderCreated
 from cqrsctl.verify.compare import as_stored
 from cqrsctl.verify.model import Document, ExpectedDoc
 from projector.customer_views import CustomerFields, OrderStats, order_stats_from_groups
-from projector.planning import ORDER_STATS_EVENTS, Delivery, fold
+from projector.planning import Delivery, fold
 from projector.projections import Projection
 from projector.projections.customers import CUSTOMERS
 from projector.projections.orders import ORDERS
-from projector.registry import PROJECTIONS
+from projector.registry import CUSTOMER_ORDER_STATS, PROJECTIONS
 
 # The one registry the projector runs (orders before customers, as in the projector's batches).
 REGISTRY: tuple[Projection, ...] = PROJECTIONS
@@ -77,7 +77,10 @@ def fold_stream(projection: Projection, events: Sequence[RecordedEvent]) -> Fold
     elif result.deferred:
         after = applied[-1].recorded.version if applied else 0
         error = f"version gap in PostgreSQL: v{after} is followed by v{result.deferred[0].recorded.version}"
-    stats_version = max((d.recorded.version for d in applied if isinstance(d.event, ORDER_STATS_EVENTS)), default=0)
+    events = [d.recorded for d in applied]
+    stats_version = max(
+        (r.version for r in events if CUSTOMER_ORDER_STATS.triggered_by(r.stream_type, r.event_type)), default=0
+    )
     return Folded(first.stream_id, first.stream_type, ordered[-1].version, doc, error, stats_version)
 
 
@@ -153,7 +156,7 @@ class OrderStatsAccumulator:
     def stats(self, customer_id: str) -> tuple[OrderStats, int]:
         """The customer's statistics (exact) and the lowest `order_stats_version` the projector can have left.
 
-        The projector recomputes statistics only after the events in `ORDER_STATS_EVENTS`, stamping the sum of
+        The projector recomputes statistics only after the trigger events of `CUSTOMER_ORDER_STATS`, stamping the sum of
         the versions of the customer's orders at that moment. So the stored stamp lies between the sum of each
         order's last such event version (the floor) and the sum of their current versions (`source_version`).
         """

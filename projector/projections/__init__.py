@@ -5,7 +5,8 @@ decoded payload, and returns the new document without mutating its input. The ru
 ordering, the version guard, batching, acknowledgements.
 
 Adding a read model: write a module with its own handler table and a `Projection`, and add it to
-`projector.registry.PROJECTIONS`.
+`projector.registry.PROJECTIONS`. A view that copies one read model's data into another's documents is a
+`DerivedView` in `projector.registry.VIEWS`, declaring the events that make it stale.
 """
 
 from __future__ import annotations
@@ -58,3 +59,38 @@ class Projection:
         new_doc["position"] = recorded.position
         new_doc["updated_at"] = recorded.recorded_at
         return new_doc
+
+
+EVERY_EVENT: frozenset[str] = frozenset({"*"})
+"""A trigger set meaning every event of the stream type."""
+
+
+@dataclass(frozen=True, slots=True)
+class DerivedView:
+    """A cross-model view: fields of one read model's documents computed from other streams' documents.
+
+    The view is keyed by an entity (e.g. a customer id): `key_fields[t]` names the field of a stream type `t`'s
+    document that holds the key (None: the stream id is the key). After a batch applies one of `triggers[t]` to a
+    stream of type `t`, the view of that stream's key is recomputed (idempotently, from the documents, never
+    accumulated). `stamp_field`, if any, is the field of the target documents that records the key document's
+    version they copied (lets a writer skip documents already current).
+    """
+
+    name: str
+    collection: str  # where the view's fields live
+    fields: frozenset[str]  # the fields it owns there (the projection declares them foreign)
+    triggers: Mapping[str, frozenset[str]]  # stream type -> event types after which the view is recomputed
+    key_fields: Mapping[str, str | None]  # stream type -> document field naming the key (None: the stream id)
+    stamp_field: str | None = None
+
+    def triggered_by(self, stream_type: str, event_type: str) -> bool:
+        events = self.triggers.get(stream_type, frozenset())
+        return event_type in events or events == EVERY_EVENT
+
+    def key_of(self, stream_type: str, stream_id: str, doc: Document | None) -> str | None:
+        """The view key a stream's document belongs to (None: not known yet, e.g. no document)."""
+        field_name = self.key_fields.get(stream_type)
+        if field_name is None:
+            return stream_id
+        value = (doc or {}).get(field_name)
+        return str(value) if value else None

@@ -99,7 +99,11 @@ async def test_an_event_too_new_for_the_projector_waits_for_an_upgraded_replica_
             "line_total_minor": 500 * quantity,
         }
     ]
-    assert await parked(h, stuck.order_id) is None
+
+    async def unparked() -> bool:  # the park goes right after the resumption's writes, not with them
+        return await parked(h, stuck.order_id) is None
+
+    await eventually(unparked, what="the stream to be unparked once its held events applied")
     checkpoint = await h.db["checkpoints"].find_one({"_id": stuck.order_id})
     assert checkpoint is not None and checkpoint["version"] == final
 

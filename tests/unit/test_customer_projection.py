@@ -24,6 +24,7 @@ from projector.planning import Poison, decode_messages, doc_checkpoints, hold_fr
 from projector.projections import Document
 from projector.projections.customers import CUSTOMERS, HANDLERS, empty_order_stats, project
 from projector.projections.orders import ORDERS
+from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, VIEWS
 from projector.runner import Delivery, FoldResult, ProjectionBatch, checkpoints_of, fold, prefill_customer_fields
 
 CUSTOMER_ID = "5d0c3a52-8f0e-4d0f-a2a1-3c8d6f0e9b21"
@@ -316,6 +317,9 @@ def test_a_failure_holds_its_stream_from_its_version_on_and_an_unreadable_one_ho
     assert "c9" not in batch.groups["customer"] and [d.recorded.version for d in held["c9"]] == [5, 6]
 
 
+STATS_VIEW, FIELDS_VIEW = CUSTOMER_ORDER_STATS.name, ORDER_CUSTOMER_FIELDS.name
+
+
 def test_a_stream_ahead_of_its_checkpoint_gets_its_derived_views_in_full() -> None:
     order_id = "order-7"
     created = OrderCreated(order_id, CUSTOMER_ID, "EUR", ADDRESS)
@@ -326,14 +330,16 @@ def test_a_stream_ahead_of_its_checkpoint_gets_its_derived_views_in_full() -> No
     orders.docs = {order_id: doc}
     orders.result = FoldResult(duplicates=[delivery(placed, 1, stream_id=order_id, stream_type="order")])
     # In step with its checkpoint: a duplicate of OrderPlaced recomputes statistics; no fan-out is needed.
-    plan = plan_views(orders, None, lagging=set(), touched=set())
-    assert (plan.stats, plan.fan_out) == ({CUSTOMER_ID}, set())
+    batches = {"order": orders}
+    plan = plan_views(batches, VIEWS, lagging=set(), touched=set())
+    assert (plan.keys[STATS_VIEW], plan.keys[FIELDS_VIEW]) == ({CUSTOMER_ID}, set())
     # Ahead of its checkpoint (an earlier batch wrote it and stopped before its views): everything, from scratch.
-    plan = plan_views(orders, None, lagging={order_id}, touched=set())
-    assert (plan.stats, plan.fan_out, plan.carried) == ({CUSTOMER_ID}, {CUSTOMER_ID}, {CUSTOMER_ID: 0})
-    assert plan.depends == {order_id: {CUSTOMER_ID}}
+    plan = plan_views(batches, VIEWS, lagging={order_id}, touched=set())
+    assert (plan.keys[STATS_VIEW], plan.keys[FIELDS_VIEW]) == ({CUSTOMER_ID}, {CUSTOMER_ID})
+    assert plan.carried[FIELDS_VIEW] == {CUSTOMER_ID: 0}
+    assert plan.depends == {order_id: {(STATS_VIEW, CUSTOMER_ID), (FIELDS_VIEW, CUSTOMER_ID)}}
     # A stream being resumed without events of its own is planned as well.
     orders.result = FoldResult()
-    plan = plan_views(orders, None, lagging={order_id}, touched={order_id})
-    assert plan.stats == {CUSTOMER_ID}
+    plan = plan_views(batches, VIEWS, lagging={order_id}, touched={order_id})
+    assert plan.keys[STATS_VIEW] == {CUSTOMER_ID}
     assert doc_checkpoints([orders], {order_id}) == {order_id: Checkpoint("order", 1, 201)}
