@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from typing import Any, TypeVar
 from bench import echo, peer, raw, system
 from bench.report import Row, limit_row, ratio_row, render_markdown
 from bench.stack import BenchStack
-from cqrsctl.devstack import free_port, wait_for_port, with_parent_death_signal
+from localservers import ServiceProcess, free_port
 
 T = TypeVar("T")
 
@@ -131,22 +130,15 @@ class Bench:
 
     def _echo(self, seconds: float) -> dict[str, float]:
         port = free_port()
-        log = (self.workdir / "echo.log").open("ab")
-        proc = subprocess.Popen(
-            with_parent_death_signal([sys.executable, "-m", "bench.echo", "--port", str(port)], signal.SIGTERM),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+        address = f"127.0.0.1:{port}"
+        log = self.workdir / "echo.log"
+        server = ServiceProcess("echo server", "bench.echo", args=["--port", str(port)], listen=address, log_path=log)
         try:
-            wait_for_port("127.0.0.1", port, 30, "echo server", process=proc)
-            return echo.run_echo_load(f"127.0.0.1:{port}", self.workers, CONCURRENCY, seconds)
+            server.start(os.environ)
+            server.wait_ready(30)
+            return echo.run_echo_load(address, self.workers, CONCURRENCY, seconds)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            log.close()
+            server.stop(timeout=10)
 
     def peers(self) -> None:
         s = self.seconds

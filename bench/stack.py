@@ -1,92 +1,38 @@
 """The local stack for one benchmark run: the three real servers and our three services, on free loopback ports.
 
 Everything lives in a fresh temporary folder (data directories and log files), so a run never sees the data of
-`make dev` or of an earlier run. The servers are the devstack classes the tests use; the services are started
-as `python -m <module>` subprocesses configured only by environment variables, as `cqrsctl.dev` does, except
-that their output goes to log files (a benchmark prints one table, not service logs).
+`make dev` or of an earlier run. The servers are the `localservers` classes the tests use; the services are started
+by its one launcher (`localservers.ServiceProcess`) as `python -m <module>` subprocesses configured only by
+environment variables, as `cqrsctl.dev` does, except that their output goes to log files (a benchmark prints one
+table, not service logs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cqrsctl.devstack import (
+from localservers import (
     LOOPBACK,
     MongoServer,
     NatsServer,
     PostgresServer,
     ServerProcess,
+    ServerStartError,
+    ServiceProcess,
     free_port,
-    log_tail,
     stop_all,
-    wait_for_port,
-    with_parent_death_signal,
 )
 
 SERVER_START_TIMEOUT = 90.0
-SERVICE_READY_TIMEOUT = 60.0
-SERVICE_STOP_TIMEOUT = 15.0
 
 
 class StackError(RuntimeError):
     """A server or service failed to start or died."""
-
-
-@dataclass
-class ServiceProcess:
-    """One of our services run as `python -m <module>` with its output in `log_path`."""
-
-    name: str
-    module: str
-    log_path: Path
-    listen: str | None = None
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self, env: dict[str, str]) -> None:
-        if self.running:
-            raise StackError(f"{self.name} is already running")
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                with_parent_death_signal([sys.executable, "-m", self.module], signal.SIGTERM),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        if self.listen is not None:
-            host, _, port = self.listen.rpartition(":")
-            try:
-                wait_for_port(
-                    host, int(port), SERVICE_READY_TIMEOUT, self.name, process=self.process, log_path=self.log_path
-                )
-            except Exception as exc:
-                self.stop()
-                raise StackError(str(exc)) from exc
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, timeout: float = SERVICE_STOP_TIMEOUT) -> None:
-        """SIGTERM (graceful), then SIGKILL of its process group after `timeout`."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 @dataclass
@@ -107,13 +53,12 @@ class BenchStack:
         self.command_addr = f"{LOOPBACK}:{free_port()}"
         self.query_addr = f"{LOOPBACK}:{free_port()}"
         self.services = {
-            "command_service": ServiceProcess(
-                "command_service", "command_service", self.workdir / "command_service.log", self.command_addr
-            ),
-            "projector": ServiceProcess("projector", "projector", self.workdir / "projector.log"),
-            "query_service": ServiceProcess(
-                "query_service", "query_service", self.workdir / "query_service.log", self.query_addr
-            ),
+            name: ServiceProcess(name, listen=listen, log_path=self.workdir / f"{name}.log")
+            for name, listen in (
+                ("command_service", self.command_addr),
+                ("projector", None),
+                ("query_service", self.query_addr),
+            )
         }
 
     @property
@@ -155,7 +100,15 @@ class BenchStack:
             raise StackError(f"migration failed ({result.returncode}): {result.stderr.decode(errors='replace')}")
 
     def start_service(self, name: str) -> None:
-        self.services[name].start(self.service_env())
+        """Start one service and wait until its gRPC port listens (raise `StackError` when it does not)."""
+        service = self.services[name]
+        if service.running:
+            raise StackError(f"{name} is already running")
+        service.start(self.service_env())
+        try:
+            service.wait_ready()
+        except ServerStartError as exc:
+            raise StackError(str(exc)) from exc
 
     def stop_service(self, name: str) -> None:
         self.services[name].stop()
@@ -167,10 +120,10 @@ class BenchStack:
     def check_alive(self) -> None:
         """Raise `StackError` when a service that should run has died (with its log tail)."""
         for service in self.services.values():
-            if service.process is not None and service.process.poll() is not None:
+            if service.returncode is not None:
                 raise StackError(
-                    f"{service.name} exited with code {service.process.returncode}; "
-                    f"last lines of {service.log_path}:\n{log_tail(service.log_path)}"
+                    f"{service.name} exited with code {service.returncode}; "
+                    f"last lines of {service.log_path}:\n{service.tail()}"
                 )
 
     def stop(self) -> list[BaseException]:

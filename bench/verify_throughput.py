@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import os
 import resource
-import signal
 import sys
 import tempfile
 import time
@@ -48,8 +47,8 @@ from core.order_events import (
     OrderPlaced,
 )
 from core.values import Address
-from cqrsctl.devstack import MongoServer, NatsServer, PostgresServer, ServerProcess, free_port, stop_all
 from cqrsctl.verify import VerifyConfig, VerifyResult, run_verify
+from localservers import MongoServer, NatsServer, PostgresServer, ServerProcess, ServiceProcess, free_port, stop_all
 
 ORDERS_PER_CUSTOMER = 50
 APPENDS_PER_STATEMENT = 500
@@ -180,15 +179,14 @@ async def project_everything(servers: Servers, database: str, stream: str, prefi
     )  # fmt: skip
     env.pop("CQRS_PROJECTOR_METRICS_PORT", None)
     started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "projector", env=env, stdin=asyncio.subprocess.DEVNULL
-    )
+    projector = ServiceProcess("projector")
+    projector.start(env)
     mongo: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(servers.mongo_url, serverSelectionTimeoutMS=5000)
     try:
         checkpoints = mongo[database]["checkpoints"]
         while (done := await checkpoints.count_documents({}, maxTimeMS=30_000)) < streams:
-            if process.returncode is not None:
-                raise RuntimeError(f"the projector exited with {process.returncode}")
+            if projector.returncode is not None:
+                raise RuntimeError(f"the projector exited with {projector.returncode}")
             if time.monotonic() - started > PROJECTION_TIMEOUT_SECONDS:
                 raise TimeoutError(f"projection not done after {PROJECTION_TIMEOUT_SECONDS:.0f}s ({done}/{streams})")
             say(f"  projected {done:,}/{streams:,} streams")
@@ -198,13 +196,7 @@ async def project_everything(servers: Servers, database: str, stream: str, prefi
         return time.monotonic() - started
     finally:
         await mongo.close()
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout=30)
-            except TimeoutError:
-                process.kill()
-                await asyncio.wait_for(process.wait(), timeout=10)
+        await projector.async_stop(timeout=30)
 
 
 async def raw_reads(config: VerifyConfig) -> dict[str, float]:

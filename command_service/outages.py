@@ -1,6 +1,6 @@
 """Which PostgreSQL driver errors mean "the event store is unreachable right now" (retryable: UNAVAILABLE).
 
-One classification for every caller (the gRPC adapters through `EventStore`, the relay, the health probe), so a
+One classification for every caller (the gRPC runner through `EventStore`, the relay, the health probe), so a
 new way for a connection to die is taught once. A crash or restart of PostgreSQL surfaces in many shapes,
 depending on where the client was when the socket went: a refused or reset socket (OSError), a timeout, the
 server's own "terminating connection" (57P01 and the rest of class 57), a connection-class error (class 08), a
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import asyncpg
 
-from core.errors import Unavailable
+from core.errors import DependencyUnavailable
 
 CONNECTION_LOST: tuple[type[BaseException], ...] = (
     OSError,
@@ -29,7 +29,7 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,  # protocol state broken by a connection dying mid-operation
 )
 
-UNAVAILABLE_MESSAGE = "event store (PostgreSQL) is unavailable; retry later"
+EVENT_STORE = "event store (PostgreSQL)"  # what a caller is told is down (never where it runs)
 
 
 def is_connection_lost(exc: BaseException) -> bool:
@@ -39,8 +39,11 @@ def is_connection_lost(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def event_store_outage() -> Iterator[None]:
-    """Translates a driver outage into the project's `Unavailable` at the store boundary."""
+    """Translates a driver outage into the project's `DependencyUnavailable` at the store boundary.
+
+    The driver's text (host, port, SQLSTATE) is kept as the error's `detail` for the log, not for the caller.
+    """
     try:
         yield
     except CONNECTION_LOST as exc:
-        raise Unavailable(UNAVAILABLE_MESSAGE) from exc
+        raise DependencyUnavailable(EVENT_STORE, repr(exc)) from exc

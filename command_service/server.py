@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
 import asyncpg
 import grpc
@@ -17,26 +17,21 @@ from cqrs.orders.v1 import (
     customer_service_pb2_grpc,
 )
 from grpc_health.v1 import _async as health_aio  # the asyncio HealthServicer (also exported as health.aio)
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
+from command_service.api.customers import CustomerCommandServicer
+from command_service.api.orders import OrderCommandServicer
 from command_service.config import CommandServiceSettings
-from command_service.customer_grpc_api import CustomerCommandServicer
 from command_service.event_store import EventStore, keep_session
 from command_service.group_commit import GroupCommitter
-from command_service.grpc_api import OrderCommandServicer
 from command_service.handlers import customer_handler, order_handler
 from command_service.metrics import OutboxMetrics
 from command_service.relay import OutboxRelay, RelaySettings
-from core.auth import auth_interceptors
-from core.grpc_server import LIVENESS_SERVICE, bind, build_server, tls_credentials
+from core.grpc_assembly import Service, assemble_server
 from core.health import Readiness
 from core.metrics import MetricsServer, start_metrics_server
-from core.request_decoding import MalformedRequestInterceptor
-from core.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from core.supervisor import Supervisor
-from core.tracing import server_interceptor as tracing_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -111,50 +106,35 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
     )
     store = EventStore(pool, command_timeout=settings.postgres_timeout_seconds, committer=committer, registry=registry)
 
-    # Metrics first (outermost), so that calls the auth interceptor rejects are counted too.
-    # Tracing first (a server span per RPC, also around rejected calls), then metrics, then auth.
-    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
-        tracing_interceptor(),
-        RpcMetricsInterceptor(RpcMetrics(registry)),
-    ]
-    try:
-        interceptors += auth_interceptors(settings, write_services=(SERVICE_NAME, CUSTOMER_SERVICE_NAME))
-        tls = tls_credentials(settings)
-    except (OSError, ValueError) as exc:
-        await pool.close()
-        raise RuntimeError(f"command service: bad TLS/auth configuration: {exc}") from exc
-    # Innermost: an undecodable request is INVALID_ARGUMENT (after auth, so it reveals nothing to strangers).
-    server = build_server(settings, [*interceptors, MalformedRequestInterceptor()])
     # A whole command (load, decide, append, retries) gets two statement timeouts: past that, PostgreSQL is not
     # answering, and the caller is better served by UNAVAILABLE now than by its own deadline.
     command_seconds = 2 * settings.postgres_timeout_seconds
-    command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server(
-        OrderCommandServicer(order_handler(store, settings.max_append_attempts, command_seconds)), server
-    )
-    customer_service_pb2_grpc.add_CustomerCommandServiceServicer_to_server(
-        CustomerCommandServicer(customer_handler(store, settings.max_append_attempts, command_seconds)), server
-    )
-    health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [
-            SERVICE_NAME,
-            CUSTOMER_SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
+    orders = OrderCommandServicer(order_handler(store, settings.max_append_attempts, command_seconds))
+    customers = CustomerCommandServicer(customer_handler(store, settings.max_append_attempts, command_seconds))
     try:
-        port = bind(server, settings.command_listen, tls)
-    except RuntimeError as exc:
+        assembled = await assemble_server(
+            settings,
+            component="command service",
+            listen=settings.command_listen,
+            services=(
+                Service(
+                    SERVICE_NAME, partial(command_service_pb2_grpc.add_OrderCommandServiceServicer_to_server, orders)
+                ),
+                Service(
+                    CUSTOMER_SERVICE_NAME,
+                    partial(customer_service_pb2_grpc.add_CustomerCommandServiceServicer_to_server, customers),
+                ),
+            ),
+            access="write",
+            # NOT_SERVING until the first PostgreSQL probe succeeds.
+            conditions=((EVENT_STORE_CONDITION, False), (TASKS_CONDITION, True)),
+            registry=registry,
+        )
+    except RuntimeError:
         await pool.close()
-        raise RuntimeError(f"command service cannot listen on {settings.command_listen}: {exc}") from exc
-    readiness = Readiness(health_servicer, (("", SERVICE_NAME, CUSTOMER_SERVICE_NAME)), "command service")
-    readiness.declare(EVENT_STORE_CONDITION, False)  # NOT_SERVING until the first PostgreSQL probe succeeds
-    readiness.declare(TASKS_CONDITION, True)
-    await readiness.publish()
-    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        raise
+    server, port = assembled.server, assembled.port
+    health_servicer, readiness = assembled.health, assembled.readiness
     if settings.relay_enabled:
         await health_servicer.set(RELAY_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()

@@ -52,3 +52,17 @@ class Conflict(ServiceError):
 
 class Unavailable(ServiceError):
     """A dependency (database, broker) is unreachable; the caller may retry."""
+
+
+class DependencyUnavailable(Unavailable):
+    """A store's driver lost its server or got no answer in time, translated at the store boundary.
+
+    The caller learns only which dependency is down (`dependency`, e.g. "event store (PostgreSQL)"); `detail` is
+    the driver's own text (hosts, ports, topology) and goes to the service's log, never onto the wire.
+    """
+
+    def __init__(self, dependency: str, detail: str, *, timed_out: bool = False) -> None:
+        suffix = " (no answer in time)" if timed_out else ""
+        super().__init__(f"{dependency} is unavailable; retry later{suffix}")
+        self.dependency = dependency
+        self.detail = detail

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import NoReturn
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -10,6 +13,7 @@ from grpc_status import rpc_status
 from core.errors import (
     AlreadyExists,
     Conflict,
+    DependencyUnavailable,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -47,6 +51,26 @@ def to_rpc_status(error: ServiceError) -> status_pb2.Status:
 async def abort_with(context: grpc.aio.ServicerContext[object, object], error: ServiceError) -> None:
     """Ends the RPC with the error's status, message and rich details; never returns."""
     await context.abort_with_status(rpc_status.to_status(to_rpc_status(error)))  # type: ignore[attr-defined]
+
+
+async def abort_for(
+    context: grpc.aio.ServicerContext[object, object], method: str, exc: Exception, log: logging.Logger
+) -> NoReturn:
+    """Ends the RPC `method` with the status `exc` deserves; never returns. The one error -> status mapping of
+    both servers' runners (ARCHITECTURE guarantee 7): a ServiceError gets its own status, anything else INTERNAL
+    with a generic message (the traceback goes to `log`, never to the caller).
+
+    A dependency outage is logged as a warning naming the dependency and the driver's detail, which the caller
+    does not see; any other UNAVAILABLE (e.g. a read model behind a consistency token) at info level.
+    """
+    if isinstance(exc, DependencyUnavailable):
+        log.warning("%s: %s is unavailable: %s", method, exc.dependency, exc.detail)
+    elif isinstance(exc, Unavailable):
+        log.info("%s: %s", method, exc.message)
+    if isinstance(exc, ServiceError):
+        await abort_with(context, exc)
+    log.error("%s failed unexpectedly", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; it has been logged")
 
 
 def field_violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[tuple[str, str]]:

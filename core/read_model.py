@@ -33,6 +33,11 @@ class OrderStatus(StrEnum):
     CANCELLED = "CANCELLED"
 
 
+# The customer statistics count orders by status, one counter per status named after it ("placed_orders"); the
+# customer proto's `CustomerOrderStats` has a field of each name, and the query views copy them by name.
+ORDER_STATUS_COUNTERS: Final[dict[OrderStatus, str]] = {s: f"{s.value.lower()}_orders" for s in OrderStatus}
+
+
 class CustomerStatus(StrEnum):
     ACTIVE = "ACTIVE"
     DEACTIVATED = "DEACTIVATED"

@@ -24,29 +24,29 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
-from cqrsctl.devstack import (
+from localservers import (
+    SERVICE_READY_TIMEOUT,
+    SERVICE_STOP_TIMEOUT,
     MongoServer,
     NatsServer,
     PostgresServer,
     ServerProcess,
     ServerStartError,
+    ServiceProcess,
     port_is_free,
+    split_address,
     stop_all,
-    wait_for_port,
-    with_parent_death_signal,
+    stop_services,
 )
 
 DEFAULT_COMMAND_LISTEN = "127.0.0.1:50051"
 DEFAULT_QUERY_LISTEN = "127.0.0.1:50052"
 SERVER_START_TIMEOUT = 90.0
-SERVICE_READY_TIMEOUT = 60.0
-SERVICE_STOP_TIMEOUT = 15.0
 MIGRATE_TIMEOUT = 120.0
 
 _print_lock = threading.Lock()
@@ -66,62 +66,16 @@ class ServiceExited(Exception):
     """A service or server exited while it should be running."""
 
 
-@dataclass
-class Service:
-    """One of our three processes, run as `python -m <module>`."""
-
-    name: str
-    module: str
-    listen: str | None  # gRPC address to wait for, or None for a service without a port
-    process: subprocess.Popen[bytes] | None = None
-    pump: threading.Thread | None = field(default=None, repr=False)
-
-    def start(self, env: dict[str, str]) -> None:
-        """Start the process in its own process group, with its output copied to ours line by line."""
-        self.process = subprocess.Popen(
-            with_parent_death_signal([sys.executable, "-m", self.module], signal.SIGTERM),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        assert self.process.stdout is not None
-        self.pump = threading.Thread(
-            target=_copy_prefixed, args=(self.process.stdout, self.name), name=f"{self.name}-output", daemon=True
-        )
-        self.pump.start()
-
-    def stop_signal(self) -> None:
-        """Ask for a graceful shutdown (SIGTERM)."""
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.terminate()
-
-    def wait_or_kill(self, deadline: float) -> None:
-        """Wait for the process until `deadline` (monotonic), then kill its whole process group."""
-        if self.process is None:
-            return
-        try:
-            self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            say(f"{self.name} did not stop within {SERVICE_STOP_TIMEOUT:.0f}s: killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        if self.pump is not None:
-            self.pump.join(timeout=2)
-
-
-def _copy_prefixed(stream: IO[bytes], name: str) -> None:
-    """Copy a child's output to our stdout, each line prefixed with the child's name."""
+def _service(name: str, listen: str | None) -> ServiceProcess:
+    """One of our three processes, run as `python -m <name>`, its output copied to ours prefixed by its name."""
     prefix = f"{name:<15}| "
-    with stream:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            with _print_lock:
-                sys.stdout.write(prefix + line + "\n")
-                sys.stdout.flush()
+
+    def on_line(line: str) -> None:
+        with _print_lock:
+            sys.stdout.write(prefix + line + "\n")
+            sys.stdout.flush()
+
+    return ServiceProcess(name, listen=listen, on_line=on_line)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -132,11 +86,6 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise SystemExit(f"{name} must be a port number, got {value!r}") from None
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def redact(url: str) -> str:
@@ -226,33 +175,29 @@ def _migrate(env: dict[str, str]) -> None:
         raise ServiceExited(f"migration failed with exit code {result.returncode}")
 
 
-def _check_listen_free(services: list[Service]) -> None:
+def _check_listen_free(services: list[ServiceProcess]) -> None:
     for service in services:
         if service.listen is None:
             continue
-        host, port = _split_address(service.listen)
+        host, port = split_address(service.listen)
         if not port_is_free(host, port):
             raise ServiceExited(
                 f"{service.name} cannot listen on {service.listen}: the port is in use (another `make dev`?)"
             )
 
 
-def _wait_services_ready(services: list[Service]) -> None:
+def _wait_services_ready(services: list[ServiceProcess]) -> None:
     for service in services:
-        assert service.process is not None
-        if service.listen is not None:
-            host, port = _split_address(service.listen)
-            try:
-                wait_for_port(host, port, SERVICE_READY_TIMEOUT, f"{service.name} (gRPC)", process=service.process)
-            except ServerStartError as exc:
-                raise ServiceExited(str(exc)) from None
+        try:
+            service.wait_ready(SERVICE_READY_TIMEOUT)
+        except ServerStartError as exc:
+            raise ServiceExited(str(exc)) from None
     for service in services:
-        assert service.process is not None
-        if service.process.poll() is not None:
-            raise ServiceExited(f"{service.name} exited with code {service.process.returncode} while starting")
+        if service.returncode is not None:
+            raise ServiceExited(f"{service.name} exited with code {service.returncode} while starting")
 
 
-def _print_table(endpoints: list[Endpoint], services: list[Service], data_dir: Path) -> None:
+def _print_table(endpoints: list[Endpoint], services: list[ServiceProcess], data_dir: Path) -> None:
     rows: list[tuple[str, str, str]] = []
     for endpoint in endpoints:
         if endpoint.server is None:
@@ -261,8 +206,7 @@ def _print_table(endpoints: list[Endpoint], services: list[Service], data_dir: P
             rows.append((endpoint.label, endpoint.url, f"log {_relative(endpoint.server.log_path)}"))
     for service in services:
         where = f"gRPC {service.listen}" if service.listen else "(no port: JetStream consumer)"
-        assert service.process is not None
-        rows.append((service.name, where, f"pid {service.process.pid}"))
+        rows.append((service.name, where, f"pid {service.pid}"))
     width = max(len(r[0]) for r in rows)
     url_width = max(len(r[1]) for r in rows)
     lines = [f"  {label:<{width}}  {where:<{url_width}}  {note}" for label, where, note in rows]
@@ -292,12 +236,11 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def _watch(services: list[Service], servers: list[ServerProcess]) -> None:
+def _watch(services: list[ServiceProcess], servers: list[ServerProcess]) -> None:
     """Block until a service or server exits (raise `ServiceExited`) or a signal raises `Shutdown`."""
     while True:
         for service in services:
-            assert service.process is not None
-            code = service.process.poll()
+            code = service.returncode
             if code is not None:
                 raise ServiceExited(f"{service.name} exited unexpectedly with code {code}")
         for server in servers:
@@ -308,15 +251,12 @@ def _watch(services: list[Service], servers: list[ServerProcess]) -> None:
         time.sleep(0.5)
 
 
-def _stop_services(services: list[Service]) -> None:
-    running = [s for s in services if s.process is not None and s.process.poll() is None]
+def _stop_services(services: list[ServiceProcess]) -> None:
+    running = [s for s in services if s.running]
     if running:
         say(f"stopping {', '.join(s.name for s in running)} ...")
-    for service in running:
-        service.stop_signal()
-    deadline = time.monotonic() + SERVICE_STOP_TIMEOUT
-    for service in services:
-        service.wait_or_kill(deadline)
+    for name in stop_services(services, SERVICE_STOP_TIMEOUT):
+        say(f"{name} did not stop within {SERVICE_STOP_TIMEOUT:.0f}s: killed it")
 
 
 def run() -> int:
@@ -325,9 +265,9 @@ def run() -> int:
     command_listen = os.environ.get("CQRS_COMMAND_LISTEN", DEFAULT_COMMAND_LISTEN)
     query_listen = os.environ.get("CQRS_QUERY_LISTEN", DEFAULT_QUERY_LISTEN)
     services = [
-        Service("command_service", "command_service", command_listen),
-        Service("projector", "projector", None),
-        Service("query_service", "query_service", query_listen),
+        _service("command_service", command_listen),
+        _service("projector", None),
+        _service("query_service", query_listen),
     ]
     servers: list[ServerProcess] = []
     exit_code = 0

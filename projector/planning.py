@@ -41,6 +41,7 @@ SELF_HEALING_KINDS: Final = frozenset({NEEDS_UPGRADE, GAP, WRITE_FAILED})
 
 Decoder = Callable[[str, int, Payload], Event]
 
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """A decoded event: the JetStream message (None when not from JetStream) plus the event it carries."""

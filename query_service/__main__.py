@@ -1,30 +1,23 @@
-"""Entry point: `python -m query_service` (configured by CQRS_* environment variables, see config.py)."""
+"""Entry point: `python -m query_service` (configured only by CQRS_* environment variables, see config.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
 
-from pydantic import ValidationError
-
-from core.logs import configure_logging
-from core.tracing import configure_tracing, shutdown_tracing
+from core.entrypoint import run_service, serve_until_stopped
 from query_service.config import QuerySettings
-from query_service.server import serve
+from query_service.server import start_query_server
 
 
-def main() -> None:
-    try:
-        settings = QuerySettings()
-    except ValidationError as exc:  # a clear message, not a traceback, for a misconfigured deployment
-        sys.exit(f"query service: invalid configuration (CQRS_* environment variables):\n{exc}")
-    configure_logging(settings.log_level, "query_service")
-    configure_tracing("query_service")
-    try:
-        asyncio.run(serve(settings))  # returns after SIGTERM/SIGINT and a graceful stop: exit status 0
-    finally:
-        shutdown_tracing()
+async def serve(settings: QuerySettings, stop: asyncio.Event) -> None:
+    """Serve until `stop`; then NOT_SERVING, no new RPCs, and the grace period for in-flight ones."""
+    await serve_until_stopped(start_query_server(settings), stop, settings.grace_seconds)
+
+
+def main() -> int:
+    return run_service("query_service", QuerySettings, serve)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,7 +20,7 @@ from core import read_model as contract
 from core.dependency_metrics import dependency_metrics
 from core.read_model import CUSTOMERS_COLLECTION
 from query_service.paging import CustomerCursor, CustomerFilter
-from query_service.read_model import Document
+from query_service.read_model import Document, read_model_outage
 
 CustomersCollection = AsyncCollection[Document]
 
@@ -45,7 +45,7 @@ def normalize_email(raw: str) -> str:
 
 
 class CustomerReadModel:
-    """Queries on the `customers` collection; methods may raise PyMongo errors (see `is_mongo_unavailable`)."""
+    """Queries on the `customers` collection; an unreachable MongoDB raises `DependencyUnavailable`."""
 
     def __init__(self, collection: CustomersCollection, registry: CollectorRegistry | None = None) -> None:
         self._customers = collection
@@ -63,14 +63,16 @@ class CustomerReadModel:
 
     async def get(self, customer_id: str) -> Document | None:
         """The customer with this id, or None (also for a document that holds only order statistics)."""
-        async with self._deps.timed("mongodb", "get_customer"):
-            return await self._customers.find_one({"_id": customer_id, **_IS_CUSTOMER})
+        with read_model_outage():
+            async with self._deps.timed("mongodb", "get_customer"):
+                return await self._customers.find_one({"_id": customer_id, **_IS_CUSTOMER})
 
     async def list_page(self, filters: CustomerFilter, after: CustomerCursor | None, limit: int) -> list[Document]:
         """Up to `limit` customers matching `filters`, by name then id, strictly after `after` when given."""
-        async with self._deps.timed("mongodb", "list_customers"):
-            cursor = self._customers.find(customer_listing_query(filters, after)).sort(BY_NAME).limit(limit)
-            return await cursor.to_list()
+        with read_model_outage():
+            async with self._deps.timed("mongodb", "list_customers"):
+                cursor = self._customers.find(customer_listing_query(filters, after)).sort(BY_NAME).limit(limit)
+                return await cursor.to_list()
 
 
 def customer_listing_query(filters: CustomerFilter, after: CustomerCursor | None) -> Document:

@@ -8,8 +8,10 @@ deleted}`. Deleted orders stay as tombstones (`deleted: true`) and are never ret
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
@@ -19,6 +21,7 @@ from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure
 
 from core import read_model as contract
 from core.dependency_metrics import dependency_metrics
+from core.errors import DependencyUnavailable
 from core.read_model import ORDERS_COLLECTION
 from query_service.config import QuerySettings
 from query_service.paging import Cursor, ListFilter
@@ -72,6 +75,21 @@ def is_mongo_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, PyMongoError) and exc.timeout
 
 
+READ_MODEL: Final = "read model (MongoDB)"  # what a caller is told is down (never where it runs)
+
+
+@contextlib.contextmanager
+def read_model_outage() -> Iterator[None]:
+    """Translates a driver error that means "MongoDB is unreachable" into the project's `DependencyUnavailable`
+    at the store boundary; the driver's text (hosts, ports, topology) becomes its `detail`, for the log only."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_mongo_unavailable(exc):
+            raise
+        raise DependencyUnavailable(READ_MODEL, describe_mongo_error(exc)) from exc
+
+
 def describe_mongo_error(exc: BaseException) -> str:
     """A one-line summary of a driver error, without PyMongo's long topology description."""
     text = str(exc).split(", Topology Description:", 1)[0].strip() or type(exc).__name__
@@ -105,7 +123,7 @@ def make_client(settings: QuerySettings) -> AsyncMongoClient[Document]:
 
 
 class OrderReadModel:
-    """Queries on the `orders` collection; methods may raise PyMongo errors (see `is_mongo_unavailable`)."""
+    """Queries on the `orders` collection; an unreachable MongoDB raises `DependencyUnavailable`."""
 
     def __init__(self, collection: OrdersCollection, registry: CollectorRegistry | None = None) -> None:
         self._orders = collection
@@ -123,19 +141,22 @@ class OrderReadModel:
 
     async def get(self, order_id: str) -> Document | None:
         """The live (not deleted) order with this id, or None."""
-        async with self._deps.timed("mongodb", "get_order"):
-            return await self._orders.find_one({"_id": order_id, "deleted": {"$ne": True}})
+        with read_model_outage():
+            async with self._deps.timed("mongodb", "get_order"):
+                return await self._orders.find_one({"_id": order_id, "deleted": {"$ne": True}})
 
     async def get_including_deleted(self, order_id: str) -> Document | None:
         """The order document with this id, a tombstone (`deleted: true`) included, or None."""
-        async with self._deps.timed("mongodb", "get_order"):
-            return await self._orders.find_one({"_id": order_id})
+        with read_model_outage():
+            async with self._deps.timed("mongodb", "get_order"):
+                return await self._orders.find_one({"_id": order_id})
 
     async def list_page(self, filters: ListFilter, after: Cursor | None, limit: int) -> list[Document]:
         """Up to `limit` live orders matching `filters`, newest first, strictly after `after` when given."""
-        async with self._deps.timed("mongodb", "list_orders"):
-            cursor = self._orders.find(listing_query(filters, after)).sort(NEWEST_FIRST).limit(limit)
-            return await cursor.to_list()
+        with read_model_outage():
+            async with self._deps.timed("mongodb", "list_orders"):
+                cursor = self._orders.find(listing_query(filters, after)).sort(NEWEST_FIRST).limit(limit)
+                return await cursor.to_list()
 
 
 def listing_query(filters: ListFilter, after: Cursor | None) -> Document:

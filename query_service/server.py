@@ -5,31 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final, Protocol
 
 import grpc
 from cqrs.orders.v1 import customer_service_pb2, customer_service_pb2_grpc, query_service_pb2, query_service_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
-from core.auth import auth_interceptors
-from core.grpc_server import LIVENESS_SERVICE, bind, build_server, tls_credentials
+from core.grpc_assembly import Service, assemble_server
 from core.health import Readiness
 from core.metrics import MetricsServer, start_metrics_server
-from core.request_decoding import MalformedRequestInterceptor
-from core.rpc_metrics import RpcMetrics, RpcMetricsInterceptor
 from core.supervisor import Supervisor
-from core.tracing import server_interceptor as tracing_interceptor
+from query_service.api.customers import CustomerQueryServicer
+from query_service.api.orders import OrderQueryServicer
 from query_service.config import QuerySettings
 from query_service.consistency import CHECKPOINTS_COLLECTION, ConsistencyWaiter, ReadYourWrites
-from query_service.customer_grpc_api import CustomerQueryServicer
 from query_service.customer_read_model import CUSTOMER_INDEXES, CustomerReadModel
-from query_service.grpc_api import OrderQueryServicer
 from query_service.read_model import (
     ORDER_INDEXES,
     Document,
@@ -48,8 +42,6 @@ CUSTOMER_SERVICE_NAME: Final[str] = customer_service_pb2.DESCRIPTOR.services_by_
 HEALTH_INTERVAL_SECONDS: Final = 2.0
 READ_MODEL_CONDITION: Final = "read model (MongoDB) reachable"
 TASKS_CONDITION: Final = "background tasks running"
-# The overall status ("") and the services' own names report the same thing: can we answer from MongoDB?
-_HEALTH_SERVICES: Final = ("", SERVICE_NAME, CUSTOMER_SERVICE_NAME)
 
 
 class _AsyncHealth(Protocol):
@@ -108,18 +100,6 @@ async def start_query_server(
     and reports NOT_SERVING until a ping succeeds (checked every `health_interval` seconds).
     """
     registry = CollectorRegistry()
-    # Metrics first (outermost), so that calls the auth interceptor rejects are counted too. Configuration
-    # errors (unreadable key or certificate files) surface here, before anything is opened.
-    # Tracing first (a server span per RPC, also around rejected calls), then metrics, then auth.
-    interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
-        tracing_interceptor(),
-        RpcMetricsInterceptor(RpcMetrics(registry)),
-    ]
-    try:
-        interceptors += auth_interceptors(settings, read_services=(SERVICE_NAME, CUSTOMER_SERVICE_NAME))
-        tls = tls_credentials(settings)
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"query service: bad TLS/auth configuration: {exc}") from exc
     client = make_client(settings)
     database = client[settings.mongo_database]
     read_model = OrderReadModel.from_client(client, settings.mongo_database, registry)
@@ -132,30 +112,31 @@ async def start_query_server(
     )
     read_your_writes = ReadYourWrites(waiter, settings.query_max_wait_seconds)
     watch_hub = OrderWatchHub(read_model.collection, max_watchers=settings.query_max_watchers)
-    # Innermost: an undecodable request is INVALID_ARGUMENT (after auth, so it reveals nothing to strangers).
-    server = build_server(settings, [*interceptors, MalformedRequestInterceptor()])
-    query_service_pb2_grpc.add_OrderQueryServiceServicer_to_server(
-        OrderQueryServicer(read_model, read_your_writes, watch_hub, max_message_bytes=settings.grpc_max_message_bytes),
-        server,
-    )
-    customer_service_pb2_grpc.add_CustomerQueryServiceServicer_to_server(
-        CustomerQueryServicer(customers, read_your_writes, max_message_bytes=settings.grpc_max_message_bytes), server
-    )
-    health_servicer: _AsyncHealth = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, CUSTOMER_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    limit = settings.grpc_max_message_bytes
+    orders = OrderQueryServicer(read_model, read_your_writes, watch_hub, max_message_bytes=limit)
+    customer_queries = CustomerQueryServicer(customers, read_your_writes, max_message_bytes=limit)
     try:
-        port = bind(server, settings.query_listen, tls)
-    except RuntimeError as exc:  # grpc raises on bind failure in recent versions, returned 0 in older ones
+        assembled = await assemble_server(
+            settings,
+            component="query service",
+            listen=settings.query_listen,
+            services=(
+                Service(SERVICE_NAME, partial(query_service_pb2_grpc.add_OrderQueryServiceServicer_to_server, orders)),
+                Service(
+                    CUSTOMER_SERVICE_NAME,
+                    partial(customer_service_pb2_grpc.add_CustomerQueryServiceServicer_to_server, customer_queries),
+                ),
+            ),
+            access="read",
+            # The health servicer starts "" SERVING; we know nothing about MongoDB yet.
+            conditions=((READ_MODEL_CONDITION, False), (TASKS_CONDITION, True)),
+            registry=registry,
+        )
+    except RuntimeError:
         await client.close()
-        raise RuntimeError(f"query service cannot listen on {settings.query_listen}: {exc}") from exc
-    readiness = Readiness(health_servicer, _HEALTH_SERVICES, "query service")
-    readiness.declare(READ_MODEL_CONDITION, False)  # the health servicer starts "" SERVING; we know nothing yet
-    readiness.declare(TASKS_CONDITION, True)
-    await readiness.publish()
-    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        raise
+    server, port = assembled.server, assembled.port
+    health_servicer, readiness = assembled.health, assembled.readiness
     await server.start()
     metrics_server = None
     if settings.query_metrics_port is not None:
@@ -192,23 +173,6 @@ async def start_query_server(
         registry=registry,
         metrics=metrics_server,
     )
-
-
-async def serve(settings: QuerySettings) -> None:
-    """Runs the query service until SIGTERM or SIGINT, then shuts down gracefully."""
-    running = await start_query_server(settings)
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop_requested.set)
-    try:
-        await stop_requested.wait()
-        log.info("shutdown requested; draining for up to %ss", settings.grace_seconds)
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-        await running.stop()
 
 
 IndexPlan = tuple[AsyncCollection[Document], list[IndexModel]]

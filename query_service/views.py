@@ -9,13 +9,12 @@ from typing import Any
 from cqrs.orders.v1 import customer_pb2, order_pb2
 from google.protobuf import timestamp_pb2
 
-from core.read_model import CustomerStatus, OrderStatus
+from core.read_model import ORDER_STATUS_COUNTERS, CustomerStatus, OrderStatus
 
 # Every status of the read-model contract maps to a proto value (tests/unit/test_read_model_contract.py).
+# The proto value is named after the status (`ORDER_STATUS_<STATUS>`): a status missing from the proto fails at import.
 ORDER_STATUS_TO_PROTO: dict[str, order_pb2.OrderStatus.ValueType] = {
-    OrderStatus.DRAFT: order_pb2.ORDER_STATUS_DRAFT,
-    OrderStatus.PLACED: order_pb2.ORDER_STATUS_PLACED,
-    OrderStatus.CANCELLED: order_pb2.ORDER_STATUS_CANCELLED,
+    status: order_pb2.OrderStatus.Value(f"ORDER_STATUS_{status.value}") for status in OrderStatus
 }
 _STATUS_FROM_PROTO: dict[int, str] = {value: str(name) for name, value in ORDER_STATUS_TO_PROTO.items()}
 CUSTOMER_STATUS_TO_PROTO: dict[str, customer_pb2.CustomerStatus.ValueType] = {
@@ -125,8 +124,6 @@ def _order_stats(stats: Mapping[str, Any]) -> customer_pb2.CustomerOrderStats:
         key=lambda total: total.currency,
     )
     return customer_pb2.CustomerOrderStats(
-        draft_orders=int(stats.get("draft_orders", 0)),
-        placed_orders=int(stats.get("placed_orders", 0)),
-        cancelled_orders=int(stats.get("cancelled_orders", 0)),
+        **{counter: int(stats.get(counter, 0)) for counter in ORDER_STATUS_COUNTERS.values()},
         placed_totals=totals,
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cqrsctl.devstack import (
+from localservers import (
     ExternalNatsServer,
     MongoServer,
     NatsHandle,

@@ -19,7 +19,7 @@ from command_service.domain.customer_commands import (
     RegisterCustomer,
     RenameCustomer,
 )
-from command_service.domain.customer_validation import normalize_email, normalize_name, validate_customer
+from command_service.domain.customer_validation import normalize_email, normalize_name
 from core.customer_events import CustomerDeactivated, CustomerEmailChanged, CustomerRegistered, CustomerRenamed
 from core.errors import AlreadyExists, FailedPrecondition, NotFound
 from core.events import Event
@@ -94,11 +94,11 @@ def _apply(state: CustomerState, event: Event) -> CustomerState:
 def decide(state: CustomerState | None, command: CustomerCommand) -> list[Event]:
     """Returns the events `command` causes on `state` ([] when it changes nothing), or raises a core.errors error.
 
-    Validates the command first (InvalidArgument), then: AlreadyExists for a second registration, NotFound for
+    The command's shape was validated once on the way in (`customer_validation.validate_customer`, called by the
+    command runner for every request); here: AlreadyExists for a second registration, NotFound for
     any other command on a missing customer, FailedPrecondition for any change to a deactivated customer.
     Names and emails in the events are normalised (name stripped; email stripped, lower case, NFC).
     """
-    validate_customer(command)
     if isinstance(command, RegisterCustomer):
         return _register(state, command)
     customer = _existing(state, command.customer_id)

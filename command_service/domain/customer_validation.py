@@ -1,8 +1,9 @@
 """Shape checks of a Customer command, before any business rule: every malformed field is reported at once.
 
-`validate_customer` raises `InvalidArgument` with one `FieldViolation` per bad field, named by the proto request
-field (`customer_id`, `name`, `email`). Emails are checked in their normalised form (`normalize_email`), which is
-also the form `customer.decide` puts into events, so what is validated is exactly what is stored.
+`customer_violations` lists one `FieldViolation` per bad field, named by the proto request field (`customer_id`,
+`name`, `email`); `validate_customer` raises them as `InvalidArgument`. Emails are checked in their normalised
+form (`normalize_email`), which is also the form `customer.decide` puts into events, so what is validated is
+exactly what is stored.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from command_service.domain.customer_commands import (
     RenameCustomer,
 )
 from command_service.domain.validation import _forbidden_character, _order_id_problem, _Violations
+from core.errors import FieldViolation, InvalidArgument
 
 CUSTOMER_NAME_MAX_LENGTH: Final = 200
 EMAIL_MAX_LENGTH: Final = 254  # RFC 5321's limit on a forward path, minus the angle brackets
@@ -51,6 +53,12 @@ def normalize_name(raw: str) -> str:
 
 def validate_customer(command: CustomerCommand) -> None:
     """Raises InvalidArgument listing every malformed field of `command`; returns None when it is well formed."""
+    if found := customer_violations(command):
+        raise InvalidArgument(found)
+
+
+def customer_violations(command: CustomerCommand) -> list[FieldViolation]:
+    """Every malformed field of `command`, in field order (empty when it is well formed)."""
     violations = _Violations()
     violations.check("customer_id", _order_id_problem(command.customer_id))
     match command:
@@ -65,7 +73,7 @@ def validate_customer(command: CustomerCommand) -> None:
             pass
         case _:
             assert_never(command)
-    violations.raise_if_any()
+    return violations.items
 
 
 def name_problem(value: object) -> str | None:

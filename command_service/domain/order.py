@@ -23,7 +23,6 @@ from command_service.domain.commands import (
     PlaceOrder,
     RemoveOrderItem,
 )
-from command_service.domain.validation import validate
 from core.errors import AlreadyExists, FailedPrecondition, NotFound
 from core.events import Event
 from core.order_events import (
@@ -151,11 +150,11 @@ def _line_or_value_error(state: OrderState, sku: str, event_name: str) -> OrderL
 def decide(state: OrderState | None, command: OrderCommand) -> list[Event]:
     """Returns the events `command` causes on `state` ([] when it changes nothing), or raises a core.errors error.
 
-    Validates the command first (InvalidArgument), then applies the business rules: NotFound for a missing or
-    deleted order or line, AlreadyExists for a second create or a second line of one sku, FailedPrecondition when
-    the order's status or limits forbid the command.
+    The command's shape was validated once on the way in (`validation.validate`, called by the command runner for
+    every request); here are the business rules: NotFound for a missing or deleted order or line, AlreadyExists
+    for a second create or a second line of one sku, FailedPrecondition when the order's status or limits forbid
+    the command.
     """
-    validate(command)
     if isinstance(command, CreateOrder):
         return _create(state, command)
     order = _existing(state, command.order_id)

@@ -1,7 +1,8 @@
 """Shape checks of a command, before any business rule: every malformed field is reported at once.
 
-`validate` raises `InvalidArgument` with one `FieldViolation` per bad field, named by the proto request field path
-(e.g. `shipping_address.country`), so the gRPC layer can return them as `google.rpc.BadRequest` unchanged.
+`order_violations` lists one `FieldViolation` per bad field, named by the proto request field path (e.g.
+`shipping_address.country`), so the gRPC runner can return them as `google.rpc.BadRequest` unchanged, together
+with the request's own (request_id, missing messages); `validate` raises them as `InvalidArgument`.
 It looks only at the command, never at the order's state: that is `order.decide`'s job.
 """
 
@@ -115,6 +116,12 @@ _UUID_EXAMPLE: Final = "3f2c8a9e-5b1d-4c7a-9e2f-0a1b2c3d4e5f"
 
 def validate(command: OrderCommand) -> None:
     """Raises InvalidArgument listing every malformed field of `command`; returns None when it is well formed."""
+    if found := order_violations(command):
+        raise InvalidArgument(found)
+
+
+def order_violations(command: OrderCommand) -> list[FieldViolation]:
+    """Every malformed field of `command`, in field order (empty when it is well formed)."""
     violations = _Violations()
     violations.check("order_id", _order_id_problem(command.order_id))
     match command:
@@ -146,7 +153,7 @@ def validate(command: OrderCommand) -> None:
             pass
         case _:
             assert_never(command)
-    violations.raise_if_any()
+    return violations.items
 
 
 @dataclass
@@ -156,10 +163,6 @@ class _Violations:
     def check(self, field_path: str, problem: str | None) -> None:
         if problem is not None:
             self.items.append(FieldViolation(field=field_path, description=problem))
-
-    def raise_if_any(self) -> None:
-        if self.items:
-            raise InvalidArgument(self.items)
 
 
 def _check_address(violations: _Violations, prefix: str, address: object) -> None:

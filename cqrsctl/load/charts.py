@@ -43,8 +43,12 @@ def draw_latency_chart(timeline: Sequence[TimelinePoint], path: Path) -> None:
     latency_ax.grid(True, which="both", alpha=0.3)
     rate_ax.bar(seconds, [p.requests for p in timeline], width=0.8, color="tab:gray", label="requests")
     errors = [p.errors for p in timeline]
+    unseen = [p.not_yet_visible for p in timeline]
     if any(errors):
         rate_ax.bar(seconds, errors, width=0.8, color="tab:red", label="errors")
+    if any(unseen):  # stacked on the errors: reads of the run's own writes the read model did not show yet
+        rate_ax.bar(seconds, unseen, bottom=errors, width=0.8, color="gold", label="not yet visible")
+    if any(errors) or any(unseen):
         rate_ax.legend(loc="upper left")
     rate_ax.set_ylabel("req/s")
     rate_ax.set_xlabel("seconds since start")

@@ -8,7 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-from cqrsctl.load.config import DEFAULT_MIX_TEXT, ConfigError, LoadConfig, default_workers, format_mix, parse_mix
+from cqrsctl.load.config import (
+    DEFAULT_MIX_TEXT,
+    READ_CONSISTENCIES,
+    ConfigError,
+    LoadConfig,
+    default_workers,
+    format_mix,
+    parse_mix,
+)
 
 
 def add_load_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -44,6 +52,17 @@ def add_load_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"worker processes, each with its own event loop and channels (default {default_workers()})",
     )
     load.add_argument("--mix", default=DEFAULT_MIX_TEXT, help=f"operation weights (default {DEFAULT_MIX_TEXT})")
+    load.add_argument(
+        "--read-consistency",
+        choices=READ_CONSISTENCIES,
+        default="eventual",
+        help=(
+            "how `get` reads the orders this run wrote: eventual (no token: a read that comes before the projector "
+            "is counted as not yet visible, apart from errors) or token (carries the order's last consistency "
+            "token: the query service waits for the write, and that wait is in the GetOrder latency); "
+            "default eventual"
+        ),
+    )
     load.add_argument("--customers", type=int, default=20, help="customers registered up front (default 20)")
     load.add_argument(
         "--ttq-sample",
@@ -80,6 +99,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         max_requests=args.max_requests,
         workers=args.workers,
         mix=parse_mix(args.mix),
+        read_consistency=args.read_consistency,
         customers=args.customers,
         ttq_sample=args.ttq_sample,
         deadline=args.deadline,
@@ -118,7 +138,8 @@ def run_load_command(args: argparse.Namespace) -> int:
         load = f"{config.rate:g} req/s" if config.mode == "open" else f"{config.concurrency} callers"
         print(
             f"cqrs load: {config.mode} loop, {load}, {config.effective_workers} workers, up to {bound}; "
-            f"mix {format_mix(config.mix)}; commands {config.command_addr}, queries {config.query_addr}",
+            f"mix {format_mix(config.mix)}, {config.read_consistency} reads; "
+            f"commands {config.command_addr}, queries {config.query_addr}",
             file=sys.stderr,
         )
     try:
@@ -136,7 +157,7 @@ def run_load_command(args: argparse.Namespace) -> int:
     totals, ttq = data["totals"], data["time_to_queryable_ms"]
     print(
         f"{totals['requests']:,} requests in {report.duration_s:.1f}s = {totals['throughput_rps']:,.0f} req/s, "
-        f"errors {totals['errors']:,}, dropped {totals['dropped']:,}; "
+        f"errors {totals['errors']:,}, not yet visible {totals['not_yet_visible']:,}, dropped {totals['dropped']:,}; "
         f"p99 commands {data['commands']['latency_ms']['p99']:.1f} ms, "
         f"queries {data['queries']['latency_ms']['p99']:.1f} ms; "
         f"time-to-queryable p50 {ttq['p50']:.1f} ms, p99 {ttq['p99']:.1f} ms ({ttq['count']} measured, "

@@ -20,6 +20,7 @@ class TimelinePoint:
     commands_p99: float | None
     queries_p50: float | None
     queries_p99: float | None
+    not_yet_visible: int = 0  # reads of the run's own writes the read model did not show yet (not in `errors`)
 
 
 @dataclass
@@ -29,6 +30,7 @@ class _Second:
     requests: int = 0
     errors: int = 0
     dropped: int = 0
+    not_yet_visible: int = 0
 
 
 class Collector:
@@ -41,6 +43,7 @@ class Collector:
         self.failures: dict[int, str] = {}
         self.requests = 0
         self.errors = 0
+        self.not_yet_visible = 0
         self.dropped = 0
         self.live = hist.new_histogram(hist.COARSE_DIGITS)  # every request so far, for the live p99
         self.timeline: list[TimelinePoint] = []
@@ -81,9 +84,11 @@ class Collector:
         second.requests += tick.requests
         second.errors += tick.errors
         second.dropped += tick.dropped
+        second.not_yet_visible += tick.not_yet_visible
         self.requests += tick.requests
         self.errors += tick.errors
         self.dropped += tick.dropped
+        self.not_yet_visible += tick.not_yet_visible
         self._last_tick[tick.worker_id] = tick.second
         if tick.final:
             self.pending_probes[tick.worker_id] = tick.pending_probes
@@ -111,6 +116,7 @@ class Collector:
                 commands_p99=pct(second.commands, 99.0),
                 queries_p50=pct(second.queries, 50.0),
                 queries_p99=pct(second.queries, 99.0),
+                not_yet_visible=second.not_yet_visible,
             )
         )
 

@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 Mode = Literal["open", "closed"]
+# How the mix's GetOrder reads its own writes: "eventual" sends no consistency token (a read may come before the
+# projector applied the write: counted as not yet visible), "token" sends the token of the order's last
+# acknowledged command, so the query service waits until the read model reflects it.
+ReadConsistency = Literal["eventual", "token"]
+READ_CONSISTENCIES: Final[tuple[ReadConsistency, ...]] = ("eventual", "token")
 
 # Operation name in --mix -> the RPC it sends (CreateOrder is also the fallback when no pooled order fits).
 OPERATIONS: Final[Mapping[str, str]] = {
@@ -111,6 +116,7 @@ class LoadConfig:
     ttq_timeout: float = 10.0
     max_ttq_probes: int = 256  # per worker; samples beyond it are skipped (and counted) rather than queued
     seed: int | None = None
+    read_consistency: ReadConsistency = "eventual"
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad setting."""
@@ -133,6 +139,10 @@ class LoadConfig:
             raise ConfigError(f"workers must be in [1, {MAX_WORKERS}], got {self.workers}")
         if not any(self.mix.get(op, 0) > 0 for op in OPERATIONS) or any(op not in OPERATIONS for op in self.mix):
             raise ConfigError(f"mix must weigh some of {', '.join(OPERATIONS)} and nothing else")
+        if self.read_consistency not in READ_CONSISTENCIES:
+            raise ConfigError(
+                f"read-consistency must be one of {', '.join(READ_CONSISTENCIES)}, got {self.read_consistency!r}"
+            )
         if not (1 <= self.customers <= MAX_CUSTOMERS):
             raise ConfigError(f"customers must be in [1, {MAX_CUSTOMERS}], got {self.customers}")
         if not (0.0 <= self.ttq_sample <= 1.0):
@@ -175,6 +185,7 @@ class LoadConfig:
             "workers": self.effective_workers,
             "processes": self.processes,
             "mix": dict(self.mix),
+            "read_consistency": self.read_consistency,
             "customers": self.customers,
             "ttq_sample": self.ttq_sample,
             "deadline_s": self.deadline,

@@ -28,6 +28,7 @@ class WorkerSpec:
     max_ttq_probes: int
     seed: int
     start_timeout: float = 120.0
+    read_consistency: str = "eventual"  # config.ReadConsistency: does `get` carry its order's last token?
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,15 @@ class Tick:
     queries: bytes
     final: bool = False  # the worker sent its last request; it may still wait for time-to-queryable probes
     pending_probes: int = 0
+    not_yet_visible: int = 0  # reads of the run's own writes the read model did not show yet (not in `errors`)
 
 
 @dataclass(frozen=True)
 class RpcResult:
     count: int
-    errors_by_code: dict[str, int]
+    errors_by_code: dict[str, int]  # real errors only: not_yet_visible replies are counted apart
     histogram: bytes  # encoded precise histogram
+    not_yet_visible: int = 0
 
 
 @dataclass(frozen=True)

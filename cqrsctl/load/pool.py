@@ -31,6 +31,7 @@ class PooledOrder:
     customer_id: str
     created_at: float
     version: int
+    token: str = ""  # consistency token of the last acknowledged command on this order
     status: Status = Status.DRAFT
     skus: list[str] = field(default_factory=list)
     sku_seq: int = 0
@@ -111,14 +112,15 @@ class OrderPool:
             return self._draft_empty
         return self._draft_full if len(order.skus) >= MAX_LINES else self._draft_open
 
-    def add_new(self, order_id: str, customer_id: str, version: int, now: float) -> None:
-        """A freshly created draft; evicts the oldest order when the pool is full."""
+    def add_new(self, order_id: str, customer_id: str, version: int, now: float, token: str = "") -> None:
+        """A freshly created draft (`token`: its CreateOrder's consistency token); evicts the oldest order when the
+        pool is full."""
         while len(self._orders) >= self.capacity and self._fifo:
             oldest = self._fifo.popleft()
             if oldest in self._orders:
                 self._remove(oldest)
                 self.evicted += 1
-        order = PooledOrder(order_id, customer_id, created_at=now, version=version)
+        order = PooledOrder(order_id, customer_id, created_at=now, version=version, token=token)
         self._orders[order_id] = order
         self._all.add(order_id)
         self._fifo.append(order_id)
@@ -153,6 +155,10 @@ class OrderPool:
         home = self._home(order)
         if home is not None:
             home.add(order.order_id)
+
+    def get(self, order_id: str) -> PooledOrder | None:
+        """The pooled order with this id (busy or not), None when it is not (or no longer) in the pool."""
+        return self._orders.get(order_id)
 
     def pick_for_read(self, now: float) -> str | None:
         """A random pooled order old enough to be in the read model already, else the oldest one."""

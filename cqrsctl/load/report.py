@@ -20,11 +20,13 @@ CHART_FILES: Final = {"latency": "latency.png", "lag": "lag.png"}
 
 @dataclass
 class RpcStats:
-    """One RPC (or all commands / all queries) over the whole run."""
+    """One RPC (or all commands / all queries) over the whole run. `errors_by_code` holds real errors only: reads of
+    the run's own writes that the read model did not show yet are `not_yet_visible` (see `cqrsctl.load.outcome`)."""
 
     count: int
     errors_by_code: dict[str, int]
     histogram: hist.Histogram
+    not_yet_visible: int = 0
 
     @property
     def errors(self) -> int:
@@ -34,17 +36,20 @@ class RpcStats:
         return {
             "count": self.count,
             "errors_by_code": dict(sorted(self.errors_by_code.items())),
+            "not_yet_visible": self.not_yet_visible,
             "throughput_rps": _rate(self.count, duration_s),
             "latency_ms": hist.summary_ms(self.histogram),
         }
 
 
 def merge_rpc_stats(parts: Iterable[RpcResult | RpcStats]) -> RpcStats:
-    """Adds up counts, error counts and histograms (encoded ones from workers, or already merged ones)."""
+    """Adds up counts, error and not-yet-visible counts and histograms (encoded ones from workers, or already merged
+    ones)."""
     total = RpcStats(0, {}, hist.new_histogram())
     errors: Counter[str] = Counter()
     for part in parts:
         total.count += part.count
+        total.not_yet_visible += part.not_yet_visible
         errors.update(part.errors_by_code)
         source = hist.decode(part.histogram) if isinstance(part, RpcResult) else part.histogram
         hist.merge_into(total.histogram, source)
@@ -79,6 +84,10 @@ class LoadReport:
         return self.commands.errors + self.queries.errors
 
     @property
+    def not_yet_visible(self) -> int:
+        return self.commands.not_yet_visible + self.queries.not_yet_visible
+
+    @property
     def throughput_rps(self) -> float:
         return _rate(self.requests, self.duration_s)
 
@@ -89,6 +98,7 @@ class LoadReport:
             "totals": {
                 "requests": self.requests,
                 "errors": self.errors,
+                "not_yet_visible": self.not_yet_visible,
                 "throughput_rps": self.throughput_rps,
                 "dropped": self.dropped,
             },
@@ -153,12 +163,13 @@ def render_summary(report: LoadReport) -> str:
     totals = data["totals"]
     out += ["", "## Totals", ""]
     out += _table(
-        ["duration (s)", "requests", "errors", "throughput (req/s)", "dropped arrivals"],
+        ["duration (s)", "requests", "errors", "not yet visible", "throughput (req/s)", "dropped arrivals"],
         [
             (
                 f"{report.duration_s:.2f}",
                 totals["requests"],
                 totals["errors"],
+                totals["not_yet_visible"],
                 totals["throughput_rps"],
                 totals["dropped"],
             )
@@ -193,12 +204,8 @@ def render_summary(report: LoadReport) -> str:
     if charts:
         out += ["", "## Charts", "", *charts]
     notes = []
-    not_found = data["rpcs"].get("GetOrder", {}).get("errors_by_code", {}).get("NOT_FOUND", 0)
-    if not_found:
-        notes.append(
-            f"{not_found} GetOrder calls answered NOT_FOUND: the order was created but not yet in the read model "
-            "(reads without a consistency token are eventually consistent; GetOrder prefers orders older than 1 s)."
-        )
+    if report.not_yet_visible:
+        notes.append(_not_yet_visible_note(report.not_yet_visible, cfg.get("read_consistency")))
     if report.fallbacks:
         notes.append(f"{report.fallbacks} operations found no pooled order in a fitting state and sent CreateOrder.")
     if report.dropped:
@@ -209,6 +216,20 @@ def render_summary(report: LoadReport) -> str:
     if notes:
         out += ["", "## Notes", "", *(f"- {n}" for n in notes)]
     return "\n".join(out) + "\n"
+
+
+def _not_yet_visible_note(count: int, read_consistency: object) -> str:
+    lag = f"{count} reads of orders this run wrote came before the read model showed the write"
+    apart = "replication lag, counted as not yet visible and not as errors."
+    if read_consistency == "token":
+        return (
+            f"{lag}: they carried the write's consistency token and the query service's wait for it ran out "
+            f"(UNAVAILABLE after CQRS_QUERY_MAX_WAIT_SECONDS, or near --deadline); {apart}"
+        )
+    return (
+        f"{lag} (NOT_FOUND): {apart} Reads without a consistency token are eventually consistent (GetOrder prefers "
+        "orders older than 1 s); `--read-consistency token` makes them wait for their write."
+    )
 
 
 def write_report(report: LoadReport, out_dir: Path, *, charts: bool = True) -> None:

@@ -163,6 +163,7 @@ def make_specs(config: LoadConfig, customer_ids: tuple[str, ...]) -> list[Worker
             max_ttq_probes=config.max_ttq_probes,
             seed=seed + w,
             start_timeout=READY_TIMEOUT,
+            read_consistency=config.read_consistency,
         )
         for w in range(workers)
     ]
@@ -282,6 +283,7 @@ async def _print_progress(collector: Collector, started: asyncio.Event, out: Tex
 def _print_line(out: TextIO, elapsed: float, collector: Collector, rate: float) -> None:
     line = (
         f"[{elapsed:6.1f}s] {collector.requests:>9,} requests  {rate:>8,.0f} req/s  "
-        f"errors {collector.errors:,}  dropped {collector.dropped:,}  p99 {collector.live_p99_ms():.1f} ms"
+        f"errors {collector.errors:,}  not yet visible {collector.not_yet_visible:,}  dropped {collector.dropped:,}  "
+        f"p99 {collector.live_p99_ms():.1f} ms"
     )
     print(line, file=out, flush=True)

@@ -26,6 +26,7 @@ from cqrs.orders.v1 import query_service_pb2_grpc as qgrpc
 from cqrsctl.load import histograms as hist
 from cqrsctl.load.config import COMMAND_RPCS, OPERATIONS
 from cqrsctl.load.messages import Done, Ready, RpcResult, Tick, WorkerMessage, WorkerResult, WorkerSpec
+from cqrsctl.load.outcome import Outcome, classify
 from cqrsctl.load.pool import OrderPool, PooledOrder, Status
 from cqrsctl.load.schedule import ArrivalSchedule
 
@@ -33,18 +34,20 @@ ADDRESS = order_pb2.Address(
     recipient="Load Tester", line1="1 Benchmark Way", city="Berlin", postal_code="10115", country="DE"
 )
 # Codes that say the pool's idea of the order is wrong: drop it rather than fail on it again.
-_STALE_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
+_STALE_CODES = frozenset({"FAILED_PRECONDITION", "NOT_FOUND"})
 
 Emit = Callable[[WorkerMessage], None]
 
 
 class _Recorder:
-    """Per-RPC histograms and error counts for the whole run, plus coarse per-second ones for the timeline."""
+    """Per-RPC histograms, error and not-yet-visible counts for the whole run, plus coarse per-second ones for the
+    timeline."""
 
     def __init__(self) -> None:
         self.histograms: dict[str, hist.Histogram] = {}
         self.counts: Counter[str] = Counter()
         self.errors: dict[str, Counter[str]] = {}
+        self.not_yet_visible: Counter[str] = Counter()
         self._reset_interval()
 
     def _reset_interval(self) -> None:
@@ -52,9 +55,11 @@ class _Recorder:
         self.interval_queries = hist.new_histogram(hist.COARSE_DIGITS)
         self.interval_requests = 0
         self.interval_errors = 0
+        self.interval_not_yet_visible = 0
         self.interval_dropped = 0
 
-    def record(self, rpc: str, seconds: float, code: grpc.StatusCode | None) -> None:
+    def record(self, rpc: str, seconds: float, outcome: Outcome, code: str | None = None) -> None:
+        """One completed request; `code` names the status of an ERROR."""
         histogram = self.histograms.get(rpc)
         if histogram is None:
             histogram = self.histograms[rpc] = hist.new_histogram()
@@ -62,9 +67,12 @@ class _Recorder:
         hist.record_seconds(histogram, seconds)
         self.counts[rpc] += 1
         self.interval_requests += 1
-        if code is not None:
-            self.errors[rpc][code.name] += 1
+        if outcome is Outcome.ERROR:
+            self.errors[rpc][code or "UNKNOWN"] += 1
             self.interval_errors += 1
+        elif outcome is Outcome.NOT_YET_VISIBLE:
+            self.not_yet_visible[rpc] += 1
+            self.interval_not_yet_visible += 1
         hist.record_seconds(self.interval_commands if rpc in COMMAND_RPCS else self.interval_queries, seconds)
 
     def take_tick(self, worker_id: int, second: int, *, final: bool = False, pending_probes: int = 0) -> Tick:
@@ -78,13 +86,14 @@ class _Recorder:
             queries=hist.encode(self.interval_queries),
             final=final,
             pending_probes=pending_probes,
+            not_yet_visible=self.interval_not_yet_visible,
         )
         self._reset_interval()
         return tick
 
     def results(self) -> dict[str, RpcResult]:
         return {
-            rpc: RpcResult(self.counts[rpc], dict(self.errors[rpc]), hist.encode(h))
+            rpc: RpcResult(self.counts[rpc], dict(self.errors[rpc]), hist.encode(h), self.not_yet_visible[rpc])
             for rpc, h in self.histograms.items()
         }
 
@@ -199,39 +208,43 @@ class Worker:
     async def _one(self, intended: float | None) -> None:
         """Sends one operation and records its latency, from `intended` when given, else from the send."""
         operation = self._choose()
-        order: PooledOrder | None = None
-        read_id: str | None = None
+        order: PooledOrder | None = None  # the order a command acts on
+        read: PooledOrder | None = None  # the order a `get` reads: one this run created
         if operation in ("add", "change", "place", "cancel"):
             order = self._pool.take(operation)
         elif operation == "get":
             read_id = self._pool.pick_for_read(time.perf_counter())
+            read = None if read_id is None else self._pool.get(read_id)
         if (order is None and operation in ("add", "change", "place", "cancel")) or (
-            operation == "get" and read_id is None
+            operation == "get" and read is None
         ):
             operation = "create"
             self._fallbacks += 1
         rpc = OPERATIONS[operation]
         sent = time.perf_counter()
-        code: grpc.StatusCode | None = None
+        code: str | None = None
+        details = ""
         version = 0
         order_id = token = ""
         try:
-            order_id, version, token = await self._send(operation, order, read_id)
+            order_id, version, token = await self._send(operation, order, read)
         except grpc.aio.AioRpcError as exc:
-            code = exc.code()
+            code, details = exc.code().name, exc.details() or ""
         done = time.perf_counter()
         self._last_completion = max(self._last_completion, done)
-        self._rec.record(rpc, done - (sent if intended is None else intended), code)
+        outcome = classify(code, details, reads_own_write=read is not None)
+        self._rec.record(rpc, done - (sent if intended is None else intended), outcome, code)
         if order is not None:
             if code is None:
-                order.version = version
+                order.version, order.token = version, token
             self._pool.release(order, keep=code not in _STALE_CODES)
         if code is None and rpc in COMMAND_RPCS and self._rng.random() < self.spec.ttq_sample:
             self._start_probe(order_id, version, token, done)
 
-    async def _send(self, operation: str, order: PooledOrder | None, read_id: str | None) -> tuple[str, int, str]:
+    async def _send(self, operation: str, order: PooledOrder | None, read: PooledOrder | None) -> tuple[str, int, str]:
         """Sends `operation`; returns (order id, version, consistency token) of a command's result; updates `order`
-        on success."""
+        on success. A `get` of `read` carries its last token in token mode (the query service then waits until
+        the read model reflects that command), none in eventual mode."""
         timeout = self.spec.deadline
         if operation == "create":
             customer = self._rng.choice(self.spec.customer_ids)
@@ -241,12 +254,14 @@ class Worker:
                 ),
                 timeout=timeout,
             )
-            self._pool.add_new(created.result.order_id, customer, created.result.version, time.perf_counter())
-            return created.result.order_id, created.result.version, created.result.consistency_token
+            result = created.result
+            self._pool.add_new(result.order_id, customer, result.version, time.perf_counter(), result.consistency_token)
+            return result.order_id, result.version, result.consistency_token
         if operation == "get":
-            assert read_id is not None
-            await self._queries.GetOrder(qpb.GetOrderRequest(order_id=read_id), timeout=timeout)
-            return read_id, 0, ""
+            assert read is not None
+            token = read.token if self.spec.read_consistency == "token" else ""
+            await self._queries.GetOrder(_get_order_request(read.order_id, token), timeout=timeout)
+            return read.order_id, 0, ""
         if operation == "list":
             customer = self._rng.choice(self.spec.customer_ids)
             await self._queries.ListOrders(qpb.ListOrdersRequest(customer_id=customer, page_size=20), timeout=timeout)
@@ -303,9 +318,7 @@ class Worker:
         """
         spec = self.spec
         give_up = replied_at + spec.ttq_timeout
-        request = qpb.GetOrderRequest(
-            order_id=order_id, consistency=consistency_pb2.ConsistencyRequirement(consistency_tokens=[token])
-        )
+        request = _get_order_request(order_id, token)
         while True:
             remaining = give_up - time.perf_counter()
             if remaining <= 0:
@@ -324,6 +337,15 @@ class Worker:
 
 # Pause before repeating a time-to-queryable probe the server could not answer yet (its wait ran out, or an error).
 _PROBE_RETRY_SECONDS = 0.01
+
+
+def _get_order_request(order_id: str, token: str) -> qpb.GetOrderRequest:
+    """GetOrder for `order_id`; with a `token`, answered once the read model reflects that command."""
+    if not token:
+        return qpb.GetOrderRequest(order_id=order_id)
+    return qpb.GetOrderRequest(
+        order_id=order_id, consistency=consistency_pb2.ConsistencyRequirement(consistency_tokens=[token])
+    )
 
 
 def _rid() -> str:

@@ -27,7 +27,7 @@ from core.customer_events import (
 )
 from core.envelope import RecordedEvent
 from core.events import Event
-from core.read_model import CUSTOMER_INDEXES, CUSTOMERS_COLLECTION, CustomerStatus
+from core.read_model import CUSTOMER_INDEXES, CUSTOMERS_COLLECTION, ORDER_STATUS_COUNTERS, CustomerStatus
 from projector.projections import Document, Handler, Projection
 
 # The names and indexes are the read-model contract's (core/read_model.py), shared with the query service.
@@ -43,7 +43,7 @@ E = TypeVar("E", bound=Event)
 
 
 def empty_order_stats() -> dict[str, Any]:
-    return {"draft_orders": 0, "placed_orders": 0, "cancelled_orders": 0, "placed_totals": []}
+    return {**dict.fromkeys(ORDER_STATUS_COUNTERS.values(), 0), "placed_totals": []}
 
 
 def _as(event: Event, kind: type[E]) -> E:

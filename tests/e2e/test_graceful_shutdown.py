@@ -25,7 +25,7 @@ from command_service.event_store import EventStore
 from command_service.handlers import CommandContext, customer_handler
 from command_service.migrate import migrate
 from command_service.relay import OutboxRelay, RelaySettings
-from cqrsctl.devstack import free_port
+from localservers import free_port
 from projector.config import ProjectorSettings
 from projector.runner import Projector
 from tests.support import create_database, eventually

@@ -57,6 +57,7 @@ def _check_report(report: dict[str, Any]) -> None:
     totals = report["totals"]
     assert totals["requests"] > 0
     assert totals["throughput_rps"] > 0
+    assert totals["not_yet_visible"] == report["rpcs"].get("GetOrder", {}).get("not_yet_visible", 0)
     for name, entry in {**report["rpcs"], "commands": report["commands"], "queries": report["queries"]}.items():
         bad = {code: n for code, n in entry["errors_by_code"].items() if code in ("INTERNAL", "UNKNOWN")}
         assert not bad, f"{name} answered {bad}"
@@ -68,6 +69,10 @@ def _check_report(report: dict[str, Any]) -> None:
     assert report["charts"] == {"latency": "latency.png", "lag": "lag.png"}
 
 
+def _errors(report: dict[str, Any]) -> dict[str, dict[str, int]]:
+    return {name: entry["errors_by_code"] for name, entry in report["rpcs"].items() if entry["errors_by_code"]}
+
+
 async def test_closed_loop_run_writes_a_complete_report(stack: Stack, tmp_path: Path) -> None:
     report = await _run_load_cli(
         stack, tmp_path, "--mode", "closed", "--concurrency", "4", "--duration", "3", "--workers", "2",
@@ -75,10 +80,28 @@ async def test_closed_loop_run_writes_a_complete_report(stack: Stack, tmp_path: 
     )  # fmt: skip
     _check_report(report)
     assert report["config"]["mode"] == "closed" and report["config"]["workers"] == 2
+    assert report["config"]["read_consistency"] == "eventual"
     assert report["totals"]["dropped"] == 0
+    # Reads that come before the projector are replication lag (not_yet_visible), so a healthy run has no errors.
+    assert report["totals"]["errors"] == 0, _errors(report)
     assert "CreateOrder" in report["rpcs"]
     summary = (tmp_path / "summary.md").read_text()
     assert "## Latency by RPC (ms)" in summary and "## Time to queryable (ms)" in summary
+    assert "| errors | not yet visible |" in summary
+
+
+async def test_token_reads_wait_for_their_write(stack: Stack, tmp_path: Path) -> None:
+    """With --read-consistency token every GetOrder of the run's own orders carries its write's token: the query
+    service answers once the read model has it, so no read is not yet visible."""
+    report = await _run_load_cli(
+        stack, tmp_path, "--mode", "closed", "--concurrency", "4", "--duration", "3", "--workers", "2",
+        "--ttq-sample", "0.1", "--customers", "4", "--mix", "create=2,add=1,get=6", "--read-consistency", "token",
+    )  # fmt: skip
+    _check_report(report)
+    assert report["config"]["read_consistency"] == "token"
+    assert report["rpcs"]["GetOrder"]["count"] > 0
+    assert report["totals"]["not_yet_visible"] == 0, report["rpcs"]["GetOrder"]
+    assert report["totals"]["errors"] == 0, _errors(report)
 
 
 async def test_open_loop_run_keeps_to_its_schedule(stack: Stack, tmp_path: Path) -> None:

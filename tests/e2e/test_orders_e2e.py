@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from command_service.config import CommandServiceSettings
 from command_service.server import start_command_server
 from core.grpc_errors import field_violations
-from cqrsctl.devstack import NatsHandle
+from localservers import NatsHandle
 from tests.e2e.conftest import Stack
 from tests.support import eventually
 

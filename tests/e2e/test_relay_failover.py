@@ -14,7 +14,7 @@ import pytest
 from command_service.event_store import EventStore
 from command_service.migrate import migrate
 from command_service.relay_lease import RELAY_LOCK_KEY
-from cqrsctl.devstack import free_port
+from localservers import free_port
 from tests.e2e.test_graceful_shutdown import Env, _spawn, _terminate, _wait_serving
 from tests.support import create_database, eventually, registered_customer
 

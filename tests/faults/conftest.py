@@ -2,7 +2,7 @@
 
 These scenarios kill, pause and cut off the servers, so they never use the shared session servers of
 `tests/conftest.py` (nor `TEST_*_URL` servers, which we could not kill): every `stack` starts dedicated ones from
-`cqrsctl.devstack` on free ports with data in a temporary directory, and stops them afterwards.
+`localservers` on free ports with data in a temporary directory, and stops them afterwards.
 """
 
 from __future__ import annotations

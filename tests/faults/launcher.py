@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cqrsctl.devstack import MongoServer, NatsServer, PostgresServer, ServerProcess, stop_all
+from localservers import MongoServer, NatsServer, PostgresServer, ServerProcess, stop_all
 
 
 def servers_for(base: Path, pg_port: int, nats_port: int, mongo_port: int) -> dict[str, ServerProcess]:

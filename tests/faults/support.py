@@ -42,8 +42,8 @@ from pymongo import AsyncMongoClient
 
 from core.customer_events import CUSTOMER_STREAM_TYPE
 from core.order_events import ORDER_STREAM_TYPE
-from cqrsctl.devstack import PostgresServer, ServerProcess, free_port, log_tail, with_parent_death_signal
 from cqrsctl.verify import VerifyConfig, run_verify
+from localservers import PostgresServer, ServerProcess, ServiceProcess, free_port, log_tail, with_parent_death_signal
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,24 +122,31 @@ class Names:
 
 
 class Service:
-    """One of our services as a real subprocess (`python -m module`), output appended to a log file."""
+    """One of our services as a real subprocess (`python -m module`, started by `localservers.ServiceProcess`), output
+    appended to a log file; the scenario's async API over it."""
 
     def __init__(self, module: str, env: dict[str, str], log_path: Path, address: str = "") -> None:
         self.module = module
         self.env = env
         self.log_path = log_path
         self.address = address
-        self.proc: asyncio.subprocess.Process | None = None
-        self.starts = 0
+        # SIGKILL if pytest dies: a scenario's services are thrown away, a clean stop would only cost time.
+        self.process = ServiceProcess(
+            module, listen=address or None, log_path=log_path, cwd=REPO_ROOT, death_signal=signal.SIGKILL
+        )
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.process.pid is not None
+        return self.process.pid
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        return self.process.running
+
+    @property
+    def starts(self) -> int:
+        return self.process.starts
 
     async def start(self, *, extra_env: dict[str, str] | None = None) -> Service:
         """Starts it (again); `extra_env` applies to this start only (e.g. `CQRS_FAILPOINTS`)."""
@@ -147,18 +154,7 @@ class Service:
         env = {**os.environ, **self.env, **(extra_env or {})}
         if not extra_env or "CQRS_FAILPOINTS" not in extra_env:
             env.pop("CQRS_FAILPOINTS", None)
-        self.starts += 1
-        with self.log_path.open("ab") as log:
-            log.write(f"\n=== start #{self.starts} of {self.module} {extra_env or ''} ===\n".encode())
-            log.flush()
-            self.proc = await asyncio.create_subprocess_exec(
-                *with_parent_death_signal([sys.executable, "-m", self.module], signal.SIGKILL),
-                env=env,
-                cwd=REPO_ROOT,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
+        self.process.start(env, note=str(extra_env or ""))
         return self
 
     async def wait_serving(self, timeout: float = SERVING_TIMEOUT) -> float:
@@ -175,48 +171,31 @@ class Service:
 
     @property
     def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.returncode
+        return self.process.returncode
 
     async def kill(self) -> None:
         """SIGKILL (continuing it first would not matter: SIGKILL ends a stopped process too)."""
-        if self.alive:
-            assert self.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+        self.process.kill()
         await self.wait_exit(10, "SIGKILL")
 
     def pause(self) -> None:
-        os.kill(self.pid, signal.SIGSTOP)
+        self.process.pause()
 
     def resume(self) -> None:
-        if self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGCONT)
+        self.process.resume()
 
     async def wait_exit(self, timeout: float, why: str) -> int:
-        assert self.proc is not None
         try:
-            return await asyncio.wait_for(self.proc.wait(), timeout=timeout)
+            return await self.process.async_wait(timeout)
         except TimeoutError:
             raise AssertionError(f"{self.module} (pid {self.pid}) did not exit within {timeout}s of {why}") from None
 
     async def terminate(self, timeout: float = 15.0) -> None:
         """SIGTERM, then SIGKILL if it does not exit in time (teardown only)."""
-        if not self.alive:
-            return
-        assert self.proc is not None
-        self.resume()
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.terminate()
-        try:
-            await asyncio.wait_for(self.proc.wait(), timeout=timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
+        await self.process.async_stop(timeout)
 
     def tail(self, max_bytes: int = 3000) -> str:
-        return log_tail(self.log_path, max_bytes)
+        return self.process.tail(max_bytes)
 
     def log_text(self) -> str:
         try:

@@ -13,7 +13,7 @@ import pytest
 from cqrs.orders.v1 import customer_service_pb2, customer_service_pb2_grpc
 
 from command_service.migrate import migrate
-from cqrsctl.devstack import free_port
+from localservers import free_port
 from tests.e2e.test_graceful_shutdown import _spawn, _terminate, _wait_serving
 from tests.faults.proxy import FaultProxy
 from tests.support import create_database

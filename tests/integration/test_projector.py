@@ -38,7 +38,7 @@ from core.order_events import (
 )
 from core.subjects import event_subject
 from core.values import Address
-from cqrsctl.devstack import MongoServer, NatsServer, free_port
+from localservers import MongoServer, NatsServer, free_port
 from projector.config import ProjectorSettings
 from projector.planning import Decoder
 from projector.runner import Projector

@@ -21,7 +21,7 @@ from command_service.relay import OutboxRelay, RelaySettings
 from core.envelope import HEADER_MSG_ID, EventMetadata, RecordedEvent
 from core.order_events import OrderItemAdded
 from core.values import Address
-from cqrsctl.devstack import NatsHandle
+from localservers import NatsHandle
 from tests.support import eventually, registered_customer
 
 ADDRESS = Address("Ada", "1 Main St", "", "London", "N1", "GB")

@@ -22,7 +22,7 @@ from command_service.handlers import order_handler
 from command_service.migrate import migrate
 from core.errors import Unavailable
 from core.jetstream import event_stream_config
-from cqrsctl.devstack import NatsHandle, PostgresServer, free_port
+from localservers import NatsHandle, PostgresServer, free_port
 from tests.integration.test_relay import (
     ADDRESS,
     ctx,

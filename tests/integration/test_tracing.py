@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from command_service.customer_grpc_api import CustomerCommandServicer
+from command_service.api.customers import CustomerCommandServicer
 from command_service.event_store import EventStore
 from command_service.handlers import customer_handler
 from command_service.relay import OutboxRelay, RelaySettings

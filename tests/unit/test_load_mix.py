@@ -17,6 +17,7 @@ from cqrsctl.load.config import (
     format_mix,
     parse_mix,
 )
+from cqrsctl.load.runner import make_specs
 from cqrsctl.main import build_parser
 
 
@@ -75,6 +76,7 @@ def test_a_run_needs_a_bound_and_both_bounds_are_capped() -> None:
         LoadConfig(duration=1, customers=0),
         LoadConfig(duration=1, mix={"create": 1, "bogus": 1}),
         LoadConfig(duration=1, command_addr=""),
+        LoadConfig(duration=1, read_consistency="strong"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_settings_are_refused(config: LoadConfig) -> None:
@@ -99,6 +101,14 @@ def test_cli_flags_become_a_process_based_config(monkeypatch: pytest.MonkeyPatch
     assert config.mix == {"create": 1.0, "get": 2.0}
     assert str(config.out_dir) == "load-report"
     assert config.query_addr == "127.0.0.1:50052"
+    assert config.read_consistency == "eventual" and config.describe()["read_consistency"] == "eventual"
+
+
+def test_read_consistency_flag_reaches_every_worker() -> None:
+    args = build_parser().parse_args(["load", "--duration", "1", "--workers", "2", "--read-consistency", "token"])
+    config = config_from_args(args)
+    assert config.read_consistency == "token" and config.describe()["read_consistency"] == "token"
+    assert [spec.read_consistency for spec in make_specs(config, ("c1",))] == ["token", "token"]
 
 
 @pytest.mark.parametrize(
@@ -120,6 +130,7 @@ def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -
 def test_flags_argparse_rejects_exit_2() -> None:
     from cqrsctl.main import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(["load", "--duration", "abc"])
-    assert exc.value.code == 2
+    for argv in (["load", "--duration", "abc"], ["load", "--duration", "1", "--read-consistency", "strong"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2

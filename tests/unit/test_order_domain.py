@@ -27,7 +27,7 @@ from command_service.domain.order import (
     evolve,
     fold,
 )
-from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ServiceError
+from core.errors import AlreadyExists, FailedPrecondition, NotFound, ServiceError
 from core.events import Event
 from core.order_events import (
     OrderCancelled,
@@ -124,13 +124,6 @@ def test_create_order_on_an_existing_stream_already_exists(history: tuple[Event,
     then_error(given(*history), command, AlreadyExists, f"order {ORDER_ID} already exists")
 
 
-def test_create_order_is_validated_before_anything_else() -> None:
-    command = CreateOrder(order_id=ORDER_ID, customer_id="cust-42", currency="eur", shipping_address=HOME)
-    with pytest.raises(InvalidArgument) as caught:
-        decide(given(created()), command)
-    assert [v.field for v in caught.value.violations] == ["currency"]
-
-
 # --- the order must exist ----------------------------------------------------------------------------------------
 
 
@@ -142,12 +135,6 @@ def test_commands_on_an_unknown_order_are_not_found(command: OrderCommand) -> No
 @EACH_COMMAND_ON_EXISTING
 def test_commands_on_a_deleted_order_are_not_found(command: OrderCommand) -> None:
     then_error(given(*DELETED), command, NotFound, f"order {ORDER_ID} was deleted")
-
-
-def test_validation_comes_before_existence() -> None:
-    command = AddOrderItem(order_id=ORDER_ID, sku="SKU-1", name="Coffee", quantity=0, unit_price_minor=1)
-    with pytest.raises(InvalidArgument):
-        decide(None, command)
 
 
 def test_a_state_of_another_order_is_a_programming_error_not_a_caller_error() -> None:

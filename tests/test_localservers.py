@@ -1,8 +1,9 @@
-"""The server fixtures give reachable, correctly configured servers, and the launcher's helpers behave."""
+"""The server fixtures give reachable, correctly configured servers, and the launchers' helpers behave."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -16,10 +17,11 @@ import pytest
 from nats.js.api import StorageType, StreamConfig
 from pymongo import AsyncMongoClient
 
-from cqrsctl.devstack import (
+from localservers import (
     NatsHandle,
     NatsServer,
     ServerStartError,
+    ServiceProcess,
     free_port,
     port_is_free,
     wait_for_port,
@@ -137,7 +139,7 @@ def test_a_server_stops_when_its_owner_is_killed(tmp_path: Path) -> None:
     owner = f"""
 import os
 from pathlib import Path
-from cqrsctl.devstack import NatsServer
+from localservers import NatsServer
 NatsServer(Path({str(tmp_path)!r}) / "nats", {port}).start()
 os.kill(os.getpid(), 9)  # dies without stopping it
 """
@@ -146,3 +148,39 @@ os.kill(os.getpid(), 9)  # dies without stopping it
     while not port_is_free("127.0.0.1", port):
         assert time.monotonic() < deadline, f"nats-server on port {port} outlived the process that started it"
         time.sleep(0.05)
+
+
+def test_the_service_launcher_waits_for_the_port_logs_and_stops_with_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "http.log"
+    service = ServiceProcess(
+        "http", "http.server", args=["--bind", "127.0.0.1", str(port)], listen=f"127.0.0.1:{port}", log_path=log
+    )
+    service.start(os.environ, note="probe")
+    try:
+        service.wait_ready(30)
+        assert service.running and not port_is_free("127.0.0.1", port)
+        service.pause()
+        service.resume()
+    finally:
+        assert service.stop(timeout=10), "http.server ignored SIGTERM"
+    assert service.returncode == -signal.SIGTERM
+    assert "=== start #1 of http.server probe ===" in log.read_text()
+
+
+def test_the_service_launcher_reports_a_service_that_exits_while_starting(tmp_path: Path) -> None:
+    service = ServiceProcess(
+        "broken", "no_such_module_here", listen=f"127.0.0.1:{free_port()}", log_path=tmp_path / "b.log"
+    )
+    service.start(os.environ)
+    with pytest.raises(ServerStartError, match=r"(?s)broken \(pid \d+\) exited with code 1.*No module named"):
+        service.wait_ready(30)
+
+
+async def test_the_service_launcher_hands_output_lines_over_and_waits_without_blocking() -> None:
+    lines: list[str] = []
+    service = ServiceProcess("zen", "this", on_line=lines.append)
+    service.start(os.environ)
+    assert await service.async_wait(30) == 0
+    service.wait(5)  # joins the output pump
+    assert lines[0] == "The Zen of Python, by Tim Peters"
