@@ -24,6 +24,7 @@ from command_service.event_store import (
     commit_appends,
 )
 from core.dependency_metrics import dependency_metrics
+from core.tracing import detached_task
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class GroupCommitter:
     async def submit(self, append: AppendRequest) -> CommandReply:
         if not self._flushers:
             self._flushers = [
-                asyncio.create_task(self._flush_forever(), name=f"group-commit-{i}") for i in range(self._flusher_count)
+                detached_task(self._flush_forever(), name=f"group-commit-{i}") for i in range(self._flusher_count)
             ]
         pending = _Pending(append, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)  # QueueFull (bounded backlog) surfaces as an error to this caller

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -29,6 +28,7 @@ from command_service.event_store import (
     UniqueClaim,
     VersionConflict,
 )
+from core.backoff import full_jitter
 from core.customer_events import CUSTOMER_STREAM_TYPE
 from core.envelope import EventMetadata
 from core.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound, ServiceError
@@ -37,6 +37,10 @@ from core.order_events import ORDER_STREAM_TYPE
 from core.tracing import current_traceparent, tracer
 
 log = logging.getLogger(__name__)
+
+# A version conflict is retried at once after a small random pause, so that racing writers spread out.
+CONFLICT_BACKOFF_SECONDS = 0.005
+CONFLICT_BACKOFF_CAP_SECONDS = 0.05
 
 S = TypeVar("S")
 C = TypeVar("C")
@@ -167,7 +171,7 @@ class CommandHandler(Generic[S, C]):
                         return prior
                     raise Conflict(f"{agg.name} {stream_id} was changed concurrently; reload it and retry") from None
                 log.debug("version conflict on %s (attempt %d); retrying", stream_id, attempt)
-                await asyncio.sleep(random.uniform(0, 0.005 * attempt))
+                await asyncio.sleep(full_jitter(attempt, CONFLICT_BACKOFF_SECONDS, CONFLICT_BACKOFF_CAP_SECONDS))
             except GuardMoved as moved:
                 log.debug("%s on %s (attempt %d); deciding again", moved, stream_id, attempt)
             except ClaimTaken as taken:

@@ -1,32 +1,39 @@
-"""OpenTelemetry tracing: opt-in setup from the standard `OTEL_*` environment, W3C context propagation, and a
-grpc.aio server interceptor.
+"""OpenTelemetry tracing: opt-in setup from the standard `OTEL_*` environment, W3C context propagation through the
+outbox and JetStream headers, and the gRPC / asyncpg / PyMongo spans of OpenTelemetry's own instrumentations.
 
-Off by default: unless the environment asks for an exporter, no SDK is installed and every span below is the
-OpenTelemetry API's no-op span (a few attribute look-ups, no allocation of span data, nothing exported).
+Off by default: unless the environment asks for an exporter, no SDK is installed, no database client is
+instrumented, and every span below is the OpenTelemetry API's no-op span (a few attribute look-ups, no allocation
+of span data, nothing exported).
 
 One command is one trace:
 
-    gRPC server span (`server_interceptor`) -> `command <Type>` -> `eventstore.append`
+    gRPC server span (`server_interceptor`, opentelemetry-instrumentation-grpc) -> `command <Type>`
+      -> `eventstore.append` (with asyncpg's query spans under the command)
       -> `jetstream.publish` (relay, later, in another task: the context travels in the event metadata)
       -> `projector.apply` (another process: the context travels in the message's `traceparent` header)
-      -> `mongodb.bulk_write`
+      -> `mongodb.bulk_write` -> PyMongo's command spans
 
 The relay runs after the command's RPC has returned, so the append stores its `traceparent` in the event's
-metadata; the relay continues the trace from there and puts its own context into the JetStream headers.
+metadata; the relay continues the trace from there and puts its own context into the JetStream headers. No
+instrumentation exists for nats-py: those two hops are ours (`inject_headers` / `extract_context`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import importlib
 import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from core.grpc_server import responses_of
@@ -95,19 +102,62 @@ def configure_tracing(service_name: str, environ: Mapping[str, str] | None = Non
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _provider = provider
-    log.info("OpenTelemetry tracing on for %s (exporters: %s)", service_name, ", ".join(names))
+    clients = instrument_clients()
+    log.info(
+        "OpenTelemetry tracing on for %s (exporters: %s; client spans: %s)",
+        service_name,
+        ", ".join(names),
+        ", ".join(clients) or "none",
+    )
     return True
 
 
 def shutdown_tracing() -> None:
     """Flushes and stops the exporter installed by `configure_tracing` (no-op when tracing is off)."""
     global _provider
+    uninstrument_clients()
     if _provider is not None:
         try:
             _provider.shutdown()
         except Exception as exc:  # exporting is best effort; shutting down must not fail because of it
             log.warning("flushing traces failed: %r", exc)
         _provider = None
+
+
+# ---- database client spans ---------------------------------------------------------------------------------
+
+# The client libraries with an OpenTelemetry instrumentation, by the top-level module they instrument.
+_CLIENT_INSTRUMENTORS: dict[str, tuple[str, str]] = {
+    "asyncpg": ("opentelemetry.instrumentation.asyncpg", "AsyncPGInstrumentor"),
+    "pymongo": ("opentelemetry.instrumentation.pymongo", "PymongoInstrumentor"),
+}
+_instrumented: list[Any] = []  # the instrumentors `instrument_clients` turned on
+
+
+def instrument_clients() -> list[str]:
+    """Turns on OpenTelemetry's asyncpg and PyMongo instrumentations (a CLIENT span per query / command); returns
+    the names of the libraries instrumented. `configure_tracing` calls it; tests that install their own SDK too.
+
+    Only libraries this process has already imported are instrumented, so that turning tracing on never loads
+    a driver the process does not use (query_service must not import asyncpg). Call it before the clients are
+    created: PyMongo's command listener applies to clients made after it is registered.
+    """
+    done = []
+    for library, (module, name) in _CLIENT_INSTRUMENTORS.items():
+        if library not in sys.modules:
+            continue
+        instrumentor = getattr(importlib.import_module(module), name)()  # each instrumentor is a singleton
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument()
+            _instrumented.append(instrumentor)
+        done.append(library)
+    return done
+
+
+def uninstrument_clients() -> None:
+    """Turns off what `instrument_clients` turned on (a no-op when it did nothing)."""
+    while _instrumented:
+        _instrumented.pop().uninstrument()
 
 
 def inject_headers(
@@ -143,30 +193,36 @@ else:  # the runtime class is not generic
     _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
-class _TracingInterceptor(_ServerInterceptor):
-    """Starts a SERVER span per RPC, continuing the caller's trace from the `traceparent` metadata."""
+def server_interceptor() -> grpc.aio.ServerInterceptor[Any, Any]:
+    """The grpc.aio server interceptor that traces every RPC: a SERVER span per call named after the full method
+    (`/package.Service/Method`), continuing the caller's trace from its `traceparent` metadata.
+
+    The span comes from opentelemetry-instrumentation-grpc's aio interceptor (unary and streaming handlers; the
+    servicer context it passes on forwards abort, trailing metadata and status details unchanged). Inside it,
+    `_StatusRecorder` records the call's final status on that span, which the instrumentation misses when a
+    handler ends with `abort_with_status` (our error path: `google.rpc.Status` with BadRequest details) and
+    would otherwise leave at OK. Both servers put this interceptor first (outermost).
+    """
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return _StatusRecorder(aio_server_interceptor())
+
+
+class _StatusRecorder(_ServerInterceptor):
+    """Runs the instrumentation's interceptor over handlers wrapped to record their final status code."""
+
+    def __init__(self, instrumentation: grpc.aio.ServerInterceptor[Any, Any]) -> None:
+        self._instrumentation = instrumentation
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = str(handler_call_details.method)
-        metadata = {str(k): str(v) for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}
-        return _wrap_handler(handler, method, metadata)
+        async def recorded(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
+            return _recording(await continuation(details))
 
-
-def server_interceptor() -> grpc.aio.ServerInterceptor[Any, Any]:
-    """A grpc.aio server interceptor that traces every RPC (span name = the full method name)."""
-    return _TracingInterceptor()
-
-
-def _rpc_attributes(method: str) -> dict[str, str]:
-    service, _, name = method.lstrip("/").partition("/")
-    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        return await self._instrumentation.intercept_service(recorded, handler_call_details)
 
 
 # Codes that mean "the server failed", as the OTel gRPC conventions define them for server spans.
@@ -180,53 +236,73 @@ _SERVER_ERRORS = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def _finish(span: trace.Span, context: Any) -> None:
-    code = None
-    try:
-        code = context.code()
-    except Exception:  # not every context implementation exposes code()
-        code = None
+def _final_code(context: Any, error: BaseException | None) -> grpc.StatusCode:
+    """What the handler set or aborted with (abort_with_status included), else OK / CANCELLED / UNKNOWN."""
+    code: Any = context.code()
     if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int) and code in _CODES_BY_VALUE:
+        return _CODES_BY_VALUE[code]
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN  # an unhandled exception: gRPC answers UNKNOWN
+
+
+def _record(span: trace.Span, context: Any, error: BaseException | None) -> None:
+    if not span.is_recording():  # tracing off: nothing to record, nothing to compute
+        return
+    try:
+        code = _final_code(context, error)
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code in _SERVER_ERRORS:
-            span.set_status(Status(StatusCode.ERROR, code.name))
-    else:
-        span.set_attribute("rpc.grpc.status_code", 0)
+            span.set_status(Status(StatusCode.ERROR, f"{code}:{context.details() or code.value[1]}"))
+    except Exception as exc:  # runs in a `finally`: tracing must never replace the call's own outcome
+        log.debug("could not record the status of an RPC on its span: %r", exc)
 
 
-def _wrap_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], method: str, metadata: Mapping[str, str]
-) -> grpc.RpcMethodHandler[Any, Any]:
-    parent = extract_context(metadata)
-    attributes = _rpc_attributes(method)
-    name = method.lstrip("/")
+def _recording(handler: grpc.RpcMethodHandler[Any, Any] | None) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with each behaviour wrapped to record its final status on the current (the server) span. The
+    wrappers are a coroutine / an async generator whatever the behaviour is (a plain function, a coroutine that
+    writes with `context.write()`): the shapes the instrumentation's aio interceptor requires."""
+    if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
+        return handler  # type: ignore[return-value]  # (the stubs do not admit None; grpc does)
 
-    def start() -> Any:
-        return tracer().start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
-
-    def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-        async def traced(request: Any, context: Any) -> Any:
-            with start() as span:
+    def unary(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def recorded(request: Any, context: Any) -> Any:
+            span = trace.get_current_span()
+            error: BaseException | None = None
+            try:
                 result = behavior(request, context)
-                if inspect.isawaitable(result):
-                    result = await result
-                _finish(span, context)
-                return result
+                return (await result) if inspect.isawaitable(result) else result
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                _record(span, context, error)
 
-        return traced
+        return recorded
 
-    def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
-        async def traced(request: Any, context: Any) -> AsyncIterator[Any]:
-            with start() as span:
+    def streaming(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def recorded(request: Any, context: Any) -> AsyncIterator[Any]:
+            span = trace.get_current_span()
+            error: BaseException | None = None
+            try:
                 async for item in responses_of(behavior(request, context)):
                     yield item
-                _finish(span, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                _record(span, context, error)
 
-        return traced
+        return recorded
 
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
@@ -239,3 +315,15 @@ def _wrap_handler(
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
     return handler
+
+
+T = TypeVar("T")
+
+
+def detached_task(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+    """A background task that belongs to no caller's trace (nor any other context variable of the caller).
+
+    A task copies the context of whoever creates it: a long-lived worker started on demand by the first RPC would
+    otherwise put every later database call it makes into that first RPC's trace, forever.
+    """
+    return asyncio.create_task(coro, name=name, context=contextvars.Context())

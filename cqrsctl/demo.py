@@ -17,6 +17,8 @@ from cqrs.orders.v1 import order_pb2
 from cqrs.orders.v1 import query_service_pb2 as qpb
 from cqrs.orders.v1 import query_service_pb2_grpc as qgrpc
 
+from core.backoff import exponential
+
 RPC_TIMEOUT = 5.0
 
 
@@ -29,7 +31,7 @@ async def _wait_visible(
 ) -> tuple[order_pb2.Order, float]:
     """Polls GetOrder until the read model shows `version`; returns the order and the seconds it took."""
     start = time.perf_counter()
-    delay = 0.002
+    attempt = 0
     while True:
         try:
             reply = await query.GetOrder(qpb.GetOrderRequest(order_id=order_id), timeout=RPC_TIMEOUT)
@@ -40,8 +42,8 @@ async def _wait_visible(
                 raise
         if time.perf_counter() - start > timeout:
             raise TimeoutError(f"order {order_id} did not reach version {version} in the read model in {timeout}s")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        attempt += 1
+        await asyncio.sleep(exponential(attempt, 0.002, 0.05))
 
 
 async def _one_order(

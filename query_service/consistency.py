@@ -33,6 +33,7 @@ from core.consistency import ConsistencyToken, decode_token
 from core.dependency_metrics import dependency_metrics
 from core.errors import FieldViolation, Unavailable
 from core.read_model import CHECKPOINTS_COLLECTION
+from core.tracing import detached_task
 from query_service.wait_book import Requirement, TooManyWaiters, VersionCache, WaitBook
 
 __all__ = [
@@ -248,7 +249,7 @@ class ConsistencyWaiter:
 
     def _ensure_running(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="consistency-waiter")
+            self._task = detached_task(self._run(), name="consistency-waiter")
 
     async def _run(self) -> None:
         """Polls while anyone waits; ends (and is restarted by the next waiter) when nobody does.

@@ -27,6 +27,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure
 
 from core.errors import Unavailable
+from core.tracing import detached_task
 from query_service.consistency import TooManyWaiters
 from query_service.read_model import Document, describe_mongo_error, is_mongo_unavailable
 
@@ -165,7 +166,7 @@ class OrderWatchHub:
         feed = self._feed
         if feed is None or not feed.accepting:
             feed = self._feed = _Feed()
-            feed.task = asyncio.create_task(self._run(feed), name="order-watch-feed")
+            feed.task = detached_task(self._run(feed), name="order-watch-feed")
         elif feed.open:
             sub.mark_ready()
         try:

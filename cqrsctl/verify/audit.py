@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
+from core.backoff import exponential
 from core.envelope import HEADER_STREAM_ID, RecordedEvent
 from cqrsctl.verify.compare import Assessment, PositionSet, StreamState, assess
 from cqrsctl.verify.expected import (
@@ -332,7 +333,6 @@ class Audit:
     async def _settle(self) -> None:
         deadline = time.monotonic() + self._config.settle_seconds
         pending = {t: set(ids) for t, ids in self._candidates.items() if ids}
-        delay = SETTLE_FIRST_DELAY
         while pending:
             final = time.monotonic() >= deadline
             self.result.settle_rounds += 1
@@ -350,8 +350,8 @@ class Audit:
             pending = still
             self._progress.advance()
             if pending:
+                delay = exponential(self.result.settle_rounds, SETTLE_FIRST_DELAY, SETTLE_MAX_DELAY)
                 await asyncio.sleep(max(0.0, min(delay, deadline - time.monotonic())))
-                delay = min(delay * 2, SETTLE_MAX_DELAY)
 
     async def _recheck(self, stream_type: str, ids: list[str]) -> dict[str, Assessment]:
         """Reads these streams again with everything their documents depend on, MongoDB first."""

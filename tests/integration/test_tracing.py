@@ -1,5 +1,7 @@
 """One command is one trace: RPC -> command handler -> PostgreSQL append -> JetStream publish -> projector apply ->
-MongoDB write, checked with the SDK's in-memory exporter against the real servers."""
+MongoDB write, with the asyncpg and PyMongo instrumentations' client spans inside it, checked with the SDK's
+in-memory exporter against the real servers. Also: the gRPC instrumentation's interceptor keeps error statuses and
+their details, records them on the server span, and traces server streams."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import asyncpg
 import grpc
 import pytest
 from cqrs.orders.v1 import customer_service_pb2, customer_service_pb2_grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -21,14 +25,17 @@ from command_service.api.customers import CustomerCommandServicer
 from command_service.event_store import EventStore
 from command_service.handlers import customer_handler
 from command_service.relay import OutboxRelay, RelaySettings
+from core.grpc_errors import field_violations
 from core.tracing import (
     configure_tracing,
     context_from_traceparent,
     current_traceparent,
     extract_context,
     inject_headers,
+    instrument_clients,
     server_interceptor,
     tracing_requested,
+    uninstrument_clients,
 )
 from projector.config import ProjectorSettings
 from projector.runner import Projector
@@ -39,14 +46,19 @@ _EXPORTER = InMemorySpanExporter()
 
 @pytest.fixture(scope="module")
 def exporter() -> Iterator[InMemorySpanExporter]:
-    """An SDK provider with the in-memory exporter (the global provider can be set once per process)."""
+    """An SDK provider with the in-memory exporter (the global provider can be set once per process), and the
+    asyncpg / PyMongo instrumentations on, as `configure_tracing` turns them on."""
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
     assert isinstance(trace.get_tracer_provider(), TracerProvider), "another global TracerProvider is installed"
     provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
-    yield _EXPORTER
+    assert instrument_clients() == ["asyncpg", "pymongo"]
+    try:
+        yield _EXPORTER
+    finally:
+        uninstrument_clients()
 
 
 def test_tracing_is_off_by_default() -> None:
@@ -82,6 +94,19 @@ def _by_name(spans: list[ReadableSpan], trace_id: int, name: str) -> ReadableSpa
     matching = [s for s in spans if s.context is not None and s.context.trace_id == trace_id and s.name == name]
     assert matching, f"no span {name!r} in trace {trace_id:032x}: {[s.name for s in spans]}"
     return matching[0]
+
+
+def _children_by_scope(spans: list[ReadableSpan], parent: ReadableSpan, scope: str) -> list[ReadableSpan]:
+    """The spans made by instrumentation `scope` whose parent is `parent`."""
+    assert parent.context is not None
+    return [
+        s
+        for s in spans
+        if s.parent is not None
+        and s.parent.span_id == parent.context.span_id
+        and s.instrumentation_scope is not None
+        and s.instrumentation_scope.name == scope
+    ]
 
 
 async def test_one_trace_links_rpc_append_publish_apply_and_mongo_write(
@@ -140,7 +165,7 @@ async def test_one_trace_links_rpc_append_publish_apply_and_mongo_write(
         await asyncio.wait_for(relay_task, timeout=10)
         await server.stop(1)
 
-    rpc = _by_name(spans, trace_id, "cqrs.orders.v1.CustomerCommandService/RegisterCustomer")
+    rpc = _by_name(spans, trace_id, "/cqrs.orders.v1.CustomerCommandService/RegisterCustomer")
     command = _by_name(spans, trace_id, "command RegisterCustomer")
     append = _by_name(spans, trace_id, "eventstore.append")
     publish = _by_name(spans, trace_id, "jetstream.publish")
@@ -162,3 +187,87 @@ async def test_one_trace_links_rpc_append_publish_apply_and_mongo_write(
     assert command.attributes["cqrs.request_id"]
     assert publish.kind is SpanKind.PRODUCER and apply.kind is SpanKind.CONSUMER
     assert write.attributes is not None and write.attributes["db.system"] == "mongodb"
+
+    # The instrumentations' client spans sit inside the same trace: asyncpg's queries under the command (the
+    # stream load) and under the append (the insert), PyMongo's commands under the projector's bulk write.
+    loads = _children_by_scope(spans, command, "opentelemetry.instrumentation.asyncpg")
+    inserts = _children_by_scope(spans, append, "opentelemetry.instrumentation.asyncpg")
+    assert loads and inserts, f"no asyncpg spans under the command: {[s.name for s in spans]}"
+    for span in loads + inserts:
+        assert span.kind is SpanKind.CLIENT and span.attributes is not None
+        assert span.attributes["db.system"] == "postgresql"
+    mongo = _children_by_scope(spans, write, "opentelemetry.instrumentation.pymongo")
+    assert mongo, f"no PyMongo command span under {write.name}: {[s.name for s in spans]}"
+    assert all(s.kind is SpanKind.CLIENT and s.attributes and s.attributes["db.system"] == "mongodb" for s in mongo)
+
+
+def _spans_named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+async def test_an_error_keeps_its_status_and_details_and_is_recorded_on_the_server_span(
+    exporter: InMemorySpanExporter, pool: asyncpg.Pool
+) -> None:
+    """Through the instrumentation's interceptor, INVALID_ARGUMENT still carries its google.rpc.BadRequest (in
+    the trailing metadata), and the server span records the code (abort_with_status, which it does not see)."""
+    server = grpc.aio.server(interceptors=[server_interceptor()])
+    customer_service_pb2_grpc.add_CustomerCommandServiceServicer_to_server(
+        CustomerCommandServicer(customer_handler(EventStore(pool))), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        with trace.get_tracer("test").start_as_current_span("bad call", kind=SpanKind.CLIENT) as client_span:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await customer_service_pb2_grpc.CustomerCommandServiceStub(channel).RegisterCustomer(
+                    customer_service_pb2.RegisterCustomerRequest(request_id=str(uuid.uuid4()), name="", email="x"),
+                    metadata=tuple(inject_headers({}).items()),
+                    timeout=10,
+                )
+    finally:
+        await channel.close(None)
+        await server.stop(1)
+
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert {field for field, _ in field_violations(raised.value)} == {"name", "email"}
+    trace_id = client_span.get_span_context().trace_id
+    rpc = _by_name(
+        list(exporter.get_finished_spans()), trace_id, "/cqrs.orders.v1.CustomerCommandService/RegisterCustomer"
+    )
+    assert rpc.attributes is not None
+    assert rpc.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert rpc.status.status_code is not trace.StatusCode.ERROR  # a client's mistake, not a server failure
+
+
+async def test_a_server_stream_is_traced_until_the_client_leaves(exporter: InMemorySpanExporter) -> None:
+    """A unary-stream RPC (Health.Watch, as WatchOrder: it never ends by itself) through the interceptor: the
+    responses arrive, and the client's cancel ends the server span with CANCELLED (not a server error)."""
+    health = health_aio.HealthServicer()
+    await health.set("traced", health_pb2.HealthCheckResponse.SERVING)
+    server = grpc.aio.server(interceptors=[server_interceptor()])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    name = "/grpc.health.v1.Health/Watch"
+    before = len(_spans_named(exporter, name))
+    try:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="traced"))
+        first = await asyncio.wait_for(call.read(), timeout=10)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        await health.set("traced", health_pb2.HealthCheckResponse.NOT_SERVING)
+        second = await asyncio.wait_for(call.read(), timeout=10)
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        call.cancel()
+
+        async def ended() -> list[ReadableSpan]:
+            return _spans_named(exporter, name)[before:]
+
+        (watch,) = await eventually(ended, what=f"the server span of {name} to end", timeout=10)
+    finally:
+        await channel.close(None)
+        await server.stop(1)
+    assert watch.kind is SpanKind.SERVER and watch.attributes is not None
+    assert watch.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert watch.status.status_code is not trace.StatusCode.ERROR
