@@ -25,7 +25,7 @@ import nats
 from pymongo import ASCENDING, AsyncMongoClient, IndexModel, UpdateOne
 
 from core.jetstream import ensure_stream, event_stream_config
-from projector.projections.orders import INDEXES as ORDER_INDEXES
+from core.projections.orders import INDEXES as ORDER_INDEXES
 
 RAW_TABLE = """
 CREATE TABLE IF NOT EXISTS raw_events (

@@ -56,6 +56,7 @@ class CommandContext:
     request_hash: str
     expected_version: int | None = None
     correlation_id: str = ""
+    subject: str = ""  # the authenticated caller (`sub` of its token), "" when auth is off
 
 
 def _no_claims(state: object, events: Sequence[Event]) -> list[UniqueClaim]:
@@ -158,6 +159,7 @@ class CommandHandler(Generic[S, C]):
                             causation_id=ctx.request_id,
                             # The append span's context: the relay's publish continues the trace from here.
                             traceparent=current_traceparent(),
+                            subject=ctx.subject,
                         ),
                         request=RequestRecord(ctx.request_id, command_type, ctx.request_hash),
                         last_position=last_position,

@@ -10,6 +10,7 @@ PERMISSION_DENIED (you may not), with a short reason; the token itself is never 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -35,6 +36,15 @@ MAX_TOKEN_CHARS: Final = 16 * 1024
 
 PublicKey: TypeAlias = Any  # a cryptography public key object (RSA, EC or EdDSA)
 Claims: TypeAlias = dict[str, Any]
+
+# The `sub` claim of the current call's validated token, set by `AuthInterceptor` for the handler of a unary call
+# ("" when auth is off or the token has no subject): the command side records it in the events' metadata.
+_subject: contextvars.ContextVar[str] = contextvars.ContextVar("authenticated_subject", default="")
+
+
+def authenticated_subject() -> str:
+    """Who the current call's validated token names (`sub`), or "" when auth is off."""
+    return _subject.get()
 
 
 class AuthError(Exception):
@@ -208,6 +218,24 @@ def _denying_handler(handler: grpc.RpcMethodHandler[Any, Any], error: AuthError)
     return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
 
 
+def _subject_handler(handler: grpc.RpcMethodHandler[Any, Any], subject: str) -> grpc.RpcMethodHandler[Any, Any]:
+    """The unary `handler`, run with `authenticated_subject()` naming the token's subject (set inside the call,
+    so nothing depends on the interceptor and the handler sharing a task context)."""
+    behavior = handler.unary_unary
+    assert behavior is not None
+
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        token = _subject.set(subject)
+        try:
+            return await behavior(request, context)  # type: ignore[arg-type]  # an aio context
+        finally:
+            _subject.reset(token)
+
+    return grpc.unary_unary_rpc_method_handler(
+        call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+
+
 def _expiring_stream_handler(
     handler: grpc.RpcMethodHandler[Any, Any], expires_at: float
 ) -> grpc.RpcMethodHandler[Any, Any]:
@@ -272,6 +300,9 @@ class AuthInterceptor(ServerInterceptorBase):
         expires = claims.get("exp")
         if handler.response_streaming and not handler.request_streaming and isinstance(expires, int | float):
             return _expiring_stream_handler(handler, float(expires) + self._validator.leeway)
+        subject = claims.get("sub")
+        if isinstance(subject, str) and subject and not handler.request_streaming and not handler.response_streaming:
+            return _subject_handler(handler, subject)
         return handler
 
     def authorize(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Claims:

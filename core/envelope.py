@@ -32,6 +32,9 @@ class EventMetadata:
     # The command's W3C trace context ("" when tracing is off): the relay, which runs later in another task,
     # continues the command's trace from it.
     traceparent: str = ""
+    # Who asked: the `sub` claim of the caller's validated token ("" when auth is off, and in events recorded
+    # before the field existed: the metadata is JSON, so old events simply lack it).
+    subject: str = ""
 
     def to_dict(self) -> dict[str, str]:
         data = {
@@ -41,6 +44,8 @@ class EventMetadata:
         }
         if self.traceparent:
             data["traceparent"] = self.traceparent
+        if self.subject:
+            data["subject"] = self.subject
         return data
 
     @classmethod
@@ -50,6 +55,7 @@ class EventMetadata:
             correlation_id=str(data.get("correlation_id", "")),
             causation_id=str(data.get("causation_id", "")),
             traceparent=str(data.get("traceparent", "")),
+            subject=str(data.get("subject", "")),
         )
 
 

@@ -6,8 +6,9 @@ read the same CQRS_GRPC_*, CQRS_TLS_* and CQRS_AUTH_* variables (see the README'
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
@@ -153,3 +154,78 @@ async def responses_of(result: Any) -> AsyncGenerator[Any, None]:
     else:
         for response in result:
             yield response
+
+
+_CODES_BY_VALUE: Final = {code.value[0]: code for code in grpc.StatusCode}
+
+# Called when a call ends (returned, aborted, raised or cancelled) with its context and the exception, if any.
+CallEnded = Callable[[Any, BaseException | None], None]
+
+
+def final_code(context: Any, error: BaseException | None) -> grpc.StatusCode:
+    """The status a call ended with: what the handler set or aborted with (abort_with_status included), else OK,
+    CANCELLED (the client left or the deadline passed) or UNKNOWN (an unhandled exception)."""
+    code: Any = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int) and code in _CODES_BY_VALUE:
+        return _CODES_BY_VALUE[code]
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+def observed(
+    handler: grpc.RpcMethodHandler[Any, Any] | None, begin: Callable[[], CallEnded]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with each behaviour wrapped: `begin()` runs when a call starts and returns what to call when it
+    ends. The wrappers are a coroutine / an async generator whatever the behaviour is (a plain function, a coroutine
+    that writes with `context.write()`), the shapes grpc.aio interceptors (ours and OpenTelemetry's) expect."""
+    if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
+        return handler  # type: ignore[return-value]  # (the stubs do not admit None; grpc does)
+
+    def unary(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(request: Any, context: Any) -> Any:
+            ended = begin()
+            error: BaseException | None = None
+            try:
+                result = behavior(request, context)
+                return (await result) if inspect.isawaitable(result) else result
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                ended(context, error)
+
+        return wrapper
+
+    def streaming(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
+            ended = begin()
+            error: BaseException | None = None
+            try:
+                async for item in responses_of(behavior(request, context)):
+                    yield item
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                ended(context, error)
+
+        return wrapper
+
+    kwargs: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
+    return handler

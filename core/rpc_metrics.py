@@ -8,19 +8,17 @@ counted here. Put this interceptor first, so that calls rejected by authenticati
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from core.grpc_server import ServerInterceptorBase, responses_of
+from core.grpc_server import CallEnded, ServerInterceptorBase, final_code, observed
 
 # From 1 ms (a cached query) to 30 s (a long read-your-writes wait); streams land in +Inf.
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_CODES_BY_VALUE: Final = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class RpcMetrics:
@@ -46,20 +44,6 @@ class RpcMetrics:
         self.handling_seconds.labels(method=method).observe(seconds)
 
 
-def _final_code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> grpc.StatusCode:
-    """The status the call ended with: what the handler set or aborted with, else OK / CANCELLED / UNKNOWN."""
-    code: Any = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if isinstance(code, int) and code in _CODES_BY_VALUE:
-        return _CODES_BY_VALUE[code]
-    if error is None:
-        return grpc.StatusCode.OK
-    if isinstance(error, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED  # the client left or the deadline passed
-    return grpc.StatusCode.UNKNOWN  # an unhandled exception: gRPC answers UNKNOWN
-
-
 class RpcMetricsInterceptor(ServerInterceptorBase):
     """Wraps each method handler (unary or streaming) to time it and count its final status code."""
 
@@ -76,44 +60,11 @@ class RpcMetricsInterceptor(ServerInterceptorBase):
             return handler
         method = handler_call_details.method
         metrics = self._metrics
-        kwargs: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
 
-        def unary_response(behavior: Any) -> Callable[..., Awaitable[Any]]:
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                start = time.perf_counter()
-                error: BaseException | None = None
-                try:
-                    return await behavior(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    metrics.observe(method, _final_code(context, error), time.perf_counter() - start)
+        def begin() -> CallEnded:
+            start = time.perf_counter()
+            return lambda context, error: metrics.observe(
+                method, final_code(context, error), time.perf_counter() - start
+            )
 
-            return wrapper
-
-        def stream_response(behavior: Any) -> Callable[..., AsyncIterator[Any]]:
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                start = time.perf_counter()
-                error: BaseException | None = None
-                try:
-                    async for response in responses_of(behavior(request, context)):
-                        yield response
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    metrics.observe(method, _final_code(context, error), time.perf_counter() - start)
-
-            return wrapper
-
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **kwargs)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **kwargs)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **kwargs)
-        return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **kwargs)
+        return observed(handler, begin)

@@ -23,11 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import importlib
-import inspect
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -36,7 +35,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from core.grpc_server import responses_of
+from core.grpc_server import CallEnded, final_code, observed
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +219,7 @@ class _StatusRecorder(_ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         async def recorded(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
-            return _recording(await continuation(details))
+            return observed(await continuation(details), _span_recorder)
 
         return await self._instrumentation.intercept_service(recorded, handler_call_details)
 
@@ -236,28 +235,13 @@ _SERVER_ERRORS = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
-_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def _final_code(context: Any, error: BaseException | None) -> grpc.StatusCode:
-    """What the handler set or aborted with (abort_with_status included), else OK / CANCELLED / UNKNOWN."""
-    code: Any = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if isinstance(code, int) and code in _CODES_BY_VALUE:
-        return _CODES_BY_VALUE[code]
-    if error is None:
-        return grpc.StatusCode.OK
-    if isinstance(error, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN  # an unhandled exception: gRPC answers UNKNOWN
 
 
 def _record(span: trace.Span, context: Any, error: BaseException | None) -> None:
     if not span.is_recording():  # tracing off: nothing to record, nothing to compute
         return
     try:
-        code = _final_code(context, error)
+        code = final_code(context, error)
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code in _SERVER_ERRORS:
             span.set_status(Status(StatusCode.ERROR, f"{code}:{context.details() or code.value[1]}"))
@@ -265,56 +249,10 @@ def _record(span: trace.Span, context: Any, error: BaseException | None) -> None
         log.debug("could not record the status of an RPC on its span: %r", exc)
 
 
-def _recording(handler: grpc.RpcMethodHandler[Any, Any] | None) -> grpc.RpcMethodHandler[Any, Any]:
-    """`handler` with each behaviour wrapped to record its final status on the current (the server) span. The
-    wrappers are a coroutine / an async generator whatever the behaviour is (a plain function, a coroutine that
-    writes with `context.write()`): the shapes the instrumentation's aio interceptor requires."""
-    if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
-        return handler  # type: ignore[return-value]  # (the stubs do not admit None; grpc does)
-
-    def unary(behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-        async def recorded(request: Any, context: Any) -> Any:
-            span = trace.get_current_span()
-            error: BaseException | None = None
-            try:
-                result = behavior(request, context)
-                return (await result) if inspect.isawaitable(result) else result
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                _record(span, context, error)
-
-        return recorded
-
-    def streaming(behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
-        async def recorded(request: Any, context: Any) -> AsyncIterator[Any]:
-            span = trace.get_current_span()
-            error: BaseException | None = None
-            try:
-                async for item in responses_of(behavior(request, context)):
-                    yield item
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                _record(span, context, error)
-
-        return recorded
-
-    kwargs: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kwargs)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **kwargs)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **kwargs)
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kwargs)
-    return handler
+def _span_recorder() -> CallEnded:
+    """Records the call's final status on the current (the server) span when the call ends."""
+    span = trace.get_current_span()
+    return lambda context, error: _record(span, context, error)
 
 
 T = TypeVar("T")

@@ -16,6 +16,7 @@ from cqrs.orders.v1.consistency_pb2 import ReadConsistency
 from cqrs.orders.v1.customer_pb2 import Customer, CustomerStatus
 from cqrs.orders.v1.customer_service_pb2 import CustomerCommandResult
 from cqrs.orders.v1.order_pb2 import Address, Order, OrderLine, OrderStatus
+from cqrs.orders.v1.query_service_pb2 import OrderHistoryEvent
 
 from cqrs_client.channel import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, ClientTLS
 from cqrs_client.client import OrdersClient
@@ -35,6 +36,7 @@ __all__ = [
     "CustomerStatus",
     "FieldViolation",
     "Order",
+    "OrderHistoryEvent",
     "OrderLine",
     "OrderStatus",
     "OrdersClient",

@@ -6,6 +6,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Protocol, TypeVar
 
@@ -419,18 +420,48 @@ class OrdersClient:
         consistency: Tokens = None,
         read_your_writes: bool = False,
         accept_stale: bool = False,
+        as_of_version: int | None = None,
+        as_of_time: datetime | None = None,
         timeout: float | None = None,
     ) -> qpb.GetOrderResponse:
         """One order (`.order`) and what the read model reflected (`.consistency`); NOT_FOUND when unknown.
 
         `consistency`: token(s) the answer must reflect; `read_your_writes=True` adds `last_token`; a session adds
         its own writes' tokens. The server waits for them within the deadline, else UNAVAILABLE (or a stale answer
-        with `accept_stale`).
+        with `accept_stale`). `as_of_version` or `as_of_time` (an aware datetime; at most one of them): the order
+        as it was then, also for an order deleted since.
         """
         request = qpb.GetOrderRequest(
-            order_id=order_id, consistency=self._consistency(consistency, read_your_writes, accept_stale)
+            order_id=order_id,
+            consistency=self._consistency(consistency, read_your_writes, accept_stale),
+            as_of_version=as_of_version,
         )
+        if as_of_time is not None:
+            if as_of_time.tzinfo is None:
+                raise ValueError("as_of_time must be timezone-aware")
+            request.as_of_time.FromDatetime(as_of_time)
         return await self._unary(self._conn.order_queries.GetOrder, request, timeout)
+
+    async def get_order_history(
+        self,
+        order_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        consistency: Tokens = None,
+        read_your_writes: bool = False,
+        accept_stale: bool = False,
+        timeout: float | None = None,
+    ) -> qpb.GetOrderHistoryResponse:
+        """One page of an order's change log, oldest first (`.events`, each with who and why); deleted orders keep
+        theirs. `next_page_token` is empty on the last page."""
+        request = qpb.GetOrderHistoryRequest(
+            order_id=order_id,
+            page_size=page_size,
+            page_token=page_token,
+            consistency=self._consistency(consistency, read_your_writes, accept_stale),
+        )
+        return await self._unary(self._conn.order_queries.GetOrderHistory, request, timeout)
 
     async def list_orders(
         self,

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cqrsctl.verify.cli import add_verify_parser
 
     add_verify_parser(sub)
+
+    from cqrsctl.rebuild.cli import add_rebuild_parser
+
+    add_rebuild_parser(sub)
     return parser
 
 

@@ -27,11 +27,11 @@ from pymongo import UpdateMany, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from core.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
+from core.projections.customers import empty_order_stats
+from core.projections.orders import COLLECTION as ORDERS_COLLECTION
 from core.read_model import ORDER_STATUS_COUNTERS
 from projector.mongo_writer import DUPLICATE_KEY, MongoDocument
-from projector.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
-from projector.projections.customers import empty_order_stats
-from projector.projections.orders import COLLECTION as ORDERS_COLLECTION
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS
 
 # One counter per order status, from the read-model contract.

@@ -27,7 +27,7 @@ from pymongo import ASCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-from projector.projections import Document, Projection
+from core.projections import Document, Projection
 
 DUPLICATE_KEY = 11000
 MongoDocument = dict[str, Any]

@@ -35,6 +35,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from core.backoff import exponential
 from core.dependency_metrics import DependencyMetrics
+from core.projections import Document, Projection
+from core.projections.orders import ORDERS
 from core.tracing import tracer
 from projector.checkpoints import CheckpointWriter
 from projector.customer_views import CustomerFields, CustomerViews
@@ -58,8 +60,6 @@ from projector.planning import (
     prefill_customer_fields,
     stored_version,
 )
-from projector.projections import Document, Projection
-from projector.projections.orders import ORDERS
 from projector.registry import ORDER_CUSTOMER_FIELDS, VIEWS
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from nats.aio.msg import Msg
 
 from core.envelope import HEADER_STREAM_ID, HEADER_VERSION, RecordedEvent
 from core.events import Event, Payload, UnknownEventType, decode_event
+from core.projections import EVERY_EVENT, DerivedView, Document, Projection
 from projector.checkpoints import Checkpoint
 from projector.customer_views import CustomerFields
 from projector.mongo_writer import Change, WriteOutcome
-from projector.projections import EVERY_EVENT, DerivedView, Document, Projection
 
 log = logging.getLogger(__name__)
 

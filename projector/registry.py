@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from core.events import known_event_types
 from core.order_events import OrderCancelled, OrderCreated, OrderDeleted, OrderPlaced
-from projector.projections import EVERY_EVENT, DerivedView, Projection
-from projector.projections.customers import CUSTOMERS, STATS_FIELDS
-from projector.projections.orders import CUSTOMER_FIELDS, ORDERS
+from core.projections import EVERY_EVENT, DerivedView, Projection
+from core.projections.customers import CUSTOMERS, STATS_FIELDS
+from core.projections.orders import CUSTOMER_FIELDS, ORDERS
 
 PROJECTIONS: tuple[Projection, ...] = (ORDERS, CUSTOMERS)
 

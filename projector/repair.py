@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from core.envelope import RecordedEvent
+from core.projections import Projection
 from projector.parking import HeldEvent, Park
 from projector.pipeline import BatchOutcome, Pipeline
 from projector.planning import GAP, NEEDS_UPGRADE, POISON, Decoder, Poison, classify, decode_recorded
-from projector.projections import Projection
 
 log = logging.getLogger(__name__)
 

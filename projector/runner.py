@@ -34,6 +34,7 @@ from core.backoff import exponential
 from core.dependency_metrics import dependency_metrics
 from core.events import decode_event
 from core.failpoints import failpoint
+from core.projections import Projection
 from core.subjects import stream_subjects
 from core.supervisor import Supervisor
 from projector.config import ProjectorSettings
@@ -60,7 +61,6 @@ from projector.planning import (
     prefill_customer_fields,
     stored_version,
 )
-from projector.projections import Projection
 from projector.registry import PROJECTIONS
 from projector.repair import Repairer
 

@@ -1,4 +1,4 @@
-"""Keyset pagination for ListOrders and ListCustomers: page sizes and the opaque page tokens (pure code, no I/O).
+"""Keyset pagination for ListOrders, ListCustomers and GetOrderHistory: page sizes and opaque page tokens (pure).
 
 Orders are listed newest first by `(created_at desc, _id desc)`. A page token names the last order of
 the previous page by exactly that key, so the next page starts strictly after it: no `skip`, constant cost
@@ -14,6 +14,8 @@ A page holds at most `page_size` items and at most `page_budget(max_message_byte
 Customers are listed by `(name asc, _id asc)`; their token is `{"v":1,"n":"<name>","i":"<_id>","f":"<hash>"}`
 with a fingerprint over the kind of listing and its filters, so neither kind of token is accepted by the other
 listing.
+
+An order's history is paged by version: its token is `{"v":1,"o":"<order_id>","a":<last version shown>}`.
 """
 
 from __future__ import annotations
@@ -183,6 +185,23 @@ def decode_customer_page_token(token: str, filters: CustomerFilter) -> CustomerC
     if set(payload) != {"v", "n", "i", "f"} or not _is_text(name, _MAX_NAME_LENGTH) or not _is_id(customer_id):
         raise _bad_token("is not a token this service issued")
     return CustomerCursor(name=name, customer_id=customer_id)
+
+
+def encode_history_page_token(order_id: str, after_version: int) -> str:
+    """The opaque token that continues an order's history after the event at `after_version`."""
+    return _encode({"v": _TOKEN_VERSION, "o": order_id, "a": after_version})
+
+
+def decode_history_page_token(token: str, order_id: str) -> int:
+    """The version a history page continues after; InvalidArgument on `page_token` if garbled or issued for
+    another order."""
+    payload = _parse(token)
+    after = payload.get("a")
+    if set(payload) != {"v", "o", "a"} or not _is_int(after) or after < 1 or not _is_id(payload.get("o")):
+        raise _bad_token("is not a token this service issued")
+    if payload["o"] != order_id:
+        raise _bad_token("was issued for another order; repeat the request with the same order_id")
+    return after
 
 
 def _parse(token: str) -> dict[str, Any]:

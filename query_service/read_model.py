@@ -22,7 +22,7 @@ from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure
 from core import read_model as contract
 from core.dependency_metrics import dependency_metrics
 from core.errors import DependencyUnavailable
-from core.read_model import ORDERS_COLLECTION
+from core.read_model import ORDER_HISTORY_FIELD, ORDERS_COLLECTION
 from query_service.config import QuerySettings
 from query_service.paging import Cursor, ListFilter
 
@@ -36,6 +36,10 @@ OrdersCollection = AsyncCollection[Document]
 # and therefore keyset pagination exact.
 NEWEST_FIRST: Final[list[tuple[str, int]]] = [("created_at", DESCENDING), ("_id", DESCENDING)]
 
+
+# Reads of the current order leave its change log out: it grows with every event and only the history and as-of
+# reads need it.
+WITHOUT_HISTORY: Final[dict[str, int]] = {ORDER_HISTORY_FIELD: 0}
 
 # The read-model contract's indexes (core/read_model.py, the projector declares the same ones).
 ORDER_INDEXES: Final[list[IndexModel]] = [IndexModel(list(keys)) for keys in contract.ORDER_INDEXES]
@@ -143,19 +147,26 @@ class OrderReadModel:
         """The live (not deleted) order with this id, or None."""
         with read_model_outage():
             async with self._deps.timed("mongodb", "get_order"):
-                return await self._orders.find_one({"_id": order_id, "deleted": {"$ne": True}})
+                return await self._orders.find_one({"_id": order_id, "deleted": {"$ne": True}}, WITHOUT_HISTORY)
 
     async def get_including_deleted(self, order_id: str) -> Document | None:
         """The order document with this id, a tombstone (`deleted: true`) included, or None."""
         with read_model_outage():
             async with self._deps.timed("mongodb", "get_order"):
+                return await self._orders.find_one({"_id": order_id}, WITHOUT_HISTORY)
+
+    async def get_with_history(self, order_id: str) -> Document | None:
+        """The order document with this id and its change log, a tombstone included, or None."""
+        with read_model_outage():
+            async with self._deps.timed("mongodb", "get_order_history"):
                 return await self._orders.find_one({"_id": order_id})
 
     async def list_page(self, filters: ListFilter, after: Cursor | None, limit: int) -> list[Document]:
         """Up to `limit` live orders matching `filters`, newest first, strictly after `after` when given."""
         with read_model_outage():
             async with self._deps.timed("mongodb", "list_orders"):
-                cursor = self._orders.find(listing_query(filters, after)).sort(NEWEST_FIRST).limit(limit)
+                cursor = self._orders.find(listing_query(filters, after), WITHOUT_HISTORY)
+                cursor = cursor.sort(NEWEST_FIRST).limit(limit)
                 return await cursor.to_list()
 
 

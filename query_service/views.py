@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Mapping
 from typing import Any
 
-from cqrs.orders.v1 import customer_pb2, order_pb2
+from cqrs.orders.v1 import customer_pb2, order_pb2, query_service_pb2
 from google.protobuf import timestamp_pb2
 
 from core.read_model import ORDER_STATUS_COUNTERS, CustomerStatus, OrderStatus
@@ -65,6 +66,26 @@ def order_from_document(doc: Mapping[str, Any]) -> order_pb2.Order:
         if isinstance(value, dt.datetime):
             getattr(order, field).CopyFrom(timestamp(value))
     return order
+
+
+def history_event_from_entry(entry: Mapping[str, Any]) -> query_service_pb2.OrderHistoryEvent:
+    """One entry of an order's change log (`core/projections/orders.py`); the payload as a JSON object."""
+    event = query_service_pb2.OrderHistoryEvent(
+        event_id=str(entry.get("event_id", "")),
+        event_type=str(entry.get("event_type", "")),
+        schema_version=int(entry.get("schema_version", 0)),
+        version=int(entry.get("version", 0)),
+        position=int(entry.get("position", 0)),
+        correlation_id=str(entry.get("correlation_id") or ""),
+        request_id=str(entry.get("request_id") or ""),
+        causation_id=str(entry.get("causation_id") or ""),
+        subject=str(entry.get("subject") or ""),
+        payload_json=json.dumps(entry.get("payload") or {}, separators=(",", ":"), ensure_ascii=False),
+    )
+    recorded_at = entry.get("recorded_at")
+    if isinstance(recorded_at, dt.datetime):
+        event.recorded_at.CopyFrom(timestamp(recorded_at))
+    return event
 
 
 def timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:

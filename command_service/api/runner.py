@@ -18,6 +18,7 @@ from command_service.event_store import CommandReply
 from command_service.handlers import CommandContext, CommandHandler
 from command_service.outages import EVENT_STORE
 from core import logs
+from core.auth import authenticated_subject
 from core.consistency import ConsistencyToken
 from core.errors import DependencyUnavailable, FieldViolation, InvalidArgument
 from core.grpc_errors import abort_for
@@ -85,6 +86,7 @@ class CommandRunner(Generic[C]):
                 request_hash=_fingerprint(method, request),
                 expected_version=_expected_version(request),
                 correlation_id=_metadata_value(context, CORRELATION_HEADER) or request.request_id,
+                subject=authenticated_subject(),
             )
             logs.correlation_id.set(ctx.correlation_id)
             reply = await self._handle(command, ctx, context)

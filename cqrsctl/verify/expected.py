@@ -16,13 +16,13 @@ from typing import Any
 from core.envelope import RecordedEvent
 from core.events import decode_event
 from core.order_events import OrderCreated
+from core.projections import Projection
+from core.projections.customers import CUSTOMERS
+from core.projections.orders import ORDERS
 from cqrsctl.verify.compare import as_stored
 from cqrsctl.verify.model import Document, ExpectedDoc
 from projector.customer_views import CustomerFields, OrderStats, order_stats_from_groups
 from projector.planning import Delivery, fold
-from projector.projections import Projection
-from projector.projections.customers import CUSTOMERS
-from projector.projections.orders import ORDERS
 from projector.registry import CUSTOMER_ORDER_STATS, PROJECTIONS
 
 # The one registry the projector runs (orders before customers, as in the projector's batches).

@@ -663,8 +663,8 @@ _COLLECTIONS = {ORDER_STREAM_TYPE: "orders", CUSTOMER_STREAM_TYPE: "customers"}
 def _collection_names() -> dict[str, str]:
     """stream type -> read-model collection, from the projection registry when it can be imported."""
     try:
-        from projector.projections.customers import CUSTOMERS
-        from projector.projections.orders import ORDERS
+        from core.projections.customers import CUSTOMERS
+        from core.projections.orders import ORDERS
 
         return {ORDERS.stream_type: ORDERS.collection, CUSTOMERS.stream_type: CUSTOMERS.collection}
     except ImportError:  # pragma: no cover - the registry moved; the names are the documented ones

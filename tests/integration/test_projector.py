@@ -225,6 +225,20 @@ async def test_a_full_order_lifecycle_is_projected(harness: Harness) -> None:
     placed = await harness.emit(order, OrderPlaced())
 
     doc = await harness.order_at(order.order_id, 8)
+    # the change log, stored with the order: every event as it was recorded
+    history = doc.pop("history")
+    assert [(e["version"], e["event_type"]) for e in history] == [
+        (1, "OrderCreated"),
+        (2, "OrderItemAdded"),
+        (3, "OrderItemAdded"),
+        (4, "OrderItemAdded"),
+        (5, "OrderItemQuantityChanged"),
+        (6, "OrderItemRemoved"),
+        (7, "OrderShippingAddressChanged"),
+        (8, "OrderPlaced"),
+    ]
+    assert (history[0]["position"], history[0]["recorded_at"]) == (created.position, created.recorded_at)
+    assert history[0]["payload"] == created.payload
     assert doc == {
         "_id": order.order_id,
         "order_id": order.order_id,

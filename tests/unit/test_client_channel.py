@@ -31,8 +31,8 @@ def test_client_package_imports_no_service_code() -> None:
             for name in names:
                 if name.split(".")[0] in {"core", "command_service", "query_service", "projector", "cqrsctl"}:
                     raise AssertionError(f"{source.name} imports {name}: the client must ship without the services")
-                stdlib = name.split(".")[0] in {"asyncio", "collections", "dataclasses", "pathlib", "random", "time",
-                                                "types", "typing", "uuid"}  # fmt: skip
+                stdlib = name.split(".")[0] in {"asyncio", "collections", "dataclasses", "datetime", "pathlib",
+                                                "random", "time", "types", "typing", "uuid"}  # fmt: skip
                 assert stdlib or name.startswith(allowed), f"{source.name} imports {name}"
 
 

@@ -16,14 +16,14 @@ from core.customer_events import CustomerDeactivated, CustomerEmailChanged, Cust
 from core.envelope import EventMetadata, RecordedEvent
 from core.events import Event
 from core.order_events import OrderCreated, OrderPlaced
+from core.projections import Document
+from core.projections.customers import CUSTOMERS, HANDLERS, empty_order_stats, project
+from core.projections.orders import ORDERS
 from core.values import Address
 from projector.checkpoints import Checkpoint
 from projector.customer_views import CustomerFields, order_stats_from_groups, order_stats_pipeline
 from projector.mongo_writer import Change, write_operation
 from projector.planning import Poison, decode_messages, doc_checkpoints, hold_from_failures, plan_views
-from projector.projections import Document
-from projector.projections.customers import CUSTOMERS, HANDLERS, empty_order_stats, project
-from projector.projections.orders import ORDERS
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, VIEWS
 from projector.runner import Delivery, FoldResult, ProjectionBatch, checkpoints_of, fold, prefill_customer_fields
 

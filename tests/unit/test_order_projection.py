@@ -22,10 +22,10 @@ from core.order_events import (
     OrderPlaced,
     OrderShippingAddressChanged,
 )
+from core.projections import Document, UnhandledEvent
+from core.projections.customers import HANDLERS as CUSTOMER_HANDLERS
+from core.projections.orders import HANDLERS, ORDERS, project
 from core.values import Address
-from projector.projections import Document, UnhandledEvent
-from projector.projections.customers import HANDLERS as CUSTOMER_HANDLERS
-from projector.projections.orders import HANDLERS, ORDERS, project
 from projector.runner import DEFAULT_PROJECTIONS, Delivery, fold
 
 ORDER_ID = "0b6f1f3e-2a39-4c33-9c6c-0e6a1b1d2f11"
@@ -77,7 +77,23 @@ def test_every_known_event_type_has_a_handler_in_the_projection_of_its_stream_ty
 
 
 def test_order_created_starts_an_empty_draft() -> None:
-    doc = project(None, recorded(created(), 1, position=7), created())
+    first = recorded(created(), 1, position=7)
+    doc = project(None, first, created())
+    assert doc.pop("history") == [
+        {
+            "event_id": str(first.event_id),
+            "event_type": "OrderCreated",
+            "schema_version": first.schema_version,
+            "version": 1,
+            "position": 7,
+            "recorded_at": T0 + timedelta(seconds=1),
+            "payload": first.payload,
+            "correlation_id": "corr",
+            "request_id": "req",
+            "causation_id": "cause",
+            "subject": "",
+        }
+    ]
     assert doc == {
         "_id": ORDER_ID,
         "order_id": ORDER_ID,
@@ -195,9 +211,17 @@ def test_order_deleted_keeps_a_tombstone_with_its_version() -> None:
     doc = apply_all([OrderDeleted()], before, first_version=4)
     assert doc["deleted"] is True
     assert doc["version"] == 4
-    assert {k: v for k, v in doc.items() if k not in {"deleted", "version", "position", "updated_at"}} == {
-        k: v for k, v in before.items() if k not in {"deleted", "version", "position", "updated_at"}
+    bookkeeping = {"deleted", "version", "position", "updated_at", "history"}
+    assert {k: v for k, v in doc.items() if k not in bookkeeping} == {
+        k: v for k, v in before.items() if k not in bookkeeping
     }
+    # the deletion is the last entry of the change log, which the tombstone keeps
+    assert [e["event_type"] for e in doc["history"]] == [
+        "OrderCreated",
+        "OrderItemAdded",
+        "OrderItemAdded",
+        "OrderDeleted",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -24,12 +24,12 @@ from core import events as core_events
 from core.envelope import EventMetadata, RecordedEvent
 from core.events import Event, decode_event, known_event_types, register
 from core.order_events import ORDER_STREAM_TYPE, OrderCreated, OrderItemAdded, OrderPlaced
+from core.projections import DerivedView, Document, Projection
+from core.projections.orders import ORDERS
 from core.read_model import OrderStatus
 from core.values import Address
 from projector.customer_views import CustomerViews
 from projector.planning import POISON, Delivery, Poison, classify, plan_views
-from projector.projections import DerivedView, Document, Projection
-from projector.projections.orders import ORDERS
 from projector.registry import CUSTOMER_ORDER_STATS, PROJECTIONS, VIEWS, registry_problems
 from projector.runner import FoldResult, ProjectionBatch
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from cqrs.orders.v1 import customer_pb2, order_pb2
 
 from core import read_model as contract
+from core.projections.customers import CUSTOMERS, empty_order_stats
+from core.projections.orders import ORDERS
 from projector.customer_views import STATUS_COUNTERS
-from projector.projections.customers import CUSTOMERS, empty_order_stats
-from projector.projections.orders import ORDERS
 from query_service import views
 from query_service.customer_read_model import CUSTOMER_INDEXES
 from query_service.read_model import ORDER_INDEXES

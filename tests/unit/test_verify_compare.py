@@ -14,6 +14,8 @@ from core.customer_events import CustomerRegistered, CustomerRenamed
 from core.envelope import EventMetadata, RecordedEvent
 from core.events import Event
 from core.order_events import OrderCreated, OrderItemAdded, OrderItemQuantityChanged, OrderPlaced
+from core.projections.customers import CUSTOMERS
+from core.projections.orders import ORDERS
 from core.values import Address
 from cqrsctl.verify.compare import PositionSet, StreamState, as_stored, assess, diff_documents
 from cqrsctl.verify.expected import (
@@ -24,8 +26,6 @@ from cqrsctl.verify.expected import (
 )
 from cqrsctl.verify.model import ABSENT, ExpectedDoc, FieldDiff, Finding, FindingKind, VerifyResult
 from cqrsctl.verify.report import render_json, render_text
-from projector.projections.customers import CUSTOMERS
-from projector.projections.orders import ORDERS
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678_901, tzinfo=UTC)
 ADDRESS = Address("Ada", "1 Main St", "", "London", "N1", "GB")

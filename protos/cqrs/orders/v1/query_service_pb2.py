@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from cqrs.orders.v1 import consistency_pb2 as cqrs_dot_orders_dot_v1_dot_consistency__pb2
 from cqrs.orders.v1 import order_pb2 as cqrs_dot_orders_dot_v1_dot_order__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cqrs/orders/v1/query_service.proto\x12\x0e\x63qrs.orders.v1\x1a cqrs/orders/v1/consistency.proto\x1a\x1a\x63qrs/orders/v1/order.proto\"`\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12;\n\x0b\x63onsistency\x18\x02 \x01(\x0b\x32&.cqrs.orders.v1.ConsistencyRequirement\"n\n\x10GetOrderResponse\x12$\n\x05order\x18\x01 \x01(\x0b\x32\x15.cqrs.orders.v1.Order\x12\x34\n\x0b\x63onsistency\x18\x02 \x01(\x0b\x32\x1f.cqrs.orders.v1.ReadConsistency\"\xb9\x01\n\x11ListOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.cqrs.orders.v1.OrderStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12;\n\x0b\x63onsistency\x18\x05 \x01(\x0b\x32&.cqrs.orders.v1.ConsistencyRequirement\"\x8a\x01\n\x12ListOrdersResponse\x12%\n\x06orders\x18\x01 \x03(\x0b\x32\x15.cqrs.orders.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x34\n\x0b\x63onsistency\x18\x03 \x01(\x0b\x32\x1f.cqrs.orders.v1.ReadConsistency\"@\n\x11WatchOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"K\n\x12WatchOrderResponse\x12$\n\x05order\x18\x01 \x01(\x0b\x32\x15.cqrs.orders.v1.Order\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x32\x8e\x02\n\x11OrderQueryService\x12M\n\x08GetOrder\x12\x1f.cqrs.orders.v1.GetOrderRequest\x1a .cqrs.orders.v1.GetOrderResponse\x12S\n\nListOrders\x12!.cqrs.orders.v1.ListOrdersRequest\x1a\".cqrs.orders.v1.ListOrdersResponse\x12U\n\nWatchOrder\x12!.cqrs.orders.v1.WatchOrderRequest\x1a\".cqrs.orders.v1.WatchOrderResponse0\x01\x42%Z#example.com/cqrs/orders/v1;ordersv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cqrs/orders/v1/query_service.proto\x12\x0e\x63qrs.orders.v1\x1a cqrs/orders/v1/consistency.proto\x1a\x1a\x63qrs/orders/v1/order.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbe\x01\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12;\n\x0b\x63onsistency\x18\x02 \x01(\x0b\x32&.cqrs.orders.v1.ConsistencyRequirement\x12\x1a\n\ras_of_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12.\n\nas_of_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x10\n\x0e_as_of_version\"n\n\x10GetOrderResponse\x12$\n\x05order\x18\x01 \x01(\x0b\x32\x15.cqrs.orders.v1.Order\x12\x34\n\x0b\x63onsistency\x18\x02 \x01(\x0b\x32\x1f.cqrs.orders.v1.ReadConsistency\"\x8e\x01\n\x16GetOrderHistoryRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12;\n\x0b\x63onsistency\x18\x04 \x01(\x0b\x32&.cqrs.orders.v1.ConsistencyRequirement\"\x9b\x01\n\x17GetOrderHistoryResponse\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.cqrs.orders.v1.OrderHistoryEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x34\n\x0b\x63onsistency\x18\x03 \x01(\x0b\x32\x1f.cqrs.orders.v1.ReadConsistency\"\x8e\x02\n\x11OrderHistoryEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x16\n\x0eschema_version\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x10\n\x08position\x18\x05 \x01(\x03\x12/\n\x0brecorded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63orrelation_id\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x14\n\x0c\x63\x61usation_id\x18\t \x01(\t\x12\x0f\n\x07subject\x18\n \x01(\t\x12\x14\n\x0cpayload_json\x18\x0b \x01(\t\"\xb9\x01\n\x11ListOrdersRequest\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.cqrs.orders.v1.OrderStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12;\n\x0b\x63onsistency\x18\x05 \x01(\x0b\x32&.cqrs.orders.v1.ConsistencyRequirement\"\x8a\x01\n\x12ListOrdersResponse\x12%\n\x06orders\x18\x01 \x03(\x0b\x32\x15.cqrs.orders.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x34\n\x0b\x63onsistency\x18\x03 \x01(\x0b\x32\x1f.cqrs.orders.v1.ReadConsistency\"@\n\x11WatchOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"K\n\x12WatchOrderResponse\x12$\n\x05order\x18\x01 \x01(\x0b\x32\x15.cqrs.orders.v1.Order\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x32\xf2\x02\n\x11OrderQueryService\x12M\n\x08GetOrder\x12\x1f.cqrs.orders.v1.GetOrderRequest\x1a .cqrs.orders.v1.GetOrderResponse\x12\x62\n\x0fGetOrderHistory\x12&.cqrs.orders.v1.GetOrderHistoryRequest\x1a\'.cqrs.orders.v1.GetOrderHistoryResponse\x12S\n\nListOrders\x12!.cqrs.orders.v1.ListOrdersRequest\x1a\".cqrs.orders.v1.ListOrdersResponse\x12U\n\nWatchOrder\x12!.cqrs.orders.v1.WatchOrderRequest\x1a\".cqrs.orders.v1.WatchOrderResponse0\x01\x42%Z#example.com/cqrs/orders/v1;ordersv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +35,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cqrs.orders.v1.query_servic
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z#example.com/cqrs/orders/v1;ordersv1'
-  _globals['_GETORDERREQUEST']._serialized_start=116
-  _globals['_GETORDERREQUEST']._serialized_end=212
-  _globals['_GETORDERRESPONSE']._serialized_start=214
-  _globals['_GETORDERRESPONSE']._serialized_end=324
-  _globals['_LISTORDERSREQUEST']._serialized_start=327
-  _globals['_LISTORDERSREQUEST']._serialized_end=512
-  _globals['_LISTORDERSRESPONSE']._serialized_start=515
-  _globals['_LISTORDERSRESPONSE']._serialized_end=653
-  _globals['_WATCHORDERREQUEST']._serialized_start=655
-  _globals['_WATCHORDERREQUEST']._serialized_end=719
-  _globals['_WATCHORDERRESPONSE']._serialized_start=721
-  _globals['_WATCHORDERRESPONSE']._serialized_end=796
-  _globals['_ORDERQUERYSERVICE']._serialized_start=799
-  _globals['_ORDERQUERYSERVICE']._serialized_end=1069
+  _globals['_GETORDERREQUEST']._serialized_start=150
+  _globals['_GETORDERREQUEST']._serialized_end=340
+  _globals['_GETORDERRESPONSE']._serialized_start=342
+  _globals['_GETORDERRESPONSE']._serialized_end=452
+  _globals['_GETORDERHISTORYREQUEST']._serialized_start=455
+  _globals['_GETORDERHISTORYREQUEST']._serialized_end=597
+  _globals['_GETORDERHISTORYRESPONSE']._serialized_start=600
+  _globals['_GETORDERHISTORYRESPONSE']._serialized_end=755
+  _globals['_ORDERHISTORYEVENT']._serialized_start=758
+  _globals['_ORDERHISTORYEVENT']._serialized_end=1028
+  _globals['_LISTORDERSREQUEST']._serialized_start=1031
+  _globals['_LISTORDERSREQUEST']._serialized_end=1216
+  _globals['_LISTORDERSRESPONSE']._serialized_start=1219
+  _globals['_LISTORDERSRESPONSE']._serialized_end=1357
+  _globals['_WATCHORDERREQUEST']._serialized_start=1359
+  _globals['_WATCHORDERREQUEST']._serialized_end=1423
+  _globals['_WATCHORDERRESPONSE']._serialized_start=1425
+  _globals['_WATCHORDERRESPONSE']._serialized_end=1500
+  _globals['_ORDERQUERYSERVICE']._serialized_start=1503
+  _globals['_ORDERQUERYSERVICE']._serialized_end=1873
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from cqrs.orders.v1 import consistency_pb2 as _consistency_pb2
 from cqrs.orders.v1 import order_pb2 as _order_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -26,20 +27,36 @@ class GetOrderRequest(_message.Message):
 
     ORDER_ID_FIELD_NUMBER: _builtins.int
     CONSISTENCY_FIELD_NUMBER: _builtins.int
+    AS_OF_VERSION_FIELD_NUMBER: _builtins.int
+    AS_OF_TIME_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
+    as_of_version: _builtins.int
+    """Optional: the order right after this version of its stream (1 = as created); INVALID_ARGUMENT beyond the
+    order's version. At most one of as_of_version and as_of_time.
+    """
     @_builtins.property
     def consistency(self) -> _consistency_pb2.ConsistencyRequirement: ...
+    @_builtins.property
+    def as_of_time(self) -> _timestamp_pb2.Timestamp:
+        """Optional: the order as it was at this instant (after the last of its events recorded at or before it);
+        NOT_FOUND before it was created.
+        """
+
     def __init__(
         self,
         *,
         order_id: _builtins.str = ...,
         consistency: _consistency_pb2.ConsistencyRequirement | None = ...,
+        as_of_version: _builtins.int | None = ...,
+        as_of_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_as_of_version", b"_as_of_version", "as_of_time", b"as_of_time", "as_of_version", b"as_of_version", "consistency", b"consistency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "order_id", b"order_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_as_of_version", b"_as_of_version", "as_of_time", b"as_of_time", "as_of_version", b"as_of_version", "consistency", b"consistency", "order_id", b"order_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__as_of_version: _TypeAlias = _typing.Literal["as_of_version"]  # noqa: Y015
+    _WhichOneofArgType__as_of_version: _TypeAlias = _typing.Literal["_as_of_version", b"_as_of_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__as_of_version) -> _WhichOneofReturnType__as_of_version | None: ...
 
 Global___GetOrderRequest: _TypeAlias = GetOrderRequest  # noqa: Y015
 
@@ -66,6 +83,130 @@ class GetOrderResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetOrderResponse: _TypeAlias = GetOrderResponse  # noqa: Y015
+
+@_typing.final
+class GetOrderHistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    page_size: _builtins.int
+    """At most this many events (default 50, maximum 500)."""
+    page_token: _builtins.str
+    """Opaque token from a previous GetOrderHistoryResponse of the same order."""
+    @_builtins.property
+    def consistency(self) -> _consistency_pb2.ConsistencyRequirement: ...
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        consistency: _consistency_pb2.ConsistencyRequirement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "order_id", b"order_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrderHistoryRequest: _TypeAlias = GetOrderHistoryRequest  # noqa: Y015
+
+@_typing.final
+class GetOrderHistoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderHistoryEvent]:
+        """Oldest first (by version)."""
+
+    @_builtins.property
+    def consistency(self) -> _consistency_pb2.ReadConsistency: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___OrderHistoryEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+        consistency: _consistency_pb2.ReadConsistency | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrderHistoryResponse: _TypeAlias = GetOrderHistoryResponse  # noqa: Y015
+
+@_typing.final
+class OrderHistoryEvent(_message.Message):
+    """One event of an order's stream, as recorded, with the metadata saying who and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CAUSATION_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    event_type: _builtins.str
+    """The stored event type name, e.g. "OrderPlaced"."""
+    schema_version: _builtins.int
+    """The schema version the payload was recorded with."""
+    version: _builtins.int
+    """Version of the order's stream this event made."""
+    position: _builtins.int
+    """Global event-store position."""
+    correlation_id: _builtins.str
+    request_id: _builtins.str
+    """The request_id of the command that recorded the event."""
+    causation_id: _builtins.str
+    subject: _builtins.str
+    """The authenticated caller (the `sub` of its token); empty when auth was off or for events recorded before
+    the service recorded it.
+    """
+    payload_json: _builtins.str
+    """The payload as recorded: a JSON object. JSON rather than google.protobuf.Struct, whose numbers are doubles:
+    money in minor units must stay an exact integer.
+    """
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        schema_version: _builtins.int = ...,
+        version: _builtins.int = ...,
+        position: _builtins.int = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        correlation_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        causation_id: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        payload_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["causation_id", b"causation_id", "correlation_id", b"correlation_id", "event_id", b"event_id", "event_type", b"event_type", "payload_json", b"payload_json", "position", b"position", "recorded_at", b"recorded_at", "request_id", b"request_id", "schema_version", b"schema_version", "subject", b"subject", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderHistoryEvent: _TypeAlias = OrderHistoryEvent  # noqa: Y015
 
 @_typing.final
 class ListOrdersRequest(_message.Message):

@@ -40,6 +40,11 @@ class OrderQueryServiceStub:
                 request_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderRequest.SerializeToString,
                 response_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderResponse.FromString,
                 _registered_method=True)
+        self.GetOrderHistory = channel.unary_unary(
+                '/cqrs.orders.v1.OrderQueryService/GetOrderHistory',
+                request_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderHistoryRequest.SerializeToString,
+                response_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderHistoryResponse.FromString,
+                _registered_method=True)
         self.ListOrders = channel.unary_unary(
                 '/cqrs.orders.v1.OrderQueryService/ListOrders',
                 request_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.ListOrdersRequest.SerializeToString,
@@ -58,6 +63,16 @@ class OrderQueryServiceServicer:
 
     def GetOrder(self, request, context):
         """Returns one order; NOT_FOUND when unknown or deleted.
+        With as_of_version or as_of_time, the order as it was then (folded from its history by the projection code);
+        a deleted order's earlier states stay readable this way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOrderHistory(self, request, context):
+        """The change log of one order, oldest first: every event applied to it, with who made the change and why.
+        Deleted orders keep their history; NOT_FOUND only for an order the read model never had.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +99,11 @@ def add_OrderQueryServiceServicer_to_server(servicer, server):
                     servicer.GetOrder,
                     request_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderRequest.FromString,
                     response_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderResponse.SerializeToString,
+            ),
+            'GetOrderHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOrderHistory,
+                    request_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderHistoryRequest.FromString,
+                    response_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderHistoryResponse.SerializeToString,
             ),
             'ListOrders': grpc.unary_unary_rpc_method_handler(
                     servicer.ListOrders,
@@ -124,6 +144,33 @@ class OrderQueryService:
             '/cqrs.orders.v1.OrderQueryService/GetOrder',
             cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderRequest.SerializeToString,
             cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOrderHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cqrs.orders.v1.OrderQueryService/GetOrderHistory',
+            cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderHistoryRequest.SerializeToString,
+            cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetOrderHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

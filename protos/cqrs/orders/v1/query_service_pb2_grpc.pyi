@@ -34,7 +34,14 @@ class OrderQueryServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OrderQueryServiceAsyncStub: ...
     GetOrder: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.GetOrderRequest, _query_service_pb2.GetOrderResponse]
-    """Returns one order; NOT_FOUND when unknown or deleted."""
+    """Returns one order; NOT_FOUND when unknown or deleted.
+    With as_of_version or as_of_time, the order as it was then (folded from its history by the projection code);
+    a deleted order's earlier states stay readable this way.
+    """
+    GetOrderHistory: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.GetOrderHistoryRequest, _query_service_pb2.GetOrderHistoryResponse]
+    """The change log of one order, oldest first: every event applied to it, with who made the change and why.
+    Deleted orders keep their history; NOT_FOUND only for an order the read model never had.
+    """
     ListOrders: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListOrdersRequest, _query_service_pb2.ListOrdersResponse]
     """Lists orders newest first, optionally filtered by customer and status."""
     WatchOrder: _grpc.UnaryStreamMultiCallable[_query_service_pb2.WatchOrderRequest, _query_service_pb2.WatchOrderResponse]
@@ -46,7 +53,14 @@ class OrderQueryServiceAsyncStub(OrderQueryServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetOrder: _aio.UnaryUnaryMultiCallable[_query_service_pb2.GetOrderRequest, _query_service_pb2.GetOrderResponse]  # type: ignore[assignment]
-    """Returns one order; NOT_FOUND when unknown or deleted."""
+    """Returns one order; NOT_FOUND when unknown or deleted.
+    With as_of_version or as_of_time, the order as it was then (folded from its history by the projection code);
+    a deleted order's earlier states stay readable this way.
+    """
+    GetOrderHistory: _aio.UnaryUnaryMultiCallable[_query_service_pb2.GetOrderHistoryRequest, _query_service_pb2.GetOrderHistoryResponse]  # type: ignore[assignment]
+    """The change log of one order, oldest first: every event applied to it, with who made the change and why.
+    Deleted orders keep their history; NOT_FOUND only for an order the read model never had.
+    """
     ListOrders: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListOrdersRequest, _query_service_pb2.ListOrdersResponse]  # type: ignore[assignment]
     """Lists orders newest first, optionally filtered by customer and status."""
     WatchOrder: _aio.UnaryStreamMultiCallable[_query_service_pb2.WatchOrderRequest, _query_service_pb2.WatchOrderResponse]  # type: ignore[assignment]
@@ -61,7 +75,20 @@ class OrderQueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_service_pb2.GetOrderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.GetOrderResponse, _abc.Awaitable[_query_service_pb2.GetOrderResponse]]:
-        """Returns one order; NOT_FOUND when unknown or deleted."""
+        """Returns one order; NOT_FOUND when unknown or deleted.
+        With as_of_version or as_of_time, the order as it was then (folded from its history by the projection code);
+        a deleted order's earlier states stay readable this way.
+        """
+
+    @_abc_1.abstractmethod
+    def GetOrderHistory(
+        self,
+        request: _query_service_pb2.GetOrderHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_service_pb2.GetOrderHistoryResponse, _abc.Awaitable[_query_service_pb2.GetOrderHistoryResponse]]:
+        """The change log of one order, oldest first: every event applied to it, with who made the change and why.
+        Deleted orders keep their history; NOT_FOUND only for an order the read model never had.
+        """
 
     @_abc_1.abstractmethod
     def ListOrders(

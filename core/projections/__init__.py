@@ -4,6 +4,10 @@ A handler takes the current document (or None when the entity has no document ye
 decoded payload, and returns the new document without mutating its input. The runner owns everything else:
 ordering, the version guard, batching, acknowledgements.
 
+The package lives in `core/` because two processes run the same fold: the projector (through
+`projector.registry`) and the query service, which folds an order's history for as-of reads
+(`core.projections.order_history`).
+
 Adding a read model: write a module with its own handler table and a `Projection`, and add it to
 `projector.registry.PROJECTIONS`. A view that copies one read model's data into another's documents is a
 `DerivedView` in `projector.registry.VIEWS`, declaring the events that make it stale.

@@ -6,7 +6,15 @@ Document shape::
      lines: [{sku, name, quantity, unit_price_minor, line_total_minor}], total_minor,
      shipping_address: {recipient, line1, line2, city, postal_code, country}, cancel_reason,
      created_at, updated_at, placed_at, version, position, deleted,
-     customer_name, customer_email, customer_version}
+     customer_name, customer_email, customer_version,
+     history: [{event_id, event_type, schema_version, version, position, recorded_at, payload,
+                correlation_id, request_id, causation_id, subject}]}
+
+`history` is the order's change log: every applied event, as recorded, with the metadata that says who and why.
+It lives in the order's own document, written by the same version-guarded write, so it can never disagree with
+the order, survives the deletion (tombstone) and is checked and rebuilt with the rest (`cqrs verify`). The query
+service folds it with this module's handlers to answer "what did the order look like then"
+(`core.projections.order_history`); readers of the current order leave the field out.
 
 `customer_name`/`customer_email` are a copy of the customer's read model at `customer_version` (0, with empty
 strings, while the customer is unknown). The order handlers only initialise them; the runner keeps them current
@@ -21,6 +29,7 @@ than one that visibly stalls.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, TypeVar
 
 from core.envelope import RecordedEvent
@@ -36,9 +45,9 @@ from core.order_events import (
     OrderPlaced,
     OrderShippingAddressChanged,
 )
-from core.read_model import ORDER_INDEXES, ORDERS_COLLECTION, OrderStatus
+from core.projections import Document, Handler, Projection
+from core.read_model import ORDER_HISTORY_FIELD, ORDER_INDEXES, ORDERS_COLLECTION, OrderStatus
 from core.values import OrderLine
-from projector.projections import Document, Handler, Projection
 
 # The names and indexes are the read-model contract's (core/read_model.py), shared with the query service.
 STATUS_DRAFT = OrderStatus.DRAFT
@@ -49,6 +58,8 @@ INDEXES = ORDER_INDEXES
 
 # Kept current by the customer fan-out, not by order events.
 CUSTOMER_FIELDS = frozenset({"customer_name", "customer_email", "customer_version"})
+# The change log (see the module docstring).
+HISTORY_FIELD = ORDER_HISTORY_FIELD
 
 E = TypeVar("E", bound=Event)
 
@@ -184,6 +195,38 @@ def on_order_deleted(doc: Document | None, recorded: RecordedEvent, event: Event
     return _copy(current, deleted=True)
 
 
+def history_entry(recorded: RecordedEvent) -> Document:
+    """One event of the change log: everything needed to show it and to fold it again."""
+    metadata = recorded.metadata
+    return {
+        "event_id": str(recorded.event_id),
+        "event_type": recorded.event_type,
+        "schema_version": recorded.schema_version,
+        "version": recorded.version,
+        "position": recorded.position,
+        "recorded_at": recorded.recorded_at,
+        "payload": copy.deepcopy(recorded.payload),
+        "correlation_id": metadata.correlation_id,
+        "request_id": metadata.request_id,
+        "causation_id": metadata.causation_id,
+        "subject": metadata.subject,
+    }
+
+
+def _logged(handler: Handler) -> Handler:
+    """`handler`, whose new document also appends the event to the change log (a new list: inputs stay as they
+    were)."""
+
+    def apply(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
+        new_doc = handler(doc, recorded, event)
+        new_doc[HISTORY_FIELD] = [*(doc or {}).get(HISTORY_FIELD, ()), history_entry(recorded)]
+        return new_doc
+
+    apply.__name__ = apply.__qualname__ = handler.__name__
+    apply.__doc__ = handler.__doc__
+    return apply
+
+
 HANDLERS: dict[str, Handler] = {
     OrderCreated.event_type: on_order_created,
     OrderItemAdded.event_type: on_order_item_added,
@@ -199,7 +242,7 @@ ORDERS = Projection(
     name="orders",
     stream_type=ORDER_STREAM_TYPE,
     collection=COLLECTION,
-    handlers=HANDLERS,
+    handlers={event_type: _logged(handler) for event_type, handler in HANDLERS.items()},
     indexes=INDEXES,
     foreign_fields=CUSTOMER_FIELDS,
 )

@@ -27,8 +27,8 @@ from core.customer_events import (
 )
 from core.envelope import RecordedEvent
 from core.events import Event
+from core.projections import Document, Handler, Projection
 from core.read_model import CUSTOMER_INDEXES, CUSTOMERS_COLLECTION, ORDER_STATUS_COUNTERS, CustomerStatus
-from projector.projections import Document, Handler, Projection
 
 # The names and indexes are the read-model contract's (core/read_model.py), shared with the query service.
 STATUS_ACTIVE = CustomerStatus.ACTIVE

@@ -1,0 +1,170 @@
+"""The `cqrs rebuild` subcommand: arguments (defaults from the services' CQRS_* variables), output, exit status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from cqrsctl.rebuild.model import RebuildConfig, RebuildResult
+
+EXIT_EQUAL = 0
+EXIT_DIFFERENCES = 1
+EXIT_ERROR = 2
+
+
+def add_rebuild_parser(sub: Any) -> argparse.ArgumentParser:
+    """Adds `rebuild` to the `cqrs` subcommands (`sub` is the parent parser's subparsers action)."""
+    env = RebuildConfig.from_env()
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "rebuild",
+        help="build a new generation of the read model from PostgreSQL and compare it with the live one",
+        description="Builds (or resumes) a generation <database>_g<N> of the read model from the events in "
+        "PostgreSQL through the projector's registry, catches it up, then compares it with the active read "
+        "model. Exit status: 0 equal (or --accept-differences), 1 differences, 2 an error. The switch to the "
+        "new generation is not done here.",
+    )
+    parser.add_argument("--postgres-dsn", default=env.postgres_dsn, help="env CQRS_POSTGRES_DSN")
+    parser.add_argument("--mongo-url", default=env.mongo_url, help="env CQRS_MONGO_URL")
+    parser.add_argument(
+        "--mongo-database", default=env.mongo_database, help="the base (generation 1) database; env CQRS_MONGO_DATABASE"
+    )
+    parser.add_argument("--batch-size", type=int, default=env.batch_size, help="events per batch (default 500)")
+    parser.add_argument("--timeout", type=float, default=env.timeout_seconds, help="seconds per network call")
+    parser.add_argument(
+        "--ignore-field", action="append", default=[], metavar="[COLLECTION.]PATH",
+        help="a field the comparison ignores (repeatable); e.g. updated_at or customers.order_stats_version",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sample", type=int, default=None, metavar="N",
+        help="compare N random documents per collection plus every document changed during the rebuild",
+    )  # fmt: skip
+    parser.add_argument(
+        "--settle-seconds", type=float, default=env.settle_seconds,
+        help=f"how long differences explained by lag are re-checked (default {env.settle_seconds:g})",
+    )  # fmt: skip
+    parser.add_argument("--accept-differences", action="store_true", help="exit 0 even when documents differ")
+    parser.add_argument("--generation", type=int, default=None, help="resume this generation")
+    parser.add_argument("--new", action="store_true", help="start a new generation even if one is unfinished")
+    parser.add_argument("--status", action="store_true", help="list the generations and exit")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (for scripts)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line, even on a terminal")
+    parser.set_defaults(run=run_cli)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RebuildConfig:
+    return RebuildConfig(
+        postgres_dsn=args.postgres_dsn,
+        mongo_url=args.mongo_url,
+        mongo_database=args.mongo_database,
+        batch_size=args.batch_size,
+        timeout_seconds=args.timeout,
+        ignore_fields=tuple(args.ignore_field),
+        sample=args.sample,
+        settle_seconds=args.settle_seconds,
+        generation=args.generation,
+        new=args.new,
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from cqrsctl.rebuild import GenerationError, RebuildFailed, rebuild_status, run_rebuild
+
+    if args.batch_size < 1 or (args.sample is not None and args.sample < 1):
+        print("cqrs rebuild: --batch-size and --sample must be >= 1", file=sys.stderr)
+        return EXIT_ERROR
+    config = config_from_args(args)
+    try:
+        if args.status:
+            rows = asyncio.run(rebuild_status(config))
+            print(json.dumps(rows, default=_json_default, indent=2) if args.json else render_status(rows))
+            return EXIT_EQUAL
+        result = asyncio.run(run_rebuild(config, progress=not args.no_progress))
+    except (GenerationError, RebuildFailed) as exc:
+        print(f"cqrs rebuild: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a store is unreachable or refused a query: say which, no stack trace
+        print(f"cqrs rebuild: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(render_json(result, args.accept_differences) if args.json else render_text(result))
+    return EXIT_EQUAL if result.equal or args.accept_differences else EXIT_DIFFERENCES
+
+
+def _json_default(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def result_document(result: RebuildResult, accepted: bool) -> dict[str, Any]:
+    return {
+        "generation": result.generation,
+        "database": result.database,
+        "live_database": result.live_database,
+        "resumed": result.resumed,
+        "state": result.state,
+        "position": result.position,
+        "events_applied": result.events_applied,
+        "events_per_second": round(result.events_per_second, 1),
+        "build_seconds": round(result.build_seconds, 3),
+        "documents_compared": result.documents_compared,
+        "sample": result.sampled,
+        "ignored_fields": list(result.ignored_fields),
+        "equal": result.equal,
+        "accepted": accepted and not result.equal,
+        "difference_count": result.difference_count,
+        "differences": [
+            {
+                "collection": d.collection,
+                "id": d.doc_id,
+                "kind": d.kind,
+                "live_version": d.live_version,
+                "generation_version": d.generation_version,
+                "fields": [{"path": f.path, "live": f.expected, "generation": f.actual} for f in d.fields],
+            }
+            for d in result.differences
+        ],
+    }
+
+
+def render_json(result: RebuildResult, accepted: bool) -> str:
+    return json.dumps(result_document(result, accepted), default=_json_default, indent=2)
+
+
+def render_text(result: RebuildResult) -> str:
+    verb = "resumed" if result.resumed else "built"
+    lines = [
+        f"generation {result.generation} ({result.database}) {verb}: {result.events_applied:,} events applied in "
+        f"{result.build_seconds:.1f}s ({result.events_per_second:,.0f} events/s), up to position {result.position}",
+        f"compared with {result.live_database}: {result.documents_compared:,} documents"
+        + (f" (sample of {result.sampled} per collection + changed ones)" if result.sampled else "")
+        + (f", ignoring {', '.join(result.ignored_fields)}" if result.ignored_fields else ""),
+    ]
+    if result.equal:
+        lines.append("every document is equal")
+        return "\n".join(lines)
+    lines.append(f"{result.difference_count} document(s) differ:")
+    for d in result.differences:
+        fields = ", ".join(f"{f.path}: {f.expected!r} -> {f.actual!r}" for f in d.fields[:6])
+        lines.append(f"  {d.collection} {d.doc_id}: {d.kind}" + (f" ({fields})" if fields else ""))
+    if result.difference_count > len(result.differences):
+        lines.append(f"  ... and {result.difference_count - len(result.differences)} more")
+    return "\n".join(lines)
+
+
+def render_status(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = [f"{'GEN':>3} {'DATABASE':28} {'STATE':10} {'POSITION':>10} {'EVENTS':>10} {'DIFFS':>6}  UPDATED"]
+    for row in rows:
+        marker = "*" if row.get("active") else " "
+        diffs = row.get("differences")
+        updated = row.get("updated_at")
+        lines.append(
+            f"{row['generation']:>3}{marker}{row.get('database', '')!s:28} {row.get('state', '')!s:10} "
+            f"{row.get('position', '') or '':>10} {row.get('events_applied', '') or '':>10} "
+            f"{'' if diffs is None else diffs:>6}  {updated.isoformat() if isinstance(updated, datetime) else ''}"
+        )
+    lines.append("* active (the generation the services use)")
+    return "\n".join(lines)

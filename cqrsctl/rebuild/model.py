@@ -1,0 +1,75 @@
+"""What `cqrs rebuild` is told (`RebuildConfig`) and what it reports (`RebuildResult`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from cqrsctl.rebuild.shadow import Difference
+
+# Always ignored by the comparison: bookkeeping whose value depends on how events were batched, not on the events.
+# `order_stats_version` (sum of the customer's order versions when its statistics were last computed) is stamped
+# only after the order events that change a statistic, from the orders as they are at the end of the batch: the
+# projector's batches and the rebuild's differ, so the stamps legitimately do (verify checks it as a range too).
+BOOKKEEPING_FIELDS: tuple[str, ...] = ("customers.order_stats_version",)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"CQRS_{name}", default)
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildConfig:
+    """Where the stores are and how to rebuild; `from_env` reads the services' CQRS_* variables."""
+
+    postgres_dsn: str
+    mongo_url: str
+    mongo_database: str = "cqrs"  # the base database: generation 1, and home of the control collection
+    # Events per batch (read, applied and recorded together): memory is bounded by it.
+    batch_size: int = 500
+    # Every network call gives up after this long.
+    timeout_seconds: float = 30.0
+    ignore_fields: tuple[str, ...] = ()
+    sample: int | None = None  # None: compare every document
+    # Differences that may be in flight (one side behind the other) are re-checked for up to this long.
+    settle_seconds: float = 10.0
+    generation: int | None = None  # resume this generation (default: the latest unfinished one)
+    new: bool = False  # start a new generation even if one is unfinished
+    max_listed: int = 1000  # differences listed individually (all are counted)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> RebuildConfig:
+        """Defaults from CQRS_POSTGRES_DSN, CQRS_MONGO_URL, CQRS_MONGO_DATABASE; `overrides` win."""
+        values: dict[str, Any] = {
+            "postgres_dsn": _env("POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
+            "mongo_url": _env("MONGO_URL", "mongodb://127.0.0.1:27017/?directConnection=true"),
+            "mongo_database": _env("MONGO_DATABASE", "cqrs"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class RebuildResult:
+    generation: int
+    database: str
+    live_database: str
+    resumed: bool
+    state: str = ""
+    events_applied: int = 0  # by this run
+    build_seconds: float = 0.0
+    position: int = 0  # the highest position the generation reflects
+    documents_compared: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    difference_count: int = 0
+    ignored_fields: tuple[str, ...] = ()
+    sampled: int | None = None
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events_applied / self.build_seconds if self.build_seconds > 0 else 0.0
+
+    @property
+    def equal(self) -> bool:
+        return self.difference_count == 0

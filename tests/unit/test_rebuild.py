@@ -1,0 +1,125 @@
+"""The pure parts of `cqrs rebuild`: ignored fields, document comparison, outcome problems, status rows, ETA."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+
+from cqrsctl.main import build_parser
+from cqrsctl.rebuild.build import problems
+from cqrsctl.rebuild.cli import config_from_args, render_json, render_status, render_text
+from cqrsctl.rebuild.generations import database_name, status_rows
+from cqrsctl.rebuild.model import RebuildResult
+from cqrsctl.rebuild.progress import RebuildProgress, eta_text
+from cqrsctl.rebuild.reader import Cursor
+from cqrsctl.rebuild.shadow import DIFFERS, MISSING_IN_GENERATION, MISSING_IN_LIVE, IgnoredFields, compare_documents
+from projector.parking import Park
+from projector.pipeline import BatchOutcome
+from projector.planning import DecodedBatch
+
+IGNORE_NOTHING = IgnoredFields((), ("orders", "customers"))
+
+
+def test_ignored_fields_apply_to_one_collection_or_to_every_one() -> None:
+    ignored = IgnoredFields(
+        ("updated_at", "orders.lines", "customers.order_stats.placed_orders"), ("orders", "customers")
+    )
+    assert ignored.ignores("orders", "updated_at") and ignored.ignores("customers", "updated_at")
+    assert ignored.ignores("orders", "lines") and ignored.ignores("orders", "lines.0.quantity")
+    assert not ignored.ignores("customers", "lines") and not ignored.ignores("orders", "lines_total")
+    assert ignored.ignores("customers", "order_stats.placed_orders")
+    assert not ignored.ignores("customers", "order_stats.draft_orders")
+    # A first part that names no compared collection is a field path for every collection.
+    assert IgnoredFields(("shipping_address.city",), ("orders",)).ignores("orders", "shipping_address.city")
+
+
+def test_documents_compare_field_by_field_except_ignored_ones() -> None:
+    live = {"_id": "o1", "version": 3, "status": "PLACED", "lines": [{"sku": "A", "quantity": 1}], "at": 1}
+    same = dict(live)
+    assert compare_documents("orders", "o1", live, same, IGNORE_NOTHING) is None
+
+    changed = {**live, "lines": [{"sku": "A", "quantity": 2}], "extra": True}
+    difference = compare_documents("orders", "o1", live, changed, IGNORE_NOTHING)
+    assert difference is not None and difference.kind == DIFFERS
+    assert [f.path for f in difference.fields] == ["extra", "lines.0.quantity"]
+    assert not difference.versions_differ
+    ignored = IgnoredFields(("orders.extra", "lines"), ("orders",))
+    assert compare_documents("orders", "o1", live, changed, ignored) is None
+
+    # True is not 1: a type change is a difference.
+    assert compare_documents("orders", "o1", {"a": 1}, {"a": True}, IGNORE_NOTHING) is not None
+
+
+def test_a_document_on_one_side_only_is_a_difference() -> None:
+    doc = {"_id": "o1", "version": 2}
+    missing = compare_documents("orders", "o1", doc, None, IGNORE_NOTHING)
+    assert missing is not None and (missing.kind, missing.live_version, missing.generation_version) == (
+        MISSING_IN_GENERATION, 2, None,
+    )  # fmt: skip
+    extra = compare_documents("orders", "o1", None, doc, IGNORE_NOTHING)
+    assert extra is not None and extra.kind == MISSING_IN_LIVE and extra.versions_differ
+    assert compare_documents("orders", "o1", None, None, IGNORE_NOTHING) is None
+
+
+def test_an_outcome_with_parks_or_gaps_is_a_problem() -> None:
+    assert problems(BatchOutcome(), DecodedBatch()) == []
+    outcome = BatchOutcome(gaps=1, conflicts=1)
+    outcome.parks["s1"] = Park("s1", "order", "gap", "waiting for version 1", 1)
+    outcome.unsettled["s1"] = "waits behind a parked event"
+    found = problems(outcome, DecodedBatch())
+    assert len(found) == 4 and found[0].startswith("s1 parked at v1 (gap)")
+
+
+def test_cursor_round_trips_through_its_document() -> None:
+    cursor = Cursor(2**40 + 7, 12345)
+    assert Cursor.from_document(cursor.to_document()) == cursor
+    assert Cursor.from_document(None) == Cursor() < cursor
+    assert Cursor(9, 100) < Cursor(10, 1)  # the transaction id first, as a number
+
+
+def test_status_lists_generation_one_and_marks_the_active_one() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    docs = [
+        {"_id": 2, "database": "cqrs_g2", "state": "compared", "position": 10, "events_applied": 10,
+         "differences": 0, "updated_at": now},
+        {"_id": "active", "generation": 1, "database": "cqrs"},
+    ]  # fmt: skip
+    rows = status_rows(docs, "cqrs")
+    assert [(r["generation"], r["database"], r["state"], r["active"]) for r in rows] == [
+        (1, "cqrs", "live", True), (2, "cqrs_g2", "compared", False),
+    ]  # fmt: skip
+    text = render_status(rows)
+    assert "cqrs_g2" in text and "2026-01-01" in text
+    assert database_name("cqrs", 1) == "cqrs" and database_name("cqrs", 3) == "cqrs_g3"
+
+
+def test_eta_and_progress_line() -> None:
+    assert eta_text(0, 100, 1.0) == "?"
+    assert eta_text(50, 100, 10.0) == "0:10"
+    assert eta_text(1, 7201, 1.0) == "2:00:00"
+    assert eta_text(100, 100, 5.0) == "0:00"
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Tty()
+    progress = RebuildProgress(True, stream)
+    progress.start("rebuild g2", 1000)
+    progress.advance(500)
+    assert "rebuild g2" in stream.getvalue() and "events/s" in stream.getvalue() and "ETA" in stream.getvalue()
+    assert not RebuildProgress(True, io.StringIO()).enabled  # not a terminal: nothing drawn
+
+
+def test_the_cli_arguments_and_reports() -> None:
+    args = build_parser().parse_args(
+        ["rebuild", "--mongo-database", "db", "--ignore-field", "updated_at", "--ignore-field", "orders.x",
+         "--sample", "5", "--generation", "3", "--batch-size", "100"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert (config.mongo_database, config.ignore_fields, config.sample, config.generation, config.batch_size) == (
+        "db", ("updated_at", "orders.x"), 5, 3, 100,
+    )  # fmt: skip
+    result = RebuildResult(2, "db_g2", "db", False, "compared", 100, 2.0, 100, 10)
+    assert "every document is equal" in render_text(result)
+    assert '"events_per_second": 50.0' in render_json(result, accepted=False)
