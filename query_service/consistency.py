@@ -34,6 +34,7 @@ from core.dependency_metrics import dependency_metrics
 from core.errors import FieldViolation, Unavailable
 from core.read_model import CHECKPOINTS_COLLECTION
 from core.tracing import detached_task
+from query_service.read_model import read_model_outage
 from query_service.wait_book import Requirement, TooManyWaiters, VersionCache, WaitBook
 
 __all__ = [
@@ -334,7 +335,9 @@ class ReadYourWrites:
         """
         if not requirements:
             return consistency_pb2.ReadConsistency()
-        outcome = await self.waiter.wait(requirements, wait_budget(time_remaining, self._max_wait))
+        # The waiter polls MongoDB itself: its driver errors become the project's outage here, at the boundary.
+        with read_model_outage():
+            outcome = await self.waiter.wait(requirements, wait_budget(time_remaining, self._max_wait))
         if outcome.reached or accept_stale:
             return outcome.read_consistency()
         raise Unavailable(outcome.describe())

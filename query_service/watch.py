@@ -26,10 +26,10 @@ from typing import Any, Final
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure
 
-from core.errors import Unavailable
+from core.errors import DependencyUnavailable, Unavailable
 from core.tracing import detached_task
 from query_service.consistency import TooManyWaiters
-from query_service.read_model import Document, describe_mongo_error, is_mongo_unavailable
+from query_service.read_model import READ_MODEL, Document, describe_mongo_error, is_mongo_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,10 @@ class OrderWatchHub:
         except Exception as exc:
             # MongoDB unreachable (or worse): end the current streams, so their clients see UNAVAILABLE and watch
             # again, rather than hang silently. The next subscriber starts a new feed.
+            ended: BaseException = exc
             if is_mongo_unavailable(exc):
                 log.warning("WatchOrder feed: read model (MongoDB) is unavailable: %s", describe_mongo_error(exc))
+                ended = DependencyUnavailable(READ_MODEL, describe_mongo_error(exc))  # the boundary's translation
             else:
                 log.exception("WatchOrder feed failed unexpectedly")
             feed.accepting = False
@@ -247,7 +249,7 @@ class OrderWatchHub:
                 self._feed = None
             for subs in list(self._subs.values()):
                 for sub in list(subs):
-                    sub.end(exc)
+                    sub.end(ended)
         finally:
             feed.accepting = False
             feed.open = False

@@ -33,7 +33,7 @@ def add_rebuild_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--mongo-database", default=env.mongo_database, help="the base (generation 1) database; env CQRS_MONGO_DATABASE"
     )
-    parser.add_argument("--batch-size", type=int, default=env.batch_size, help="events per batch (default 500)")
+    parser.add_argument("--batch-size", type=int, default=env.batch_size, help="events per batch (default 2000)")
     parser.add_argument("--timeout", type=float, default=env.timeout_seconds, help="seconds per network call")
     parser.add_argument(
         "--ignore-field", action="append", default=[], metavar="[COLLECTION.]PATH",

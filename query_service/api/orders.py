@@ -22,7 +22,7 @@ from query_service import paging, views
 from query_service.api.listing import listing, page_of
 from query_service.api.runner import Query, QueryRunner, fail
 from query_service.consistency import ReadYourWrites, Requirement, parse_tokens
-from query_service.read_model import Document, OrderReadModel, read_model_outage
+from query_service.read_model import Document, OrderReadModel
 from query_service.request_checks import collect, parse_uuid, text_filter_violation
 from query_service.watch import OrderWatchHub, Removed
 
@@ -176,10 +176,8 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
     async def WatchOrder(self, request: pb.WatchOrderRequest, context: Context) -> AsyncIterator[pb.WatchOrderResponse]:
         """The current order, then the order again each time its projection changes; ends after a deletion."""
         try:
-            # The watch feed follows MongoDB itself (query_service.watch): its driver errors are outages too.
-            with read_model_outage():
-                async for response in self._watch_order(request, context):
-                    yield response
+            async for response in self._watch_order(request, context):
+                yield response
         except Exception as exc:  # CancelledError (the client left) is a BaseException and passes through
             await fail(context, "WatchOrder", exc)
 

@@ -19,7 +19,6 @@ from core.errors import InvalidArgument
 from core.grpc_errors import abort_for
 from core.rpc_table import Context, Rpc
 from query_service.consistency import ReadYourWrites, TooManyWaiters, parse_requirement
-from query_service.read_model import read_model_outage
 from query_service.request_checks import collect
 
 log = logging.getLogger(__name__)
@@ -60,11 +59,9 @@ class QueryRunner(Generic[Src]):
             parsed = collect(violations, lambda: entry.parse(request))
             if violations:
                 raise InvalidArgument(violations)
-            # The shared waiter polls MongoDB itself (query_service.consistency): its driver errors are outages too.
-            with read_model_outage():
-                consistency = await self._ryw.ensure(
-                    requirements, accept_stale=requirement.accept_stale, time_remaining=context.time_remaining()
-                )
+            consistency = await self._ryw.ensure(
+                requirements, accept_stale=requirement.accept_stale, time_remaining=context.time_remaining()
+            )
             return await entry.read(self._source, parsed, consistency)
         except Exception as exc:  # CancelledError (the client left) is a BaseException and passes through
             await fail(context, method, exc)
