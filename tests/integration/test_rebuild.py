@@ -8,7 +8,6 @@ Each test has its own PostgreSQL database, stream, subjects, durable consumer an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import sys
@@ -18,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import nats
 import pytest
-from pymongo import AsyncMongoClient
 
 from command_service.domain import commands as cmd
 from command_service.domain.customer_commands import RenameCustomer
@@ -32,11 +29,9 @@ from cqrsctl.rebuild import RebuildConfig, RebuildResult, rebuild_status, run_re
 from cqrsctl.rebuild.generations import BUILDING, COLLECTION, COMPARED
 from cqrsctl.rebuild.reader import Cursor, EventReader
 from cqrsctl.rebuild.shadow import DIFFERS
-from cqrsctl.verify import VerifyConfig
-from projector.config import ProjectorSettings
 from projector.registry import PROJECTIONS
 from tests.integration.test_relay import ADDRESS, ctx
-from tests.integration.test_verify import System
+from tests.integration.test_verify import System, projected_system
 from tests.support import registered_customer
 
 Doc = dict[str, Any]
@@ -74,35 +69,12 @@ async def live(
     event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, mongo_url: str, unique_name: str
 ) -> AsyncIterator[System]:
     """A few hundred events of several customers and their orders, projected by the real projector, at rest."""
-    config = VerifyConfig(
-        postgres_dsn=event_store_dsn, nats_url=nats_url, mongo_url=mongo_url, mongo_database=unique_name,
-        stream_name=unique_name.upper(), subject_prefix=f"{unique_name}.events", settle_seconds=2.0,
-    )  # fmt: skip
-    projector_settings = ProjectorSettings(
-        nats_url=nats_url, mongo_url=mongo_url, mongo_database=unique_name, stream_name=config.stream_name,
-        subject_prefix=config.subject_prefix, projector_durable=f"{unique_name}-projector",
-        projector_fetch_timeout_seconds=0.2, projector_max_backoff_seconds=0.5, mongo_timeout_ms=5000,
-    )  # fmt: skip
-    nc = await nats.connect(nats_url, connect_timeout=5)
-    mongo: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
-    system = System(pg_pool, EventStore(pg_pool), config, projector_settings, nc, nc.jetstream(timeout=5),
-                    mongo[unique_name])  # fmt: skip
-    try:
-        await system.start_relay()
-        await system.start_projector()
+
+    async def workload(system: System) -> None:
         await asyncio.gather(*(_customer_workload(system.store, i) for i in range(CUSTOMERS)))
-        await system.wait_quiescent()
+
+    async with projected_system(event_store_dsn, pg_pool, nats_url, mongo_url, unique_name, workload) as system:
         yield system
-    finally:
-        await system.stop_projector()
-        await system.stop_relay()
-        with contextlib.suppress(Exception):
-            await system.js.delete_stream(config.stream_name)
-        for name in await mongo.list_database_names():
-            if name == unique_name or name.startswith(f"{unique_name}_g"):
-                await mongo.drop_database(name)
-        await mongo.close()
-        await nc.close()
 
 
 def rebuild_config(system: System, **overrides: Any) -> RebuildConfig:

@@ -146,39 +146,62 @@ async def run_workload(system: System) -> None:
     await order("deleted", bob, "GBP", cmd.DeleteOrder)
 
 
-@pytest.fixture
-async def system(
-    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, mongo_url: str, unique_name: str
+@contextlib.asynccontextmanager
+async def projected_system(
+    event_store_dsn: str,
+    pg_pool: asyncpg.Pool,
+    nats_url: str,
+    mongo_url: str,
+    unique_name: str,
+    workload: Callable[[System], Awaitable[None]],
+    **config: Any,
 ) -> AsyncIterator[System]:
-    """A projected store at rest: the workload has gone through the relay and the projector, both still run."""
-    config = VerifyConfig(
+    """A store the `workload` filled, projected by the real relay and projector (both still running), at rest.
+
+    `config`: VerifyConfig overrides. At the end the stream, the test's database and its generations
+    (`<name>_g<N>`, made by `cqrs rebuild`) are dropped."""
+    config = {"settle_seconds": 2.0, **config}
+    verify_config = VerifyConfig(
         postgres_dsn=event_store_dsn, nats_url=nats_url, mongo_url=mongo_url, mongo_database=unique_name,
-        stream_name=unique_name.upper(), subject_prefix=f"{unique_name}.events", settle_seconds=2.0,
-        outbox_age_seconds=60.0, batch_size=3,  # several batches even for this small store
+        stream_name=unique_name.upper(), subject_prefix=f"{unique_name}.events", **config,
     )  # fmt: skip
     projector_settings = ProjectorSettings(
-        nats_url=nats_url, mongo_url=mongo_url, mongo_database=unique_name, stream_name=config.stream_name,
-        subject_prefix=config.subject_prefix, projector_durable=f"{unique_name}-projector",
-        projector_fetch_timeout_seconds=0.2, projector_max_backoff_seconds=0.5, mongo_timeout_ms=2000,
+        nats_url=nats_url, mongo_url=mongo_url, mongo_database=unique_name, stream_name=verify_config.stream_name,
+        subject_prefix=verify_config.subject_prefix, projector_durable=f"{unique_name}-projector",
+        projector_fetch_timeout_seconds=0.2, projector_max_backoff_seconds=0.5, mongo_timeout_ms=5000,
     )  # fmt: skip
     nc = await nats.connect(nats_url, connect_timeout=5)
     mongo: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
-    sys_ = System(pg_pool, EventStore(pg_pool), config, projector_settings, nc, nc.jetstream(timeout=5),
+    sys_ = System(pg_pool, EventStore(pg_pool), verify_config, projector_settings, nc, nc.jetstream(timeout=5),
                   mongo[unique_name])  # fmt: skip
     try:
         await sys_.start_relay()
         await sys_.start_projector()
-        await run_workload(sys_)
+        await workload(sys_)
         await sys_.wait_quiescent()
         yield sys_
     finally:
         await sys_.stop_projector()
         await sys_.stop_relay()
         with contextlib.suppress(Exception):
-            await sys_.js.delete_stream(config.stream_name)
-        await mongo.drop_database(unique_name)
+            await sys_.js.delete_stream(verify_config.stream_name)
+        for name in await mongo.list_database_names():
+            if name == unique_name or name.startswith(f"{unique_name}_g"):
+                await mongo.drop_database(name)
         await mongo.close()
         await nc.close()
+
+
+@pytest.fixture
+async def system(
+    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, mongo_url: str, unique_name: str
+) -> AsyncIterator[System]:
+    """A projected store at rest: the workload has gone through the relay and the projector, both still run."""
+    async with projected_system(
+        event_store_dsn, pg_pool, nats_url, mongo_url, unique_name, run_workload,
+        outbox_age_seconds=60.0, batch_size=3,  # several batches even for this small store
+    ) as sys_:  # fmt: skip
+        yield sys_
 
 
 async def test_a_projected_store_is_clean(system: System) -> None:
