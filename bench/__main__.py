@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -175,6 +176,7 @@ class Bench:
             else:
                 self.errors["ttq"] = "no sustained command rate was found, so there is no half rate to run at"
         self.measure("projector", "projector catch-up throughput", self._projector)
+        self.measure("rebuild", "read-model rebuild from PostgreSQL (cqrs rebuild)", self._rebuild)
         self.stack.check_alive()
         if have_load:
             self.measure(
@@ -243,6 +245,18 @@ class Bench:
         return {"rate": backlog / seconds, "events": backlog, "seconds": seconds, "generated": events,
                 "pending_before": pending_before, "closed_loop_cmds_per_s": events / generate_elapsed}  # fmt: skip
 
+    def _rebuild(self) -> dict[str, Any]:
+        """`cqrs rebuild` of the whole store (every event the bench wrote so far) into a new generation, as an
+        operator runs it; its build phase is timed by the tool itself (the comparison is a sample)."""
+        env = {**os.environ, **self.stack.service_env()}
+        command = [sys.executable, "-m", "cqrsctl.main", "rebuild", "--json", "--no-progress", "--new",
+                   "--sample", "200", "--settle-seconds", "2"]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, check=False)
+        if done.returncode not in (0, 1) or not done.stdout:
+            raise RuntimeError(f"cqrs rebuild exited {done.returncode}: {done.stderr.strip()[-400:]}")
+        report = json.loads(done.stdout)
+        return {key: report[key] for key in ("events_applied", "events_per_second", "build_seconds", "equal")}
+
     # ------------------------------------------------------------------------------------------------- table
 
     def rows(self) -> list[Row]:
@@ -286,6 +300,11 @@ class Bench:
         rows.append(ratio_row("system", "projector catch-up throughput", get("projector", "rate"), "events/s",
                               "bulk upsert", upsert, 0.8,
                               note=f"{proj['events']} events in {proj['seconds']:.2f}s" if proj else ""))  # fmt: skip
+        rb = f.get("rebuild") or {}
+        rb_note = f"{rb['events_applied']} events in {rb['build_seconds']:.2f}s" if rb else ""
+        rows.append(ratio_row("system", "read-model rebuild from PostgreSQL (cqrs rebuild, build phase)",
+                              get("rebuild", "events_per_second"), "events/s", "bulk upsert", upsert, 0.8,
+                              note=rb_note))  # fmt: skip
         floor = min(x for x in (echo_qps, find, nan) if x is not None) if (echo_qps and find) else None
         q = f.get("queries") or {}
         rows.append(ratio_row("system", f"query QPS (closed loop, {CONCURRENCY} callers, {system.QUERY_MIX})",

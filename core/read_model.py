@@ -10,9 +10,9 @@ Document shapes (the projections' modules say how each field is derived):
 
 * `orders`: `{_id, order_id, customer_id, status, currency, lines: [{sku, name, quantity, unit_price_minor,
   line_total_minor}], total_minor, shipping_address: {...}, cancel_reason, created_at, updated_at, placed_at,
-  version, position, deleted, customer_name, customer_email, customer_version, history: [...]}`; deleted orders
-  stay as tombstones. `history` is the order's change log (`core/projections/orders.py`); reads of the current
-  order leave it out.
+  cancelled_at, version, position, deleted, customer_name, customer_email, customer_version, history: [...]}`;
+  deleted orders stay as tombstones. `history` is the order's change log (`core/projections/orders.py`); reads of
+  the current order leave it out.
 * `customers`: `{_id, customer_id, name, email, status, registered_at, updated_at, version, position,
   order_stats: {draft_orders, placed_orders, cancelled_orders, placed_totals: [{currency, total_minor}]},
   order_stats_version}`; a document with statistics but no `version` is not a customer yet.

@@ -16,7 +16,13 @@ from cqrs.orders.v1.consistency_pb2 import ReadConsistency
 from cqrs.orders.v1.customer_pb2 import Customer, CustomerStatus
 from cqrs.orders.v1.customer_service_pb2 import CustomerCommandResult
 from cqrs.orders.v1.order_pb2 import Address, Order, OrderLine, OrderStatus
-from cqrs.orders.v1.query_service_pb2 import OrderHistoryEvent
+from cqrs.orders.v1.query_service_pb2 import (
+    GetSalesReportResponse,
+    OrderHistoryEvent,
+    SalesReportCurrency,
+    SalesReportDay,
+    SkuSales,
+)
 
 from cqrs_client.channel import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, ClientTLS
 from cqrs_client.client import OrdersClient
@@ -35,6 +41,7 @@ __all__ = [
     "CustomerCommandResult",
     "CustomerStatus",
     "FieldViolation",
+    "GetSalesReportResponse",
     "Order",
     "OrderHistoryEvent",
     "OrderLine",
@@ -42,6 +49,9 @@ __all__ = [
     "OrdersClient",
     "ReadConsistency",
     "RetryPolicy",
+    "SalesReportCurrency",
+    "SalesReportDay",
+    "SkuSales",
     "field_violations",
     "rich_status",
 ]

@@ -6,7 +6,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from types import TracebackType
 from typing import Protocol, TypeVar
 
@@ -48,6 +48,13 @@ class _Connection:
     customers: custgrpc.CustomerCommandServiceAsyncStub
     order_queries: qgrpc.OrderQueryServiceAsyncStub
     customer_queries: custgrpc.CustomerQueryServiceAsyncStub
+
+
+def _iso_date(value: date | str) -> str:
+    # A datetime is a date too, but its day depends on a time zone: the caller must pick the day.
+    if isinstance(value, datetime):
+        raise TypeError("pass a date (or 'YYYY-MM-DD'), not a datetime: report days are UTC dates")
+    return value.isoformat() if isinstance(value, date) else value
 
 
 def _new_request_id() -> str:
@@ -462,6 +469,31 @@ class OrdersClient:
             consistency=self._consistency(consistency, read_your_writes, accept_stale),
         )
         return await self._unary(self._conn.order_queries.GetOrderHistory, request, timeout)
+
+    async def get_sales_report(
+        self,
+        from_date: date | str,
+        to_date: date | str,
+        *,
+        currency: str = "",
+        top_n: int = 0,
+        consistency: Tokens = None,
+        read_your_writes: bool = False,
+        accept_stale: bool = False,
+        timeout: float | None = None,
+    ) -> qpb.GetSalesReportResponse:
+        """Sales per UTC day and currency from `from_date` to `to_date` (both included, at most 366 days; dates
+        or "YYYY-MM-DD"): `.days` (one row per day and currency with sales) and `.currencies` (each currency's
+        totals over the range with its `top_n` SKUs by net quantity and by net revenue; default 10, at most 100).
+        `currency` (e.g. "EUR") limits it to one currency."""
+        request = qpb.GetSalesReportRequest(
+            from_date=_iso_date(from_date),
+            to_date=_iso_date(to_date),
+            currency=currency,
+            top_n=top_n,
+            consistency=self._consistency(consistency, read_your_writes, accept_stale),
+        )
+        return await self._unary(self._conn.order_queries.GetSalesReport, request, timeout)
 
     async def list_orders(
         self,

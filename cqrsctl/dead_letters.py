@@ -27,6 +27,7 @@ from command_service.event_store import recorded_event_from_row
 from core.dependency_metrics import dependency_metrics
 from core.envelope import RecordedEvent
 from core.events import decode_event
+from core.generations import active_database
 from projector.dead_letters import COLLECTION as DEAD_LETTERS
 from projector.parking import Park
 from projector.pipeline import Pipeline
@@ -77,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
 async def run_dead_letters(args: argparse.Namespace) -> int:
     mongo: AsyncMongoClient[Doc] = AsyncMongoClient(args.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
     try:
-        tool = DeadLetters(mongo[args.mongo_database])
+        tool = DeadLetters(await active_database(mongo[args.mongo_database]))
         if args.action == "list":
             return await tool.print_list(as_json=args.json)
         if args.action == "show":

@@ -38,6 +38,9 @@ class ProjectorSettings(BaseSettings):
     # How often parked streams are counted (metric) and the self-healing ones (needs_upgrade, gap, write_failed)
     # are tried again from their held copies.
     projector_resume_interval_seconds: float = Field(default=5.0, gt=0)
+    # How often the active read-model generation is checked (a cutover by `cqrs rebuild` moves the projector to
+    # the new database within this long) and the projector's writer heartbeat refreshed.
+    generation_poll_seconds: float = Field(default=1.0, gt=0)
     # How often a one-line throughput/lag summary is logged (only when events were applied).
     projector_stats_interval_seconds: float = Field(default=10.0, gt=0)
     # Serve Prometheus `/metrics` on this port (0: any free port); unset: no HTTP server.

@@ -196,7 +196,7 @@ class CustomerViews:
             # The filter missed: statistics at least as new are stored (fine), or a concurrent upsert created the
             # document first; repeating as a plain update settles which.
             retry = [order[index] for index in refused_indexes(exc, failed, retry_duplicates=True)]
-            duplicates = {order[index] for index in _duplicate_indexes(exc)}
+            duplicates = {order[index] for index in duplicate_indexes(exc)}
             if failed is not None:
                 failed.update(set(retry) - duplicates)
             retry = [c for c in retry if c in duplicates]
@@ -220,7 +220,8 @@ class CustomerViews:
         )
 
 
-def _duplicate_indexes(exc: BulkWriteError) -> list[int]:
+def duplicate_indexes(exc: BulkWriteError) -> list[int]:
+    """The indexes of the operations that failed with a duplicate key (an upsert that lost to a stored `_id`)."""
     return [int(e["index"]) for e in exc.details.get("writeErrors", []) if e.get("code") == DUPLICATE_KEY]
 
 

@@ -9,10 +9,11 @@ Per batch (from JetStream, or from a parked stream being resumed):
    events wait the same way; a gap waits (nak with backoff) and parks once it has been offered
    `park_after` times; a message that names no stream is recorded in `dead_letters` and terminated;
 3. fold each projection (orders first) and write it with one version-guarded bulk write;
-4. derived views (`customer_views`): fan-out and order statistics of the customers the batch touched; a stream
-   whose document is ahead of its checkpoint (an earlier batch wrote it and never finished its views) gets its
-   views in full. A view MongoDB refuses fails only the streams that need it: they are naked (parked after
-   `park_after` offers), and their checkpoints stay where they are;
+4. derived views (`customer_views`, `sales_views`): fan-out and order statistics of the customers the batch
+   touched, the sales report of the days its orders were placed or cancelled on; a stream whose document is ahead
+   of its checkpoint (an earlier batch wrote it and never finished its views) gets its views in full. A view
+   MongoDB refuses fails only the streams that need it: they are naked (parked after `park_after` offers), and
+   their checkpoints stay where they are;
 5. checkpoints, last: a checkpoint at v means every document and view reflects the stream up to v;
 6. the settlement: ack applied, duplicates and held copies (once their park is re-read and still there), nak
    what must be re-evaluated, term dead letters.
@@ -39,7 +40,7 @@ from core.projections import Document, Projection
 from core.projections.orders import ORDERS
 from core.tracing import tracer
 from projector.checkpoints import CheckpointWriter
-from projector.customer_views import CustomerFields, CustomerViews
+from projector.customer_views import CustomerFields, CustomerViews, ViewWriter
 from projector.dead_letters import DeadLetter, DeadLetterWriter
 from projector.mongo_writer import MongoDocument, ReadModelWriter
 from projector.parking import Park, ParkStore, StreamState, earlier, held_copy, park_of
@@ -61,6 +62,7 @@ from projector.planning import (
     stored_version,
 )
 from projector.registry import ORDER_CUSTOMER_FIELDS, VIEWS
+from projector.sales_views import SalesViews
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ CONFLICT_BACKOFF_BASE_SECONDS = 0.05
 WRITE_BACKOFF_BASE_SECONDS = 0.25
 # A held copy whose park vanished meanwhile (a resumption won the race) comes back soon, to be applied normally.
 UNPARKED_RETRY_SECONDS = 0.05
+VIEW_REFUSED = "MongoDB refused a derived view (customer fan-out, order statistics or sales report)"
 
 T = TypeVar("T")
 
@@ -91,6 +94,11 @@ class BatchOutcome:
     versions: dict[str, int] = field(default_factory=dict)  # stream -> document version after this batch
 
 
+def view_writers(customers: CustomerViews, sales: SalesViews) -> dict[str, ViewWriter]:
+    """The writer of every view in `projector.registry.VIEWS`, by view name (a test checks none is missing)."""
+    return {**customers.writers(), **sales.writers()}
+
+
 class Pipeline:
     """Applies decoded batches to the read model (see the module docstring)."""
 
@@ -107,7 +115,8 @@ class Pipeline:
         self.projections = dict(projections)
         self.writers = {t: ReadModelWriter(database, p) for t, p in self.projections.items()}
         self.views = CustomerViews(database)
-        self._view_writers = self.views.writers()
+        self.sales = SalesViews(database)
+        self._view_writers = view_writers(self.views, self.sales)
         self.checkpoints = CheckpointWriter(database)
         self.parks = ParkStore(database)
         self.dead_letters = DeadLetterWriter(database)
@@ -119,6 +128,7 @@ class Pipeline:
     async def ensure_indexes(self) -> None:
         for writer in self.writers.values():
             await writer.ensure_indexes()
+        await self.sales.ensure_indexes()
         await self.parks.ensure_indexes()
 
     async def ping(self) -> None:
@@ -158,7 +168,7 @@ class Pipeline:
         await self._write_documents(batches, known, spans or {})
         failed_views = await self._write_views(batches, states, resuming)
         for sid in failed_views:
-            out.unsettled.setdefault(sid, "MongoDB refused a derived view (customer fan-out or order statistics)")
+            out.unsettled.setdefault(sid, VIEW_REFUSED)
         self._settle_written(batches, out, failed_views, states, hold)
 
         copies = [held_copy(item) for items in hold.values() for item in items]
@@ -274,7 +284,8 @@ class Pipeline:
     async def _write_views(
         self, batches: dict[str, ProjectionBatch], states: Mapping[str, StreamState], resuming: Mapping[str, Park]
     ) -> set[str]:
-        """Fan-out and order statistics, concurrently; returns the streams whose views MongoDB refused."""
+        """Fan-out, order statistics and sales report, concurrently; returns the streams whose views MongoDB
+        refused."""
         lagging: set[str] = set()
         for batch in batches.values():
             for sid, doc in batch.docs.items():
@@ -342,8 +353,7 @@ class Pipeline:
         if sid in failed_views:
             state = states.get(sid)
             version = (state.checkpoint if state is not None else 0) + 1
-            reason = "MongoDB refused a derived view (customer fan-out or order statistics)"
-            self._refused([delivery], out, reason, stream_type, version, hold, applied=True)
+            self._refused([delivery], out, VIEW_REFUSED, stream_type, version, hold, applied=True)
             return
         if duplicate:
             out.duplicates += 1
@@ -421,4 +431,4 @@ async def _all(*calls: Awaitable[Any]) -> None:
             raise result
 
 
-__all__ = ["BatchOutcome", "Document", "Pipeline"]
+__all__ = ["BatchOutcome", "Document", "Pipeline", "view_writers"]

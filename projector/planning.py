@@ -327,8 +327,9 @@ class ViewPlan:
 def plan_views(
     batches: Mapping[str, ProjectionBatch], views: Iterable[DerivedView], lagging: set[str], touched: set[str]
 ) -> ViewPlan:
-    """Plans the derived views a batch must write before its checkpoints: a view is recomputed for the key of
-    every settled stream to which the batch applied one of the view's trigger events.
+    """Plans the derived views a batch must write before its checkpoints: a view is recomputed for the keys of
+    every settled stream to which the batch applied one of the view's trigger events (one key, or several for a
+    view with `keys_from`: an order counts in the sales report of the day it was placed and of its cancellation).
 
     Streams in `lagging` have a document ahead of their checkpoint: an earlier batch wrote it and did not get
     as far as its derived views (a failure, a crash, a replica that stopped). Their views are done in full here,
@@ -349,20 +350,21 @@ def plan_views(
             own_key = view.key_fields.get(stream_type) is None
             for stream_id in set(settled) | (touched & set(docs)):
                 doc = docs.get(stream_id)
-                key = view.key_of(stream_type, stream_id, doc)
-                if key is None:
+                keys = view.keys_of(stream_type, stream_id, doc)
+                if not keys:
                     continue
                 full = stream_id in lagging
                 applied = settled.get(stream_id, [])
                 triggered = any(view.triggered_by(stream_type, d.recorded.event_type) for d in applied)
                 if not (full or triggered or (events == EVERY_EVENT and stream_id in touched)):
                     continue
-                plan.needs(stream_id, view.name, key)
-                if own_key or view.stamp_field is None:
-                    full_keys.add(key)  # the key's own document changed: every target may need it
-                else:
-                    version = 0 if full else int((doc or {}).get(view.stamp_field) or 0)
-                    carried[key] = min(version, carried.get(key, version))
+                for key in keys:
+                    plan.needs(stream_id, view.name, key)
+                    if own_key or view.stamp_field is None:
+                        full_keys.add(key)  # the key's own document changed: every target may need it
+                    else:
+                        version = 0 if full else int((doc or {}).get(view.stamp_field) or 0)
+                        carried[key] = min(version, carried.get(key, version))
         for key in full_keys:
             carried.pop(key, None)
     return plan

@@ -23,6 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -34,6 +37,7 @@ from core.backoff import exponential
 from core.dependency_metrics import dependency_metrics
 from core.events import decode_event
 from core.failpoints import failpoint
+from core.generations import GenerationFollower, ensure_active, remove_writer, report_writer
 from core.projections import Projection
 from core.subjects import stream_subjects
 from core.supervisor import Supervisor
@@ -61,7 +65,7 @@ from projector.planning import (
     prefill_customer_fields,
     stored_version,
 )
-from projector.registry import PROJECTIONS
+from projector.registry import PROJECTIONS, registry_versions
 from projector.repair import Repairer
 
 log = logging.getLogger(__name__)
@@ -128,6 +132,12 @@ class Projector:
         self._drained = asyncio.Event()
         self._indexes_ready = False
         self._mongo_attempts = 0
+        self._follower: GenerationFollower | None = None
+        self._generation_recorded = False
+        self._database_name = settings.mongo_database
+        self._next_generation_check = 0.0
+        # Names this process in the writer heartbeats a cutover waits for.
+        self.writer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     @property
     def running(self) -> bool:
@@ -142,6 +152,45 @@ class Projector:
     def pipeline(self) -> Pipeline:
         assert self._pipeline is not None, "the projector is not started"
         return self._pipeline
+
+    @property
+    def database(self) -> str:
+        """The database (read-model generation) the projector writes."""
+        return self._database_name
+
+    def _use_database(self, name: str) -> None:
+        """Writes this database from the next batch on (called between batches only)."""
+        assert self._mongo is not None
+        s = self._settings
+        self._database_name = name
+        self._pipeline = Pipeline(
+            self._mongo[name],
+            self._projections,
+            self._deps,
+            stream_name=s.stream_name,
+            park_after=s.projector_park_after_deliveries,
+            max_backoff=s.projector_max_backoff_seconds,
+        )
+        self._repairer = Repairer(self._pipeline, self._decoder)
+        self._indexes_ready = False
+
+    async def _follow_generation(self) -> None:
+        """Moves to the active generation if a cutover changed it, then reports (heartbeat) what it writes.
+
+        Runs between batches, before a fetch: after the report no batch of this projector writes the old
+        generation, which is what a cutover waits for. Raises the driver's error when MongoDB is down."""
+        assert self._follower is not None and self._mongo is not None
+        base = self._mongo[self._settings.mongo_database]
+        if not self._generation_recorded:
+            await ensure_active(base, registry_versions())
+            self._generation_recorded = True
+        moved = await self._follower.poll()
+        if moved is not None:
+            self._use_database(moved.database)
+            await self.pipeline.ensure_indexes()
+            self._indexes_ready = True
+        await report_writer(base, self.writer_id, self._follower.current)
+        self._next_generation_check = asyncio.get_running_loop().time() + self._settings.generation_poll_seconds
 
     async def start(self) -> None:
         """Connects and starts the loops.
@@ -170,15 +219,8 @@ class Projector:
                 w=s.mongo_write_concern_w,
                 journal=True,
             )
-            self._pipeline = Pipeline(
-                self._mongo[s.mongo_database],
-                self._projections,
-                self._deps,
-                stream_name=s.stream_name,
-                park_after=s.projector_park_after_deliveries,
-                max_backoff=s.projector_max_backoff_seconds,
-            )
-            self._repairer = Repairer(self._pipeline, self._decoder)
+            self._follower = GenerationFollower(self._mongo[s.mongo_database])
+            self._use_database(s.mongo_database)
         except BaseException:
             self._stopping.set()
             await self._close_connections()
@@ -232,6 +274,12 @@ class Projector:
 
     async def _close_connections(self) -> None:
         await self.consumer.close()
+        if self._mongo is not None and self._generation_recorded:
+            # Best effort: a cutover would otherwise wait for this writer's heartbeat to expire.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    remove_writer(self._mongo[self._settings.mongo_database], self.writer_id), timeout=2.0
+                )
         if self._mongo is not None:
             with contextlib.suppress(Exception):
                 await self._mongo.close()
@@ -259,7 +307,14 @@ class Projector:
             if not self.stats.mongo_available:
                 await self._wait_for_mongo()
                 continue
+            if not await self._generation_checked():
+                continue
             msgs = await self.consumer.fetch()
+            # A fetch may have waited (or this process may have been paused) past a check: never write a batch
+            # to a generation that a cutover may have retired meanwhile.
+            if msgs and not await self._generation_checked():
+                await settle_all(m.nak() for m in msgs)
+                continue
             if msgs:
                 await self.process_batch(msgs)
                 self.stats.last_batch_monotonic = asyncio.get_running_loop().time()
@@ -279,6 +334,17 @@ class Projector:
                 )
         self._drained.set()
         await _until_cancelled()
+
+    async def _generation_checked(self) -> bool:
+        """Follows the active generation when a check is due; False when MongoDB failed (the loop waits for it)."""
+        if asyncio.get_running_loop().time() < self._next_generation_check:
+            return True
+        try:
+            await self._follow_generation()
+        except PyMongoError as exc:
+            self._mongo_unavailable(exc)
+            return False
+        return True
 
     async def _resume_parked(self) -> None:
         """Counts the parked streams (metric) and resumes the self-healing ones whose cause is gone."""
@@ -314,6 +380,7 @@ class Projector:
             self._mongo_unavailable(exc)
             await self._sleep(self._mongo_backoff())
             return
+        self._next_generation_check = 0.0  # check the generation before the next fetch
         if self._mongo_attempts:
             log.info("read model (MongoDB) available again")
         self._mongo_attempts = 0

@@ -14,7 +14,8 @@ from core.grpc_server import ServerSecurity
 class QuerySettings(ServerSecurity):
     """Environment: CQRS_MONGO_URL, CQRS_MONGO_DATABASE, CQRS_QUERY_LISTEN, CQRS_MONGO_TIMEOUT_MS,
     CQRS_GRACE_SECONDS, CQRS_LOG_LEVEL, CQRS_QUERY_MAX_WAIT_SECONDS, CQRS_QUERY_MAX_WAITERS,
-    CQRS_QUERY_CONSISTENCY_POLL_MS, CQRS_QUERY_MAX_WATCHERS, CQRS_QUERY_METRICS_PORT, CQRS_METRICS_HOST;
+    CQRS_QUERY_CONSISTENCY_POLL_MS, CQRS_QUERY_MAX_WATCHERS, CQRS_QUERY_METRICS_PORT, CQRS_METRICS_HOST,
+    CQRS_GENERATION_POLL_SECONDS;
     gRPC limits, TLS and auth (CQRS_GRPC_*, CQRS_TLS_*, CQRS_AUTH_*) come from ServerSecurity (core/grpc_server.py).
 
     Unrelated CQRS_* variables (the other services' settings) are ignored, so one environment can serve all
@@ -43,6 +44,9 @@ class QuerySettings(ServerSecurity):
     # Prometheus /metrics (RPC counts and latencies); unset = no exporter, 0 = any free port.
     query_metrics_port: Annotated[int | None, Field(ge=0, le=65535)] = None
     metrics_host: str = "127.0.0.1"
+    # How often the active read-model generation is checked: after a cutover (`cqrs rebuild --cutover`) every
+    # query reads the new generation's database within this long (CQRS_GENERATION_POLL_SECONDS).
+    generation_poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
 
     @field_validator("log_level")
     @classmethod

@@ -28,6 +28,7 @@ from typing import Any, Final
 from cqrs.orders.v1 import consistency_pb2
 from prometheus_client import CollectorRegistry
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
 
 from core.consistency import ConsistencyToken, decode_token
 from core.dependency_metrics import dependency_metrics
@@ -211,6 +212,11 @@ class ConsistencyWaiter:
     @property
     def waiting(self) -> int:
         return len(self._book)
+
+    def use_database(self, database: AsyncDatabase[dict[str, Any]]) -> None:
+        """Reads the checkpoints of another generation from the next round on: pending waits carry over, and are
+        answered once the new generation reflects them (a cutover never answers a token it does not reflect)."""
+        self._checkpoints = database[CHECKPOINTS_COLLECTION]
 
     async def wait(self, requirements: list[Requirement], timeout: float) -> WaitOutcome:
         """Waits up to `timeout` seconds until every requirement is reflected.

@@ -15,6 +15,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry
 from pymongo import ASCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
 
 from core import read_model as contract
 from core.dependency_metrics import dependency_metrics
@@ -60,6 +61,10 @@ class CustomerReadModel:
     @property
     def collection(self) -> CustomersCollection:
         return self._customers
+
+    def use_database(self, database: AsyncDatabase[Document]) -> None:
+        """Reads another generation of the read model from now on (queries in flight finish on the old one)."""
+        self._customers = database[CUSTOMERS_COLLECTION]
 
     async def get(self, customer_id: str) -> Document | None:
         """The customer with this id, or None (also for a document that holds only order statistics)."""

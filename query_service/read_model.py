@@ -17,6 +17,7 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry
 from pymongo import DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure, PyMongoError, WTimeoutError
 
 from core import read_model as contract
@@ -142,6 +143,10 @@ class OrderReadModel:
     @property
     def collection(self) -> OrdersCollection:
         return self._orders
+
+    def use_database(self, database: AsyncDatabase[Document]) -> None:
+        """Reads another generation of the read model from now on (queries in flight finish on the old one)."""
+        self._orders = database[ORDERS_COLLECTION]
 
     async def get(self, order_id: str) -> Document | None:
         """The live (not deleted) order with this id, or None."""

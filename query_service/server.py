@@ -14,7 +14,9 @@ from cqrs.orders.v1 import customer_service_pb2, customer_service_pb2_grpc, quer
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
 
+from core.generations import GenerationFollower
 from core.grpc_assembly import Service, assemble_server
 from core.health import Readiness
 from core.metrics import MetricsServer, start_metrics_server
@@ -33,6 +35,7 @@ from query_service.read_model import (
     make_client,
     redact_mongo_url,
 )
+from query_service.sales_report import SalesReportReader
 from query_service.watch import OrderWatchHub
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ SERVICE_NAME: Final[str] = query_service_pb2.DESCRIPTOR.services_by_name["OrderQ
 CUSTOMER_SERVICE_NAME: Final[str] = customer_service_pb2.DESCRIPTOR.services_by_name["CustomerQueryService"].full_name
 HEALTH_INTERVAL_SECONDS: Final = 2.0
 READ_MODEL_CONDITION: Final = "read model (MongoDB) reachable"
+GENERATION_CONDITION: Final = "active read-model generation known"
 TASKS_CONDITION: Final = "background tasks running"
 
 
@@ -104,6 +108,8 @@ async def start_query_server(
     database = client[settings.mongo_database]
     read_model = OrderReadModel.from_client(client, settings.mongo_database, registry)
     customers = CustomerReadModel.from_client(client, settings.mongo_database, registry)
+    # follows the active generation like the other readers (`readers` below)
+    sales_report = SalesReportReader(database, registry)
     waiter = ConsistencyWaiter(
         database[CHECKPOINTS_COLLECTION],
         poll_interval=settings.query_consistency_poll_ms / 1000,
@@ -113,7 +119,9 @@ async def start_query_server(
     read_your_writes = ReadYourWrites(waiter, settings.query_max_wait_seconds)
     watch_hub = OrderWatchHub(read_model.collection, max_watchers=settings.query_max_watchers)
     limit = settings.grpc_max_message_bytes
-    orders = OrderQueryServicer(read_model, read_your_writes, watch_hub, max_message_bytes=limit)
+    orders = OrderQueryServicer(
+        read_model, read_your_writes, watch_hub, max_message_bytes=limit, sales_report=sales_report
+    )
     customer_queries = CustomerQueryServicer(customers, read_your_writes, max_message_bytes=limit)
     try:
         assembled = await assemble_server(
@@ -129,7 +137,7 @@ async def start_query_server(
             ),
             access="read",
             # The health servicer starts "" SERVING; we know nothing about MongoDB yet.
-            conditions=((READ_MODEL_CONDITION, False), (TASKS_CONDITION, True)),
+            conditions=((READ_MODEL_CONDITION, False), (GENERATION_CONDITION, False), (TASKS_CONDITION, True)),
             registry=registry,
         )
     except RuntimeError:
@@ -150,6 +158,13 @@ async def start_query_server(
     supervisor = Supervisor("query service", on_health_change=tasks_health)
     supervisor.start(
         "mongo-health", lambda: _watch_mongo(index_plans, client, readiness, settings, health_interval, stop_watching)
+    )
+    # Everything that reads the read model follows the active generation (a cutover by `cqrs rebuild`).
+    readers: list[_FollowsGeneration] = [read_model, customers, sales_report, waiter, watch_hub]
+    follower = GenerationFollower(client[settings.mongo_database])
+    supervisor.start(
+        "generation-follower",
+        lambda: _follow_generations(follower, readers, client, readiness, settings, stop_watching),
     )
     address = f"{settings.query_listen.rpartition(':')[0]}:{port}"
     log.info(
@@ -176,6 +191,40 @@ async def start_query_server(
 
 
 IndexPlan = tuple[AsyncCollection[Document], list[IndexModel]]
+
+
+class _FollowsGeneration(Protocol):
+    def use_database(self, database: AsyncDatabase[Document]) -> None: ...
+
+
+async def _follow_generations(
+    follower: GenerationFollower,
+    readers: list[_FollowsGeneration],
+    client: AsyncMongoClient[Document],
+    readiness: Readiness,
+    settings: QuerySettings,
+    stop: asyncio.Event,
+) -> None:
+    """Polls the active generation until `stop` is set and points every reader at it when it moves.
+
+    The service is not ready until the first poll answered: a replica started after a cutover must not serve
+    the retired generation meanwhile. Polling errors are left to the MongoDB health loop to report."""
+    known = False
+    while not stop.is_set():
+        try:
+            moved = await follower.poll()
+        except Exception as exc:
+            log.debug("could not read the active read-model generation: %s", describe_mongo_error(exc))
+        else:
+            if moved is not None:
+                database = client[moved.database]
+                for reader in readers:
+                    reader.use_database(database)
+            if not known:
+                known = True
+                await readiness.set(GENERATION_CONDITION, True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=settings.generation_poll_seconds)
 
 
 async def _watch_mongo(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
 from core.errors import DependencyUnavailable, Unavailable
@@ -144,11 +145,18 @@ class OrderWatchHub:
         self._feed: _Feed | None = None
         self._use_change_stream = use_change_stream  # False: poll from the start
         self._closing = asyncio.Event()
+        self._switches = 0  # generation switches so far: a change stream on the old database is reopened
         self.mode = "idle"  # "change stream" or "poll" once a feed ran (tests, logs)
 
     @property
     def watchers(self) -> int:
         return self._count
+
+    def use_database(self, database: AsyncDatabase[dict[str, Any]]) -> None:
+        """Follows another generation: the feed reopens on it and offers every watched order's current document
+        (watchers drop versions they already sent), so no stream ends or misses a change."""
+        self._orders = database[self._orders.name]
+        self._switches += 1
 
     async def subscribe(self, order_id: str) -> Subscription:
         """A subscription to `order_id`, returned once the feed delivers every later change.
@@ -259,6 +267,7 @@ class OrderWatchHub:
     async def _follow_change_stream(self, feed: _Feed) -> None:
         """Follows the change stream until nobody watches; returns early (to reopen) if the stream dies."""
         pipeline = [{"$match": {"operationType": {"$in": _CHANGE_TYPES}}}]
+        switches = self._switches
         stream = await self._orders.watch(pipeline, full_document="updateLookup", max_await_time_ms=_MAX_AWAIT_MS)
         try:
             self.mode = "change stream"
@@ -267,6 +276,8 @@ class OrderWatchHub:
                 await self._resync()  # reopened: changes may have happened while no stream was open
             feed.opened_before = True
             while self._wanted(feed):
+                if switches != self._switches:
+                    return  # another generation is active: reopen there (and resync)
                 change = await stream.try_next()
                 if change is not None:
                     self._dispatch_change(change)

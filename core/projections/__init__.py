@@ -48,6 +48,10 @@ class Projection:
     # version-guarded write sets them only when it creates the document, so it never overwrites a newer value
     # written concurrently by that other writer.
     foreign_fields: frozenset[str] = frozenset()
+    # Bumped when a change to the handlers changes documents already written (a new field, a fixed bug): a
+    # generation of the read model built with another version is rebuilt on deployment (`cqrs rebuild
+    # --if-needed`), so the documents of old events get the change too.
+    version: int = 1
 
     def handles(self, event_type: str) -> bool:
         return event_type in self.handlers
@@ -86,6 +90,13 @@ class DerivedView:
     triggers: Mapping[str, frozenset[str]]  # stream type -> event types after which the view is recomputed
     key_fields: Mapping[str, str | None]  # stream type -> document field naming the key (None: the stream id)
     stamp_field: str | None = None
+    version: int = 1  # as `Projection.version`: bumped when the view's computed fields change meaning
+    # A report: the view writes whole documents of its own collection (no projection writes it), and `fields`
+    # lists their fields.
+    owns_collection: bool = False
+    # For a view where one document belongs to several keys (a report by day: an order counts on the day it was
+    # placed and on the day it was cancelled): (stream type, stream id, document) -> keys. Replaces `key_fields`.
+    keys_from: Callable[[str, str, Document | None], tuple[str, ...]] | None = None
 
     def triggered_by(self, stream_type: str, event_type: str) -> bool:
         events = self.triggers.get(stream_type, frozenset())
@@ -98,3 +109,10 @@ class DerivedView:
             return stream_id
         value = (doc or {}).get(field_name)
         return str(value) if value else None
+
+    def keys_of(self, stream_type: str, stream_id: str, doc: Document | None) -> tuple[str, ...]:
+        """Every view key a stream's document belongs to (empty: none known yet)."""
+        if self.keys_from is not None:
+            return self.keys_from(stream_type, stream_id, doc)
+        key = self.key_of(stream_type, stream_id, doc)
+        return () if key is None else (key,)

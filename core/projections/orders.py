@@ -5,7 +5,7 @@ Document shape::
     {_id, order_id, customer_id, status: "DRAFT"|"PLACED"|"CANCELLED", currency,
      lines: [{sku, name, quantity, unit_price_minor, line_total_minor}], total_minor,
      shipping_address: {recipient, line1, line2, city, postal_code, country}, cancel_reason,
-     created_at, updated_at, placed_at, version, position, deleted,
+     created_at, updated_at, placed_at, cancelled_at, version, position, deleted,
      customer_name, customer_email, customer_version,
      history: [{event_id, event_type, schema_version, version, position, recorded_at, payload,
                 correlation_id, request_id, causation_id, subject}]}
@@ -130,6 +130,7 @@ def on_order_created(doc: Document | None, recorded: RecordedEvent, event: Event
         "created_at": recorded.recorded_at,
         "updated_at": recorded.recorded_at,
         "placed_at": None,
+        "cancelled_at": None,
         "version": recorded.version,
         "position": recorded.position,
         "deleted": False,
@@ -185,7 +186,8 @@ def on_order_placed(doc: Document | None, recorded: RecordedEvent, event: Event)
 def on_order_cancelled(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
     e = _as(event, OrderCancelled)
     current = _existing(doc, recorded)
-    return _copy(current, status=STATUS_CANCELLED, cancel_reason=e.reason)
+    # When, not only whether: the sales report counts a cancellation on its own day (`core.projections.sales`).
+    return _copy(current, status=STATUS_CANCELLED, cancel_reason=e.reason, cancelled_at=recorded.recorded_at)
 
 
 def on_order_deleted(doc: Document | None, recorded: RecordedEvent, event: Event) -> Document:
@@ -245,6 +247,7 @@ ORDERS = Projection(
     handlers={event_type: _logged(handler) for event_type, handler in HANDLERS.items()},
     indexes=INDEXES,
     foreign_fields=CUSTOMER_FIELDS,
+    version=2,  # 2: each order keeps its change log (`history`) and when it was cancelled (`cancelled_at`)
 )
 
 

@@ -6,9 +6,19 @@
    recorded after each batch;
 3. caught up: the reader found no more final events;
 4. shadow compare with the active generation (`cqrsctl.rebuild.shadow`); differences that may be in flight (one
-   side behind the other) are re-checked after catching up again, for up to `settle_seconds`.
+   side behind the other) are re-checked after catching up again, for up to `settle_seconds`. The collections
+   of projections and views whose version changed since the active generation was built are not compared
+   (they are meant to differ: that is why they were rebuilt);
+5. with `cutover`, when no document differs (or `accept_differences`): the services switch to the new generation
+   (`cqrsctl.rebuild.cutover`) and the old one is retired;
+6. with `drop_retired_after_hours`: retired generations older than that are dropped.
 
-Use in-process as `result = await run_rebuild(RebuildConfig(...))`. The cutover to a new generation is not here.
+`if_needed` (the deployment Job's mode) does all this only when the active generation was built with other
+projection versions than this build's registry (`projector.registry.registry_versions`): a projection that is
+new in this release, or changed, is backfilled from PostgreSQL on deployment.
+
+Use in-process as `result = await run_rebuild(RebuildConfig(...))`; `activate` switches to an existing generation
+(a rollback to a retired one replays the event store into it first), `drop_generation` drops one.
 """
 
 from __future__ import annotations
@@ -18,33 +28,42 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 from pymongo import AsyncMongoClient
 
-from core.projections import Projection
+from core.generations import COLLECTION
+from core.projections import DerivedView, Projection
 from cqrsctl.rebuild.build import BatchHook, Builder, RebuildFailed
+from cqrsctl.rebuild.cutover import CutoverFailed, CutoverResult, cut_over
 from cqrsctl.rebuild.generations import (
+    ACTIVATABLE,
     CAUGHT_UP,
     COMPARED,
+    DROPPED,
+    RETIRED,
     GenerationError,
     Generations,
     status_rows,
 )
-from cqrsctl.rebuild.model import BOOKKEEPING_FIELDS, RebuildConfig, RebuildResult
+from cqrsctl.rebuild.model import BOOKKEEPING_FIELDS, RebuildConfig, RebuildResult, changed_components
 from cqrsctl.rebuild.progress import RebuildProgress
 from cqrsctl.rebuild.reader import Cursor, EventReader
 from cqrsctl.rebuild.shadow import ComparisonResult, Difference, IgnoredFields, ShadowComparer
-from projector.registry import PROJECTIONS
+from projector.registry import PROJECTIONS, VIEWS, registry_versions
 
 __all__ = [
+    "CutoverFailed",
+    "CutoverResult",
     "Difference",
     "GenerationError",
     "RebuildConfig",
     "RebuildFailed",
     "RebuildResult",
+    "activate",
+    "drop_generation",
     "rebuild_status",
     "run_rebuild",
 ]
@@ -84,7 +103,7 @@ async def _connect(config: RebuildConfig) -> AsyncIterator[_Connections]:
 async def rebuild_status(config: RebuildConfig) -> list[dict[str, Any]]:
     """Every generation (generation 1 included) with its state, as `cqrs rebuild --status` prints it."""
     async with _connect(config) as conns:
-        docs = await Generations(conns.mongo[config.mongo_database]).all()
+        docs = await Generations(conns.mongo[config.mongo_database], registry_versions()).all()
     return status_rows(docs, config.mongo_database)
 
 
@@ -92,23 +111,32 @@ async def run_rebuild(
     config: RebuildConfig,
     *,
     projections: Sequence[Projection] = PROJECTIONS,
+    views: Sequence[DerivedView] = VIEWS,
     progress: bool = False,
     on_batch: BatchHook | None = None,
 ) -> RebuildResult:
-    """Builds (or resumes) a generation, catches it up and shadow-compares it with the active generation.
+    """Builds (or resumes) a generation, catches it up and shadow-compares it with the active generation; then,
+    as configured, switches the services to it and drops old generations.
 
-    `projections`: the registry to build with (tests pass a changed one). Raises `RebuildFailed` when an event
-    cannot be applied, `GenerationError` when the asked generation cannot be used, and connection errors."""
+    `projections`/`views`: the registry to build with (tests pass a changed one). Raises `RebuildFailed` when an
+    event cannot be applied, `GenerationError` when the asked generation cannot be used, `CutoverFailed` when
+    the switch could not end, and connection errors."""
+    versions = registry_versions(tuple(projections), tuple(views))
     async with _connect(config) as conns:
         base = conns.mongo[config.mongo_database]
-        generations = Generations(base)
+        generations = Generations(base, versions)
+        active = await generations.active()
+        changed = changed_components(active.versions, versions)
+        if config.if_needed and not changed:
+            result = RebuildResult(active.generation, active.database, active.database, False, up_to_date=True)
+            result.dropped = await _drop_retired(conns, config, generations)
+            return result
         reader = EventReader(conns.pool, config.timeout_seconds)
         doc, resumed = await generations.open(
             config.generation, new=config.new, start_position=await reader.head_position()
         )
         number = int(doc["_id"])
-        active = await generations.active()
-        result = RebuildResult(number, str(doc["database"]), str(active["database"]), resumed)
+        result = RebuildResult(number, str(doc["database"]), active.database, resumed)
         builder = Builder(
             conns.mongo[result.database], projections, reader, generations, number,
             batch_size=config.batch_size, on_batch=on_batch,
@@ -124,8 +152,10 @@ async def run_rebuild(
         result.events_applied, result.build_seconds, result.position = applied, seconds, position
         await generations.set_state(number, CAUGHT_UP, caught_up_at=datetime.now(UTC))
 
-        collections = list(dict.fromkeys(p.collection for p in projections))
-        ignored = IgnoredFields((*BOOKKEEPING_FIELDS, *config.ignore_fields), collections)
+        every = list(dict.fromkeys([*(p.collection for p in projections), *(v.collection for v in views)]))
+        skipped = _changed_collections(changed, projections, views)
+        collections = [c for c in every if c not in skipped]
+        ignored = IgnoredFields((*BOOKKEEPING_FIELDS, *config.ignore_fields), every)
         comparer = ShadowComparer(conns.mongo[result.live_database], conns.mongo[result.database], ignored,
                                   config.batch_size)  # fmt: skip
         compared = ComparisonResult()
@@ -147,13 +177,94 @@ async def run_rebuild(
         result.difference_count = len(differences)
         result.differences = differences[: config.max_listed]
         result.ignored_fields = ignored.specs
+        result.skipped_collections = tuple(skipped)
         result.sampled = config.sample
         result.state = COMPARED
         await generations.set_state(
             number, COMPARED, differences=len(differences), compared_at=datetime.now(UTC),
-            ignored_fields=list(ignored.specs), sample=config.sample,
+            ignored_fields=list(ignored.specs), sample=config.sample, skipped_collections=list(skipped),
         )  # fmt: skip
+        if config.cutover and (result.equal or config.accept_differences):
+            target = await generations.get(number)
+            assert target is not None
+            result.cutover = await cut_over(
+                generations, builder, conns.pool, target,
+                writer_ttl_seconds=config.writer_ttl_seconds, timeout_seconds=config.switch_timeout_seconds,
+            )  # fmt: skip
+            result.state = "active"
+        result.dropped = await _drop_retired(conns, config, generations)
         return result
+
+
+async def activate(config: RebuildConfig, generation: int) -> CutoverResult:
+    """Switches the services to an existing generation: a compared one, or a retired one (a rollback: the event
+    store is replayed into it first; the version guard skips what it has)."""
+    async with _connect(config) as conns:
+        generations = Generations(conns.mongo[config.mongo_database], registry_versions())
+        doc = await generations.get(generation)
+        if doc is None:
+            raise GenerationError(f"no generation {generation} is recorded")
+        if doc.get("state") not in ACTIVATABLE:
+            raise GenerationError(
+                f"generation {generation} is {doc.get('state')}; only a compared or retired one can be activated"
+            )
+        reader = EventReader(conns.pool, config.timeout_seconds)
+        builder = Builder(
+            conns.mongo[str(doc["database"])], PROJECTIONS, reader, generations, generation,
+            batch_size=config.batch_size,
+        )  # fmt: skip
+        await builder.prepare()
+        return await cut_over(
+            generations, builder, conns.pool, doc,
+            writer_ttl_seconds=config.writer_ttl_seconds, timeout_seconds=config.switch_timeout_seconds,
+        )  # fmt: skip
+
+
+async def drop_generation(config: RebuildConfig, generation: int) -> str:
+    """Drops a generation that is not active; returns its database's name."""
+    async with _connect(config) as conns:
+        generations = Generations(conns.mongo[config.mongo_database], registry_versions())
+        doc = await generations.get(generation)
+        if doc is None:
+            raise GenerationError(f"no generation {generation} is recorded")
+        if (await generations.active()).generation == generation:
+            raise GenerationError(f"generation {generation} is active: activate another one first")
+        await _drop(conns, generations, doc)
+        return str(doc["database"])
+
+
+async def _drop(conns: _Connections, generations: Generations, doc: dict[str, Any]) -> None:
+    database = conns.mongo[str(doc["database"])]
+    if database.name == generations.base.name:
+        # Generation 1 is the base database, home of the control collection: drop everything else.
+        for name in await database.list_collection_names():
+            if name != COLLECTION:
+                await database.drop_collection(name)
+    else:
+        await conns.mongo.drop_database(database.name)
+    await generations.set_state(int(doc["_id"]), DROPPED, dropped_at=datetime.now(UTC))
+
+
+async def _drop_retired(conns: _Connections, config: RebuildConfig, generations: Generations) -> list[int]:
+    """Drops the generations retired more than `drop_retired_after_hours` ago (none when it is None)."""
+    if config.drop_retired_after_hours is None:
+        return []
+    horizon = datetime.now(UTC) - timedelta(hours=config.drop_retired_after_hours)
+    dropped = []
+    for doc in await generations.retired_before(horizon):
+        if doc.get("state") == RETIRED:
+            await _drop(conns, generations, doc)
+            dropped.append(int(doc["_id"]))
+    return dropped
+
+
+def _changed_collections(
+    changed: Sequence[str], projections: Sequence[Projection], views: Sequence[DerivedView]
+) -> list[str]:
+    """The collections written by a projection or view whose version changed: not compared (meant to differ)."""
+    names = set(changed)
+    owners = [(p.name, p.collection) for p in projections] + [(v.name, v.collection) for v in views]
+    return list(dict.fromkeys(collection for name, collection in owners if name in names))
 
 
 async def _settle(

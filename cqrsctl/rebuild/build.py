@@ -7,6 +7,7 @@ records the reader's cursor; the next run resumes there.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -32,6 +33,15 @@ BatchHook = Callable[[int], Awaitable[None]]
 
 class RebuildFailed(Exception):
     """An event could not be applied to the new generation (the generation is marked `failed`)."""
+
+
+# A batch that lost write races to the projectors (during a cutover) is applied again, at most this many times.
+MAX_CONFLICT_RETRIES = 20
+
+
+def only_conflicts(outcome: BatchOutcome) -> bool:
+    """Every event left unapplied lost a race to a concurrent writer (applying the batch again settles it)."""
+    return bool(outcome.conflicts) and all(why == "conflict" for why in outcome.unsettled.values())
 
 
 def problems(outcome: BatchOutcome, decoded: DecodedBatch) -> list[str]:
@@ -88,17 +98,36 @@ class Builder:
     async def prepare(self) -> None:
         await self.pipeline.ensure_indexes()
 
-    async def run(self, cursor: Cursor, position: int, progress: RebuildProgress) -> tuple[Cursor, int, int, float]:
+    async def run(
+        self,
+        cursor: Cursor,
+        position: int,
+        progress: RebuildProgress,
+        *,
+        concurrent_writers: bool = False,
+        before_xact: int | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> tuple[Cursor, int, int, float]:
         """Applies every final event after `cursor`; returns the new cursor, the highest position applied, the
-        number of events applied and the seconds it took. Raises `RebuildFailed` (after marking the generation)."""
+        number of events applied and the seconds it took. Raises `RebuildFailed` (after marking the generation).
+
+        `concurrent_writers`: projectors write the generation too (a cutover): a batch that lost write races to
+        them is applied again (the version guard skips what they wrote) instead of failing. `before_xact`: stop
+        at the events of transactions with this id or later (see `EventReader.next_batch`). `stop`: return after the
+        batch in hand once it is set."""
         started = time.monotonic()
         applied = 0
-        while True:
-            batch = await self._reader.next_batch(cursor, self._batch_size)
+        conflicts = 0
+        while stop is None or not stop.is_set():
+            batch = await self._reader.next_batch(cursor, self._batch_size, before_xact=before_xact)
             if not batch.events:
                 return cursor, position, applied, time.monotonic() - started
             decoded = decode_recorded(batch.events, self.projections, self._decoder)
             outcome = await self.pipeline.apply(decoded)
+            if concurrent_writers and only_conflicts(outcome) and conflicts < MAX_CONFLICT_RETRIES:
+                conflicts += 1
+                continue  # the same batch again: nothing of it is recorded as done
+            conflicts = 0
             found = problems(outcome, decoded)
             if found:
                 error = "; ".join(found[:20])
@@ -112,3 +141,4 @@ class Builder:
             progress.advance(len(batch.events))
             if self._on_batch is not None:
                 await self._on_batch(self.batches)
+        return cursor, position, applied, time.monotonic() - started

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from cqrsctl.rebuild.cutover import CutoverResult
 from cqrsctl.rebuild.model import RebuildConfig, RebuildResult
 
 EXIT_EQUAL = 0
@@ -25,8 +26,8 @@ def add_rebuild_parser(sub: Any) -> argparse.ArgumentParser:
         help="build a new generation of the read model from PostgreSQL and compare it with the live one",
         description="Builds (or resumes) a generation <database>_g<N> of the read model from the events in "
         "PostgreSQL through the projector's registry, catches it up, then compares it with the active read "
-        "model. Exit status: 0 equal (or --accept-differences), 1 differences, 2 an error. The switch to the "
-        "new generation is not done here.",
+        "model; with --cutover the services then switch to it. Exit status: 0 equal (or --accept-differences), "
+        "1 differences (no switch), 2 an error.",
     )
     parser.add_argument("--postgres-dsn", default=env.postgres_dsn, help="env CQRS_POSTGRES_DSN")
     parser.add_argument("--mongo-url", default=env.mongo_url, help="env CQRS_MONGO_URL")
@@ -50,6 +51,31 @@ def add_rebuild_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--accept-differences", action="store_true", help="exit 0 even when documents differ")
     parser.add_argument("--generation", type=int, default=None, help="resume this generation")
     parser.add_argument("--new", action="store_true", help="start a new generation even if one is unfinished")
+    parser.add_argument(
+        "--cutover", action="store_true",
+        help="once compared equal (or --accept-differences), switch the query services and projectors to it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--if-needed", action="store_true",
+        help="only when the active generation was built with other projection versions (the deployment Job)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--activate", type=int, default=None, metavar="N",
+        help="switch to generation N (compared, or retired: a rollback) instead of building one",
+    )  # fmt: skip
+    parser.add_argument("--drop", type=int, default=None, metavar="N", help="drop generation N (not the active one)")
+    parser.add_argument(
+        "--drop-retired-after", type=float, default=None, metavar="HOURS",
+        help="also drop the generations retired more than HOURS ago",
+    )  # fmt: skip
+    parser.add_argument(
+        "--writer-ttl", type=float, default=env.writer_ttl_seconds,
+        help=f"seconds without a heartbeat before a projector is presumed gone (default {env.writer_ttl_seconds:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--switch-timeout", type=float, default=env.switch_timeout_seconds,
+        help=f"give up a switch held up longer than this (default {env.switch_timeout_seconds:g}s)",
+    )  # fmt: skip
     parser.add_argument("--status", action="store_true", help="list the generations and exit")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (for scripts)")
     parser.add_argument("--no-progress", action="store_true", help="no progress line, even on a terminal")
@@ -69,11 +95,25 @@ def config_from_args(args: argparse.Namespace) -> RebuildConfig:
         settle_seconds=args.settle_seconds,
         generation=args.generation,
         new=args.new,
+        cutover=args.cutover,
+        accept_differences=args.accept_differences,
+        if_needed=args.if_needed,
+        writer_ttl_seconds=args.writer_ttl,
+        switch_timeout_seconds=args.switch_timeout,
+        drop_retired_after_hours=args.drop_retired_after,
     )
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from cqrsctl.rebuild import GenerationError, RebuildFailed, rebuild_status, run_rebuild
+    from cqrsctl.rebuild import (
+        CutoverFailed,
+        GenerationError,
+        RebuildFailed,
+        activate,
+        drop_generation,
+        rebuild_status,
+        run_rebuild,
+    )
 
     if args.batch_size < 1 or (args.sample is not None and args.sample < 1):
         print("cqrs rebuild: --batch-size and --sample must be >= 1", file=sys.stderr)
@@ -84,8 +124,15 @@ def run_cli(args: argparse.Namespace) -> int:
             rows = asyncio.run(rebuild_status(config))
             print(json.dumps(rows, default=_json_default, indent=2) if args.json else render_status(rows))
             return EXIT_EQUAL
+        if args.drop is not None:
+            print(f"dropped generation {args.drop} ({asyncio.run(drop_generation(config, args.drop))})")
+            return EXIT_EQUAL
+        if args.activate is not None:
+            switched = asyncio.run(activate(config, args.activate))
+            print(render_cutover(switched))
+            return EXIT_EQUAL
         result = asyncio.run(run_rebuild(config, progress=not args.no_progress))
-    except (GenerationError, RebuildFailed) as exc:
+    except (GenerationError, RebuildFailed, CutoverFailed) as exc:
         print(f"cqrs rebuild: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # a store is unreachable or refused a query: say which, no stack trace
@@ -100,7 +147,20 @@ def _json_default(value: Any) -> Any:
 
 
 def result_document(result: RebuildResult, accepted: bool) -> dict[str, Any]:
+    switch = result.cutover
     return {
+        "up_to_date": result.up_to_date,
+        "skipped_collections": list(result.skipped_collections),
+        "cutover": None
+        if switch is None
+        else {
+            "generation": switch.generation,
+            "previous_generation": switch.previous_generation,
+            "writers": switch.writers,
+            "seconds": round(switch.seconds, 3),
+            "events_applied": switch.events_applied,
+        },
+        "dropped": result.dropped,
         "generation": result.generation,
         "database": result.database,
         "live_database": result.live_database,
@@ -134,7 +194,19 @@ def render_json(result: RebuildResult, accepted: bool) -> str:
     return json.dumps(result_document(result, accepted), default=_json_default, indent=2)
 
 
+def render_cutover(switch: CutoverResult) -> str:
+    return (
+        f"generation {switch.generation} ({switch.database}) is active; generation {switch.previous_generation} "
+        f"({switch.previous_database}) is retired (rollback: cqrs rebuild --activate {switch.previous_generation}). "
+        f"{switch.writers} projector(s) moved in {switch.seconds:.1f}s; {switch.events_applied} events fed meanwhile"
+    )
+
+
 def render_text(result: RebuildResult) -> str:
+    if result.up_to_date:
+        return f"generation {result.generation} ({result.database}) is up to date with this release's projections" + (
+            f"; dropped retired generation(s) {', '.join(map(str, result.dropped))}" if result.dropped else ""
+        )
     verb = "resumed" if result.resumed else "built"
     lines = [
         f"generation {result.generation} ({result.database}) {verb}: {result.events_applied:,} events applied in "
@@ -143,16 +215,21 @@ def render_text(result: RebuildResult) -> str:
         + (f" (sample of {result.sampled} per collection + changed ones)" if result.sampled else "")
         + (f", ignoring {', '.join(result.ignored_fields)}" if result.ignored_fields else ""),
     ]
+    if result.skipped_collections:
+        lines.append(f"not compared (changed projections): {', '.join(result.skipped_collections)}")
+    tail = ([render_cutover(result.cutover)] if result.cutover is not None else []) + (
+        [f"dropped retired generation(s) {', '.join(map(str, result.dropped))}"] if result.dropped else []
+    )
     if result.equal:
         lines.append("every document is equal")
-        return "\n".join(lines)
+        return "\n".join(lines + tail)
     lines.append(f"{result.difference_count} document(s) differ:")
     for d in result.differences:
         fields = ", ".join(f"{f.path}: {f.expected!r} -> {f.actual!r}" for f in d.fields[:6])
         lines.append(f"  {d.collection} {d.doc_id}: {d.kind}" + (f" ({fields})" if fields else ""))
     if result.difference_count > len(result.differences):
         lines.append(f"  ... and {result.difference_count - len(result.differences)} more")
-    return "\n".join(lines)
+    return "\n".join(lines + tail)
 
 
 def render_status(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -1,44 +1,47 @@
-"""The generations of the read model, recorded in the control collection `read_model_generations` of the base
-(live) database.
+"""The generations of the read model, recorded in the control collection of the base database
+(`core.generations`, which also holds the active generation that the services follow).
 
-A generation is a whole read model in a MongoDB database of its own: generation 1 is the base database
-(`CQRS_MONGO_DATABASE`), generation N >= 2 is `<base>_g<N>`. One document per rebuilt generation:
+One document per rebuilt (or retired) generation:
 
-    {_id: N, database, state, position, cursor: {xact_id, position}, start_position, started_at, updated_at,
-     events_applied, differences, error}
+    {_id: N, database, state, versions, position, cursor: {xact_id, position}, start_position, started_at,
+     updated_at, events_applied, differences, error, activated_at, retired_at}
 
 * `state`: `building` (applying the events of PostgreSQL), `caught_up` (has applied every final event once),
   `compared` (shadow-compared with the active generation; `differences` says how many documents differ),
-  `failed` (`error` says why; resumable only by naming it with `--generation`);
+  `active` (the services use it), `retired` (was active; kept for a rollback until dropped), `dropped` (its
+  database is gone), `failed` (`error` says why; resumable only by naming it with `--generation`);
+* `versions`: the projection and view versions it is built with (`projector.registry.registry_versions`);
 * `position`: the highest global position applied; `cursor`: where the event reader resumes (see
-  `cqrsctl.rebuild.reader`); both are written after each batch, so a crash resumes from the last batch;
+  `cqrsctl.rebuild.reader`); both are written after each batch, so a crash resumes from the last batch. A
+  retired generation's cursor is reset to the start: it missed the events written after the cutover, and
+  activating it again replays the event store into it (the version guard skips what it already has);
 * `start_position`: the highest position when the generation was started (documents changed later are always
   compared by `--sample`).
-
-And one document `{_id: "active", generation: N, database}`: the generation the query service reads and the
-projector writes. Only generation 1 exists until a cutover (later work) moves it; readers follow this document.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from core.generations import ACTIVE_ID, COLLECTION, ActiveGeneration, database_name, ensure_active
 from cqrsctl.rebuild.reader import Cursor
-
-COLLECTION: Final = "read_model_generations"
-ACTIVE_ID: Final = "active"
 
 BUILDING: Final = "building"
 CAUGHT_UP: Final = "caught_up"
 COMPARED: Final = "compared"
+ACTIVE: Final = "active"
+RETIRED: Final = "retired"
+DROPPED: Final = "dropped"
 FAILED: Final = "failed"
 # Picked up again by a plain `cqrs rebuild` (the others only when named with --generation).
 UNFINISHED: Final = (BUILDING, CAUGHT_UP)
+# May be activated by a cutover (a retired one is a rollback).
+ACTIVATABLE: Final = (COMPARED, RETIRED)
 
 Doc = dict[str, Any]
 
@@ -47,32 +50,24 @@ class GenerationError(Exception):
     """A generation cannot be used as asked (see the message)."""
 
 
-def database_name(base: str, generation: int) -> str:
-    return base if generation == 1 else f"{base}_g{generation}"
-
-
 class Generations:
     """Reads and writes the control collection of one base database."""
 
-    def __init__(self, base: AsyncDatabase[Doc]) -> None:
+    def __init__(self, base: AsyncDatabase[Doc], versions: Mapping[str, int]) -> None:
+        self.base = base
         self._base = base.name
         self._col = base[COLLECTION]
+        self.versions = dict(versions)  # what this build's registry would build a generation with
 
-    async def active(self) -> Doc:
-        """The active generation's document, created as generation 1 (the base database) when none is recorded."""
-        doc = await self._col.find_one_and_update(
-            {"_id": ACTIVE_ID},
-            {"$setOnInsert": {"generation": 1, "database": self._base, "updated_at": datetime.now(UTC)}},
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
-        )
-        assert doc is not None
-        return doc
+    async def active(self) -> ActiveGeneration:
+        """The active generation (recorded as generation 1, the base database, when none is yet)."""
+        return await ensure_active(self.base, self.versions)
 
     async def all(self) -> list[Doc]:
         """Every generation document, by number, then the active one."""
         docs = [doc async for doc in self._col.find({"_id": {"$type": "number"}}).sort("_id", 1)]
-        return [*docs, await self.active()]
+        active = await self._col.find_one({"_id": ACTIVE_ID})
+        return [*docs, *([active] if active is not None else [])]
 
     async def get(self, generation: int) -> Doc | None:
         return await self._col.find_one({"_id": generation})
@@ -80,7 +75,7 @@ class Generations:
     async def open(self, generation: int | None, *, new: bool, start_position: int) -> tuple[Doc, bool]:
         """The generation to build and whether it is resumed: `generation` if given (never the active one), else
         the latest unfinished one unless `new`, else a new one numbered after every recorded generation."""
-        active = int((await self.active())["generation"])
+        active = (await self.active()).generation
         if generation is not None:
             if generation == active or generation < 2:
                 raise GenerationError(f"generation {generation} is the active read model (or generation 1)")
@@ -105,6 +100,7 @@ class Generations:
                 "_id": generation,
                 "database": database_name(self._base, generation),
                 "state": BUILDING,
+                "versions": self.versions,
                 "position": 0,
                 "cursor": Cursor().to_document(),
                 "start_position": start_position,
@@ -134,6 +130,47 @@ class Generations:
         await self._col.update_one(
             {"_id": generation}, {"$set": {"state": state, "updated_at": datetime.now(UTC), **fields}}
         )
+
+    async def record_of(self, active: ActiveGeneration) -> Doc:
+        """The numbered document of the active generation, created for generation 1 (never rebuilt, so it has
+        none) so that it can be retired and activated again like the others."""
+        now = datetime.now(UTC)
+        await self._col.update_one(
+            {"_id": active.generation},
+            {
+                "$setOnInsert": {
+                    "database": active.database,
+                    "state": ACTIVE,
+                    "versions": dict(active.versions),
+                    "cursor": Cursor().to_document(),
+                    "position": 0,
+                    "started_at": now,
+                    "updated_at": now,
+                }
+            },
+            upsert=True,
+        )
+        doc = await self.get(active.generation)
+        assert doc is not None
+        return doc
+
+    async def switch_active(self, doc: Doc) -> ActiveGeneration:
+        """Makes the generation of `doc` the one the services follow (they switch within one poll interval)."""
+        fields = {
+            "generation": int(doc["_id"]),
+            "database": str(doc["database"]),
+            "versions": dict(doc.get("versions") or {}),
+            "switched_at": datetime.now(UTC),
+        }
+        await self._col.update_one({"_id": ACTIVE_ID}, {"$set": fields}, upsert=True)
+        return ActiveGeneration.from_document(fields)
+
+    async def retire(self, generation: int) -> None:
+        """The generation stopped being written: kept for a rollback, which replays the event store into it."""
+        await self.set_state(generation, RETIRED, retired_at=datetime.now(UTC), cursor=Cursor().to_document())
+
+    async def retired_before(self, when: datetime) -> list[Doc]:
+        return [doc async for doc in self._col.find({"state": RETIRED, "retired_at": {"$lt": when}})]
 
 
 def status_rows(docs: list[Doc], base: str) -> list[dict[str, Any]]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cqrsctl.rebuild.cutover import CutoverResult
 from cqrsctl.rebuild.shadow import Difference
 
 # Always ignored by the comparison: bookkeeping whose value depends on how events were batched, not on the events.
@@ -13,10 +15,6 @@ from cqrsctl.rebuild.shadow import Difference
 # only after the order events that change a statistic, from the orders as they are at the end of the batch: the
 # projector's batches and the rebuild's differ, so the stamps legitimately do (verify checks it as a range too).
 BOOKKEEPING_FIELDS: tuple[str, ...] = ("customers.order_stats_version",)
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"CQRS_{name}", default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,17 +37,37 @@ class RebuildConfig:
     generation: int | None = None  # resume this generation (default: the latest unfinished one)
     new: bool = False  # start a new generation even if one is unfinished
     max_listed: int = 1000  # differences listed individually (all are counted)
+    # Switch the services to the new generation once compared equal (or `accept_differences`).
+    cutover: bool = False
+    accept_differences: bool = False
+    # Rebuild only when the active generation was built with other projection versions (the deployment Job).
+    if_needed: bool = False
+    # A projector whose heartbeat is older than this is presumed gone: the switch does not wait for it. Must
+    # exceed the projectors' CQRS_GENERATION_POLL_SECONDS plus the longest batch.
+    writer_ttl_seconds: float = 15.0
+    # The switch gives up (exit 2, the new generation stays active) when a projector or a PostgreSQL transaction
+    # holds it up for longer.
+    switch_timeout_seconds: float = 120.0
+    # Drop the generations retired (switched away from) more than this many hours ago; None: keep them.
+    drop_retired_after_hours: float | None = None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> RebuildConfig:
         """Defaults from CQRS_POSTGRES_DSN, CQRS_MONGO_URL, CQRS_MONGO_DATABASE; `overrides` win."""
         values: dict[str, Any] = {
-            "postgres_dsn": _env("POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
-            "mongo_url": _env("MONGO_URL", "mongodb://127.0.0.1:27017/?directConnection=true"),
-            "mongo_database": _env("MONGO_DATABASE", "cqrs"),
+            # Spelled out (not built from a prefix) so the deployment tests can see which variables are read.
+            "postgres_dsn": os.environ.get("CQRS_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
+            "mongo_url": os.environ.get("CQRS_MONGO_URL", "mongodb://127.0.0.1:27017/?directConnection=true"),
+            "mongo_database": os.environ.get("CQRS_MONGO_DATABASE", "cqrs"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def changed_components(built: Mapping[str, int], wanted: Mapping[str, int]) -> list[str]:
+    """The projections and views whose version differs between a generation's record and this build's registry
+    (new ones included), sorted."""
+    return sorted(name for name, version in wanted.items() if built.get(name) != version)
 
 
 @dataclass(slots=True)
@@ -67,6 +85,10 @@ class RebuildResult:
     difference_count: int = 0
     ignored_fields: tuple[str, ...] = ()
     sampled: int | None = None
+    skipped_collections: tuple[str, ...] = ()  # written by changed projections: not compared
+    up_to_date: bool = False  # `if_needed` and nothing changed: nothing was built
+    cutover: CutoverResult | None = None
+    dropped: list[int] = field(default_factory=list)  # retired generations dropped by this run
 
     @property
     def events_per_second(self) -> float:

@@ -34,6 +34,7 @@ SELECT xact_id::text AS xact_id_text, position, event_id, stream_type, stream_id
   FROM events
  WHERE (xact_id, position) > ($1::text::xid8, $2::bigint)
    AND xact_id < pg_snapshot_xmin(pg_current_snapshot())
+   AND ($4::text IS NULL OR xact_id < $4::text::xid8)
  ORDER BY events.xact_id, events.position  -- the columns (by xid8), not the output's text
  LIMIT $3
 """
@@ -70,9 +71,13 @@ class EventReader:
         self._pool = pool
         self._timeout = timeout
 
-    async def next_batch(self, after: Cursor, limit: int) -> EventBatch:
-        """Up to `limit` final events after `after`, in cursor order (empty: caught up for now)."""
-        rows = await self._pool.fetch(_BATCH_SQL, str(after.xact_id), after.position, limit, timeout=self._timeout)
+    async def next_batch(self, after: Cursor, limit: int, *, before_xact: int | None = None) -> EventBatch:
+        """Up to `limit` final events after `after`, in cursor order (empty: caught up for now); with
+        `before_xact`, only events of transactions with a lower id."""
+        rows = await self._pool.fetch(
+            _BATCH_SQL, str(after.xact_id), after.position, limit,
+            None if before_xact is None else str(before_xact), timeout=self._timeout,
+        )  # fmt: skip
         if not rows:
             return EventBatch([], after)
         last = rows[-1]

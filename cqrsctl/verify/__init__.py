@@ -14,6 +14,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 from pymongo import AsyncMongoClient
 
+from core.generations import active_database
 from cqrsctl.verify.audit import Audit
 from cqrsctl.verify.model import (
     Document,
@@ -79,7 +80,7 @@ async def run_verify(config: VerifyConfig, *, repair: bool = False, progress: bo
     from PostgreSQL afterwards (the result keeps the findings and lists the repairs). `progress` draws a bar on
     stderr when it is a terminal. Raises on connection failures (OSError, asyncpg/nats/pymongo errors)."""
     async with _connect(config) as conns:
-        database = conns.mongo[config.mongo_database]
+        database = await active_database(conns.mongo[config.mongo_database])  # after a cutover: the new generation
         js = conns.nats.jetstream(timeout=config.timeout_seconds)
         scanner = StreamScanner(
             js, config.stream_name, config.subject_prefix, config.batch_size, config.timeout_seconds

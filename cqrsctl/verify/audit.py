@@ -10,14 +10,15 @@ customer for the order statistics):
    b. per projection (orders first, as in the projector) the streams of PostgreSQL in batches (keyset on stream
       id): the batch's documents and checkpoints are read from MongoDB, then its events from PostgreSQL, folded
       with the registered projections and compared; streams of types no projection follows are only checked
-      against the stream;
+      against the stream; then the sales report: every report document against the report of the orders folded
+      (memory: a few numbers per day, currency and SKU);
 2. every event up to the starting horizon not seen in the stream must be in the outbox (still on its way) or too
    old for the stream's retention (counted apart), else it is missing; the stream's tail is read again first;
 3. each collection and the checkpoints: documents and checkpoints without events;
 4. re-checks (`settle`): every stream that differed is read again (MongoDB first, then PostgreSQL, so a
    document can never look ahead of the store by a race), with the streams it depends on (an order's customer,
-   a customer's orders); a difference that is not explained by the projector being behind is reported at once,
-   one that is is re-checked until `settle_seconds` have passed;
+   a customer's orders, a report day's orders); a difference that is not explained by the projector being
+   behind is reported at once, one that is is re-checked until `settle_seconds` have passed;
 5. the outbox (rows older than the threshold) and the dead letters (and parked streams).
 """
 
@@ -34,6 +35,7 @@ from datetime import UTC, datetime
 
 from core.backoff import exponential
 from core.envelope import HEADER_STREAM_ID, RecordedEvent
+from core.projections.sales import parse_key
 from cqrsctl.verify.compare import Assessment, PositionSet, StreamState, assess
 from cqrsctl.verify.expected import (
     CUSTOMER_TYPE,
@@ -41,15 +43,18 @@ from cqrsctl.verify.expected import (
     ORDER_CUSTOMER_FIELD,
     ORDER_TYPE,
     REGISTRY,
+    REPORT,
+    REPORT_EVENTS,
     Folded,
     OrderStatsAccumulator,
+    SalesAccumulator,
     expected_customer,
     expected_for,
     fold_all,
     order_customer_id,
     projections_by_type,
 )
-from cqrsctl.verify.model import Finding, FindingKind, VerifyConfig, VerifyResult
+from cqrsctl.verify.model import Document, ExpectedDoc, Finding, FindingKind, VerifyConfig, VerifyResult
 from cqrsctl.verify.progress import Progress
 from cqrsctl.verify.sources import (
     EventStoreReader,
@@ -94,8 +99,11 @@ class Audit:
         self._facts: StreamFacts | None = None
         self._first_message_at: datetime | None = None
         self._horizon = 0
+        # stream type (or REPORT, for report ids) -> ids to re-check
         self._candidates: dict[str, set[str]] = {p.stream_type: set() for p in REGISTRY}
+        self._candidates[REPORT] = set()
         self._stats = OrderStatsAccumulator()
+        self._sales = SalesAccumulator()
         self._stats_only: set[str] = set()
         self._customer_cache: OrderedDict[str, Folded | None] = OrderedDict()
         self._by_type = projections_by_type()
@@ -141,6 +149,7 @@ class Audit:
         for projection in REGISTRY:
             await self._scan_projection(projection.stream_type)
         await self._scan_statistics_only()
+        await self._scan_sales()
 
     # ---- 1. the stream ---------------------------------------------------------------------------------------
 
@@ -226,6 +235,7 @@ class Audit:
                     continue  # no events any more (cannot happen: events are never deleted)
                 if stream_type == ORDER_TYPE:
                     self._stats.add(f)
+                    self._sales.add(f)
                 expected = expected_for(f, customers, self._stats)
                 if stream_type == CUSTOMER_TYPE:
                     self._stats.pop(stream_id)  # done with it: what is left are customers known only by orders
@@ -273,6 +283,21 @@ class Audit:
                 self._stats.pop(customer_id)
                 self._stats_only.add(customer_id)
             self.result.documents_checked += len(ids)
+
+    async def _scan_sales(self) -> None:
+        """Every report document, and every one the orders folded above make, compared (differences are settled
+        like the others: orders placed meanwhile may make a document look ahead or behind)."""
+        expected = self._sales.expected()
+        self._sales = SalesAccumulator()  # done with the rows
+        ids = set(expected)
+        async for batch in self._mongo.id_batches(REPORT, self._config.batch_size):
+            ids.update(batch)
+        for chunk in chunks(sorted(ids), self._config.batch_size):
+            docs = await self._mongo.documents(REPORT, chunk)
+            for key_id in chunk:
+                if assess(_report_state(key_id, expected.get(key_id), docs.get(key_id))).findings:
+                    self._candidates[REPORT].add(key_id)
+            self.result.documents_checked += len(chunk)
 
     def _check_published(self, streams: Iterable[Sequence[RecordedEvent]]) -> None:
         """Notes the events up to the horizon the stream scan has not shown (yet): see `_check_unseen`."""
@@ -355,6 +380,8 @@ class Audit:
 
     async def _recheck(self, stream_type: str, ids: list[str]) -> dict[str, Assessment]:
         """Reads these streams again with everything their documents depend on, MongoDB first."""
+        if stream_type == REPORT:
+            return await self._recheck_reports(ids)
         projection = self._by_type[stream_type]
         customer_of: dict[str, str] = {}
         orders_of: dict[str, str] = {}  # order id -> customer id, for the customers re-checked
@@ -399,6 +426,23 @@ class Audit:
             )  # fmt: skip
             out[stream_id] = assess(state)
         return out
+
+    async def _recheck_reports(self, ids: list[str]) -> dict[str, Assessment]:
+        """Reads these report documents again with the orders placed or cancelled on their days: the orders and
+        their checkpoints first, then the documents, then the orders again (found late: still in flight)."""
+        days = {key.day for key_id in ids if (key := parse_key(key_id)) is not None}
+        before = await self._pg.streams_with_events_on(ORDER_TYPE, REPORT_EVENTS, days)
+        checkpoints = await self._mongo.checkpoints(before)
+        docs = await self._mongo.documents(REPORT, ids)
+        after = await self._pg.streams_with_events_on(ORDER_TYPE, REPORT_EVENTS, days)
+        folded = fold_all(await self._pg.events_of(after))
+        sales = SalesAccumulator()
+        for f in folded.values():
+            sales.add(f)
+        expected = sales.expected()
+        # A day's report waits for every order of that day: one behind (or new) may explain any difference.
+        behind = bool(after - before) or any(checkpoints.get(sid, 0) < f.pg_version for sid, f in folded.items())
+        return {key_id: assess(_report_state(key_id, expected.get(key_id), docs.get(key_id), behind)) for key_id in ids}
 
     # ---- 5. outbox and dead letters --------------------------------------------------------------------------
 
@@ -450,6 +494,13 @@ class Audit:
                 self.result.findings.append(
                     Finding(kind, "", None, f"{count - self._config.max_listed} more not listed ({count} in all)")
                 )
+
+
+def _report_state(
+    key_id: str, expected: ExpectedDoc | None, actual: Document | None, orders_behind: bool = False
+) -> StreamState:
+    """A report document as a `StreamState`: no stream, no checkpoint of its own, its orders as dependencies."""
+    return StreamState(REPORT, key_id, 0, expected, actual, None, orders_behind, checkpointed=False)
 
 
 def _subject_id(subject: str) -> str:

@@ -3,8 +3,8 @@
 Nothing here re-implements a fold: each stream goes through the projector's own `fold` with its registered
 `Projection` (the table of `on_<event>` handlers), as a projector replaying the stream from scratch would. The two
 views that join aggregates use `projector.customer_views` (`CustomerFields.order_fields`,
-`order_stats_from_groups`), fed with `$group`-shaped rows built from the expected order documents instead of
-MongoDB's aggregation.
+`order_stats_from_groups`), and the sales report `core.projections.sales.sales_documents`, each fed with
+`$group`-shaped rows built from the expected order documents instead of MongoDB's aggregation.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from core.order_events import OrderCreated
 from core.projections import Projection
 from core.projections.customers import CUSTOMERS
 from core.projections.orders import ORDERS
+from core.projections.sales import REPORT_VERSION_FIELD, SALES_COLLECTION, SalesRowGroups, order_rows, sales_documents
 from cqrsctl.verify.compare import as_stored
 from cqrsctl.verify.model import Document, ExpectedDoc
 from projector.customer_views import CustomerFields, OrderStats, order_stats_from_groups
 from projector.planning import Delivery, fold
-from projector.registry import CUSTOMER_ORDER_STATS, PROJECTIONS
+from projector.registry import CUSTOMER_ORDER_STATS, PROJECTIONS, SALES_REPORT
 
 # The one registry the projector runs (orders before customers, as in the projector's batches).
 REGISTRY: tuple[Projection, ...] = PROJECTIONS
@@ -33,6 +34,10 @@ CUSTOMER_TYPE = CUSTOMERS.stream_type
 ORDER_CUSTOMER_EVENT = OrderCreated.event_type
 ORDER_CUSTOMER_FIELD = "customer_id"
 STATS_VERSION_FIELD = "order_stats_version"
+# The report's collection, also the name its keys are audited under (it has no stream type), and the order events
+# that make a day count (what PostgreSQL is searched for when a report day is re-checked).
+REPORT = SALES_COLLECTION
+REPORT_EVENTS: frozenset[str] = SALES_REPORT.triggers[ORDERS.stream_type]
 
 
 def projections_by_type() -> dict[str, Projection]:
@@ -213,3 +218,22 @@ def collection_of(stream_type: str) -> str | None:
 
 def unique(items: Iterable[str]) -> list[str]:
     return sorted(set(items))
+
+
+class SalesAccumulator:
+    """The sales report rows of the orders folded so far (`core.projections.sales.order_rows`, summed as the
+    projector's aggregation sums them); memory grows with days x currencies x SKUs, not with orders."""
+
+    def __init__(self) -> None:
+        self._groups = SalesRowGroups()
+
+    def add(self, folded: Folded) -> None:
+        if folded.stream_type == ORDER_TYPE and folded.doc is not None:
+            self._groups.add(order_rows(folded.doc))
+
+    def expected(self) -> dict[str, ExpectedDoc]:
+        """Every report document the orders make, by id, as stored (exact: it depends only on the orders)."""
+        return {
+            key_id: ExpectedDoc(as_stored(doc), None, guard_field=REPORT_VERSION_FIELD)
+            for key_id, doc in sales_documents(self._groups.rows()).items()
+        }

@@ -19,7 +19,7 @@ class FindingKind(StrEnum):
     MISSING_FROM_STREAM = "missing_from_stream"  # an event in PostgreSQL that never reached the JetStream stream
     STRAY_MESSAGE = "stray_message"  # a stream message that is no event of PostgreSQL (or differs from it)
     OUTBOX_STALE = "outbox_stale"  # an outbox row older than the threshold: the relay is not publishing
-    DOCUMENT_DIFFERS = "document_differs"  # a read-model document differs from the projections' fold
+    DOCUMENT_DIFFERS = "document_differs"  # a read-model document differs from the projections' fold (or report)
     DOCUMENT_MISSING = "document_missing"  # a stream with events has no read-model document
     ORPHAN_DOCUMENT = "orphan_document"  # a read-model document with no events behind it
     CHECKPOINT_AHEAD = "checkpoint_ahead"  # a checkpoint beyond its document or its stream in PostgreSQL
@@ -64,12 +64,16 @@ class ExpectedDoc:
 
     `ranges` holds fields whose exact value PostgreSQL cannot determine, with the bounds a correct value lies in
     (the document holds the upper bound, which is also what a repair writes). `version` is None for a document
-    the stream's own projection never wrote (a customer known only from its orders' statistics).
+    the stream's own projection never wrote (a customer known only from its orders' statistics, a sales report).
+    `guard_field`, for a document without `version`: the field that only grows as the projector moves it on (a
+    report's `report_version`); a repair replaces the document only while the stored value is at most the
+    computed one.
     """
 
     doc: Document
     version: int | None
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    guard_field: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """`--repair`: rewrites the documents that differ from PostgreSQL, never racing the projector backwards.
 
-A document is replaced only while its stored version is at most the computed one (or it has none): if the
-projector moved it past the computed version meanwhile, the guarded upsert misses, tries to insert the same
-`_id` and fails with a duplicate key, and the document is left alone (reported as skipped). A document without
+A document is replaced only while its stored version is at most the computed one (or it has none; for a sales
+report, its `report_version`): if the projector moved it past the computed version meanwhile, the guarded upsert
+misses, tries to insert the same `_id` and fails with a duplicate key, and the document is left alone (reported as
+skipped). A document without
 events is deleted only if it still is at the version verify saw.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from cqrsctl.verify.model import Document, Finding, FindingKind, Repair
+from cqrsctl.verify.model import Document, ExpectedDoc, Finding, FindingKind, Repair
 
 # Replacements in flight at once (the MongoDB-wire server is slow with single writes; keep it busy, not swamped).
 CONCURRENCY = 16
@@ -25,6 +26,22 @@ def version_guard(stream_id: str, version: int | None) -> dict[str, Any]:
     if version is None:
         return {"_id": stream_id, "version": {"$exists": False}}
     return {"_id": stream_id, "$or": [{"version": {"$lte": version}}, {"version": {"$exists": False}}]}
+
+
+def replace_guard(stream_id: str, expected: ExpectedDoc) -> dict[str, Any]:
+    """Matches the document while it is not ahead of `expected` (by its `guard_field`, else by version)."""
+    name = expected.guard_field
+    if name is None:
+        return version_guard(stream_id, expected.version)
+    return {"_id": stream_id, "$or": [{name: {"$lte": expected.doc[name]}}, {name: {"$exists": False}}]}
+
+
+def _point(expected: ExpectedDoc) -> str:
+    if expected.version is not None:
+        return f"version {expected.version}"
+    if expected.guard_field is not None:
+        return f"{expected.guard_field} {expected.doc.get(expected.guard_field)}"
+    return "order statistics"
 
 
 async def repair_documents(database: AsyncDatabase[Document], findings: list[Finding]) -> list[Repair]:
@@ -57,10 +74,10 @@ async def _repair(database: AsyncDatabase[Document], finding: Finding) -> Repair
     if expected is None:
         return Repair(finding.collection, stream_id, "skipped", "nothing to write")
     try:
-        result = await collection.replace_one(version_guard(stream_id, expected.version), expected.doc, upsert=True)
+        result = await collection.replace_one(replace_guard(stream_id, expected), expected.doc, upsert=True)
     except DuplicateKeyError:
-        return Repair(finding.collection, stream_id, "skipped", f"the stored version is newer than {expected.version}")
-    version = f"version {expected.version}" if expected.version is not None else "order statistics"
+        return Repair(finding.collection, stream_id, "skipped", f"the stored document is newer than {_point(expected)}")
+    version = _point(expected)
     if result.upserted_id is not None:
         return Repair(finding.collection, stream_id, "inserted", f"written from PostgreSQL at {version}")
     fields = ", ".join(d.path for d in finding.diffs[:8]) + (", ..." if len(finding.diffs) > 8 else "")

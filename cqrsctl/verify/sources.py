@@ -4,6 +4,7 @@ stream (through an ephemeral, unacknowledged pull consumer) and the MongoDB read
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,29 @@ class EventStoreReader:
             timeout=self._timeout,
         )
         return {str(row["stream_id"]): str(row["linked"]) for row in rows if row["linked"] is not None}
+
+    async def streams_with_events_on(
+        self, stream_type: str, event_types: Iterable[str], days: Iterable[str]
+    ) -> set[str]:
+        """The streams of `stream_type` with an event of `event_types` recorded on one of these UTC days
+        (`YYYY-MM-DD`): the orders a sales report day may count.
+
+        A scan of those event types (no index on `recorded_at`): used only for the report days re-checked while
+        settling.
+        """
+        wanted = sorted({dt.date.fromisoformat(day) for day in days})
+        if not wanted:
+            return set()
+        rows = await self._pool.fetch(
+            """SELECT DISTINCT stream_id FROM events
+                WHERE stream_type = $1 AND event_type = ANY($2::text[])
+                  AND (recorded_at AT TIME ZONE 'UTC')::date = ANY($3::date[])""",
+            stream_type,
+            sorted(set(event_types)),
+            wanted,
+            timeout=self._timeout,
+        )
+        return {str(row["stream_id"]) for row in rows}
 
     async def existing_streams(self, stream_ids: Iterable[str]) -> set[str]:
         ids = sorted(set(stream_ids))

@@ -1,5 +1,7 @@
 """OrderQueryService: one table entry per unary RPC (request -> parsed, read) over `QueryRunner`, and WatchOrder.
 
+GetSalesReport reads the sales report (`query_service.sales_report`; request checks and view in `api.sales`).
+
 GetOrder with `as_of_version`/`as_of_time` and GetOrderHistory read the order's change log (the `history` the
 orders projection keeps in the order's document); the earlier state is folded from it by the projection's own
 handlers (`core.projections.order_history`).
@@ -21,9 +23,11 @@ from core.rpc_table import Context
 from query_service import paging, views
 from query_service.api.listing import listing, page_of
 from query_service.api.runner import Query, QueryRunner, fail
+from query_service.api.sales import parse_sales_report_request, read_sales_report
 from query_service.consistency import ReadYourWrites, Requirement, parse_tokens
 from query_service.read_model import Document, OrderReadModel
 from query_service.request_checks import collect, parse_uuid, text_filter_violation
+from query_service.sales_report import SalesQuery, SalesReportReader
 from query_service.watch import OrderWatchHub, Removed
 
 # Longer than any customer id the command side accepts: a longer filter cannot match anything.
@@ -112,8 +116,11 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
         watch_hub: OrderWatchHub,
         *,
         max_message_bytes: int = paging.DEFAULT_MAX_MESSAGE_BYTES,
+        sales_report: SalesReportReader | None = None,
     ) -> None:
         self._read_model = read_model
+        # By default the report lives beside the orders (the server passes its own, to switch generations).
+        self._sales = sales_report or SalesReportReader(read_model.collection.database)
         self._ryw = read_your_writes
         self._hub = watch_hub
         self._page_budget = paging.page_budget(max_message_bytes)
@@ -169,9 +176,15 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
             response.next_page_token = paging.encode_page_token(cursor, filters)
         return response
 
+    async def _get_sales_report(
+        self, query: SalesQuery, consistency: consistency_pb2.ReadConsistency
+    ) -> pb.GetSalesReportResponse:
+        return await read_sales_report(self._sales, query, consistency)
+
     GetOrder = Query(pb.GetOrderRequest, parse_get_request, _get_order)
     GetOrderHistory = Query(pb.GetOrderHistoryRequest, parse_history_request, _get_order_history)
     ListOrders = Query(pb.ListOrdersRequest, parse_list_request, _list_orders)
+    GetSalesReport = Query(pb.GetSalesReportRequest, parse_sales_report_request, _get_sales_report)
 
     async def WatchOrder(self, request: pb.WatchOrderRequest, context: Context) -> AsyncIterator[pb.WatchOrderResponse]:
         """The current order, then the order again each time its projection changes; ends after a deletion."""

@@ -100,7 +100,7 @@ def env_read_by() -> dict[str, frozenset[str]]:
     from projector.config import ProjectorSettings
     from query_service.config import QuerySettings
 
-    cli_source = (ROOT / "cqrsctl" / "main.py").read_text(encoding="utf-8")
+    cli_source = "\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "cqrsctl").rglob("*.py")))
     return {
         "command_service": frozenset(_settings_env(CommandServiceSettings)),
         "query_service": frozenset(_settings_env(QuerySettings)),

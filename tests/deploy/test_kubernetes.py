@@ -112,6 +112,12 @@ def test_overlay_deploys_three_services_and_the_migration(rendered: dict[str, Re
     (container,) = pod_spec(job)["containers"]
     assert container["args"] == ["cqrsctl.main", "migrate"]
     assert pod_spec(job)["restartPolicy"] in ("OnFailure", "Never")
+    # The read-model rebuild Job backfills new or changed projections on deployment (guarantee 9).
+    rebuild = r.get("Job", "cqrs-rebuild")
+    (container,) = pod_spec(rebuild)["containers"]
+    assert container["args"][:4] == ["cqrsctl.main", "rebuild", "--if-needed", "--cutover"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
+    assert env == {"CQRS_POSTGRES_DSN": "postgres-dsn", "CQRS_MONGO_URL": "mongo-url"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -191,10 +197,11 @@ def test_postgres_connections_fit_the_server(rendered: dict[str, Rendered], over
     r = rendered[overlay]
     pool_max = int(config_map(r)["CQRS_POSTGRES_POOL_MAX"])
     max_replicas = r.get("HorizontalPodAutoscaler", "command-service")["spec"]["maxReplicas"]
-    # Each replica: its pool plus the relay's dedicated connection (advisory lock, LISTEN); + the migration Job.
-    total = max_replicas * (pool_max + 1) + 1
+    # Each replica: its pool plus the relay's dedicated connection (advisory lock, LISTEN); + the migration Job
+    # (1) and the rebuild Job (its pool of 2).
+    total = max_replicas * (pool_max + 1) + 1 + 2
     assert total <= POSTGRES_CONNECTION_BUDGET, (
-        f"{overlay}: {max_replicas} command-service replicas x (pool {pool_max} + relay 1) + migration = {total}"
+        f"{overlay}: {max_replicas} command-service replicas x (pool {pool_max} + relay 1) + Jobs 3 = {total}"
     )
 
 
@@ -436,8 +443,8 @@ def test_network_policy_starts_from_default_deny(rendered: dict[str, Rendered], 
 def test_network_policy_lets_only_the_necessary_flows_through(rendered: dict[str, Rendered], overlay: str) -> None:
     r = rendered[overlay]
     pods = _pods(r)
-    command, query, projector, migrate = (
-        pods[n] for n in ("command-service", "query-service", "projector", "cqrs-migrate")
+    command, query, projector, migrate, rebuild = (
+        pods[n] for n in ("command-service", "query-service", "projector", "cqrs-migrate", "cqrs-rebuild")
     )
     client = Pod("shop", {"cqrs-orders/client": "true"})
     stranger = Pod("shop", {"app": "something-else"})
@@ -478,6 +485,10 @@ def test_network_policy_lets_only_the_necessary_flows_through(rendered: dict[str
         (migrate, postgres, 5432, True),
         (migrate, nats, 4222, False),
         (migrate, mongo, 27017, False),
+        (rebuild, postgres, 5432, True),
+        (rebuild, mongo, 27017, True),
+        (rebuild, nats, 4222, False),
+        (client, rebuild, 8080, False),
     ]
     wrong = [
         f"{_name(pods, s)} -> {_name(pods, d)}:{port} should be {'allowed' if ok else 'denied'}"

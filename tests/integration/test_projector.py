@@ -36,6 +36,7 @@ from core.order_events import (
     OrderPlaced,
     OrderShippingAddressChanged,
 )
+from core.projections.sales import SALES_ORDER_INDEXES
 from core.subjects import event_subject
 from core.values import Address
 from localservers import MongoServer, NatsServer, free_port
@@ -255,6 +256,7 @@ async def test_a_full_order_lifecycle_is_projected(harness: Harness) -> None:
         "created_at": created.recorded_at,
         "updated_at": placed.recorded_at,
         "placed_at": placed.recorded_at,
+        "cancelled_at": None,
         "version": 8,
         "position": placed.position,
         "deleted": False,
@@ -267,6 +269,7 @@ async def test_a_full_order_lifecycle_is_projected(harness: Harness) -> None:
     doc = await harness.order_at(order.order_id, 9)
     assert (doc["status"], doc["cancel_reason"], doc["placed_at"]) == ("CANCELLED", "out of stock", placed.recorded_at)
     assert (doc["updated_at"], doc["position"]) == (cancelled.recorded_at, cancelled.position)
+    assert doc["cancelled_at"] == cancelled.recorded_at
 
     indexes = await harness.db["orders"].index_information()
     assert {tuple(k for k, _ in spec["key"]) for name, spec in indexes.items() if name != "_id_"} == {
@@ -275,6 +278,7 @@ async def test_a_full_order_lifecycle_is_projected(harness: Harness) -> None:
         ("deleted", "status", "created_at", "_id"),
         ("deleted", "customer_id", "status", "created_at", "_id"),
         ("customer_id", "customer_version"),
+        *(tuple(k for k, _ in keys) for keys in SALES_ORDER_INDEXES),  # the sales report's recomputation
     }
     await harness.stats_reach("9 applied events in the stats", lambda p: p.stats.applied == 9)
     projector = harness.projectors[0]

@@ -107,6 +107,7 @@ def test_order_created_starts_an_empty_draft() -> None:
         "created_at": T0 + timedelta(seconds=1),
         "updated_at": T0 + timedelta(seconds=1),
         "placed_at": None,
+        "cancelled_at": None,
         "version": 1,
         "position": 7,
         "deleted": False,
@@ -198,11 +199,12 @@ def test_order_placed_sets_status_and_placed_at() -> None:
     assert doc["updated_at"] == T0 + timedelta(seconds=4)
 
 
-def test_order_cancelled_sets_status_and_reason() -> None:
+def test_order_cancelled_sets_status_reason_and_cancelled_at() -> None:
     doc = apply_all([OrderPlaced(), OrderCancelled(reason="changed my mind")], draft_with_two_lines(), first_version=4)
     assert doc["status"] == "CANCELLED"
     assert doc["cancel_reason"] == "changed my mind"
     assert doc["placed_at"] == T0 + timedelta(seconds=4)
+    assert doc["cancelled_at"] == T0 + timedelta(seconds=5)
     assert doc["version"] == 5
 
 

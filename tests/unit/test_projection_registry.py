@@ -29,9 +29,11 @@ from core.projections.orders import ORDERS
 from core.read_model import OrderStatus
 from core.values import Address
 from projector.customer_views import CustomerViews
+from projector.pipeline import view_writers
 from projector.planning import POISON, Delivery, Poison, classify, plan_views
 from projector.registry import CUSTOMER_ORDER_STATS, PROJECTIONS, VIEWS, registry_problems
 from projector.runner import FoldResult, ProjectionBatch
+from projector.sales_views import SalesViews
 
 ORDER_ID = "3f0c5a9e-1111-4b7c-9d55-6a1f2e3d4c5b"
 CUSTOMER_ID = "cust-registry"
@@ -136,7 +138,8 @@ def test_every_order_event_that_changes_statistics_triggers_them() -> None:
 
 def test_every_view_has_a_writer_and_the_planner_plans_each_one() -> None:
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient("mongodb://127.0.0.1:9", connect=False)
-    assert set(CustomerViews(client["unused"]).writers()) == {view.name for view in VIEWS}
+    database = client["unused"]
+    assert set(view_writers(CustomerViews(database), SalesViews(database))) == {view.name for view in VIEWS}
     plan = plan_views({}, VIEWS, set(), set())
     assert set(plan.keys) == {view.name for view in VIEWS}
 

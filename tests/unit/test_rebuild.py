@@ -5,17 +5,20 @@ from __future__ import annotations
 import io
 from datetime import UTC, datetime
 
+from core.generations import LEGACY_VERSIONS
 from cqrsctl.main import build_parser
-from cqrsctl.rebuild.build import problems
+from cqrsctl.rebuild.build import only_conflicts, problems
 from cqrsctl.rebuild.cli import config_from_args, render_json, render_status, render_text
+from cqrsctl.rebuild.cutover import CutoverResult
 from cqrsctl.rebuild.generations import database_name, status_rows
-from cqrsctl.rebuild.model import RebuildResult
+from cqrsctl.rebuild.model import RebuildResult, changed_components
 from cqrsctl.rebuild.progress import RebuildProgress, eta_text
 from cqrsctl.rebuild.reader import Cursor
 from cqrsctl.rebuild.shadow import DIFFERS, MISSING_IN_GENERATION, MISSING_IN_LIVE, IgnoredFields, compare_documents
 from projector.parking import Park
 from projector.pipeline import BatchOutcome
 from projector.planning import DecodedBatch
+from projector.registry import registry_versions
 
 IGNORE_NOTHING = IgnoredFields((), ("orders", "customers"))
 
@@ -123,3 +126,55 @@ def test_the_cli_arguments_and_reports() -> None:
     result = RebuildResult(2, "db_g2", "db", False, "compared", 100, 2.0, 100, 10)
     assert "every document is equal" in render_text(result)
     assert '"events_per_second": 50.0' in render_json(result, accepted=False)
+
+
+def test_the_cutover_arguments_and_their_report() -> None:
+    args = build_parser().parse_args(
+        ["rebuild", "--if-needed", "--cutover", "--accept-differences", "--drop-retired-after", "24",
+         "--writer-ttl", "9", "--switch-timeout", "30"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert (config.if_needed, config.cutover, config.accept_differences) == (True, True, True)
+    assert (config.drop_retired_after_hours, config.writer_ttl_seconds, config.switch_timeout_seconds) == (24, 9, 30)
+    result = RebuildResult(3, "db_g3", "db_g2", False, "active", 10, 1.0, 10, 5, skipped_collections=("orders",))
+    result.cutover = CutoverResult(3, "db_g3", 2, "db_g2", writers=2, seconds=1.5, events_applied=7)
+    result.dropped = [1]
+    text = render_text(result)
+    assert "not compared (changed projections): orders" in text
+    assert "generation 3 (db_g3) is active; generation 2 (db_g2) is retired" in text
+    assert "--activate 2" in text and "dropped retired generation(s) 1" in text
+    report = render_json(result, accepted=False)
+    assert '"previous_generation": 2' in report and '"dropped": [\n    1\n  ]' in report
+    up_to_date = RebuildResult(2, "db_g2", "db_g2", False, up_to_date=True)
+    assert "up to date" in render_text(up_to_date)
+
+
+def test_changed_projections_are_those_whose_recorded_version_differs() -> None:
+    built = {"orders": 1, "customers": 1, "customer_order_stats": 1}
+    wanted = {"orders": 2, "customers": 1, "customer_order_stats": 1, "sales_report": 1}
+    assert changed_components(built, wanted) == ["orders", "sales_report"]
+    assert changed_components(wanted, wanted) == []
+    # What a read model from before generations is recorded with: this release changes orders and adds views.
+    assert "orders" in changed_components(LEGACY_VERSIONS, registry_versions())
+    assert set(changed_components(LEGACY_VERSIONS, registry_versions())) - set(registry_versions()) == set()
+
+
+def test_only_lost_write_races_are_retried_by_a_tailer() -> None:
+    raced = BatchOutcome(conflicts=1, unsettled={"o1": "conflict"})
+    assert only_conflicts(raced)
+    assert not only_conflicts(BatchOutcome(conflicts=1, unsettled={"o1": "conflict", "o2": "gap"}))
+    assert not only_conflicts(BatchOutcome())
+
+
+def test_status_shows_the_states_of_a_switch() -> None:
+    docs = [
+        {"_id": 1, "database": "db", "state": "retired"},
+        {"_id": 2, "database": "db_g2", "state": "active", "position": 9, "events_applied": 9},
+        {"_id": 3, "database": "db_g3", "state": "dropped"},
+        {"_id": "active", "generation": 2, "database": "db_g2"},
+    ]
+    rows = status_rows(docs, "db")
+    assert [(r["generation"], r["state"], r["active"]) for r in rows] == [
+        (1, "retired", False), (2, "active", True), (3, "dropped", False),
+    ]  # fmt: skip
+    assert "2*db_g2" in render_status(rows)

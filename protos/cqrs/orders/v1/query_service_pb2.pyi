@@ -318,3 +318,204 @@ class WatchOrderResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchOrderResponse: _TypeAlias = WatchOrderResponse  # noqa: Y015
+
+@_typing.final
+class GetSalesReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_DATE_FIELD_NUMBER: _builtins.int
+    TO_DATE_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    TOP_N_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    from_date: _builtins.str
+    """First and last day of the report, both included: UTC calendar dates "YYYY-MM-DD"; at most 366 days."""
+    to_date: _builtins.str
+    currency: _builtins.str
+    """Only this ISO 4217 currency (e.g. "EUR") when set; every currency otherwise."""
+    top_n: _builtins.int
+    """How many SKUs each top list holds (default 10, maximum 100)."""
+    @_builtins.property
+    def consistency(self) -> _consistency_pb2.ConsistencyRequirement: ...
+    def __init__(
+        self,
+        *,
+        from_date: _builtins.str = ...,
+        to_date: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        top_n: _builtins.int = ...,
+        consistency: _consistency_pb2.ConsistencyRequirement | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "currency", b"currency", "from_date", b"from_date", "to_date", b"to_date", "top_n", b"top_n"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSalesReportRequest: _TypeAlias = GetSalesReportRequest  # noqa: Y015
+
+@_typing.final
+class GetSalesReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAYS_FIELD_NUMBER: _builtins.int
+    CURRENCIES_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def days(self) -> _containers.RepeatedCompositeFieldContainer[Global___SalesReportDay]:
+        """One row per day and currency with sales, by date then currency; days without sales have no row."""
+
+    @_builtins.property
+    def currencies(self) -> _containers.RepeatedCompositeFieldContainer[Global___SalesReportCurrency]:
+        """One entry per currency with sales in the range, by currency: its totals over the range and its top SKUs."""
+
+    @_builtins.property
+    def consistency(self) -> _consistency_pb2.ReadConsistency: ...
+    def __init__(
+        self,
+        *,
+        days: _abc.Iterable[Global___SalesReportDay] | None = ...,
+        currencies: _abc.Iterable[Global___SalesReportCurrency] | None = ...,
+        consistency: _consistency_pb2.ReadConsistency | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency", b"consistency", "currencies", b"currencies", "days", b"days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSalesReportResponse: _TypeAlias = GetSalesReportResponse  # noqa: Y015
+
+@_typing.final
+class SalesReportDay(_message.Message):
+    """What one day brought in one currency. Money in minor units of `currency`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATE_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    PLACED_ORDERS_FIELD_NUMBER: _builtins.int
+    CANCELLED_ORDERS_FIELD_NUMBER: _builtins.int
+    PLACED_REVENUE_MINOR_FIELD_NUMBER: _builtins.int
+    CANCELLED_REVENUE_MINOR_FIELD_NUMBER: _builtins.int
+    NET_REVENUE_MINOR_FIELD_NUMBER: _builtins.int
+    AVERAGE_ORDER_VALUE_MINOR_FIELD_NUMBER: _builtins.int
+    date: _builtins.str
+    """"YYYY-MM-DD" (UTC)."""
+    currency: _builtins.str
+    placed_orders: _builtins.int
+    """Orders placed that day."""
+    cancelled_orders: _builtins.int
+    """Placed orders cancelled that day (whenever they were placed)."""
+    placed_revenue_minor: _builtins.int
+    """Totals of the orders placed that day."""
+    cancelled_revenue_minor: _builtins.int
+    """Totals of the orders cancelled that day."""
+    net_revenue_minor: _builtins.int
+    """placed_revenue_minor - cancelled_revenue_minor (may be negative)."""
+    average_order_value_minor: _builtins.int
+    """placed_revenue_minor / placed_orders, rounded half up (0 without placements)."""
+    def __init__(
+        self,
+        *,
+        date: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        placed_orders: _builtins.int = ...,
+        cancelled_orders: _builtins.int = ...,
+        placed_revenue_minor: _builtins.int = ...,
+        cancelled_revenue_minor: _builtins.int = ...,
+        net_revenue_minor: _builtins.int = ...,
+        average_order_value_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["average_order_value_minor", b"average_order_value_minor", "cancelled_orders", b"cancelled_orders", "cancelled_revenue_minor", b"cancelled_revenue_minor", "currency", b"currency", "date", b"date", "net_revenue_minor", b"net_revenue_minor", "placed_orders", b"placed_orders", "placed_revenue_minor", b"placed_revenue_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SalesReportDay: _TypeAlias = SalesReportDay  # noqa: Y015
+
+@_typing.final
+class SalesReportCurrency(_message.Message):
+    """One currency over the whole range: the sums of its days, and its best-selling SKUs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    PLACED_ORDERS_FIELD_NUMBER: _builtins.int
+    CANCELLED_ORDERS_FIELD_NUMBER: _builtins.int
+    PLACED_REVENUE_MINOR_FIELD_NUMBER: _builtins.int
+    CANCELLED_REVENUE_MINOR_FIELD_NUMBER: _builtins.int
+    NET_REVENUE_MINOR_FIELD_NUMBER: _builtins.int
+    AVERAGE_ORDER_VALUE_MINOR_FIELD_NUMBER: _builtins.int
+    TOP_BY_QUANTITY_FIELD_NUMBER: _builtins.int
+    TOP_BY_REVENUE_FIELD_NUMBER: _builtins.int
+    currency: _builtins.str
+    placed_orders: _builtins.int
+    cancelled_orders: _builtins.int
+    placed_revenue_minor: _builtins.int
+    cancelled_revenue_minor: _builtins.int
+    net_revenue_minor: _builtins.int
+    average_order_value_minor: _builtins.int
+    """placed_revenue_minor / placed_orders over the range, rounded half up."""
+    @_builtins.property
+    def top_by_quantity(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkuSales]:
+        """Highest net quantity first (ties: higher net revenue, then SKU)."""
+
+    @_builtins.property
+    def top_by_revenue(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkuSales]:
+        """Highest net revenue first (ties: higher net quantity, then SKU)."""
+
+    def __init__(
+        self,
+        *,
+        currency: _builtins.str = ...,
+        placed_orders: _builtins.int = ...,
+        cancelled_orders: _builtins.int = ...,
+        placed_revenue_minor: _builtins.int = ...,
+        cancelled_revenue_minor: _builtins.int = ...,
+        net_revenue_minor: _builtins.int = ...,
+        average_order_value_minor: _builtins.int = ...,
+        top_by_quantity: _abc.Iterable[Global___SkuSales] | None = ...,
+        top_by_revenue: _abc.Iterable[Global___SkuSales] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["average_order_value_minor", b"average_order_value_minor", "cancelled_orders", b"cancelled_orders", "cancelled_revenue_minor", b"cancelled_revenue_minor", "currency", b"currency", "net_revenue_minor", b"net_revenue_minor", "placed_orders", b"placed_orders", "placed_revenue_minor", b"placed_revenue_minor", "top_by_quantity", b"top_by_quantity", "top_by_revenue", b"top_by_revenue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SalesReportCurrency: _TypeAlias = SalesReportCurrency  # noqa: Y015
+
+@_typing.final
+class SkuSales(_message.Message):
+    """One SKU over the range: placed minus cancelled, in units and minor units."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    NET_QUANTITY_FIELD_NUMBER: _builtins.int
+    NET_REVENUE_MINOR_FIELD_NUMBER: _builtins.int
+    PLACED_QUANTITY_FIELD_NUMBER: _builtins.int
+    CANCELLED_QUANTITY_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    net_quantity: _builtins.int
+    net_revenue_minor: _builtins.int
+    placed_quantity: _builtins.int
+    cancelled_quantity: _builtins.int
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        net_quantity: _builtins.int = ...,
+        net_revenue_minor: _builtins.int = ...,
+        placed_quantity: _builtins.int = ...,
+        cancelled_quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_quantity", b"cancelled_quantity", "net_quantity", b"net_quantity", "net_revenue_minor", b"net_revenue_minor", "placed_quantity", b"placed_quantity", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkuSales: _TypeAlias = SkuSales  # noqa: Y015

@@ -55,6 +55,11 @@ class OrderQueryServiceStub:
                 request_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderRequest.SerializeToString,
                 response_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderResponse.FromString,
                 _registered_method=True)
+        self.GetSalesReport = channel.unary_unary(
+                '/cqrs.orders.v1.OrderQueryService/GetSalesReport',
+                request_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetSalesReportRequest.SerializeToString,
+                response_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetSalesReportResponse.FromString,
+                _registered_method=True)
 
 
 class OrderQueryServiceServicer:
@@ -92,6 +97,15 @@ class OrderQueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSalesReport(self, request, context):
+        """Sales per UTC day and currency over a range of days, with each currency's totals and best-selling SKUs.
+        A placement counts on the day it was placed, a cancellation of a placed order on the day it was cancelled;
+        deleting an order does not undo its sale.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrderQueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +128,11 @@ def add_OrderQueryServiceServicer_to_server(servicer, server):
                     servicer.WatchOrder,
                     request_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderRequest.FromString,
                     response_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderResponse.SerializeToString,
+            ),
+            'GetSalesReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSalesReport,
+                    request_deserializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetSalesReportRequest.FromString,
+                    response_serializer=cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetSalesReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +244,33 @@ class OrderQueryService:
             '/cqrs.orders.v1.OrderQueryService/WatchOrder',
             cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderRequest.SerializeToString,
             cqrs_dot_orders_dot_v1_dot_query__service__pb2.WatchOrderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSalesReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cqrs.orders.v1.OrderQueryService/GetSalesReport',
+            cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetSalesReportRequest.SerializeToString,
+            cqrs_dot_orders_dot_v1_dot_query__service__pb2.GetSalesReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

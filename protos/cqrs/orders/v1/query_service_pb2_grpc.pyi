@@ -46,6 +46,11 @@ class OrderQueryServiceStub:
     """Lists orders newest first, optionally filtered by customer and status."""
     WatchOrder: _grpc.UnaryStreamMultiCallable[_query_service_pb2.WatchOrderRequest, _query_service_pb2.WatchOrderResponse]
     """Streams the order each time its projection changes; ends when the order is deleted or the client leaves."""
+    GetSalesReport: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.GetSalesReportRequest, _query_service_pb2.GetSalesReportResponse]
+    """Sales per UTC day and currency over a range of days, with each currency's totals and best-selling SKUs.
+    A placement counts on the day it was placed, a cancellation of a placed order on the day it was cancelled;
+    deleting an order does not undo its sale.
+    """
 
 @_typing.type_check_only
 class OrderQueryServiceAsyncStub(OrderQueryServiceStub):
@@ -65,6 +70,11 @@ class OrderQueryServiceAsyncStub(OrderQueryServiceStub):
     """Lists orders newest first, optionally filtered by customer and status."""
     WatchOrder: _aio.UnaryStreamMultiCallable[_query_service_pb2.WatchOrderRequest, _query_service_pb2.WatchOrderResponse]  # type: ignore[assignment]
     """Streams the order each time its projection changes; ends when the order is deleted or the client leaves."""
+    GetSalesReport: _aio.UnaryUnaryMultiCallable[_query_service_pb2.GetSalesReportRequest, _query_service_pb2.GetSalesReportResponse]  # type: ignore[assignment]
+    """Sales per UTC day and currency over a range of days, with each currency's totals and best-selling SKUs.
+    A placement counts on the day it was placed, a cancellation of a placed order on the day it was cancelled;
+    deleting an order does not undo its sale.
+    """
 
 class OrderQueryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Read side of the order service: answers only from the MongoDB read model."""
@@ -105,5 +115,16 @@ class OrderQueryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_query_service_pb2.WatchOrderResponse], _abc.AsyncIterator[_query_service_pb2.WatchOrderResponse]]:
         """Streams the order each time its projection changes; ends when the order is deleted or the client leaves."""
+
+    @_abc_1.abstractmethod
+    def GetSalesReport(
+        self,
+        request: _query_service_pb2.GetSalesReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_service_pb2.GetSalesReportResponse, _abc.Awaitable[_query_service_pb2.GetSalesReportResponse]]:
+        """Sales per UTC day and currency over a range of days, with each currency's totals and best-selling SKUs.
+        A placement counts on the day it was placed, a cancellation of a placed order on the day it was cancelled;
+        deleting an order does not undo its sale.
+        """
 
 def add_OrderQueryServiceServicer_to_server(servicer: OrderQueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

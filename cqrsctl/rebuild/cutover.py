@@ -1,0 +1,179 @@
+"""Switching the services to another generation of the read model with no failed or wrong query (guarantee 9).
+
+The projectors and the query services follow the active-generation document (`core.generations`): each checks it
+every `CQRS_GENERATION_POLL_SECONDS` and moves to the new database between two batches (projector) or two queries
+(query service). The switch:
+
+1. a *tailer* keeps the target generation current from PostgreSQL (the rebuild's own reader and pipeline, every
+   `TAIL_PAUSE_SECONDS`) during the whole switch;
+2. the active document is set to the target: readers and writers follow within one poll interval;
+3. wait until every live projector reported (heartbeat) that it writes the target: from then on, no projector
+   writes the old generation, and every event committed later reaches the target through JetStream;
+4. one last pass of the tailer after every transaction that was open at that moment has ended: every event
+   committed before it is in the target too. The target now has every event; the tailer stops;
+5. the old generation is retired (kept for a rollback: `cqrs rebuild --activate <old>`), the target is `active`.
+
+During the switch both the tailer and the projectors write the target; the version guard keeps them from
+overwriting each other, and a projector that meets a gap (the tailer has not written a version yet) waits for
+it as it does with another replica. Read-your-writes tokens hold across the switch: a waiting query reads the
+checkpoints of the generation it is now using, and the tailer, reading PostgreSQL directly, is ahead of the
+projectors' path through the outbox and JetStream.
+
+Kubernetes: run the rebuild Job after the projectors' rollout finished. A projector of a release without
+generations neither follows the active document nor sends heartbeats, so the switch cannot wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from core.generations import ActiveGeneration, live_writers
+from cqrsctl.rebuild.build import Builder
+from cqrsctl.rebuild.generations import ACTIVE, Generations
+from cqrsctl.rebuild.progress import RebuildProgress
+from cqrsctl.rebuild.reader import Cursor
+
+log = logging.getLogger(__name__)
+
+# The tailer's pause between passes once caught up.
+TAIL_PAUSE_SECONDS = 0.1
+# How often the writers' heartbeats and the database's oldest transaction are checked while waiting.
+WAIT_PAUSE_SECONDS = 0.2
+
+
+class CutoverFailed(Exception):
+    """The switch could not be completed (see the message); the target stays active and is fed no more."""
+
+
+@dataclass(slots=True)
+class CutoverResult:
+    generation: int
+    database: str
+    previous_generation: int
+    previous_database: str
+    writers: int  # live projectors that moved to the target
+    seconds: float  # from the switch of the active document to the end of the handover
+    events_applied: int  # by the tailer during the switch
+
+
+class _Tailer:
+    """Keeps one generation current from PostgreSQL until stopped; `drain()` is the last pass."""
+
+    def __init__(self, builder: Builder, cursor: Cursor, position: int) -> None:
+        self._builder = builder
+        self.cursor, self.position = cursor, position
+        self.applied = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="rebuild-tailer")
+
+    async def _pass(self, before_xact: int | None = None, stop: asyncio.Event | None = None) -> None:
+        self.cursor, self.position, applied, _ = await self._builder.run(
+            self.cursor, self.position, RebuildProgress(False), concurrent_writers=True, before_xact=before_xact,
+            stop=stop,
+        )  # fmt: skip
+        self.applied += applied
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await self._pass(stop=self._stop)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=TAIL_PAUSE_SECONDS)
+
+    async def drain(self, before_xact: int | None = None) -> None:
+        """Stops the loop, then makes one more pass (raises what the loop raised): up to the transactions with id
+        `before_xact` (the later ones reach the generation through the projectors), or until caught up."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        await self._pass(before_xact)
+
+    async def abandon(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+async def cut_over(
+    generations: Generations,
+    builder: Builder,
+    pool: asyncpg.Pool,
+    target: dict[str, Any],
+    *,
+    writer_ttl_seconds: float,
+    timeout_seconds: float,
+) -> CutoverResult:
+    """Makes `target` (a generation document whose database `builder` writes) the active generation."""
+    number = int(target["_id"])
+    previous: ActiveGeneration = await generations.active()
+    if previous.generation == number:
+        raise CutoverFailed(f"generation {number} is already active")
+    await generations.record_of(previous)
+    tailer = _Tailer(builder, Cursor.from_document(target.get("cursor")), int(target.get("position") or 0))
+    await tailer.drain()  # caught up before anyone reads it
+    tailer = _Tailer(builder, tailer.cursor, tailer.position)
+    tailer.start()
+    try:
+        active = await generations.switch_active(target)
+        switched = time.monotonic()
+        log.info("generation %d (%s) is active; waiting for the projectors to move", number, active.database)
+        writers = await _wait_for_writers(generations, number, writer_ttl_seconds, timeout_seconds)
+        log.info("%d projector(s) write generation %d; waiting for the transactions open now to end", writers, number)
+        horizon = await _wait_for_open_transactions(pool, timeout_seconds)
+        log.info("feeding generation %d from PostgreSQL one last time (transactions before %d)", number, horizon)
+        await tailer.drain(before_xact=horizon)
+    except BaseException:
+        await tailer.abandon()
+        raise
+    await generations.retire(previous.generation)
+    await generations.set_state(number, ACTIVE, activated_at=datetime.now(UTC), cursor=tailer.cursor.to_document())
+    return CutoverResult(
+        number, active.database, previous.generation, previous.database, writers,
+        time.monotonic() - switched, tailer.applied,
+    )  # fmt: skip
+
+
+async def _wait_for_writers(generations: Generations, number: int, ttl: float, timeout: float) -> int:
+    """Waits until every projector seen within `ttl` reports writing generation `number`; returns how many.
+
+    A projector reports right after it checked the active document, so a live one moves within its poll
+    interval; one that reports nothing for `ttl` is presumed gone (it checks again before its next write)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        writers = await live_writers(generations.base, ttl)
+        behind = [str(w["_id"]) for w in writers if int(w.get("generation") or 0) != number]
+        if not behind:
+            return len(writers)
+        if time.monotonic() > deadline:
+            raise CutoverFailed(
+                f"projector(s) {', '.join(behind)} still write another generation after {timeout:.0f}s; generation "
+                f"{number} is active but no longer fed from PostgreSQL: check them, then run `cqrs rebuild "
+                f"--activate {number}` again"
+            )
+        await asyncio.sleep(WAIT_PAUSE_SECONDS)
+
+
+async def _wait_for_open_transactions(pool: asyncpg.Pool, timeout: float) -> int:
+    """Waits until every transaction open now has ended; returns the horizon: every transaction with a lower id
+    has ended (and was assigned its id before now), so the tailer's last pass needs to read no further."""
+    horizon = await pool.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while not await pool.fetchval(
+        "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8", horizon, timeout=timeout
+    ):
+        if time.monotonic() > deadline:
+            raise CutoverFailed(f"a PostgreSQL transaction stayed open for {timeout:.0f}s; the switch cannot end")
+        await asyncio.sleep(WAIT_PAUSE_SECONDS)
+    return int(horizon)

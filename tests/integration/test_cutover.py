@@ -1,0 +1,298 @@
+"""Switching the services to a rebuilt generation of the read model (`cqrs rebuild --cutover`), against the real
+servers: a live read model kept by the relay and a real projector, a real query service, commands and queries
+running all the while; then a rollback to the retired generation, dropping a generation, and the deployment
+Job's `--if-needed` mode.
+
+Each test has its own PostgreSQL database, stream, subjects, durable consumer and MongoDB databases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from cqrs.orders.v1 import consistency_pb2, query_service_pb2
+from cqrs.orders.v1 import query_service_pb2_grpc as qgrpc
+
+from command_service.domain import commands as cmd
+from command_service.event_store import CommandReply
+from command_service.handlers import order_handler
+from core.consistency import ConsistencyToken
+from core.generations import ACTIVE_ID, COLLECTION, LEGACY_VERSIONS, WRITER_PREFIX
+from cqrsctl.rebuild import CutoverFailed, GenerationError, activate, drop_generation, run_rebuild
+from cqrsctl.rebuild.generations import ACTIVE, DROPPED, RETIRED
+from projector.registry import PROJECTIONS, registry_versions
+from query_service.config import QuerySettings
+from query_service.server import RunningServer, start_query_server
+from tests.integration.test_rebuild import generation_doc, live, rebuild_config
+from tests.integration.test_relay import ADDRESS, ctx
+from tests.integration.test_verify import System
+from tests.support import eventually, registered_customer
+
+if TYPE_CHECKING:
+    from cqrs.orders.v1.query_service_pb2_grpc import OrderQueryServiceAsyncStub as Stub
+
+__all__ = ["live"]  # the fixture, shared with test_rebuild
+
+Doc = dict[str, Any]
+POLL_SECONDS = 0.2
+
+
+@pytest.fixture
+async def query_server(live: System) -> AsyncIterator[RunningServer]:
+    settings = QuerySettings(
+        mongo_url=live.config.mongo_url, mongo_database=live.config.mongo_database, query_listen="127.0.0.1:0",
+        generation_poll_seconds=POLL_SECONDS,
+    )  # fmt: skip
+    server = await start_query_server(settings, health_interval=0.2)
+    try:
+        yield server
+    finally:
+        await server.stop(0)
+
+
+@dataclass
+class Load:
+    """Commands (create, add an item, place) and queries (read-your-writes and older orders) until stopped."""
+
+    system: System
+    stub: Stub
+    written: list[CommandReply] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    queries: list[float] = field(default_factory=list)  # when each answered (monotonic)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def commands(self) -> None:
+        orders = order_handler(self.system.store)
+        customer = await registered_customer(self.system.store, "Load")
+        while not self.stop.is_set():
+            order_id = str(uuid.uuid4())
+            await orders.handle(cmd.CreateOrder(order_id, customer, "EUR", ADDRESS), ctx())
+            await orders.handle(cmd.AddOrderItem(order_id, "SKU-L", "Lamp", 2, 1500), ctx())
+            self.written.append(await orders.handle(cmd.PlaceOrder(order_id), ctx()))
+            await asyncio.sleep(0.2)  # ~20 events/s: the whole system shares this process (and 2 cores)
+
+    async def read(self, reply: CommandReply) -> None:
+        token = ConsistencyToken(reply.stream_type, reply.stream_id, reply.version, reply.position).encode()
+        request = query_service_pb2.GetOrderRequest(
+            order_id=reply.stream_id, consistency=consistency_pb2.ConsistencyRequirement(consistency_tokens=[token])
+        )
+        try:
+            response = await self.stub.GetOrder(request, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            self.failures.append(f"GetOrder {reply.stream_id} v{reply.version}: {exc.code().name} {exc.details()}")
+            return
+        if response.order.version < reply.version or response.order.total_minor != 3000:
+            self.failures.append(f"GetOrder {reply.stream_id}: v{response.order.version}, wanted v{reply.version}")
+        self.queries.append(time.monotonic())
+
+    async def queries_loop(self) -> None:
+        while not self.stop.is_set():
+            if not self.written:
+                await asyncio.sleep(0.01)
+                continue
+            # The latest write (read-your-writes across the switch) and an older one (must never go missing).
+            await asyncio.gather(self.read(self.written[-1]), self.read(self.written[len(self.written) // 2]))
+            await asyncio.sleep(0.05)
+
+
+async def reflected(system: System, database: str) -> bool:
+    """Every stream's checkpoint in `database` is at its PostgreSQL version."""
+    versions = await system.pool.fetch("SELECT stream_id, max(version) AS v FROM events GROUP BY stream_id")
+    db = system.db.client[database]
+    checkpoints = {d["_id"]: d["version"] async for d in db["checkpoints"].find()}
+    return all(checkpoints.get(r["stream_id"]) == r["v"] for r in versions)
+
+
+async def one_more_order(system: System) -> str:
+    orders = order_handler(system.store)
+    customer = await registered_customer(system.store, "After")
+    order_id = str(uuid.uuid4())
+    await orders.handle(cmd.CreateOrder(order_id, customer, "EUR", ADDRESS), ctx())
+    return order_id
+
+
+async def test_a_cutover_under_command_and_query_load_fails_no_query(live: System, query_server: RunningServer) -> None:
+    base = live.config.mongo_database
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{query_server.port}") as channel:
+        load = Load(live, qgrpc.OrderQueryServiceStub(channel))  # type: ignore[no-untyped-call]
+        workers = [asyncio.create_task(load.commands()), asyncio.create_task(load.queries_loop())]
+        try:
+            await eventually(_async(lambda: len(load.queries) >= 10), what="the query load to start")
+            result = await run_rebuild(rebuild_config(live, cutover=True, settle_seconds=10.0))
+            switched_at = time.monotonic()
+            await eventually(
+                _async(lambda: sum(1 for t in load.queries if t > switched_at + 3 * POLL_SECONDS) >= 20),
+                what="queries answered by the new generation",
+            )
+        finally:
+            load.stop.set()
+            await asyncio.gather(*workers)
+
+    assert load.failures == [], load.failures[:10]
+    assert result.equal, result.differences[:5]
+    assert result.cutover is not None and result.cutover.generation == 2 and result.cutover.previous_generation == 1
+    assert result.cutover.writers == 1  # the running projector reported that it moved
+    assert len(load.written) >= 20 and len(load.queries) >= 40
+
+    # The projector writes the new generation, the old one is retired and no longer written.
+    assert live.projector is not None and live.projector.database == f"{base}_g2"
+    assert (await generation_doc(live, 2))["state"] == ACTIVE
+    assert (await generation_doc(live, 1))["state"] == RETIRED
+    later = await one_more_order(live)
+    await eventually(lambda: reflected(live, f"{base}_g2"), what="the new generation to reflect every event")
+    assert await live.db.client[f"{base}_g2"]["orders"].find_one({"_id": later}) is not None
+    assert await live.db["orders"].find_one({"_id": later}) is None
+
+    # Every acknowledged command is in the new generation, and the audit (of the active generation) is clean.
+    ids = [r.stream_id for r in load.written]
+    found = await live.db.client[f"{base}_g2"]["orders"].count_documents({"_id": {"$in": ids}, "status": "PLACED"})
+    assert found == len(ids)
+    audit = await live.verify()
+    assert audit.clean, audit.findings
+
+
+async def test_a_rollback_replays_the_retired_generation_and_a_dropped_one_is_gone(live: System) -> None:
+    base = live.config.mongo_database
+    config = rebuild_config(live, cutover=True)
+    first = await run_rebuild(config)
+    assert first.cutover is not None and live.projector is not None
+    written_in_g2 = await one_more_order(live)  # generation 1 (retired) never sees it
+    await eventually(lambda: reflected(live, f"{base}_g2"), what="generation 2 to reflect every event")
+    assert await live.db["orders"].find_one({"_id": written_in_g2}) is None
+
+    with pytest.raises(GenerationError, match="active"):
+        await drop_generation(config, 2)
+    back = await activate(config, 1)  # the rollback: generation 1 gets what it missed from PostgreSQL
+    assert (back.generation, back.previous_generation, back.writers) == (1, 2, 1)
+    assert await live.db["orders"].find_one({"_id": written_in_g2}) is not None
+    assert live.projector.database == base
+    assert (await generation_doc(live, 2))["state"] == RETIRED
+    audit = await live.verify()
+    assert audit.clean, audit.findings
+
+    assert await drop_generation(config, 2) == f"{base}_g2"
+    assert f"{base}_g2" not in await live.db.client.list_database_names()
+    assert (await generation_doc(live, 2))["state"] == DROPPED
+    with pytest.raises(GenerationError, match="dropped"):
+        await activate(config, 2)
+
+
+async def test_a_cutover_waits_for_a_projector_that_has_not_moved(live: System) -> None:
+    """A live writer heartbeat still naming the old generation holds the switch (a projector that keeps
+    writing generation 1 would take its events away from the new one); the switch gives up, saying who."""
+    await live.db[COLLECTION].update_one(
+        {"_id": f"{WRITER_PREFIX}stuck"},
+        {"$set": {"generation": 1, "database": live.config.mongo_database, "seen_at": _far_future()}},
+        upsert=True,
+    )
+    with pytest.raises(CutoverFailed, match="stuck"):
+        await run_rebuild(rebuild_config(live, cutover=True, switch_timeout_seconds=2.0))
+
+
+def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def probe() -> bool:
+        return check()
+
+    return probe
+
+
+def _far_future() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+
+
+async def test_if_needed_rebuilds_only_when_the_projection_versions_changed(live: System) -> None:
+    """The deployment Job: nothing to do while the active generation was built with this release's projections;
+    a changed projection (version bumped) is rebuilt from PostgreSQL, its collection not compared (it is meant to
+    differ), and the services switch to it; a pre-generations read model counts as built with the old versions."""
+    config = rebuild_config(live, if_needed=True, cutover=True, drop_retired_after_hours=0.0)
+    active = await live.db[COLLECTION].find_one({"_id": ACTIVE_ID})
+    assert active is not None and active["versions"] == registry_versions()  # recorded by the projector at start
+    nothing = await run_rebuild(config)
+    assert nothing.up_to_date and nothing.cutover is None
+    assert await live.db[COLLECTION].count_documents({"_id": {"$type": "number"}}) == 0
+
+    bumped = tuple(dataclasses.replace(p, version=p.version + 1) if p.name == "orders" else p for p in PROJECTIONS)
+    result = await run_rebuild(config, projections=bumped)
+    assert result.cutover is not None and result.cutover.generation == 2
+    assert result.skipped_collections == ("orders",)
+    assert result.documents_compared > 0 and result.equal
+    active = await live.db[COLLECTION].find_one({"_id": ACTIVE_ID})
+    assert active is not None and active["versions"]["orders"] == PROJECTIONS[0].version + 1
+    # drop_retired_after_hours=0: the retired generation 1 (the base database) is emptied but for the control data
+    assert result.dropped == [1]
+    assert await live.db.list_collection_names() == [COLLECTION]
+
+
+async def test_deploying_the_new_sales_report_backfills_it_from_postgresql(
+    live: System, query_server: RunningServer
+) -> None:
+    """Upgrading: the base database holds a read model from the release before the sales report and before
+    generations (no report documents, no generation record). The new projector records it as built with the
+    previous release's versions, so the deployment Job (`--if-needed --cutover`) rebuilds it from PostgreSQL and
+    the report covers the orders placed before the projection existed; `cqrs verify` then checks it clean."""
+    await live.stop_projector()
+    await live.db.drop_collection("sales_daily")
+    await live.db[COLLECTION].delete_many({})
+    await live.start_projector()
+    active = await eventually(
+        lambda: live.db[COLLECTION].find_one({"_id": ACTIVE_ID}), what="the projector to record the generation"
+    )
+    assert active["versions"] == dict(LEGACY_VERSIONS)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    request = query_service_pb2.GetSalesReportRequest(from_date=today, to_date=today, currency="EUR", top_n=3)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{query_server.port}") as channel:
+        stub: Stub = qgrpc.OrderQueryServiceStub(channel)  # type: ignore[no-untyped-call]
+        before = await stub.GetSalesReport(request, timeout=10)
+        assert list(before.days) == []  # the history predates the projection
+
+        result = await run_rebuild(rebuild_config(live, if_needed=True, cutover=True))
+        assert result.cutover is not None and not result.up_to_date
+        assert set(result.skipped_collections) == {"orders", "sales_daily"}  # changed in this release
+        assert result.equal and result.documents_compared > 0  # customers, compared as before
+
+        # Each of the 8 customers placed 2 orders (250 and 1,250 EUR); its cancelled orders were drafts.
+        await asyncio.sleep(3 * POLL_SECONDS)  # the query service follows within one poll
+        after = await stub.GetSalesReport(request, timeout=10)
+    (day,) = after.days
+    assert (day.date, day.placed_orders, day.cancelled_orders, day.placed_revenue_minor) == (today, 16, 0, 12_000)
+    assert day.average_order_value_minor == 750
+    (eur,) = after.currencies
+    assert [(s.sku, s.net_quantity) for s in eur.top_by_quantity] == [("SKU-1", 16), ("SKU-0", 16)]
+    audit = await live.verify()
+    assert audit.clean, audit.findings
+
+
+async def test_a_watch_stream_open_across_the_switch_goes_on_with_the_new_generation(
+    live: System, query_server: RunningServer
+) -> None:
+    """WatchOrder streams do not end at a cutover: the feed reopens on the new generation and a change written
+    after the switch (to the new generation only) reaches the open stream."""
+    orders = order_handler(live.store)
+    customer = await registered_customer(live.store, "Watcher")
+    order_id = str(uuid.uuid4())
+    created = await orders.handle(cmd.CreateOrder(order_id, customer, "EUR", ADDRESS), ctx())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{query_server.port}") as channel:
+        stub: Stub = qgrpc.OrderQueryServiceStub(channel)  # type: ignore[no-untyped-call]
+        token = ConsistencyToken(created.stream_type, order_id, created.version, created.position).encode()
+        stream = stub.WatchOrder(query_service_pb2.WatchOrderRequest(order_id=order_id, consistency_token=token))
+        first = await asyncio.wait_for(stream.read(), timeout=10)
+        assert first.order.version == 1
+
+        result = await run_rebuild(rebuild_config(live, cutover=True))
+        assert result.cutover is not None
+        await asyncio.sleep(3 * POLL_SECONDS)  # the query service has moved
+        await orders.handle(cmd.AddOrderItem(order_id, "SKU-W", "Whistle", 1, 100), ctx())
+        second = await asyncio.wait_for(stream.read(), timeout=10)
+        assert second.order.version == 2 and [line.sku for line in second.order.lines] == ["SKU-W"]
+        assert await live.db["orders"].find_one({"_id": order_id, "version": 2}) is None  # not in the old one
+        stream.cancel()
