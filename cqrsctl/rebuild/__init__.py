@@ -49,7 +49,7 @@ from cqrsctl.rebuild.generations import (
     status_rows,
 )
 from cqrsctl.rebuild.model import BOOKKEEPING_FIELDS, RebuildConfig, RebuildResult, changed_components
-from cqrsctl.rebuild.progress import RebuildProgress
+from cqrsctl.rebuild.progress import RebuildMetrics, RebuildProgress
 from cqrsctl.rebuild.reader import Cursor, EventReader
 from cqrsctl.rebuild.shadow import ComparisonResult, Difference, IgnoredFields, ShadowComparer
 from projector.registry import PROJECTIONS, VIEWS, registry_versions
@@ -61,6 +61,7 @@ __all__ = [
     "GenerationError",
     "RebuildConfig",
     "RebuildFailed",
+    "RebuildMetrics",
     "RebuildResult",
     "activate",
     "drop_generation",
@@ -114,6 +115,7 @@ async def run_rebuild(
     views: Sequence[DerivedView] = VIEWS,
     progress: bool = False,
     on_batch: BatchHook | None = None,
+    metrics: RebuildMetrics | None = None,
 ) -> RebuildResult:
     """Builds (or resumes) a generation, catches it up and shadow-compares it with the active generation; then,
     as configured, switches the services to it and drops old generations.
@@ -143,7 +145,9 @@ async def run_rebuild(
         )  # fmt: skip
         await builder.prepare()
         cursor, position = Cursor.from_document(doc.get("cursor")), int(doc.get("position") or 0)
-        bar = RebuildProgress(progress)
+        report = metrics.state if metrics is not None else (lambda generation, state: None)
+        report(number, "building")
+        bar = RebuildProgress(progress, metrics=metrics)
         bar.start(f"rebuild g{number}", await reader.remaining_estimate(position))
         try:
             cursor, position, applied, seconds = await builder.run(cursor, position, bar)
@@ -151,6 +155,7 @@ async def run_rebuild(
             bar.close()
         result.events_applied, result.build_seconds, result.position = applied, seconds, position
         await generations.set_state(number, CAUGHT_UP, caught_up_at=datetime.now(UTC))
+        report(number, "caught_up")
 
         every = list(dict.fromkeys([*(p.collection for p in projections), *(v.collection for v in views)]))
         skipped = _changed_collections(changed, projections, views)
@@ -184,14 +189,17 @@ async def run_rebuild(
             number, COMPARED, differences=len(differences), compared_at=datetime.now(UTC),
             ignored_fields=list(ignored.specs), sample=config.sample, skipped_collections=list(skipped),
         )  # fmt: skip
+        report(number, "compared")
         if config.cutover and (result.equal or config.accept_differences):
             target = await generations.get(number)
             assert target is not None
+            report(number, "switching")
             result.cutover = await cut_over(
                 generations, builder, conns.pool, target,
                 writer_ttl_seconds=config.writer_ttl_seconds, timeout_seconds=config.switch_timeout_seconds,
             )  # fmt: skip
             result.state = "active"
+            report(number, "active")
         result.dropped = await _drop_retired(conns, config, generations)
         return result
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
+from core.metrics import start_metrics_server
 from cqrsctl.rebuild.cutover import CutoverResult
 from cqrsctl.rebuild.model import RebuildConfig, RebuildResult
 
@@ -76,11 +80,20 @@ def add_rebuild_parser(sub: Any) -> argparse.ArgumentParser:
         "--switch-timeout", type=float, default=env.switch_timeout_seconds,
         help=f"give up a switch held up longer than this (default {env.switch_timeout_seconds:g}s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--metrics-port", type=int, default=_metrics_port(), metavar="PORT",
+        help="serve the progress as Prometheus metrics on this port (env CQRS_REBUILD_METRICS_PORT)",
+    )  # fmt: skip
     parser.add_argument("--status", action="store_true", help="list the generations and exit")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (for scripts)")
     parser.add_argument("--no-progress", action="store_true", help="no progress line, even on a terminal")
     parser.set_defaults(run=run_cli)
     return parser
+
+
+def _metrics_port() -> int | None:
+    value = os.environ.get("CQRS_REBUILD_METRICS_PORT", "")
+    return int(value) if value.isdigit() else None
 
 
 def config_from_args(args: argparse.Namespace) -> RebuildConfig:
@@ -109,6 +122,7 @@ def run_cli(args: argparse.Namespace) -> int:
         CutoverFailed,
         GenerationError,
         RebuildFailed,
+        RebuildMetrics,
         activate,
         drop_generation,
         rebuild_status,
@@ -131,7 +145,11 @@ def run_cli(args: argparse.Namespace) -> int:
             switched = asyncio.run(activate(config, args.activate))
             print(render_cutover(switched))
             return EXIT_EQUAL
-        result = asyncio.run(run_rebuild(config, progress=not args.no_progress))
+        metrics = None
+        if args.metrics_port is not None:
+            metrics = RebuildMetrics(CollectorRegistry())
+            start_metrics_server(metrics.registry, os.environ.get("CQRS_METRICS_HOST", "127.0.0.1"), args.metrics_port)
+        result = asyncio.run(run_rebuild(config, progress=not args.no_progress, metrics=metrics))
     except (GenerationError, RebuildFailed, CutoverFailed) as exc:
         print(f"cqrs rebuild: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -1,10 +1,13 @@
-"""A one-line progress display on stderr (events done, events/s, ETA), drawn only when stderr is a terminal."""
+"""Progress of a rebuild: a one-line display on stderr (events done, events/s, ETA), drawn only when stderr is a
+terminal, and Prometheus metrics (`cqrs rebuild --metrics-port`, for the Kubernetes Job)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Final, TextIO
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 _REDRAW_SECONDS = 0.2
 
@@ -19,10 +22,34 @@ def eta_text(done: int, total: int, elapsed: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+STATES: Final = ("building", "caught_up", "compared", "switching", "active")
+
+
+class RebuildMetrics:
+    """What a scraper sees of a running rebuild: events applied and left, the generation, its state."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.applied = Counter(
+            "cqrs_rebuild_events_applied", "Events applied to the generation being built", registry=registry
+        )
+        self.remaining = Gauge(
+            "cqrs_rebuild_events_remaining", "About how many events are left to apply (0: caught up)", registry=registry
+        )
+        self.generation = Gauge("cqrs_rebuild_generation", "The generation built or switched to", registry=registry)
+        self._state = Gauge("cqrs_rebuild_state", "1 for the rebuild's current state", ["state"], registry=registry)
+
+    def state(self, generation: int, state: str) -> None:
+        self.generation.set(generation)
+        for name in STATES:
+            self._state.labels(name).set(1 if name == state else 0)
+
+
 class RebuildProgress:
     """`start(label, total)` then `advance(n)` per batch; `close()` clears the line."""
 
-    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+    def __init__(self, enabled: bool, stream: TextIO | None = None, metrics: RebuildMetrics | None = None) -> None:
+        self._metrics = metrics
         self._stream = stream or sys.stderr
         self.enabled = enabled and self._stream.isatty()
         self._label = ""
@@ -31,12 +58,17 @@ class RebuildProgress:
 
     def start(self, label: str, total: int) -> None:
         self._label, self._total, self._done = label, total, 0
+        if self._metrics is not None:
+            self._metrics.remaining.set(total)
         self._started = time.monotonic()
         self._draw(force=True)
 
     def advance(self, count: int) -> None:
         self._done += count
         self._total = max(self._total, self._done)
+        if self._metrics is not None:
+            self._metrics.applied.inc(count)
+            self._metrics.remaining.set(self._total - self._done)
         self._draw()
 
     def close(self) -> None:

@@ -116,8 +116,8 @@ def test_overlay_deploys_three_services_and_the_migration(rendered: dict[str, Re
     rebuild = r.get("Job", "cqrs-rebuild")
     (container,) = pod_spec(rebuild)["containers"]
     assert container["args"][:4] == ["cqrsctl.main", "rebuild", "--if-needed", "--cutover"]
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
-    assert env == {"CQRS_POSTGRES_DSN": "postgres-dsn", "CQRS_MONGO_URL": "mongo-url"}
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e}
+    assert secrets == {"CQRS_POSTGRES_DSN": "postgres-dsn", "CQRS_MONGO_URL": "mongo-url"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -488,7 +488,8 @@ def test_network_policy_lets_only_the_necessary_flows_through(rendered: dict[str
         (rebuild, postgres, 5432, True),
         (rebuild, mongo, 27017, True),
         (rebuild, nats, 4222, False),
-        (client, rebuild, 8080, False),
+        (client, rebuild, 9104, False),
+        (monitoring, rebuild, 9104, True),
     ]
     wrong = [
         f"{_name(pods, s)} -> {_name(pods, d)}:{port} should be {'allowed' if ok else 'denied'}"

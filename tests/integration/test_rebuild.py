@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from command_service.domain import commands as cmd
 from command_service.domain.customer_commands import RenameCustomer
@@ -25,7 +26,7 @@ from command_service.event_store import EventStore
 from command_service.handlers import customer_handler, order_handler
 from command_service.migrate import load_migrations, migrate
 from core.order_events import OrderPlaced
-from cqrsctl.rebuild import RebuildConfig, RebuildResult, rebuild_status, run_rebuild
+from cqrsctl.rebuild import RebuildConfig, RebuildMetrics, RebuildResult, rebuild_status, run_rebuild
 from cqrsctl.rebuild.generations import BUILDING, COLLECTION, COMPARED
 from cqrsctl.rebuild.reader import Cursor, EventReader
 from cqrsctl.rebuild.shadow import DIFFERS
@@ -111,9 +112,12 @@ async def test_a_rebuilt_generation_equals_the_live_read_model(live: System) -> 
     events = await live.pool.fetchval("SELECT count(*) FROM events")
     assert events >= 200
 
-    result = await run_rebuild(rebuild_config(live))
+    metrics = RebuildMetrics(CollectorRegistry())
+    result = await run_rebuild(rebuild_config(live), metrics=metrics)
 
     assert (result.generation, result.database, result.resumed) == (2, f"{live.config.mongo_database}_g2", False)
+    assert metrics.registry.get_sample_value("cqrs_rebuild_events_applied_total") == events
+    assert metrics.registry.get_sample_value("cqrs_rebuild_state", {"state": "compared"}) == 1
     assert result.equal, [dataclasses.asdict(d) for d in result.differences]
     assert result.events_applied == events
     report_days = await live.db["sales_daily"].count_documents({})  # one per day and currency with sales

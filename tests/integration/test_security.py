@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 import trustme
@@ -26,7 +27,7 @@ from command_service.migrate import migrate
 from command_service.server import RunningCommandServer, start_command_server
 from query_service.config import QuerySettings
 from query_service.server import RunningServer, start_query_server
-from tests.support import create_database, eventually
+from tests.support import create_database, eventually, with_database
 from tests.unit.test_auth import AUDIENCE, ISSUER, Signer, hs256_with_public_key, unsigned_token
 
 GET_ORDER = "/cqrs.orders.v1.OrderQueryService/GetOrder"
@@ -282,6 +283,15 @@ async def test_command_auth_needs_the_write_scope(
         await eventually(lambda: _serving(channel), what="command service SERVING")
         reply = await register(writer)
         assert reply.result.customer_id
+        # Who made the change is recorded with the event (order history shows it): the token's subject.
+        conn = await asyncpg.connect(with_database(postgres_dsn, unique_name), timeout=10)
+        try:
+            recorded = await conn.fetchval(
+                "SELECT metadata->>'subject' FROM events WHERE stream_id = $1", reply.result.customer_id
+            )
+        finally:
+            await conn.close()
+        assert recorded == "svc-a"
         assert server.registry is not None
         labels = {"method": REGISTER, "code": "OK"}
         assert server.registry.get_sample_value("cqrs_grpc_server_handled_total", labels) == 1

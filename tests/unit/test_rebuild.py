@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 from datetime import UTC, datetime
 
+from prometheus_client import CollectorRegistry
+
 from core.generations import LEGACY_VERSIONS
 from cqrsctl.main import build_parser
 from cqrsctl.rebuild.build import only_conflicts, problems
@@ -12,7 +14,7 @@ from cqrsctl.rebuild.cli import config_from_args, render_json, render_status, re
 from cqrsctl.rebuild.cutover import CutoverResult
 from cqrsctl.rebuild.generations import database_name, status_rows
 from cqrsctl.rebuild.model import RebuildResult, changed_components
-from cqrsctl.rebuild.progress import RebuildProgress, eta_text
+from cqrsctl.rebuild.progress import RebuildMetrics, RebuildProgress, eta_text
 from cqrsctl.rebuild.reader import Cursor
 from cqrsctl.rebuild.shadow import DIFFERS, MISSING_IN_GENERATION, MISSING_IN_LIVE, IgnoredFields, compare_documents
 from projector.parking import Park
@@ -178,3 +180,19 @@ def test_status_shows_the_states_of_a_switch() -> None:
         (1, "retired", False), (2, "active", True), (3, "dropped", False),
     ]  # fmt: skip
     assert "2*db_g2" in render_status(rows)
+
+
+def test_progress_is_exported_as_metrics() -> None:
+    metrics = RebuildMetrics(CollectorRegistry())
+    progress = RebuildProgress(False, metrics=metrics)
+    progress.start("rebuild g2", 1000)
+    progress.advance(300)
+    metrics.state(2, "building")
+    sample = metrics.registry.get_sample_value
+    assert sample("cqrs_rebuild_events_applied_total") == 300
+    assert sample("cqrs_rebuild_events_remaining") == 700
+    assert sample("cqrs_rebuild_generation") == 2
+    assert sample("cqrs_rebuild_state", {"state": "building"}) == 1
+    metrics.state(2, "active")
+    assert sample("cqrs_rebuild_state", {"state": "building"}) == 0
+    assert sample("cqrs_rebuild_state", {"state": "active"}) == 1
