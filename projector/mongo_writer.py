@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from pymongo import ASCENDING, IndexModel, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
@@ -57,6 +58,10 @@ class ReadModelWriter:
         self._database = database
         self._collection = database[projection.collection]
         self._projection = projection
+
+    @property
+    def collection(self) -> AsyncCollection[MongoDocument]:
+        return self._collection
 
     async def ensure_indexes(self) -> None:
         """Creates the projection's indexes; idempotent (an existing identical index is left alone)."""

@@ -33,11 +33,13 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from core.backoff import exponential
 from core.dependency_metrics import DependencyMetrics
-from core.projections import Document, Projection
+from core.projections import DerivedView, Document, Projection
 from core.projections.orders import ORDERS
+from core.read_model import ORDER_HISTORY_FIELD
 from core.tracing import tracer
 from projector.checkpoints import CheckpointWriter
 from projector.customer_views import CustomerFields, CustomerViews, ViewWriter
@@ -118,6 +120,9 @@ class Pipeline:
         self.sales = SalesViews(database)
         self._view_writers = view_writers(self.views, self.sales)
         self.checkpoints = CheckpointWriter(database)
+        # False: batches write documents and checkpoints only, and `recompute_views` does every view once at the
+        # end (a rebuild, which no one reads until it is complete: each batch would recompute the same keys).
+        self.derived_views = True
         self.parks = ParkStore(database)
         self.dead_letters = DeadLetterWriter(database)
         self._deps = deps
@@ -130,6 +135,42 @@ class Pipeline:
             await writer.ensure_indexes()
         await self.sales.ensure_indexes()
         await self.parks.ensure_indexes()
+
+    async def recompute_views(self, keys_per_write: int = 500) -> int:
+        """Recomputes every derived view of every key from the documents as they are; returns the number of keys.
+        Raises `PyMongoError` if MongoDB fails or refuses a view's write."""
+        total = 0
+        for view in VIEWS:
+            found, carried = await self._view_keys(view)
+            keys = sorted(found)
+            writer = self._view_writers[view.name]
+            for start in range(0, len(keys), keys_per_write):
+                chunk = keys[start : start + keys_per_write]
+                refused: set[str] = set()
+                await self._timed(view.name, writer(chunk, {k: carried.get(k, 0) for k in chunk}, refused))
+                if refused:
+                    raise PyMongoError(f"MongoDB refused view {view.name} of {len(refused)} key(s)")
+            total += len(keys)
+        return total
+
+    async def _view_keys(self, view: DerivedView) -> tuple[set[str], dict[str, int]]:
+        """Every key of `view`, from every document of each stream type that keys it (change logs left out), and
+        for a stamped view the lowest stamp its target documents carry per key (a writer skips keys whose
+        targets all carry the key document's current version)."""
+        keys: set[str] = set()
+        carried: dict[str, int] = {}
+        for stream_type in dict.fromkeys([*view.key_fields, *view.triggers]):  # keys_from views name no key field
+            projection = self.projections.get(stream_type)
+            if projection is None:
+                continue
+            stamped = view.stamp_field is not None and projection.collection == view.collection
+            async for doc in self.writers[stream_type].collection.find({}, {ORDER_HISTORY_FIELD: 0}):
+                for key in view.keys_of(stream_type, str(doc["_id"]), doc):
+                    keys.add(key)
+                    if stamped:
+                        stamp = int(doc.get(str(view.stamp_field)) or 0)
+                        carried[key] = min(stamp, carried.get(key, stamp))
+        return keys, carried
 
     async def ping(self) -> None:
         await next(iter(self.writers.values())).ping()
@@ -166,7 +207,7 @@ class Pipeline:
                 hold.setdefault(delivery.recorded.stream_id, []).append(delivery)
             self._gaps(batch, out, hold)
         await self._write_documents(batches, known, spans or {})
-        failed_views = await self._write_views(batches, states, resuming)
+        failed_views = await self._write_views(batches, states, resuming) if self.derived_views else set()
         for sid in failed_views:
             out.unsettled.setdefault(sid, VIEW_REFUSED)
         self._settle_written(batches, out, failed_views, states, hold)
