@@ -3,8 +3,9 @@
 Starts PostgreSQL, NATS JetStream and the MongoDB-wire server on free loopback ports with data in a temporary
 folder, measures the physical limits of each (and of gRPC itself) and the `eventsourcing` peer *before* our
 services start (so nothing else competes), then migrates, starts command_service, projector and query_service
-as subprocesses and measures the system with `cqrs load` and a projector catch-up run. Stops everything and
-prints the table, also written to `<out>/results.md` and `<out>/results.json`.
+as subprocesses and measures the system with `cqrs load` and a projector catch-up run. Every measurement also
+records the CPU each process used (`bench.cpu`), printed per 1,000 operations beside the baselines' own. Stops
+everything and prints the tables, also written to `<out>/results.md` and `<out>/results.json`.
 
 The machine is shared and noisy, so targets are ratios within one run. Exit code: 0 when every measurement ran
 (whether or not targets are met), 1 when one could not be measured, 2 when the stack did not start.
@@ -31,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import echo, peer, raw, system
+from bench import cpu, echo, peer, raw, system
 from bench.report import Row, limit_row, ratio_row, render_markdown
 from bench.stack import BenchStack
 from localservers import ServiceProcess, free_port
@@ -116,20 +117,21 @@ class Bench:
         s = self.seconds
         self.measure("echo", "raw gRPC echo QPS", lambda: self._echo(s))
         dsn = asyncio.run(raw.create_database(self.stack.postgres.dsn, "bench_raw"))
+        servers = cpu.stack_groups(self.stack)
         self.measure(
             "pg_single", f"raw asyncpg single-row INSERT+COMMIT, {CONCURRENCY} connections",
-            lambda: asyncio.run(raw.pg_single_row_commits(dsn, CONCURRENCY, s)),
+            lambda: asyncio.run(raw.pg_single_row_commits(dsn, CONCURRENCY, s, {"postgres": servers["postgres"]})),
         )  # fmt: skip
         self.measure(
             "pg_batched", "raw asyncpg batched inserts (COPY, 1,000 rows per transaction, 2 connections)",
             lambda: asyncio.run(raw.pg_batched_inserts(dsn, 2, 1000, s)),
         )  # fmt: skip
         self.measure("nats", "raw JetStream publish_async with acks", lambda: asyncio.run(raw.jetstream_publish(
-            self.stack.nats.url, s)))  # fmt: skip
+            self.stack.nats.url, s, {"nats": servers["nats"]})))  # fmt: skip
         self.measure("mongo", "raw MongoDB bulk upserts and find_one", lambda: asyncio.run(raw.mongo_rates(
-            self.stack.mongo.url, s, 200, CONCURRENCY)))  # fmt: skip
+            self.stack.mongo.url, s, 200, CONCURRENCY, {"mongo": servers["mongo"]})))  # fmt: skip
 
-    def _echo(self, seconds: float) -> dict[str, float]:
+    def _echo(self, seconds: float) -> dict[str, Any]:
         port = free_port()
         address = f"127.0.0.1:{port}"
         log = self.workdir / "echo.log"
@@ -137,7 +139,14 @@ class Bench:
         try:
             server.start(os.environ)
             server.wait_ready(30)
-            return echo.run_echo_load(address, self.workers, CONCURRENCY, seconds)
+            assert server.pid is not None
+            # The server's CPU over the whole client run (its idle time while the clients start is negligible);
+            # the clients measure their own, over their calls only.
+            with cpu.window({cpu.ECHO_SERVER: (server.pid,)}, client=False) as spent:
+                result: dict[str, Any] = dict(echo.run_echo_load(address, self.workers, CONCURRENCY, seconds))
+            spent.cpu_s[cpu.CLIENT] = result.pop("client_cpu_s")
+            result["cpu"] = spent.figures(int(result["requests"]), "RPCs")
+            return result
         finally:
             server.stop(timeout=10)
 
@@ -195,6 +204,7 @@ class Bench:
             max_steps=2 if self.quick else 20,
             refine_steps=0 if self.quick else 2,
             log=self.load_log,
+            cpu_pids=lambda: cpu.stack_groups(self.stack),
         )
         self.stack.check_alive()
         return {
@@ -206,15 +216,18 @@ class Bench:
         # At a low rate (a slow machine, a quick run) probe more of the commands, so that there are samples at all.
         sample = min(1.0, max(TTQ_SAMPLE, TTQ_MIN_SAMPLES / max(1.0, rate * self.seconds)))
         report = system.run_load(*addr, mode="open", rate=rate, duration=self.seconds, workers=self.workers,
-                                 mix=system.COMMAND_MIX, ttq_sample=sample, log=self.load_log)  # fmt: skip
+                                 mix=system.COMMAND_MIX, ttq_sample=sample, log=self.load_log,
+                                 cpu_pids=cpu.stack_groups(self.stack))  # fmt: skip
         ttq = report.get("time_to_queryable_ms") or {}
         if not ttq.get("count"):
             raise RuntimeError(f"the load report has no time-to-queryable samples: {ttq}")
-        return {"rate": rate, "ttq": ttq, "commands": report.get("commands", {})}
+        return {"rate": rate, "ttq": ttq, "commands": report.get("commands", {}),
+                "cpu": cpu.from_load_report(report, "commands", "commands")}  # fmt: skip
 
     def _queries(self, addr: tuple[str, str]) -> dict[str, Any]:
         report = system.run_load(*addr, mode="closed", concurrency=CONCURRENCY, duration=self.seconds,
-                                 workers=self.workers, mix=system.QUERY_MIX, log=self.load_log)  # fmt: skip
+                                 workers=self.workers, mix=system.QUERY_MIX, log=self.load_log,
+                                 cpu_pids=cpu.stack_groups(self.stack))  # fmt: skip
         queries = report.get("queries") or {}
         errors = int(sum((queries.get("errors_by_code") or {}).values()))
         return {
@@ -225,6 +238,7 @@ class Bench:
             "latency_ms": queries.get("latency_ms"),
             # `cqrs load` creates an order when a worker has none to query yet: these commands are in the run too.
             "commands_sent": (report.get("commands") or {}).get("count"),
+            "cpu": cpu.from_load_report(report, "queries", "queries"),
         }
 
     def _projector(self) -> dict[str, Any]:
@@ -241,9 +255,13 @@ class Bench:
         if backlog <= 0:
             raise RuntimeError(f"no backlog built up (generated {events} events, consumer pending {backlog})")
         stack.start_service("projector")
-        seconds = asyncio.run(system.time_drain(nats_url, backlog, timeout=max(60.0, backlog / 50)))
+        spent = cpu.CpuWindow(cpu.stack_groups(stack), client=False)
+        seconds = asyncio.run(system.time_drain(nats_url, backlog, timeout=max(60.0, backlog / 50),
+                                                on_start=spent.start))  # fmt: skip
+        spent.stop()
         return {"rate": backlog / seconds, "events": backlog, "seconds": seconds, "generated": events,
-                "pending_before": pending_before, "closed_loop_cmds_per_s": events / generate_elapsed}  # fmt: skip
+                "pending_before": pending_before, "closed_loop_cmds_per_s": events / generate_elapsed,
+                "cpu": spent.figures(backlog, "events")}  # fmt: skip
 
     def _rebuild(self) -> dict[str, Any]:
         """`cqrs rebuild` of the whole store (every event the bench wrote so far) into a new generation, as an
@@ -337,6 +355,7 @@ class Bench:
                               ours, "appends/s", "eventsourcing", es, 10))  # fmt: skip
         rows.append(ratio_row("peer", "our EventStore.append vs raw single-row commits", ours, "appends/s",
                               "raw commits", single, 3))  # fmt: skip
+        rows += cpu.cost_rows(f)
         for row in rows:
             if row.value is None and not row.verdict:
                 row.verdict = "not measured"
@@ -430,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"{key} not measured: {message}" for key, message in bench.errors.items()]
     notes.append(f"total run time {elapsed:.0f}s; service and server logs: "
                  f"{bench.workdir if (args.keep or code or bench.errors) else '(removed)'}")  # fmt: skip
-    table = render_markdown(bench.header(facts), rows, notes)
+    table = render_markdown(bench.header(facts), rows, notes, tables=[cpu.render_table(bench.figures)])
     print(table, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(table)

@@ -59,9 +59,10 @@ async def _client(addr: str, callers: int, duration: float, result: Any) -> None
                 except grpc.aio.AioRpcError:
                     errors[i] += 1
 
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         await asyncio.gather(*(loop(i) for i in range(callers)))
-        result.put((sum(counts), sum(errors), time.monotonic() - started))
+        # The client process's CPU (all its threads, gRPC's included) while it called: the echo client's cost.
+        result.put((sum(counts), sum(errors), time.monotonic() - started, time.process_time() - cpu_started))
 
 
 def _client_process(addr: str, callers: int, duration: float, result: Any) -> None:
@@ -69,7 +70,7 @@ def _client_process(addr: str, callers: int, duration: float, result: Any) -> No
 
 
 def run_echo_load(addr: str, workers: int, concurrency: int, duration: float) -> dict[str, float]:
-    """Closed-loop unary calls from `workers` processes; returns {"qps", "requests", "errors"}."""
+    """Closed-loop unary calls from `workers` processes; returns {"qps", "requests", "errors", "client_cpu_s"}."""
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold gRPC state
     result = ctx.Queue()
     per_worker = [concurrency // workers + (1 if i < concurrency % workers else 0) for i in range(workers)]
@@ -82,7 +83,8 @@ def run_echo_load(addr: str, workers: int, concurrency: int, duration: float) ->
     requests = sum(o[0] for o in outcomes)
     errors = sum(o[1] for o in outcomes)
     elapsed = max(o[2] for o in outcomes)
-    return {"qps": requests / elapsed, "requests": requests, "errors": errors}
+    client_cpu = sum(o[3] for o in outcomes)
+    return {"qps": requests / elapsed, "requests": requests, "errors": errors, "client_cpu_s": client_cpu}
 
 
 def main() -> None:

@@ -8,6 +8,9 @@
 * MongoDB (PyMongo's AsyncMongoClient): unordered bulk upserts of 200 order-shaped documents (the projector's
   batch size) with the projector's filters, on a collection with the `orders` indexes; and `find_one` by id with
   the query service's filter, from 32 concurrent callers.
+
+Each also records its CPU cost (`bench.cpu`): this process's as the client, and the server's (`servers`: name ->
+PIDs of the server processes) over the timed part only.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import random
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,8 +28,11 @@ import asyncpg
 import nats
 from pymongo import ASCENDING, AsyncMongoClient, IndexModel, UpdateOne
 
+from bench import cpu
 from core.jetstream import ensure_stream, event_stream_config
 from core.projections.orders import INDEXES as ORDER_INDEXES
+
+Servers = Mapping[str, Sequence[int]]  # name -> PIDs of a server's processes, whose CPU a measurement records
 
 RAW_TABLE = """
 CREATE TABLE IF NOT EXISTS raw_events (
@@ -63,7 +70,9 @@ async def postgres_version(dsn: str) -> str:
         await conn.close()
 
 
-async def pg_single_row_commits(dsn: str, connections: int, duration: float) -> dict[str, Any]:
+async def pg_single_row_commits(
+    dsn: str, connections: int, duration: float, servers: Servers | None = None
+) -> dict[str, Any]:
     """Each connection INSERTs one row per implicit transaction (one durable commit per row) until the deadline."""
     pool = await asyncpg.create_pool(dsn, min_size=connections, max_size=connections)
     try:
@@ -84,12 +93,14 @@ async def pg_single_row_commits(dsn: str, connections: int, duration: float) -> 
                     )
                     counts[i] += 1
 
-        started = time.monotonic()
-        await asyncio.gather(*(writer(i) for i in range(connections)))
-        elapsed = time.monotonic() - started
+        with cpu.window(servers or {}) as spent:
+            started = time.monotonic()
+            await asyncio.gather(*(writer(i) for i in range(connections)))
+            elapsed = time.monotonic() - started
     finally:
         await pool.close()
-    return {"rate": sum(counts) / elapsed, "rows": sum(counts), "synchronous_commit": sync_commit}
+    return {"rate": sum(counts) / elapsed, "rows": sum(counts), "synchronous_commit": sync_commit,
+            "cpu": spent.figures(sum(counts), "commits")}  # fmt: skip
 
 
 async def pg_batched_inserts(dsn: str, connections: int, batch: int, duration: float) -> dict[str, Any]:
@@ -120,7 +131,7 @@ async def pg_batched_inserts(dsn: str, connections: int, batch: int, duration: f
     return {"rate": sum(counts) / elapsed, "rows": sum(counts)}
 
 
-async def jetstream_publish(url: str, duration: float) -> dict[str, Any]:
+async def jetstream_publish(url: str, duration: float, servers: Servers | None = None) -> dict[str, Any]:
     """Concurrent `publish_async` with acks to a stream configured like ours; acked messages/s."""
     nc = await nats.connect(url, connect_timeout=5)
     try:
@@ -138,24 +149,26 @@ async def jetstream_publish(url: str, duration: float) -> dict[str, Any]:
                 acked += 1
 
         streams = [str(uuid.uuid4()) for _ in range(1000)]
-        started = time.monotonic()
-        deadline = started + duration
-        sent = 0
-        while time.monotonic() < deadline:
-            fut = await js.publish_async(
-                f"bench.raw.order.{streams[sent % len(streams)]}",
-                body,
-                headers={"Nats-Msg-Id": str(uuid.uuid4())},
-            )
-            fut.add_done_callback(done)
-            sent += 1
-        await asyncio.wait_for(js.publish_async_completed(), timeout=30)
-        elapsed = time.monotonic() - started
+        with cpu.window(servers or {}) as spent:
+            started = time.monotonic()
+            deadline = started + duration
+            sent = 0
+            while time.monotonic() < deadline:
+                fut = await js.publish_async(
+                    f"bench.raw.order.{streams[sent % len(streams)]}",
+                    body,
+                    headers={"Nats-Msg-Id": str(uuid.uuid4())},
+                )
+                fut.add_done_callback(done)
+                sent += 1
+            await asyncio.wait_for(js.publish_async_completed(), timeout=30)
+            elapsed = time.monotonic() - started
         version = nc.connected_server_version
         server_version = f"{version.major}.{version.minor}.{version.patch}"
     finally:
         await nc.close()
-    return {"rate": acked / elapsed, "acked": acked, "failed": failed, "server_version": str(server_version)}
+    return {"rate": acked / elapsed, "acked": acked, "failed": failed, "server_version": str(server_version),
+            "cpu": spent.figures(acked, "messages")}  # fmt: skip
 
 
 def order_document(order_id: str, customer_id: str, version: int) -> dict[str, Any]:
@@ -185,7 +198,9 @@ def order_document(order_id: str, customer_id: str, version: int) -> dict[str, A
     }  # fmt: skip
 
 
-async def mongo_rates(url: str, duration: float, batch: int, find_callers: int) -> dict[str, Any]:
+async def mongo_rates(
+    url: str, duration: float, batch: int, find_callers: int, servers: Servers | None = None
+) -> dict[str, Any]:
     """Bulk-upsert rate (ops/s: half creates, half version-guarded updates) and find_one rate (finds/s)."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url, tz_aware=True, maxPoolSize=100)
     try:
@@ -203,29 +218,30 @@ async def mongo_rates(url: str, duration: float, batch: int, find_callers: int) 
         # `version: 1`, upsert), and so on.
         ops_done = 0
         ids: list[str] = []
-        started = time.monotonic()
-        deadline = started + duration
-        while time.monotonic() < deadline:
-            new_ids = [str(uuid.uuid4()) for _ in range(batch)]
-            creates = [
-                UpdateOne(
-                    {"_id": i, "version": {"$exists": False}},
-                    {"$set": order_document(i, random.choice(customers), 1)},
-                    upsert=True,
-                )
-                for i in new_ids
-            ]
-            await orders.bulk_write(creates, ordered=False)
-            ops_done += len(creates)
-            updates = [
-                UpdateOne({"_id": i, "version": 1}, {"$set": order_document(i, random.choice(customers), 2)},
-                          upsert=True)
-                for i in new_ids
-            ]  # fmt: skip
-            await orders.bulk_write(updates, ordered=False)
-            ops_done += len(updates)
-            ids += new_ids
-        upsert_elapsed = time.monotonic() - started
+        with cpu.window(servers or {}) as upserts_cpu:
+            started = time.monotonic()
+            deadline = started + duration
+            while time.monotonic() < deadline:
+                new_ids = [str(uuid.uuid4()) for _ in range(batch)]
+                creates = [
+                    UpdateOne(
+                        {"_id": i, "version": {"$exists": False}},
+                        {"$set": order_document(i, random.choice(customers), 1)},
+                        upsert=True,
+                    )
+                    for i in new_ids
+                ]
+                await orders.bulk_write(creates, ordered=False)
+                ops_done += len(creates)
+                updates = [
+                    UpdateOne({"_id": i, "version": 1}, {"$set": order_document(i, random.choice(customers), 2)},
+                              upsert=True)
+                    for i in new_ids
+                ]  # fmt: skip
+                await orders.bulk_write(updates, ordered=False)
+                ops_done += len(updates)
+                ids += new_ids
+            upsert_elapsed = time.monotonic() - started
 
         # find_one by id with the query service's filter, from concurrent callers on one client.
         finds = [0] * find_callers
@@ -236,9 +252,10 @@ async def mongo_rates(url: str, duration: float, batch: int, find_callers: int) 
                 await orders.find_one({"_id": random.choice(ids), "deleted": {"$ne": True}})
                 finds[k] += 1
 
-        started = time.monotonic()
-        await asyncio.gather(*(finder(k) for k in range(find_callers)))
-        find_elapsed = time.monotonic() - started
+        with cpu.window(servers or {}) as finds_cpu:
+            started = time.monotonic()
+            await asyncio.gather(*(finder(k) for k in range(find_callers)))
+            find_elapsed = time.monotonic() - started
         await db.drop_collection("orders")
     finally:
         await client.close()
@@ -248,4 +265,6 @@ async def mongo_rates(url: str, duration: float, batch: int, find_callers: int) 
         "find_rate": sum(finds) / find_elapsed,
         "finds": sum(finds),
         "server_version": str(info.get("version", "?")),
+        "cpu_upsert": upserts_cpu.figures(ops_done, "upserts"),
+        "cpu_find": finds_cpu.figures(sum(finds), "finds"),
     }

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from cqrs.orders.v1 import customer_service_pb2 as custpb
 from cqrs.orders.v1 import customer_service_pb2_grpc as custgrpc
 from cqrs.orders.v1 import order_pb2
 
+from bench import cpu
 from core.subjects import DEFAULT_STREAM_NAME
 
 COMMAND_MIX = "create=1,add=3,change=1,place=1"
@@ -58,8 +60,10 @@ def run_load(
     concurrency: int | None = None,
     ttq_sample: float | None = None,
     log: Path | None = None,
+    cpu_pids: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
-    """Runs `cqrs load` once and returns its JSON report."""
+    """Runs `cqrs load` once and returns its JSON report; with `cpu_pids` (name -> PIDs of local processes) the
+    report's `cpu` section holds what each of them and the load generator used while the load ran."""
     with tempfile.TemporaryDirectory(prefix="cqrs-load-") as out:
         args = [
             *load_command(),
@@ -79,6 +83,8 @@ def run_load(
             args += ["--concurrency", str(concurrency)]
         if ttq_sample is not None:
             args += ["--ttq-sample", f"{ttq_sample:g}"]
+        if cpu_pids:
+            args += ["--cpu-pids", ",".join(f"{name}={pid}" for name, pids in cpu_pids.items() for pid in pids)]
         try:
             result = subprocess.run(args, capture_output=True, timeout=duration + 120, check=False)
         except subprocess.TimeoutExpired as exc:
@@ -122,6 +128,7 @@ class Step:
     dropped: int
     ok: bool
     why: str = ""
+    cpu: dict[str, Any] | None = None  # bench.cpu figure of the step, per command
 
 
 def judge_step(rate: float, report: dict[str, Any]) -> Step:
@@ -141,7 +148,8 @@ def judge_step(rate: float, report: dict[str, Any]) -> Step:
         reasons.append(f"achieved {achieved:.0f}/s < 95% of {rate:.0f}/s")
     if dropped > 0.01 * max(1, count):
         reasons.append(f"{dropped} dropped")
-    return Step(rate, achieved, p99, errors, count, dropped, not reasons, "; ".join(reasons))
+    step_cpu = cpu.from_load_report(report, "commands", "commands")
+    return Step(rate, achieved, p99, errors, count, dropped, not reasons, "; ".join(reasons), step_cpu)
 
 
 @dataclass
@@ -160,11 +168,13 @@ def search_command_rate(
     max_steps: int,
     refine_steps: int,
     log: Path | None = None,
+    cpu_pids: Callable[[], Mapping[str, Sequence[int]]] | None = None,
 ) -> RateSearch:
     """x1.5 open-loop steps up to the first failure, then `refine_steps` bisections (geometric) in between.
 
     A failing step is run once more and counts as a failure only if it fails again: on a shared 2-core machine a
-    single stall of another process decides the p99 of a few hundred samples.
+    single stall of another process decides the p99 of a few hundred samples. `cpu_pids` gives the processes whose
+    CPU each step records.
     """
     search = RateSearch()
 
@@ -172,7 +182,8 @@ def search_command_rate(
         for _attempt in range(2):
             # Commands only: time-to-queryable probes are queries, measured in a run of their own.
             report = run_load(command_addr, query_addr, mode="open", rate=rate, duration=step_seconds,
-                              workers=workers, mix=COMMAND_MIX, ttq_sample=0.0, log=log)  # fmt: skip
+                              workers=workers, mix=COMMAND_MIX, ttq_sample=0.0, log=log,
+                              cpu_pids=cpu_pids() if cpu_pids else None)  # fmt: skip
             step = judge_step(rate, report)
             search.steps.append(step)
             if step.ok:
@@ -288,8 +299,9 @@ async def consumer_backlog(nats_url: str) -> tuple[int, int]:
         await nc.close()
 
 
-async def time_drain(nats_url: str, backlog: int, timeout: float) -> float:
-    """Seconds from the projector's first delivery until the consumer has nothing pending or un-acked."""
+async def time_drain(nats_url: str, backlog: int, timeout: float, on_start: Callable[[], None] | None = None) -> float:
+    """Seconds from the projector's first delivery until the consumer has nothing pending or un-acked; `on_start`
+    is called when the first delivery is seen (to start measuring CPU then, after the projector's start-up)."""
     nc = await nats.connect(nats_url, connect_timeout=5)
     try:
         js = nc.jetstream()
@@ -301,6 +313,8 @@ async def time_drain(nats_url: str, backlog: int, timeout: float) -> float:
             pending, ack_pending = int(info.num_pending or 0), int(info.num_ack_pending or 0)
             if started is None and (pending < backlog or ack_pending > 0):
                 started = now
+                if on_start is not None:
+                    on_start()
             if started is not None and pending == 0 and ack_pending == 0:
                 return max(now - started, 1e-3)
             if now > deadline:

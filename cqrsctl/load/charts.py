@@ -13,6 +13,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from cqrsctl.load import histograms as hist
 from cqrsctl.load.collect import TimelinePoint
+from cqrsctl.load.cpu import CpuUsage
 
 
 def draw_latency_chart(timeline: Sequence[TimelinePoint], path: Path) -> None:
@@ -91,4 +92,28 @@ def draw_lag_chart(ttq: hist.Histogram, timeouts: int, path: Path) -> None:
     cdf_ax.set_xlabel("ms from the command's reply (log)")
     cdf_ax.set_ylabel("% visible")
     cdf_ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=100)
+
+
+def draw_cpu_chart(usage: CpuUsage, path: Path) -> None:
+    """CPU of each recorded process (group) over the run, in cores (CPU seconds per second), one line each."""
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.subplots()
+    plotted = False
+    for name in usage.cpu_s:
+        points = [(p.t, p.cores.get(name)) for p in usage.timeline]
+        known = [(t, v) for t, v in points if v is not None]
+        if known:
+            xs, ys = zip(*known, strict=True)
+            ax.plot(xs, ys, marker=".", label=name)
+            plotted = True
+    if plotted:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines often overlap
+    else:
+        ax.text(0.5, 0.5, "no CPU samples", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylim(bottom=0)
+    ax.set_title("CPU by process (per sampling interval)")
+    ax.set_ylabel("cores (CPU s per s)")
+    ax.set_xlabel("seconds since start")
+    ax.grid(True, alpha=0.3)
     fig.savefig(path, dpi=100)

@@ -15,6 +15,8 @@ from cqrsctl.load.config import (
     LoadConfig,
     default_workers,
     format_mix,
+    parse_cpu_patterns,
+    parse_cpu_pids,
     parse_mix,
 )
 
@@ -75,7 +77,27 @@ def add_load_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--out",
         type=Path,
         default=Path("load-report"),
-        help="report directory: report.json, summary.md, latency.png, lag.png (default load-report/)",
+        help="report directory: report.json, summary.md, latency.png, lag.png, cpu.png (default load-report/)",
+    )
+    load.add_argument(
+        "--cpu-pids",
+        action="append",
+        default=[],
+        metavar="NAME=PID,...",
+        help=(
+            "record the CPU time of these local processes (each with its descendants) during the run, e.g. "
+            "command_service=4242,postgres=4100; the load generator's own is always recorded then (repeatable)"
+        ),
+    )
+    load.add_argument(
+        "--cpu-process",
+        action="append",
+        default=[],
+        metavar="NAME=REGEX",
+        help=(
+            "like --cpu-pids, for the processes whose command line (/proc/PID/cmdline, arguments joined by spaces) "
+            "REGEX matches when the run starts, e.g. 'projector=-m projector$' (repeatable)"
+        ),
     )
     load.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     load.add_argument("--quiet", action="store_true", help="no live progress on stderr")
@@ -100,6 +122,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         workers=args.workers,
         mix=parse_mix(args.mix),
         read_consistency=args.read_consistency,
+        cpu_pids=parse_cpu_pids(args.cpu_pids),
+        cpu_patterns=parse_cpu_patterns(args.cpu_process),
         customers=args.customers,
         ttq_sample=args.ttq_sample,
         deadline=args.deadline,
@@ -163,5 +187,11 @@ def run_load_command(args: argparse.Namespace) -> int:
         f"time-to-queryable p50 {ttq['p50']:.1f} ms, p99 {ttq['p99']:.1f} ms ({ttq['count']} measured, "
         f"{ttq['timeouts']} timed out)"
     )
+    if "cpu" in data:
+        costs = ", ".join(
+            f"{name} {'n/a' if e['per_1000']['requests'] is None else format(e['per_1000']['requests'], '.3g')}"
+            for name, e in data["cpu"]["processes"].items()
+        )
+        print(f"CPU seconds per 1,000 requests: {costs}")
     print(f"report: {config.out_dir}/report.json, {config.out_dir}/summary.md")
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -75,6 +76,60 @@ def parse_mix(text: str) -> dict[str, float]:
     return {name: w for name, w in weights.items() if w > 0}
 
 
+# A CPU group's name: it becomes a report column, so plain; `cqrs-load` is the load generator's own group.
+_CPU_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+RESERVED_CPU_NAME: Final = "cqrs-load"
+
+
+def _cpu_name(name: str, item: str) -> str:
+    name = name.strip()
+    if not _CPU_NAME.fullmatch(name):
+        raise ConfigError(f"CPU process name in {item!r} must be 1-40 letters, digits, '_', '.' or '-'")
+    if name == RESERVED_CPU_NAME:
+        raise ConfigError(f"{RESERVED_CPU_NAME!r} is the load generator's own CPU group: choose another name")
+    return name
+
+
+def parse_cpu_pids(texts: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Parses `--cpu-pids name=PID[,name=PID...]` (repeatable; a name given twice gets both PIDs)."""
+    groups: dict[str, tuple[int, ...]] = {}
+    for text in texts:
+        for raw in text.split(","):
+            item = raw.strip()
+            if not item:
+                continue
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--cpu-pids entry {item!r} is not of the form name=PID")
+            name = _cpu_name(name, item)
+            try:
+                pid = int(value)
+            except ValueError:
+                raise ConfigError(f"--cpu-pids: {value.strip()!r} in {item!r} is not a process id") from None
+            if pid <= 0:
+                raise ConfigError(f"--cpu-pids: {pid} in {item!r} is not a process id")
+            groups[name] = (*groups.get(name, ()), pid)
+    return groups
+
+
+def parse_cpu_patterns(texts: Sequence[str]) -> dict[str, str]:
+    """Parses repeated `--cpu-process name=REGEX` (one each: a regular expression may hold commas)."""
+    patterns: dict[str, str] = {}
+    for text in texts:
+        name, sep, pattern = text.partition("=")
+        if not sep or not pattern:
+            raise ConfigError(f"--cpu-process {text!r} is not of the form name=REGEX")
+        name = _cpu_name(name, text)
+        if name in patterns:
+            raise ConfigError(f"--cpu-process names {name!r} twice: one pattern per name (use | inside it)")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"--cpu-process {name}: {pattern!r} is not a regular expression ({exc})") from None
+        patterns[name] = pattern
+    return patterns
+
+
 def format_mix(mix: Mapping[str, float]) -> str:
     return ",".join(f"{name}={weight:g}" for name, weight in mix.items())
 
@@ -117,6 +172,13 @@ class LoadConfig:
     max_ttq_probes: int = 256  # per worker; samples beyond it are skipped (and counted) rather than queued
     seed: int | None = None
     read_consistency: ReadConsistency = "eventual"
+    # Local processes whose CPU the run records (name -> PIDs, name -> command-line regex); see cqrsctl.load.cpu.
+    cpu_pids: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    cpu_patterns: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def measures_cpu(self) -> bool:
+        return bool(self.cpu_pids or self.cpu_patterns)
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad setting."""
@@ -157,6 +219,16 @@ class LoadConfig:
         for name, addr in (("command-addr", self.command_addr), ("query-addr", self.query_addr)):
             if not addr or any(c.isspace() for c in addr):
                 raise ConfigError(f"{name} must be host:port, got {addr!r}")
+        for name, pids in self.cpu_pids.items():
+            _cpu_name(name, name)
+            if not pids or any(pid <= 0 for pid in pids):
+                raise ConfigError(f"CPU group {name!r} needs process ids > 0, got {pids}")
+        for name, pattern in self.cpu_patterns.items():
+            _cpu_name(name, name)
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"CPU group {name!r}: {pattern!r} is not a regular expression ({exc})") from None
 
     @property
     def effective_duration(self) -> float:
@@ -193,4 +265,6 @@ class LoadConfig:
             "pool_size_per_worker": self.pool_size,
             "ttq_timeout_s": self.ttq_timeout,
             "ttq_probe": "GetOrder with the reply's consistency token (the query service waits for the read model)",
+            "cpu_pids": {name: "+".join(map(str, pids)) for name, pids in self.cpu_pids.items()} or None,
+            "cpu_process_patterns": dict(self.cpu_patterns) or None,
         }

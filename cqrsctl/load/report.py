@@ -12,10 +12,12 @@ from typing import Any, Final
 from cqrsctl.load import histograms as hist
 from cqrsctl.load.collect import TimelinePoint
 from cqrsctl.load.config import COMMAND_RPCS, QUERY_RPCS
+from cqrsctl.load.cpu import CpuUsage, summary_lines
 from cqrsctl.load.messages import RpcResult, WorkerResult
 
 LATENCY_KEYS: Final = ("p50", "p90", "p99", "p99_9", "max")
 CHART_FILES: Final = {"latency": "latency.png", "lag": "lag.png"}
+CPU_CHART_FILE: Final = "cpu.png"  # only when the run recorded CPU (`cpu` then appears in report.json and charts)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class LoadReport:
     fallbacks: int = 0
     timeline: list[TimelinePoint] = field(default_factory=list)
     charts: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(CHART_FILES))
+    cpu: CpuUsage | None = None
 
     @property
     def requests(self) -> int:
@@ -91,8 +94,14 @@ class LoadReport:
     def throughput_rps(self) -> float:
         return _rate(self.requests, self.duration_s)
 
+    def operations(self) -> dict[str, int]:
+        """What the services served during the run, for CPU per 1,000 operations: the time-to-queryable probes
+        are GetOrder calls the query service answers, so they count as queries."""
+        queries = self.queries.count + self.ttq_polls
+        return {"requests": self.commands.count + queries, "commands": self.commands.count, "queries": queries}
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "config": self.config,
             "duration_s": round(self.duration_s, 3),
             "totals": {
@@ -114,10 +123,16 @@ class LoadReport:
             | hist.summary_ms(self.ttq),
             "charts": dict(self.charts),
         }
+        if self.cpu is not None:
+            data["cpu"] = self.cpu.to_json(self.operations())
+        return data
 
 
 def build_report(
-    config: Mapping[str, Any], results: Sequence[WorkerResult], timeline: Sequence[TimelinePoint] = ()
+    config: Mapping[str, Any],
+    results: Sequence[WorkerResult],
+    timeline: Sequence[TimelinePoint] = (),
+    cpu: CpuUsage | None = None,
 ) -> LoadReport:
     """Merges the workers' results; the run's duration is the longest worker's (they start together)."""
     names = sorted({name for r in results for name in r.rpcs})
@@ -135,6 +150,7 @@ def build_report(
         ttq_polls=sum(r.ttq_polls for r in results),
         fallbacks=sum(r.fallbacks for r in results),
         timeline=list(timeline),
+        cpu=cpu,
     )
 
 
@@ -200,6 +216,8 @@ def render_summary(report: LoadReport) -> str:
         ["measured", "timeouts", "skipped (probe limit)", "p50", "p90", "p99", "p99.9", "max"],
         [(ttq["count"], ttq["timeouts"], report.ttq_skipped, *(f"{ttq[k]:.2f}" for k in LATENCY_KEYS))],
     )
+    if "cpu" in data:
+        out += ["", "## CPU by process", "", *summary_lines(data["cpu"])]
     charts = [f"![{name}]({path})" for name, path in report.charts.items() if path]
     if charts:
         out += ["", "## Charts", "", *charts]
@@ -233,15 +251,21 @@ def _not_yet_visible_note(count: int, read_consistency: object) -> str:
 
 
 def write_report(report: LoadReport, out_dir: Path, *, charts: bool = True) -> None:
-    """Writes report.json, summary.md and (unless `charts` is False) latency.png and lag.png into `out_dir`."""
+    """Writes report.json, summary.md and (unless `charts` is False) latency.png, lag.png and, when the run
+    recorded CPU, cpu.png into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = dict(CHART_FILES)
+    if report.cpu is not None:
+        files["cpu"] = CPU_CHART_FILE
     if charts:
-        from cqrsctl.load.charts import draw_lag_chart, draw_latency_chart
+        from cqrsctl.load.charts import draw_cpu_chart, draw_lag_chart, draw_latency_chart
 
         draw_latency_chart(report.timeline, out_dir / CHART_FILES["latency"])
         draw_lag_chart(report.ttq, report.ttq_timeouts, out_dir / CHART_FILES["lag"])
-        report.charts = dict(CHART_FILES)
+        if report.cpu is not None:
+            draw_cpu_chart(report.cpu, out_dir / CPU_CHART_FILE)
+        report.charts = dict(files)
     else:
-        report.charts = dict.fromkeys(CHART_FILES)
+        report.charts = dict.fromkeys(files)
     (out_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
     (out_dir / "summary.md").write_text(render_summary(report))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import multiprocessing
+import os
 import queue
 import random
 import signal
@@ -22,8 +23,10 @@ from cqrs.orders.v1 import customer_service_pb2_grpc as csgrpc
 from cqrs.orders.v1 import query_service_pb2 as qpb
 from cqrs.orders.v1 import query_service_pb2_grpc as qgrpc
 
+from cqrsctl.load import procstat
 from cqrsctl.load.collect import Collector
 from cqrsctl.load.config import LoadConfig
+from cqrsctl.load.cpu import SELF, CpuRecorder
 from cqrsctl.load.messages import Failed, WorkerMessage, WorkerSpec
 from cqrsctl.load.report import LoadReport, build_report, write_report
 from cqrsctl.load.schedule import split_evenly
@@ -50,12 +53,16 @@ async def run_load(config: LoadConfig, *, progress: TextIO | None = None) -> Loa
     to `progress` (default stderr) once per second unless `config.quiet`.
     """
     config.validate()
+    cpu_groups = cpu_groups_of(config)
     customers = await prepare(config)
     specs = make_specs(config, customers)
     collector = Collector(len(specs))
     out = progress if progress is not None else sys.stderr
     started = asyncio.Event()
     printer = None if config.quiet else asyncio.create_task(_print_progress(collector, started, out))
+    recorder = CpuRecorder(cpu_groups) if cpu_groups else None
+    if recorder is not None:
+        recorder.start(started)
     try:
         if config.processes:
             await _run_processes(specs, collector, started)
@@ -66,13 +73,30 @@ async def run_load(config: LoadConfig, *, progress: TextIO | None = None) -> Loa
             printer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await printer
+        # After the workers were joined: their CPU is then in our cutime (see procstat).
+        cpu = await recorder.finish() if recorder is not None else None
     if collector.failures:
         details = "; ".join(f"worker {w}: {e}" for w, e in sorted(collector.failures.items()))
         raise LoadRunError(f"load workers failed: {details}")
-    report = build_report(config.describe(), list(collector.results.values()), collector.timeline)
+    report = build_report(config.describe(), list(collector.results.values()), collector.timeline, cpu)
     if config.out_dir is not None:
         write_report(report, config.out_dir, charts=config.charts)
     return report
+
+
+def cpu_groups_of(config: LoadConfig) -> dict[str, tuple[int, ...]]:
+    """The process groups whose CPU the run records (none unless asked), resolved once, before the run: the named
+    PIDs and pattern matches, and then always this process with its descendants, the worker processes
+    (`cqrs-load`; run in-process, `processes=False`, that is whatever else this process runs too)."""
+    if not config.measures_cpu:
+        return {}
+    if not procstat.PROC.is_dir():
+        raise LoadSetupError("--cpu-pids/--cpu-process read /proc, which this system does not have")
+    try:
+        groups = procstat.resolve(config.cpu_pids, config.cpu_patterns, own_pid=os.getpid())
+    except procstat.ProcessNotFound as exc:
+        raise LoadSetupError(f"cannot record CPU: {exc}") from None
+    return {**groups, SELF: (os.getpid(),)}
 
 
 async def prepare(config: LoadConfig) -> tuple[str, ...]:

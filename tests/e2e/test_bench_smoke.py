@@ -30,7 +30,22 @@ ROWS = [
     "eventsourcing",
     "our EventStore.append (1 event",
     "our EventStore.append vs raw single-row commits",
+    # CPU cost per 1,000 operations: the same-run baselines, then each process beside its baseline.
+    "gRPC echo server CPU per 1,000 RPCs",
+    "raw bulk-upsert client CPU per 1,000 upserts",
+    "raw commit loop client CPU per 1,000 commits",
+    "PostgreSQL CPU per 1,000 raw commits",
+    "command_service CPU per 1,000 commands",
+    "projector CPU per 1,000 events",
+    "query_service CPU per 1,000 queries",
+    "PostgreSQL CPU per 1,000 commands",
+    "nats-server CPU per 1,000 commands",
+    "MongoDB-wire server CPU per 1,000 commands",
+    "load generator CPU per 1,000 commands",
 ]
+# Rows of the per-process CPU table (CPU seconds per 1,000 operations of each process, per measurement).
+CPU_TABLE_ROWS = ["gRPC echo (per RPC)", "system: sustained commands", "system: projector catch-up",
+                  "system: queries, closed loop"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -52,5 +67,8 @@ def test_quick_bench_runs_and_prints_every_row(tmp_path: Path) -> None:
         matching = [line for line in table_lines if phrase in line]
         assert matching, f"no table row for {phrase!r}\n{report}"
         assert all("not measured" not in line for line in matching), f"{phrase!r} was not measured\n{report}"
+    for phrase in CPU_TABLE_ROWS:
+        row = next((line for line in table_lines if line.startswith(f"| {phrase}")), None)
+        assert row is not None and "not measured" not in row, f"CPU table row {phrase!r}: {row}\n{report}"
     assert (out / "results.md").read_text() in result.stdout
     assert (out / "results.json").is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -43,16 +44,18 @@ async def _run_load_cli(stack: Stack, out: Path, *flags: str) -> dict[str, Any]:
         f"cqrs load exited {proc.returncode}\nstdout:\n{stdout.decode()}\nstderr:\n{stderr.decode()}"
     )
     print(stdout.decode(), stderr.decode(), sep="\n")
-    for name in ("report.json", "summary.md", "latency.png", "lag.png"):
+    charts = ["latency.png", "lag.png", *(["cpu.png"] if any(f.startswith("--cpu") for f in flags) else [])]
+    for name in ("report.json", "summary.md", *charts):
         assert (out / name).is_file(), f"{name} was not written"
         assert (out / name).stat().st_size > 0, f"{name} is empty"
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
     return report
 
 
-def _check_report(report: dict[str, Any]) -> None:
+def _check_report(report: dict[str, Any], *, cpu: bool = False) -> None:
     assert set(report) == {
-        "config", "duration_s", "totals", "rpcs", "commands", "queries", "time_to_queryable_ms", "charts"
+        "config", "duration_s", "totals", "rpcs", "commands", "queries", "time_to_queryable_ms", "charts",
+        *(["cpu"] if cpu else []),
     }  # fmt: skip
     totals = report["totals"]
     assert totals["requests"] > 0
@@ -66,7 +69,7 @@ def _check_report(report: dict[str, Any]) -> None:
     assert ttq["count"] > 0, ttq
     # Each probe is one GetOrder with the command's token (the server waits), not a polling loop.
     assert ttq["count"] <= ttq["probe_calls"] <= ttq["count"] + ttq["timeouts"] + 2, ttq
-    assert report["charts"] == {"latency": "latency.png", "lag": "lag.png"}
+    assert report["charts"] == {"latency": "latency.png", "lag": "lag.png", **({"cpu": "cpu.png"} if cpu else {})}
 
 
 def _errors(report: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -74,11 +77,19 @@ def _errors(report: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 
 async def test_closed_loop_run_writes_a_complete_report(stack: Stack, tmp_path: Path) -> None:
+    # The services run in this test process: its CPU is theirs (with the servers it started, as descendants).
     report = await _run_load_cli(
         stack, tmp_path, "--mode", "closed", "--concurrency", "4", "--duration", "3", "--workers", "2",
-        "--ttq-sample", "0.3", "--customers", "4",
+        "--ttq-sample", "0.3", "--customers", "4", "--cpu-pids", f"stack={os.getpid()}",
     )  # fmt: skip
-    _check_report(report)
+    _check_report(report, cpu=True)
+    cpu = report["cpu"]
+    assert set(cpu["processes"]) == {"stack", "cqrs-load"}
+    assert cpu["processes"]["stack"]["pids"] == [os.getpid()]
+    for name, entry in cpu["processes"].items():
+        assert entry["cpu_s"] > 0 and entry["per_1000"]["requests"] > 0, (name, entry)
+    assert cpu["operations"]["commands"] == report["commands"]["count"]
+    assert cpu["timeline"], cpu
     assert report["config"]["mode"] == "closed" and report["config"]["workers"] == 2
     assert report["config"]["read_consistency"] == "eventual"
     assert report["totals"]["dropped"] == 0
@@ -88,6 +99,7 @@ async def test_closed_loop_run_writes_a_complete_report(stack: Stack, tmp_path: 
     summary = (tmp_path / "summary.md").read_text()
     assert "## Latency by RPC (ms)" in summary and "## Time to queryable (ms)" in summary
     assert "| errors | not yet visible |" in summary
+    assert "## CPU by process" in summary and "| cqrs-load |" in summary
 
 
 async def test_token_reads_wait_for_their_write(stack: Stack, tmp_path: Path) -> None:
