@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import cpu, echo, peer, raw, system
+from bench import cpu, echo, peer, raw, stages, system
 from bench.report import Row, limit_row, ratio_row, render_markdown
 from bench.stack import BenchStack
 from localservers import ServiceProcess, free_port
@@ -215,14 +215,21 @@ class Bench:
     def _ttq(self, addr: tuple[str, str], rate: float) -> dict[str, Any]:
         # At a low rate (a slow machine, a quick run) probe more of the commands, so that there are samples at all.
         sample = min(1.0, max(TTQ_SAMPLE, TTQ_MIN_SAMPLES / max(1.0, rate * self.seconds)))
+        before = self._stage_scrapes()
         report = system.run_load(*addr, mode="open", rate=rate, duration=self.seconds, workers=self.workers,
                                  mix=system.COMMAND_MIX, ttq_sample=sample, log=self.load_log,
                                  cpu_pids=cpu.stack_groups(self.stack))  # fmt: skip
+        after = self._stage_scrapes()
         ttq = report.get("time_to_queryable_ms") or {}
         if not ttq.get("count"):
             raise RuntimeError(f"the load report has no time-to-queryable samples: {ttq}")
         return {"rate": rate, "ttq": ttq, "commands": report.get("commands", {}),
+                "stages": [vars(s) for s in stages.breakdown(before, after)],
                 "cpu": cpu.from_load_report(report, "commands", "commands")}  # fmt: skip
+
+    def _stage_scrapes(self) -> dict[str, stages.Scrape]:
+        """The stage histograms of the relay (command_service) and the projector, as they are now."""
+        return {name: stages.scrape(self.stack.metrics_url(name)) for name in ("command_service", "projector")}
 
     def _queries(self, addr: tuple[str, str]) -> dict[str, Any]:
         report = system.run_load(*addr, mode="closed", concurrency=CONCURRENCY, duration=self.seconds,
@@ -347,6 +354,10 @@ class Bench:
             p99_row.verdict = "not met"
             p99_row.note = f"{ttq['timeouts']} probes timed out"
         rows.append(p99_row)
+        for stage in (f.get("ttq") or {}).get("stages") or []:
+            what = f"{stage['process']} {stage['stage'] or 'commit to applied (projection lag)'}"
+            rows.append(limit_row("ttq stage", f"{what}: mean (p99 bucket {stage['p99_ms']:g} ms)", stage["mean_ms"],
+                                  "ms", None, note=f"{stage['count']} observations"))  # fmt: skip
         es = get("eventsourcing", "rate")
         ours = get("our_appends", "rate")
         rows.append(Row("peer", f"eventsourcing {f.get('eventsourcing', {}).get('version', '')} save of a "

@@ -35,6 +35,13 @@ class StackError(RuntimeError):
     """A server or service failed to start or died."""
 
 
+METRICS_PORT_VARIABLES = {
+    "command_service": "CQRS_COMMAND_METRICS_PORT",
+    "projector": "CQRS_PROJECTOR_METRICS_PORT",
+    "query_service": "CQRS_QUERY_METRICS_PORT",
+}
+
+
 @dataclass
 class BenchStack:
     """PostgreSQL, NATS JetStream, the MongoDB-wire server and (later) the three services."""
@@ -45,6 +52,11 @@ class BenchStack:
     mongo: MongoServer = field(init=False)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
     mongo_database: str = "cqrs"
+    # The /metrics port of each running service (chosen anew at every start).
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    def metrics_url(self, name: str) -> str:
+        return f"http://{LOOPBACK}:{self.metrics_ports[name]}/metrics"
 
     def __post_init__(self) -> None:
         self.postgres = PostgresServer(self.workdir / "postgres", free_port())
@@ -104,7 +116,11 @@ class BenchStack:
         service = self.services[name]
         if service.running:
             raise StackError(f"{name} is already running")
-        service.start(self.service_env())
+        env = self.service_env()
+        variable = METRICS_PORT_VARIABLES.get(name)
+        if variable is not None:
+            self.metrics_ports[name] = int(env[variable])
+        service.start(env)
         try:
             service.wait_ready()
         except ServerStartError as exc:

@@ -34,6 +34,7 @@ from core.backoff import full_jitter
 from core.dependency_metrics import dependency_metrics
 from core.failpoints import failpoint
 from core.jetstream import ensure_stream, event_stream_config
+from core.stage_metrics import StageMetrics
 from core.subjects import event_subject
 from core.supervisor import first_to_finish
 from core.tracing import context_from_traceparent, inject_headers, tracer
@@ -71,6 +72,9 @@ class OutboxRelay:
     ) -> None:
         self._dsn = dsn
         self._deps = dependency_metrics(registry)
+        self.stages = StageMetrics(
+            "cqrs_relay_stage_seconds", "Seconds an event or a batch spends in each stage of the relay", registry
+        )
         self._nats_url = nats_url
         self._settings = settings
         self._nc: NATS | None = None
@@ -208,15 +212,22 @@ class OutboxRelay:
                 self._last_progress = time.monotonic()
                 await self._wait_for_work()
                 continue
+            read_at = time.time()
+            for row in rows:
+                self.stages.observe("commit_to_read", read_at - row["recorded_at"].timestamp())
             failpoint("relay.after_commit_before_publish")
+            started = time.monotonic()
             async with self._deps.timed("nats", "publish_batch"):  # until the last ack (or the publish timeout)
                 acked = await self._publish(rows)
+            self.stages.observe("publish", time.monotonic() - started)
             if len(acked) < len(rows):  # _publish does not raise: a batch not fully acked is the failure
                 self._deps.error("nats", "publish_batch")
             if acked:
                 failpoint("relay.after_ack_before_delete")
+                started = time.monotonic()
                 async with self._deps.timed("postgres", "outbox_delete"):
                     await conn.execute("DELETE FROM outbox WHERE position = ANY($1::bigint[])", acked, timeout=10.0)
+                self.stages.observe("delete", time.monotonic() - started)
                 self.published_total += len(acked)
             if len(acked) < len(rows):
                 nats_failures += 1

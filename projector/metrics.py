@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from core.metrics import MetricsServer, start_metrics_server
+from core.stage_metrics import StageMetrics
+from projector.planning import delivered
 
 if TYPE_CHECKING:
     from projector.pipeline import BatchOutcome
@@ -33,6 +35,11 @@ class ProjectorMetrics:
             "Seconds from an event's commit in PostgreSQL (recorded_at) to its being applied in MongoDB.",
             buckets=LAG_BUCKETS,
             registry=self.registry,
+        )
+        self.stages = StageMetrics(
+            "cqrs_projector_stage_seconds",
+            "Seconds an event or a batch spends in each stage on its way to the read model (core.stage_metrics)",
+            self.registry,
         )
         self.applied = Counter(
             "cqrs_projector_events_applied", "Events applied to the read model.", registry=self.registry
@@ -99,6 +106,17 @@ class ProjectorMetrics:
         self.duplicates.inc(outcome.duplicates)
         self.dead_letters.inc(len(outcome.parks) + len(outcome.dead_letters))
         self.held_events.inc(outcome.held)
+
+    def record_stages(self, outcome: BatchOutcome, fetched_at: float) -> None:
+        """Per applied event: commit to stored in JetStream (the relay's share), stored to fetched (`fetched_at`,
+        a `time.time()`); first deliveries only (a redelivery's wait is the backoff, not the path)."""
+        for delivery in outcome.applied:
+            msg = delivery.msg
+            if msg is None or delivered(msg) > 1:
+                continue
+            stored = msg.metadata.timestamp.timestamp()
+            self.stages.observe("relay_to_stream", stored - delivery.recorded.recorded_at.timestamp())
+            self.stages.observe("stream_to_fetch", fetched_at - stored)
 
     @property
     def port(self) -> int | None:

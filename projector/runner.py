@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -413,12 +414,15 @@ class Projector:
         until the message is settled. A MongoDB failure naks the batch with backoff; an unexpected error (a bug)
         naks it with the longest backoff and is raised, for the supervisor to log and restart the loop.
         """
+        fetched_at = time.time()
         self.metrics.redeliveries.inc(sum(1 for msg in msgs if delivered(msg) > 1))
         spans = {id(msg): apply_span(msg) for msg in msgs}
         cap = self._settings.projector_max_backoff_seconds
         try:
             decoded = decode_messages(msgs, self._projections, self._settings.subject_prefix, self._decoder)
+            started = time.monotonic()
             outcome = await self.pipeline.apply(decoded, spans=spans)
+            self.metrics.stages.observe("apply", time.monotonic() - started)
             failpoint("projector.after_write_before_ack")
         except PyMongoError as exc:
             self._mongo_unavailable(exc)
@@ -430,7 +434,10 @@ class Projector:
         finally:
             for span in spans.values():
                 span.end()
+        started = time.monotonic()
         await self.consumer.settle(outcome)
+        self.metrics.stages.observe("settle", time.monotonic() - started)
+        self.metrics.record_stages(outcome, fetched_at)
         self.stats.record_outcome(outcome)
         self.metrics.record_outcome(outcome)
         for park in outcome.parks.values():
