@@ -22,7 +22,19 @@ $(STAMP): pyproject.toml package.json
 TOOLS_VENV ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed.stamp
 
+# promtool and prometheus (tests/deploy/test_monitoring.py, tests/e2e/test_alerts.py) come from Debian's
+# `prometheus` package: installed here when missing and we are root (as on CI); otherwise it says what to run.
+# apt would start it as a system service where systemd runs: the tests start their own, so that one is disabled.
 tools: $(TOOLS_STAMP)
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+	  && { systemctl disable --now prometheus >/dev/null 2>&1 || true; }; \
+	else \
+	  echo "promtool/prometheus not found: run 'sudo apt-get install --no-install-recommends prometheus'" \
+	    "(Debian/Ubuntu), or put Prometheus 2.x's promtool and prometheus on PATH, then 'make tools' again" >&2; \
+	  exit 1; \
+	fi
 
 $(TOOLS_STAMP): deploy/tools-requirements.txt
 	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)

@@ -1,0 +1,395 @@
+"""Writes the two generated monitoring files; `--check` only says whether they are up to date (exit 1 if not).
+
+* deploy/k8s/base/prometheusrule.yaml: alerts.rules.yml wrapped in a PrometheusRule (monitoring.coreos.com/v1), for
+  clusters run by the Prometheus Operator. Its `spec` is the plain file's text indented, comments and all, so the
+  two cannot drift apart (tests/deploy/test_monitoring.py also compares the parsed groups).
+* deploy/monitoring/grafana-dashboard.json: the Grafana dashboard, from the panel table below (Grafana's JSON model
+  is verbose; a table keeps the queries reviewable). Import it in Grafana and pick the Prometheus data source.
+
+    .venv/bin/python deploy/monitoring/generate.py [--check]
+
+Standard library only: the project's venv has no YAML library, and none is needed to indent text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MONITORING = Path(__file__).resolve().parent
+RULES = MONITORING / "alerts.rules.yml"
+DASHBOARD = MONITORING / "grafana-dashboard.json"
+PROMETHEUS_RULE = MONITORING.parent / "k8s" / "base" / "prometheusrule.yaml"
+
+PROMETHEUS_RULE_HEADER = """\
+# GENERATED from deploy/monitoring/alerts.rules.yml by deploy/monitoring/generate.py: edit that file, then run
+# `.venv/bin/python deploy/monitoring/generate.py`. The alerting rules for clusters run by the Prometheus Operator;
+# its Prometheus picks this up when its ruleSelector matches these labels (add the label your Prometheus selects,
+# e.g. `release: <name>` of kube-prometheus-stack, with a patch in the overlay).
+apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata:
+  name: cqrs-orders
+  labels:
+    app.kubernetes.io/name: cqrs-orders
+    app.kubernetes.io/component: alerts
+spec:
+"""
+
+
+def prometheus_rule(rules_text: str) -> str:
+    """The PrometheusRule manifest: the rules file below its leading comment block, indented under `spec:`."""
+    lines = rules_text.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith("groups:"))
+    body = "".join(f"  {line}" if line.strip() else line for line in lines[start:])
+    return PROMETHEUS_RULE_HEADER + body
+
+
+# --- the dashboard ------------------------------------------------------------------------------------------------
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+RATE = "$__rate_interval"  # Grafana's window for rate(): at least four scrape intervals
+
+
+@dataclass(frozen=True)
+class Target:
+    expr: str
+    legend: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    description: str
+    targets: list[Target]
+    unit: str = "short"
+    width: int = 12
+    kind: str = "timeseries"
+
+
+@dataclass(frozen=True)
+class Row:
+    title: str
+    panels: list[Panel] = field(default_factory=list)
+
+
+def _quantiles(metric: str, by: str, selector: str = "") -> list[Target]:
+    sel = f"{{{selector}}}" if selector else ""
+    return [
+        Target(f"histogram_quantile({q}, sum by (le{by}) (rate({metric}_bucket{sel}[{RATE}])))", f"p{int(q * 100)}")
+        for q in (0.5, 0.9, 0.99)
+    ]
+
+
+def _rpc_row(title: str, job: str, what: str) -> list[Panel]:
+    # Server streams (WatchOrder, health Watch) last as long as the client keeps them open: not a latency.
+    unary = f'job="{job}", method!~".*/Watch(Order)?"'
+    return [
+        Panel(
+            f"{title} per second by method and status code",
+            f"Finished {what} RPCs (cqrs_grpc_server_handled_total); a code other than OK is an error the client saw.",
+            [
+                Target(
+                    f'sum by (method, code) (rate(cqrs_grpc_server_handled_total{{job="{job}"}}[{RATE}]))',
+                    "{{method}} {{code}}",
+                )
+            ],
+            unit="reqps",
+        ),
+        Panel(
+            f"{title} latency p99 by method",
+            f"Handler time of {what} RPCs, 99th percentile (cqrs_grpc_server_handling_seconds), streams excluded.",
+            [
+                Target(
+                    "histogram_quantile(0.99, sum by (le, method) "
+                    f"(rate(cqrs_grpc_server_handling_seconds_bucket{{{unary}}}[{RATE}])))",
+                    "{{method}}",
+                )
+            ],
+            unit="s",
+        ),
+    ]
+
+
+ROWS = [
+    Row(
+        "Time to queryable (commit in PostgreSQL -> applied in MongoDB)",
+        [
+            Panel(
+                "Time to queryable",
+                "Per event, from its commit to its being applied to the read model (cqrs_projection_lag_seconds); "
+                "the relay and JetStream are inside it. SLO: 99 % within 0.5 s.",
+                _quantiles("cqrs_projection_lag_seconds", "", 'job="projector"'),
+                unit="s",
+            ),
+            Panel(
+                "Events slower than the SLO (0.5 s)",
+                "Share of events that took longer than 0.5 s (recording rules of alerts.rules.yml); the budget is 1 %. "
+                "The burn-rate alerts fire at 14.4x (1 h) and 6x (6 h) the budget.",
+                [
+                    Target("cqrs:time_to_queryable_slow_ratio:rate5m", "last 5 min"),
+                    Target("cqrs:time_to_queryable_slow_ratio:rate1h", "last hour"),
+                    Target("vector(0.01)", "budget"),
+                ],
+                unit="percentunit",
+            ),
+        ],
+    ),
+    Row("Commands (command_service)", _rpc_row("Commands", "command-service", "command")),
+    Row("Queries (query_service)", _rpc_row("Queries", "query-service", "query")),
+    Row(
+        "Projector",
+        [
+            Panel(
+                "Projector throughput",
+                "Events per second settled by all projector replicas: applied, recognised as already applied "
+                "(redeliveries, replays), held behind a parked stream, parked or dead-lettered; and redeliveries.",
+                [
+                    Target(f"sum(rate(cqrs_projector_events_applied_total[{RATE}]))", "applied"),
+                    Target(f"sum(rate(cqrs_projector_events_duplicate_total[{RATE}]))", "duplicates"),
+                    Target(f"sum(rate(cqrs_projector_events_held_total[{RATE}]))", "held behind a park"),
+                    Target(f"sum(rate(cqrs_projector_dead_letters_total[{RATE}]))", "parked / dead letters"),
+                    Target(f"sum(rate(cqrs_projector_redeliveries_total[{RATE}]))", "redeliveries"),
+                ],
+                unit="ops",
+                width=8,
+            ),
+            Panel(
+                "Consumer backlog",
+                "The durable JetStream consumer: events not yet delivered (pending) and delivered but not yet "
+                "acknowledged (ack pending). Every replica reports the same consumer, hence max.",
+                [
+                    Target("max(cqrs_projector_consumer_pending)", "pending"),
+                    Target("max(cqrs_projector_consumer_ack_pending)", "ack pending"),
+                ],
+                width=8,
+            ),
+            Panel(
+                "Projector replicas",
+                "Replicas Prometheus scrapes, and those whose background loops all run (SERVING).",
+                [
+                    Target('sum(up{job="projector"})', "scraped"),
+                    Target("sum(cqrs_projector_serving)", "serving"),
+                ],
+                width=8,
+            ),
+        ],
+    ),
+    Row(
+        "Outbox and relay (command_service -> JetStream)",
+        [
+            Panel(
+                "Outbox backlog",
+                "Events committed but not yet acknowledged by JetStream (cqrs_outbox_backlog).",
+                [Target("max(cqrs_outbox_backlog)", "events")],
+                width=8,
+            ),
+            Panel(
+                "Oldest unpublished event",
+                "Age of the oldest outbox row; alerts at 60 s (warning) and 300 s (critical).",
+                [Target("max(cqrs_outbox_oldest_age_seconds)", "age")],
+                unit="s",
+                width=8,
+            ),
+            Panel(
+                "Replicas relaying",
+                "command_service replicas that read the outbox (only the holder of the relay lease does): "
+                "1 is right, 0 means no relay (CqrsNoActiveRelay).",
+                [
+                    Target(
+                        'count(rate(cqrs_dependency_call_seconds_count{job="command-service", '
+                        f'dependency="postgres", operation="outbox_fetch"}}[{RATE}]) > 0) or vector(0)',
+                        "relaying",
+                    )
+                ],
+                width=8,
+            ),
+        ],
+    ),
+    Row(
+        "Parked streams and dependencies",
+        [
+            Panel(
+                "Parked streams by kind",
+                "Streams waiting behind an event that cannot be applied yet; `cqrs dead-letters list` shows them.",
+                [Target("max by (kind) (cqrs_projector_parked_streams)", "{{kind}}")],
+            ),
+            Panel(
+                "Dependencies up",
+                "1 while the process's probe of its store answers: PostgreSQL from each command_service, MongoDB "
+                "from each projector (lowest replica shown).",
+                [
+                    Target("min(cqrs_postgres_up)", "PostgreSQL (command_service)"),
+                    Target("min(cqrs_projector_mongo_up)", "MongoDB (projector)"),
+                ],
+            ),
+            Panel(
+                "Dependency errors per second",
+                "Failed calls to PostgreSQL, NATS and MongoDB by process, dependency and operation.",
+                [
+                    Target(
+                        f"sum by (job, dependency, operation) (rate(cqrs_dependency_call_errors_total[{RATE}]))",
+                        "{{job}} {{dependency}} {{operation}}",
+                    )
+                ],
+                unit="ops",
+            ),
+            Panel(
+                "Dependency call latency p99",
+                "Calls to PostgreSQL, NATS and MongoDB by process and dependency, 99th percentile.",
+                [
+                    Target(
+                        "histogram_quantile(0.99, sum by (le, job, dependency) "
+                        f"(rate(cqrs_dependency_call_seconds_bucket[{RATE}])))",
+                        "{{job}} {{dependency}}",
+                    )
+                ],
+                unit="s",
+            ),
+        ],
+    ),
+    Row(
+        "Read-model rebuild (cqrs-rebuild Job)",
+        [
+            Panel(
+                "Rebuild progress",
+                "Events left to apply to the generation being built, and the rate it applies them. Empty when no "
+                "rebuild runs.",
+                [
+                    Target("max(cqrs_rebuild_events_remaining)", "events left"),
+                    Target(f"sum(rate(cqrs_rebuild_events_applied_total[{RATE}]))", "applied per second"),
+                ],
+                width=8,
+            ),
+            Panel(
+                "Rebuild state",
+                "building -> caught_up -> compared -> switching -> active.",
+                [Target("max by (state) (cqrs_rebuild_state) == 1", "{{state}}")],
+                width=8,
+            ),
+            Panel(
+                "Rebuild generation",
+                "The generation the running rebuild builds or switched to.",
+                [Target("max(cqrs_rebuild_generation)", "generation")],
+                width=8,
+                kind="stat",
+            ),
+        ],
+    ),
+]
+
+
+def _panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
+    options: dict[str, Any]
+    if panel.kind == "stat":
+        options = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "colorMode": "none"}
+    else:
+        options = {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
+    return {
+        "id": panel_id,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": panel.description,
+        "datasource": DATASOURCE,
+        "gridPos": {"h": 8, "w": panel.width, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
+        "options": options,
+        "targets": [
+            {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": t.expr, "legendFormat": t.legend}
+            for i, t in enumerate(panel.targets)
+        ],
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    """Grafana's JSON model: a row panel per Row, its panels laid out left to right, 24 columns wide."""
+    panels: list[dict[str, Any]] = []
+    y = 0
+    for row in ROWS:
+        panels.append(
+            {
+                "id": len(panels) + 1,
+                "type": "row",
+                "title": row.title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
+        y += 1
+        x = 0
+        for panel in row.panels:
+            if x + panel.width > 24:
+                x, y = 0, y + 8
+            panels.append(_panel_json(panel, len(panels) + 1, x, y))
+            x += panel.width
+        y += 8
+    return {
+        "uid": "cqrs-orders",
+        "title": "cqrs-orders",
+        "description": "Time to queryable, commands and queries, projector, outbox, parked streams, dependencies "
+        "and rebuilds (deploy/monitoring/generate.py; alerts in alerts.rules.yml).",
+        "tags": ["cqrs-orders"],
+        "timezone": "browser",
+        "editable": True,
+        "graphTooltip": 1,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-3h", "to": "now"},
+        "annotations": {"list": []},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Prometheus",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "current": {},
+                    "hide": 0,
+                    "refresh": 1,
+                    "regex": "",
+                    "options": [],
+                }
+            ]
+        },
+        "panels": panels,
+    }
+
+
+def expected_files() -> dict[Path, str]:
+    """Each generated file and the text it must have."""
+    return {
+        PROMETHEUS_RULE: prometheus_rule(RULES.read_text(encoding="utf-8")),
+        DASHBOARD: json.dumps(dashboard(), indent=2, ensure_ascii=False) + "\n",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check that the files are up to date")
+    args = parser.parse_args()
+    stale = []
+    for path, text in expected_files().items():
+        current = path.read_text(encoding="utf-8") if path.exists() else None
+        if current == text:
+            continue
+        stale.append(path)
+        if not args.check:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+    if args.check and stale:
+        print("out of date (run .venv/bin/python deploy/monitoring/generate.py): " + ", ".join(map(str, stale)))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
