@@ -1,38 +1,42 @@
 """The writer of the sales report (`projector.registry.SALES_REPORT`, shapes and rules in `core.projections.sales`).
 
-After a batch places or cancels orders, the report documents of the days and currencies those orders count in are
-recomputed from the `orders` documents (one aggregation per chunk of keys) and replaced whole, never incremented:
-a redelivered batch, a replay or a rebuild in other batch boundaries writes the same documents. A replacement is
-guarded by `report_version` (the number of facts a document summarises, which only grows): a recomputation from
-an older snapshot, by a replica that lost a race, never replaces a fuller report.
+After a batch places or cancels orders (the view's keys are the orders): each of their facts is counted once in
+its day's shard document (an update guarded by the fact's tag: a redelivery, a replay or another replica counts
+nothing twice), then the report documents of the days those facts fall on are rolled up from their shards and
+replaced, guarded by `report_version`. The cost of a batch depends on its own orders and on `SHARDS`, not on how
+many orders the day already has.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
-from pymongo import ASCENDING, IndexModel, ReplaceOne
+from pymongo import ASCENDING, IndexModel, ReplaceOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from core.projections import Document
 from core.projections.orders import COLLECTION as ORDERS_COLLECTION
 from core.projections.sales import (
+    COUNTED_FIELD,
     REPORT_INDEXES,
     REPORT_VERSION_FIELD,
     SALES_COLLECTION,
-    SALES_ORDER_INDEXES,
+    SHARD_INDEXES,
+    SHARDS_COLLECTION,
+    fact_updates,
+    keys_of_order,
     parse_key,
     sales_documents,
-    sales_rows_pipeline,
+    shard_rows,
 )
+from core.read_model import ORDER_HISTORY_FIELD
 from projector.customer_views import ViewWriter, duplicate_indexes, refused_indexes
 from projector.mongo_writer import MongoDocument
 from projector.registry import SALES_REPORT
 
-# Keys per aggregation: bounds the `$or` of its `$match` (a rebuild's batch can span many days).
-KEYS_PER_AGGREGATION = 64
+# (order id, shard id, fact tag, update) of one fact to count.
+Fact = tuple[str, str, str, Document]
 
 
 def _index_models(indexes: Iterable[Iterable[tuple[str, int]]]) -> list[IndexModel]:
@@ -40,37 +44,59 @@ def _index_models(indexes: Iterable[Iterable[tuple[str, int]]]) -> list[IndexMod
 
 
 class SalesViews:
-    """Recomputes and stores report documents; every method raises `PyMongoError` if MongoDB fails."""
+    """Counts facts and rolls up report documents; every method raises `PyMongoError` if MongoDB fails."""
 
     def __init__(self, database: AsyncDatabase[MongoDocument]) -> None:
         self._orders = database[ORDERS_COLLECTION]
+        self._shards = database[SHARDS_COLLECTION]
         self._reports = database[SALES_COLLECTION]
 
     def writers(self) -> dict[str, ViewWriter]:
         """The writer of each report view in `projector.registry.VIEWS`, by view name."""
 
         async def report(keys: Iterable[str], _carried: Mapping[str, int], failed: set[str]) -> object:
-            return await self.recompute(keys, failed)
+            return await self.count(keys, failed)
 
         return {SALES_REPORT.name: report}
 
     async def ensure_indexes(self) -> None:
-        """The recomputation's indexes on `orders` and the query service's on the report; idempotent."""
-        await self._orders.create_indexes(_index_models(SALES_ORDER_INDEXES))
+        """The roll-up's index on the shards and the query service's on the report; idempotent."""
+        await self._shards.create_indexes(_index_models(SHARD_INDEXES))
         await self._reports.create_indexes(_index_models(REPORT_INDEXES))
 
-    async def recompute(self, key_ids: Iterable[str], failed: set[str] | None = None) -> dict[str, Document]:
-        """Recomputes and stores the report documents of these keys (`"<day>/<currency>"`); returns them.
+    async def count(self, order_ids: Iterable[str], failed: set[str] | None = None) -> dict[str, Document]:
+        """Counts the facts of these orders that are not counted yet, then rolls up the days they count on;
+        returns the report documents written. `failed`: where to record the days whose report MongoDB refused
+        (a refused fact raises: the batch is retried whole)."""
+        ids = sorted(set(order_ids))
+        if not ids:
+            return {}
+        cursor = self._orders.find({"_id": {"$in": ids}}, {ORDER_HISTORY_FIELD: 0})
+        orders = {str(doc["_id"]): doc async for doc in cursor}
+        facts = [(order_id, *fact) for order_id, order in orders.items() for fact in fact_updates(order_id, order)]
+        await self._count(facts)
+        return await self.roll_up({key for order in orders.values() for key in keys_of_order(order)}, failed)
 
-        A key no order counts in any more has nothing to write (its document, if any, is left alone: facts never
-        disappear, so only a hand-made document can be in that state, and `cqrs verify` reports it).
-        `failed`: where to record keys whose write MongoDB refused (instead of raising for them).
-        """
+    async def _count(self, facts: list[Fact]) -> None:
+        """One guarded update per fact. An upsert whose filter missed because the tag is there collides with the
+        stored `_id` (already counted); one that lost a race to create the shard is applied again as a plain
+        update, where the tag decides. Anything else MongoDB refuses raises."""
+        if not facts:
+            return
+        try:
+            await self._shards.bulk_write([_fact(fact, upsert=True) for fact in facts], ordered=False)
+        except BulkWriteError as exc:
+            refused_indexes(exc, None, retry_duplicates=True)  # raises unless every failure is a duplicate `_id`
+            again = [facts[i] for i in duplicate_indexes(exc)]
+            await self._shards.bulk_write([_fact(fact, upsert=False) for fact in again], ordered=False)
+
+    async def roll_up(self, key_ids: Iterable[str], failed: set[str] | None = None) -> dict[str, Document]:
+        """Rolls up and stores the report documents of these keys (`"<day>/<currency>"`) from their shards."""
         keys = sorted({key for key_id in key_ids if (key := parse_key(key_id)) is not None})
-        rows: list[dict[str, Any]] = []
-        for start in range(0, len(keys), KEYS_PER_AGGREGATION):
-            cursor = await self._orders.aggregate(sales_rows_pipeline(keys[start : start + KEYS_PER_AGGREGATION]))
-            rows.extend([row async for row in cursor])
+        if not keys:
+            return {}
+        wanted = {"$or": [{"day": key.day, "currency": key.currency} for key in keys]}
+        rows = [row async for shard in self._shards.find(wanted, {COUNTED_FIELD: 0}) for row in shard_rows(shard)]
         reports = sales_documents(rows)
         await self._write(reports, failed)
         return reports
@@ -105,4 +131,10 @@ def _replacement(report: Document, *, upsert: bool) -> ReplaceOne[MongoDocument]
     return ReplaceOne({"_id": report["_id"], REPORT_VERSION_FIELD: {"$not": {"$gt": version}}}, report, upsert=upsert)
 
 
-__all__ = ["KEYS_PER_AGGREGATION", "SalesViews"]
+def _fact(fact: Fact, *, upsert: bool) -> UpdateOne:
+    """Counts a fact in its shard unless its tag is there already."""
+    _, shard, tag, update = fact
+    return UpdateOne({"_id": shard, COUNTED_FIELD: {"$ne": tag}}, update, upsert=upsert)
+
+
+__all__ = ["SalesViews"]

@@ -22,13 +22,15 @@ What counts, and on which day (the UTC date of the event's `recorded_at`):
 * the average order value is the placed revenue divided by the placed orders of the day, rounded half up to a
   whole minor unit (0 on a day without placements). Money stays integer minor units throughout.
 
-The report is never incremented: after a batch places or cancels orders, the documents of the days and
-currencies those orders touch are recomputed from the `orders` documents with one aggregation
-(`sales_rows_pipeline`, served by `SALES_ORDER_INDEXES`) and folded by `sales_documents`. Applying a batch twice, or
-in other batch boundaries, therefore gives the same documents. `report_version` is the number of facts
-(placements plus cancellations) a document summarises: a day's facts only ever grow, so a write replaces a
-document only if it summarises at least as many, and two writers racing with different snapshots leave the
-fuller one. It depends only on the facts, not on when they were counted, so a rebuild writes the same value.
+How it is kept, idempotently and at a cost that does not grow with the day's sales: each fact is counted once, in
+one of `SHARDS` *shard* documents of its day and currency (collection `sales_shards`, the shard chosen by the order
+id), by a single-document update that adds the fact's figures and records the fact's tag (`<order id>:<kind>`) in
+the shard's `counted` list, guarded by the tag not being there yet (`fact_update`). A redelivered batch, a replay
+or a concurrent replica finds the tag and changes nothing. The report document of a day and currency is then
+rolled up from its shards (`shard_rows` folded by `sales_documents`) and replaced, guarded by `report_version`:
+the number of facts (placements plus cancellations) it summarises, which only grows, so a roll-up from an older
+snapshot, by a replica that lost a race, never replaces a fuller report. A rebuild counts the same facts and
+writes the same documents.
 
 `cqrs verify` builds the same rows from the orders it folds from PostgreSQL (`order_rows`, `SalesRowGroups`) and
 folds them with the same `sales_documents`: one fold, two sources of rows.
@@ -37,23 +39,26 @@ folds them with the same `sales_documents`: one fold, two sources of rows.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
+import hashlib
+from collections.abc import Iterable, Mapping
 from typing import Any, Final, NamedTuple
 
 from core.projections import Document
 
 SALES_COLLECTION: Final = "sales_daily"
+SHARDS_COLLECTION: Final = "sales_shards"
+# Shard documents per day and currency: a fact update and a roll-up touch one shard and read all of them; more
+# shards keep each `counted` list shorter (orders of the day / SHARDS tags).
+SHARDS: Final = 16
+COUNTED_FIELD: Final = "counted"
 PLACED: Final = "placed"
 CANCELLED: Final = "cancelled"
 KINDS: Final = (PLACED, CANCELLED)
 REPORT_VERSION_FIELD: Final = "report_version"
 
-# The recomputation finds a day's orders by currency and time; the query service reads days by range.
-SALES_ORDER_INDEXES: Final[tuple[tuple[tuple[str, int], ...], ...]] = (
-    (("currency", 1), ("placed_at", 1)),
-    (("currency", 1), ("cancelled_at", 1)),
-)
+# The query service reads days by range; the roll-up reads the shards of a day.
 REPORT_INDEXES: Final[tuple[tuple[tuple[str, int], ...], ...]] = ((("day", 1), ("currency", 1)),)
+SHARD_INDEXES: Final[tuple[tuple[tuple[str, int], ...], ...]] = ((("day", 1), ("currency", 1)),)
 
 SKU_FIELDS: Final = (
     "sku", "placed_quantity", "cancelled_quantity", "net_quantity",
@@ -67,7 +72,8 @@ FIELDS: Final = frozenset(
     }
 )  # fmt: skip
 
-# One `$group` row of `sales_rows_pipeline`: `{_id: {day, currency, kind, sku}, orders, quantity, revenue_minor}`.
+# One row of summed facts: `{_id: {day, currency, kind, sku}, orders, quantity, revenue_minor}` (from the shards, or
+# from order documents for verify).
 # The order row of a (day, currency, kind) has `sku: None` and counts orders and their totals; each SKU row adds
 # up that SKU's lines (quantity and line totals; `orders` 0).
 Row = dict[str, Any]
@@ -125,9 +131,66 @@ def keys_of_order(order: Mapping[str, Any] | None) -> tuple[str, ...]:
     return tuple(sorted({SalesKey(day, currency).id for _, day in facts_of(order)}))
 
 
-def report_keys(_stream_type: str, _stream_id: str, doc: Document | None) -> tuple[str, ...]:
-    """`DerivedView.keys_from` of the report: the days (and currency) the order was placed and cancelled on."""
-    return keys_of_order(doc)
+def report_keys(_stream_type: str, stream_id: str, doc: Document | None) -> tuple[str, ...]:
+    """`DerivedView.keys_from` of the report: the order itself, when it has facts to count (its writer counts
+    them and rolls up the days they count on)."""
+    return (stream_id,) if doc is not None and facts_of(doc) else ()
+
+
+def shard_of(order_id: str) -> int:
+    """The shard an order's facts are counted in (stable across processes and releases)."""
+    return int.from_bytes(hashlib.blake2b(order_id.encode(), digest_size=4).digest(), "big") % SHARDS
+
+
+def shard_id(key: SalesKey, shard: int) -> str:
+    return f"{key.id}/{shard:02d}"
+
+
+def _sku_field(sku: str) -> str:
+    # SKUs are free text ("." and "$" would be paths and operators): the shard's map is keyed by their hex form.
+    return "x" + sku.encode().hex()
+
+
+def fact_updates(order_id: str, order: Mapping[str, Any]) -> list[tuple[str, str, Document]]:
+    """(shard id, fact tag, update) of each fact of an order document: the update adds the fact's figures to the
+    shard and records its tag; applied with the filter `{_id: shard id, counted: {$ne: tag}}` (pure)."""
+    currency = str(order.get("currency") or "")
+    lines: dict[str, list[int]] = {}
+    for line in order.get("lines") or ():
+        sums = lines.setdefault(str(line["sku"]), [0, 0])
+        sums[0] += int(line["quantity"])
+        sums[1] += int(line["line_total_minor"])
+    updates: list[tuple[str, str, Document]] = []
+    for kind, day in facts_of(order):
+        key = SalesKey(day, currency)
+        tag = f"{order_id}:{kind}"
+        increments: dict[str, int] = {f"{kind}_orders": 1, f"{kind}_revenue_minor": int(order.get("total_minor") or 0)}
+        names: dict[str, Any] = {"day": day, "currency": currency}
+        for sku, (quantity, revenue) in lines.items():
+            field_name = _sku_field(sku)
+            increments[f"skus.{field_name}.{kind}_quantity"] = quantity
+            increments[f"skus.{field_name}.{kind}_revenue_minor"] = revenue
+            names[f"skus.{field_name}.sku"] = sku
+        update = {"$inc": increments, "$set": names, "$push": {COUNTED_FIELD: tag}}
+        updates.append((shard_id(key, shard_of(order_id)), tag, update))
+    return updates
+
+
+def shard_rows(shard: Mapping[str, Any]) -> list[Row]:
+    """The rows a shard document sums (what `sales_documents` folds into its day's report) (pure)."""
+    key = SalesKey(str(shard["day"]), str(shard["currency"]))
+    rows: list[Row] = []
+    for kind in KINDS:
+        orders = int(shard.get(f"{kind}_orders") or 0)
+        if orders:
+            rows.append(_row(key, kind, None, orders, 0, int(shard.get(f"{kind}_revenue_minor") or 0)))
+    for entry in (shard.get("skus") or {}).values():
+        for kind in KINDS:
+            quantity = int(entry.get(f"{kind}_quantity") or 0)
+            revenue = int(entry.get(f"{kind}_revenue_minor") or 0)
+            if quantity or revenue or f"{kind}_quantity" in entry:
+                rows.append(_row(key, kind, str(entry["sku"]), 0, quantity, revenue))
+    return rows
 
 
 def _row(key: SalesKey, kind: str, sku: str | None, orders: int, quantity: int, revenue_minor: int) -> Row:
@@ -180,64 +243,6 @@ def rows_from_orders(orders: Iterable[Mapping[str, Any]], keys: Iterable[SalesKe
     for order in orders:
         groups.add(order_rows(order))
     return groups.rows(keys)
-
-
-def _is_date(path: str) -> dict[str, Any]:
-    return {"$eq": [{"$type": path}, "date"]}
-
-
-def sales_rows_pipeline(keys: Sequence[SalesKey]) -> list[dict[str, Any]]:
-    """The aggregation over `orders` that yields the rows (see `Row`) of these days and currencies.
-
-    The first `$match` is one indexed range per key and fact (`SALES_ORDER_INDEXES`); each matched order then yields
-    one entry per fact, dated, and only the facts of the keys asked for are kept (an order placed on an asked
-    day may have been cancelled on another)."""
-    if not keys:
-        raise ValueError("no keys to aggregate")
-    ranges: list[dict[str, Any]] = []
-    for key in keys:
-        start, end = key.window()
-        ranges.append({"currency": key.currency, "placed_at": {"$gte": start, "$lt": end}})
-        ranges.append(
-            {"currency": key.currency, "cancelled_at": {"$gte": start, "$lt": end}, "placed_at": {"$type": "date"}}
-        )
-    facts = [{"kind": PLACED, "at": "$placed_at"}, {"kind": CANCELLED, "at": "$cancelled_at"}]
-    order_item = {"sku": None, "orders": 1, "quantity": 0, "revenue_minor": "$total_minor"}
-    line_item = {
-        "sku": "$$this.sku", "orders": 0, "quantity": "$$this.quantity", "revenue_minor": "$$this.line_total_minor"
-    }  # fmt: skip
-    return [
-        {"$match": {"$or": ranges}},
-        {
-            "$project": {
-                "_id": 0, "currency": 1, "lines": 1, "total_minor": 1,
-                "facts": {"$filter": {"input": facts, "cond": _is_date("$$this.at")}},
-            }
-        },
-        {"$unwind": "$facts"},
-        {
-            "$project": {
-                "currency": 1, "lines": 1, "total_minor": 1, "kind": "$facts.kind",
-                "day": {"$dateToString": {"format": "%Y-%m-%d", "date": "$facts.at"}},
-            }
-        },
-        {"$match": {"$or": [{"day": key.day, "currency": key.currency} for key in keys]}},
-        {
-            "$project": {
-                "day": 1, "currency": 1, "kind": 1,
-                "items": {"$concatArrays": [[order_item], {"$map": {"input": "$lines", "in": line_item}}]},
-            }
-        },
-        {"$unwind": "$items"},
-        {
-            "$group": {
-                "_id": {"day": "$day", "currency": "$currency", "kind": "$kind", "sku": "$items.sku"},
-                "orders": {"$sum": "$items.orders"},
-                "quantity": {"$sum": "$items.quantity"},
-                "revenue_minor": {"$sum": "$items.revenue_minor"},
-            }
-        },
-    ]  # fmt: skip
 
 
 def average_minor(total_minor: int, count: int) -> int:

@@ -119,41 +119,46 @@ async def one_more_order(system: System) -> str:
     return order_id
 
 
-async def test_a_cutover_under_command_and_query_load_fails_no_query(live: System, query_server: RunningServer) -> None:
+async def test_cutovers_under_command_and_query_load_fail_no_query(live: System, query_server: RunningServer) -> None:
+    """Two switches in a row (generation 1 -> 2 -> 3) while commands and read-your-writes queries run."""
     base = live.config.mongo_database
+    results = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{query_server.port}") as channel:
         load = Load(live, qgrpc.OrderQueryServiceStub(channel))  # type: ignore[no-untyped-call]
         workers = [asyncio.create_task(load.commands()), asyncio.create_task(load.queries_loop())]
         try:
             await eventually(_async(lambda: len(load.queries) >= 10), what="the query load to start")
-            result = await run_rebuild(rebuild_config(live, cutover=True, settle_seconds=10.0))
-            switched_at = time.monotonic()
-            await eventually(
-                _async(lambda: sum(1 for t in load.queries if t > switched_at + 3 * POLL_SECONDS) >= 20),
-                what="queries answered by the new generation",
-            )
+            for _ in range(2):
+                results.append(await run_rebuild(rebuild_config(live, cutover=True, settle_seconds=10.0)))
+                switched_at = time.monotonic()
+                await eventually(
+                    _async(lambda at=switched_at: sum(1 for t in load.queries if t > at + 3 * POLL_SECONDS) >= 20),
+                    what="queries answered by the new generation",
+                )
         finally:
             load.stop.set()
             await asyncio.gather(*workers)
 
     assert load.failures == [], load.failures[:10]
-    assert result.equal, result.differences[:5]
-    assert result.cutover is not None and result.cutover.generation == 2 and result.cutover.previous_generation == 1
-    assert result.cutover.writers == 1  # the running projector reported that it moved
+    for result, (number, previous) in zip(results, ((2, 1), (3, 2)), strict=True):
+        assert result.equal, result.differences[:5]
+        assert result.cutover is not None
+        assert (result.cutover.generation, result.cutover.previous_generation) == (number, previous)
+        assert result.cutover.writers == 1  # the running projector reported that it moved
     assert len(load.written) >= 20 and len(load.queries) >= 40
 
-    # The projector writes the new generation, the old one is retired and no longer written.
-    assert live.projector is not None and live.projector.database == f"{base}_g2"
-    assert (await generation_doc(live, 2))["state"] == ACTIVE
-    assert (await generation_doc(live, 1))["state"] == RETIRED
+    # The projector writes the newest generation; the older ones are retired and no longer written.
+    assert live.projector is not None and live.projector.database == f"{base}_g3"
+    assert (await generation_doc(live, 3))["state"] == ACTIVE
+    assert [(await generation_doc(live, n))["state"] for n in (1, 2)] == [RETIRED, RETIRED]
     later = await one_more_order(live)
-    await eventually(lambda: reflected(live, f"{base}_g2"), what="the new generation to reflect every event")
-    assert await live.db.client[f"{base}_g2"]["orders"].find_one({"_id": later}) is not None
-    assert await live.db["orders"].find_one({"_id": later}) is None
+    await eventually(lambda: reflected(live, f"{base}_g3"), what="the new generation to reflect every event")
+    assert await live.db.client[f"{base}_g3"]["orders"].find_one({"_id": later}) is not None
+    assert await live.db.client[f"{base}_g2"]["orders"].find_one({"_id": later}) is None
 
-    # Every acknowledged command is in the new generation, and the audit (of the active generation) is clean.
+    # Every acknowledged command is in the active generation, and the audit (of that generation) is clean.
     ids = [r.stream_id for r in load.written]
-    found = await live.db.client[f"{base}_g2"]["orders"].count_documents({"_id": {"$in": ids}, "status": "PLACED"})
+    found = await live.db.client[f"{base}_g3"]["orders"].count_documents({"_id": {"$in": ids}, "status": "PLACED"})
     assert found == len(ids)
     audit = await live.verify()
     assert audit.clean, audit.findings

@@ -34,18 +34,22 @@ from core.projections import Document
 from core.projections.orders import ORDERS
 from core.projections.sales import (
     CANCELLED,
+    COUNTED_FIELD,
     PLACED,
     REPORT_VERSION_FIELD,
+    SHARDS,
     SalesKey,
     SalesRowGroups,
     average_minor,
+    fact_updates,
     facts_of,
     keys_of_order,
     order_rows,
     parse_key,
     rows_from_orders,
     sales_documents,
-    sales_rows_pipeline,
+    shard_of,
+    shard_rows,
 )
 from core.values import Address
 from cqrs_client.client import _iso_date
@@ -226,28 +230,6 @@ def test_keys_parse_back_and_window_their_day() -> None:
         assert parse_key(bad) is None, bad
 
 
-def test_the_pipeline_matches_one_indexed_range_per_key_and_fact_and_keeps_only_the_keys_facts() -> None:
-    keys = [SalesKey("2026-03-01", "EUR"), SalesKey("2026-03-02", "USD")]
-    pipeline = sales_rows_pipeline(keys)
-    ranges = pipeline[0]["$match"]["$or"]
-    day = {"$gte": datetime(2026, 3, 1, tzinfo=UTC), "$lt": datetime(2026, 3, 2, tzinfo=UTC)}
-    assert ranges[0] == {"currency": "EUR", "placed_at": day}
-    assert ranges[3]["cancelled_at"]["$gte"] == datetime(2026, 3, 2, tzinfo=UTC) and ranges[3]["currency"] == "USD"
-    assert ranges[3]["placed_at"] == {"$type": "date"}  # a cancelled draft never counts
-    assert len(ranges) == 4
-    assert {
-        "$match": {"$or": [{"day": "2026-03-01", "currency": "EUR"}, {"day": "2026-03-02", "currency": "USD"}]}
-    } in pipeline
-    assert pipeline[-1]["$group"]["_id"] == {
-        "day": "$day",
-        "currency": "$currency",
-        "kind": "$kind",
-        "sku": "$items.sku",
-    }
-    with pytest.raises(ValueError):
-        sales_rows_pipeline([])
-
-
 # ---- the view in the registry: triggers, keys, planning ---------------------------------------------------------
 
 
@@ -323,7 +305,7 @@ def _delivery(rec: RecordedEvent) -> Delivery:
     return Delivery(None, rec, decode_event(rec.event_type, rec.schema_version, rec.payload))
 
 
-def test_the_planner_recomputes_every_day_an_order_counts_on() -> None:
+def test_the_planner_counts_the_facts_of_every_order_that_placed_or_cancelled() -> None:
     events = order_events("EUR", [("A", 1, 5)], placed_at=D1, cancelled_at=D2)
     order_id = events[0].stream_id
     doc = order_doc(events)
@@ -332,16 +314,41 @@ def test_the_planner_recomputes_every_day_an_order_counts_on() -> None:
 
     batch.result = FoldResult(applied={order_id: [_delivery(events[-1])]})  # the cancellation
     plan = plan_views({"order": batch}, VIEWS, set(), set())
-    assert plan.keys[name] == {"2026-03-01/EUR", "2026-03-02/EUR"}
-    assert {(v, k) for v, k in plan.depends[order_id] if v == name} == {
-        (name, "2026-03-01/EUR"),
-        (name, "2026-03-02/EUR"),
-    }
+    assert plan.keys[name] == {order_id}  # its writer counts the order's facts and rolls up both days
+    assert {(v, k) for v, k in plan.depends[order_id] if v == name} == {(name, order_id)}
+    assert keys_of_order(doc) == ("2026-03-01/EUR", "2026-03-02/EUR")
 
     batch.result = FoldResult(applied={order_id: [_delivery(events[1])]})  # a line: no report event
     assert plan_views({"order": batch}, VIEWS, set(), set()).keys[name] == set()
-    # Ahead of its checkpoint (an earlier batch stopped before its views): every day, whatever the batch brings.
-    assert plan_views({"order": batch}, VIEWS, {order_id}, set()).keys[name] == {"2026-03-01/EUR", "2026-03-02/EUR"}
+    # Ahead of its checkpoint (an earlier batch stopped before its views): counted, whatever the batch brings.
+    assert plan_views({"order": batch}, VIEWS, {order_id}, set()).keys[name] == {order_id}
+
+
+def test_each_fact_is_one_guarded_update_of_one_shard_and_the_shards_fold_into_the_report() -> None:
+    events = order_events("EUR", [("A.1", 2, 5), ("$B", 1, 7)], placed_at=D1, cancelled_at=D2)
+    order_id = events[0].stream_id
+    doc = order_doc(events)
+    updates = fact_updates(order_id, doc)
+    assert [(shard, tag) for shard, tag, _ in updates] == [
+        (f"2026-03-01/EUR/{shard_of(order_id):02d}", f"{order_id}:placed"),
+        (f"2026-03-02/EUR/{shard_of(order_id):02d}", f"{order_id}:cancelled"),
+    ]
+    placed = updates[0][2]
+    assert placed["$push"] == {COUNTED_FIELD: f"{order_id}:placed"}
+    assert all("." not in path.split(".", 1)[1].rsplit(".", 1)[0] for path in placed["$inc"] if "skus." in path)
+    # Applying the updates to empty shards (as MongoDB would) and folding them gives verify's report.
+    shards: dict[str, dict[str, Any]] = {}
+    for shard, _, update in updates:
+        target = shards.setdefault(shard, {})
+        for path, value in {**update["$set"], **update["$inc"]}.items():
+            *parents, leaf = path.split(".")
+            node = target
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = node.get(leaf, 0) + value if path in update["$inc"] else value
+    folded = sales_documents([row for shard in shards.values() for row in shard_rows(shard)])
+    assert folded == sales_documents(rows_from_orders([doc]))
+    assert 0 <= shard_of(order_id) < SHARDS and shard_of(order_id) == shard_of(str(order_id))
 
 
 # ---- GetSalesReport: request checks and response ---------------------------------------------------------------
