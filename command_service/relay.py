@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from command_service.event_store import OUTBOX_CHANNEL, recorded_event_from_row
 from command_service.outages import CONNECTION_LOST
@@ -83,8 +83,23 @@ class OutboxRelay:
         self._stopping = asyncio.Event()
         self._previous_session: Session | None = None
         self._last_progress = time.monotonic()
+        # Alerting counts the replicas that relay: none for a while means committed events stop reaching NATS.
+        self._active = Gauge(
+            "cqrs_relay_active",
+            "1 while this replica holds the relay lease and relays the outbox (exactly one replica should)",
+            registry=self.stages.registry,
+        )
         self.is_leader = False
         self.published_total = 0
+
+    @property
+    def is_leader(self) -> bool:
+        return self._is_leader
+
+    @is_leader.setter
+    def is_leader(self, value: bool) -> None:
+        self._is_leader = value
+        self._active.set(1 if value else 0)
 
     def stop(self) -> None:
         self._stopping.set()

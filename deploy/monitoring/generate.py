@@ -85,6 +85,13 @@ def _quantiles(metric: str, by: str, selector: str = "") -> list[Target]:
     ]
 
 
+def _stage_mean(metric: str, stages: str, process: str) -> Target:
+    """Mean seconds per observation of each of `stages` (a regex) of a `core.stage_metrics` histogram."""
+    selector = f'{{stage=~"{stages}"}}'
+    seconds, count = (f"sum by (stage) (rate({metric}_{part}{selector}[{RATE}]))" for part in ("sum", "count"))
+    return Target(f"{seconds} / {count}", f"{process} {{{{stage}}}}")
+
+
 def _rpc_row(title: str, job: str, what: str) -> list[Panel]:
     # Server streams (WatchOrder, health Watch) last as long as the client keeps them open: not a latency.
     unary = f'job="{job}", method!~".*/Watch(Order)?"'
@@ -136,6 +143,28 @@ ROWS = [
                     Target("vector(0.01)", "budget"),
                 ],
                 unit="percentunit",
+            ),
+            Panel(
+                "Where the time goes: mean seconds per event by stage",
+                "Relay (cqrs_relay_stage_seconds): commit_to_read (recorded to read from the outbox, the command's "
+                "own commit included). Projector (cqrs_projector_stage_seconds): relay_to_stream (recorded to "
+                "stored in JetStream), stream_to_fetch (stored to fetched: waiting behind the batch in hand). "
+                "core/stage_metrics.py.",
+                [
+                    _stage_mean("cqrs_relay_stage_seconds", "commit_to_read", "relay"),
+                    _stage_mean("cqrs_projector_stage_seconds", "relay_to_stream|stream_to_fetch", "projector"),
+                ],
+                unit="s",
+            ),
+            Panel(
+                "Where the time goes: mean seconds per batch by stage",
+                "Relay: publish (until JetStream acked the batch), delete (its outbox rows). Projector: apply (the "
+                "MongoDB round trips of a batch), settle (the acks).",
+                [
+                    _stage_mean("cqrs_relay_stage_seconds", "publish|delete", "relay"),
+                    _stage_mean("cqrs_projector_stage_seconds", "apply|settle", "projector"),
+                ],
+                unit="s",
             ),
         ],
     ),
@@ -197,15 +226,9 @@ ROWS = [
             ),
             Panel(
                 "Replicas relaying",
-                "command_service replicas that read the outbox (only the holder of the relay lease does): "
-                "1 is right, 0 means no relay (CqrsNoActiveRelay).",
-                [
-                    Target(
-                        'count(rate(cqrs_dependency_call_seconds_count{job="command-service", '
-                        f'dependency="postgres", operation="outbox_fetch"}}[{RATE}]) > 0) or vector(0)',
-                        "relaying",
-                    )
-                ],
+                "command_service replicas that hold the relay lease (cqrs_relay_active): 1 is right, 0 means no "
+                "relay (CqrsNoActiveRelay).",
+                [Target('sum(cqrs_relay_active{job="command-service"}) or vector(0)', "relaying")],
                 width=8,
             ),
         ],

@@ -118,6 +118,8 @@ async def test_relay_publishes_every_event_once_in_per_stream_order_then_empties
     async with running_relay(event_store_dsn, nats_url, relay_settings, registry):
         order_ids = await run_commands(handler, orders=5, items=4)
         await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the outbox to drain")
+        assert registry.get_sample_value("cqrs_relay_active") == 1  # it holds the lease (alerting counts these)
+    assert registry.get_sample_value("cqrs_relay_active") == 0  # stopped: it no longer relays
     for dependency, operation in (
         ("postgres", "append"),
         ("postgres", "outbox_fetch"),
