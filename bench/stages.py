@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import math
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from cqrsctl.status import metrics_text
 
 # (process, histogram) whose stages make up the path from commit to queryable, in path order.
 HISTOGRAMS: tuple[tuple[str, str], ...] = (
@@ -24,8 +25,7 @@ Scrape = dict[tuple[str, str], dict[str, object]]
 
 def scrape(url: str, timeout: float = 5.0) -> Scrape:
     """The stage histograms of one /metrics page."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        text = response.read().decode()
+    text = metrics_text(url, timeout)
     wanted = {name for _, name in HISTOGRAMS}
     out: Scrape = {}
     for family in text_string_to_metric_families(text):

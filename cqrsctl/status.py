@@ -22,11 +22,16 @@ class Scrape:
     buckets: list[tuple[float, float]] = field(default_factory=list)  # (upper bound, cumulative count)
 
 
+def metrics_text(url: str, timeout: float) -> str:
+    """The text of one /metrics page (raises the URL error)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return str(response.read().decode())
+
+
 def scrape(url: str, timeout: float = 3.0) -> Scrape:
     result = Scrape(url)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            text = response.read().decode()
+        text = metrics_text(url, timeout)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         result.error = str(getattr(exc, "reason", exc))
         return result

@@ -23,10 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -38,12 +35,12 @@ from core.backoff import exponential
 from core.dependency_metrics import dependency_metrics
 from core.events import decode_event
 from core.failpoints import failpoint
-from core.generations import GenerationFollower, ensure_active, remove_writer, report_writer
 from core.projections import Projection
 from core.subjects import stream_subjects
 from core.supervisor import Supervisor
 from projector.config import ProjectorSettings
 from projector.consumer import JetStreamConsumer, apply_span, settle_all
+from projector.generation_writer import GenerationWriter
 from projector.health import ProjectorHealth, ProjectorStats
 from projector.metrics import ProjectorMetrics
 from projector.mongo_writer import MongoDocument
@@ -133,12 +130,7 @@ class Projector:
         self._drained = asyncio.Event()
         self._indexes_ready = False
         self._mongo_attempts = 0
-        self._follower: GenerationFollower | None = None
-        self._generation_recorded = False
-        self._database_name = settings.mongo_database
-        self._next_generation_check = 0.0
-        # Names this process in the writer heartbeats a cutover waits for.
-        self.writer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._generations: GenerationWriter | None = None
 
     @property
     def running(self) -> bool:
@@ -157,13 +149,18 @@ class Projector:
     @property
     def database(self) -> str:
         """The database (read-model generation) the projector writes."""
-        return self._database_name
+        assert self._generations is not None, "the projector is not started"
+        return self._generations.database
+
+    @property
+    def writer_id(self) -> str:
+        assert self._generations is not None, "the projector is not started"
+        return self._generations.writer_id
 
     def _use_database(self, name: str) -> None:
         """Writes this database from the next batch on (called between batches only)."""
         assert self._mongo is not None
         s = self._settings
-        self._database_name = name
         self._pipeline = Pipeline(
             self._mongo[name],
             self._projections,
@@ -180,18 +177,13 @@ class Projector:
 
         Runs between batches, before a fetch: after the report no batch of this projector writes the old
         generation, which is what a cutover waits for. Raises the driver's error when MongoDB is down."""
-        assert self._follower is not None and self._mongo is not None
-        base = self._mongo[self._settings.mongo_database]
-        if not self._generation_recorded:
-            await ensure_active(base, registry_versions())
-            self._generation_recorded = True
-        moved = await self._follower.poll()
+        assert self._generations is not None
+        moved = await self._generations.poll()
         if moved is not None:
-            self._use_database(moved.database)
+            self._use_database(moved)
             await self.pipeline.ensure_indexes()
             self._indexes_ready = True
-        await report_writer(base, self.writer_id, self._follower.current)
-        self._next_generation_check = asyncio.get_running_loop().time() + self._settings.generation_poll_seconds
+        await self._generations.report(asyncio.get_running_loop().time())
 
     async def start(self) -> None:
         """Connects and starts the loops.
@@ -220,7 +212,9 @@ class Projector:
                 w=s.mongo_write_concern_w,
                 journal=True,
             )
-            self._follower = GenerationFollower(self._mongo[s.mongo_database])
+            self._generations = GenerationWriter(
+                self._mongo[s.mongo_database], registry_versions(), s.generation_poll_seconds
+            )
             self._use_database(s.mongo_database)
         except BaseException:
             self._stopping.set()
@@ -275,12 +269,10 @@ class Projector:
 
     async def _close_connections(self) -> None:
         await self.consumer.close()
-        if self._mongo is not None and self._generation_recorded:
+        if self._mongo is not None and self._generations is not None:
             # Best effort: a cutover would otherwise wait for this writer's heartbeat to expire.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    remove_writer(self._mongo[self._settings.mongo_database], self.writer_id), timeout=2.0
-                )
+                await asyncio.wait_for(self._generations.leave(), timeout=2.0)
         if self._mongo is not None:
             with contextlib.suppress(Exception):
                 await self._mongo.close()
@@ -338,7 +330,8 @@ class Projector:
 
     async def _generation_checked(self) -> bool:
         """Follows the active generation when a check is due; False when MongoDB failed (the loop waits for it)."""
-        if asyncio.get_running_loop().time() < self._next_generation_check:
+        assert self._generations is not None
+        if not self._generations.due(asyncio.get_running_loop().time()):
             return True
         try:
             await self._follow_generation()
@@ -381,7 +374,8 @@ class Projector:
             self._mongo_unavailable(exc)
             await self._sleep(self._mongo_backoff())
             return
-        self._next_generation_check = 0.0  # check the generation before the next fetch
+        assert self._generations is not None
+        self._generations.check_soon()
         if self._mongo_attempts:
             log.info("read model (MongoDB) available again")
         self._mongo_attempts = 0

@@ -3,13 +3,12 @@ terminal, and Prometheus metrics (`cqrs rebuild --metrics-port`, for the Kuberne
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Final, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-_REDRAW_SECONDS = 0.2
+from cqrsctl.status_line import StatusLine
 
 
 def eta_text(done: int, total: int, elapsed: float) -> str:
@@ -50,11 +49,11 @@ class RebuildProgress:
 
     def __init__(self, enabled: bool, stream: TextIO | None = None, metrics: RebuildMetrics | None = None) -> None:
         self._metrics = metrics
-        self._stream = stream or sys.stderr
-        self.enabled = enabled and self._stream.isatty()
+        self._line = StatusLine(enabled, stream, redraw_seconds=0.2)
+        self.enabled = self._line.enabled
         self._label = ""
         self._total = self._done = 0
-        self._started = self._drawn_at = 0.0
+        self._started = 0.0
 
     def start(self, label: str, total: int) -> None:
         self._label, self._total, self._done = label, total, 0
@@ -72,20 +71,12 @@ class RebuildProgress:
         self._draw()
 
     def close(self) -> None:
-        if self.enabled:
-            self._stream.write("\r\x1b[2K")
-            self._stream.flush()
+        self._line.clear()
 
     def _draw(self, *, force: bool = False) -> None:
-        if not self.enabled:
+        if not self._line.due(force):
             return
-        now = time.monotonic()
-        if not force and now - self._drawn_at < _REDRAW_SECONDS:
-            return
-        self._drawn_at = now
-        elapsed = now - self._started
+        elapsed = time.monotonic() - self._started
         rate = self._done / elapsed if elapsed > 0 else 0.0
         eta = eta_text(self._done, self._total, elapsed)
-        text = f"{self._label} {self._done:,}/~{self._total:,} events ({rate:,.0f} events/s, ETA {eta})"
-        self._stream.write("\r\x1b[2K" + text)
-        self._stream.flush()
+        self._line.show(f"{self._label} {self._done:,}/~{self._total:,} events ({rate:,.0f} events/s, ETA {eta})")

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TextIO
 
-_REDRAW_SECONDS = 0.1
+from cqrsctl.status_line import StatusLine
 
 
 class Progress:
     def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
-        self._stream = stream or sys.stderr
-        self.enabled = enabled and self._stream.isatty()
+        self._line = StatusLine(enabled, stream, redraw_seconds=0.1)
+        self.enabled = self._line.enabled
         self._phase = ""
         self._total = 0
         self._done = 0
-        self._drawn_at = 0.0
         self._started = time.monotonic()
 
     def phase(self, name: str, total: int = 0) -> None:
@@ -30,23 +28,16 @@ class Progress:
         self._draw()
 
     def close(self) -> None:
-        if self.enabled:
-            self._stream.write("\r\x1b[2K")
-            self._stream.flush()
+        self._line.clear()
 
     def _draw(self, force: bool = False) -> None:
-        if not self.enabled:
+        if not self._line.due(force):
             return
-        now = time.monotonic()
-        if not force and now - self._drawn_at < _REDRAW_SECONDS:
-            return
-        self._drawn_at = now
-        rate = self._done / max(now - self._started, 1e-9)
+        rate = self._done / max(time.monotonic() - self._started, 1e-9)
         if self._total:
             share = min(self._done / self._total, 1.0)
             bar = "#" * int(share * 30)
             text = f"verify {self._phase:<10} [{bar:<30}] {self._done:,}/{self._total:,} ({rate:,.0f}/s)"
         else:
             text = f"verify {self._phase:<10} {self._done:,} ({rate:,.0f}/s)"
-        self._stream.write("\r\x1b[2K" + text)
-        self._stream.flush()
+        self._line.show(text)
