@@ -6,7 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from core.grpc_server import ServerSecurity
-from core.subjects import DEFAULT_STREAM_NAME, SUBJECT_PREFIX
+from core.subjects import DEFAULT_PARTITIONS, DEFAULT_STREAM_NAME, SUBJECT_PREFIX
 
 
 class CommandServiceSettings(ServerSecurity):
@@ -18,6 +18,11 @@ class CommandServiceSettings(ServerSecurity):
     nats_url: str = "nats://127.0.0.1:4222"
     stream_name: str = DEFAULT_STREAM_NAME
     subject_prefix: str = SUBJECT_PREFIX
+    # Partitions the stream maps subjects to (by stream id), for partition-owning projector replicas; 0: none.
+    # Used only when the stream is created: an existing stream keeps its configuration.
+    stream_partitions: int = Field(default=DEFAULT_PARTITIONS, ge=0, le=1024)
+    # JetStream servers holding the stream (3 on a 3-node cluster); only when the stream is created.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
     command_listen: str = "127.0.0.1:50051"
     postgres_pool_max: int = Field(default=32, ge=1)
     postgres_timeout_seconds: float = Field(default=5.0, gt=0)

@@ -33,9 +33,9 @@ from command_service.relay_lease import LeaseLost, RelayLease, Session
 from core.backoff import full_jitter
 from core.dependency_metrics import dependency_metrics
 from core.failpoints import failpoint
-from core.jetstream import ensure_stream, event_stream_config
+from core.jetstream import ensure_stream, event_stream_config, nats_servers
 from core.stage_metrics import StageMetrics
-from core.subjects import event_subject
+from core.subjects import DEFAULT_PARTITIONS, event_subject
 from core.supervisor import first_to_finish
 from core.tracing import context_from_traceparent, inject_headers, tracer
 
@@ -48,6 +48,8 @@ RETRY_BASE_SECONDS = 0.1
 class RelaySettings:
     stream_name: str
     subject_prefix: str
+    stream_partitions: int = DEFAULT_PARTITIONS
+    stream_replicas: int = 1
     batch_size: int = 500
     poll_interval: float = 1.0
     publish_timeout: float = 5.0
@@ -131,7 +133,7 @@ class OutboxRelay:
             nc: NATS | None = None
             try:
                 nc = await nats.connect(
-                    self._nats_url,
+                    nats_servers(self._nats_url),
                     connect_timeout=2,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,  # after the first connect, nats-py reconnects by itself
@@ -143,7 +145,13 @@ class OutboxRelay:
                     timeout=self._settings.publish_timeout,
                     publish_async_max_pending=self._settings.publish_max_pending,
                 )
-                await ensure_stream(js, event_stream_config(self._settings.stream_name, self._settings.subject_prefix))
+                s = self._settings
+                await ensure_stream(
+                    js,
+                    event_stream_config(
+                        s.stream_name, s.subject_prefix, partitions=s.stream_partitions, replicas=s.stream_replicas
+                    ),
+                )
                 self._nc, self._js = nc, js
                 log.info("outbox relay connected to JetStream (NATS)")
                 return

@@ -151,6 +151,8 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
             RelaySettings(
                 stream_name=settings.stream_name,
                 subject_prefix=settings.subject_prefix,
+                stream_partitions=settings.stream_partitions,
+                stream_replicas=settings.stream_replicas,
                 batch_size=settings.relay_batch_size,
                 poll_interval=settings.relay_poll_seconds,
                 lease_seconds=settings.relay_lease_seconds,

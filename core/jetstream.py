@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, SubjectTransform
 from nats.js.errors import NotFoundError
 
-from core.subjects import stream_subjects
+from core.subjects import DEFAULT_PARTITIONS, partition_mapping, partitions_of_mapping, stream_subjects
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +18,21 @@ def event_stream_config(
     subject_prefix: str,
     duplicate_window_seconds: float = 120.0,
     max_age_seconds: float = 7 * 24 * 3600.0,
+    *,
+    partitions: int = DEFAULT_PARTITIONS,
+    replicas: int = 1,
 ) -> StreamConfig:
     """File-backed, limits-retention stream; the duplicate window dedupes relay re-publishes by Nats-Msg-Id.
 
     PostgreSQL stays the source of truth, so the stream may age out old events (max_age): a new projection is
-    rebuilt from the event store, not from the stream.
+    rebuilt from the event store, not from the stream. `partitions` > 0 maps every subject to its partition on
+    the way in (`core.subjects`); `replicas` is the number of JetStream servers holding the stream (3 on a
+    cluster: it survives the loss of one).
     """
+    transform = None
+    if partitions > 0:
+        source, destination = partition_mapping(partitions, subject_prefix)
+        transform = SubjectTransform(src=source, dest=destination)
     return StreamConfig(
         name=name,
         description="CQRS domain events, published from the PostgreSQL outbox",
@@ -33,15 +42,25 @@ def event_stream_config(
         discard=DiscardPolicy.OLD,
         max_age=max_age_seconds,
         duplicate_window=duplicate_window_seconds,
-        num_replicas=1,
+        num_replicas=replicas,
+        subject_transform=transform,
     )
 
 
-_COMPARED_FIELDS = ("subjects", "retention", "storage", "max_age", "duplicate_window", "num_replicas", "discard")
+_COMPARED_FIELDS = (
+    "subjects",
+    "retention",
+    "storage",
+    "max_age",
+    "duplicate_window",
+    "num_replicas",
+    "discard",
+    "subject_transform",
+)
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Adds the stream when it is missing; an existing stream is left exactly as it is.
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> StreamConfig:
+    """Adds the stream when it is missing; an existing stream is left exactly as it is. Returns its config.
 
     Operators tune the stream (replicas, retention, storage) with the NATS tools; a service restarting must never
     undo that, so differences from our defaults are only logged.
@@ -50,9 +69,9 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
         info = await js.stream_info(config.name)
     except NotFoundError:
-        await js.add_stream(config)
+        info = await js.add_stream(config)
         log.info("created JetStream stream %s", config.name)
-        return
+        return info.config
     differences = stream_config_differences(info.config, config)
     if differences:
         log.warning(
@@ -60,6 +79,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
             config.name,
             "; ".join(differences),
         )
+    return info.config
 
 
 def stream_config_differences(existing: StreamConfig, wanted: StreamConfig) -> list[str]:
@@ -72,3 +92,17 @@ def stream_config_differences(existing: StreamConfig, wanted: StreamConfig) -> l
         if have != want:
             differences.append(f"{field}: {have!r} (default {want!r})")
     return differences
+
+
+def stream_partitions(config: StreamConfig) -> int:
+    """How many partitions the stream maps its subjects to (0: none, a stream from before partitioning)."""
+    transform = config.subject_transform
+    prefix_source = transform.src if transform is not None else None
+    if transform is None or not prefix_source or not prefix_source.endswith(".*.*"):
+        return 0
+    return partitions_of_mapping(transform.dest, prefix_source.removesuffix(".*.*"))
+
+
+def nats_servers(urls: str) -> list[str]:
+    """`CQRS_NATS_URL` may list several servers of a cluster, comma-separated; nats-py wants a list."""
+    return [url.strip() for url in urls.split(",") if url.strip()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from core.subjects import DEFAULT_STREAM_NAME, SUBJECT_PREFIX
+from core.subjects import DEFAULT_PARTITIONS, DEFAULT_STREAM_NAME, SUBJECT_PREFIX
 
 
 class ProjectorSettings(BaseSettings):
@@ -22,6 +22,11 @@ class ProjectorSettings(BaseSettings):
     mongo_write_concern: str = Field(default="majority", pattern=r"^(majority|[1-9][0-9]?)$")
     stream_name: str = DEFAULT_STREAM_NAME
     subject_prefix: str = SUBJECT_PREFIX
+    # Partitions the stream maps subjects to (by stream id), for partition-owning projector replicas; 0: none.
+    # Used only when the stream is created: an existing stream keeps its configuration.
+    stream_partitions: int = Field(default=DEFAULT_PARTITIONS, ge=0, le=1024)
+    # JetStream servers holding the stream (3 on a 3-node cluster); only when the stream is created.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
 
     projector_durable: str = "orders-projector"
     projector_batch_size: int = Field(default=200, ge=1, le=10_000)

@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from core.envelope import HEADER_STREAM_ID, HEADER_VERSION, RecordedEvent
 from core.events import Event, Payload, UnknownEventType, decode_event
 from core.projections import EVERY_EVENT, DerivedView, Document, Projection
+from core.subjects import parse_event_subject
 from projector.checkpoints import Checkpoint
 from projector.customer_views import CustomerFields
 from projector.mongo_writer import Change, WriteOutcome
@@ -268,11 +269,10 @@ def stream_of_undecodable(msg: Msg, subject_prefix: str) -> tuple[str | None, st
     headers = msg.headers or {}
     stream_type: str | None = None
     stream_id: str | None = headers.get(HEADER_STREAM_ID) or None
-    rest = msg.subject.removeprefix(subject_prefix + ".") if msg.subject.startswith(subject_prefix + ".") else ""
-    parts = rest.split(".")
-    if len(parts) == 2 and all(parts):
-        stream_type = parts[0]
-        stream_id = stream_id or parts[1]
+    parsed = parse_event_subject(msg.subject, subject_prefix)
+    if parsed is not None:
+        stream_type = parsed.stream_type
+        stream_id = stream_id or parsed.stream_id
     version: int | None = None
     try:
         version = int(headers[HEADER_VERSION])

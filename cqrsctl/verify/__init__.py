@@ -15,6 +15,7 @@ from nats.aio.client import Client as NatsClient
 from pymongo import AsyncMongoClient
 
 from core.generations import active_database
+from core.jetstream import nats_servers
 from cqrsctl.verify.audit import Audit
 from cqrsctl.verify.model import (
     Document,
@@ -57,7 +58,9 @@ async def _connect(config: VerifyConfig) -> AsyncIterator[_Connections]:
         config.postgres_dsn, min_size=1, max_size=3, timeout=timeout, command_timeout=timeout
     )
     try:
-        nc = await nats.connect(config.nats_url, connect_timeout=timeout, allow_reconnect=False, name="cqrs-verify")
+        nc = await nats.connect(
+            nats_servers(config.nats_url), connect_timeout=timeout, allow_reconnect=False, name="cqrs-verify"
+        )
         try:
             # socketTimeoutMS bounds every round trip (a getMore included) without bounding a cursor's lifetime.
             mongo: AsyncMongoClient[Document] = AsyncMongoClient(

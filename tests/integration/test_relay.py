@@ -20,6 +20,7 @@ from command_service.handlers import CommandContext, CommandHandler, order_handl
 from command_service.relay import OutboxRelay, RelaySettings
 from core.envelope import HEADER_MSG_ID, EventMetadata, RecordedEvent
 from core.order_events import OrderItemAdded
+from core.subjects import parse_event_subject
 from core.values import Address
 from localservers import NatsHandle
 from tests.support import eventually, registered_customer
@@ -136,9 +137,15 @@ async def test_relay_publishes_every_event_once_in_per_stream_order_then_empties
     for order_id in order_ids:
         versions = [e.version for _, _, e in published if e.stream_id == order_id]
         assert versions == [1, 2, 3, 4, 5]
+    partitions: dict[str, set[int | None]] = {}
     for msg_id, subject, event in published:
         assert msg_id == str(event.event_id)
-        assert subject == f"{relay_settings.subject_prefix}.{event.stream_type}.{event.stream_id}"
+        # Published on `<prefix>.<type>.<id>`, stored by the stream's mapping as `<prefix>.<partition>.<type>.<id>`.
+        parsed = parse_event_subject(subject, relay_settings.subject_prefix)
+        assert parsed is not None and (parsed.stream_type, parsed.stream_id) == (event.stream_type, event.stream_id)
+        partitions.setdefault(event.stream_id, set()).add(parsed.partition)
+    # Every event of an aggregate lands in one partition of the 8.
+    assert all(len(found) == 1 and next(iter(found)) in range(8) for found in partitions.values()), partitions
 
 
 async def test_transaction_committing_after_a_higher_position_is_still_published(
