@@ -95,6 +95,28 @@ class ProjectorMetrics:
             ["loop"],
             registry=self.registry,
         )
+        self.naks = Counter(
+            "cqrs_projector_naks",
+            "Messages negatively acknowledged for redelivery (version gaps, MongoDB failures, handovers).",
+            registry=self.registry,
+        )
+        self.stream_partitions = Gauge(
+            "cqrs_projector_stream_partitions",
+            "Partitions the event stream maps its subjects to (0: no mapping, every replica shares one consumer).",
+            registry=self.registry,
+        )
+        self.partitions_owned = Gauge(
+            "cqrs_projector_partitions_owned",
+            "Partitions this replica holds the lease of and consumes (summed over replicas: every partition once).",
+            registry=self.registry,
+        )
+        self.partition_handovers = Counter(
+            "cqrs_projector_partition_handovers",
+            "Partition leases taken (claimed), given up for a rebalance or a stop (released), or found expired "
+            "or taken by another replica (lost).",
+            ["direction"],
+            registry=self.registry,
+        )
         self._exporter: MetricsServer | None = None
 
     def record_outcome(self, outcome: BatchOutcome) -> None:
@@ -106,6 +128,7 @@ class ProjectorMetrics:
         self.duplicates.inc(outcome.duplicates)
         self.dead_letters.inc(len(outcome.parks) + len(outcome.dead_letters))
         self.held_events.inc(outcome.held)
+        self.naks.inc(len(outcome.nak))
 
     def record_stages(self, outcome: BatchOutcome, fetched_at: float) -> None:
         """Per applied event: commit to stored in JetStream (the relay's share), stored to fetched (`fetched_at`,
