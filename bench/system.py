@@ -24,9 +24,11 @@ from cqrs.orders.v1 import command_service_pb2_grpc as cgrpc
 from cqrs.orders.v1 import customer_service_pb2 as custpb
 from cqrs.orders.v1 import customer_service_pb2_grpc as custgrpc
 from cqrs.orders.v1 import order_pb2
+from nats.js import JetStreamContext
 
 from bench import cpu
 from core.subjects import DEFAULT_STREAM_NAME
+from projector.consumer import group_consumers
 
 COMMAND_MIX = "create=1,add=3,change=1,place=1"
 QUERY_MIX = "get=1,list=1"
@@ -289,12 +291,17 @@ async def outbox_empty(dsn: str, timeout: float) -> None:
         await conn.close()
 
 
+async def group_backlog(js: JetStreamContext) -> tuple[int, int]:
+    """(num_pending, num_ack_pending) summed over the projector's durable consumers (one per partition)."""
+    infos = await group_consumers(js, DEFAULT_STREAM_NAME, PROJECTOR_DURABLE)
+    return sum(int(i.num_pending or 0) for i in infos), sum(int(i.num_ack_pending or 0) for i in infos)
+
+
 async def consumer_backlog(nats_url: str) -> tuple[int, int]:
-    """(num_pending, num_ack_pending) of the projector's durable consumer."""
+    """(num_pending, num_ack_pending) of the projector's durable consumers."""
     nc = await nats.connect(nats_url, connect_timeout=5)
     try:
-        info = await nc.jetstream().consumer_info(DEFAULT_STREAM_NAME, PROJECTOR_DURABLE)
-        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+        return await group_backlog(nc.jetstream())
     finally:
         await nc.close()
 
@@ -308,9 +315,8 @@ async def time_drain(nats_url: str, backlog: int, timeout: float, on_start: Call
         started: float | None = None
         deadline = time.monotonic() + timeout
         while True:
-            info = await js.consumer_info(DEFAULT_STREAM_NAME, PROJECTOR_DURABLE)
+            pending, ack_pending = await group_backlog(js)
             now = time.monotonic()
-            pending, ack_pending = int(info.num_pending or 0), int(info.num_ack_pending or 0)
             if started is None and (pending < backlog or ack_pending > 0):
                 started = now
                 if on_start is not None:

@@ -29,6 +29,9 @@ class ProjectorSettings(BaseSettings):
     stream_replicas: int = Field(default=1, ge=1, le=5)
 
     projector_durable: str = "orders-projector"
+    # Partition leases (a partitioned stream): a replica that stops renewing loses its partitions after this long
+    # (a crash: rebalance time); renewed every third of it.
+    projector_lease_seconds: float = Field(default=10.0, ge=1.0)
     projector_batch_size: int = Field(default=200, ge=1, le=10_000)
     projector_fetch_timeout_seconds: float = Field(default=1.0, gt=0)
     # Redelivery if a projector dies holding messages; must exceed the time one batch takes.

@@ -1,4 +1,5 @@
-"""The JetStream side of the projector: connect, bind the durable pull consumer, fetch, settle, gauges.
+"""The JetStream side of the projector: connect, bind durable pull consumers (shared or per partition), fetch,
+settle, gauges.
 
 NATS disconnects are handled by nats-py's own reconnect; a fetch that fails meanwhile returns nothing.
 """
@@ -15,13 +16,13 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from opentelemetry.trace import Span, SpanKind
 
 from core.dependency_metrics import DependencyMetrics
 from core.envelope import HEADER_MSG_ID, HEADER_STREAM_ID, HEADER_VERSION
-from core.jetstream import ensure_stream, event_stream_config
-from core.subjects import stream_subjects
+from core.jetstream import ensure_stream, event_stream_config, nats_servers, stream_partitions
+from core.subjects import partition_filter, stream_subjects
 from core.tracing import extract_context, tracer
 from projector.config import ProjectorSettings
 from projector.metrics import ProjectorMetrics
@@ -34,58 +35,50 @@ CONSUMER_INFO_INTERVAL_SECONDS = 2.0
 CONSUMER_INFO_TIMEOUT_SECONDS = 1.0
 # Budget for the no-wait drain after the first message of a batch (one round trip to nats-server).
 DRAIN_TIMEOUT_SECONDS = 0.005
+# Closing a source waits this long for deliveries in flight before handing its buffered messages back.
+LEFTOVER_GRACE_SECONDS = 0.05
 
 
-class JetStreamConsumer:
-    """One durable pull consumer shared by every replica of a projector."""
+# The source of messages outside every partition (subjects no event has): see `JetStreamConsumer.config`.
+STRAYS = -1
 
-    def __init__(self, settings: ProjectorSettings, deps: DependencyMetrics, metrics: ProjectorMetrics) -> None:
+
+def partition_durable(durable: str, partition: int | None) -> str:
+    """The durable consumer of one partition (`<durable>-p<k>`), of the strays (`<durable>-strays`), or the shared
+    one (`partition` None)."""
+    if partition is None:
+        return durable
+    return f"{durable}-strays" if partition == STRAYS else f"{durable}-p{partition}"
+
+
+async def group_consumers(js: JetStreamContext, stream: str, durable: str) -> list[ConsumerInfo]:
+    """The consumers of a projector group: the shared durable and every partition's (what exists of them)."""
+    infos: list[ConsumerInfo] = await js.consumers_info(stream)
+    prefix = durable + "-p"
+    return [
+        info
+        for info in infos
+        if info.name in (durable, f"{durable}-strays")
+        or (info.name.startswith(prefix) and info.name[len(prefix) :].isdigit())
+    ]
+
+
+class PullSource:
+    """One durable pull consumer: the one every replica shares (`partition` None), or one partition's."""
+
+    def __init__(
+        self,
+        sub: JetStreamContext.PullSubscription,
+        durable: str,
+        partition: int | None,
+        settings: ProjectorSettings,
+        deps: DependencyMetrics,
+    ) -> None:
+        self._sub = sub
+        self.durable = durable
+        self.partition = partition
         self._settings = settings
         self._deps = deps
-        self._metrics = metrics
-        self._nc: NatsClient | None = None
-        self._js: JetStreamContext | None = None
-        self._sub: JetStreamContext.PullSubscription | None = None
-        self.stopping = False
-
-    @property
-    def connected(self) -> bool:
-        return self._nc is not None
-
-    async def connect(self, description: str) -> None:
-        """Connects (waiting for NATS as long as it takes), makes sure the stream and the consumer exist, binds."""
-        s = self._settings
-        # Assigned before connecting so that a connect cancelled while NATS is unreachable can still close it:
-        # with infinite reconnects nats-py retries even the *first* connection forever.
-        self._nc = NatsClient()
-        log.info("connecting to NATS at %s", s.nats_url)
-        await self._nc.connect(
-            servers=s.nats_url,
-            name=f"projector-{s.projector_durable}",
-            connect_timeout=2,
-            reconnect_time_wait=1,
-            max_reconnect_attempts=-1,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-        )
-        js = self._js = self._nc.jetstream()
-        await ensure_stream(js, event_stream_config(s.stream_name, s.subject_prefix))
-        await js.add_consumer(s.stream_name, self.config(description))
-        self._sub = await js.pull_subscribe_bind(durable=s.projector_durable, stream=s.stream_name)
-
-    def config(self, description: str) -> ConsumerConfig:
-        s = self._settings
-        return ConsumerConfig(
-            name=s.projector_durable,
-            durable_name=s.projector_durable,
-            description=description,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=s.projector_ack_wait_seconds,
-            max_ack_pending=s.projector_max_ack_pending,
-            deliver_policy=DeliverPolicy.ALL,
-            filter_subject=stream_subjects(s.subject_prefix)[0],
-        )
 
     async def fetch(self) -> list[Msg]:
         """Waits for the first message, then takes whatever else is already there, up to the batch size.
@@ -95,7 +88,6 @@ class JetStreamConsumer:
         every event at low traffic. Waiting for one message, then draining with a no-wait pull, keeps latency low
         and still forms large batches under load.
         """
-        assert self._sub is not None
         s = self._settings
         try:
             # An empty long poll (a timeout) is neither a latency sample nor an error.
@@ -105,7 +97,7 @@ class JetStreamConsumer:
             return []
         except nats.errors.Error as exc:
             # Disconnected / reconnecting: nats-py reconnects by itself; pause briefly instead of spinning.
-            log.warning("fetch from JetStream failed (%s); retrying", exc)
+            log.warning("fetch from JetStream (%s) failed (%s); retrying", self.durable, exc)
             await asyncio.sleep(1.0)
             return []
         if s.projector_batch_size > 1:
@@ -123,27 +115,133 @@ class JetStreamConsumer:
         calls += [m.term() for m in outcome.term]
         await settle_all(calls)
 
+    async def close(self) -> None:
+        """Stops pulling (the durable consumer stays, with its acknowledged position, for the next owner).
+
+        Messages the server delivered after the last fetch stopped waiting (the tail of a no-wait drain, say) sit
+        in the subscription's buffer: they are handed back (nak without delay) so that the next owner gets them at
+        once instead of after the ack wait."""
+        leftovers: list[Msg] = []
+        with contextlib.suppress(Exception):
+            await asyncio.sleep(LEFTOVER_GRACE_SECONDS)  # let deliveries already on the wire arrive
+            while self._sub.pending_msgs > 0 and len(leftovers) < self._settings.projector_batch_size:
+                leftovers += await self._sub.fetch(1, timeout=LEFTOVER_GRACE_SECONDS)
+        await settle_all(m.nak() for m in leftovers)
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+
+class JetStreamConsumer:
+    """The projector's NATS connection, the stream, and its pull sources (the shared one or partitions')."""
+
+    def __init__(self, settings: ProjectorSettings, deps: DependencyMetrics, metrics: ProjectorMetrics) -> None:
+        self._settings = settings
+        self._deps = deps
+        self._metrics = metrics
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._description = ""
+        self.sources: dict[int | None, PullSource] = {}
+        # Partitions of the stream (from its subject mapping); 0: a stream without one, consumed shared.
+        self.partitions = 0
+        self.stopping = False
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None
+
+    async def connect(self, description: str) -> None:
+        """Connects (waiting for NATS as long as it takes) and makes sure the stream exists; learns its partitions."""
+        s = self._settings
+        self._description = description
+        # Assigned before connecting so that a connect cancelled while NATS is unreachable can still close it:
+        # with infinite reconnects nats-py retries even the *first* connection forever.
+        self._nc = NatsClient()
+        log.info("connecting to NATS at %s", s.nats_url)
+        await self._nc.connect(
+            servers=nats_servers(s.nats_url),
+            name=f"projector-{s.projector_durable}",
+            connect_timeout=2,
+            reconnect_time_wait=1,
+            max_reconnect_attempts=-1,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        js = self._js = self._nc.jetstream()
+        wanted = event_stream_config(
+            s.stream_name, s.subject_prefix, partitions=s.stream_partitions, replicas=s.stream_replicas
+        )
+        self.partitions = stream_partitions(await ensure_stream(js, wanted))
+        self._metrics.stream_partitions.set(self.partitions)
+
+    def config(self, partition: int | None) -> ConsumerConfig:
+        """The shared consumer takes every subject; a partition's, its own; the strays', what no partition maps: a
+        one-token subject or one of four tokens and more (they carry no event: the projector dead-letters them).
+        A three-token subject that is not `<partition>.<type>.<id>` cannot be filtered apart: `cqrs verify` is
+        what reports such a message."""
+        s = self._settings
+        durable = partition_durable(s.projector_durable, partition)
+        prefix = s.subject_prefix
+        subject: str | None = stream_subjects(prefix)[0]
+        subjects: list[str] | None = None
+        if partition == STRAYS:
+            subject, subjects = None, [f"{prefix}.*", f"{prefix}.*.*.*.>"]
+        elif partition is not None:
+            subject = partition_filter(partition, prefix)
+        return ConsumerConfig(
+            name=durable,
+            durable_name=durable,
+            description=self._description,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=s.projector_ack_wait_seconds,
+            max_ack_pending=s.projector_max_ack_pending,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=subject,
+            filter_subjects=subjects,
+        )
+
+    async def open_source(self, partition: int | None) -> PullSource:
+        """Makes sure the durable consumer exists (shared, or the partition's) and binds a pull subscription."""
+        assert self._js is not None, "not connected"
+        s = self._settings
+        config = self.config(partition)
+        assert config.durable_name is not None
+        async with self._deps.timed("nats", "bind"):
+            await self._js.add_consumer(s.stream_name, config)
+            sub = await self._js.pull_subscribe_bind(durable=config.durable_name, stream=s.stream_name)
+        source = self.sources[partition] = PullSource(sub, config.durable_name, partition, s, self._deps)
+        return source
+
+    async def close_source(self, source: PullSource) -> None:
+        if self.sources.get(source.partition) is source:
+            del self.sources[source.partition]
+        await source.close()
+
     async def refresh_gauges(self) -> None:
-        """The consumer's pending counts, every few seconds; failures only leave them stale (a supervised loop)."""
+        """The pending counts of the consumers this replica pulls from, every few seconds; failures only leave
+        them stale (a supervised loop)."""
         s = self._settings
         while True:
             if self._js is not None:
                 try:
-                    info = await self._js.consumer_info(
-                        s.stream_name, s.projector_durable, timeout=CONSUMER_INFO_TIMEOUT_SECONDS
-                    )
+                    pending = ack_pending = 0
+                    for source in list(self.sources.values()):
+                        info = await self._js.consumer_info(
+                            s.stream_name, source.durable, timeout=CONSUMER_INFO_TIMEOUT_SECONDS
+                        )
+                        pending += info.num_pending or 0
+                        ack_pending += info.num_ack_pending or 0
                 except Exception as exc:  # a metric must never stop the projector (timeouts, disconnects, ...)
                     log.debug("could not read the consumer info: %s", exc)
                 else:
-                    self._metrics.consumer_pending.set(info.num_pending or 0)
-                    self._metrics.consumer_ack_pending.set(info.num_ack_pending or 0)
+                    self._metrics.consumer_pending.set(pending)
+                    self._metrics.consumer_ack_pending.set(ack_pending)
             await asyncio.sleep(CONSUMER_INFO_INTERVAL_SECONDS)
 
     async def close(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+        for source in list(self.sources.values()):
+            await self.close_source(source)
         if self._nc is not None:
             # Flush so the acks of the last batch leave before the socket closes.
             with contextlib.suppress(Exception):

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -39,11 +39,13 @@ from core.projections import Projection
 from core.subjects import stream_subjects
 from core.supervisor import Supervisor
 from projector.config import ProjectorSettings
-from projector.consumer import JetStreamConsumer, apply_span, settle_all
+from projector.consumer import STRAYS, JetStreamConsumer, PullSource, apply_span, settle_all
 from projector.generation_writer import GenerationWriter
 from projector.health import ProjectorHealth, ProjectorStats
+from projector.leases import PartitionLeases
 from projector.metrics import ProjectorMetrics
 from projector.mongo_writer import MongoDocument
+from projector.partitions import Fence, PartitionOwner
 from projector.pipeline import Pipeline
 from projector.planning import (
     GAP,
@@ -73,6 +75,9 @@ MONGO_BACKOFF_BASE_SECONDS = 0.1
 
 # The read models this projector keeps (the shared registry).
 DEFAULT_PROJECTIONS: tuple[Projection, ...] = PROJECTIONS
+
+# A worker whose lease is not (yet) renewed looks again this often instead of fetching.
+FENCE_WAIT_SECONDS = 0.2
 
 CONSUME = "consume"
 RESUME_PARKED = "resume-parked"
@@ -131,6 +136,10 @@ class Projector:
         self._indexes_ready = False
         self._mongo_attempts = 0
         self._generations: GenerationWriter | None = None
+        # One batch is applied at a time (partitions' fetches overlap); MongoDB recovery is awaited by one worker.
+        self._apply_lock = asyncio.Lock()
+        self._mongo_lock = asyncio.Lock()
+        self.owner: PartitionOwner | None = None
 
     @property
     def running(self) -> bool:
@@ -293,40 +302,104 @@ class Projector:
     # ---- the loops ------------------------------------------------------------------------------------------
 
     async def _consume(self) -> None:
-        """Fetch -> apply -> settle, until stop(); then reports the last batch done and waits to be stopped."""
-        s = self._settings
-        while not self._stopping.is_set():
-            failpoint("projector.loop")
-            if not self.stats.mongo_available:
-                await self._wait_for_mongo()
-                continue
-            if not await self._generation_checked():
-                continue
-            msgs = await self.consumer.fetch()
-            # A fetch may have waited (or this process may have been paused) past a check: never write a batch
-            # to a generation that a cutover may have retired meanwhile.
-            if msgs and not await self._generation_checked():
-                await settle_all(m.nak() for m in msgs)
-                continue
-            if msgs:
-                await self.process_batch(msgs)
-                self.stats.last_batch_monotonic = asyncio.get_running_loop().time()
-            summary = self.stats.take_summary(s.projector_stats_interval_seconds)
-            if summary is not None:
-                log.info(
-                    "applied %d events in %.1fs (%.0f/s), lag p50 %.3fs p99 %.3fs; "
-                    "%d duplicates, %d gaps, %d dead letters",
-                    summary.applied,
-                    summary.seconds,
-                    summary.rate,
-                    summary.lag_p50,
-                    summary.lag_p99,
-                    summary.duplicates,
-                    summary.gaps,
-                    summary.dead_letters,
-                )
+        """Consumes until stop(): this replica's share of the partitions (each through its own worker), or the one
+        consumer every replica shares when the stream has no partition mapping; then reports the last batch done
+        and waits to be stopped."""
+        if self.consumer.partitions:
+            assert self._mongo is not None and self._generations is not None
+            s = self._settings
+            leases = PartitionLeases(
+                self._mongo[s.mongo_database],
+                s.projector_durable,
+                self._generations.writer_id,
+                s.projector_lease_seconds,
+            )
+            self.owner = PartitionOwner(
+                leases,
+                self.consumer.partitions,
+                self._start_partition,
+                self.metrics,
+                self._stopping,
+                lease_seconds=s.projector_lease_seconds,
+                mongo_ready=self._mongo_ready,
+                mongo_failed=self._mongo_unavailable,
+                every_round=self._generation_followed,
+            )
+            await self.owner.run()
+        else:
+            source = await self.consumer.open_source(None)
+            try:
+                await self._consume_source(source, None)
+            finally:
+                await self.consumer.close_source(source)
         self._drained.set()
         await _until_cancelled()
+
+    async def _start_partition(
+        self, partition: int, fence: Fence
+    ) -> tuple[asyncio.Task[None], Callable[[], Awaitable[None]]]:
+        """Partition `partition`'s worker; partition 0's owner also consumes the strays (`consumer.STRAYS`)."""
+        sources = [await self.consumer.open_source(partition)]
+        if partition == 0:
+            sources.append(await self.consumer.open_source(STRAYS))
+
+        async def consume() -> None:
+            await asyncio.gather(*(self._consume_source(source, fence) for source in sources))
+
+        async def close() -> None:
+            for source in sources:
+                await self.consumer.close_source(source)
+
+        return asyncio.create_task(consume(), name=f"projector partition {partition}"), close
+
+    async def _consume_source(self, source: PullSource, fence: Fence | None) -> None:
+        """Fetch -> apply -> settle from one consumer, until stop() or (a partition's) the fence is released.
+
+        Fetches of several partitions run concurrently; batches are applied one at a time (`_apply_lock`), which is
+        also what lets a generation switch happen between two batches of every partition."""
+        while not self._stopping.is_set() and (fence is None or not fence.released):
+            failpoint("projector.loop")
+            if not await self._mongo_ready():
+                continue
+            if fence is not None and not fence.holds():
+                await self._sleep(FENCE_WAIT_SECONDS)  # the lease is being renewed (or lost): fetch nothing
+                continue
+            async with self._apply_lock:
+                checked = await self._generation_checked()
+            if not checked:
+                continue
+            msgs = await source.fetch()
+            if msgs:
+                async with self._apply_lock:
+                    # A fetch may have waited (or this process may have been paused) past a check, or past the
+                    # lease: never write a batch to a retired generation, nor one of a partition no longer ours.
+                    if (fence is not None and not fence.valid()) or not await self._generation_checked():
+                        self.metrics.naks.inc(len(msgs))
+                        await settle_all(m.nak() for m in msgs)
+                        continue
+                    await self.process_batch(msgs, source)
+                self.stats.last_batch_monotonic = asyncio.get_running_loop().time()
+            self._log_summary()
+
+    def _log_summary(self) -> None:
+        summary = self.stats.take_summary(self._settings.projector_stats_interval_seconds)
+        if summary is not None:
+            log.info(
+                "applied %d events in %.1fs (%.0f/s), lag p50 %.3fs p99 %.3fs; %d duplicates, %d gaps, %d dead letters",
+                summary.applied,
+                summary.seconds,
+                summary.rate,
+                summary.lag_p50,
+                summary.lag_p99,
+                summary.duplicates,
+                summary.gaps,
+                summary.dead_letters,
+            )
+
+    async def _generation_followed(self) -> None:
+        """Between two batches (none in flight): follow a cutover and report the generation written."""
+        async with self._apply_lock:
+            await self._generation_checked()
 
     async def _generation_checked(self) -> bool:
         """Follows the active generation when a check is due; False when MongoDB failed (the loop waits for it)."""
@@ -360,6 +433,15 @@ class Projector:
             except PyMongoError as exc:
                 log.warning("could not look at the parked streams: %s", _short(exc))
         await _until_cancelled()
+
+    async def _mongo_ready(self) -> bool:
+        """True when MongoDB is known to answer; else waits (one backoff step, one caller at a time) and says if it
+        answers now."""
+        if not self.stats.mongo_available:
+            async with self._mongo_lock:
+                if not self.stats.mongo_available:
+                    await self._wait_for_mongo()
+        return self.stats.mongo_available
 
     async def _wait_for_mongo(self) -> None:
         """Creates the indexes (first time) or pings, backing off until MongoDB answers or stop() is called."""
@@ -401,7 +483,7 @@ class Projector:
 
     # ---- one batch ------------------------------------------------------------------------------------------
 
-    async def process_batch(self, msgs: Sequence[Msg]) -> None:
+    async def process_batch(self, msgs: Sequence[Msg], source: PullSource) -> None:
         """Applies one fetched batch to the read model and settles every message in it.
 
         Each message gets a `projector.apply` span continuing the trace in its `traceparent` header; it lasts
@@ -420,16 +502,18 @@ class Projector:
             failpoint("projector.after_write_before_ack")
         except PyMongoError as exc:
             self._mongo_unavailable(exc)
+            self.metrics.naks.inc(len(msgs))
             await settle_all(m.nak(delay=self._mongo_backoff()) for m in msgs)
             return
         except Exception:
+            self.metrics.naks.inc(len(msgs))
             await settle_all(m.nak(delay=cap) for m in msgs)
             raise
         finally:
             for span in spans.values():
                 span.end()
         started = time.monotonic()
-        await self.consumer.settle(outcome)
+        await source.settle(outcome)
         self.metrics.stages.observe("settle", time.monotonic() - started)
         self.metrics.record_stages(outcome, fetched_at)
         self.stats.record_outcome(outcome)

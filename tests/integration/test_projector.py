@@ -13,13 +13,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerInfo
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -40,6 +39,7 @@ from core.subjects import event_subject, parse_event_subject
 from core.values import Address
 from localservers import MongoServer, NatsServer, free_port
 from projector.config import ProjectorSettings
+from projector.consumer import group_consumers
 from projector.planning import Decoder
 from projector.runner import Projector
 from tests.support import eventually
@@ -54,6 +54,13 @@ T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
 
 def new_order_id() -> str:
     return str(uuid.uuid4())
+
+
+class GroupCounts(NamedTuple):
+    consumers: int
+    num_pending: int
+    num_ack_pending: int
+    num_redelivered: int
 
 
 @dataclass
@@ -150,16 +157,25 @@ class Harness:
 
         return await eventually(probe, what=f"order {order_id} at version {version} in the read model", timeout=timeout)
 
-    async def consumer(self) -> ConsumerInfo:
-        info: ConsumerInfo = await self.js.consumer_info(self.settings.stream_name, self.settings.projector_durable)
-        return info
+    async def consumer(self) -> GroupCounts:
+        """The projector group's consumers (one per partition), their counts summed."""
+        infos = await group_consumers(self.js, self.settings.stream_name, self.settings.projector_durable)
+        return GroupCounts(
+            len(infos),
+            sum(i.num_pending or 0 for i in infos),
+            sum(i.num_ack_pending or 0 for i in infos),
+            sum(i.num_redelivered or 0 for i in infos),
+        )
 
     async def settled(self, what: str, timeout: float = 15.0) -> None:
         """Waits until the consumer has delivered everything and nothing is waiting for an ack."""
 
-        async def probe() -> ConsumerInfo | None:
+        async def probe() -> GroupCounts | None:
             info = await self.consumer()
-            return info if info.num_pending == 0 and info.num_ack_pending == 0 else None
+            # One consumer per partition plus the strays' (created as the partitions are claimed), or the shared one.
+            partitions = self.settings.stream_partitions
+            every_consumer = info.consumers == (partitions + 1 if partitions else 1)
+            return info if every_consumer and info.num_pending == 0 and info.num_ack_pending == 0 else None
 
         await eventually(probe, what=f"the consumer to settle every message ({what})", timeout=timeout)
 

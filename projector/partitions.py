@@ -1,0 +1,201 @@
+"""Partition ownership of one projector replica: hold a fair share of the stream's partitions, consume each one
+through its own worker, and hand partitions over cleanly when replicas join or leave.
+
+Every `interval` the owner renews its member heartbeat and its leases, then follows `projector.ownership`'s plan:
+
+* a partition to release: its worker is told to stop, finishes (writes and settles) the batch in hand, its pull
+  subscription is closed, and only then is the lease freed: the next owner starts at the acknowledged position,
+  so nothing is applied twice out of order and nothing is skipped;
+* a partition to claim: the lease is taken (an atomic conditional upsert), then a worker starts on its durable
+  consumer;
+* a lease found taken by another replica (ours expired while this process was frozen): its worker stops.
+
+A worker applies a batch only while its `Fence` holds (the lease is unexpired by our clock, with a margin), so a
+replica cut off from MongoDB stops consuming before another can take its partitions. The version guard keeps any
+residual overlap harmless. A crashed replica's leases simply expire after the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from pymongo.errors import PyMongoError
+
+from projector.leases import FREE, PartitionLeases
+from projector.metrics import ProjectorMetrics
+from projector.ownership import plan_ownership
+
+log = logging.getLogger(__name__)
+
+# Releasing a partition waits this long for its worker's batch in hand; then the worker is cancelled (its
+# unsettled messages are redelivered after ack_wait, harmlessly).
+WORKER_STOP_TIMEOUT_SECONDS = 10.0
+# Best effort on the way out: free our leases so that the others need not wait for them to expire.
+LEAVE_TIMEOUT_SECONDS = 2.0
+
+
+@dataclass
+class Fence:
+    """A worker's right to apply batches of its partition: until `expires_at - margin`, and until released."""
+
+    margin: timedelta
+    expires_at: datetime = FREE
+    released: bool = False
+
+    def holds(self) -> bool:
+        """May the worker fetch another batch?"""
+        return not self.released and self.valid()
+
+    def valid(self) -> bool:
+        """May the worker apply a batch it fetched? Released or not: the lease is freed only after it is done."""
+        return datetime.now(UTC) < self.expires_at - self.margin
+
+
+@dataclass
+class Worker:
+    partition: int
+    fence: Fence
+    task: asyncio.Task[None]
+    closing: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+# Starts consuming a partition under a fence: returns the running task and how to close the partition's source.
+StartWorker = Callable[[int, Fence], Awaitable[tuple[asyncio.Task[None], Callable[[], Awaitable[None]]]]]
+
+
+class PartitionOwner:
+    """Keeps this replica's fair share of `partitions`, one worker per owned partition, until `stopping` is set."""
+
+    def __init__(
+        self,
+        leases: PartitionLeases,
+        partitions: int,
+        start_worker: StartWorker,
+        metrics: ProjectorMetrics,
+        stopping: asyncio.Event,
+        *,
+        lease_seconds: float,
+        mongo_ready: Callable[[], Awaitable[bool]],
+        mongo_failed: Callable[[BaseException], None],
+        every_round: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._leases = leases
+        self._partitions = partitions
+        self._start_worker = start_worker
+        self._metrics = metrics
+        self._stopping = stopping
+        self._interval = lease_seconds / 3
+        self._margin = timedelta(seconds=lease_seconds / 5)
+        self._mongo_ready = mongo_ready
+        self._mongo_failed = mongo_failed
+        self._every_round = every_round
+        self.workers: dict[int, Worker] = {}
+
+    @property
+    def owned(self) -> list[int]:
+        return sorted(self.workers)
+
+    async def run(self) -> None:
+        """The ownership loop; on the way out (stop, or an error for the supervisor) every worker finishes its batch
+        and every lease is freed."""
+        indexed = False
+        try:
+            while not self._stopping.is_set():
+                if not await self._mongo_ready():  # backs off while MongoDB is down
+                    continue
+                try:
+                    if not indexed:
+                        await self._leases.ensure_indexes()
+                        indexed = True
+                    await self._rebalance()
+                except PyMongoError as exc:
+                    # Workers keep their partitions until their fences expire; the next round renews or loses them.
+                    self._mongo_failed(exc)
+                self._raise_if_a_worker_failed()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=self._interval)
+        finally:
+            await self._give_up_all()
+
+    async def _rebalance(self) -> None:
+        leases = self._leases
+        await self._every_round()  # a replica with no partition still follows the active generation
+        members = await leases.heartbeat()
+        held, expires = await leases.renew(list(self.workers))
+        for partition in list(self.workers):
+            if partition in held:
+                self.workers[partition].fence.expires_at = expires
+            else:
+                log.warning("partition %d: lease lost to another replica; stopping its worker", partition)
+                await self._stop_worker(partition)
+                self._metrics.partition_handovers.labels("lost").inc()
+        owners = await leases.owners()
+        for partition, owner in owners.items():  # ours from before a restart of this loop: resume them
+            if owner == leases.member and partition not in self.workers:
+                await self._claim(partition)
+        plan = plan_ownership(self._partitions, members, leases.member, owners)
+        for partition in plan.release:
+            await self._stop_worker(partition)
+            await leases.release(partition)
+            self._metrics.partition_handovers.labels("released").inc()
+            log.info("partition %d released for a rebalance (%d live replicas)", partition, len(members))
+        for partition in plan.claim:
+            if await self._claim(partition):
+                log.info("partition %d claimed (%d live replicas)", partition, len(members))
+        self._metrics.partitions_owned.set(len(self.workers))
+
+    async def _claim(self, partition: int) -> bool:
+        expires = await self._leases.claim(partition)
+        if expires is None:
+            return False
+        fence = Fence(self._margin, expires)
+        try:
+            task, close = await self._start_worker(partition, fence)
+        except BaseException:
+            with contextlib.suppress(PyMongoError):
+                await self._leases.release(partition)
+            raise
+        self.workers[partition] = Worker(partition, fence, task, [close])
+        self._metrics.partition_handovers.labels("claimed").inc()
+        return True
+
+    async def _stop_worker(self, partition: int) -> None:
+        """Lets the worker finish its batch in hand (bounded), then closes its source."""
+        worker = self.workers.pop(partition)
+        worker.fence.released = True
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.task), timeout=WORKER_STOP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "partition %d: batch not finished within %.0fs; cancelling it", partition, WORKER_STOP_TIMEOUT_SECONDS
+            )
+        except Exception:
+            pass  # its failure is the supervisor's business when the loop raises it; here it is stopping anyway
+        worker.task.cancel()
+        with contextlib.suppress(BaseException):
+            await worker.task
+        for close in worker.closing:
+            await close()
+        self._metrics.partitions_owned.set(len(self.workers))
+
+    def _raise_if_a_worker_failed(self) -> None:
+        for worker in self.workers.values():
+            if worker.task.done() and not worker.task.cancelled() and worker.task.exception() is not None:
+                raise RuntimeError(f"partition {worker.partition}'s worker failed") from worker.task.exception()
+
+    async def _give_up_all(self) -> None:
+        owned = list(self.workers)
+        for partition in owned:
+            await self._stop_worker(partition)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(LEAVE_TIMEOUT_SECONDS):
+                for partition in owned:
+                    await self._leases.release(partition)
+                    self._metrics.partition_handovers.labels("released").inc()
+                await self._leases.leave()
+        self._metrics.partitions_owned.set(0)
