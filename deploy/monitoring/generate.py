@@ -92,6 +92,15 @@ def _stage_mean(metric: str, stages: str, process: str) -> Target:
     return Target(f"{seconds} / {count}", f"{process} {{{{stage}}}}")
 
 
+def _consumer_backlog(gauge: str, legend: str) -> Target:
+    """A consumer gauge over all replicas: their sum when the stream is partitioned (each replica reports the
+    consumers of its own partitions), else the max (every replica reports the one shared consumer)."""
+    return Target(
+        f"(sum({gauge}) and on () (max(cqrs_projector_stream_partitions) > 0)) or max({gauge})",
+        legend,
+    )
+
+
 def _rpc_row(title: str, job: str, what: str) -> list[Panel]:
     # Server streams (WatchOrder, health Watch) last as long as the client keeps them open: not a latency.
     unary = f'job="{job}", method!~".*/Watch(Order)?"'
@@ -189,11 +198,12 @@ ROWS = [
             ),
             Panel(
                 "Consumer backlog",
-                "The durable JetStream consumer: events not yet delivered (pending) and delivered but not yet "
-                "acknowledged (ack pending). Every replica reports the same consumer, hence max.",
+                "The durable JetStream consumers: events not yet delivered (pending) and delivered but not yet "
+                "acknowledged (ack pending). With a partitioned stream each replica reports the consumers of the "
+                "partitions it owns, hence the sum; with one shared consumer every replica reports it, hence max.",
                 [
-                    Target("max(cqrs_projector_consumer_pending)", "pending"),
-                    Target("max(cqrs_projector_consumer_ack_pending)", "ack pending"),
+                    _consumer_backlog("cqrs_projector_consumer_pending", "pending"),
+                    _consumer_backlog("cqrs_projector_consumer_ack_pending", "ack pending"),
                 ],
                 width=8,
             ),
@@ -205,6 +215,62 @@ ROWS = [
                     Target("sum(cqrs_projector_serving)", "serving"),
                 ],
                 width=8,
+            ),
+        ],
+    ),
+    Row(
+        "Projector partitions (one lease per partition)",
+        [
+            Panel(
+                "Partitions owned per replica",
+                "Partitions each projector replica holds the lease of and consumes "
+                "(cqrs_projector_partitions_owned), beside the stream's partition count "
+                "(cqrs_projector_stream_partitions; 0: no partition mapping, the replicas share one consumer). "
+                "With M replicas each owns about partitions / M.",
+                [
+                    Target("sum by (instance) (cqrs_projector_partitions_owned)", "{{instance}}"),
+                    Target("max(cqrs_projector_stream_partitions)", "stream partitions"),
+                ],
+                width=6,
+            ),
+            Panel(
+                "Unowned partitions",
+                "Stream partitions minus the partitions owned over all replicas: above 0, some orders stop updating "
+                "(CqrsUnownedPartitions after a minute); below 0, a partition is owned twice (a moment during a "
+                "handover; CqrsPartitionsOwnedTwice after 5 minutes).",
+                [
+                    Target(
+                        "max(cqrs_projector_stream_partitions) - sum(cqrs_projector_partitions_owned)",
+                        "unowned",
+                    )
+                ],
+                width=6,
+            ),
+            Panel(
+                "Partition handovers per 5 minutes by direction",
+                "Leases claimed, released (rebalance, shutdown) and lost (not renewed in time: CPU throttling, slow "
+                "MongoDB; CqrsPartitionLeaseChurn when it goes on). Claims and releases follow replicas joining "
+                "and leaving.",
+                [
+                    Target(
+                        "sum by (direction) (increase(cqrs_projector_partition_handovers_total[5m]))",
+                        "{{direction}}",
+                    )
+                ],
+                width=6,
+            ),
+            Panel(
+                "Naks and redeliveries per second",
+                "Messages negatively acknowledged for redelivery (version gaps, MongoDB failures, handovers: "
+                "cqrs_projector_naks_total) and fetched messages JetStream had delivered before "
+                "(cqrs_projector_redeliveries_total: naks coming back, and messages of a replica that died "
+                "unacknowledged, after the ack wait).",
+                [
+                    Target(f"sum(rate(cqrs_projector_naks_total[{RATE}]))", "naks"),
+                    Target(f"sum(rate(cqrs_projector_redeliveries_total[{RATE}]))", "redeliveries"),
+                ],
+                unit="ops",
+                width=6,
             ),
         ],
     ),
@@ -357,8 +423,8 @@ def dashboard() -> dict[str, Any]:
     return {
         "uid": "cqrs-orders",
         "title": "cqrs-orders",
-        "description": "Time to queryable, commands and queries, projector, outbox, parked streams, dependencies "
-        "and rebuilds (deploy/monitoring/generate.py; alerts in alerts.rules.yml).",
+        "description": "Time to queryable, commands and queries, projector and its partitions, outbox, parked "
+        "streams, dependencies and rebuilds (deploy/monitoring/generate.py; alerts in alerts.rules.yml).",
         "tags": ["cqrs-orders"],
         "timezone": "browser",
         "editable": True,

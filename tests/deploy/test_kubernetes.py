@@ -346,6 +346,64 @@ def test_prod_runs_more_replicas_than_dev(rendered: dict[str, Rendered]) -> None
         assert rendered["prod"].get("HorizontalPodAutoscaler", name)["spec"]["minReplicas"] >= 3, name
 
 
+def test_prod_spreads_every_service_over_nodes_strictly(rendered: dict[str, Rendered]) -> None:
+    """In prod a lost node takes at most one replica's share with it (for the projector: its partitions)."""
+    for name in APP_DEPLOYMENTS:
+        spec = pod_spec(rendered["prod"].get("Deployment", name))
+        (by_node,) = [t for t in spec["topologySpreadConstraints"] if t["topologyKey"] == "kubernetes.io/hostname"]
+        assert by_node["whenUnsatisfiable"] == "DoNotSchedule", name
+
+
+# --- partitioned projection (README, "Scaling") ------------------------------------------------------------------
+
+STREAM_SETTINGS = ("CQRS_STREAM_NAME", "CQRS_SUBJECT_PREFIX", "CQRS_STREAM_PARTITIONS", "CQRS_STREAM_REPLICAS")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_process_that_creates_the_stream_gets_the_same_stream_settings(
+    rendered: dict[str, Rendered], overlay: str
+) -> None:
+    """The relay (command_service) and the projector both create the stream when it is missing, and whichever
+    starts first fixes its partitions and replicas: both take them from the one ConfigMap, neither overrides them."""
+    r = rendered[overlay]
+    settings = config_map(r)
+    assert set(STREAM_SETTINGS) <= set(settings), f"{overlay}: the ConfigMap must set {STREAM_SETTINGS}"
+    assert int(settings["CQRS_STREAM_PARTITIONS"]) >= 2
+    for name in ("command-service", "projector"):
+        (c,) = pod_spec(r.get("Deployment", name))["containers"]
+        maps = [strip_hash(s["configMapRef"]["name"]) for s in c.get("envFrom", []) if "configMapRef" in s]
+        assert maps == ["cqrs-config"], f"{overlay}: {name} mounts {maps}"
+        overridden = {e["name"] for e in c.get("env", [])} & set(STREAM_SETTINGS)
+        assert not overridden, f"{overlay}: {name} overrides {sorted(overridden)} of the shared ConfigMap"
+        assert set(STREAM_SETTINGS) <= env_read_by()[ENTRY_MODULE[name]], name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_projector_replicas_fit_the_partitions(rendered: dict[str, Rendered], overlay: str) -> None:
+    """At least two projectors (a lost one's partitions have somewhere to go), never more than partitions (one
+    beyond would own none), drained one at a time, with a lease that moves a dead replica's partitions in seconds."""
+    r = rendered[overlay]
+    settings = config_map(r)
+    partitions = int(settings["CQRS_STREAM_PARTITIONS"])
+    hpa = r.get("HorizontalPodAutoscaler", "projector")["spec"]
+    assert 2 <= hpa["minReplicas"] <= hpa["maxReplicas"] <= partitions, f"{overlay}: {hpa} for {partitions}"
+    assert r.get("PodDisruptionBudget", "projector")["spec"]["maxUnavailable"] == 1
+    lease = float(settings["CQRS_PROJECTOR_LEASE_SECONDS"])
+    assert 5 <= lease <= 30, f"{overlay}: CQRS_PROJECTOR_LEASE_SECONDS={lease}"
+    assert "CQRS_PROJECTOR_LEASE_SECONDS" in env_read_by()["projector"]
+
+
+def test_prod_expects_replicated_servers_and_dev_a_single_one(rendered: dict[str, Rendered]) -> None:
+    """prod: the stream on three JetStream servers, projector writes acknowledged by a MongoDB majority. dev: one
+    nats-server, on which JetStream would refuse a stream of three replicas."""
+    prod, dev = config_map(rendered["prod"]), config_map(rendered["dev"])
+    assert prod["CQRS_STREAM_REPLICAS"] == "3"
+    assert prod["CQRS_MONGO_WRITE_CONCERN"] == "majority"
+    assert dev["CQRS_STREAM_REPLICAS"] == "1"
+    assert rendered["dev"].get("StatefulSet", "nats")["spec"]["replicas"] == 1
+    assert rendered["prod"].get("HorizontalPodAutoscaler", "projector")["spec"]["minReplicas"] >= 3
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_services_select_pods_and_name_their_ports(rendered: dict[str, Rendered], overlay: str) -> None:
     r = rendered[overlay]

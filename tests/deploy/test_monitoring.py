@@ -118,6 +118,22 @@ def test_every_alert_tells_the_operator_what_is_wrong_and_what_to_do() -> None:
         assert "for" in rule, f"{name}: an alert without `for:` fires on one bad evaluation"
 
 
+def test_the_alerts_the_issue_asks_for_exist() -> None:
+    """Issue 13: time-to-queryable SLO, outbox backlog age, no active relay, parked streams, unowned partitions,
+    dependency errors."""
+    wanted = {
+        "CqrsTimeToQueryableBudgetBurnFast": "cqrs:time_to_queryable_slow_ratio",
+        "CqrsOutboxBacklogAging": "cqrs_outbox_oldest_age_seconds",
+        "CqrsNoActiveRelay": "cqrs_relay_active",
+        "CqrsPoisonedStreams": "cqrs_projector_parked_streams",
+        "CqrsUnownedPartitions": "cqrs_projector_partitions_owned",
+        "CqrsDependencyErrors": "cqrs_dependency_call_errors_total",
+    }
+    for name, metric in wanted.items():
+        assert name in alerts(), f"no alert {name}"
+        assert metric in alerts()[name]["expr"], f"{name} does not watch {metric}"
+
+
 def test_readme_runbook_covers_every_alert() -> None:
     text = README.read_text(encoding="utf-8")
     heading = re.search(r"^### Alerts and dashboard\n(.*?)(?=^#{1,3} )", text, re.M | re.S)
@@ -395,7 +411,9 @@ def test_dashboard_is_grafana_json_with_a_query_in_every_panel() -> None:
         assert refs and len(refs) == len(set(refs)), panel["title"]
         assert all(t["expr"].strip() for t in panel["targets"]), panel["title"]
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("time to queryable", "commands", "queries", "projector", "outbox", "parked", "dependency", "rebuild"):
+    topics = ("time to queryable", "commands", "queries", "projector", "outbox", "parked", "dependency", "rebuild")
+    partitions = ("partitions owned", "unowned partitions", "handovers", "naks", "redeliveries")
+    for topic in topics + partitions:
         assert topic in titles, f"the dashboard has no panel about {topic}"
 
 
