@@ -34,11 +34,14 @@ class Difference:
     fields: tuple[FieldDiff, ...] = ()  # expected = the live value, actual = the generation's
     live_version: int | None = None
     generation_version: int | None = None
+    # A view stamp (`customer_version` on orders, `order_stats_version` on customers) differs: fields copied from
+    # other streams were written from different states of them (one side behind on those streams).
+    stamps_differ: bool = False
 
     @property
     def versions_differ(self) -> bool:
         """One side is behind the other (may resolve once both reflect the same events)."""
-        return self.live_version != self.generation_version
+        return self.live_version != self.generation_version or self.stamps_differ
 
 
 class IgnoredFields:
@@ -80,7 +83,11 @@ def compare_documents(
     if generation is None:
         return Difference(collection, doc_id, MISSING_IN_GENERATION, (), *versions)
     diffs = tuple(d for d in diff_documents(live, generation) if not ignored.ignores(collection, d.path))
-    return Difference(collection, doc_id, DIFFERS, diffs, *versions) if diffs else None
+    if not diffs:
+        return None
+    stamps = {key for key in (*live, *generation) if key.endswith("_version")}
+    stamps_differ = any(live.get(key) != generation.get(key) for key in stamps)
+    return Difference(collection, doc_id, DIFFERS, diffs, *versions, stamps_differ)
 
 
 @dataclass(slots=True)
