@@ -13,7 +13,6 @@ from cqrsctl.rebuild.build import only_conflicts, problems
 from cqrsctl.rebuild.cli import config_from_args, render_json, render_status, render_text
 from cqrsctl.rebuild.cutover import CutoverResult
 from cqrsctl.rebuild.generations import database_name, status_rows
-from cqrsctl.rebuild.shadow import IgnoredFields, compare_documents
 from cqrsctl.rebuild.model import RebuildResult, changed_components
 from cqrsctl.rebuild.progress import RebuildMetrics, RebuildProgress, eta_text
 from cqrsctl.rebuild.reader import Cursor
