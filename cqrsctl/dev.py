@@ -9,6 +9,9 @@ Environment:
   CQRS_DEV_POSTGRES_PORT / CQRS_DEV_NATS_PORT / CQRS_DEV_MONGO_PORT   ports of the local servers
                                                                       (55432 / 54222 / 57017)
   CQRS_DEV_DATA_DIR                                                   data folder (./.data)
+  CQRS_DEV_NATS_NODES                                                 3: a 3-node JetStream cluster (client ports
+                                                                      from CQRS_DEV_NATS_PORT up, routes +100,
+                                                                      monitoring +200) and CQRS_STREAM_REPLICAS=3
   CQRS_POSTGRES_DSN / CQRS_NATS_URL / CQRS_MONGO_URL                  use this external server instead
   CQRS_COMMAND_LISTEN / CQRS_QUERY_LISTEN                             gRPC listen addresses
                                                                       (127.0.0.1:50051 / 127.0.0.1:50052)
@@ -33,7 +36,9 @@ from localservers import (
     SERVICE_READY_TIMEOUT,
     SERVICE_STOP_TIMEOUT,
     MongoServer,
+    NatsCluster,
     NatsServer,
+    NodePorts,
     PostgresServer,
     ServerProcess,
     ServerStartError,
@@ -104,6 +109,7 @@ class Endpoint:
     label: str
     url: str
     server: ServerProcess | None
+    note: str = ""  # what the table says instead of the server's log
 
 
 @contextlib.contextmanager
@@ -138,6 +144,9 @@ def _start_servers(data_dir: Path, started: list[ServerProcess]) -> list[Endpoin
             say(f"using external {label} from {env_name}: {redact(external)}")
             endpoints.append(Endpoint(label, external, None))
             continue
+        if kind is NatsServer and _nats_nodes() > 1:
+            endpoints.append(_start_nats_cluster(data_dir, port, started))
+            continue
         server = kind(data_dir / sub, port)
         say(f"starting {label} on {server.address} ...")
         began = time.monotonic()
@@ -148,8 +157,29 @@ def _start_servers(data_dir: Path, started: list[ServerProcess]) -> list[Endpoin
     return endpoints
 
 
+def _nats_nodes() -> int:
+    return _env_int("CQRS_DEV_NATS_NODES", 1)
+
+
+def _start_nats_cluster(data_dir: Path, first_port: int, started: list[ServerProcess]) -> Endpoint:
+    """A JetStream cluster of `CQRS_DEV_NATS_NODES` nodes; its data is apart from the single server's."""
+    size = _nats_nodes()
+    ports = [NodePorts(first_port + i, first_port + 100 + i, first_port + 200 + i) for i in range(size)]
+    cluster = NatsCluster(data_dir / "nats-cluster", ports=ports)
+    say(f"starting a {size}-node NATS JetStream cluster on {cluster.url} ...")
+    began = time.monotonic()
+    cluster.start(timeout=SERVER_START_TIMEOUT)
+    started.extend(cluster.nodes)
+    say(f"  NATS JetStream cluster ready in {time.monotonic() - began:.1f}s")
+    for node in cluster.nodes:
+        say(f"  {node.name}: {node.url}  monitoring {node.monitor_url}  log {_relative(node.log_path)}")
+    return Endpoint(f"NATS JetStream ({size} nodes)", cluster.url, None, f"logs {_relative(cluster.base_dir)}")
+
+
 def _service_env(postgres: str, nats: str, mongo: str, command_listen: str, query_listen: str) -> dict[str, str]:
     env = dict(os.environ)
+    if _nats_nodes() > 1:  # the stream the relay creates is replicated on every node (3 for a 3-node cluster)
+        env.setdefault("CQRS_STREAM_REPLICAS", str(min(_nats_nodes(), 5)))
     env.update(
         {
             "CQRS_POSTGRES_DSN": postgres,
@@ -200,7 +230,9 @@ def _wait_services_ready(services: list[ServiceProcess]) -> None:
 def _print_table(endpoints: list[Endpoint], services: list[ServiceProcess], data_dir: Path) -> None:
     rows: list[tuple[str, str, str]] = []
     for endpoint in endpoints:
-        if endpoint.server is None:
+        if endpoint.note:
+            rows.append((endpoint.label, endpoint.url, endpoint.note))
+        elif endpoint.server is None:
             rows.append((endpoint.label, redact(endpoint.url), "external"))
         else:
             rows.append((endpoint.label, endpoint.url, f"log {_relative(endpoint.server.log_path)}"))

@@ -7,6 +7,7 @@ These scenarios kill, pause and cut off the servers, so they never use the share
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import uuid
@@ -34,9 +35,22 @@ _FAILED = pytest.StashKey[bool]()
 @pytest.fixture
 async def stack(request: pytest.FixtureRequest) -> AsyncIterator[FaultStack]:
     """Dedicated servers (started concurrently, schema migrated) for one scenario; services are added by it."""
+    async with _dedicated_stack(request) as fault_stack:
+        yield fault_stack
+
+
+@pytest.fixture
+async def cluster_stack(request: pytest.FixtureRequest) -> AsyncIterator[FaultStack]:
+    """Like `stack`, with a 3-node JetStream cluster (`nats_nodes`) in place of the single nats-server."""
+    async with _dedicated_stack(request, nats_nodes=3) as fault_stack:
+        yield fault_stack
+
+
+@contextlib.asynccontextmanager
+async def _dedicated_stack(request: pytest.FixtureRequest, *, nats_nodes: int = 1) -> AsyncIterator[FaultStack]:
     # Not under pytest's basetemp: as root, PostgreSQL runs as another user that must traverse the parents.
     base = Path(tempfile.mkdtemp(prefix="cqrs-faults-"))
-    fault_stack = FaultStack(base, f"f{uuid.uuid4().hex[:10]}")
+    fault_stack = FaultStack(base, f"f{uuid.uuid4().hex[:10]}", nats_nodes=nats_nodes)
     try:
         await fault_stack.start_servers()
         yield fault_stack

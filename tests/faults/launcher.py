@@ -1,4 +1,7 @@
-"""`python -m tests.faults.launcher BASE_DIR PG_PORT NATS_PORT MONGO_PORT`: owns one scenario's servers.
+"""`python -m tests.faults.launcher BASE_DIR PG_PORT NATS_PORT MONGO_PORT [NATS_NODES]`: owns one scenario's servers.
+
+With `NATS_NODES` (JSON: `[[client, cluster, monitor], ...]`, one triple of ports per node) a JetStream cluster of
+those nodes (kinds `nats0`, `nats1`, ...) replaces the single nats-server (kind `nats`; `NATS_PORT` is then unused).
 
 Why a separate process: PostgreSQL must be started as another user when we are root, which makes
 `subprocess.Popen` use a plain `fork()` (no `vfork`); forking the test process while gRPC and the asyncio load
@@ -20,20 +23,38 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from localservers import MongoServer, NatsServer, PostgresServer, ServerProcess, stop_all
+from localservers import MongoServer, NatsCluster, NatsServer, NodePorts, PostgresServer, ServerProcess, stop_all
 
 
-def servers_for(base: Path, pg_port: int, nats_port: int, mongo_port: int) -> dict[str, ServerProcess]:
-    """The scenario's servers (same directories and ports on both sides of the pipe)."""
-    return {
-        "postgres": PostgresServer(base / "postgres" / "data", pg_port),
-        "nats": NatsServer(base / "nats" / "data", nats_port),
-        "mongo": MongoServer(base / "mongo" / "data", mongo_port),
-    }
+def servers_for(
+    base: Path, pg_port: int, nats_port: int, mongo_port: int, nats_nodes: Sequence[NodePorts] = ()
+) -> dict[str, ServerProcess]:
+    """The scenario's servers (same directories and ports on both sides of the pipe).
+
+    With `nats_nodes`, the nodes of a JetStream cluster (`nats0`, `nats1`, ...) take the single `nats`'s place.
+    """
+    servers: dict[str, ServerProcess] = {"postgres": PostgresServer(base / "postgres" / "data", pg_port)}
+    if nats_nodes:
+        servers.update((node.name, node) for node in NatsCluster(base / "nats", ports=nats_nodes).nodes)
+    else:
+        servers["nats"] = NatsServer(base / "nats" / "data", nats_port)
+    servers["mongo"] = MongoServer(base / "mongo" / "data", mongo_port)
+    return servers
+
+
+def encode_nats_nodes(nodes: Sequence[NodePorts]) -> str:
+    """The `NATS_NODES` argument for these nodes."""
+    return json.dumps([[n.client, n.cluster, n.monitor] for n in nodes])
+
+
+def decode_nats_nodes(argument: str) -> list[NodePorts]:
+    """The nodes a `NATS_NODES` argument describes."""
+    return [NodePorts(int(client), int(cluster), int(monitor)) for client, cluster, monitor in json.loads(argument)]
 
 
 def _kill(server: ServerProcess) -> None:
@@ -75,7 +96,8 @@ def _handle(servers: dict[str, ServerProcess], request: dict[str, Any], pool: Th
 
 def main(argv: list[str]) -> int:
     base = Path(argv[0])
-    servers = servers_for(base, int(argv[1]), int(argv[2]), int(argv[3]))
+    nats_nodes = decode_nats_nodes(argv[4]) if len(argv) > 4 else []
+    servers = servers_for(base, int(argv[1]), int(argv[2]), int(argv[3]), nats_nodes)
     # SIGTERM/SIGINT (from the test process' teardown or a terminal) still stop the servers cleanly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     pool = ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="launcher")
@@ -94,7 +116,8 @@ def main(argv: list[str]) -> int:
             if server.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(server.pid, signal.SIGCONT)
-        errors = stop_all([servers["mongo"], servers["nats"], servers["postgres"]])
+        nats = [server for kind, server in servers.items() if kind not in ("mongo", "postgres")]
+        errors = stop_all([servers["mongo"], *nats, servers["postgres"]])
         if errors:
             print(f"launcher: errors while stopping: {errors!r}", file=sys.stderr)
         pool.shutdown(wait=True)  # only now: the servers were forked from these threads

@@ -43,7 +43,15 @@ from pymongo import AsyncMongoClient
 from core.customer_events import CUSTOMER_STREAM_TYPE
 from core.order_events import ORDER_STREAM_TYPE
 from cqrsctl.verify import VerifyConfig, run_verify
-from localservers import PostgresServer, ServerProcess, ServiceProcess, free_port, log_tail, with_parent_death_signal
+from localservers import (
+    NodePorts,
+    PostgresServer,
+    ServerProcess,
+    ServiceProcess,
+    free_port,
+    log_tail,
+    with_parent_death_signal,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -227,19 +235,23 @@ class FaultStack:
     objects here describe them (URLs, log files) and are never started in this process.
     """
 
-    def __init__(self, base_dir: Path, name: str) -> None:
+    def __init__(self, base_dir: Path, name: str, *, nats_nodes: int = 1) -> None:
+        """`nats_nodes` > 1: a JetStream cluster of that many nodes (`self.nats_nodes`) instead of one nats-server;
+        `self.nats` is then its first node and `nats_url` lists them all."""
         from tests.faults.launcher import servers_for
 
         self.base_dir = base_dir
         self.names = Names(name)
         self._ports = (free_port(), free_port(), free_port())
-        described = servers_for(base_dir, *self._ports)
+        self._node_ports = [NodePorts.free() for _ in range(nats_nodes)] if nats_nodes > 1 else []
+        described = servers_for(base_dir, *self._ports, self._node_ports)
         postgres = described["postgres"]
         assert isinstance(postgres, PostgresServer)
         self.postgres = postgres
-        self.nats = described["nats"]
+        self.nats_nodes: list[ServerProcess] = [s for kind, s in described.items() if kind.startswith("nats")]
+        self.nats = self.nats_nodes[0]
         self.mongo = described["mongo"]
-        self.servers: tuple[ServerProcess, ...] = (self.postgres, self.nats, self.mongo)
+        self.servers: tuple[ServerProcess, ...] = (self.postgres, *self.nats_nodes, self.mongo)
         self._pids: dict[str, int] = {}
         self._launcher: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
@@ -253,7 +265,8 @@ class FaultStack:
 
     @property
     def nats_url(self) -> str:
-        return self.nats.url
+        """The NATS server's URL, or every cluster node's, comma-separated (`CQRS_NATS_URL`)."""
+        return ",".join(node.url for node in self.nats_nodes)
 
     @property
     def mongo_url(self) -> str:
@@ -278,10 +291,19 @@ class FaultStack:
         return reply
 
     async def start_servers(self) -> None:
+        from tests.faults.launcher import encode_nats_nodes
+
         with (self.base_dir / "launcher.log").open("ab") as log:
             self._launcher = await asyncio.create_subprocess_exec(
                 *with_parent_death_signal(
-                    [sys.executable, "-m", "tests.faults.launcher", str(self.base_dir), *map(str, self._ports)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.faults.launcher",
+                        str(self.base_dir),
+                        *map(str, self._ports),
+                        *([encode_nats_nodes(self._node_ports)] if self._node_ports else []),
+                    ],
                     signal.SIGTERM,
                 ),
                 cwd=REPO_ROOT,
@@ -338,7 +360,9 @@ class FaultStack:
             **extra,
         }
 
-    def projector_env(self, *, mongo_url: str | None = None, nats_url: str | None = None) -> dict[str, str]:
+    def projector_env(
+        self, *, mongo_url: str | None = None, nats_url: str | None = None, **extra: str
+    ) -> dict[str, str]:
         n = self.names
         return {
             "CQRS_NATS_URL": nats_url or self.nats_url,
@@ -352,8 +376,11 @@ class FaultStack:
             "CQRS_PROJECTOR_BATCH_SIZE": "50",
             "CQRS_PROJECTOR_FETCH_TIMEOUT_SECONDS": "0.2",
             "CQRS_PROJECTOR_MAX_BACKOFF_SECONDS": "1",
+            # Partition leases: a killed replica's partitions are taken over within about this long.
+            "CQRS_PROJECTOR_LEASE_SECONDS": "3",
             "CQRS_GRACE_SECONDS": "1",
             "CQRS_LOG_LEVEL": "INFO",
+            **extra,
         }
 
     def query_env(self, port: int, *, mongo_url: str | None = None) -> dict[str, str]:

@@ -1,0 +1,172 @@
+"""A 3-node JetStream cluster whose event stream has 3 replicas: under load, one node at a time is SIGKILLed (the
+stream leader, then a follower, then the last node), the relay and the projector carry on with the other two, the
+node is restarted on its store and catches up, and in the end nothing acknowledged is lost.
+
+The nodes keep nats-server's default `sync_interval` (2 minutes, written explicitly into their configs by
+`localservers.nats_cluster`): a process kill loses no acknowledged message without any fsync, since the message is
+on a quorum of nodes and what a killed node wrote is still in the kernel's page cache.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import nats
+import nats.errors
+import pytest
+from nats.js.api import ClusterInfo
+
+from core.jetstream import nats_servers
+from localservers import ServerProcess
+from tests.faults.support import (
+    FaultStack,
+    Load,
+    assert_scenario_clean,
+    wait_outbox_older_than_drained,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+REPLICAS = 3
+KILLS = 3  # one per node: every node, the stream leader at least once
+ELECTION_TIMEOUT = 30.0  # a new stream leader, the relay's backoff and its reconnect to a live node
+CATCH_UP_TIMEOUT = 30.0
+LOAD_PAUSE = 0.25  # per client between commands: a load the projector keeps up with on 2 busy cores
+PROJECTOR_PROGRESS = 20  # messages the projector must acknowledge while a node is dead
+
+
+async def _cluster_info(stack: FaultStack) -> tuple[int, ClusterInfo, dict[str, ClusterInfo]]:
+    """(configured stream replicas, the stream's cluster info, each consumer's cluster info by consumer name).
+
+    Every consumer of the stream: the projector's durable one, or one per partition.
+    """
+    nc = await nats.connect(nats_servers(stack.nats_url), connect_timeout=2, allow_reconnect=False)
+    try:
+        js = nc.jetstream(timeout=3)
+        stream = await js.stream_info(stack.names.stream)
+        consumers = await js.consumers_info(stack.names.stream)
+    finally:
+        await nc.close()
+    assert stream.cluster is not None, "JetStream runs without a cluster"
+    clusters = {c.name: c.cluster for c in consumers if c.cluster is not None}
+    assert len(clusters) == len(consumers), "consumers without cluster information"
+    return stream.config.num_replicas or 1, stream.cluster, clusters
+
+
+def _all_current(cluster: ClusterInfo, size: int) -> tuple[bool, str]:
+    """True when the group has a leader and `size - 1` followers, all current (`lag` 0 or absent)."""
+    replicas = cluster.replicas or []
+    state = f"leader {cluster.leader}, " + ", ".join(
+        f"{r.name}: {'current' if r.current else 'behind'}{f' lag {r.lag}' if r.lag else ''}"
+        f"{' offline' if r.offline else ''}"
+        for r in replicas
+    )
+    done = bool(cluster.leader) and len(replicas) == size - 1 and all(r.current and not r.lag for r in replicas)
+    return done, state
+
+
+async def _wait_replicated(stack: FaultStack, *, why: str) -> ClusterInfo:
+    """Waits until the stream has 3 replicas and every replica of it and of the consumer is current."""
+    found: list[ClusterInfo] = []
+
+    async def probe() -> tuple[bool, str]:
+        try:
+            replicas, stream, consumers = await _cluster_info(stack)
+        except nats.errors.Error as exc:  # no stream yet, or no leader during an election
+            return False, repr(exc)
+        assert replicas == REPLICAS, f"the stream was created with {replicas} replicas, not {REPLICAS}"
+        found[:] = [stream]
+        stream_ok, state = _all_current(stream, REPLICAS)
+        behind = {}
+        for name, cluster in consumers.items():
+            current, consumer_state = _all_current(cluster, REPLICAS)
+            if not current:
+                behind[name] = consumer_state
+        done = stream_ok and bool(consumers) and not behind
+        return done, f"stream: {state}; {len(consumers)} consumers, not current: {behind or 'none'}"
+
+    what = f"every replica of the stream and of its consumers to be current {why}"
+    await wait_until(probe, what=what, timeout=CATCH_UP_TIMEOUT)
+    return found[0]
+
+
+async def _wait_projector_acks(stack: FaultStack, count: int, *, why: str) -> float:
+    """Waits until the projector's consumers have acknowledged `count` more messages (applied, then acked).
+
+    Progress, not "caught up": how far behind the projector runs depends on how busy the 2 cores are.
+    """
+    baseline: list[int] = []
+
+    async def probe() -> tuple[bool, str]:
+        try:
+            nc = await nats.connect(nats_servers(stack.nats_url), connect_timeout=2, allow_reconnect=False)
+            try:
+                consumers = await nc.jetstream(timeout=3).consumers_info(stack.names.stream)
+            finally:
+                await nc.close()
+        except nats.errors.Error as exc:  # a consumer or stream leader being elected
+            return False, repr(exc)
+        acked = sum(c.ack_floor.consumer_seq or 0 for c in consumers if c.ack_floor is not None)
+        if not baseline:
+            baseline.append(acked)
+        return acked >= baseline[0] + count, f"{acked - baseline[0]} of {count} acknowledged"
+
+    what = f"the projector to acknowledge {count} more messages {why}"
+    return await wait_until(probe, what=what, timeout=CATCH_UP_TIMEOUT, interval=0.25)
+
+
+def _victim(stack: FaultStack, round_no: int, leader: str, killed: set[str]) -> ServerProcess:
+    """A node not killed yet: the stream leader in round 1, a follower in round 2, the last one after that."""
+    left = [node for node in stack.nats_nodes if node.name not in killed] or list(stack.nats_nodes)
+    if round_no == 1:
+        return next(node for node in left if node.name == leader)
+    return next((node for node in left if node.name != leader), left[0])
+
+
+async def test_cluster_node_killed_under_load_one_at_a_time(cluster_stack: FaultStack) -> None:
+    stack = cluster_stack
+    rng = random.Random()
+    service = await stack.command_service(CQRS_STREAM_REPLICAS=str(REPLICAS))  # CQRS_NATS_URL: all three nodes
+    load = Load([service.address], seed=rng.randrange(1 << 30), pause=LOAD_PAUSE).start()
+    try:
+        await load.progress(10, what="before the projector starts")
+        # The relay creates the stream with CQRS_STREAM_REPLICAS as soon as it connects (the projector would too).
+        await wait_outbox_older_than_drained(
+            stack.dsn, time.time(), timeout=ELECTION_TIMEOUT, what="the relay to create the stream and publish"
+        )
+        await stack.projector(CQRS_STREAM_REPLICAS=str(REPLICAS))  # CQRS_NATS_URL: all three nodes
+        killed: set[str] = set()
+        leader_kills = 0
+        for round_no in range(1, KILLS + 1):
+            await load.progress(rng.randint(20, 40), what=f"before kill {round_no}")
+            leader = (await _wait_replicated(stack, why=f"before kill {round_no}")).leader or ""
+            node = _victim(stack, round_no, leader, killed)
+            role = "stream leader" if node.name == leader else "follower"
+            killed.add(node.name)
+            leader_kills += node.name == leader
+            await stack.kill_server(node)
+            killed_at = time.time()
+            await load.progress(10, what=f"with {node.name} dead (kill {round_no})")
+            await wait_outbox_older_than_drained(
+                stack.dsn, time.time(), timeout=ELECTION_TIMEOUT,
+                what=f"the relay to publish to the 2 live nodes with {node.name} ({role}) dead",
+            )  # fmt: skip
+            published = time.time() - killed_at
+            projected = await _wait_projector_acks(stack, PROJECTOR_PROGRESS, why=f"with {node.name} dead")
+            restart = await stack.restart_server(node)
+            caught_up = await _wait_replicated(stack, why=f"after restarting {node.name}")
+            print(
+                f"kill {round_no}: {node.name} ({role}); relay publishing again {published:.1f}s after the kill, "
+                f"projector acking {projected:.1f}s later; restarted in {restart:.1f}s; "
+                f"stream leader now {caught_up.leader}"
+            )
+            await load.progress(10, what=f"after restarting {node.name}")
+        assert killed == {node.name for node in stack.nats_nodes}, f"not every node was killed: {killed}"
+        assert leader_kills >= 1, "the stream leader was never killed"
+    finally:
+        await load.stop()
+    replicas, stream, _ = await _cluster_info(stack)
+    assert replicas == REPLICAS and len(stream.replicas or []) == REPLICAS - 1, f"stream replicas: {stream}"
+    await assert_scenario_clean(stack, load)
