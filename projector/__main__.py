@@ -6,7 +6,7 @@ import sys
 
 from core.entrypoint import run_service
 from projector.config import ProjectorSettings
-from projector.runner import run_projector
+from projector.lifecycle import run_projector
 
 
 def main() -> int:

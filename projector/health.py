@@ -6,6 +6,7 @@ The runner logs a one-line summary of them periodically; `projector.metrics` exp
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from projector.pipeline import BatchOutcome
+
+log = logging.getLogger("projector.runner")  # the summary line has always been the runner's
 
 RECENT_LAGS = 10_000
 
@@ -144,3 +147,20 @@ class ProjectorStats:
         self._interval_lags = []
         self._interval_applied = self._interval_duplicates = self._interval_gaps = self._interval_dead_letters = 0
         return summary
+
+
+def log_summary(stats: ProjectorStats, interval: float) -> None:
+    """Logs one line of throughput and lag every `interval` seconds in which events were applied."""
+    summary = stats.take_summary(interval)
+    if summary is not None:
+        log.info(
+            "applied %d events in %.1fs (%.0f/s), lag p50 %.3fs p99 %.3fs; %d duplicates, %d gaps, %d dead letters",
+            summary.applied,
+            summary.seconds,
+            summary.rate,
+            summary.lag_p50,
+            summary.lag_p99,
+            summary.duplicates,
+            summary.gaps,
+            summary.dead_letters,
+        )

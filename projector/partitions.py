@@ -190,6 +190,8 @@ class PartitionOwner:
 
     async def _give_up_all(self) -> None:
         owned = list(self.workers)
+        for worker in self.workers.values():  # every worker finishes its batch at once, not one after the other
+            worker.fence.released = True
         for partition in owned:
             await self._stop_worker(partition)
         with contextlib.suppress(Exception):

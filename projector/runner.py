@@ -24,8 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
 from nats.aio.msg import Msg
 from pymongo import AsyncMongoClient
@@ -38,33 +37,17 @@ from core.failpoints import failpoint
 from core.projections import Projection
 from core.subjects import stream_subjects
 from core.supervisor import Supervisor
+from projector.batch_gate import BatchGate
 from projector.config import ProjectorSettings
 from projector.consumer import STRAYS, JetStreamConsumer, PullSource, apply_span, settle_all
 from projector.generation_writer import GenerationWriter
-from projector.health import ProjectorHealth, ProjectorStats
+from projector.health import ProjectorHealth, ProjectorStats, log_summary
 from projector.leases import PartitionLeases
 from projector.metrics import ProjectorMetrics
 from projector.mongo_writer import MongoDocument
 from projector.partitions import Fence, PartitionOwner
 from projector.pipeline import Pipeline
-from projector.planning import (
-    GAP,
-    NEEDS_UPGRADE,
-    POISON,
-    SELF_HEALING_KINDS,
-    WRITE_FAILED,
-    Decoder,
-    Delivery,
-    FoldResult,
-    Poison,
-    ProjectionBatch,
-    checkpoints_of,
-    decode_messages,
-    delivered,
-    fold,
-    prefill_customer_fields,
-    stored_version,
-)
+from projector.planning import POISON, SELF_HEALING_KINDS, Decoder, decode_messages, delivered
 from projector.registry import PROJECTIONS, registry_versions
 from projector.repair import Repairer
 
@@ -82,24 +65,6 @@ FENCE_WAIT_SECONDS = 0.2
 CONSUME = "consume"
 RESUME_PARKED = "resume-parked"
 CONSUMER_GAUGES = "consumer-gauges"
-
-__all__ = [
-    "DEFAULT_PROJECTIONS",
-    "GAP",
-    "NEEDS_UPGRADE",
-    "POISON",
-    "WRITE_FAILED",
-    "Delivery",
-    "FoldResult",
-    "Poison",
-    "ProjectionBatch",
-    "Projector",
-    "checkpoints_of",
-    "fold",
-    "prefill_customer_fields",
-    "run_projector",
-    "stored_version",
-]
 
 
 class Projector:
@@ -136,8 +101,10 @@ class Projector:
         self._indexes_ready = False
         self._mongo_attempts = 0
         self._generations: GenerationWriter | None = None
-        # One batch is applied at a time (partitions' fetches overlap); MongoDB recovery is awaited by one worker.
-        self._apply_lock = asyncio.Lock()
+        # Batches of several partitions apply at once; a generation switch waits for them (`BatchGate`), and one
+        # worker at a time follows the generation (its heartbeat is reported only once the switch is done).
+        self._gate = BatchGate()
+        self._follow_lock = asyncio.Lock()
         self._mongo_lock = asyncio.Lock()
         self.owner: PartitionOwner | None = None
 
@@ -184,15 +151,21 @@ class Projector:
     async def _follow_generation(self) -> None:
         """Moves to the active generation if a cutover changed it, then reports (heartbeat) what it writes.
 
-        Runs between batches, before a fetch: after the report no batch of this projector writes the old
-        generation, which is what a cutover waits for. Raises the driver's error when MongoDB is down."""
+        The switch waits for the batches in flight (`BatchGate.exclusive`): after the report no batch of this
+        projector writes the old generation, which is what a cutover waits for. One caller at a time, so that no
+        worker reports the new generation before the switch is done. Raises the driver's error when MongoDB is
+        down."""
         assert self._generations is not None
-        moved = await self._generations.poll()
-        if moved is not None:
-            self._use_database(moved)
-            await self.pipeline.ensure_indexes()
-            self._indexes_ready = True
-        await self._generations.report(asyncio.get_running_loop().time())
+        async with self._follow_lock:
+            if not self._generations.due(asyncio.get_running_loop().time()):
+                return  # another worker just did it
+            moved = await self._generations.poll()
+            if moved is not None:
+                async with self._gate.exclusive():
+                    self._use_database(moved)
+                    await self.pipeline.ensure_indexes()
+                    self._indexes_ready = True
+            await self._generations.report(asyncio.get_running_loop().time())
 
     async def start(self) -> None:
         """Connects and starts the loops.
@@ -355,8 +328,8 @@ class Projector:
     async def _consume_source(self, source: PullSource, fence: Fence | None) -> None:
         """Fetch -> apply -> settle from one consumer, until stop() or (a partition's) the fence is released.
 
-        Fetches of several partitions run concurrently; batches are applied one at a time (`_apply_lock`), which is
-        also what lets a generation switch happen between two batches of every partition."""
+        Partitions fetch and apply concurrently (each partition's batches in order); a generation switch happens
+        between batches (`BatchGate`)."""
         while not self._stopping.is_set() and (fence is None or not fence.released):
             failpoint("projector.loop")
             if not await self._mongo_ready():
@@ -364,42 +337,31 @@ class Projector:
             if fence is not None and not fence.holds():
                 await self._sleep(FENCE_WAIT_SECONDS)  # the lease is being renewed (or lost): fetch nothing
                 continue
-            async with self._apply_lock:
-                checked = await self._generation_checked()
-            if not checked:
+            if not await self._generation_checked():
                 continue
             msgs = await source.fetch()
             if msgs:
-                async with self._apply_lock:
-                    # A fetch may have waited (or this process may have been paused) past a check, or past the
-                    # lease: never write a batch to a retired generation, nor one of a partition no longer ours.
-                    if (fence is not None and not fence.valid()) or not await self._generation_checked():
-                        self.metrics.naks.inc(len(msgs))
-                        await settle_all(m.nak() for m in msgs)
+                # A fetch may have waited (or this process may have been paused) past a check, or past the lease:
+                # never write a batch to a retired generation, nor one of a partition no longer ours.
+                if not await self._generation_checked():
+                    await self._hand_back(msgs)
+                    continue
+                async with self._gate.batch():
+                    if fence is not None and not fence.valid():
+                        await self._hand_back(msgs)
                         continue
                     await self.process_batch(msgs, source)
                 self.stats.last_batch_monotonic = asyncio.get_running_loop().time()
-            self._log_summary()
-
-    def _log_summary(self) -> None:
-        summary = self.stats.take_summary(self._settings.projector_stats_interval_seconds)
-        if summary is not None:
-            log.info(
-                "applied %d events in %.1fs (%.0f/s), lag p50 %.3fs p99 %.3fs; %d duplicates, %d gaps, %d dead letters",
-                summary.applied,
-                summary.seconds,
-                summary.rate,
-                summary.lag_p50,
-                summary.lag_p99,
-                summary.duplicates,
-                summary.gaps,
-                summary.dead_letters,
-            )
+            log_summary(self.stats, self._settings.projector_stats_interval_seconds)
 
     async def _generation_followed(self) -> None:
-        """Between two batches (none in flight): follow a cutover and report the generation written."""
-        async with self._apply_lock:
-            await self._generation_checked()
+        """Follows a cutover and reports the generation written, with or without partitions to consume."""
+        await self._generation_checked()
+
+    async def _hand_back(self, msgs: Sequence[Msg]) -> None:
+        """Naks a fetched batch this worker may not apply (redelivered at once, to whoever may)."""
+        self.metrics.naks.inc(len(msgs))
+        await settle_all(m.nak() for m in msgs)
 
     async def _generation_checked(self) -> bool:
         """Follows the active generation when a check is due; False when MongoDB failed (the loop waits for it)."""
@@ -532,36 +494,3 @@ async def _until_cancelled() -> None:
 def _short(exc: BaseException, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-async def run_projector(
-    settings: ProjectorSettings,
-    stop_event: asyncio.Event,
-    on_started: Callable[[Projector], None] | None = None,
-) -> None:
-    """Runs a projector until `stop_event` is set, then stops it gracefully."""
-    projector = Projector(settings)
-    stop_waiter = asyncio.create_task(stop_event.wait())
-    try:
-        # Starting waits for NATS (forever, as a deployment wants); a stop request must still end it.
-        if not await _first(projector.start(), stop_waiter):
-            return
-        if on_started is not None:
-            on_started(projector)
-        await _first(projector.wait(), stop_waiter)
-    finally:
-        stop_waiter.cancel()
-        await projector.stop()
-
-
-async def _first(work: Coroutine[Any, Any, None], stop_waiter: asyncio.Task[Any]) -> bool:
-    """Runs `work` until it ends (True; its error is raised) or `stop_waiter` ends first (False; work cancelled)."""
-    task = asyncio.create_task(work)
-    await asyncio.wait({task, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-        return True
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return False

@@ -23,9 +23,20 @@ from core.values import Address
 from projector.checkpoints import Checkpoint
 from projector.customer_views import CustomerFields, order_stats_from_groups, order_stats_pipeline
 from projector.mongo_writer import Change, write_operation
-from projector.planning import Poison, decode_messages, doc_checkpoints, hold_from_failures, plan_views
+from projector.planning import (
+    Delivery,
+    FoldResult,
+    Poison,
+    ProjectionBatch,
+    checkpoints_of,
+    decode_messages,
+    doc_checkpoints,
+    fold,
+    hold_from_failures,
+    plan_views,
+    prefill_customer_fields,
+)
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, VIEWS
-from projector.runner import Delivery, FoldResult, ProjectionBatch, checkpoints_of, fold, prefill_customer_fields
 
 CUSTOMER_ID = "5d0c3a52-8f0e-4d0f-a2a1-3c8d6f0e9b21"
 T0 = datetime(2025, 3, 4, 5, 6, 7, 250000, tzinfo=UTC)

@@ -26,7 +26,8 @@ from core.projections import Document, UnhandledEvent
 from core.projections.customers import HANDLERS as CUSTOMER_HANDLERS
 from core.projections.orders import HANDLERS, ORDERS, project
 from core.values import Address
-from projector.runner import DEFAULT_PROJECTIONS, Delivery, fold
+from projector.planning import Delivery, fold
+from projector.runner import DEFAULT_PROJECTIONS
 
 ORDER_ID = "0b6f1f3e-2a39-4c33-9c6c-0e6a1b1d2f11"
 T0 = datetime(2025, 1, 2, 3, 4, 5, 123000, tzinfo=UTC)

@@ -30,9 +30,8 @@ from core.read_model import OrderStatus
 from core.values import Address
 from projector.customer_views import CustomerViews
 from projector.pipeline import view_writers
-from projector.planning import POISON, Delivery, Poison, classify, plan_views
+from projector.planning import POISON, Delivery, FoldResult, Poison, ProjectionBatch, classify, plan_views
 from projector.registry import CUSTOMER_ORDER_STATS, PROJECTIONS, VIEWS, registry_problems
-from projector.runner import FoldResult, ProjectionBatch
 from projector.sales_views import SalesViews
 
 ORDER_ID = "3f0c5a9e-1111-4b7c-9d55-6a1f2e3d4c5b"
