@@ -1,21 +1,19 @@
 """The projector's lifecycle: connect, run its loops under a supervisor, stop gracefully.
 
-One durable JetStream consumer carries the events of every aggregate; each stream type has its projection
-(`orders`, `customers`). The work is split by job:
+Each stream type has its projection (`orders`, `customers`). The work is split by job:
 
 * `projector.planning`: pure batch planning (decode, fold, derived-view plan, checkpoints);
-* `projector.consumer`: the JetStream consumer (fetch, settle, gauges);
+* `projector.consumer`: JetStream (the stream's partitions, one durable pull consumer each; fetch, settle, gauges);
+* `projector.partitions`: which partitions this replica owns (leases), one worker per owned partition;
 * `projector.pipeline`: one batch against MongoDB (load, apply, write, derived views, parks, checkpoints);
 * `projector.repair`: resuming parked streams (here from their held copies; `cqrs dead-letters` from PostgreSQL);
 * this module: the loops and their supervision.
 
-The loops run under `core.supervisor.Supervisor`: `consume` (fetch -> pipeline -> settle), `resume-parked`
-(counts parked streams, resumes the self-healing ones) and `consumer-gauges`. An unexpected end is logged with
-its traceback and the loop restarts with backoff; while an essential loop is down the projector's health is
-NOT_SERVING (`health`, metric `cqrs_projector_serving`).
-
-A MongoDB outage naks the batch with a bounded exponential backoff and pauses fetching until MongoDB answers
-again; the version guard makes every redelivery harmless.
+The loops run under `core.supervisor.Supervisor`: `consume` (the partition owner and its workers: fetch ->
+pipeline -> settle), `resume-parked` and `consumer-gauges`. An unexpected end is logged with its traceback and the
+loop restarts with backoff; while an essential loop is down the projector's health is NOT_SERVING. A MongoDB
+outage naks the batch with a bounded backoff and pauses fetching until MongoDB answers (`projector.mongo_watch`);
+the version guard makes every redelivery harmless.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from nats.aio.msg import Msg
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
-from core.backoff import exponential
 from core.dependency_metrics import dependency_metrics
 from core.events import decode_event
 from core.failpoints import failpoint
@@ -44,6 +41,7 @@ from projector.generation_writer import GenerationWriter
 from projector.health import ProjectorHealth, ProjectorStats, log_summary
 from projector.leases import PartitionLeases
 from projector.metrics import ProjectorMetrics
+from projector.mongo_watch import MongoWatch, short_error
 from projector.mongo_writer import MongoDocument
 from projector.partitions import Fence, PartitionOwner
 from projector.pipeline import Pipeline
@@ -52,9 +50,6 @@ from projector.registry import PROJECTIONS, registry_versions
 from projector.repair import Repairer
 
 log = logging.getLogger(__name__)
-
-# First delay of the MongoDB outage backoff; doubles per attempt up to `projector_max_backoff_seconds`.
-MONGO_BACKOFF_BASE_SECONDS = 0.1
 
 # The read models this projector keeps (the shared registry).
 DEFAULT_PROJECTIONS: tuple[Projection, ...] = PROJECTIONS
@@ -99,13 +94,18 @@ class Projector:
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._indexes_ready = False
-        self._mongo_attempts = 0
         self._generations: GenerationWriter | None = None
+        self._read_model = MongoWatch(
+            self.stats,
+            self.metrics,
+            settings.projector_max_backoff_seconds,
+            self._sleep,
+            on_back=lambda: self._generations.check_soon() if self._generations is not None else None,
+        )
         # Batches of several partitions apply at once; a generation switch waits for them (`BatchGate`), and one
         # worker at a time follows the generation (its heartbeat is reported only once the switch is done).
         self._gate = BatchGate()
         self._follow_lock = asyncio.Lock()
-        self._mongo_lock = asyncio.Lock()
         self.owner: PartitionOwner | None = None
 
     @property
@@ -294,8 +294,8 @@ class Projector:
                 self.metrics,
                 self._stopping,
                 lease_seconds=s.projector_lease_seconds,
-                mongo_ready=self._mongo_ready,
-                mongo_failed=self._mongo_unavailable,
+                mongo_ready=lambda: self._read_model.ready(self._probe_mongo),
+                mongo_failed=self._read_model.failed,
                 every_round=self._generation_followed,
             )
             await self.owner.run()
@@ -332,7 +332,7 @@ class Projector:
         between batches (`BatchGate`)."""
         while not self._stopping.is_set() and (fence is None or not fence.released):
             failpoint("projector.loop")
-            if not await self._mongo_ready():
+            if not await self._read_model.ready(self._probe_mongo):
                 continue
             if fence is not None and not fence.holds():
                 await self._sleep(FENCE_WAIT_SECONDS)  # the lease is being renewed (or lost): fetch nothing
@@ -371,7 +371,7 @@ class Projector:
         try:
             await self._follow_generation()
         except PyMongoError as exc:
-            self._mongo_unavailable(exc)
+            self._read_model.failed(exc)
             return False
         return True
 
@@ -393,50 +393,16 @@ class Projector:
                     if result is not None and result.resumed:
                         self.stats.resumed += 1
             except PyMongoError as exc:
-                log.warning("could not look at the parked streams: %s", _short(exc))
+                log.warning("could not look at the parked streams: %s", short_error(exc))
         await _until_cancelled()
 
-    async def _mongo_ready(self) -> bool:
-        """True when MongoDB is known to answer; else waits (one backoff step, one caller at a time) and says if it
-        answers now."""
-        if not self.stats.mongo_available:
-            async with self._mongo_lock:
-                if not self.stats.mongo_available:
-                    await self._wait_for_mongo()
-        return self.stats.mongo_available
-
-    async def _wait_for_mongo(self) -> None:
-        """Creates the indexes (first time) or pings, backing off until MongoDB answers or stop() is called."""
-        assert self._pipeline is not None
-        try:
-            if not self._indexes_ready:
-                await self._pipeline.ensure_indexes()
-                self._indexes_ready = True
-            else:
-                await self._pipeline.ping()
-        except PyMongoError as exc:
-            self._mongo_unavailable(exc)
-            await self._sleep(self._mongo_backoff())
-            return
-        assert self._generations is not None
-        self._generations.check_soon()
-        if self._mongo_attempts:
-            log.info("read model (MongoDB) available again")
-        self._mongo_attempts = 0
-        self.stats.mongo_available = True
-        self.metrics.mongo_up.set(1)
-
-    def _mongo_unavailable(self, exc: BaseException) -> None:
-        self._mongo_attempts += 1
-        self.stats.mongo_failures += 1
-        self.stats.mongo_available = False
-        self.metrics.mongo_up.set(0)
-        log.warning("read model (MongoDB) unavailable: %s", _short(exc))
-
-    def _mongo_backoff(self) -> float:
-        return exponential(
-            self._mongo_attempts, MONGO_BACKOFF_BASE_SECONDS, self._settings.projector_max_backoff_seconds
-        )
+    async def _probe_mongo(self) -> None:
+        """Creates the indexes (the first time) or pings; raises the driver's error while MongoDB is down."""
+        if not self._indexes_ready:
+            await self.pipeline.ensure_indexes()
+            self._indexes_ready = True
+        else:
+            await self.pipeline.ping()
 
     async def _sleep(self, seconds: float) -> None:
         """Sleeps, but wakes up at once when stop() is called."""
@@ -463,9 +429,9 @@ class Projector:
             self.metrics.stages.observe("apply", time.monotonic() - started)
             failpoint("projector.after_write_before_ack")
         except PyMongoError as exc:
-            self._mongo_unavailable(exc)
+            self._read_model.failed(exc)
             self.metrics.naks.inc(len(msgs))
-            await settle_all(m.nak(delay=self._mongo_backoff()) for m in msgs)
+            await settle_all(m.nak(delay=self._read_model.backoff()) for m in msgs)
             return
         except Exception:
             self.metrics.naks.inc(len(msgs))
@@ -489,8 +455,3 @@ class Projector:
 async def _until_cancelled() -> None:
     """A supervised loop that is done waits here for `Supervisor.stop()`: returning would count as a failure."""
     await asyncio.Event().wait()
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
