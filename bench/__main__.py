@@ -3,9 +3,10 @@
 Starts PostgreSQL, NATS JetStream and the MongoDB-wire server on free loopback ports with data in a temporary
 folder, measures the physical limits of each (and of gRPC itself) and the `eventsourcing` peer *before* our
 services start (so nothing else competes), then migrates, starts command_service, projector and query_service
-as subprocesses and measures the system with `cqrs load` and a projector catch-up run. Every measurement also
-records the CPU each process used (`bench.cpu`), printed per 1,000 operations beside the baselines' own. Stops
-everything and prints the tables, also written to `<out>/results.md` and `<out>/results.json`.
+as subprocesses and measures the system with `cqrs load`, a projector catch-up run and, last, the scale-out runs
+(`bench.scaleout`: 1/2/4 projector owners, 1/2 command_service replicas). Every measurement also records the
+CPU each process used (`bench.cpu`), printed per 1,000 operations beside the baselines' own. Stops everything
+and prints the tables, also written to `<out>/results.md` and `<out>/results.json`.
 
 The machine is shared and noisy, so targets are ratios within one run. Exit code: 0 when every measurement ran
 (whether or not targets are met), 1 when one could not be measured, 2 when the stack did not start.
@@ -32,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import cpu, echo, peer, raw, stages, system
+from bench import cpu, echo, peer, raw, scaleout, stages, system
 from bench.report import Row, limit_row, ratio_row, render_markdown
 from bench.stack import BenchStack
 from localservers import ServiceProcess, free_port
@@ -191,6 +192,14 @@ class Bench:
             self.measure(
                 "queries", f"query QPS (closed loop, {CONCURRENCY} callers, get/list)", lambda: self._queries(addr)
             )
+        with scaleout.projector_stopped(self.stack):  # last: each run consumes the whole stream written so far
+            self.measure(
+                "scaleout_projector",
+                "projector scale-out: 1, 2, 4 owners, a MongoDB-wire server each",
+                lambda: scaleout.projector_scaleout(self.stack, self.quick, self.seconds, CONCURRENCY),
+            )
+            self.measure("scaleout_commands", "command path: 1 vs 2 command_service replicas, closed loop",
+                         lambda: scaleout.command_scaleout(self.stack, self.seconds, CONCURRENCY))  # fmt: skip
 
     def _search(self, addr: tuple[str, str], step: float) -> dict[str, Any]:
         # Warm-up (not judged): connection pools, first-use imports and caches of three fresh processes.
@@ -367,6 +376,7 @@ class Bench:
         rows.append(ratio_row("peer", "our EventStore.append vs raw single-row commits", ours, "appends/s",
                               "raw commits", single, 3))  # fmt: skip
         rows += cpu.cost_rows(f)
+        rows += scaleout.rows(f)
         for row in rows:
             if row.value is None and not row.verdict:
                 row.verdict = "not measured"
@@ -386,7 +396,7 @@ class Bench:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny durations: a CI smoke run (< 90 s)")
+    parser.add_argument("--quick", action="store_true", help="tiny durations: a CI smoke run (about 2 minutes)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per measurement (default 10; quick 1)")
     parser.add_argument(
         "--step-seconds",
@@ -460,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"{key} not measured: {message}" for key, message in bench.errors.items()]
     notes.append(f"total run time {elapsed:.0f}s; service and server logs: "
                  f"{bench.workdir if (args.keep or code or bench.errors) else '(removed)'}")  # fmt: skip
-    table = render_markdown(bench.header(facts), rows, notes, tables=[cpu.render_table(bench.figures)])
+    tables = [cpu.render_table(bench.figures), scaleout.render_table(bench.figures)]
+    table = render_markdown(bench.header(facts), rows, notes, tables=tables)
     print(table, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(table)

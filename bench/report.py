@@ -83,6 +83,21 @@ def cost_row(
     return Row(section, name, value, unit, baseline_name, baseline, ratio, target, verdict, note, baseline_unit)
 
 
+def versus_row(
+    section: str,
+    name: str,
+    value: float | None,
+    unit: str,
+    baseline_name: str = "",
+    baseline: float | None = None,
+    note: str = "",
+) -> Row:
+    """A figure beside a same-run baseline with no target (scale-out: what a second replica gives on this machine
+    is a finding, not a promise); the ratio only. Without a baseline, the figure alone."""
+    # A cost row without a target is exactly that, whichever way is better.
+    return cost_row(section, name, value, unit, baseline_name, baseline, unit, note=note)
+
+
 def limit_row(section: str, name: str, value: float | None, unit: str, maximum: float | None, note: str = "") -> Row:
     """A figure with an absolute upper bound (or none: informational)."""
     verdict = ""

@@ -42,14 +42,27 @@ ROWS = [
     "nats-server CPU per 1,000 commands",
     "MongoDB-wire server CPU per 1,000 commands",
     "load generator CPU per 1,000 commands",
-]
+    # Scale-out: 1, 2, 4 projector partition owners and 1, 2 command_service replicas, each beside the single one's,
+    # and every process group's CPU per 1,000 operations in each run.
+    "projector catch-up with 1 partition owner (",
+    "projector catch-up with 2 partition owners",
+    "projector catch-up with 4 partition owners",
+    "command throughput, closed loop, 1 command_service replica (",
+    "command throughput, closed loop, 2 command_service replicas",
+    *(f"CPU per 1,000 events with {owners}: {group}" for owners in ("1 owner", "2 owners", "4 owners")
+      for group in ("projectors (summed)", "MongoDB-wire server", "nats-server")),
+    *(f"CPU per 1,000 commands with {replicas}: {group}" for replicas in ("1 replica", "2 replicas")
+      for group in ("command services (summed)", "PostgreSQL", "nats-server", "client (bench process)")),
+]  # fmt: skip
 # Rows of the per-process CPU table (CPU seconds per 1,000 operations of each process, per measurement).
 CPU_TABLE_ROWS = ["gRPC echo (per RPC)", "system: sustained commands", "system: projector catch-up",
                   "system: queries, closed loop"]  # fmt: skip
+# Rows of the scale-out table (CPU per 1,000 operations and cores used of each process group, per run).
+SCALE_OUT_TABLE_ROWS = ["1 owner", "2 owners", "4 owners", "1 replica", "2 replicas"]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_quick_bench_runs_and_prints_every_row(tmp_path: Path) -> None:
     out = tmp_path / "results"
     result = subprocess.run(
@@ -57,7 +70,7 @@ def test_quick_bench_runs_and_prints_every_row(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=240,
         check=False,
     )
     report = f"exit {result.returncode}\nstdout:\n{result.stdout[-6000:]}\nstderr:\n{result.stderr[-6000:]}"
@@ -70,5 +83,7 @@ def test_quick_bench_runs_and_prints_every_row(tmp_path: Path) -> None:
     for phrase in CPU_TABLE_ROWS:
         row = next((line for line in table_lines if line.startswith(f"| {phrase}")), None)
         assert row is not None and "not measured" not in row, f"CPU table row {phrase!r}: {row}\n{report}"
+    for run in SCALE_OUT_TABLE_ROWS:
+        assert any(line.startswith(f"| {run} | ") for line in table_lines), f"no scale-out table row {run!r}\n{report}"
     assert (out / "results.md").read_text() in result.stdout
     assert (out / "results.json").is_file()
