@@ -108,13 +108,6 @@ class PullSource:
                 pass  # nothing more was waiting (or the connection dropped): project what we have
         return msgs
 
-    async def settle(self, outcome: BatchOutcome) -> None:
-        """Acks, naks (with their delays) and terms of one batch."""
-        calls: list[Awaitable[None]] = [m.ack() for m in outcome.ack]
-        calls += [m.nak(delay=delay) for m, delay in outcome.nak]
-        calls += [m.term() for m in outcome.term]
-        await settle_all(calls)
-
     async def close(self) -> None:
         """Stops pulling (the durable consumer stays, with its acknowledged position, for the next owner).
 
@@ -260,6 +253,14 @@ class JetStreamConsumer:
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS")
+
+
+async def settle_outcome(outcome: BatchOutcome) -> None:
+    """Acks, naks (with their delays) and terms of one batch (its messages may come from several consumers)."""
+    calls: list[Awaitable[None]] = [m.ack() for m in outcome.ack]
+    calls += [m.nak(delay=delay) for m, delay in outcome.nak]
+    calls += [m.term() for m in outcome.term]
+    await settle_all(calls)
 
 
 async def settle_all(settlements: Iterable[Awaitable[None]]) -> None:

@@ -34,9 +34,10 @@ from core.failpoints import failpoint
 from core.projections import Projection
 from core.subjects import stream_subjects
 from core.supervisor import Supervisor
+from projector.applier import BatchApplier
 from projector.batch_gate import BatchGate
 from projector.config import ProjectorSettings
-from projector.consumer import STRAYS, JetStreamConsumer, PullSource, apply_span, settle_all
+from projector.consumer import STRAYS, JetStreamConsumer, PullSource, apply_span, settle_all, settle_outcome
 from projector.generation_writer import GenerationWriter
 from projector.health import ProjectorHealth, ProjectorStats, log_summary
 from projector.leases import PartitionLeases
@@ -105,6 +106,8 @@ class Projector:
         # Batches of several partitions apply at once; a generation switch waits for them (`BatchGate`), and one
         # worker at a time follows the generation (its heartbeat is reported only once the switch is done).
         self._gate = BatchGate()
+        # Merged batches bounded by twice a fetch, so that one apply stays well inside the ack wait.
+        self._applier = BatchApplier(self.process_batch, self._hand_back, 2 * settings.projector_batch_size)
         self._follow_lock = asyncio.Lock()
         self.owner: PartitionOwner | None = None
 
@@ -277,7 +280,26 @@ class Projector:
     async def _consume(self) -> None:
         """Consumes until stop(): this replica's share of the partitions (each through its own worker), or the one
         consumer every replica shares when the stream has no partition mapping; then reports the last batch done
-        and waits to be stopped."""
+        and waits to be stopped. The workers' batches are applied by one `BatchApplier`."""
+        applying = asyncio.create_task(self._applier.run(), name="projector applier")
+        consuming = asyncio.create_task(self._consume_sources(), name="projector sources")
+        try:
+            await asyncio.wait({applying, consuming}, return_when=asyncio.FIRST_COMPLETED)
+            if applying.done():  # a bug in an apply: the workers stop, the supervisor logs it and restarts us
+                consuming.cancel()
+                with contextlib.suppress(BaseException):
+                    await consuming
+                applying.result()
+            consuming.result()
+        finally:
+            for task in (consuming, applying):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self._drained.set()
+        await _until_cancelled()
+
+    async def _consume_sources(self) -> None:
         if self.consumer.partitions:
             assert self._mongo is not None and self._generations is not None
             s = self._settings
@@ -305,8 +327,6 @@ class Projector:
                 await self._consume_source(source, None)
             finally:
                 await self.consumer.close_source(source)
-        self._drained.set()
-        await _until_cancelled()
 
     async def _start_partition(
         self, partition: int, fence: Fence
@@ -328,8 +348,8 @@ class Projector:
     async def _consume_source(self, source: PullSource, fence: Fence | None) -> None:
         """Fetch -> apply -> settle from one consumer, until stop() or (a partition's) the fence is released.
 
-        Partitions fetch and apply concurrently (each partition's batches in order); a generation switch happens
-        between batches (`BatchGate`)."""
+        Partitions fetch concurrently; what they fetched is applied in merged batches by the applier, each
+        partition's in order; a generation switch happens between batches (`BatchGate`)."""
         while not self._stopping.is_set() and (fence is None or not fence.released):
             failpoint("projector.loop")
             if not await self._read_model.ready(self._probe_mongo):
@@ -341,16 +361,12 @@ class Projector:
                 continue
             msgs = await source.fetch()
             if msgs:
-                # A fetch may have waited (or this process may have been paused) past a check, or past the lease:
-                # never write a batch to a retired generation, nor one of a partition no longer ours.
+                # A fetch may have waited (or this process may have been paused) past a check: never write a batch
+                # to a retired generation (nor, checked by the applier, one of a partition no longer ours).
                 if not await self._generation_checked():
                     await self._hand_back(msgs)
                     continue
-                async with self._gate.batch():
-                    if fence is not None and not fence.valid():
-                        await self._hand_back(msgs)
-                        continue
-                    await self.process_batch(msgs, source)
+                await self._applier.submit(msgs, fence)
                 self.stats.last_batch_monotonic = asyncio.get_running_loop().time()
             log_summary(self.stats, self._settings.projector_stats_interval_seconds)
 
@@ -411,7 +427,7 @@ class Projector:
 
     # ---- one batch ------------------------------------------------------------------------------------------
 
-    async def process_batch(self, msgs: Sequence[Msg], source: PullSource) -> None:
+    async def process_batch(self, msgs: Sequence[Msg]) -> None:
         """Applies one fetched batch to the read model and settles every message in it.
 
         Each message gets a `projector.apply` span continuing the trace in its `traceparent` header; it lasts
@@ -425,7 +441,8 @@ class Projector:
         try:
             decoded = decode_messages(msgs, self._projections, self._settings.subject_prefix, self._decoder)
             started = time.monotonic()
-            outcome = await self.pipeline.apply(decoded, spans=spans)
+            async with self._gate.batch():
+                outcome = await self.pipeline.apply(decoded, spans=spans)
             self.metrics.stages.observe("apply", time.monotonic() - started)
             failpoint("projector.after_write_before_ack")
         except PyMongoError as exc:
@@ -441,7 +458,7 @@ class Projector:
             for span in spans.values():
                 span.end()
         started = time.monotonic()
-        await source.settle(outcome)
+        await settle_outcome(outcome)
         self.metrics.stages.observe("settle", time.monotonic() - started)
         self.metrics.record_stages(outcome, fetched_at)
         self.stats.record_outcome(outcome)
