@@ -27,6 +27,7 @@ from pymongo import UpdateMany, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from core.projections import Document
 from core.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
 from core.projections.customers import empty_order_stats
 from core.projections.orders import COLLECTION as ORDERS_COLLECTION
@@ -111,8 +112,9 @@ def order_stats_pipeline(customer_ids: list[str]) -> list[MongoDocument]:
     ]
 
 
-# A view writer: (keys to recompute, versions the triggering documents already carry, refused keys to record).
-ViewWriter = Callable[[Iterable[str], Mapping[str, int], set[str]], Awaitable[object]]
+# A view writer: (keys to recompute, versions the triggering documents already carry, refused keys to record,
+# documents of the batch by stream id, which a writer may use instead of reading them back).
+ViewWriter = Callable[[Iterable[str], Mapping[str, int], set[str], Mapping[str, Document]], Awaitable[object]]
 
 
 class CustomerViews:
@@ -125,10 +127,17 @@ class CustomerViews:
     def writers(self) -> dict[str, ViewWriter]:
         """The writer of each view in `projector.registry.VIEWS`, by view name (a test checks none is missing)."""
 
-        async def order_stats(keys: Iterable[str], _carried: Mapping[str, int], failed: set[str]) -> object:
+        async def order_stats(
+            keys: Iterable[str], _carried: Mapping[str, int], failed: set[str], _docs: Mapping[str, Document]
+        ) -> object:
             return await self.recompute_order_stats(keys, failed)
 
-        return {ORDER_CUSTOMER_FIELDS.name: self.fan_out, CUSTOMER_ORDER_STATS.name: order_stats}
+        async def fan_out(
+            keys: Iterable[str], carried: Mapping[str, int], failed: set[str], _docs: Mapping[str, Document]
+        ) -> object:
+            return await self.fan_out(keys, carried, failed)
+
+        return {ORDER_CUSTOMER_FIELDS.name: fan_out, CUSTOMER_ORDER_STATS.name: order_stats}
 
     async def customer_fields(self, customer_ids: Iterable[str]) -> dict[str, CustomerFields]:
         """The current fields of the customers that are registered in the read model, in one round trip."""

@@ -147,7 +147,7 @@ class Pipeline:
             for start in range(0, len(keys), keys_per_write):
                 chunk = keys[start : start + keys_per_write]
                 refused: set[str] = set()
-                await self._timed(view.name, writer(chunk, {k: carried.get(k, 0) for k in chunk}, refused))
+                await self._timed(view.name, writer(chunk, {k: carried.get(k, 0) for k in chunk}, refused, {}))
                 if refused:
                     raise PyMongoError(f"MongoDB refused view {view.name} of {len(refused)} key(s)")
             total += len(keys)
@@ -335,9 +335,18 @@ class Pipeline:
                     lagging.add(sid)
         plan = plan_views(batches, VIEWS, lagging, set(resuming))
         refused: dict[str, set[str]] = {view.name: set() for view in VIEWS}
+        stored = {stream_type: _stored_docs(batch) for stream_type, batch in batches.items()}
         await _all(
             *(
-                self._timed(view.name, self._view_writers[view.name](keys, plan.carried[view.name], refused[view.name]))
+                self._timed(
+                    view.name,
+                    self._view_writers[view.name](
+                        keys,
+                        plan.carried[view.name],
+                        refused[view.name],
+                        {sid: doc for stream_type in view.triggers for sid, doc in stored.get(stream_type, {}).items()},
+                    ),
+                )
                 for view in VIEWS
                 if (keys := plan.keys.get(view.name))
             )
@@ -449,6 +458,13 @@ def _bulk_write_span(batch: ProjectionBatch, spans: Mapping[int, Span]) -> Any:
             "cqrs.documents": len(batch.result.changes),
         },
     )
+
+
+def _stored_docs(batch: ProjectionBatch) -> dict[str, Document]:
+    """One projection's documents as this batch left them in MongoDB, by stream id: written, or loaded and left
+    alone (a document whose write lost a race or failed is left out: a view writer reads those back)."""
+    unwritten = batch.outcome.conflicts | set(batch.outcome.failed)
+    return {sid: doc for sid, doc in batch.current_docs().items() if sid not in unwritten}
 
 
 def _new_orders_customers(orders: ProjectionBatch | None) -> set[str]:

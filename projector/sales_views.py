@@ -5,11 +5,17 @@ its day's shard document (an update guarded by the fact's tag: a redelivery, a r
 nothing twice), then the report documents of the days those facts fall on are rolled up from their shards and
 replaced, guarded by `report_version`. The cost of a batch depends on its own orders and on `SHARDS`, not on how
 many orders the day already has.
+
+The facts of a batch that fall into one shard are counted by one update guarded by all their tags (`$nin`): one
+write per shard instead of one per order. If any of those tags is there already (a redelivery) the update
+misses, and the shard's facts are counted one by one, each guarded by its own tag, as before. The orders are
+taken from the batch when it holds them (`docs`), else read back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from pymongo import ASCENDING, IndexModel, ReplaceOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
@@ -54,8 +60,10 @@ class SalesViews:
     def writers(self) -> dict[str, ViewWriter]:
         """The writer of each report view in `projector.registry.VIEWS`, by view name."""
 
-        async def report(keys: Iterable[str], _carried: Mapping[str, int], failed: set[str]) -> object:
-            return await self.count(keys, failed)
+        async def report(
+            keys: Iterable[str], _carried: Mapping[str, int], failed: set[str], docs: Mapping[str, Document]
+        ) -> object:
+            return await self.count(keys, failed, docs)
 
         return {SALES_REPORT.name: report}
 
@@ -64,30 +72,42 @@ class SalesViews:
         await self._shards.create_indexes(_index_models(SHARD_INDEXES))
         await self._reports.create_indexes(_index_models(REPORT_INDEXES))
 
-    async def count(self, order_ids: Iterable[str], failed: set[str] | None = None) -> dict[str, Document]:
+    async def count(
+        self, order_ids: Iterable[str], failed: set[str] | None = None, docs: Mapping[str, Document] | None = None
+    ) -> dict[str, Document]:
         """Counts the facts of these orders that are not counted yet, then rolls up the days they count on;
         returns the report documents written. `failed`: where to record the days whose report MongoDB refused
-        (a refused fact raises: the batch is retried whole)."""
+        (a refused fact raises: the batch is retried whole). `docs`: order documents as the caller just wrote or
+        read them, by id (the others are read)."""
         ids = sorted(set(order_ids))
         if not ids:
             return {}
-        cursor = self._orders.find({"_id": {"$in": ids}}, {ORDER_HISTORY_FIELD: 0})
-        orders = {str(doc["_id"]): doc async for doc in cursor}
+        docs = docs or {}
+        orders = {order_id: docs[order_id] for order_id in ids if order_id in docs}
+        missing = [order_id for order_id in ids if order_id not in orders]
+        if missing:
+            cursor = self._orders.find({"_id": {"$in": missing}}, {ORDER_HISTORY_FIELD: 0})
+            orders.update({str(doc["_id"]): doc async for doc in cursor})
         facts = [(order_id, *fact) for order_id, order in orders.items() for fact in fact_updates(order_id, order)]
         await self._count(facts)
         return await self.roll_up({key for order in orders.values() for key in keys_of_order(order)}, failed)
 
     async def _count(self, facts: list[Fact]) -> None:
-        """One guarded update per fact. An upsert whose filter missed because the tag is there collides with the
-        stored `_id` (already counted); one that lost a race to create the shard is applied again as a plain
-        update, where the tag decides. Anything else MongoDB refuses raises."""
+        """One update per shard, guarded by the tags of all its facts. An upsert whose filter missed because a tag
+        is there (or that lost a race to create the shard) collides with the stored `_id`: that shard's facts are
+        then applied one by one as plain updates, where each fact's own tag decides. Anything else MongoDB
+        refuses raises."""
         if not facts:
             return
+        by_shard: dict[str, list[Fact]] = {}
+        for fact in facts:
+            by_shard.setdefault(fact[1], []).append(fact)
+        groups = list(by_shard.values())
         try:
-            await self._shards.bulk_write([_fact(fact, upsert=True) for fact in facts], ordered=False)
+            await self._shards.bulk_write([_facts(group) for group in groups], ordered=False)
         except BulkWriteError as exc:
             refused_indexes(exc, None, retry_duplicates=True)  # raises unless every failure is a duplicate `_id`
-            again = [facts[i] for i in duplicate_indexes(exc)]
+            again = [fact for i in duplicate_indexes(exc) for fact in groups[i]]
             await self._shards.bulk_write([_fact(fact, upsert=False) for fact in again], ordered=False)
 
     async def roll_up(self, key_ids: Iterable[str], failed: set[str] | None = None) -> dict[str, Document]:
@@ -137,4 +157,26 @@ def _fact(fact: Fact, *, upsert: bool) -> UpdateOne:
     return UpdateOne({"_id": shard, COUNTED_FIELD: {"$ne": tag}}, update, upsert=upsert)
 
 
-__all__ = ["SalesViews"]
+def _facts(group: list[Fact]) -> UpdateOne:
+    """Counts the facts of one shard (an upsert) unless any of their tags is there already."""
+    if len(group) == 1:
+        return _fact(group[0], upsert=True)
+    tags = [tag for _, _, tag, _ in group]
+    return UpdateOne({"_id": group[0][1], COUNTED_FIELD: {"$nin": tags}}, merge_fact_updates(group), upsert=True)
+
+
+def merge_fact_updates(group: Iterable[Fact]) -> Document:
+    """One update that does what the updates of these facts (of one shard) do one after the other: increments
+    summed, names set, tags pushed in order (pure)."""
+    increments: dict[str, int] = {}
+    names: dict[str, Any] = {}
+    tags: list[str] = []
+    for _, _, _, update in group:
+        for path, amount in update["$inc"].items():
+            increments[path] = increments.get(path, 0) + int(amount)
+        names.update(update["$set"])
+        tags.append(update["$push"][COUNTED_FIELD])
+    return {"$inc": increments, "$set": names, "$push": {COUNTED_FIELD: {"$each": tags}}}
+
+
+__all__ = ["SalesViews", "merge_fact_updates"]

@@ -29,7 +29,6 @@ than one that visibly stalls.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, TypeVar
 
 from core.envelope import RecordedEvent
@@ -197,6 +196,16 @@ def on_order_deleted(doc: Document | None, recorded: RecordedEvent, event: Event
     return _copy(current, deleted=True)
 
 
+def json_copy(value: Any) -> Any:
+    """A copy of a JSON value (dicts, lists, scalars) sharing no mutable part with it: what `copy.deepcopy` does
+    for a payload decoded from JSON, several times faster (no memo, no dispatch on arbitrary types)."""
+    if isinstance(value, dict):
+        return {key: json_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_copy(item) for item in value]
+    return value
+
+
 def history_entry(recorded: RecordedEvent) -> Document:
     """One event of the change log: everything needed to show it and to fold it again."""
     metadata = recorded.metadata
@@ -207,7 +216,7 @@ def history_entry(recorded: RecordedEvent) -> Document:
         "version": recorded.version,
         "position": recorded.position,
         "recorded_at": recorded.recorded_at,
-        "payload": copy.deepcopy(recorded.payload),
+        "payload": json_copy(recorded.payload),
         "correlation_id": metadata.correlation_id,
         "request_id": metadata.request_id,
         "causation_id": metadata.causation_id,
