@@ -37,6 +37,9 @@ class Difference:
     # A view stamp (`customer_version` on orders, `order_stats_version` on customers) differs: fields copied from
     # other streams were written from different states of them (one side behind on those streams).
     stamps_differ: bool = False
+    # Only the live read model is behind (its version or stamps lower, none higher): waiting for the projector
+    # resolves it, catching the generation up further would only move the target.
+    live_behind: bool = False
 
     @property
     def versions_differ(self) -> bool:
@@ -79,15 +82,26 @@ def compare_documents(
     if live is None and generation is None:
         return None
     if live is None:
-        return Difference(collection, doc_id, MISSING_IN_LIVE, (), *versions)
+        return Difference(collection, doc_id, MISSING_IN_LIVE, (), *versions, live_behind=True)
     if generation is None:
         return Difference(collection, doc_id, MISSING_IN_GENERATION, (), *versions)
     diffs = tuple(d for d in diff_documents(live, generation) if not ignored.ignores(collection, d.path))
     if not diffs:
         return None
-    stamps = {key for key in (*live, *generation) if key.endswith("_version")}
-    stamps_differ = any(live.get(key) != generation.get(key) for key in stamps)
-    return Difference(collection, doc_id, DIFFERS, diffs, *versions, stamps_differ)
+    stamps = {key for key in (*live, *generation) if key.endswith("_version")} | {"version"}
+    stamps_differ = any(live.get(key) != generation.get(key) for key in stamps - {"version"})
+    order = [_compare_stamp(live.get(key), generation.get(key)) for key in stamps]
+    live_behind = -1 in order and 1 not in order and None not in order
+    return Difference(collection, doc_id, DIFFERS, diffs, *versions, stamps_differ, live_behind)
+
+
+def _compare_stamp(live: Any, generation: Any) -> int | None:
+    """-1: the live value is lower, 0: equal, 1: higher; None: not comparable (absent or not a number)."""
+    if live == generation:
+        return 0
+    if isinstance(live, int) and isinstance(generation, int):
+        return -1 if live < generation else 1
+    return None
 
 
 @dataclass(slots=True)

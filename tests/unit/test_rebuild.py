@@ -207,3 +207,18 @@ def test_a_difference_in_copied_fields_written_from_other_stream_states_is_in_fl
     same_inputs = {**behind, "order_stats_version": 9}
     difference = compare_documents("customers", "c", live, same_inputs, ignored)
     assert difference is not None and not difference.versions_differ  # same inputs, different result: a real one
+
+
+def test_only_differences_explained_by_the_live_side_lagging_are_live_behind() -> None:
+    ignored = IgnoredFields((), ("customers",))
+    generation = {"_id": "c", "version": 2, "order_stats_version": 9, "order_stats": {"placed": 2}}
+    lagging = {"_id": "c", "version": 1, "order_stats_version": 7, "order_stats": {"placed": 1}}
+    difference = compare_documents("customers", "c", lagging, generation, ignored)
+    assert difference is not None and difference.live_behind
+    ahead_on_one = {**lagging, "version": 3}  # the generation is behind on its own stream
+    difference = compare_documents("customers", "c", ahead_on_one, generation, ignored)
+    assert difference is not None and not difference.live_behind
+    difference = compare_documents("customers", "c", None, generation, ignored)
+    assert difference is not None and difference.live_behind
+    difference = compare_documents("customers", "c", lagging, None, ignored)
+    assert difference is not None and not difference.live_behind
