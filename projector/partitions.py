@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from pymongo.errors import PyMongoError
@@ -61,7 +61,7 @@ class Worker:
     partition: int
     fence: Fence
     task: asyncio.Task[None]
-    closing: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    close: Callable[[], Awaitable[None]]
 
 
 # Starts consuming a partition under a fence: returns the running task and how to close the partition's source.
@@ -160,7 +160,7 @@ class PartitionOwner:
             with contextlib.suppress(PyMongoError):
                 await self._leases.release(partition)
             raise
-        self.workers[partition] = Worker(partition, fence, task, [close])
+        self.workers[partition] = Worker(partition, fence, task, close)
         self._metrics.partition_handovers.labels("claimed").inc()
         return True
 
@@ -179,8 +179,7 @@ class PartitionOwner:
         worker.task.cancel()
         with contextlib.suppress(BaseException):
             await worker.task
-        for close in worker.closing:
-            await close()
+        await worker.close()
         self._metrics.partitions_owned.set(len(self.workers))
 
     def _raise_if_a_worker_failed(self) -> None:

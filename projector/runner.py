@@ -332,16 +332,21 @@ class Projector:
         self, partition: int, fence: Fence
     ) -> tuple[asyncio.Task[None], Callable[[], Awaitable[None]]]:
         """Partition `partition`'s worker; partition 0's owner also consumes the strays (`consumer.STRAYS`)."""
-        sources = [await self.consumer.open_source(partition)]
-        if partition == 0:
-            sources.append(await self.consumer.open_source(STRAYS))
-
-        async def consume() -> None:
-            await asyncio.gather(*(self._consume_source(source, fence) for source in sources))
+        sources: list[PullSource] = []
 
         async def close() -> None:
             for source in sources:
                 await self.consumer.close_source(source)
+
+        try:
+            for wanted in (partition, STRAYS) if partition == 0 else (partition,):
+                sources.append(await self.consumer.open_source(wanted))
+        except BaseException:
+            await close()  # the partition's source opened, the strays' failed: unsubscribe it too
+            raise
+
+        async def consume() -> None:
+            await asyncio.gather(*(self._consume_source(source, fence) for source in sources))
 
         return asyncio.create_task(consume(), name=f"projector partition {partition}"), close
 
