@@ -28,11 +28,12 @@ from command_service.event_store import (
     UniqueClaim,
     VersionConflict,
 )
+from command_service.stream_cache import StreamCache, StreamSnapshot
 from core.backoff import full_jitter
 from core.customer_events import CUSTOMER_STREAM_TYPE
 from core.envelope import EventMetadata
 from core.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound, ServiceError
-from core.events import Event, decode_event
+from core.events import Event
 from core.order_events import ORDER_STREAM_TYPE
 from core.tracing import current_traceparent, tracer
 
@@ -86,9 +87,12 @@ class CommandHandler(Generic[S, C]):
         max_attempts: int = 5,
         precondition: Callable[[C], Awaitable[Sequence[StreamGuard]]] | None = None,
         max_seconds: float = 30.0,
+        streams: StreamCache | None = None,
     ) -> None:
-        """`max_seconds` bounds one command as a whole (every attempt), within the caller's deadline."""
+        """`max_seconds` bounds one command as a whole (every attempt), within the caller's deadline; `streams`:
+        the replica's stream cache (None: every command reads its stream from PostgreSQL)."""
         self.store = store
+        self.streams = streams if streams is not None else StreamCache(store, capacity=0)
         self.max_seconds = max_seconds
         self._aggregate = aggregate
         self._max_attempts = max_attempts
@@ -114,13 +118,14 @@ class CommandHandler(Generic[S, C]):
         # No request-log lookup up front: a repeated request_id either fails the checks its first run changed,
         # or fails its append on the request log (which writes nothing); both paths return the first reply
         # through `_replay`. New commands, nearly all of them, save a round trip.
+        fresh = False  # once a cached stream may be behind: read it from PostgreSQL
         for attempt in range(1, self._max_attempts + 1):
-            recorded = await self.store.load_stream(stream_id)
-            if recorded and recorded[0].stream_type != agg.stream_type:  # the id names another aggregate's stream
+            stream = await self.streams.read(stream_id, fresh=fresh)
+            if stream is not None and stream.stream_type != agg.stream_type:  # the id names another aggregate's
                 raise NotFound(f"{agg.name} {stream_id} not found")
-            state = agg.fold(decode_event(r.event_type, r.schema_version, r.payload) for r in recorded)
-            current_version = recorded[-1].version if recorded else 0
-            last_position = recorded[-1].position if recorded else 0
+            state = agg.fold(stream.events if stream is not None else ())
+            current_version = stream.version if stream is not None else 0
+            last_position = stream.position if stream is not None else 0
             try:
                 if ctx.expected_version is not None and ctx.expected_version != current_version:
                     raise Conflict(
@@ -130,6 +135,9 @@ class CommandHandler(Generic[S, C]):
                 guards = await self._precondition(command) if self._precondition is not None else ()
                 events = agg.decide(state, command)
             except ServiceError:
+                if stream is not None and stream.cached:  # a rejection is confirmed against PostgreSQL first
+                    fresh = True
+                    continue
                 # A repeat of a request that already committed (or is committing concurrently): its own effect
                 # makes the checks fail. The first reply is the right answer.
                 prior = await self._replay(ctx, command_type)
@@ -137,36 +145,13 @@ class CommandHandler(Generic[S, C]):
                     return prior
                 raise
             try:
-                with tracer().start_as_current_span(
-                    "eventstore.append",
-                    attributes={
-                        "db.system": "postgresql",
-                        "db.operation.name": "append",
-                        "cqrs.stream_id": stream_id,
-                        "cqrs.expected_version": current_version,
-                        "cqrs.events": len(events),
-                        "cqrs.attempt": attempt,
-                    },
-                ):
-                    return await self.store.append(
-                        stream_type=agg.stream_type,
-                        stream_id=stream_id,
-                        expected_version=current_version,
-                        events=events,
-                        metadata=EventMetadata(
-                            request_id=ctx.request_id,
-                            correlation_id=ctx.correlation_id or ctx.request_id,
-                            causation_id=ctx.request_id,
-                            # The append span's context: the relay's publish continues the trace from here.
-                            traceparent=current_traceparent(),
-                            subject=ctx.subject,
-                        ),
-                        request=RequestRecord(ctx.request_id, command_type, ctx.request_hash),
-                        last_position=last_position,
-                        claims=agg.claims(state, events),
-                        guards=guards,
-                    )
+                reply = await self._append(command_type, stream_id, current_version, last_position, attempt,
+                                           events, state, guards, ctx)  # fmt: skip
+                self._record(stream, events, reply, current_version)
+                return reply
             except VersionConflict:
+                self.streams.stale(stream_id)
+                fresh = True
                 if ctx.expected_version is not None or isinstance(command, agg.creates):
                     prior = await self._replay(ctx, command_type)  # a concurrent duplicate may have won the race
                     if prior is not None:
@@ -175,6 +160,7 @@ class CommandHandler(Generic[S, C]):
                 log.debug("version conflict on %s (attempt %d); retrying", stream_id, attempt)
                 await asyncio.sleep(full_jitter(attempt, CONFLICT_BACKOFF_SECONDS, CONFLICT_BACKOFF_CAP_SECONDS))
             except GuardMoved as moved:
+                self.streams.stale(moved.guard.stream_id)
                 log.debug("%s on %s (attempt %d); deciding again", moved, stream_id, attempt)
             except ClaimTaken as taken:
                 prior = await self._replay(ctx, command_type)
@@ -186,10 +172,65 @@ class CommandHandler(Generic[S, C]):
                 if prior is not None:
                     return prior
                 raise
+            except BaseException:
+                self.streams.forget(stream_id)  # the append may have committed or not: read it again next time
+                raise
         raise Conflict(
             f"{agg.name} {stream_id} is being changed by many writers at once; "
             f"gave up after {self._max_attempts} attempts, retry later"
         )
+
+    async def _append(
+        self,
+        command_type: str,
+        stream_id: str,
+        current_version: int,
+        last_position: int,
+        attempt: int,
+        events: list[Event],
+        state: S | None,
+        guards: Sequence[StreamGuard],
+        ctx: CommandContext,
+    ) -> CommandReply:
+        agg = self._aggregate
+        with tracer().start_as_current_span(
+            "eventstore.append",
+            attributes={
+                "db.system": "postgresql",
+                "db.operation.name": "append",
+                "cqrs.stream_id": stream_id,
+                "cqrs.expected_version": current_version,
+                "cqrs.events": len(events),
+                "cqrs.attempt": attempt,
+            },
+        ):
+            return await self.store.append(
+                stream_type=agg.stream_type,
+                stream_id=stream_id,
+                expected_version=current_version,
+                events=events,
+                metadata=EventMetadata(
+                    request_id=ctx.request_id,
+                    correlation_id=ctx.correlation_id or ctx.request_id,
+                    causation_id=ctx.request_id,
+                    # The append span's context: the relay's publish continues the trace from here.
+                    traceparent=current_traceparent(),
+                    subject=ctx.subject,
+                ),
+                request=RequestRecord(ctx.request_id, command_type, ctx.request_hash),
+                last_position=last_position,
+                claims=agg.claims(state, events),
+                guards=guards,
+            )
+
+    def _record(
+        self, before: StreamSnapshot | None, events: Sequence[Event], reply: CommandReply, expected_version: int
+    ) -> None:
+        """Keeps the stream as this append left it (the append's version check proved `before` current)."""
+        if reply.version == expected_version + len(events):
+            self.streams.appended(before, events, reply)
+        else:  # not this append's own reply: leave it to the next read
+            self.streams.forget(reply.stream_id)
 
     async def _replay(self, ctx: CommandContext, command_type: str) -> CommandReply | None:
         """The first reply for a repeated request_id, or None when the id is new."""
@@ -235,33 +276,45 @@ CUSTOMERS: Aggregate[customer.CustomerState, CustomerCommand] = Aggregate(
 
 
 class ActiveCustomerCheck:
-    """CreateOrder needs an existing, active customer, checked against the event store (not the read model)."""
+    """CreateOrder needs an existing, active customer, checked against the event store (not the read model):
+    through the stream cache, whose answer the append's guard on the customer's version confirms, and a refusal
+    decided on a cached customer is confirmed from PostgreSQL before it is given."""
 
-    def __init__(self, store: EventStore) -> None:
-        self._store = store
+    def __init__(self, store: EventStore, streams: StreamCache | None = None) -> None:
+        self._streams = streams if streams is not None else StreamCache(store, capacity=0)
 
     async def __call__(self, command: OrderCommand) -> Sequence[StreamGuard]:
         """Raises FailedPrecondition, or returns the customer's version that the append must still find."""
         if not isinstance(command, CreateOrder):
             return ()
-        recorded = await self._store.load_stream(command.customer_id)
-        if recorded and recorded[0].stream_type != CUSTOMER_STREAM_TYPE:
-            recorded = []  # the id names some other stream, not a customer
-        state = customer.fold(decode_event(r.event_type, r.schema_version, r.payload) for r in recorded)
+        stream = await self._streams.read(command.customer_id)
+        try:
+            return self._check(command.customer_id, stream)
+        except FailedPrecondition:
+            if stream is None or not stream.cached:
+                raise
+        return self._check(command.customer_id, await self._streams.read(command.customer_id, fresh=True))
+
+    @staticmethod
+    def _check(customer_id: str, stream: StreamSnapshot | None) -> Sequence[StreamGuard]:
+        if stream is None or stream.stream_type != CUSTOMER_STREAM_TYPE:  # none, or some other aggregate's stream
+            raise FailedPrecondition(f"customer {customer_id} does not exist; register the customer first")
+        state = customer.fold(stream.events)
         if state is None:
-            raise FailedPrecondition(f"customer {command.customer_id} does not exist; register the customer first")
+            raise FailedPrecondition(f"customer {customer_id} does not exist; register the customer first")
         if not state.is_active:
-            raise FailedPrecondition(f"customer {command.customer_id} is deactivated and cannot create orders")
-        return (StreamGuard(command.customer_id, recorded[-1].version),)
+            raise FailedPrecondition(f"customer {customer_id} is deactivated and cannot create orders")
+        return (StreamGuard(customer_id, stream.version),)
 
 
 def order_handler(
-    store: EventStore, max_attempts: int = 5, max_seconds: float = 30.0
+    store: EventStore, max_attempts: int = 5, max_seconds: float = 30.0, streams: StreamCache | None = None
 ) -> CommandHandler[order.OrderState, OrderCommand]:
-    return CommandHandler(store, ORDERS, max_attempts, precondition=ActiveCustomerCheck(store), max_seconds=max_seconds)
+    check = ActiveCustomerCheck(store, streams)
+    return CommandHandler(store, ORDERS, max_attempts, check, max_seconds, streams)
 
 
 def customer_handler(
-    store: EventStore, max_attempts: int = 5, max_seconds: float = 30.0
+    store: EventStore, max_attempts: int = 5, max_seconds: float = 30.0, streams: StreamCache | None = None
 ) -> CommandHandler[customer.CustomerState, CustomerCommand]:
-    return CommandHandler(store, CUSTOMERS, max_attempts, max_seconds=max_seconds)
+    return CommandHandler(store, CUSTOMERS, max_attempts, max_seconds=max_seconds, streams=streams)

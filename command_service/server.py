@@ -28,6 +28,7 @@ from command_service.group_commit import GroupCommitter
 from command_service.handlers import customer_handler, order_handler
 from command_service.metrics import OutboxMetrics
 from command_service.relay import OutboxRelay, RelaySettings
+from command_service.stream_cache import StreamCache
 from core.grpc_assembly import Service, assemble_server
 from core.health import Readiness
 from core.metrics import MetricsServer, start_metrics_server
@@ -109,8 +110,9 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
     # A whole command (load, decide, append, retries) gets two statement timeouts: past that, PostgreSQL is not
     # answering, and the caller is better served by UNAVAILABLE now than by its own deadline.
     command_seconds = 2 * settings.postgres_timeout_seconds
-    orders = OrderCommandServicer(order_handler(store, settings.max_append_attempts, command_seconds))
-    customers = CustomerCommandServicer(customer_handler(store, settings.max_append_attempts, command_seconds))
+    streams = StreamCache(store, settings.stream_cache_size, registry)  # one for both: orders check customers
+    orders = OrderCommandServicer(order_handler(store, settings.max_append_attempts, command_seconds, streams))
+    customers = CustomerCommandServicer(customer_handler(store, settings.max_append_attempts, command_seconds, streams))
     try:
         assembled = await assemble_server(
             settings,

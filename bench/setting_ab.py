@@ -1,0 +1,121 @@
+"""`python -m bench.setting_ab`: what one service setting changes in CPU per command, A against B in one run.
+
+Starts the local stack once (`bench.stack.BenchStack`), then for each round restarts the services with variant A's
+environment and with variant B's, in the order A B B A ... so that drift of the shared machine cancels, and runs
+the same open-loop `cqrs load` against each (a fixed command rate: the same work per second in both). It prints
+each run's CPU milliseconds per command of every process (from /proc, `--cpu-pids`) and the command p50/p99, then
+the medians and the ratios B / A.
+
+Example (the command service's stream cache, off against on):
+
+    python -m bench.setting_ab --a CQRS_STREAM_CACHE_SIZE=0 --b CQRS_STREAM_CACHE_SIZE=10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bench.cpu import stack_groups
+from bench.stack import BenchStack
+from bench.system import run_load
+
+PROCESSES = ("command_service", "projector", "query_service", "postgres", "nats", "mongo", "cqrs-load")
+
+
+def variant(assignments: list[str]) -> dict[str, str]:
+    env = {}
+    for assignment in assignments:
+        name, sep, value = assignment.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"not NAME=VALUE: {assignment!r}")
+        env[name] = value
+    return env
+
+
+def restart_services(stack: BenchStack, env: Mapping[str, str]) -> None:
+    for name in stack.services:
+        stack.stop_service(name)
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)  # BenchStack.service_env() starts from os.environ
+    try:
+        stack.start_services()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def measure(stack: BenchStack, args: argparse.Namespace) -> dict[str, float]:
+    groups = stack_groups(stack)
+    report = run_load(
+        stack.command_addr, stack.query_addr, mode="open", rate=args.rate, duration=args.seconds,
+        workers=args.workers, mix=args.mix, ttq_sample=0, cpu_pids=groups,
+    )  # fmt: skip
+    commands = report["cpu"]["operations"]["commands"]
+    row = {
+        name: 1000 * entry["cpu_s"] / commands
+        for name, entry in report["cpu"]["processes"].items()
+        if commands and entry.get("cpu_s") is not None
+    }
+    latency = report["commands"]["latency_ms"]
+    row["p50_ms"], row["p99_ms"] = float(latency["p50"]), float(latency["p99"])
+    row["errors"] = float(report["totals"]["errors"])
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.setting_ab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--a", nargs="+", default=[], metavar="NAME=VALUE", help="variant A's environment")
+    parser.add_argument("--b", nargs="+", default=[], metavar="NAME=VALUE", help="variant B's environment")
+    parser.add_argument("--rounds", type=int, default=2, help="A B B A blocks (default 2)")
+    parser.add_argument("--rate", type=float, default=60.0, help="commands per second (default 60)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds per run (default 20)")
+    parser.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")
+    parser.add_argument("--mix", default="create=1,add=3,change=1,place=1", help="command mix (the bench's)")
+    args = parser.parse_args(argv)
+    variants = {"A": variant(args.a), "B": variant(args.b)}
+    runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+    with tempfile.TemporaryDirectory(prefix="cqrs-setting-ab-") as workdir:
+        stack = BenchStack(Path(workdir))
+        try:
+            stack.start_servers()
+            stack.migrate()
+            for name in ("A", "B", "B", "A") * args.rounds:
+                restart_services(stack, variants[name])
+                row = measure(stack, args)
+                runs[name].append(row)
+                print(f"{name} {variants[name]}: " + _format(row), flush=True)
+        finally:
+            stack.stop()
+    medians = {name: _medians(rows) for name, rows in runs.items()}
+    print("\nmedians (CPU ms per command; latency ms):")
+    for name in ("A", "B"):
+        print(f"  {name}: {_format(medians[name])}")
+    print("ratios B / A:")
+    print("  " + ", ".join(
+        f"{key} {medians['B'][key] / medians['A'][key]:.2f}x"
+        for key in medians["A"] if key in medians["B"] and medians["A"][key]
+    ))  # fmt: skip
+    return 0
+
+
+def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = [key for key in rows[0] if all(key in row for row in rows)]
+    return {key: statistics.median(row[key] for row in rows) for key in keys}
+
+
+def _format(row: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key} {value:.2f}" for key, value in row.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

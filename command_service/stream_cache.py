@@ -1,0 +1,113 @@
+"""The streams this replica last saw committed, decoded, so that most commands decide without reading PostgreSQL.
+
+A command on a cached stream decides against the cached events and appends with the cached version as its
+expected version. The append's own version check (and, for a precondition, its stream guard) is what makes that
+safe: if another replica or a crashed attempt moved the stream meanwhile, the append writes nothing, the entry is
+forgotten and the command is decided again from PostgreSQL. A rejection decided on cached events (a check that
+failed) is also confirmed from PostgreSQL before it is returned, so a stale entry never changes an answer; it costs
+at most one more round trip. Absent streams are never cached: a stream may appear at any moment.
+
+Bounded: least recently used streams go first (`CQRS_COMMAND_STREAM_CACHE_SIZE`, 0 turns the cache off).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from command_service.event_store import CommandReply, EventStore
+from core.events import Event, decode_event
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSnapshot:
+    """A stream's events as committed up to `version`, decoded; `cached`: read from this replica's cache."""
+
+    stream_type: str
+    events: tuple[Event, ...]
+    version: int
+    position: int
+    cached: bool = False
+
+
+class CacheMetrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.reads = Counter(
+            "cqrs_command_stream_cache_reads",
+            "Stream reads for a command decision, by where they were answered from (hit: this replica's cache)",
+            ["result"],
+            registry=registry,
+        )
+        self.hits, self.misses = self.reads.labels("hit"), self.reads.labels("miss")
+        self.stale = Counter(
+            "cqrs_command_stream_cache_stale",
+            "Cached streams that PostgreSQL showed to be behind (another writer moved them); decided again",
+            registry=registry,
+        )
+        self.streams = Gauge("cqrs_command_stream_cache_streams", "Streams held in the cache", registry=registry)
+
+
+class StreamCache:
+    """Reads streams for command decisions, from the cache when it holds them (see the module docstring)."""
+
+    def __init__(self, store: EventStore, capacity: int, registry: CollectorRegistry | None = None) -> None:
+        self._store = store
+        self._capacity = capacity
+        self._entries: OrderedDict[str, StreamSnapshot] = OrderedDict()
+        self._metrics = CacheMetrics(registry)
+
+    async def read(self, stream_id: str, *, fresh: bool = False) -> StreamSnapshot | None:
+        """The stream as committed (None if it has no events); `fresh`: from PostgreSQL, whatever is cached."""
+        if not fresh:
+            cached = self._entries.get(stream_id)
+            if cached is not None:
+                self._entries.move_to_end(stream_id)
+                self._metrics.hits.inc()
+                return cached
+        self._metrics.misses.inc()
+        recorded = await self._store.load_stream(stream_id)
+        if not recorded:
+            self.forget(stream_id)
+            return None
+        last = recorded[-1]
+        loaded = StreamSnapshot(
+            stream_type=last.stream_type,
+            events=tuple(decode_event(r.event_type, r.schema_version, r.payload) for r in recorded),
+            version=last.version,
+            position=last.position,
+        )
+        self._keep(stream_id, loaded)
+        return loaded
+
+    def appended(self, before: StreamSnapshot | None, events: Sequence[Event], reply: CommandReply) -> None:
+        """Records a committed append of `events` on top of `before` (None: the stream's first append)."""
+        base = before.events if before is not None else ()
+        self._keep(reply.stream_id, StreamSnapshot(reply.stream_type, (*base, *events), reply.version, reply.position))
+
+    def stale(self, stream_id: str) -> None:
+        """PostgreSQL showed the cached stream to be behind: forget it."""
+        if self._entries.pop(stream_id, None) is not None:
+            self._metrics.stale.inc()
+            self._metrics.streams.set(len(self._entries))
+
+    def forget(self, stream_id: str) -> None:
+        if self._entries.pop(stream_id, None) is not None:
+            self._metrics.streams.set(len(self._entries))
+
+    def _keep(self, stream_id: str, snapshot: StreamSnapshot) -> None:
+        if self._capacity <= 0:
+            return
+        current = self._entries.get(stream_id)
+        if current is not None and current.version > snapshot.version:
+            return  # a slower reader must not put back an older state than a later append left
+        self._entries[stream_id] = replace(snapshot, cached=True)
+        self._entries.move_to_end(stream_id)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+        self._metrics.streams.set(len(self._entries))
+
+
+__all__ = ["StreamCache", "StreamSnapshot"]
