@@ -120,7 +120,15 @@ class CommandHandler(Generic[S, C]):
         # through `_replay`. New commands, nearly all of them, save a round trip.
         fresh = False  # once a cached stream may be behind: read it from PostgreSQL
         for attempt in range(1, self._max_attempts + 1):
-            stream = await self.streams.read(stream_id, fresh=fresh)
+            # A creating command on a stream the cache does not hold assumes the stream is new (it nearly always
+            # is): the append's version check proves it; if the stream exists after all, it is read and decided again.
+            assumed_new = (
+                not fresh
+                and isinstance(command, agg.creates)
+                and not ctx.expected_version  # None or 0: a client expecting more is checked against the stream
+                and self.streams.unknown(stream_id)
+            )
+            stream = None if assumed_new else await self.streams.read(stream_id, fresh=fresh)
             if stream is not None and stream.stream_type != agg.stream_type:  # the id names another aggregate's
                 raise NotFound(f"{agg.name} {stream_id} not found")
             state = agg.fold(stream.events if stream is not None else ())
@@ -152,6 +160,8 @@ class CommandHandler(Generic[S, C]):
             except VersionConflict:
                 self.streams.stale(stream_id)
                 fresh = True
+                if assumed_new:  # the stream exists: decide against it
+                    continue
                 if ctx.expected_version is not None or isinstance(command, agg.creates):
                     prior = await self._replay(ctx, command_type)  # a concurrent duplicate may have won the race
                     if prior is not None:

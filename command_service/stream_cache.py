@@ -5,7 +5,10 @@ expected version. The append's own version check (and, for a precondition, its s
 safe: if another replica or a crashed attempt moved the stream meanwhile, the append writes nothing, the entry is
 forgotten and the command is decided again from PostgreSQL. A rejection decided on cached events (a check that
 failed) is also confirmed from PostgreSQL before it is returned, so a stale entry never changes an answer; it costs
-at most one more round trip. Absent streams are never cached: a stream may appear at any moment.
+at most one more round trip. Absent streams are never cached: a stream may appear at any moment. A creating
+command (CreateOrder, RegisterCustomer) on a stream the cache does not hold is decided as the stream's first, without
+a read; if the stream exists after all, the append's version check refuses it and the command is decided again on
+the stream as read.
 
 Bounded: least recently used streams go first (`CQRS_COMMAND_STREAM_CACHE_SIZE`, 0 turns the cache off).
 """
@@ -81,6 +84,10 @@ class StreamCache:
         )
         self._keep(stream_id, loaded)
         return loaded
+
+    def unknown(self, stream_id: str) -> bool:
+        """Whether the cache is on and does not hold this stream (a creating command may then assume it is new)."""
+        return self._capacity > 0 and stream_id not in self._entries
 
     def appended(self, before: StreamSnapshot | None, events: Sequence[Event], reply: CommandReply) -> None:
         """Records a committed append of `events` on top of `before` (None: the stream's first append)."""

@@ -15,7 +15,7 @@ from command_service.domain.customer_commands import DeactivateCustomer, RenameC
 from command_service.event_store import EventStore
 from command_service.handlers import CommandContext, customer_handler, order_handler
 from command_service.stream_cache import StreamCache
-from core.errors import Conflict, FailedPrecondition
+from core.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound
 from core.values import Address
 from tests.support import registered_customer
 
@@ -178,3 +178,31 @@ async def test_a_cache_of_size_zero_reads_every_stream_from_postgresql(event_sto
     misses = replica.reads("miss")
     await replica.orders.handle(cmd.AddOrderItem(order_id, "SKU-1", "Thing", 1, 100), ctx())
     assert replica.reads("miss") == misses + 1 and replica.reads("hit") == 0
+
+
+async def test_creating_a_stream_the_cache_does_not_hold_reads_nothing(event_store: EventStore) -> None:
+    replica = Replica(event_store)
+    customer_id = await registered_customer(event_store)
+    await replica.orders.handle(cmd.CreateOrder(str(uuid.uuid4()), customer_id, "EUR", ADDRESS), ctx())
+    misses = replica.reads("miss")  # the customer, read once
+    for _ in range(3):
+        await replica.orders.handle(cmd.CreateOrder(str(uuid.uuid4()), customer_id, "EUR", ADDRESS), ctx())
+    assert replica.reads("miss") == misses
+
+
+async def test_creating_a_stream_that_exists_after_all_gets_the_answer_it_got_without_a_cache(
+    event_store: EventStore, pg_pool: asyncpg.Pool
+) -> None:
+    a, b = Replica(event_store), Replica(event_store)
+    customer_id = await registered_customer(event_store)
+    order_id = str(uuid.uuid4())
+    create = cmd.CreateOrder(order_id, customer_id, "EUR", ADDRESS)
+    first = await b.orders.handle(create, ctx(request_id="create-1"))
+    assert await a.orders.handle(create, ctx(request_id="create-1")) == first  # a repeat: the first reply
+    b2 = Replica(event_store)
+    with pytest.raises(AlreadyExists):
+        await b2.orders.handle(create, ctx())  # another request for an order that exists
+    with pytest.raises(NotFound, match=f"order {customer_id} not found"):  # the id names a customer's stream
+        await Replica(event_store).orders.handle(cmd.CreateOrder(customer_id, customer_id, "EUR", ADDRESS), ctx())
+    assert await versions(pg_pool, order_id) == [1]
+    assert await versions(pg_pool, customer_id) == [1]
