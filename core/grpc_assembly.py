@@ -3,9 +3,10 @@
 Both servers get the same interceptor chain, limits, health (readiness conditions and a liveness service),
 reflection and TLS; each service brings only its servicers, its auth role and its readiness conditions.
 
-Interceptors, outermost first: tracing (a server span per RPC, rejected calls included), RPC metrics (rejected calls
-counted too), auth (when enabled), then request decoding (an undecodable request is INVALID_ARGUMENT, after auth so
-that it reveals nothing to strangers).
+Interceptors, outermost first: tracing (a server span per RPC, rejected calls included; with tracing off only the
+caller's trace context, see `core.tracing.server_interceptor`), RPC metrics (rejected calls counted too), auth (when
+enabled), then request decoding (an undecodable request is INVALID_ARGUMENT, after auth so that it reveals nothing to
+strangers).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ outbox and JetStream headers, and the gRPC / asyncpg / PyMongo spans of OpenTele
 
 Off by default: unless the environment asks for an exporter, no SDK is installed, no database client is
 instrumented, and every span below is the OpenTelemetry API's no-op span (a few attribute look-ups, no allocation
-of span data, nothing exported).
+of span data, nothing exported). The gRPC servers then skip the instrumentation's interceptor and only make a
+caller's `traceparent` current in the handler, so that it still reaches the event metadata.
 
 One command is one trace:
 
@@ -192,7 +193,7 @@ else:  # the runtime class is not generic
     _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
-def server_interceptor() -> grpc.aio.ServerInterceptor[Any, Any]:
+def server_interceptor(traced: bool | None = None) -> grpc.aio.ServerInterceptor[Any, Any]:
     """The grpc.aio server interceptor that traces every RPC: a SERVER span per call named after the full method
     (`/package.Service/Method`), continuing the caller's trace from its `traceparent` metadata.
 
@@ -201,10 +202,52 @@ def server_interceptor() -> grpc.aio.ServerInterceptor[Any, Any]:
     `_StatusRecorder` records the call's final status on that span, which the instrumentation misses when a
     handler ends with `abort_with_status` (our error path: `google.rpc.Status` with BadRequest details) and
     would otherwise leave at OK. Both servers put this interceptor first (outermost).
+
+    With tracing off (`traced` False; by default: no SDK TracerProvider installed when the server is assembled,
+    so call `configure_tracing` first, as `run_service` does) every one of those spans would be a no-op, yet the
+    instrumentation still costs a few percent of a busy server's CPU. Then only `_ContextPropagator` runs: it
+    keeps the one effect the no-op span had, the caller's `traceparent` being current in the handler (the command
+    service stores it in the event metadata, so a trace that passes through an untraced replica stays whole).
     """
+    if not (_sdk_installed() if traced is None else traced):
+        return _ContextPropagator()
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
     return _StatusRecorder(aio_server_interceptor())
+
+
+def _sdk_installed() -> bool:
+    """Whether spans would record: a real TracerProvider is installed (not the API's proxy or no-op default)."""
+    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+
+class _ContextPropagator(_ServerInterceptor):
+    """Tracing off: makes the caller's W3C trace context current while the handler runs, and nothing else.
+
+    A call without `traceparent` metadata gets its handler back untouched (no wrapper, no per-call cost).
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        metadata = handler_call_details.invocation_metadata or ()
+        carrier = {key: value for key, value in metadata if key in _W3C_HEADERS}
+        if TRACEPARENT not in carrier:
+            return handler
+        # Extracted onto the current context (as the instrumentation does), attached in the handler's own run so
+        # that the detach happens in the same context, streaming handlers included.
+        return observed(handler, lambda: _attached(_propagator.extract(carrier)))
+
+
+_W3C_HEADERS = frozenset({TRACEPARENT, "tracestate"})  # what the W3C propagator reads (gRPC keys are lowercase)
+
+
+def _attached(context: otel_context.Context) -> CallEnded:
+    token = otel_context.attach(context)
+    return lambda _context, _error: otel_context.detach(token)
 
 
 class _StatusRecorder(_ServerInterceptor):

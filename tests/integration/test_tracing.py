@@ -271,3 +271,34 @@ async def test_a_server_stream_is_traced_until_the_client_leaves(exporter: InMem
     assert watch.kind is SpanKind.SERVER and watch.attributes is not None
     assert watch.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert watch.status.status_code is not trace.StatusCode.ERROR
+
+
+async def test_with_tracing_off_the_callers_traceparent_still_reaches_the_event_metadata(
+    pool: asyncpg.Pool, unique_name: str
+) -> None:
+    """The interceptor used with tracing off creates no span but keeps the caller's trace context current, so the
+    event carries the caller's trace on (to the relay and the projector, which may trace even when this replica
+    does not). The trace id is compared: with an SDK installed in this process the command adds child spans."""
+    trace_id = uuid.uuid4().hex
+    caller = f"00-{trace_id}-b7ad6b7169203331-01"
+    store = EventStore(pool)
+    server = grpc.aio.server(interceptors=[server_interceptor(traced=False)])
+    customer_service_pb2_grpc.add_CustomerCommandServiceServicer_to_server(
+        CustomerCommandServicer(customer_handler(store)), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        reply = await customer_service_pb2_grpc.CustomerCommandServiceStub(channel).RegisterCustomer(
+            customer_service_pb2.RegisterCustomerRequest(
+                request_id=str(uuid.uuid4()), name="Ada Lovelace", email=f"{unique_name}@example.com"
+            ),
+            metadata=(("traceparent", caller),),
+            timeout=10,
+        )
+    finally:
+        await channel.close(None)
+        await server.stop(1)
+    (event,) = await store.load_stream(reply.result.customer_id)
+    assert event.metadata.traceparent.split("-")[1] == trace_id, event.metadata.traceparent
