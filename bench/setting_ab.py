@@ -1,4 +1,4 @@
-"""`python -m bench.setting_ab`: what one service setting changes in CPU per command, A against B in one run.
+"""`python -m bench.setting_ab`: what one setting or one change of code costs in CPU per command, A against B.
 
 Starts the local stack once (`bench.stack.BenchStack`), then for each round restarts the services with variant A's
 environment and with variant B's, in the order A B B A ... so that drift of the shared machine cancels, and runs
@@ -6,9 +6,11 @@ the same open-loop `cqrs load` against each (a fixed command rate: the same work
 each run's CPU milliseconds per command of every process (from /proc, `--cpu-pids`) and the command p50/p99, then
 the medians and the ratios B / A.
 
-Example (the command service's stream cache, off against on):
+Examples: the command service's stream cache, off against on; then this tree against a baseline tree (the services
+of each variant run from its tree: `git worktree add /tmp/baseline HEAD~1`):
 
     python -m bench.setting_ab --a CQRS_STREAM_CACHE_SIZE=0 --b CQRS_STREAM_CACHE_SIZE=10000
+    python -m bench.setting_ab --a-tree /tmp/baseline
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from bench.cpu import stack_groups
 from bench.stack import BenchStack
 from bench.system import run_load
 
-PROCESSES = ("command_service", "projector", "query_service", "postgres", "nats", "mongo", "cqrs-load")
+HERE = Path(__file__).resolve().parent.parent
 
 
 def variant(assignments: list[str]) -> dict[str, str]:
@@ -39,9 +41,10 @@ def variant(assignments: list[str]) -> dict[str, str]:
     return env
 
 
-def restart_services(stack: BenchStack, env: Mapping[str, str]) -> None:
-    for name in stack.services:
+def restart_services(stack: BenchStack, env: Mapping[str, str], tree: Path) -> None:
+    for name, service in stack.services.items():
         stack.stop_service(name)
+        service.cwd = tree  # `python -m <service>` imports the packages of the directory it starts in
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)  # BenchStack.service_env() starts from os.environ
     try:
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.setting_ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", nargs="+", default=[], metavar="NAME=VALUE", help="variant A's environment")
     parser.add_argument("--b", nargs="+", default=[], metavar="NAME=VALUE", help="variant B's environment")
+    parser.add_argument("--a-tree", type=Path, default=HERE, help="the tree variant A runs (default: this one)")
+    parser.add_argument("--b-tree", type=Path, default=HERE, help="the tree variant B runs (default: this one)")
     parser.add_argument("--rounds", type=int, default=2, help="A B B A blocks (default 2)")
     parser.add_argument("--rate", type=float, default=60.0, help="commands per second (default 60)")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per run (default 20)")
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mix", default="create=1,add=3,change=1,place=1", help="command mix (the bench's)")
     args = parser.parse_args(argv)
     variants = {"A": variant(args.a), "B": variant(args.b)}
+    trees = {"A": args.a_tree.resolve(), "B": args.b_tree.resolve()}
     runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory(prefix="cqrs-setting-ab-") as workdir:
         stack = BenchStack(Path(workdir))
@@ -90,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             stack.start_servers()
             stack.migrate()
             for name in ("A", "B", "B", "A") * args.rounds:
-                restart_services(stack, variants[name])
+                restart_services(stack, variants[name], trees[name])
                 row = measure(stack, args)
                 runs[name].append(row)
-                print(f"{name} {variants[name]}: " + _format(row), flush=True)
+                print(f"{name} {trees[name]} {variants[name]}: " + _format(row), flush=True)
         finally:
             stack.stop()
     medians = {name: _medians(rows) for name, rows in runs.items()}
