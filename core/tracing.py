@@ -209,15 +209,16 @@ def server_interceptor(traced: bool | None = None) -> grpc.aio.ServerInterceptor
     keeps the one effect the no-op span had, the caller's `traceparent` being current in the handler (the command
     service stores it in the event metadata, so a trace that passes through an untraced replica stays whole).
     """
-    if not (_sdk_installed() if traced is None else traced):
+    if not (tracing_active() if traced is None else traced):
         return _ContextPropagator()
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
     return _StatusRecorder(aio_server_interceptor())
 
 
-def _sdk_installed() -> bool:
-    """Whether spans would record: a real TracerProvider is installed (not the API's proxy or no-op default)."""
+def tracing_active() -> bool:
+    """Whether spans would record: a real TracerProvider is installed (not the API's proxy or no-op default).
+    Per-call tracing work (interceptors, per-message spans) is skipped when not."""
     return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 

@@ -133,13 +133,17 @@ class ProjectorMetrics:
     def record_stages(self, outcome: BatchOutcome, fetched_at: float) -> None:
         """Per applied event: commit to stored in JetStream (the relay's share), stored to fetched (`fetched_at`,
         a `time.time()`); first deliveries only (a redelivery's wait is the backoff, not the path)."""
+        # The labelled children once per batch, not per event (`StageMetrics.observe` looks them up per call).
+        relay_to_stream = self.stages.seconds.labels("relay_to_stream")
+        stream_to_fetch = self.stages.seconds.labels("stream_to_fetch")
         for delivery in outcome.applied:
             msg = delivery.msg
             if msg is None or delivered(msg) > 1:
                 continue
             stored = msg.metadata.timestamp.timestamp()
-            self.stages.observe("relay_to_stream", stored - delivery.recorded.recorded_at.timestamp())
-            self.stages.observe("stream_to_fetch", fetched_at - stored)
+            # Never a negative duration (two clocks), as `StageMetrics.observe`.
+            relay_to_stream.observe(max(0.0, stored - delivery.recorded.recorded_at.timestamp()))
+            stream_to_fetch.observe(max(0.0, fetched_at - stored))
 
     @property
     def port(self) -> int | None:

@@ -337,6 +337,8 @@ def plan_views(
     `touched` are stream ids to treat as settled even without deliveries (a stream being resumed).
     """
     plan = ViewPlan()
+    # Each stream type's documents and settled deliveries are the same for every view: built once per batch.
+    per_type: dict[str, tuple[dict[str, Document], dict[str, list[Delivery]]]] = {}
     for view in views:
         plan.keys[view.name] = set()
         carried = plan.carried[view.name] = {}
@@ -345,18 +347,24 @@ def plan_views(
             batch = batches.get(stream_type)
             if batch is None:
                 continue
-            docs = batch.current_docs()
-            settled = batch.settled()
+            if stream_type not in per_type:
+                per_type[stream_type] = (batch.current_docs(), batch.settled())
+            docs, settled = per_type[stream_type]
             own_key = view.key_fields.get(stream_type) is None
+            every = events == EVERY_EVENT
             for stream_id in set(settled) | (touched & set(docs)):
+                applied = settled.get(stream_id, ())
+                # `view.triggered_by` inlined (every event, or one of `events`); keys only for triggered streams.
+                if not (
+                    stream_id in lagging
+                    or (every and (applied or stream_id in touched))
+                    or any(d.recorded.event_type in events for d in applied)
+                ):
+                    continue
+                full = stream_id in lagging
                 doc = docs.get(stream_id)
                 keys = view.keys_of(stream_type, stream_id, doc)
                 if not keys:
-                    continue
-                full = stream_id in lagging
-                applied = settled.get(stream_id, [])
-                triggered = any(view.triggered_by(stream_type, d.recorded.event_type) for d in applied)
-                if not (full or triggered or (events == EVERY_EVENT and stream_id in touched)):
                     continue
                 for key in keys:
                     plan.needs(stream_id, view.name, key)

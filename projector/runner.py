@@ -37,7 +37,7 @@ from core.supervisor import Supervisor
 from projector.applier import BatchApplier
 from projector.batch_gate import BatchGate
 from projector.config import ProjectorSettings
-from projector.consumer import STRAYS, JetStreamConsumer, PullSource, apply_span, settle_all, settle_outcome
+from projector.consumer import STRAYS, JetStreamConsumer, PullSource, apply_spans, settle_all, settle_outcome
 from projector.generation_writer import GenerationWriter
 from projector.health import ProjectorHealth, ProjectorStats, log_summary
 from projector.leases import PartitionLeases
@@ -435,13 +435,13 @@ class Projector:
     async def process_batch(self, msgs: Sequence[Msg]) -> None:
         """Applies one fetched batch to the read model and settles every message in it.
 
-        Each message gets a `projector.apply` span continuing the trace in its `traceparent` header; it lasts
+        With tracing on, each message gets a `projector.apply` span continuing its `traceparent` trace; it lasts
         until the message is settled. A MongoDB failure naks the batch with backoff; an unexpected error (a bug)
         naks it with the longest backoff and is raised, for the supervisor to log and restart the loop.
         """
         fetched_at = time.time()
         self.metrics.redeliveries.inc(sum(1 for msg in msgs if delivered(msg) > 1))
-        spans = {id(msg): apply_span(msg) for msg in msgs}
+        spans = apply_spans(msgs)
         cap = self._settings.projector_max_backoff_seconds
         try:
             decoded = decode_messages(msgs, self._projections, self._settings.subject_prefix, self._decoder)
