@@ -11,6 +11,7 @@ of each variant run from its tree: `git worktree add /tmp/baseline HEAD~1`):
 
     python -m bench.setting_ab --a CQRS_STREAM_CACHE_SIZE=0 --b CQRS_STREAM_CACHE_SIZE=10000
     python -m bench.setting_ab --a-tree /tmp/baseline
+    python -m bench.setting_ab --a-tree /tmp/baseline --queries
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from bench.stack import BenchStack
 from bench.system import run_load
 
 HERE = Path(__file__).resolve().parent.parent
+COMMAND_MIX = "create=1,add=3,change=1,place=1"  # the bench's sustained-rate mix
+QUERY_MIX = "get=1,list=1,create=0.05"
 
 
 def variant(assignments: list[str]) -> dict[str, str]:
@@ -59,17 +62,24 @@ def restart_services(stack: BenchStack, env: Mapping[str, str], tree: Path) -> N
 
 def measure(stack: BenchStack, args: argparse.Namespace) -> dict[str, float]:
     groups = stack_groups(stack)
-    report = run_load(
-        stack.command_addr, stack.query_addr, mode="open", rate=args.rate, duration=args.seconds,
-        workers=args.workers, mix=args.mix, ttq_sample=0, cpu_pids=groups,
-    )  # fmt: skip
-    commands = report["cpu"]["operations"]["commands"]
+    if args.queries:  # a closed loop of reads over orders the same run writes now and then
+        report = run_load(
+            stack.command_addr, stack.query_addr, mode="closed", concurrency=args.concurrency,
+            duration=args.seconds, workers=args.workers, mix=args.mix or QUERY_MIX, cpu_pids=groups,
+        )  # fmt: skip
+    else:  # a fixed command rate: the same work per second in both variants
+        report = run_load(
+            stack.command_addr, stack.query_addr, mode="open", rate=args.rate, duration=args.seconds,
+            workers=args.workers, mix=args.mix or COMMAND_MIX, ttq_sample=0, cpu_pids=groups,
+        )  # fmt: skip
+    kind = "queries" if args.queries else "commands"
+    operations = report["cpu"]["operations"][kind]
     row = {
-        name: 1000 * entry["cpu_s"] / commands
+        name: 1000 * entry["cpu_s"] / operations
         for name, entry in report["cpu"]["processes"].items()
-        if commands and entry.get("cpu_s") is not None
+        if operations and entry.get("cpu_s") is not None
     }
-    latency = report["commands"]["latency_ms"]
+    latency = report[kind]["latency_ms"]
     row["p50_ms"], row["p99_ms"] = float(latency["p50"]), float(latency["p99"])
     row["errors"] = float(report["totals"]["errors"])
     return row
@@ -85,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=60.0, help="commands per second (default 60)")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per run (default 20)")
     parser.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")
-    parser.add_argument("--mix", default="create=1,add=3,change=1,place=1", help="command mix (the bench's)")
+    parser.add_argument("--queries", action="store_true", help="CPU per query of a closed loop of reads instead")
+    parser.add_argument("--concurrency", type=int, default=16, help="--queries: concurrent callers (default 16)")
+    parser.add_argument("--mix", default="", help=f"the load's mix (default {COMMAND_MIX}; --queries {QUERY_MIX})")
     args = parser.parse_args(argv)
     variants = {"A": variant(args.a), "B": variant(args.b)}
     trees = {"A": args.a_tree.resolve(), "B": args.b_tree.resolve()}
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stack.stop()
     medians = {name: _medians(rows) for name, rows in runs.items()}
-    print("\nmedians (CPU ms per command; latency ms):")
+    print(f"\nmedians (CPU ms per {'query' if args.queries else 'command'}; latency ms):")
     for name in ("A", "B"):
         print(f"  {name}: {_format(medians[name])}")
     print("ratios B / A:")
