@@ -27,8 +27,9 @@ class CommandServiceSettings(ServerSecurity):
     postgres_pool_max: int = Field(default=32, ge=1)
     postgres_timeout_seconds: float = Field(default=5.0, gt=0)
     max_append_attempts: int = Field(default=5, ge=1)
-    # Streams kept decoded in memory, so that a command on one of them decides without reading PostgreSQL
-    # (stream_cache.py; the append's version check keeps it safe with several replicas). 0 turns it off.
+    # Streams kept decoded in memory (and at most 20 events per stream of it), so that a command on one of them
+    # decides without reading PostgreSQL (stream_cache.py; the append's version check keeps it safe with several
+    # replicas). 0 turns it off.
     stream_cache_size: int = Field(default=10_000, ge=0, le=10_000_000)
     # Group commit: concurrent appends share transactions (one durable commit for many commands).
     group_commit: bool = True

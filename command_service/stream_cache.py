@@ -10,7 +10,9 @@ command (CreateOrder, RegisterCustomer) on a stream the cache does not hold is d
 a read; if the stream exists after all, the append's version check refuses it and the command is decided again on
 the stream as read.
 
-Bounded: least recently used streams go first (`CQRS_COMMAND_STREAM_CACHE_SIZE`, 0 turns the cache off).
+Bounded: least recently used streams go first once the cache holds `CQRS_STREAM_CACHE_SIZE` streams (0 turns it
+off) or EVENTS_PER_STREAM times as many events (~200 bytes each), so a few very long streams cannot grow it
+without bound; a stream longer than that on its own is never kept.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from command_service.event_store import CommandReply, EventStore
 from core.events import Event, decode_event
+
+# The cache's bound in events, per stream of its capacity: typical orders hold a handful.
+EVENTS_PER_STREAM = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,8 @@ class StreamCache:
     def __init__(self, store: EventStore, capacity: int, registry: CollectorRegistry | None = None) -> None:
         self._store = store
         self._capacity = capacity
+        self._max_events = capacity * EVENTS_PER_STREAM
+        self._events = 0  # held in all entries
         self._entries: OrderedDict[str, StreamSnapshot] = OrderedDict()
         self._metrics = CacheMetrics(registry)
 
@@ -96,13 +103,11 @@ class StreamCache:
 
     def stale(self, stream_id: str) -> None:
         """PostgreSQL showed the cached stream to be behind: forget it."""
-        if self._entries.pop(stream_id, None) is not None:
+        if self._drop(stream_id):
             self._metrics.stale.inc()
-            self._metrics.streams.set(len(self._entries))
 
     def forget(self, stream_id: str) -> None:
-        if self._entries.pop(stream_id, None) is not None:
-            self._metrics.streams.set(len(self._entries))
+        self._drop(stream_id)
 
     def _keep(self, stream_id: str, snapshot: StreamSnapshot) -> None:
         if self._capacity <= 0:
@@ -110,11 +115,23 @@ class StreamCache:
         current = self._entries.get(stream_id)
         if current is not None and current.version > snapshot.version:
             return  # a slower reader must not put back an older state than a later append left
+        self._drop(stream_id)
+        if len(snapshot.events) > self._max_events:
+            return
         self._entries[stream_id] = replace(snapshot, cached=True)
-        self._entries.move_to_end(stream_id)
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
+        self._events += len(snapshot.events)
+        while len(self._entries) > self._capacity or self._events > self._max_events:
+            _, evicted = self._entries.popitem(last=False)
+            self._events -= len(evicted.events)
         self._metrics.streams.set(len(self._entries))
+
+    def _drop(self, stream_id: str) -> bool:
+        dropped = self._entries.pop(stream_id, None)
+        if dropped is None:
+            return False
+        self._events -= len(dropped.events)
+        self._metrics.streams.set(len(self._entries))
+        return True
 
 
 __all__ = ["StreamCache", "StreamSnapshot"]

@@ -14,7 +14,7 @@ from command_service.domain import commands as cmd
 from command_service.domain.customer_commands import DeactivateCustomer, RenameCustomer
 from command_service.event_store import EventStore
 from command_service.handlers import CommandContext, customer_handler, order_handler
-from command_service.stream_cache import StreamCache
+from command_service.stream_cache import EVENTS_PER_STREAM, StreamCache
 from core.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound
 from core.values import Address
 from tests.support import registered_customer
@@ -206,3 +206,15 @@ async def test_creating_a_stream_that_exists_after_all_gets_the_answer_it_got_wi
         await Replica(event_store).orders.handle(cmd.CreateOrder(customer_id, customer_id, "EUR", ADDRESS), ctx())
     assert await versions(pg_pool, order_id) == [1]
     assert await versions(pg_pool, customer_id) == [1]
+
+
+async def test_the_cache_holds_at_most_twenty_events_per_stream_of_its_capacity(event_store: EventStore) -> None:
+    writer = Replica(event_store)
+    short, long = await new_order(writer, event_store), await new_order(writer, event_store)
+    for n in range(EVENTS_PER_STREAM):  # long: 1 + 20 events, more than a cache of one stream may hold
+        await writer.orders.handle(cmd.AddOrderItem(long, f"SKU-{n}", "Thing", 1, 100), ctx())
+    replica = Replica(event_store, capacity=1)
+    for stream_id in (long, long, short, short):
+        await replica.streams.read(stream_id)
+    assert (replica.reads("miss"), replica.reads("hit")) == (3, 1)  # the long stream is read every time
+    assert replica.registry.get_sample_value("cqrs_command_stream_cache_streams") == 1
