@@ -7,8 +7,7 @@
    before that resumes and computes them then);
 3. caught up: the reader found no more final events;
 4. shadow compare with the active generation (`cqrsctl.rebuild.shadow`); differences that may be in flight (one
-   side behind the other) are re-checked after catching up again, until `settle_seconds` pass without either side
-   moving (at most 6 such windows while they keep moving). The collections
+   side behind the other) are re-checked after catching up again, for up to `settle_seconds`. The collections
    of projections and views whose version changed since the active generation was built are not compared
    (they are meant to differ: that is why they were rebuilt);
 5. with `cutover`, when no document differs (or `accept_differences`): the services switch to the new generation
@@ -75,9 +74,6 @@ Doc = dict[str, Any]
 
 # Pause before re-checking differences (lets the live projector finish the batch it is writing).
 SETTLE_PAUSE_SECONDS = 0.5
-# Settling stops after this many settle windows even while differences keep changing (a steady load on a lagging
-# live projector).
-SETTLE_PROGRESS_ROUNDS = 6
 
 
 @dataclass(slots=True)
@@ -294,13 +290,8 @@ async def _settle(
     The live read model lags PostgreSQL (the projector) and the generation lags events committed after it caught
     up: each round pauses, catches the generation up (unless only the live side lags: under a steady load that
     would move the target every round) and compares those documents again. Differences between documents at the
-    same version get one re-check (a derived view the projector was still writing).
-
-    Time is up after `settle_seconds` without progress (a round whose differences are exactly the last round's:
-    nothing moved on either side), and at the latest after SETTLE_PROGRESS_ROUNDS windows: a projector that is
-    slow on a busy machine still converges, one that is stuck fails the comparison."""
-    started = time.monotonic()
-    deadline, cap = started + settle_seconds, started + settle_seconds * SETTLE_PROGRESS_ROUNDS
+    same version get one re-check (a derived view the projector was still writing)."""
+    deadline = time.monotonic() + settle_seconds
     first = True
     while differences and time.monotonic() < deadline:
         if not first and not any(d.versions_differ for d in differences):
@@ -315,7 +306,5 @@ async def _settle(
             by_collection.setdefault(difference.collection, []).append(difference.doc_id)
         for collection, ids in by_collection.items():
             await comparer.by_ids(collection, ids, again)
-        if again.differences != differences:  # something moved: another window, within the cap
-            deadline = min(cap, time.monotonic() + settle_seconds)
         differences = again.differences
     return differences

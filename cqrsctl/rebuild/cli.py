@@ -50,8 +50,7 @@ def add_rebuild_parser(sub: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--settle-seconds", type=float, default=env.settle_seconds,
-        help=f"differences explained by lag are re-checked until this long passes with no side moving, at most 6 "
-        f"times this long (default {env.settle_seconds:g})",
+        help=f"how long differences explained by lag are re-checked (default {env.settle_seconds:g})",
     )  # fmt: skip
     parser.add_argument("--accept-differences", action="store_true", help="exit 0 even when documents differ")
     parser.add_argument("--generation", type=int, default=None, help="resume this generation")
