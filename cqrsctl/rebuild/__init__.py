@@ -295,13 +295,15 @@ async def _settle(
     up: each round pauses, catches the generation up and compares those documents again. While only the live side
     lags, the generation stays put and the live side is polled briefly, so that a document that keeps changing is
     seen at the moment it reaches the generation's version; a document seen equal once is settled. Differences
-    between documents at the same version get one re-check (a derived view the projector was still writing)."""
+    between documents at the same version are re-checked until a re-check finds them unchanged: a derived view the
+    projector was still writing, or statistics whose stamp (a sum of versions) happens to match while the two
+    sides reflect different events, keep changing; a real difference stays put."""
     deadline = time.monotonic() + settle_seconds
-    first = True
+    previous: list[Difference] | None = None
     while differences and time.monotonic() < deadline:
-        if not first and not any(d.versions_differ for d in differences):
+        if previous is not None and _same(differences, previous) and not any(d.versions_differ for d in differences):
             break
-        first = False
+        previous = differences
         if all(d.live_behind for d in differences):
             await asyncio.sleep(LIVE_BEHIND_POLL_SECONDS)  # not caught up: the generation would move ahead again
         else:
@@ -315,3 +317,12 @@ async def _settle(
             await comparer.by_ids(collection, ids, again)
         differences = again.differences
     return differences
+
+
+def _same(these: list[Difference], those: list[Difference]) -> bool:
+    """Whether two comparisons found the same documents differing in the same way."""
+
+    def key(difference: Difference) -> tuple[str, str]:
+        return difference.collection, difference.doc_id
+
+    return sorted(these, key=key) == sorted(those, key=key)
