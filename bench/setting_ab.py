@@ -4,12 +4,14 @@ Starts the local stack once (`bench.stack.BenchStack`), then for each round rest
 environment and with variant B's, in the order A B B A ... so that drift of the shared machine cancels, and runs
 the same open-loop `cqrs load` against each (a fixed command rate: the same work per second in both). It prints
 each run's CPU milliseconds per command of every process (from /proc, `--cpu-pids`) and the command p50/p99, then
-the medians and the ratios B / A.
+the medians and the ratios B / A. `--replicas N` runs N command_service replicas and sends each command to the
+next one in turn (round robin per request, the worst case for anything a replica keeps between commands).
 
 Examples: the command service's stream cache, off against on; then this tree against a baseline tree (the services
 of each variant run from its tree: `git worktree add /tmp/baseline HEAD~1`):
 
     python -m bench.setting_ab --a CQRS_STREAM_CACHE_SIZE=0 --b CQRS_STREAM_CACHE_SIZE=10000
+    python -m bench.setting_ab --a CQRS_STREAM_CACHE_SIZE=0 --b CQRS_STREAM_CACHE_SIZE=10000 --replicas 2
     python -m bench.setting_ab --a-tree /tmp/baseline
     python -m bench.setting_ab --a-tree /tmp/baseline --queries
 """
@@ -28,6 +30,7 @@ from typing import Any
 from bench.cpu import stack_groups
 from bench.stack import BenchStack
 from bench.system import run_load
+from localservers import LOOPBACK, ServiceProcess, free_port
 
 HERE = Path(__file__).resolve().parent.parent
 COMMAND_MIX = "create=1,add=3,change=1,place=1"  # the bench's sustained-rate mix
@@ -60,16 +63,31 @@ def restart_services(stack: BenchStack, env: Mapping[str, str], tree: Path) -> N
                 os.environ[name] = value
 
 
-def measure(stack: BenchStack, args: argparse.Namespace) -> dict[str, float]:
+def start_replicas(stack: BenchStack, count: int, env: Mapping[str, str], tree: Path) -> list[ServiceProcess]:
+    """`count` more command_service replicas beside the stack's, each on its own address."""
+    replicas = []
+    for n in range(2, count + 2):
+        listen = f"{LOOPBACK}:{free_port()}"
+        replica = ServiceProcess(f"command_service_{n}", "command_service", listen=listen,
+                                 log_path=stack.workdir / f"command_service_{n}.log", cwd=tree)  # fmt: skip
+        replicas.append(replica)
+        replica.start({**stack.service_env(), **env, "CQRS_COMMAND_LISTEN": listen})
+        replica.wait_ready()
+    return replicas
+
+
+def measure(stack: BenchStack, args: argparse.Namespace, replicas: list[ServiceProcess]) -> dict[str, float]:
     groups = stack_groups(stack)
+    groups["command_service"] = (*groups["command_service"], *(r.pid for r in replicas if r.pid is not None))
+    command_addr = ",".join([stack.command_addr, *(r.listen for r in replicas if r.listen is not None)])
     if args.queries:  # a closed loop of reads over orders the same run writes now and then
         report = run_load(
-            stack.command_addr, stack.query_addr, mode="closed", concurrency=args.concurrency,
+            command_addr, stack.query_addr, mode="closed", concurrency=args.concurrency,
             duration=args.seconds, workers=args.workers, mix=args.mix or QUERY_MIX, cpu_pids=groups,
         )  # fmt: skip
     else:  # a fixed command rate: the same work per second in both variants
         report = run_load(
-            stack.command_addr, stack.query_addr, mode="open", rate=args.rate, duration=args.seconds,
+            command_addr, stack.query_addr, mode="open", rate=args.rate, duration=args.seconds,
             workers=args.workers, mix=args.mix or COMMAND_MIX, ttq_sample=0, cpu_pids=groups,
         )  # fmt: skip
     kind = "queries" if args.queries else "commands"
@@ -97,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="load generator processes (default 2)")
     parser.add_argument("--queries", action="store_true", help="CPU per query of a closed loop of reads instead")
     parser.add_argument("--concurrency", type=int, default=16, help="--queries: concurrent callers (default 16)")
+    parser.add_argument("--replicas", type=int, default=1, help="command_service replicas, round robin (default 1)")
     parser.add_argument("--mix", default="", help=f"the load's mix (default {COMMAND_MIX}; --queries {QUERY_MIX})")
     args = parser.parse_args(argv)
     variants = {"A": variant(args.a), "B": variant(args.b)}
@@ -109,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             stack.migrate()
             for name in ("A", "B", "B", "A") * args.rounds:
                 restart_services(stack, variants[name], trees[name])
-                row = measure(stack, args)
+                replicas = start_replicas(stack, args.replicas - 1, variants[name], trees[name])
+                try:
+                    row = measure(stack, args, replicas)
+                finally:
+                    for replica in replicas:
+                        replica.stop()
                 runs[name].append(row)
                 print(f"{name} {trees[name]} {variants[name]}: " + _format(row), flush=True)
         finally:

@@ -35,7 +35,8 @@ def add_load_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     load.add_argument(
         "--command-addr",
         default=os.environ.get("CQRS_COMMAND_ADDR", "127.0.0.1:50051"),
-        help="command service host:port (env CQRS_COMMAND_ADDR)",
+        help="command service host:port, or IP:port,IP:port,... to send each request to the next replica in turn "
+        "(env CQRS_COMMAND_ADDR)",
     )
     load.add_argument(
         "--query-addr",

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from cqrsctl.load.channels import check_target
+
 Mode = Literal["open", "closed"]
 # How the mix's GetOrder reads its own writes: "eventual" sends no consistency token (a read may come before the
 # projector applied the write: counted as not yet visible), "token" sends the token of the order's last
@@ -217,8 +219,9 @@ class LoadConfig:
         if not (0 < self.ttq_timeout <= 600):
             raise ConfigError(f"ttq timeout must be in (0, 600] seconds, got {self.ttq_timeout:g}")
         for name, addr in (("command-addr", self.command_addr), ("query-addr", self.query_addr)):
-            if not addr or any(c.isspace() for c in addr):
-                raise ConfigError(f"{name} must be host:port, got {addr!r}")
+            problem = check_target(addr)
+            if problem is not None:
+                raise ConfigError(f"{name} {problem}")
         for name, pids in self.cpu_pids.items():
             _cpu_name(name, name)
             if not pids or any(pid <= 0 for pid in pids):

@@ -24,6 +24,7 @@ from cqrs.orders.v1 import query_service_pb2 as qpb
 from cqrs.orders.v1 import query_service_pb2_grpc as qgrpc
 
 from cqrsctl.load import procstat
+from cqrsctl.load.channels import open_load_channel
 from cqrsctl.load.collect import Collector
 from cqrsctl.load.config import LoadConfig
 from cqrsctl.load.cpu import SELF, CpuRecorder
@@ -102,8 +103,8 @@ def cpu_groups_of(config: LoadConfig) -> dict[str, tuple[int, ...]]:
 async def prepare(config: LoadConfig) -> tuple[str, ...]:
     """Checks both services answer, then registers `config.customers` active customers; returns their ids."""
     async with (
-        grpc.aio.insecure_channel(config.command_addr) as command_channel,
-        grpc.aio.insecure_channel(config.query_addr) as query_channel,
+        open_load_channel(config.command_addr) as command_channel,
+        open_load_channel(config.query_addr) as query_channel,
     ):
         for name, addr, channel in (
             ("command", config.command_addr, command_channel),

@@ -24,6 +24,7 @@ from cqrs.orders.v1 import query_service_pb2 as qpb
 from cqrs.orders.v1 import query_service_pb2_grpc as qgrpc
 
 from cqrsctl.load import histograms as hist
+from cqrsctl.load.channels import open_load_channel
 from cqrsctl.load.config import COMMAND_RPCS, OPERATIONS
 from cqrsctl.load.messages import Done, Ready, RpcResult, Tick, WorkerMessage, WorkerResult, WorkerSpec
 from cqrsctl.load.outcome import Outcome, classify
@@ -123,8 +124,8 @@ class Worker:
     async def run(self, wait_start: Callable[[], Awaitable[bool]]) -> WorkerResult:
         spec = self.spec
         async with (
-            grpc.aio.insecure_channel(spec.command_addr) as command_channel,
-            grpc.aio.insecure_channel(spec.query_addr) as query_channel,
+            open_load_channel(spec.command_addr) as command_channel,
+            open_load_channel(spec.query_addr) as query_channel,
         ):
             self._commands = cgrpc.OrderCommandServiceStub(command_channel)
             self._queries = qgrpc.OrderQueryServiceStub(query_channel)
