@@ -14,7 +14,7 @@ from command_service.domain import commands as cmd
 from command_service.domain.customer_commands import DeactivateCustomer, RenameCustomer
 from command_service.event_store import EventStore
 from command_service.handlers import CommandContext, customer_handler, order_handler
-from command_service.stream_cache import EVENTS_PER_STREAM, StreamCache
+from command_service.stream_cache import EVENTS_PER_STREAM, PROBE_EVERY, StaleRatio, StreamCache
 from core.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound
 from core.values import Address
 from tests.support import registered_customer
@@ -30,9 +30,9 @@ def ctx(expected_version: int | None = None, request_id: str | None = None) -> C
 class Replica:
     """One command_service replica's handlers over the shared event store, with its own cache and metrics."""
 
-    def __init__(self, store: EventStore, capacity: int = 100, max_attempts: int = 5) -> None:
+    def __init__(self, store: EventStore, capacity: int = 100, max_attempts: int = 5, window: int = 64) -> None:
         self.registry = CollectorRegistry()
-        self.streams = StreamCache(store, capacity, self.registry)
+        self.streams = StreamCache(store, capacity, self.registry, StaleRatio(window))
         self.orders = order_handler(store, max_attempts, streams=self.streams)
         self.customers = customer_handler(store, streams=self.streams)
 
@@ -41,6 +41,9 @@ class Replica:
 
     def stale(self) -> float:
         return self.registry.get_sample_value("cqrs_command_stream_cache_stale_total") or 0.0
+
+    def trusted(self) -> float | None:
+        return self.registry.get_sample_value("cqrs_command_stream_cache_trusted")
 
 
 async def versions(pool: asyncpg.Pool, stream_id: str) -> list[int]:
@@ -218,3 +221,38 @@ async def test_the_cache_holds_at_most_twenty_events_per_stream_of_its_capacity(
         await replica.streams.read(stream_id)
     assert (replica.reads("miss"), replica.reads("hit")) == (3, 1)  # the long stream is read every time
     assert replica.registry.get_sample_value("cqrs_command_stream_cache_streams") == 1
+
+
+async def test_a_replica_whose_cached_streams_keep_going_stale_reads_postgresql_until_they_stop(
+    event_store: EventStore, pg_pool: asyncpg.Pool
+) -> None:
+    """Per-request round robin (every command of an order goes to the other replica than the one before) makes
+    nearly every cached decision stale: the cache stops answering, but for a probe every PROBE_EVERY reads; once
+    one replica has the orders to itself, the probes find the cache current and it answers again."""
+    a, b = Replica(event_store, window=8), Replica(event_store, window=8)
+    orders = [await new_order(a, event_store) for _ in range(4)]
+    for n in range(6):
+        for order_id in orders:
+            for writer in (b, a):
+                await writer.orders.handle(cmd.AddOrderItem(order_id, f"SKU-{n}-{id(writer)}", "Thing", 1, 1), ctx())
+    assert a.trusted() == 0 and b.trusted() == 0
+    hits, stale = a.reads("hit"), a.stale()
+    for n in range(2 * PROBE_EVERY):  # still round robin: only the probes use the cache (and find it stale)
+        order_id = orders[n % len(orders)]
+        await b.orders.handle(cmd.AddOrderItem(order_id, f"SKU-rr-{n}", "Thing", 1, 1), ctx())
+        await a.orders.handle(cmd.ChangeItemQuantity(order_id, f"SKU-rr-{n}", 2), ctx())
+    assert a.reads("hit") - hits <= 2 * 2  # a probe per PROBE_EVERY reads (the order's and the customer's)
+    assert a.stale() - stale <= 2
+
+    for n in range(40 * PROBE_EVERY):  # sticky: a alone (window 8: about 20 probes bring the ratio down)
+        await a.orders.handle(cmd.AddOrderItem(orders[n % len(orders)], f"SKU-a-{n}", "Thing", 1, 1), ctx())
+        if a.trusted() == 1:
+            break
+    assert a.trusted() == 1
+    misses = a.reads("miss")
+    for order_id in orders:
+        await a.orders.handle(cmd.AddOrderItem(order_id, "SKU-last", "Thing", 1, 1), ctx())
+    assert a.reads("miss") == misses  # trusted again: every decision came from the cache
+    for order_id in orders:  # and nothing was lost on the way
+        rows = await pg_pool.fetch("SELECT version FROM events WHERE stream_id = $1 ORDER BY version", order_id)
+        assert [row["version"] for row in rows] == list(range(1, len(rows) + 1))
