@@ -114,8 +114,12 @@ class Builder:
         `concurrent_writers`: projectors write the generation too (a cutover): a batch that lost write races to
         them is applied again (the version guard skips what they wrote) instead of failing. `before_xact`: stop
         at the events of transactions with this id or later (see `EventReader.next_batch`). `stop`: return after the
-        batch in hand once it is set."""
+        batch in hand once it is set. Without either, it stops at the transactions that start after it did: under a
+        steady load faster than the generation can take (a saturated machine), "until caught up" would never come;
+        the next pass (or the projectors, after a switch) takes what came meanwhile."""
         started = time.monotonic()
+        if before_xact is None and stop is None:
+            before_xact = await self._reader.horizon()
         applied = 0
         conflicts = 0
         while stop is None or not stop.is_set():

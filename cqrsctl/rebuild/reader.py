@@ -85,6 +85,12 @@ class EventReader:
             [recorded_event_from_row(row) for row in rows], Cursor(int(last["xact_id_text"]), int(last["position"]))
         )
 
+    async def horizon(self) -> int:
+        """The id the next transaction to start will get: events of transactions from it on are not "so far"."""
+        return int(
+            await self._pool.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", timeout=self._timeout)
+        )
+
     async def head_position(self) -> int:
         """The highest committed position (for progress estimates and "changed during the rebuild")."""
         return int(await self._pool.fetchval("SELECT coalesce(max(position), 0) FROM events", timeout=self._timeout))

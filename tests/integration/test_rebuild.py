@@ -180,6 +180,28 @@ async def test_a_crashed_rebuild_resumes_from_its_recorded_position(live: System
     assert (doc["state"], doc["events_applied"]) == (COMPARED, events)
 
 
+async def test_a_rebuild_under_writes_faster_than_it_applies_still_ends(live: System) -> None:
+    """Every batch the rebuild applies (5 events) brings 6 new events: a rebuild that caught up "until no event is
+    left" would chase them forever. It stops at the transactions that started after each pass began."""
+    before = {r["stream_id"] for r in await live.pool.fetch("SELECT DISTINCT stream_id FROM events")}
+    added = 0
+
+    async def writes_faster(_batches: int) -> None:
+        nonlocal added
+        for _ in range(6):
+            await registered_customer(live.store, "Meanwhile")
+            added += 1
+
+    async with asyncio.timeout(120):  # the chase, before the fix: a test timeout, not a hang of the whole run
+        result = await run_rebuild(rebuild_config(live, batch_size=5, settle_seconds=0.5), on_batch=writes_faster)
+    assert added > 0
+    built = result.database
+    for collection in ("orders", "customers"):
+        ids = {str(d["_id"]) async for d in live.db.client[built][collection].find({}, {"_id": 1})}
+        live_ids = {str(d["_id"]) async for d in live.db[collection].find({"_id": {"$in": list(before)}}, {"_id": 1})}
+        assert live_ids <= ids  # everything written before the rebuild began is in the generation
+
+
 # ---- (3) a changed projection shows in the shadow compare ------------------------------------------------------
 
 
