@@ -144,6 +144,7 @@ async def _cutovers_under_load(live: System, query_server: RunningServer) -> Non
                 await eventually(
                     _async(lambda at=switched_at: sum(1 for t in load.queries if t > at + 3 * POLL_SECONDS) >= 20),
                     what="queries answered by the new generation",
+                    timeout=45.0,  # each waits for its write to be projected: seconds apiece on a saturated machine
                 )
         finally:
             load.stop.set()
