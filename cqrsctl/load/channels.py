@@ -23,20 +23,24 @@ def check_target(target: str) -> str | None:
     if not target or any(not part or any(c.isspace() for c in part) for part in parts):
         return f"must be host:port, or IP:port,IP:port,... for several replicas; got {target!r}"
     if len(parts) > 1:
+        versions = set()
         for part in parts:
             host, sep, port = part.rpartition(":")
             if not sep or not port.isdigit():
                 return f"several replicas are given as IP:port each; {part!r} has no port"
             try:
-                ipaddress.ip_address(host.strip("[]"))
+                versions.add(ipaddress.ip_address(host.strip("[]")).version)
             except ValueError:
                 return f"several replicas are given as IP:port each; {part!r} is not"
+        if len(versions) > 1:
+            return f"several replicas are all IPv4 or all IPv6 addresses; got {target!r}"
     return None
 
 
 def open_load_channel(target: str) -> grpc.aio.Channel:
-    """A plaintext channel to one address, or round robin per request over several."""
+    """A plaintext channel to one address, or round robin per request over several (gRPC's ipv4:/ipv6: lists)."""
     parts = addresses(target)
     if len(parts) == 1:
         return grpc.aio.insecure_channel(target)
-    return grpc.aio.insecure_channel("ipv4:" + ",".join(parts), options=ROUND_ROBIN)
+    scheme = "ipv6" if parts[0].startswith("[") else "ipv4"
+    return grpc.aio.insecure_channel(f"{scheme}:" + ",".join(parts), options=ROUND_ROBIN)

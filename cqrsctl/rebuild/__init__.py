@@ -301,7 +301,7 @@ async def _settle(
     deadline = time.monotonic() + settle_seconds
     previous: list[Difference] | None = None
     while differences and time.monotonic() < deadline:
-        if previous is not None and _same(differences, previous) and not any(d.versions_differ for d in differences):
+        if not any(d.versions_differ for d in differences) and previous is not None and _same(differences, previous):
             break
         previous = differences
         if all(d.live_behind for d in differences):

@@ -39,7 +39,7 @@ from core.generations import ActiveGeneration, live_writers
 from cqrsctl.rebuild.build import Builder
 from cqrsctl.rebuild.generations import ACTIVE, Generations
 from cqrsctl.rebuild.progress import RebuildProgress
-from cqrsctl.rebuild.reader import Cursor
+from cqrsctl.rebuild.reader import Cursor, EventReader
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +168,12 @@ async def _wait_for_writers(generations: Generations, number: int, ttl: float, t
 async def _wait_for_open_transactions(pool: asyncpg.Pool, timeout: float) -> int:
     """Waits until every transaction open now has ended; returns the horizon: every transaction with a lower id
     has ended (and was assigned its id before now), so the tailer's last pass needs to read no further."""
-    horizon = await pool.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", timeout=timeout)
+    horizon = await EventReader(pool, timeout).horizon()
     deadline = time.monotonic() + timeout
     while not await pool.fetchval(
-        "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8", horizon, timeout=timeout
+        "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= $1::text::xid8", str(horizon), timeout=timeout
     ):
         if time.monotonic() > deadline:
             raise CutoverFailed(f"a PostgreSQL transaction stayed open for {timeout:.0f}s; the switch cannot end")
         await asyncio.sleep(WAIT_PAUSE_SECONDS)
-    return int(horizon)
+    return horizon

@@ -21,6 +21,7 @@ def test_one_address_or_several_ip_addresses_are_accepted(target: str) -> None:
         ("host a:1", "must be host:port"),
         ("command-0:1,command-1:1", "'command-0:1' is not"),
         ("127.0.0.1:1,127.0.0.1", "has no port"),
+        ("127.0.0.1:1,[::1]:2", "all IPv4 or all IPv6"),
     ],
 )
 def test_anything_else_says_what_is_wrong(target: str, why: str) -> None:
