@@ -53,9 +53,11 @@ from cqrsctl.rebuild.model import BOOKKEEPING_FIELDS, RebuildConfig, RebuildResu
 from cqrsctl.rebuild.progress import RebuildMetrics, RebuildProgress
 from cqrsctl.rebuild.reader import Cursor, EventReader
 from cqrsctl.rebuild.shadow import ComparisonResult, Difference, IgnoredFields, ShadowComparer
+from projector.leases import MEMBERS, PARTITIONS
 from projector.registry import PROJECTIONS, VIEWS, registry_versions
 
 __all__ = [
+    "CONTROL_COLLECTIONS",
     "CutoverFailed",
     "CutoverResult",
     "Difference",
@@ -71,6 +73,9 @@ __all__ = [
 ]
 
 Doc = dict[str, Any]
+
+# What the base database holds besides generation 1's read model: never dropped with it.
+CONTROL_COLLECTIONS = frozenset({COLLECTION, PARTITIONS, MEMBERS})
 
 # Pause before re-checking differences (lets the live projector finish the batch it is writing).
 SETTLE_PAUSE_SECONDS = 0.5
@@ -255,9 +260,10 @@ async def drop_generation(config: RebuildConfig, generation: int) -> str:
 async def _drop(conns: _Connections, generations: Generations, doc: dict[str, Any]) -> None:
     database = conns.mongo[str(doc["database"])]
     if database.name == generations.base.name:
-        # Generation 1 is the base database, home of the control collection: drop everything else.
+        # Generation 1 is the base database, home of the control collections (generations, the projectors'
+        # partition leases): drop everything else.
         for name in await database.list_collection_names():
-            if name != COLLECTION:
+            if name not in CONTROL_COLLECTIONS:
                 await database.drop_collection(name)
     else:
         await conns.mongo.drop_database(database.name)
