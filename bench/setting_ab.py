@@ -14,27 +14,33 @@ of each variant run from its tree: `git worktree add /tmp/baseline HEAD~1`):
     python -m bench.setting_ab --a CQRS_STREAM_CACHE_SIZE=0 --b CQRS_STREAM_CACHE_SIZE=10000 --replicas 2
     python -m bench.setting_ab --a-tree /tmp/baseline
     python -m bench.setting_ab --a-tree /tmp/baseline --queries
+    python -m bench.setting_ab --a-tree /tmp/baseline --rate 40 --ttq 0.2
+
+Each run starts once the projector has applied what earlier runs wrote.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from bench.cpu import stack_groups
 from bench.stack import BenchStack
-from bench.system import run_load
+from bench.system import consumer_backlog, run_load
 from localservers import LOOPBACK, ServiceProcess, free_port
 
 HERE = Path(__file__).resolve().parent.parent
 COMMAND_MIX = "create=1,add=3,change=1,place=1"  # the bench's sustained-rate mix
 QUERY_MIX = "get=1,list=1,create=0.05"
+DRAIN_TIMEOUT_SECONDS = 300.0
 
 
 def variant(assignments: list[str]) -> dict[str, str]:
@@ -88,7 +94,7 @@ def measure(stack: BenchStack, args: argparse.Namespace, replicas: list[ServiceP
     else:  # a fixed command rate: the same work per second in both variants
         report = run_load(
             command_addr, stack.query_addr, mode="open", rate=args.rate, duration=args.seconds,
-            workers=args.workers, mix=args.mix or COMMAND_MIX, ttq_sample=0, cpu_pids=groups,
+            workers=args.workers, mix=args.mix or COMMAND_MIX, ttq_sample=args.ttq, cpu_pids=groups,
         )  # fmt: skip
     kind = "queries" if args.queries else "commands"
     operations = report["cpu"]["operations"][kind]
@@ -100,7 +106,23 @@ def measure(stack: BenchStack, args: argparse.Namespace, replicas: list[ServiceP
     latency = report[kind]["latency_ms"]
     row["p50_ms"], row["p99_ms"] = float(latency["p50"]), float(latency["p99"])
     row["errors"] = float(report["totals"]["errors"])
+    ttq = report.get("time_to_queryable_ms") or {}
+    if args.ttq and ttq.get("count"):
+        row["ttq_p50_ms"], row["ttq_p99_ms"] = float(ttq["p50"]), float(ttq["p99"])
     return row
+
+
+def wait_projected(stack: BenchStack, timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
+    """Waits until the projector has applied everything a previous run wrote: a run must not pay (in projector
+    and MongoDB CPU, in time-to-queryable) for the backlog another variant left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pending, ack_pending = asyncio.run(consumer_backlog(stack.nats.url))
+        if pending == 0 and ack_pending == 0:
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the projector did not catch up within {timeout:.0f}s (pending {pending})")
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", action="store_true", help="CPU per query of a closed loop of reads instead")
     parser.add_argument("--concurrency", type=int, default=16, help="--queries: concurrent callers (default 16)")
     parser.add_argument("--replicas", type=int, default=1, help="command_service replicas, round robin (default 1)")
+    parser.add_argument(
+        "--ttq", type=float, default=0.0, metavar="FRACTION",
+        help="commands: also time-to-queryable p50/p99, probed for this fraction of the commands (default 0: off)",
+    )  # fmt: skip
     parser.add_argument("--mix", default="", help=f"the load's mix (default {COMMAND_MIX}; --queries {QUERY_MIX})")
     args = parser.parse_args(argv)
     variants = {"A": variant(args.a), "B": variant(args.b)}
@@ -128,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.migrate()
             for name in ("A", "B", "B", "A") * args.rounds:
                 restart_services(stack, variants[name], trees[name])
+                wait_projected(stack)
                 replicas = start_replicas(stack, args.replicas - 1, variants[name], trees[name])
                 try:
                     row = measure(stack, args, replicas)

@@ -14,7 +14,8 @@ Per batch (from JetStream, or from a parked stream being resumed):
    of its checkpoint (an earlier batch wrote it and never finished its views) gets its views in full. A view
    MongoDB refuses fails only the streams that need it: they are naked (parked after `park_after` offers), and
    their checkpoints stay where they are;
-5. checkpoints, last: a checkpoint at v means every document and view reflects the stream up to v;
+5. checkpoints, last: a checkpoint at v means every document and view reflects the stream up to v; theirs is the
+   batch's one journaled write, which makes the documents and views before it durable too (`projector.journal`);
 6. the settlement: ack applied, duplicates and held copies (once their park is re-read and still there), nak
    what must be re-evaluated, term dead letters.
 
@@ -44,6 +45,7 @@ from core.tracing import tracer
 from projector.checkpoints import CheckpointWriter
 from projector.customer_views import CustomerFields, CustomerViews, ViewWriter
 from projector.dead_letters import DeadLetter, DeadLetterWriter
+from projector.journal import before_closing_write
 from projector.mongo_writer import MongoDocument, ReadModelWriter
 from projector.parking import Park, ParkStore, StreamState, earlier, held_copy, park_of
 from projector.planning import (
@@ -115,9 +117,11 @@ class Pipeline:
         max_backoff: float,
     ) -> None:
         self.projections = dict(projections)
-        self.writers = {t: ReadModelWriter(database, p) for t, p in self.projections.items()}
-        self.views = CustomerViews(database)
-        self.sales = SalesViews(database)
+        # Documents and views are made durable by the batch's closing write, the journaled checkpoints.
+        covered = before_closing_write(database)
+        self.writers = {t: ReadModelWriter(covered, p) for t, p in self.projections.items()}
+        self.views = CustomerViews(covered)
+        self.sales = SalesViews(covered)
         self._view_writers = view_writers(self.views, self.sales)
         self.checkpoints = CheckpointWriter(database)
         # False: batches write documents and checkpoints only, and `recompute_views` does every view once at the

@@ -193,7 +193,8 @@ class Projector:
                 socketTimeoutMS=s.mongo_timeout_ms * 5,
                 # A batch is acked to JetStream once MongoDB acknowledged its writes, and never delivered again:
                 # the writes must survive a crash of MongoDB (journal) and a failover (majority), or an applied
-                # event is lost from the read model while the stream has moved on.
+                # event is lost from the read model while the stream has moved on. A batch's documents and views
+                # leave out `j`: its closing journaled write covers them (projector/journal.py).
                 w=s.mongo_write_concern_w,
                 journal=True,
             )

@@ -1,7 +1,7 @@
 """The servers themselves fail under load: nats-server SIGSTOPped for 20 s or SIGKILLed and restarted on its data,
 PostgreSQL SIGKILLed and restarted (crash recovery) several times in a row, the MongoDB-wire server SIGKILLed and
-restarted. Commands get UNAVAILABLE while the event store is gone and nothing acknowledged is lost; the relay and
-the projector resume by themselves within seconds."""
+restarted three times. Commands get UNAVAILABLE while the event store is gone and nothing acknowledged is lost;
+the relay and the projector resume by themselves within seconds."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 NATS_PAUSE_SECONDS = 20.0
 PG_DOWN_SECONDS = 3.0
+MONGO_KILLS = 3
 RESUME_TIMEOUT = 15.0  # "within seconds": the relay's backoff is capped at a few seconds
 
 
@@ -123,28 +124,35 @@ async def test_postgres_killed_and_restarted_repeatedly(stack: FaultStack) -> No
 
 
 async def test_mongo_killed_and_restarted(stack: FaultStack) -> None:
+    """Killed several times, at random points of the projector's batches: each batch asks for the journal only with
+    its closing checkpoints (projector/journal.py), so a kill must never lose a write whose event was acked."""
     rng = random.Random()
     service = await stack.command_service()
     await stack.projector()
     query = await stack.query_service()
     load = Load([service.address], seed=rng.randrange(1 << 30)).start()
     try:
-        await load.progress(40, what="before the MongoDB kill")
-        order_id = next(a.stream_id for a in reversed(load.acks) if a.rpc == "CreateOrder")
-        await stack.kill_server(stack.mongo)
-        await _expect_health(query.address, "NOT_SERVING", timeout=10, why="while MongoDB is dead")
-        code, seconds = await get_order_status(query.address, order_id)
-        assert code == "UNAVAILABLE" and seconds < RPC_TIMEOUT, f"GetOrder, MongoDB dead: {code} after {seconds:.1f}s"
-        await load.progress(15, what="while MongoDB is dead (commands do not need it)")
-        await stack.restart_server(stack.mongo)
-        await query.wait_serving(timeout=RESUME_TIMEOUT + 5)
+        for round_no in range(MONGO_KILLS):
+            await load.progress(rng.randint(15, 40), what=f"before MongoDB kill {round_no + 1}")
+            order_id = next(a.stream_id for a in reversed(load.acks) if a.rpc == "CreateOrder")
+            await stack.kill_server(stack.mongo)
+            await _expect_health(query.address, "NOT_SERVING", timeout=10, why="while MongoDB is dead")
+            code, seconds = await get_order_status(query.address, order_id)
+            assert code == "UNAVAILABLE" and seconds < RPC_TIMEOUT, (
+                f"GetOrder, MongoDB dead: {code} after {seconds:.1f}s"
+            )
+            await load.progress(10, what="while MongoDB is dead (commands do not need it)")
+            await stack.restart_server(stack.mongo)
+            await query.wait_serving(timeout=RESUME_TIMEOUT + 5)
 
-        async def answers() -> tuple[bool, str]:
-            code, _ = await get_order_status(query.address, order_id)
-            return code == "OK", code
+            async def answers(order_id: str = order_id) -> tuple[bool, str]:
+                code, _ = await get_order_status(query.address, order_id)
+                return code == "OK", code
 
-        await wait_until(answers, what="GetOrder to answer OK after the MongoDB restart", timeout=RESUME_TIMEOUT)
-        await load.progress(15, what="after the MongoDB restart")
+            await wait_until(
+                answers, what=f"GetOrder to answer OK after MongoDB restart {round_no + 1}", timeout=RESUME_TIMEOUT
+            )
+        await load.progress(15, what="after the last MongoDB restart")
     finally:
         await load.stop()
     await assert_scenario_clean(stack, load)

@@ -1,5 +1,6 @@
-"""The sales report's grouped facts against the real MongoDB-wire server: the facts of one shard are counted by
-one update; when some of them were counted already, each of the others is counted once, and none twice."""
+"""The projector's writes against the real MongoDB-wire server: the facts of one shard of the sales report are
+counted by one update (when some of them were counted already, each of the others is counted once, and none
+twice); a batch asks for the journal once, with its closing checkpoints."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient
+from pymongo.monitoring import CommandFailedEvent, CommandListener, CommandStartedEvent, CommandSucceededEvent
 
-from core.projections.sales import COUNTED_FIELD, SHARDS_COLLECTION, shard_of
+from core.dependency_metrics import dependency_metrics
+from core.projections.sales import COUNTED_FIELD, SALES_COLLECTION, SHARDS_COLLECTION, shard_of
+from core.read_model import CHECKPOINTS_COLLECTION, ORDERS_COLLECTION
+from projector.pipeline import Pipeline
+from projector.planning import decode_recorded
 from projector.sales_views import SalesViews
+from tests.integration.test_sales_report import BY_TYPE, sample_streams
 from tests.unit.test_projector_writes import events, fold
 
 Doc = dict[str, Any]
@@ -39,3 +47,54 @@ async def test_facts_of_a_shard_already_partly_counted_are_each_counted_once(
     shards = [doc async for doc in mongo[unique_name][SHARDS_COLLECTION].find()]
     assert len(shards) == 1 and sorted(shards[0][COUNTED_FIELD]) == sorted(f"{i}:placed" for i in ids)
     assert await views.count(ids, docs=orders) == again  # all counted: nothing changes
+
+
+class WriteLog(CommandListener):
+    """The write commands a client sends: (command, collection, write concern)."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, str, Doc]] = []
+
+    def started(self, event: CommandStartedEvent) -> None:
+        if event.command_name in {"insert", "update", "delete"}:
+            self.writes.append(
+                (event.command_name, str(event.command[event.command_name]), event.command.get("writeConcern", {}))
+            )
+
+    def succeeded(self, event: CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: CommandFailedEvent) -> None:
+        pass
+
+
+async def test_a_batch_waits_for_the_journal_once_at_its_closing_checkpoints(mongo_url: str, unique_name: str) -> None:
+    """Documents and views go without `j`, keeping the configured `w`; the checkpoints are the batch's last write
+    and are journaled, which makes everything before them durable (projector/journal.py). Were any batch to end
+    with an unjournaled write, an acknowledged event could be lost by a crash of MongoDB."""
+    log = WriteLog()
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(
+        mongo_url, tz_aware=True, w="majority", journal=True, event_listeners=[log]
+    )
+    try:
+        database = client[unique_name]
+        pipeline = Pipeline(
+            database, BY_TYPE, dependency_metrics(CollectorRegistry()), stream_name="", park_after=1, max_backoff=1.0
+        )
+        await pipeline.ensure_indexes()
+        events = sample_streams()
+        covered: set[str] = set()
+        for start in range(0, len(events), 4):
+            log.writes.clear()
+            outcome = await pipeline.apply(decode_recorded(events[start : start + 4], BY_TYPE))
+            assert not outcome.unsettled and outcome.applied, outcome
+            *before, (_, last_collection, last_concern) = log.writes
+            assert last_collection == CHECKPOINTS_COLLECTION and last_concern == {"w": "majority", "j": True}
+            assert before, "a batch that applies events writes its documents before its checkpoints"
+            for _, collection, concern in before:
+                assert concern == {"w": "majority"}, (collection, concern)
+                covered.add(collection)
+        assert {ORDERS_COLLECTION, "customers", SALES_COLLECTION, SHARDS_COLLECTION} <= covered, covered
+    finally:
+        await client.drop_database(unique_name)
+        await client.close()
