@@ -14,7 +14,7 @@ from pymongo.monitoring import CommandFailedEvent, CommandListener, CommandStart
 
 from core.dependency_metrics import dependency_metrics
 from core.projections.sales import COUNTED_FIELD, SALES_COLLECTION, SHARDS_COLLECTION, shard_of
-from core.read_model import CHECKPOINTS_COLLECTION, ORDERS_COLLECTION
+from core.read_model import CHECKPOINTS_COLLECTION, CUSTOMERS_COLLECTION, ORDERS_COLLECTION
 from projector.pipeline import Pipeline
 from projector.planning import decode_recorded
 from projector.sales_views import SalesViews
@@ -50,16 +50,14 @@ async def test_facts_of_a_shard_already_partly_counted_are_each_counted_once(
 
 
 class WriteLog(CommandListener):
-    """The write commands a client sends: (command, collection, write concern)."""
+    """The write commands a client sends: (collection, write concern)."""
 
     def __init__(self) -> None:
-        self.writes: list[tuple[str, str, Doc]] = []
+        self.writes: list[tuple[str, Doc]] = []
 
     def started(self, event: CommandStartedEvent) -> None:
         if event.command_name in {"insert", "update", "delete"}:
-            self.writes.append(
-                (event.command_name, str(event.command[event.command_name]), event.command.get("writeConcern", {}))
-            )
+            self.writes.append((str(event.command[event.command_name]), event.command.get("writeConcern", {})))
 
     def succeeded(self, event: CommandSucceededEvent) -> None:
         pass
@@ -82,19 +80,19 @@ async def test_a_batch_waits_for_the_journal_once_at_its_closing_checkpoints(mon
             database, BY_TYPE, dependency_metrics(CollectorRegistry()), stream_name="", park_after=1, max_backoff=1.0
         )
         await pipeline.ensure_indexes()
-        events = sample_streams()
+        recorded = sample_streams()
         covered: set[str] = set()
-        for start in range(0, len(events), 4):
+        for start in range(0, len(recorded), 4):
             log.writes.clear()
-            outcome = await pipeline.apply(decode_recorded(events[start : start + 4], BY_TYPE))
+            outcome = await pipeline.apply(decode_recorded(recorded[start : start + 4], BY_TYPE))
             assert not outcome.unsettled and outcome.applied, outcome
-            *before, (_, last_collection, last_concern) = log.writes
+            *before, (last_collection, last_concern) = log.writes
             assert last_collection == CHECKPOINTS_COLLECTION and last_concern == {"w": "majority", "j": True}
             assert before, "a batch that applies events writes its documents before its checkpoints"
-            for _, collection, concern in before:
+            for collection, concern in before:
                 assert concern == {"w": "majority"}, (collection, concern)
                 covered.add(collection)
-        assert {ORDERS_COLLECTION, "customers", SALES_COLLECTION, SHARDS_COLLECTION} <= covered, covered
+        assert {ORDERS_COLLECTION, CUSTOMERS_COLLECTION, SALES_COLLECTION, SHARDS_COLLECTION} <= covered, covered
     finally:
         await client.drop_database(unique_name)
         await client.close()
