@@ -26,6 +26,7 @@ from core.subjects import stream_subjects
 from cqrsctl.verify.model import Document
 from projector.checkpoints import COLLECTION as CHECKPOINTS
 from projector.dead_letters import COLLECTION as DEAD_LETTERS
+from projector.parking import PARKED
 
 _EVENT_COLUMNS = """position, event_id, stream_type, stream_id, version, event_type, schema_version,
                     payload::text AS payload, metadata::text AS metadata, recorded_at"""
@@ -435,9 +436,8 @@ class ReadModelReader:
         """Checkpoints carrying a `parked` sub-document: streams the projector holds behind an event it cannot
         apply (newer projectors park streams instead of dead-lettering single messages)."""
         collection = self._db[CHECKPOINTS]
-        query = {"parked": {"$exists": True}}
-        count = await collection.count_documents(query)
+        count = await collection.count_documents(PARKED)
         if not count:
             return 0, []
-        cursor = collection.find(query, {"parked": 1, "version": 1}).sort("_id", 1).limit(limit)
+        cursor = collection.find(PARKED, {"parked": 1, "version": 1}).sort("_id", 1).limit(limit)
         return count, [doc async for doc in cursor]
