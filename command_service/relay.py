@@ -259,6 +259,10 @@ class OutboxRelay:
             else:
                 nats_failures = 0
                 self._last_progress = time.monotonic()
+                if len(rows) < self._settings.batch_size and not self._wake.is_set():
+                    # The fetch took everything committed before it; a later commit notifies (and a NOTIFY is
+                    # delivered only once its rows are visible). So an empty fetch now would be a wasted round trip.
+                    await self._wait_for_work()
 
     async def _publish(self, rows: list[Any]) -> list[int]:
         """Publishes rows in position order (one connection keeps their order); returns the acked positions."""

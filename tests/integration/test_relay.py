@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -178,6 +179,48 @@ async def test_transaction_committing_after_a_higher_position_is_still_published
         await fast.close()
 
 
+async def test_an_idle_relay_reads_the_outbox_once_per_commit_woken_by_its_notify_alone(
+    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, unique_name: str
+) -> None:
+    """With polling out of the way, every commit is published promptly, a late commit of a lower position too,
+    and each costs one outbox read: after a partial batch the relay waits for the next NOTIFY instead of reading
+    the outbox again to find it empty."""
+    relay_settings = dataclasses.replace(settings(unique_name), poll_interval=60.0)
+    registry = CollectorRegistry()
+    fetches = {"dependency": "postgres", "operation": "outbox_fetch"}
+    meta = EventMetadata("r", "r", "r")
+    slow = await asyncpg.connect(event_store_dsn)
+    try:
+        async with running_relay(event_store_dsn, nats_url, relay_settings, registry):
+            before = await eventually(lambda: _count(registry, fetches), what="the relay's first (empty) outbox read")
+            commits = 6
+            for n in range(commits):
+                async with pg_pool.acquire() as conn, conn.transaction():
+                    await append_in_transaction(conn, one_event_append(f"stream-{n}", meta), timeout=5)
+                await eventually(lambda: _is_zero(outbox_size(pg_pool)), what=f"commit {n} to be published", timeout=5)
+            read = await _count(registry, fetches)
+            assert read - before == commits, f"{read - before} outbox reads for {commits} commits"
+
+            slow_tx = slow.transaction()
+            await slow_tx.start()
+            low = await append_in_transaction(slow, one_event_append("stream-slow", meta), timeout=5)
+            async with pg_pool.acquire() as conn, conn.transaction():
+                high = await append_in_transaction(conn, one_event_append("stream-fast", meta), timeout=5)
+            await eventually(
+                lambda: _published(nats_url, relay_settings.stream_name, {high.position}),
+                what="the higher position committed first to be published",
+                timeout=5,
+            )
+            await slow_tx.commit()
+            await eventually(
+                lambda: _published(nats_url, relay_settings.stream_name, {low.position, high.position}),
+                what="the lower position that committed last to be published, woken by its NOTIFY",
+                timeout=5,
+            )
+    finally:
+        await slow.close()
+
+
 async def test_commands_succeed_while_nats_is_down_and_the_backlog_drains_when_it_returns(
     event_store_dsn: str, pg_pool: asyncpg.Pool, nats_server: NatsHandle, unique_name: str
 ) -> None:
@@ -244,6 +287,14 @@ async def _is_zero(value: Awaitable[int]) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _published(nats_url: str, stream: str, positions: set[int]) -> bool:
+    return positions <= {e.position for _, e in await stream_events(nats_url, stream)}
+
+
+async def _count(registry: CollectorRegistry, labels: dict[str, str]) -> float:
+    return registry.get_sample_value("cqrs_dependency_call_seconds_count", labels) or 0.0
 
 
 async def _positions(nats_url: str, stream: str, expected: set[int]) -> bool:
