@@ -16,7 +16,11 @@ of each variant run from its tree: `git worktree add /tmp/baseline HEAD~1`):
     python -m bench.setting_ab --a-tree /tmp/baseline --queries
     python -m bench.setting_ab --a-tree /tmp/baseline --rate 40 --ttq 0.2
 
-Each run starts once the projector has applied what earlier runs wrote.
+Each run starts once the projector has applied what earlier runs wrote. Costs that grow with the data (the day's
+sales facts, each customer's orders) still make later runs slower whatever the variant; `--fresh` starts every run
+on a new, empty stack instead (about 15 s more per run), which removes that drift:
+
+    python -m bench.setting_ab --a-tree /tmp/baseline --rate 40 --ttq 0.2 --fresh
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -125,6 +130,18 @@ def wait_projected(stack: BenchStack, timeout: float = DRAIN_TIMEOUT_SECONDS) ->
         time.sleep(0.5)
 
 
+def run_variant(stack: BenchStack, args: argparse.Namespace, env: Mapping[str, str], tree: Path) -> dict[str, float]:
+    """One run: the services restarted from `tree` with `env`, the backlog of earlier runs applied, then measured."""
+    restart_services(stack, env, tree)
+    wait_projected(stack)
+    replicas = start_replicas(stack, args.replicas - 1, env, tree)
+    try:
+        return measure(stack, args, replicas)
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.setting_ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", nargs="+", default=[], metavar="NAME=VALUE", help="variant A's environment")
@@ -143,24 +160,27 @@ def main(argv: list[str] | None = None) -> int:
         help="commands: also time-to-queryable p50/p99, probed for this fraction of the commands (default 0: off)",
     )  # fmt: skip
     parser.add_argument("--mix", default="", help=f"the load's mix (default {COMMAND_MIX}; --queries {QUERY_MIX})")
+    parser.add_argument(
+        "--fresh", action="store_true",
+        help="each run on a new, empty stack (slower: no drift from the data earlier runs left)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     variants = {"A": variant(args.a), "B": variant(args.b)}
     trees = {"A": args.a_tree.resolve(), "B": args.b_tree.resolve()}
     runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+    order = ("A", "B", "B", "A") * args.rounds
     with tempfile.TemporaryDirectory(prefix="cqrs-setting-ab-") as workdir:
-        stack = BenchStack(Path(workdir))
+        stack = BenchStack(Path(workdir) / "run-0")
         try:
-            stack.start_servers()
-            stack.migrate()
-            for name in ("A", "B", "B", "A") * args.rounds:
-                restart_services(stack, variants[name], trees[name])
-                wait_projected(stack)
-                replicas = start_replicas(stack, args.replicas - 1, variants[name], trees[name])
-                try:
-                    row = measure(stack, args, replicas)
-                finally:
-                    for replica in replicas:
-                        replica.stop()
+            for number, name in enumerate(order):
+                if args.fresh or number == 0:
+                    if number:
+                        stack.stop()
+                        shutil.rmtree(stack.workdir, ignore_errors=True)
+                        stack = BenchStack(Path(workdir) / f"run-{number}")
+                    stack.start_servers()
+                    stack.migrate()
+                row = run_variant(stack, args, variants[name], trees[name])
                 runs[name].append(row)
                 print(f"{name} {trees[name]} {variants[name]}: " + _format(row), flush=True)
         finally:
