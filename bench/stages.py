@@ -1,5 +1,7 @@
 """The time-to-queryable breakdown of a bench step: the stage histograms (`core.stage_metrics`) of the relay
-(command_service's /metrics) and the projector, scraped before and after the step; the difference is the step's."""
+(command_service's /metrics) and the projector, scraped before and after the step; the difference is the step's.
+The projector's MongoDB calls (`cqrs_dependency_call_seconds{dependency="mongodb"}`, one stage per operation) come
+after the path's stages: what its `apply` stage is made of."""
 
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ HISTOGRAMS: tuple[tuple[str, str], ...] = (
     ("command_service", "cqrs_relay_stage_seconds"),
     ("projector", "cqrs_projector_stage_seconds"),
     ("projector", "cqrs_projection_lag_seconds"),
+    ("projector", "cqrs_dependency_call_seconds"),
 )
+DEPENDENCY_HISTOGRAM = "cqrs_dependency_call_seconds"
+BROKEN_DOWN_DEPENDENCY = "mongodb"  # a NATS fetch is mostly a long poll waiting for messages: not a cost
 STAGE_ORDER = ("commit_to_read", "publish", "delete", "relay_to_stream", "stream_to_fetch", "apply", "settle", "")
 
 # (histogram, stage) -> {"count": n, "sum": s, "buckets": {le: cumulative count}}
@@ -25,14 +30,23 @@ Scrape = dict[tuple[str, str], dict[str, object]]
 
 def scrape(url: str, timeout: float = 5.0) -> Scrape:
     """The stage histograms of one /metrics page."""
-    text = metrics_text(url, timeout)
+    return parse(metrics_text(url, timeout))
+
+
+def parse(text: str) -> Scrape:
+    """The stage histograms of a /metrics page's text."""
     wanted = {name for _, name in HISTOGRAMS}
     out: Scrape = {}
     for family in text_string_to_metric_families(text):
         if family.name not in wanted:
             continue
         for sample in family.samples:
-            key = (family.name, sample.labels.get("stage", ""))
+            if family.name == DEPENDENCY_HISTOGRAM:
+                if sample.labels.get("dependency") != BROKEN_DOWN_DEPENDENCY:
+                    continue
+                key = (family.name, f"{BROKEN_DOWN_DEPENDENCY} {sample.labels.get('operation', '')}")
+            else:
+                key = (family.name, sample.labels.get("stage", ""))
             entry = out.setdefault(key, {"count": 0.0, "sum": 0.0, "buckets": {}})
             if sample.name.endswith("_count"):
                 entry["count"] = sample.value
@@ -49,7 +63,7 @@ def scrape(url: str, timeout: float = 5.0) -> Scrape:
 class Stage:
     process: str
     histogram: str
-    stage: str  # "" for the projection lag (the whole path)
+    stage: str  # "" for the projection lag (the whole path); "mongodb <operation>" for a MongoDB call
     count: int
     mean_ms: float
     p99_ms: float  # upper bound of the bucket holding the 99th percentile (inf: beyond the last bucket)
@@ -77,4 +91,8 @@ def breakdown(before: Mapping[str, Scrape], after: Mapping[str, Scrape]) -> list
             cumulative = {le: _number(n) - _number(then.get(le)) for le, n in now.items()}
             p99 = next((le for le, n in sorted(cumulative.items()) if n >= 0.99 * count), math.inf)
             stages.append(Stage(process, histogram, stage, int(count), 1000 * total / count, 1000 * p99))
-    return sorted(stages, key=lambda s: STAGE_ORDER.index(s.stage) if s.stage in STAGE_ORDER else 99)
+    # The path in order, then the MongoDB calls, the costliest first.
+    return sorted(
+        stages,
+        key=lambda s: (STAGE_ORDER.index(s.stage), 0.0) if s.stage in STAGE_ORDER else (99, -s.count * s.mean_ms),
+    )

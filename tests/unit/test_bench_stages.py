@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
-from bench.stages import Scrape, breakdown
+from prometheus_client import CollectorRegistry, generate_latest
+
+from bench.stages import Scrape, breakdown, parse
+from core.dependency_metrics import dependency_metrics
 
 
 def _entry(count: float, total: float, buckets: dict[float, float]) -> dict[str, object]:
@@ -33,3 +36,21 @@ def test_the_breakdown_is_the_difference_of_two_scrapes_in_path_order() -> None:
     assert math.isclose(first.mean_ms, 20.0)  # 2 s over 100 events
     assert first.p99_ms == 100.0  # 98 of the 100 new ones within 10 ms: the 99th is in the 100 ms bucket
     assert math.isclose(second.mean_ms, 5.0) and second.p99_ms == 100.0
+
+
+def test_the_projector_mongodb_calls_follow_the_path_costliest_first_and_other_dependencies_are_left_out() -> None:
+    registry = CollectorRegistry()
+    deps = dependency_metrics(registry)
+    for operation, seconds, calls in (("find", 0.002, 3), ("bulk_write", 0.01, 2), ("checkpoints", 0.004, 1)):
+        for _ in range(calls):
+            deps.seconds.labels("mongodb", operation).observe(seconds)
+    deps.seconds.labels("nats", "fetch").observe(0.9)  # a long poll: not a cost of the apply
+    lag = "cqrs_projection_lag_seconds"
+    before: dict[str, Scrape] = {"projector": {}}
+    after: dict[str, Scrape] = {"projector": parse(generate_latest(registry).decode())}
+    after["projector"][(lag, "")] = _entry(5, 0.5, {0.1: 5, math.inf: 5})
+    stages = breakdown(before, after)
+    assert [(s.stage, s.count) for s in stages] == [
+        ("", 5), ("mongodb bulk_write", 2), ("mongodb find", 3), ("mongodb checkpoints", 1),
+    ]  # fmt: skip
+    assert math.isclose(stages[1].mean_ms, 10.0) and stages[1].p99_ms == 10.0  # the 10 ms bucket holds both
