@@ -1,0 +1,194 @@
+"""`python -m bench.view_growth`: how the cost of the two derived views that read accumulated data grows with it.
+
+The projector's per-event cost should not depend on how much the read model already holds. Two views still do:
+
+* the sales report: each shard of a day keeps the tag of every fact counted that day, and each roll-up reads all
+  of the day's shards, so a batch of placements costs more as the day fills;
+* the customer statistics: recomputed by aggregating every order of the customer, so an order event costs more
+  the more orders its customer has.
+
+This measures both with the projector's own writers (`SalesViews.count`, `CustomerViews.recompute_order_stats`)
+against a fresh local MongoDB-wire server, at growing sizes: for each size, the MongoDB-wire server's CPU (from
+/proc) and the wall time of one batch of three placements after that many facts of the day, and of one recompute
+of a customer with that many orders. Orders are folded from real events by the `orders` projection (change log
+included), so documents have their production shape. A lever that removes the growth should flatten both
+columns; run it before and after.
+
+    python -m bench.view_growth [--sizes 250 1000 4000] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import bson
+from pymongo import AsyncMongoClient
+
+from core.envelope import EventMetadata, RecordedEvent
+from core.events import Event
+from core.order_events import OrderCreated, OrderItemAdded, OrderPlaced
+from core.projections import Document
+from core.projections.orders import ORDERS
+from core.projections.sales import SHARDS_COLLECTION
+from core.values import Address
+from cqrsctl.load import procstat
+from localservers import MongoServer, free_port
+from projector.customer_views import CustomerViews
+from projector.mongo_writer import MongoDocument
+from projector.sales_views import SalesViews
+
+ADDRESS = Address("Ada Lovelace", "12 Analytical St", "", "London", "N1 9GU", "GB")
+BATCH = 3  # placements per measured sales batch (the size of a live batch)
+SEED_BATCH = 100
+
+
+def placed_order(order_id: str, customer_id: str, at: datetime) -> Document:
+    """An order document as the projector writes it after create, two items and place (change log included)."""
+    events: list[Event] = [
+        OrderCreated(order_id, customer_id, "EUR", ADDRESS),
+        OrderItemAdded("SKU-1", "Anvil", 2, 1999),
+        OrderItemAdded("SKU-2", "Bell", 1, 500),
+        OrderPlaced(),
+    ]
+    doc: Document | None = None
+    for version, event in enumerate(events, 1):
+        recorded = RecordedEvent(
+            event_id=uuid.uuid4(),
+            stream_type=ORDERS.stream_type,
+            stream_id=order_id,
+            version=version,
+            event_type=event.event_type,
+            schema_version=event.schema_version,
+            payload=event.to_payload(),
+            metadata=EventMetadata(f"req-{uuid.uuid4().hex[:8]}", "bench", "bench"),
+            position=version,
+            recorded_at=at,
+        )
+        doc = ORDERS.project(doc, recorded, event)
+    assert doc is not None
+    return doc
+
+
+def orders_of(customer_id: str, count: int, at: datetime) -> dict[str, Document]:
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    return {order_id: placed_order(order_id, customer_id, at) for order_id in ids}
+
+
+async def measured(
+    server_pid: int,
+    call: Callable[[], Awaitable[object]],
+    repeats: int,
+    prepare: Callable[[], Awaitable[object]] | None = None,
+) -> tuple[float, float]:
+    """Mean server CPU ms (the kernel counts it in 10 ms ticks: only the mean of many calls is exact enough) and
+    median wall ms of `call`, each time after `prepare`, which is not measured."""
+    cpu: list[float] = []
+    wall: list[float] = []
+    for _ in range(repeats):
+        if prepare is not None:
+            await prepare()
+        before = procstat.snapshot({"mongo": [server_pid]})
+        started = time.perf_counter()
+        await call()
+        wall.append(1000 * (time.perf_counter() - started))
+        used = procstat.used(before, procstat.snapshot({"mongo": [server_pid]}))["mongo"]
+        cpu.append(1000 * (used or 0.0))
+    return statistics.mean(cpu), statistics.median(wall)
+
+
+async def sales_growth(client: AsyncMongoClient[MongoDocument], pid: int, size: int, repeats: int) -> list[float]:
+    """Server CPU and wall ms of a batch of placements after `size` facts of the day; the shards' bytes."""
+    database = client[f"sales_{size}"]
+    views = SalesViews(database)
+    await views.ensure_indexes()
+    at = datetime.now(UTC)
+    seeded = orders_of("seed-customer", size, at)
+    ids = list(seeded)
+    for start in range(0, size, SEED_BATCH):
+        await views.count(ids[start : start + SEED_BATCH], docs=seeded)
+
+    async def one_batch() -> None:
+        batch = orders_of("new-customer", BATCH, at)
+        await views.count(batch, docs=batch)
+
+    cpu, wall = await measured(pid, one_batch, repeats)
+    shards = [doc async for doc in database[SHARDS_COLLECTION].find()]
+    kilobytes = sum(len(bson.encode(doc)) for doc in shards) / 1024
+    await client.drop_database(database.name)
+    return [cpu, wall, kilobytes]
+
+
+async def stats_growth(client: AsyncMongoClient[MongoDocument], pid: int, size: int, repeats: int) -> list[float]:
+    """Server CPU and wall ms of recomputing the statistics of a customer with `size` orders."""
+    database = client[f"stats_{size}"]
+    views = CustomerViews(database)
+    for keys in ORDERS.indexes:
+        await database[ORDERS.collection].create_index(list(keys))
+    customer = "customer-1"
+    orders = orders_of(customer, size, datetime.now(UTC))
+    for start in range(0, size, SEED_BATCH):
+        chunk = list(orders.values())[start : start + SEED_BATCH]
+        await database[ORDERS.collection].insert_many(chunk)
+
+    order_ids = list(orders)
+
+    async def next_order_event() -> None:  # as a placement would: the sum of the order versions grows
+        await database[ORDERS.collection].update_one({"_id": order_ids[0]}, {"$inc": {"version": 1}})
+
+    async def recompute() -> None:
+        await views.recompute_order_stats([customer])
+
+    cpu, wall = await measured(pid, recompute, repeats, prepare=next_order_event)
+    await client.drop_database(database.name)
+    return [cpu, wall]
+
+
+async def run(sizes: list[int], repeats: int) -> list[list[float]]:
+    with tempfile.TemporaryDirectory(prefix="cqrs-view-growth-") as workdir:
+        server = MongoServer(Path(workdir) / "mongo", free_port())
+        server.start()
+        try:
+            assert server.pid is not None
+            client: AsyncMongoClient[MongoDocument] = AsyncMongoClient(server.url, tz_aware=True)
+            try:
+                rows = []
+                for size in sizes:
+                    sales = await sales_growth(client, server.pid, size, repeats)
+                    stats = await stats_growth(client, server.pid, size, repeats)
+                    rows.append([float(size), *sales, *stats])
+                    print(f"[view_growth] {size}: sales {sales}, statistics {stats}", file=sys.stderr, flush=True)
+                return rows
+            finally:
+                await client.close()
+        finally:
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.view_growth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 1000, 4000], help="facts / orders per size")
+    parser.add_argument("--repeats", type=int, default=20, help="measured calls per size (default 20)")
+    args = parser.parse_args(argv)
+    rows = asyncio.run(run(args.sizes, args.repeats))
+    print(
+        f"| size (facts of the day / orders of the customer) | sales batch of {BATCH}: server CPU ms | wall ms "
+        "| shards KB | statistics recompute: server CPU ms | wall ms |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    for size, sales_cpu, sales_wall, kilobytes, stats_cpu, stats_wall in rows:
+        sales = f"{sales_cpu:.1f} | {sales_wall:.1f} | {kilobytes:,.0f}"
+        print(f"| {size:,.0f} | {sales} | {stats_cpu:.1f} | {stats_wall:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
