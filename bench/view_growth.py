@@ -33,6 +33,7 @@ from pathlib import Path
 import bson
 from pymongo import AsyncMongoClient
 
+from bench.cpu import window
 from core.envelope import EventMetadata, RecordedEvent
 from core.events import Event
 from core.order_events import OrderCreated, OrderItemAdded, OrderPlaced
@@ -40,10 +41,9 @@ from core.projections import Document
 from core.projections.orders import ORDERS
 from core.projections.sales import SHARDS_COLLECTION
 from core.values import Address
-from cqrsctl.load import procstat
 from localservers import MongoServer, free_port
 from projector.customer_views import CustomerViews
-from projector.mongo_writer import MongoDocument
+from projector.mongo_writer import MongoDocument, ReadModelWriter
 from projector.sales_views import SalesViews
 
 ADDRESS = Address("Ada Lovelace", "12 Analytical St", "", "London", "N1 9GU", "GB")
@@ -96,12 +96,11 @@ async def measured(
     for _ in range(repeats):
         if prepare is not None:
             await prepare()
-        before = procstat.snapshot({"mongo": [server_pid]})
-        started = time.perf_counter()
-        await call()
-        wall.append(1000 * (time.perf_counter() - started))
-        used = procstat.used(before, procstat.snapshot({"mongo": [server_pid]}))["mongo"]
-        cpu.append(1000 * (used or 0.0))
+        with window({"mongo": [server_pid]}, client=False) as spent:
+            started = time.perf_counter()
+            await call()
+            wall.append(1000 * (time.perf_counter() - started))
+        cpu.append(1000 * (spent.cpu_s["mongo"] or 0.0))
     return statistics.mean(cpu), statistics.median(wall)
 
 
@@ -131,15 +130,12 @@ async def stats_growth(client: AsyncMongoClient[MongoDocument], pid: int, size: 
     """Server CPU and wall ms of recomputing the statistics of a customer with `size` orders."""
     database = client[f"stats_{size}"]
     views = CustomerViews(database)
-    for keys in ORDERS.indexes:
-        await database[ORDERS.collection].create_index(list(keys))
+    await ReadModelWriter(database, ORDERS).ensure_indexes()
     customer = "customer-1"
     orders = orders_of(customer, size, datetime.now(UTC))
+    documents, order_ids = list(orders.values()), list(orders)
     for start in range(0, size, SEED_BATCH):
-        chunk = list(orders.values())[start : start + SEED_BATCH]
-        await database[ORDERS.collection].insert_many(chunk)
-
-    order_ids = list(orders)
+        await database[ORDERS.collection].insert_many(documents[start : start + SEED_BATCH])
 
     async def next_order_event() -> None:  # as a placement would: the sum of the order versions grows
         await database[ORDERS.collection].update_one({"_id": order_ids[0]}, {"$inc": {"version": 1}})

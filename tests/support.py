@@ -6,16 +6,38 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from pymongo.monitoring import CommandFailedEvent, CommandListener, CommandStartedEvent, CommandSucceededEvent
 
 from command_service.domain.customer_commands import RegisterCustomer
 from command_service.event_store import EventStore
 from command_service.handlers import CommandContext, customer_handler
 
 T = TypeVar("T")
+
+# What a command sent to MongoDB carries besides the command itself.
+_SESSION_FIELDS = frozenset({"lsid", "$db", "$clusterTime", "$readPreference", "txnNumber"})
+
+
+class StartedCommands(CommandListener):
+    """Every command a MongoDB client sends (`event_listeners=[...]`), in order: (name, the command without its
+    session fields, as `explain` accepts it)."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, dict[str, Any]]] = []
+
+    def started(self, event: CommandStartedEvent) -> None:
+        command = {k: v for k, v in event.command.items() if k not in _SESSION_FIELDS}
+        self.commands.append((event.command_name, command))
+
+    def succeeded(self, event: CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: CommandFailedEvent) -> None:
+        pass
 
 
 async def eventually(

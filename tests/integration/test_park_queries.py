@@ -10,41 +10,31 @@ from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient
-from pymongo.monitoring import CommandFailedEvent, CommandListener, CommandStartedEvent, CommandSucceededEvent
 
 from core.read_model import CHECKPOINTS_COLLECTION
 from cqrsctl.verify.sources import ReadModelReader
 from projector.parking import Park, ParkStore
 from projector.planning import GAP, POISON, SELF_HEALING_KINDS
+from tests.support import StartedCommands
 
 Doc = dict[str, Any]
 
 STREAMS = 300
 PARKED_KINDS = {"stream-7": GAP, "stream-70": POISON, "stream-170": GAP}
-# What a command sent to the server carries besides the command itself.
-_SESSION_FIELDS = {"lsid", "$db", "$clusterTime", "$readPreference", "txnNumber"}
 
 
-class ReadLog(CommandListener):
-    """The reads of the checkpoints a client sends, as commands that `explain` accepts."""
-
-    def __init__(self) -> None:
-        self.reads: list[Doc] = []
-
-    def started(self, event: CommandStartedEvent) -> None:
-        if event.command_name in {"find", "aggregate"} and event.command[event.command_name] == CHECKPOINTS_COLLECTION:
-            self.reads.append({k: v for k, v in event.command.items() if k not in _SESSION_FIELDS})
-
-    def succeeded(self, event: CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: CommandFailedEvent) -> None:
-        pass
+def checkpoint_reads(log: StartedCommands) -> list[Doc]:
+    """The reads of the checkpoints logged."""
+    return [
+        command
+        for name, command in log.commands
+        if name in {"find", "aggregate"} and command[name] == CHECKPOINTS_COLLECTION
+    ]
 
 
 @pytest.fixture
-async def logged(mongo_url: str, unique_name: str) -> AsyncIterator[tuple[AsyncMongoClient[Doc], ReadLog]]:
-    log = ReadLog()
+async def logged(mongo_url: str, unique_name: str) -> AsyncIterator[tuple[AsyncMongoClient[Doc], StartedCommands]]:
+    log = StartedCommands()
     client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_url, tz_aware=True, event_listeners=[log])
     try:
         yield client, log
@@ -54,7 +44,7 @@ async def logged(mongo_url: str, unique_name: str) -> AsyncIterator[tuple[AsyncM
 
 
 async def test_parks_are_listed_and_counted_from_the_parked_checkpoints_alone(
-    logged: tuple[AsyncMongoClient[Doc], ReadLog], unique_name: str
+    logged: tuple[AsyncMongoClient[Doc], StartedCommands], unique_name: str
 ) -> None:
     client, log = logged
     database = client[unique_name]
@@ -63,7 +53,7 @@ async def test_parks_are_listed_and_counted_from_the_parked_checkpoints_alone(
     checkpoints = [{"_id": f"stream-{n}", "stream_type": "order", "version": 3, "position": n} for n in range(STREAMS)]
     await database[CHECKPOINTS_COLLECTION].insert_many(checkpoints)
     await store.park([Park(stream_id, "order", kind, "test", 4) for stream_id, kind in PARKED_KINDS.items()])
-    log.reads.clear()
+    log.commands.clear()
 
     assert await store.count_by_kind() == {GAP: 2, POISON: 1}
     assert {park.stream_id for park in await store.parks()} == set(PARKED_KINDS)
@@ -71,8 +61,9 @@ async def test_parks_are_listed_and_counted_from_the_parked_checkpoints_alone(
     count, listed = await ReadModelReader(database).parked_streams(limit=10)
     assert count == 3 and [doc["_id"] for doc in listed] == sorted(PARKED_KINDS)
 
-    assert len(log.reads) >= 4
-    for command in log.reads:
+    reads = checkpoint_reads(log)
+    assert len(reads) >= 4
+    for command in reads:
         explained = await database.command("explain", command, verbosity="executionStats")
         stats = explained["stages"][0]["$cursor"] if "stages" in explained else explained
         examined = stats["executionStats"]["totalDocsExamined"]

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient
-from pymongo.monitoring import CommandFailedEvent, CommandListener, CommandStartedEvent, CommandSucceededEvent
 
 from core.dependency_metrics import dependency_metrics
 from core.projections.sales import COUNTED_FIELD, SALES_COLLECTION, SHARDS_COLLECTION, shard_of
@@ -19,6 +18,7 @@ from projector.pipeline import Pipeline
 from projector.planning import decode_recorded
 from projector.sales_views import SalesViews
 from tests.integration.test_sales_report import BY_TYPE, sample_streams
+from tests.support import StartedCommands
 from tests.unit.test_projector_writes import events, fold
 
 Doc = dict[str, Any]
@@ -49,28 +49,20 @@ async def test_facts_of_a_shard_already_partly_counted_are_each_counted_once(
     assert await views.count(ids, docs=orders) == again  # all counted: nothing changes
 
 
-class WriteLog(CommandListener):
-    """The write commands a client sends: (collection, write concern)."""
-
-    def __init__(self) -> None:
-        self.writes: list[tuple[str, Doc]] = []
-
-    def started(self, event: CommandStartedEvent) -> None:
-        if event.command_name in {"insert", "update", "delete"}:
-            self.writes.append((str(event.command[event.command_name]), event.command.get("writeConcern", {})))
-
-    def succeeded(self, event: CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: CommandFailedEvent) -> None:
-        pass
+def writes(log: StartedCommands) -> list[tuple[str, Doc]]:
+    """The write commands logged: (collection, write concern)."""
+    return [
+        (str(command[name]), command.get("writeConcern", {}))
+        for name, command in log.commands
+        if name in {"insert", "update", "delete"}
+    ]
 
 
 async def test_a_batch_waits_for_the_journal_once_at_its_closing_checkpoints(mongo_url: str, unique_name: str) -> None:
     """Documents and views go without `j`, keeping the configured `w`; the checkpoints are the batch's last write
     and are journaled, which makes everything before them durable (projector/journal.py). Were any batch to end
     with an unjournaled write, an acknowledged event could be lost by a crash of MongoDB."""
-    log = WriteLog()
+    log = StartedCommands()
     client: AsyncMongoClient[Doc] = AsyncMongoClient(
         mongo_url, tz_aware=True, w="majority", journal=True, event_listeners=[log]
     )
@@ -83,10 +75,10 @@ async def test_a_batch_waits_for_the_journal_once_at_its_closing_checkpoints(mon
         recorded = sample_streams()
         covered: set[str] = set()
         for start in range(0, len(recorded), 4):
-            log.writes.clear()
+            log.commands.clear()
             outcome = await pipeline.apply(decode_recorded(recorded[start : start + 4], BY_TYPE))
             assert not outcome.unsettled and outcome.applied, outcome
-            *before, (last_collection, last_concern) = log.writes
+            *before, (last_collection, last_concern) = writes(log)
             assert last_collection == CHECKPOINTS_COLLECTION and last_concern == {"w": "majority", "j": True}
             assert before, "a batch that applies events writes its documents before its checkpoints"
             for collection, concern in before:
