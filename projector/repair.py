@@ -60,6 +60,10 @@ class Repairer:
         head = next((e for e in events if e.version == park.version), None)
         if park.kind == GAP and head is None and not await self._gap_filled(park):
             return None  # still missing
+        if park.kind == NEEDS_UPGRADE and head is None:
+            # The event it waits on was delivered, so its copy is held; but the park and the copies are written at
+            # once, and this one is not there yet. Resuming without it would find a gap that is not one.
+            return None
         if park.kind == NEEDS_UPGRADE and head is not None:
             item = classify(None, head, self._projections, self._decoder)
             if isinstance(item, Poison) and item.kind == NEEDS_UPGRADE:
