@@ -4,15 +4,17 @@ The projector's per-event cost should not depend on how much the read model alre
 
 * the sales report: each shard of a day keeps the tag of every fact counted that day, and each roll-up reads all
   of the day's shards, so a batch of placements costs more as the day fills;
-* the customer statistics: recomputed by aggregating every order of the customer, so an order event costs more
-  the more orders its customer has.
+* the customer statistics, when recomputed: that aggregates every order of the customer, so an order event costs
+  more the more orders its customer has. The projector increments them instead where it can (an order whose
+  views are complete, the usual case); the increment reads the stored statistics and writes them back.
 
-This measures both with the projector's own writers (`SalesViews.count`, `CustomerViews.recompute_order_stats`)
-against a fresh local MongoDB-wire server, at growing sizes: for each size, the MongoDB-wire server's CPU (from
-/proc) and the wall time of one batch of three placements after that many facts of the day, and of one recompute
-of a customer with that many orders. Orders are folded from real events by the `orders` projection (change log
-included), so documents have their production shape. A lever that removes the growth should flatten both
-columns; run it before and after.
+This measures them with the projector's own writers (`SalesViews.count`, `CustomerViews.recompute_order_stats`,
+`CustomerViews.read_order_stats` + `write_order_stats`) against a fresh local MongoDB-wire server, at growing
+sizes: for each size, the MongoDB-wire server's CPU (from /proc) and the wall time of one batch of three
+placements after that many facts of the day, of one recompute of a customer with that many orders, and of one
+increment of that customer's statistics (one order cancelled). Orders are folded from real events by the
+`orders` projection (change log included), so documents have their production shape. A lever that removes the
+growth flattens its column; run it before and after.
 
     python -m bench.view_growth [--sizes 250 1000 4000] [--repeats 20]
 """
@@ -42,7 +44,7 @@ from core.projections.orders import ORDERS
 from core.projections.sales import SHARDS_COLLECTION
 from core.values import Address
 from localservers import MongoServer, free_port
-from projector.customer_views import CustomerViews
+from projector.customer_views import CustomerViews, Step
 from projector.mongo_writer import MongoDocument, ReadModelWriter
 from projector.sales_views import SalesViews
 
@@ -144,8 +146,24 @@ async def stats_growth(client: AsyncMongoClient[MongoDocument], pid: int, size: 
         await views.recompute_order_stats([customer])
 
     cpu, wall = await measured(pid, recompute, repeats, prepare=next_order_event)
+
+    steps: list[Step] = []
+
+    async def cancel_next_order() -> None:  # the order write of the batch (not measured): one placed order fewer
+        before = await database[ORDERS.collection].find_one({"_id": order_ids[len(steps) + 1]})
+        assert before is not None
+        after = {**before, "version": before["version"] + 1, "status": "CANCELLED"}
+        await database[ORDERS.collection].replace_one({"_id": before["_id"]}, after)
+        steps.append((before, after))
+
+    async def increment() -> None:  # as the pipeline does: read the statistics, then write them incremented
+        prior = await views.read_order_stats([customer])
+        write = await views.write_order_stats([customer], None, {customer: [steps[-1]]}, prior)
+        assert write.incremented == [customer], "the bench measures the increment, not a recompute"
+
+    increment_cpu, increment_wall = await measured(pid, increment, repeats, prepare=cancel_next_order)
     await client.drop_database(database.name)
-    return [cpu, wall]
+    return [cpu, wall, increment_cpu, increment_wall]
 
 
 async def run(sizes: list[int], repeats: int) -> list[list[float]]:
@@ -177,12 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = asyncio.run(run(args.sizes, args.repeats))
     print(
         f"| size (facts of the day / orders of the customer) | sales batch of {BATCH}: server CPU ms | wall ms "
-        "| shards KB | statistics recompute: server CPU ms | wall ms |"
+        "| shards KB | statistics recompute: server CPU ms | wall ms | statistics increment: server CPU ms | wall ms |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
-    for size, sales_cpu, sales_wall, kilobytes, stats_cpu, stats_wall in rows:
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size, sales_cpu, sales_wall, kilobytes, stats_cpu, stats_wall, inc_cpu, inc_wall in rows:
         sales = f"{sales_cpu:.1f} | {sales_wall:.1f} | {kilobytes:,.0f}"
-        print(f"| {size:,.0f} | {sales} | {stats_cpu:.1f} | {stats_wall:.1f} |")
+        print(f"| {size:,.0f} | {sales} | {stats_cpu:.1f} | {stats_wall:.1f} | {inc_cpu:.1f} | {inc_wall:.1f} |")
     return 0
 
 

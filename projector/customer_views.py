@@ -9,27 +9,38 @@ batch (even one made only of duplicates) simply writes them again:
   moves to a *newer* customer version, so replays, redeliveries and replicas racing each other never bring back an
   older name. The customer document is read *after* the batch's own writes: an order inserted by one replica while
   another renames the customer is then covered by at least one of the two (each writes, then reads the other's).
-* **Order statistics.** Recomputed from scratch for every customer touched by an order event, with one aggregation
-  over `orders`, never accumulated, so applying a batch twice cannot count twice. Two replicas may compute the
-  statistics of one customer concurrently from different snapshots; `order_stats_version`, the sum of the versions
-  of all the customer's orders (tombstones included), grows with every order event, and a write only replaces
-  statistics computed from an older state. The aggregation that ran last after the last order write sees the
-  highest sum, so it wins.
+* **Order statistics.** Every write of a customer's statistics is a compare-and-set on `order_stats_seq`, a
+  counter each write increments: it applies only if no other write came between the read of the counter and it.
+  Two ways to compute them:
+
+  - *increment*: when every order of the customer in the batch went from a document whose views were complete (at
+    its checkpoint) to the one this batch wrote, the statistics read *before* the batch's order writes plus those
+    orders' changes. Reading before the writes is what makes this exact: no statistics written after one of
+    our order writes can be the base (they might count it already), and the checkpoints say the base counts
+    each order as the batch found it. Cost: independent of how many orders the customer has.
+  - *recompute*: one aggregation over every order of the customer, after reading the counter. Used for the rest
+    (an order ahead of its checkpoint, a stream being resumed, a write another replica won, a customer never
+    counted with a counter yet) and when an increment's compare-and-set fails; a recompute whose
+    compare-and-set fails reads the counter and recomputes again, a bounded number of times, and then the
+    customer is refused (its streams are retried later, as for any refused view).
+
+  `order_stats_version` stays as a stamp of how far the statistics are: it only grows and never exceeds the sum of
+  the versions of the customer's orders (a recompute sets that sum; an increment adds each order's version step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pymongo import UpdateMany, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from core.projections import Document
 from core.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
-from core.projections.customers import empty_order_stats
+from core.projections.customers import STATS_SEQ_FIELD, STATS_VERSION_FIELD, empty_order_stats
 from core.projections.orders import COLLECTION as ORDERS_COLLECTION
 from core.read_model import ORDER_STATUS_COUNTERS
 from projector.mongo_writer import DUPLICATE_KEY, MongoDocument
@@ -112,9 +123,91 @@ def order_stats_pipeline(customer_ids: list[str]) -> list[MongoDocument]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class StatsWrite:
+    """How `write_order_stats` wrote each customer's statistics (a refused one is in `recomputed` too)."""
+
+    incremented: list[str]
+    recomputed: list[str]
+
+
+# One order's change in a batch: its document before (None: new) and after the batch's write.
+Step = tuple[Document | None, Document]
+
+# A recompute whose compare-and-set keeps losing (replicas writing the same customer) tries this often in all.
+STATS_ATTEMPTS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class StoredStats:
+    """A customer's statistics as stored, read before a batch's order writes."""
+
+    stats: dict[str, Any]
+    seq: int | None  # the compare-and-set counter; None: written without one, or never (a recompute starts it)
+    stamp: int  # `order_stats_version`
+
+
+@dataclass(frozen=True, slots=True)
+class ViewSources:
+    """What a batch gives a view writer besides its keys (all empty: the writer reads what it needs)."""
+
+    docs: Mapping[str, Document] = field(default_factory=dict)  # trigger documents as the batch left them
+    # Per key: the steps of its streams, when every stream the key depends on was written by this batch onto a
+    # document whose views were complete (`planning.view_steps`); a key left out must be recomputed.
+    steps: Mapping[str, Sequence[Step]] = field(default_factory=dict)
+    prior: Mapping[str, StoredStats] = field(default_factory=dict)  # the keys' state read before the batch wrote
+
+
 # A view writer: (keys to recompute, versions the triggering documents already carry, refused keys to record,
-# documents of the batch by stream id, which a writer may use instead of reading them back).
-ViewWriter = Callable[[Iterable[str], Mapping[str, int], set[str], Mapping[str, Document]], Awaitable[object]]
+# what the batch knows of the keys).
+ViewWriter = Callable[[Iterable[str], Mapping[str, int], set[str], ViewSources], Awaitable[object]]
+
+
+def _contribution(doc: Document | None) -> tuple[str, str | None, int] | None:
+    """What one order counts for in its customer's statistics: (counter, currency of a placed total, total)."""
+    if doc is None or doc.get("deleted"):
+        return None
+    counter = STATUS_COUNTERS.get(str(doc.get("status")))
+    if counter is None:
+        return None
+    if counter == "placed_orders":
+        return counter, str(doc.get("currency")), int(doc.get("total_minor") or 0)
+    return counter, None, 0
+
+
+def incremented_stats(stats: Mapping[str, Any], steps: Iterable[Step]) -> dict[str, Any] | None:
+    """`stats` with each order's contribution moved from its document before to its document after (pure).
+
+    None when the result is not certain to equal a recompute: a counter below zero, or a currency whose placed
+    total ends at zero or below (a recompute lists a currency only while it has placed orders, and an order may
+    total zero, so a zero total does not say whether any remain).
+    """
+    counts = {counter: int(stats.get(counter, 0)) for counter in STATUS_COUNTERS.values()}
+    totals = {str(t["currency"]): int(t["total_minor"]) for t in stats.get("placed_totals", [])}
+    touched: set[str] = set()
+    for before, after in steps:
+        for doc, sign in ((before, -1), (after, 1)):
+            part = _contribution(doc)
+            if part is None:
+                continue
+            counter, currency, total = part
+            counts[counter] += sign
+            if currency is not None:
+                totals[currency] = totals.get(currency, 0) + sign * total
+                touched.add(currency)
+    if any(count < 0 for count in counts.values()) or any(totals[currency] <= 0 for currency in touched):
+        return None
+    result = empty_order_stats()
+    result.update(counts)
+    result["placed_totals"] = [
+        {"currency": currency, "total_minor": total} for currency, total in sorted(totals.items())
+    ]
+    return result
+
+
+def version_step(steps: Iterable[Step]) -> int:
+    """How far the orders' versions moved in these steps (what an increment adds to `order_stats_version`)."""
+    return sum(int(after.get("version", 0)) - int((before or {}).get("version", 0)) for before, after in steps)
 
 
 class CustomerViews:
@@ -128,12 +221,12 @@ class CustomerViews:
         """The writer of each view in `projector.registry.VIEWS`, by view name (a test checks none is missing)."""
 
         async def order_stats(
-            keys: Iterable[str], _carried: Mapping[str, int], failed: set[str], _docs: Mapping[str, Document]
+            keys: Iterable[str], _carried: Mapping[str, int], failed: set[str], sources: ViewSources
         ) -> object:
-            return await self.recompute_order_stats(keys, failed)
+            return await self.write_order_stats(keys, failed, sources.steps, sources.prior)
 
         async def fan_out(
-            keys: Iterable[str], carried: Mapping[str, int], failed: set[str], _docs: Mapping[str, Document]
+            keys: Iterable[str], carried: Mapping[str, int], failed: set[str], _sources: ViewSources
         ) -> object:
             return await self.fan_out(keys, carried, failed)
 
@@ -184,49 +277,125 @@ class CustomerViews:
                     failed.add(todo[index][0])
         return {customer_id: customer.version for customer_id, customer in fields.items()}
 
-    async def recompute_order_stats(
-        self, customer_ids: Iterable[str], failed: set[str] | None = None
-    ) -> dict[str, OrderStats]:
-        """Recomputes and stores the order statistics of these customers (one aggregation, one bulk write).
-
-        `failed`: where to record customers whose write was refused (instead of raising for them).
-        """
+    async def read_order_stats(self, customer_ids: Iterable[str]) -> dict[str, StoredStats]:
+        """The stored statistics of these customers (one round trip); a customer without a document is left out."""
         ids = sorted(set(customer_ids))
         if not ids:
             return {}
-        cursor = await self._orders.aggregate(order_stats_pipeline(ids))
-        stats = order_stats_from_groups(ids, [row async for row in cursor])
-        order = list(stats)
-        try:
-            await self._customers.bulk_write(
-                [self._stats_update(c, stats[c], upsert=True) for c in order], ordered=False
-            )
-        except BulkWriteError as exc:
-            # The filter missed: statistics at least as new are stored (fine), or a concurrent upsert created the
-            # document first; repeating as a plain update settles which.
-            retry = [order[index] for index in refused_indexes(exc, failed, retry_duplicates=True)]
-            duplicates = {order[index] for index in duplicate_indexes(exc)}
-            if failed is not None:
-                failed.update(set(retry) - duplicates)
-            retry = [c for c in retry if c in duplicates]
-            if retry:
-                try:
-                    await self._customers.bulk_write(
-                        [self._stats_update(c, stats[c], upsert=False) for c in retry], ordered=False
-                    )
-                except BulkWriteError as again:
-                    for index in refused_indexes(again, failed):
-                        assert failed is not None
-                        failed.add(retry[index])
-        return stats
-
-    @staticmethod
-    def _stats_update(customer_id: str, stats: OrderStats, *, upsert: bool) -> UpdateOne:
-        return UpdateOne(
-            {"_id": customer_id, "order_stats_version": {"$not": {"$gte": stats.source_version}}},
-            {"$set": {"order_stats": stats.stats, "order_stats_version": stats.source_version}},
-            upsert=upsert,
+        cursor = self._customers.find(
+            {"_id": {"$in": ids}}, {"order_stats": 1, STATS_SEQ_FIELD: 1, STATS_VERSION_FIELD: 1}
         )
+        return {
+            str(doc["_id"]): StoredStats(
+                doc.get("order_stats") or empty_order_stats(),
+                _seq(doc),
+                int(doc.get(STATS_VERSION_FIELD) or 0),
+            )
+            async for doc in cursor
+        }
+
+    async def write_order_stats(
+        self,
+        customer_ids: Iterable[str],
+        failed: set[str] | None = None,
+        steps: Mapping[str, Sequence[Step]] | None = None,
+        prior: Mapping[str, StoredStats] | None = None,
+    ) -> StatsWrite:
+        """Stores the statistics of these customers: by increment where `steps` and `prior` allow it (see the
+        module docstring), by recompute for the others and for increments another write overtook.
+
+        `prior`: the customers' statistics read before the batch's order writes. `failed`: where to record
+        customers whose write was refused (instead of raising for them).
+        """
+        steps = steps or {}
+        prior = prior or {}
+        increments: dict[str, tuple[int | None, dict[str, Any], int]] = {}
+        recompute: list[str] = []
+        for customer_id in sorted(set(customer_ids)):
+            base = prior.get(customer_id)
+            own = steps.get(customer_id)
+            stats = None
+            if base is not None and base.seq is not None and own is not None:
+                stats = incremented_stats(base.stats, own)
+            if base is None or stats is None:
+                recompute.append(customer_id)
+            else:
+                increments[customer_id] = (base.seq, stats, base.stamp + version_step(own or ()))
+        overtaken = await self._compare_and_set(increments, failed)
+        seqs = {c: prior[c].seq for c in recompute if c in prior}
+        await self.recompute_order_stats([*recompute, *overtaken], failed, seqs)
+        return StatsWrite(sorted(set(increments) - set(overtaken)), sorted([*recompute, *overtaken]))
+
+    async def recompute_order_stats(
+        self,
+        customer_ids: Iterable[str],
+        failed: set[str] | None = None,
+        seqs: Mapping[str, int | None] | None = None,
+    ) -> dict[str, OrderStats]:
+        """Recomputes and stores the order statistics of these customers: read the counter, aggregate, then
+        compare-and-set; retried for the customers another write overtook, `STATS_ATTEMPTS` times in all.
+
+        `seqs`: counters already read (before the batch's order writes, which only makes the compare stricter).
+        `failed`: where to record customers whose write was refused or kept being overtaken (instead of raising).
+        """
+        todo = sorted(set(customer_ids))
+        known = dict(seqs or {})
+        computed: dict[str, OrderStats] = {}
+        for _ in range(STATS_ATTEMPTS):
+            if not todo:
+                return computed
+            unread = [c for c in todo if c not in known]
+            if unread:
+                stored = await self.read_order_stats(unread)
+                known.update({c: stored[c].seq if c in stored else None for c in unread})
+            cursor = await self._orders.aggregate(order_stats_pipeline(todo))
+            stats = order_stats_from_groups(todo, [row async for row in cursor])
+            computed.update(stats)
+            todo = await self._compare_and_set(
+                {c: (known[c], stats[c].stats, stats[c].source_version) for c in todo}, failed
+            )
+            known = {}
+        if failed is None:
+            raise PyMongoError(f"the order statistics of {', '.join(todo)} kept changing while being recomputed")
+        failed.update(todo)
+        return computed
+
+    async def _compare_and_set(
+        self, entries: Mapping[str, tuple[int | None, dict[str, Any], int]], failed: set[str] | None
+    ) -> list[str]:
+        """Writes (statistics, stamp) where the counter still is the one read; returns the customers whose
+        counter has moved since (the upsert then collides with the stored `_id`)."""
+        order = sorted(entries)
+        if not order:
+            return []
+        ops = [_stats_update(c, *entries[c]) for c in order]
+        try:
+            await self._customers.bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            refused = [order[index] for index in refused_indexes(exc, failed, retry_duplicates=True)]
+            overtaken = {order[index] for index in duplicate_indexes(exc)}
+            if failed is not None:
+                failed.update(c for c in refused if c not in overtaken)
+            return sorted(overtaken)
+        return []
+
+
+def _seq(doc: Mapping[str, Any]) -> int | None:
+    value = doc.get(STATS_SEQ_FIELD)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _stats_update(customer_id: str, seq: int | None, stats: dict[str, Any], stamp: int) -> UpdateOne:
+    """The compare-and-set of one customer's statistics; an upsert, so that orders may come before their customer.
+
+    A document whose counter has moved makes the upsert collide with its `_id` (a duplicate key error).
+    """
+    guard: MongoDocument = {STATS_SEQ_FIELD: seq} if seq is not None else {STATS_SEQ_FIELD: {"$exists": False}}
+    return UpdateOne(
+        {"_id": customer_id, **guard},
+        {"$set": {"order_stats": stats, STATS_SEQ_FIELD: (seq or 0) + 1, STATS_VERSION_FIELD: stamp}},
+        upsert=True,
+    )
 
 
 def duplicate_indexes(exc: BulkWriteError) -> list[int]:

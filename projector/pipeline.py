@@ -43,7 +43,7 @@ from core.projections.orders import ORDERS
 from core.read_model import ORDER_HISTORY_FIELD
 from core.tracing import tracer
 from projector.checkpoints import CheckpointWriter
-from projector.customer_views import CustomerFields, CustomerViews, ViewWriter
+from projector.customer_views import CustomerFields, CustomerViews, StoredStats, ViewSources, ViewWriter
 from projector.dead_letters import DeadLetter, DeadLetterWriter
 from projector.journal import before_closing_write
 from projector.mongo_writer import MongoDocument, ReadModelWriter
@@ -64,8 +64,9 @@ from projector.planning import (
     plan_views,
     prefill_customer_fields,
     stored_version,
+    view_steps,
 )
-from projector.registry import ORDER_CUSTOMER_FIELDS, VIEWS
+from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, VIEWS
 from projector.sales_views import SalesViews
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,8 @@ class Pipeline:
             for start in range(0, len(keys), keys_per_write):
                 chunk = keys[start : start + keys_per_write]
                 refused: set[str] = set()
-                await self._timed(view.name, writer(chunk, {k: carried.get(k, 0) for k in chunk}, refused, {}))
+                stamps = {k: carried.get(k, 0) for k in chunk}
+                await self._timed(view.name, writer(chunk, stamps, refused, ViewSources()))
                 if refused:
                     raise PyMongoError(f"MongoDB refused view {view.name} of {len(refused)} key(s)")
             total += len(keys)
@@ -210,8 +212,12 @@ class Pipeline:
             for delivery in batch.result.held:
                 hold.setdefault(delivery.recorded.stream_id, []).append(delivery)
             self._gaps(batch, out, hold)
+        lagging = _lagging(batches, states)
+        prior = await self._read_prior_stats(batches, lagging, resuming) if self.derived_views else {}
         await self._write_documents(batches, known, spans or {})
-        failed_views = await self._write_views(batches, states, resuming) if self.derived_views else set()
+        failed_views = (
+            await self._write_views(batches, states, lagging, resuming, prior) if self.derived_views else set()
+        )
         for sid in failed_views:
             out.unsettled.setdefault(sid, VIEW_REFUSED)
         self._settle_written(batches, out, failed_views, states, hold)
@@ -326,20 +332,31 @@ class Pipeline:
                 async with self._deps.timed("mongodb", "bulk_write"):
                     batch.outcome = await self.writers[stream_type].write(batch.result.changes)
 
+    async def _read_prior_stats(
+        self, batches: dict[str, ProjectionBatch], lagging: set[str], resuming: Mapping[str, Park]
+    ) -> dict[str, StoredStats]:
+        """The statistics of the customers this batch's order events may change, read before its order writes:
+        the base of their increments (`customer_views`). Planned as if every write will succeed (a superset)."""
+        keys = plan_views(batches, (CUSTOMER_ORDER_STATS,), lagging, set(resuming)).keys.get(CUSTOMER_ORDER_STATS.name)
+        if not keys:
+            return {}
+        return await self._timed("order_stats_read", self.views.read_order_stats(keys))
+
     async def _write_views(
-        self, batches: dict[str, ProjectionBatch], states: Mapping[str, StreamState], resuming: Mapping[str, Park]
+        self,
+        batches: dict[str, ProjectionBatch],
+        states: Mapping[str, StreamState],
+        lagging: set[str],
+        resuming: Mapping[str, Park],
+        prior: Mapping[str, StoredStats],
     ) -> set[str]:
         """Fan-out, order statistics and sales report, concurrently; returns the streams whose views MongoDB
         refused."""
-        lagging: set[str] = set()
-        for batch in batches.values():
-            for sid, doc in batch.docs.items():
-                state = states.get(sid)
-                if stored_version(doc) > (state.checkpoint if state is not None else 0):
-                    lagging.add(sid)
         plan = plan_views(batches, VIEWS, lagging, set(resuming))
         refused: dict[str, set[str]] = {view.name: set() for view in VIEWS}
         stored = {stream_type: _stored_docs(batch) for stream_type, batch in batches.items()}
+        checkpoints = {sid: state.checkpoint for sid, state in states.items()}
+        steps = view_steps(plan, CUSTOMER_ORDER_STATS.name, batches.values(), checkpoints, set(resuming))
         await _all(
             *(
                 self._timed(
@@ -348,7 +365,15 @@ class Pipeline:
                         keys,
                         plan.carried[view.name],
                         refused[view.name],
-                        {sid: doc for stream_type in view.triggers for sid, doc in stored.get(stream_type, {}).items()},
+                        ViewSources(
+                            {
+                                sid: doc
+                                for stream_type in view.triggers
+                                for sid, doc in stored.get(stream_type, {}).items()
+                            },
+                            steps if view is CUSTOMER_ORDER_STATS else {},
+                            prior if view is CUSTOMER_ORDER_STATS else {},
+                        ),
                     ),
                 )
                 for view in VIEWS
@@ -462,6 +487,18 @@ def _bulk_write_span(batch: ProjectionBatch, spans: Mapping[int, Span]) -> Any:
             "cqrs.documents": len(batch.result.changes),
         },
     )
+
+
+def _lagging(batches: Mapping[str, ProjectionBatch], states: Mapping[str, StreamState]) -> set[str]:
+    """Streams whose loaded document is ahead of their checkpoint: an earlier batch wrote it and never finished
+    its views (their views are done in full)."""
+    lagging: set[str] = set()
+    for batch in batches.values():
+        for sid, doc in batch.docs.items():
+            state = states.get(sid)
+            if stored_version(doc) > (state.checkpoint if state is not None else 0):
+                lagging.add(sid)
+    return lagging
 
 
 def _stored_docs(batch: ProjectionBatch) -> dict[str, Document]:

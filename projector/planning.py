@@ -378,6 +378,41 @@ def plan_views(
     return plan
 
 
+def view_steps(
+    plan: ViewPlan,
+    view: str,
+    batches: Iterable[ProjectionBatch],
+    checkpoints: Mapping[str, int],
+    resuming: set[str],
+) -> dict[str, list[tuple[Document | None, Document]]]:
+    """Per key of `view`, the steps (document before, document after) of the streams that need it, for the keys
+    whose every such stream this batch wrote onto a document at its checkpoint (views complete), not resuming.
+
+    Those keys can be brought forward by the steps alone (an incrementing view); the others are left out and
+    must be recomputed (`checkpoints`: each stream's checkpoint version, 0 or absent for none).
+    """
+    fresh: dict[str, tuple[Document | None, Document]] = {}
+    for batch in batches:
+        written = batch.written()
+        for change in batch.result.changes:
+            sid = change.doc_id
+            before = batch.docs.get(sid)
+            if sid in written and sid not in resuming and stored_version(before) == checkpoints.get(sid, 0):
+                fresh[sid] = (before, change.new_doc)
+    steps: dict[str, list[tuple[Document | None, Document]]] = {}
+    stale: set[str] = set()
+    for sid, needs in plan.depends.items():
+        for name, key in needs:
+            if name != view:
+                continue
+            step = fresh.get(sid)
+            if step is None:
+                stale.add(key)
+            else:
+                steps.setdefault(key, []).append(step)
+    return {key: found for key, found in steps.items() if key not in stale}
+
+
 def doc_checkpoints(batches: Iterable[ProjectionBatch], streams: set[str]) -> dict[str, Checkpoint]:
     """Checkpoints at the loaded documents' versions, for streams whose views this batch did in full."""
     checkpoints: dict[str, Checkpoint] = {}

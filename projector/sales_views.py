@@ -38,7 +38,7 @@ from core.projections.sales import (
     shard_rows,
 )
 from core.read_model import ORDER_HISTORY_FIELD
-from projector.customer_views import ViewWriter, duplicate_indexes, refused_indexes
+from projector.customer_views import ViewSources, ViewWriter, duplicate_indexes, refused_indexes
 from projector.mongo_writer import MongoDocument
 from projector.registry import SALES_REPORT
 
@@ -62,9 +62,9 @@ class SalesViews:
         """The writer of each report view in `projector.registry.VIEWS`, by view name."""
 
         async def report(
-            keys: Iterable[str], _carried: Mapping[str, int], failed: set[str], docs: Mapping[str, Document]
+            keys: Iterable[str], _carried: Mapping[str, int], failed: set[str], sources: ViewSources
         ) -> object:
-            return await self.count(keys, failed, docs)
+            return await self.count(keys, failed, sources.docs)
 
         return {SALES_REPORT.name: report}
 

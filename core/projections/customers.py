@@ -5,10 +5,11 @@ Document shape::
     {_id: customer_id, customer_id, name, email, status: "ACTIVE"|"DEACTIVATED", registered_at, updated_at,
      version, position,
      order_stats: {draft_orders, placed_orders, cancelled_orders, placed_totals: [{currency, total_minor}]},
-     order_stats_version}
+     order_stats_version, order_stats_seq}
 
-Two writers share the document. The customer events (this module) own every field but `order_stats` and
-`order_stats_version`, which the runner recomputes from the `orders` collection (`projector.customer_views`).
+Two writers share the document. The customer events (this module) own every field but `order_stats`,
+`order_stats_version` and `order_stats_seq`, which the projector keeps from the `orders` collection
+(`projector.customer_views`).
 Orders may reach the read model before their customer does: then a document holding only the order statistics
 exists, without `version`; the fold treats it as version 0 and the registration keeps the statistics.
 Readers must treat a document without `version` as "no such customer (yet)".
@@ -36,8 +37,12 @@ STATUS_DEACTIVATED = CustomerStatus.DEACTIVATED
 COLLECTION = CUSTOMERS_COLLECTION
 INDEXES = CUSTOMER_INDEXES
 
+# A stamp of how far the statistics are (grows, never above the sum of the versions of the customer's orders).
+STATS_VERSION_FIELD = "order_stats_version"
+# The statistics' compare-and-set counter: every write of them increments it (absent until the first).
+STATS_SEQ_FIELD = "order_stats_seq"
 # Written by the order statistics, never by customer events.
-STATS_FIELDS = frozenset({"order_stats", "order_stats_version"})
+STATS_FIELDS = frozenset({"order_stats", STATS_VERSION_FIELD, STATS_SEQ_FIELD})
 
 E = TypeVar("E", bound=Event)
 
@@ -87,7 +92,7 @@ def on_customer_registered(doc: Document | None, recorded: RecordedEvent, event:
         )
     base = _copy(doc) if doc is not None else {}
     base.setdefault("order_stats", empty_order_stats())
-    base.setdefault("order_stats_version", 0)
+    base.setdefault(STATS_VERSION_FIELD, 0)
     return {
         **base,
         "_id": e.customer_id,

@@ -11,10 +11,10 @@ from cqrsctl.rebuild.cutover import CutoverResult
 from cqrsctl.rebuild.shadow import Difference
 
 # Always ignored by the comparison: bookkeeping whose value depends on how events were batched, not on the events.
-# `order_stats_version` (sum of the customer's order versions when its statistics were last computed) is stamped
-# only after the order events that change a statistic, from the orders as they are at the end of the batch: the
-# projector's batches and the rebuild's differ, so the stamps legitimately do (verify checks it as a range too).
-BOOKKEEPING_FIELDS: tuple[str, ...] = ("customers.order_stats_version",)
+# `order_stats_version` stamps how far a customer's statistics are: a recompute sets the sum of its orders'
+# versions, an increment adds the version steps of the orders it counts (`projector.customer_views`), and which
+# of the two ran depends on the batches (verify checks it as a range). `order_stats_seq` counts the writes.
+BOOKKEEPING_FIELDS: tuple[str, ...] = ("customers.order_stats_version", "customers.order_stats_seq")
 
 
 @dataclass(frozen=True, slots=True)

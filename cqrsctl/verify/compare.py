@@ -166,7 +166,10 @@ def assess(state: StreamState) -> Assessment:
         )  # fmt: skip
         out.pending = checkpoint_behind or s.dependencies_behind
     else:
-        diffs = diff_documents(s.expected.doc, s.actual, s.expected.ranges)
+        actual = s.actual
+        if s.expected.unchecked:
+            actual = {k: v for k, v in actual.items() if k not in s.expected.unchecked}
+        diffs = diff_documents(s.expected.doc, actual, s.expected.ranges)
         if diffs:
             out.findings.append(
                 Finding(

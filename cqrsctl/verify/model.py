@@ -67,13 +67,15 @@ class ExpectedDoc:
     the stream's own projection never wrote (a customer known only from its orders' statistics, a sales report).
     `guard_field`, for a document without `version`: the field that only grows as the projector moves it on (a
     report's `report_version`); a repair replaces the document only while the stored value is at most the
-    computed one.
+    computed one. `unchecked`: top-level fields of the stored document that are bookkeeping of the projector, not
+    derived from events, and not compared (a repair leaves them out, which resets them).
     """
 
     doc: Document
     version: int | None
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     guard_field: str | None = None
+    unchecked: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

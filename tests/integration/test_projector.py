@@ -472,6 +472,16 @@ async def test_two_replicas_on_one_durable_converge_in_version_order(
     # Documents are visible before the batch's derived views, checkpoints and acks: wait for those.
     await h.settled("both replicas done", timeout=30)
     assert sum(p.stats.applied for p in h.projectors) == 6 * len(orders)
+    # Both replicas wrote the one customer's statistics, by increment and recompute, racing: none is lost.
+    customer = await h.db["customers"].find_one({"_id": "cust-r"})
+    assert customer is not None
+    assert customer["order_stats"] == {
+        "draft_orders": 0,
+        "placed_orders": len(orders),
+        "cancelled_orders": 0,
+        "placed_totals": [{"currency": "EUR", "total_minor": len(orders) * (1 + 2 + 3 + 4) * 100}],
+    }
+    assert len(orders) * 2 <= customer["order_stats_version"] <= len(orders) * 6
 
 
 @pytest.mark.slow

@@ -1,0 +1,159 @@
+"""Customer order statistics written by increment or recompute, each a compare-and-set on `order_stats_seq`, on
+the real MongoDB-wire server: an increment reads no order, a write another one overtook is recomputed, and a
+recompute that keeps being overtaken gives up and reports the customer refused."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+
+from core.projections.customers import COLLECTION as CUSTOMERS
+from core.projections.orders import COLLECTION as ORDERS
+from projector.customer_views import STATS_ATTEMPTS, CustomerViews, StoredStats
+from tests.support import StartedCommands
+
+Doc = dict[str, Any]
+CUSTOMER = "cust-1"
+
+
+def order(order_id: str, version: int, status: str, total: int) -> Doc:
+    return {
+        "_id": order_id,
+        "customer_id": CUSTOMER,
+        "version": version,
+        "status": status,
+        "currency": "EUR",
+        "total_minor": total,
+        "deleted": False,
+    }
+
+
+def placed(doc: Doc) -> Doc:
+    return {**doc, "version": doc["version"] + 1, "status": "PLACED"}
+
+
+@pytest.fixture
+async def logged(mongo_url: str, unique_name: str) -> AsyncIterator[tuple[AsyncDatabase[Doc], StartedCommands]]:
+    log = StartedCommands()
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_url, tz_aware=True, event_listeners=[log])
+    try:
+        yield client[unique_name], log
+    finally:
+        await client.drop_database(unique_name)
+        await client.close()
+
+
+async def stats_of(database: AsyncDatabase[Doc]) -> Doc:
+    doc = await database[CUSTOMERS].find_one({"_id": CUSTOMER})
+    assert doc is not None
+    return doc
+
+
+async def write_orders(database: AsyncDatabase[Doc], docs: Iterable[Doc]) -> None:
+    for doc in docs:
+        await database[ORDERS].replace_one({"_id": doc["_id"]}, doc, upsert=True)
+
+
+async def test_an_increment_reads_no_order_and_a_recompute_agrees_with_it(
+    logged: tuple[AsyncDatabase[Doc], StartedCommands],
+) -> None:
+    database, log = logged
+    views = CustomerViews(database)
+    drafts = [order(f"o{n}", 3, "DRAFT", 100 * n) for n in range(1, 4)]
+    await write_orders(database, drafts)
+    first = await views.write_order_stats([CUSTOMER])  # no statistics yet: recomputed
+    assert (first.incremented, first.recomputed) == ([], [CUSTOMER])
+    start = await stats_of(database)
+    assert (start["order_stats_seq"], start["order_stats_version"]) == (1, 9)
+
+    prior = await views.read_order_stats([CUSTOMER])
+    log.commands.clear()
+    await write_orders(database, [placed(drafts[1])])
+    write = await views.write_order_stats([CUSTOMER], None, {CUSTOMER: [(drafts[1], placed(drafts[1]))]}, prior)
+    assert (write.incremented, write.recomputed) == ([CUSTOMER], [])
+    assert [name for name, _ in log.commands] == ["update", "update"]  # our order write, then the statistics
+    incremented = await stats_of(database)
+    assert incremented["order_stats"] == {
+        "draft_orders": 2,
+        "placed_orders": 1,
+        "cancelled_orders": 0,
+        "placed_totals": [{"currency": "EUR", "total_minor": 200}],
+    }
+    assert (incremented["order_stats_seq"], incremented["order_stats_version"]) == (2, 10)
+
+    await views.recompute_order_stats([CUSTOMER])
+    recomputed = await stats_of(database)
+    assert recomputed["order_stats"] == incremented["order_stats"]
+    assert recomputed["order_stats_seq"] == 3
+
+
+async def test_an_increment_overtaken_by_another_write_is_recomputed_and_loses_nothing(
+    logged: tuple[AsyncDatabase[Doc], StartedCommands],
+) -> None:
+    """Replica A reads the statistics before writing its order; replica B writes another order and the statistics
+    in between. A's increment, on the base it read, would drop B's placement: its compare-and-set fails and A
+    recomputes instead."""
+    database, _ = logged
+    replica_a, replica_b = CustomerViews(database), CustomerViews(database)
+    drafts = [order("o1", 2, "DRAFT", 500), order("o2", 2, "DRAFT", 700)]
+    await write_orders(database, drafts)
+    await replica_a.write_order_stats([CUSTOMER])
+
+    prior_a = await replica_a.read_order_stats([CUSTOMER])
+    prior_b = await replica_b.read_order_stats([CUSTOMER])
+    await write_orders(database, [placed(drafts[1])])
+    b = await replica_b.write_order_stats([CUSTOMER], None, {CUSTOMER: [(drafts[1], placed(drafts[1]))]}, prior_b)
+    assert b.incremented == [CUSTOMER]
+    await write_orders(database, [placed(drafts[0])])
+    a = await replica_a.write_order_stats([CUSTOMER], None, {CUSTOMER: [(drafts[0], placed(drafts[0]))]}, prior_a)
+    assert (a.incremented, a.recomputed) == ([], [CUSTOMER])
+
+    final = await stats_of(database)
+    assert final["order_stats"] == {
+        "draft_orders": 0,
+        "placed_orders": 2,
+        "cancelled_orders": 0,
+        "placed_totals": [{"currency": "EUR", "total_minor": 1200}],
+    }
+    assert (final["order_stats_seq"], final["order_stats_version"]) == (3, 6)
+
+
+class OvertakenEveryTime(CustomerViews):
+    """A replica that another one overtakes between every read of the counter and its write (the other writes
+    the statistics right after each read)."""
+
+    def __init__(self, database: AsyncDatabase[Doc]) -> None:
+        super().__init__(database)
+        self._database = database
+        self.reads = 0
+
+    async def read_order_stats(self, customer_ids: Iterable[str]) -> dict[str, StoredStats]:
+        stored = await super().read_order_stats(customer_ids)
+        self.reads += 1
+        await self._database[CUSTOMERS].update_one({"_id": CUSTOMER}, {"$inc": {"order_stats_seq": 1}})
+        return stored
+
+
+async def test_a_recompute_overtaken_every_time_gives_up_after_its_attempts_and_reports_the_customer(
+    logged: tuple[AsyncDatabase[Doc], StartedCommands],
+) -> None:
+    database, _ = logged
+    await write_orders(database, [order("o1", 1, "DRAFT", 0)])
+    await CustomerViews(database).write_order_stats([CUSTOMER])
+    contended = OvertakenEveryTime(database)
+    failed: set[str] = set()
+    await contended.recompute_order_stats([CUSTOMER], failed)
+    assert failed == {CUSTOMER}
+    assert contended.reads == STATS_ATTEMPTS
+    with pytest.raises(PyMongoError, match="kept changing"):
+        await contended.recompute_order_stats([CUSTOMER])
+
+    calm = CustomerViews(database)
+    failed.clear()
+    await calm.recompute_order_stats([CUSTOMER], failed)
+    assert failed == set()
