@@ -30,6 +30,7 @@ batch (even one made only of duplicates) simply writes them again:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,8 @@ from core.projections.orders import COLLECTION as ORDERS_COLLECTION
 from core.read_model import ORDER_STATUS_COUNTERS
 from projector.mongo_writer import DUPLICATE_KEY, MongoDocument
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS
+
+log = logging.getLogger(__name__)
 
 # One counter per order status, from the read-model contract.
 STATUS_COUNTERS: dict[str, str] = {str(status): counter for status, counter in ORDER_STATUS_COUNTERS.items()}
@@ -355,8 +358,13 @@ class CustomerViews:
                 {c: (known[c], stats[c].stats, stats[c].source_version) for c in todo}, failed
             )
             known = {}
+        message = f"the order statistics of {', '.join(todo)} kept changing while being recomputed"
         if failed is None:
-            raise PyMongoError(f"the order statistics of {', '.join(todo)} kept changing while being recomputed")
+            raise PyMongoError(message)
+        # Not a refusal by MongoDB: other replicas kept writing them. The streams are retried like refused ones.
+        log.warning(
+            "%s (%d attempts, other replicas writing them); their order streams are retried", message, STATS_ATTEMPTS
+        )
         failed.update(todo)
         return computed
 

@@ -4,6 +4,7 @@ recompute that keeps being overtaken gives up and reports the customer refused."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -140,16 +141,18 @@ class OvertakenEveryTime(CustomerViews):
 
 
 async def test_a_recompute_overtaken_every_time_gives_up_after_its_attempts_and_reports_the_customer(
-    logged: tuple[AsyncDatabase[Doc], StartedCommands],
+    logged: tuple[AsyncDatabase[Doc], StartedCommands], caplog: pytest.LogCaptureFixture
 ) -> None:
     database, _ = logged
     await write_orders(database, [order("o1", 1, "DRAFT", 0)])
     await CustomerViews(database).write_order_stats([CUSTOMER])
     contended = OvertakenEveryTime(database)
     failed: set[str] = set()
-    await contended.recompute_order_stats([CUSTOMER], failed)
+    with caplog.at_level(logging.WARNING, logger="projector.customer_views"):
+        await contended.recompute_order_stats([CUSTOMER], failed)
     assert failed == {CUSTOMER}
     assert contended.reads == STATS_ATTEMPTS
+    assert f"order statistics of {CUSTOMER} kept changing" in caplog.text and "other replicas" in caplog.text
     with pytest.raises(PyMongoError, match="kept changing"):
         await contended.recompute_order_stats([CUSTOMER])
 
