@@ -68,8 +68,11 @@ async def test_a_three_replica_stream_survives_one_node_killed(tmp_path: Path, u
             await js.add_stream(
                 StreamConfig(name=unique_name, subjects=[subject], storage=StorageType.FILE, num_replicas=3)
             )
+            # The stream's replicas elect their leader after `add_stream` answers, which can take seconds on a busy
+            # machine (a first publish once timed out here in CI): publish until acked, as after the kill below.
             for i in range(5):
-                await js.publish(subject, b"%d" % i, headers={"Nats-Msg-Id": f"m{i}"})
+                ack, _ = await _publish_until_acked(js, subject, b"%d" % i, f"m{i}")
+                assert ack.seq == i + 1, f"message {i} acked as {ack}"
             info = await js.stream_info(unique_name)
             assert info.cluster is not None and info.cluster.leader
             leader = cluster.node(info.cluster.leader)
