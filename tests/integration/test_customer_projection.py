@@ -245,7 +245,8 @@ async def test_customer_order_statistics_follow_creates_places_cancels_and_delet
         {"currency": "EUR", "total_minor": 12345}
     ]
 
-    # Replays change nothing: statistics are recomputed from the orders, never accumulated.
+    # Replays change nothing: a replayed event is a duplicate, which never takes the increment (only a write this
+    # batch made onto a document at its checkpoint does), so the statistics are recomputed, never counted twice.
     for order in (eur_placed, eur_cancelled, usd_placed_deleted):
         for event in order.published:
             await harness.publish(event, with_msg_id=False)
