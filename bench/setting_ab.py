@@ -1,11 +1,13 @@
 """`python -m bench.setting_ab`: what one setting or one change of code costs in CPU per command, A against B.
 
 Starts the local stack once (`bench.stack.BenchStack`), then for each round restarts the services with variant A's
-environment and with variant B's, in the order A B B A ... so that drift of the shared machine cancels, and runs
-the same open-loop `cqrs load` against each (a fixed command rate: the same work per second in both). It prints
-each run's CPU milliseconds per command of every process (from /proc, `--cpu-pids`) and the command p50/p99, then
-the medians and the ratios B / A. `--replicas N` runs N command_service replicas and sends each command to the
-next one in turn (round robin per request, the worst case for anything a replica keeps between commands).
+environment and with variant B's, in the order A B B A ... so that drift of the shared machine cancels, and runs the
+same open-loop `cqrs load` against each (a fixed command rate: the same work per second in both). It prints each
+run's CPU milliseconds per command of every process (from /proc, `--cpu-pids`) and the command p50/p99, then the
+medians and the ratios B / A, and beside them what noise does not move: the command service's PostgreSQL calls per
+command (`postgres_calls`, from its dependency metrics; the first replica's). `--replicas N` runs N command_service
+replicas and sends each command to the next one in turn (round robin per request, the worst case for anything a
+replica keeps between commands).
 
 Examples: the command service's stream cache, off against on; then this tree against a baseline tree (the services
 of each variant run from its tree: `git worktree add /tmp/baseline HEAD~1`):
@@ -37,9 +39,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.cpu import stack_groups
 from bench.stack import BenchStack
 from bench.system import consumer_backlog, run_load
+from cqrsctl.status import metrics_text
 from localservers import LOOPBACK, ServiceProcess, free_port
 
 HERE = Path(__file__).resolve().parent.parent
@@ -91,6 +96,7 @@ def measure(stack: BenchStack, args: argparse.Namespace, replicas: list[ServiceP
     groups = stack_groups(stack)
     groups["command_service"] = (*groups["command_service"], *(r.pid for r in replicas if r.pid is not None))
     command_addr = ",".join([stack.command_addr, *(r.listen for r in replicas if r.listen is not None)])
+    calls_before = postgres_calls(stack)
     if args.queries:  # a closed loop of reads over orders the same run writes now and then
         report = run_load(
             command_addr, stack.query_addr, mode="closed", concurrency=args.concurrency,
@@ -111,10 +117,23 @@ def measure(stack: BenchStack, args: argparse.Namespace, replicas: list[ServiceP
     latency = report[kind]["latency_ms"]
     row["p50_ms"], row["p99_ms"] = float(latency["p50"]), float(latency["p99"])
     row["errors"] = float(report["totals"]["errors"])
+    row["postgres_calls"] = (postgres_calls(stack) - calls_before) / operations if operations else 0.0
     ttq = report.get("time_to_queryable_ms") or {}
     if args.ttq and ttq.get("count"):
         row["ttq_p50_ms"], row["ttq_p99_ms"] = float(ttq["p50"]), float(ttq["p99"])
     return row
+
+
+def postgres_calls(stack: BenchStack) -> float:
+    """PostgreSQL calls the (first) command service made so far: the counts of its dependency histogram."""
+    families = text_string_to_metric_families(metrics_text(stack.metrics_url("command_service"), 5.0))
+    return sum(
+        sample.value
+        for family in families
+        if family.name == "cqrs_dependency_call_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_count") and sample.labels.get("dependency") == "postgres"
+    )
 
 
 def wait_projected(stack: BenchStack, timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:

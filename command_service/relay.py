@@ -6,6 +6,12 @@ high-water mark: it always reads whatever outbox rows exist, in position order, 
 late with a lower position is simply picked up on the next pass (never lost). A crash between the ack and the
 delete re-publishes the event; `Nats-Msg-Id` dedupes it in JetStream and the projector's version guard makes it
 harmless beyond the duplicate window.
+
+That is also why the deletes cost little: they need no durability (a delete lost to a PostgreSQL crash only
+re-publishes, deduped), so the relay's connection commits asynchronously; and a fully acked batch's delete rides
+on the next outbox read, in the same statement, when that read comes within `delete_linger` (under load it
+always does): one PostgreSQL round trip per batch instead of two. Published rows stay in the outbox that long at
+most; an idle relay deletes them on their own.
 """
 
 from __future__ import annotations
@@ -60,6 +66,20 @@ class RelaySettings:
     # Bounds of the NATS client: un-acked async publishes in flight, and bytes buffered while reconnecting.
     publish_max_pending: int = 4000
     nats_pending_bytes: int = 2 * 1024 * 1024
+    # How long an acked batch's delete waits for the next outbox read to ride on (see the module docstring).
+    delete_linger: float = 0.05
+
+
+# The outbox read, which also deletes what the previous batch published ($2, maybe empty). The read sees the
+# statement's snapshot, from before its own delete, hence the explicit exclusion.
+FETCH_SQL = """
+    WITH published AS (DELETE FROM outbox WHERE position = ANY($2::bigint[]))
+    SELECT e.position, e.event_id, e.stream_type, e.stream_id, e.version, e.event_type,
+           e.schema_version, e.payload::text AS payload, e.metadata::text AS metadata, e.recorded_at
+      FROM outbox o JOIN events e ON e.position = o.position
+     WHERE o.position <> ALL($2::bigint[])
+     ORDER BY o.position LIMIT $1"""
+DELETE_SQL = "DELETE FROM outbox WHERE position = ANY($1::bigint[])"
 
 
 class OutboxRelay:
@@ -206,7 +226,10 @@ class OutboxRelay:
             return
         self.is_leader = True
         log.info("outbox relay active (this replica holds the relay lease)")
-        conn: asyncpg.Connection = await asyncpg.connect(self._dsn, timeout=5.0)
+        # Asynchronous commits: this connection only deletes published rows (see the module docstring).
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self._dsn, timeout=5.0, server_settings={"synchronous_commit": "off"}
+        )
         try:
             await asyncio.wait_for(conn.add_listener(OUTBOX_CHANNEL, self._on_notify), timeout=5.0)
             await first_to_finish(self._relay_loop(conn), lease.hold())
@@ -219,18 +242,13 @@ class OutboxRelay:
 
     async def _relay_loop(self, conn: asyncpg.Connection) -> None:
         nats_failures = 0
+        published: list[int] = []  # acked, still in the outbox: deleted by the next read
         while not self._stopping.is_set():
             self._wake.clear()
             async with self._deps.timed("postgres", "outbox_fetch"):
-                rows = await conn.fetch(
-                    """SELECT e.position, e.event_id, e.stream_type, e.stream_id, e.version, e.event_type,
-                              e.schema_version, e.payload::text AS payload, e.metadata::text AS metadata,
-                              e.recorded_at
-                         FROM outbox o JOIN events e ON e.position = o.position
-                        ORDER BY o.position LIMIT $1""",
-                    self._settings.batch_size,
-                    timeout=10.0,
-                )
+                rows = await conn.fetch(FETCH_SQL, self._settings.batch_size, published, timeout=10.0)
+            self.published_total += len(published)
+            published = []
             if not rows:
                 self._last_progress = time.monotonic()
                 await self._wait_for_work()
@@ -243,26 +261,39 @@ class OutboxRelay:
             async with self._deps.timed("nats", "publish_batch"):  # until the last ack (or the publish timeout)
                 acked = await self._publish(rows)
             self.stages.observe("publish", time.monotonic() - started)
-            if len(acked) < len(rows):  # _publish does not raise: a batch not fully acked is the failure
-                self._deps.error("nats", "publish_batch")
             if acked:
                 failpoint("relay.after_ack_before_delete")
-                started = time.monotonic()
-                async with self._deps.timed("postgres", "outbox_delete"):
-                    await conn.execute("DELETE FROM outbox WHERE position = ANY($1::bigint[])", acked, timeout=10.0)
-                self.stages.observe("delete", time.monotonic() - started)
-                self.published_total += len(acked)
-            if len(acked) < len(rows):
+            if len(acked) < len(rows):  # _publish does not raise: a batch not fully acked is the failure
+                self._deps.error("nats", "publish_batch")
+                await self._delete(conn, acked)
                 nats_failures += 1
                 await self._sleep(full_jitter(nats_failures + 1, RETRY_BASE_SECONDS, self._settings.max_backoff))
                 await self._reconnect_nats()
-            else:
-                nats_failures = 0
-                self._last_progress = time.monotonic()
-                if len(rows) < self._settings.batch_size and not self._wake.is_set():
-                    # The fetch took everything committed before it; a later commit notifies (and a NOTIFY is
-                    # delivered only once its rows are visible). So an empty fetch now would be a wasted round trip.
-                    await self._wait_for_work()
+                continue
+            nats_failures = 0
+            self._last_progress = time.monotonic()
+            published = acked
+            if len(rows) == self._settings.batch_size or await self._wait_for_work(self._settings.delete_linger):
+                continue  # more to read now: the delete rides on that read
+            # Idle: delete on its own, then wait for the next commit. The fetch took everything committed
+            # before it; a later commit notifies (a NOTIFY is delivered only once its rows are visible), so an
+            # empty fetch now would be a wasted round trip.
+            await self._delete(conn, published)
+            published = []
+            await self._wait_for_work()
+        # Stopped: leave nothing published behind (after an error or a lost lease the rows are simply published
+        # again by whoever relays next, and deduped).
+        await self._delete(conn, published)
+
+    async def _delete(self, conn: asyncpg.Connection, positions: list[int]) -> None:
+        """Deletes published rows from the outbox on their own (when no outbox read follows at once)."""
+        if not positions:
+            return
+        started = time.monotonic()
+        async with self._deps.timed("postgres", "outbox_delete"):
+            await conn.execute(DELETE_SQL, positions, timeout=10.0)
+        self.stages.observe("delete", time.monotonic() - started)
+        self.published_total += len(positions)
 
     async def _publish(self, rows: list[Any]) -> list[int]:
         """Publishes rows in position order (one connection keeps their order); returns the acked positions."""
@@ -331,9 +362,14 @@ class OutboxRelay:
             for span in spans:
                 span.end()
 
-    async def _wait_for_work(self) -> None:
+    async def _wait_for_work(self, timeout: float | None = None) -> bool:
+        """Waits for a NOTIFY (or stop) up to `timeout` (default: the poll interval); True if one came."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=self._settings.poll_interval)
+            await asyncio.wait_for(
+                self._wake.wait(), timeout=self._settings.poll_interval if timeout is None else timeout
+            )
+            return True
+        return False
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -221,6 +221,48 @@ async def test_an_idle_relay_reads_the_outbox_once_per_commit_woken_by_its_notif
         await slow.close()
 
 
+async def test_a_published_batch_is_deleted_by_the_next_outbox_read_or_on_its_own_once_the_relay_is_idle(
+    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, unique_name: str
+) -> None:
+    """A published batch's rows are deleted by the statement that reads the next batch when that read comes within
+    the linger (one round trip per batch), by a delete of their own once it passes, and before the relay stops."""
+    relay_settings = dataclasses.replace(settings(unique_name), poll_interval=60.0, delete_linger=3.0)
+    registry = CollectorRegistry()
+    deletes = {"dependency": "postgres", "operation": "outbox_delete"}
+    fetches = {"dependency": "postgres", "operation": "outbox_fetch"}
+    meta = EventMetadata("r", "r", "r")
+
+    async def commit(stream_id: str) -> int:
+        async with pg_pool.acquire() as conn, conn.transaction():
+            return (await append_in_transaction(conn, one_event_append(stream_id, meta), timeout=5)).position
+
+    async def outbox() -> list[int]:
+        return [row["position"] for row in await pg_pool.fetch("SELECT position FROM outbox ORDER BY position")]
+
+    async with running_relay(event_store_dsn, nats_url, relay_settings, registry) as relay:
+        before = await eventually(lambda: _count(registry, fetches), what="the relay's first (empty) outbox read")
+        first = await commit("stream-1")
+        await eventually(lambda: _published(nats_url, relay_settings.stream_name, {first}), what="the first commit")
+        assert await outbox() == [first], "published, its delete waits for the next read"
+        second = await commit("stream-2")
+        await eventually(lambda: _published(nats_url, relay_settings.stream_name, {second}), what="the second commit")
+        assert await outbox() == [second], "the read of the second commit deleted the first"
+        assert await _count(registry, fetches) - before == 2
+        assert await _count(registry, deletes) == 0
+        assert relay.published_total == 1
+
+        await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the idle relay's own delete", timeout=10)
+        assert await _count(registry, deletes) == 1
+        assert await _count(registry, fetches) - before == 2, "no outbox read while idle"
+        assert relay.published_total == 2
+
+        third = await commit("stream-3")
+        await eventually(lambda: _published(nats_url, relay_settings.stream_name, {third}), what="the third commit")
+        assert await outbox() == [third]
+    assert await outbox() == [], "a stopping relay deletes what it published"
+    assert relay.published_total == 3
+
+
 async def test_commands_succeed_while_nats_is_down_and_the_backlog_drains_when_it_returns(
     event_store_dsn: str, pg_pool: asyncpg.Pool, nats_server: NatsHandle, unique_name: str
 ) -> None:
