@@ -4,10 +4,10 @@ Starts the local stack once (`bench.stack.BenchStack`), then for each round rest
 environment and with variant B's, in the order A B B A ... so that drift of the shared machine cancels, and runs the
 same open-loop `cqrs load` against each (a fixed command rate: the same work per second in both). It prints each
 run's CPU milliseconds per command of every process (from /proc, `--cpu-pids`) and the command p50/p99, then the
-medians and the ratios B / A, and beside them what noise does not move: the command service's PostgreSQL calls per
-command (`postgres_calls`, from its dependency metrics; the first replica's). `--replicas N` runs N command_service
-replicas and sends each command to the next one in turn (round robin per request, the worst case for anything a
-replica keeps between commands).
+medians and the ratios B / A, and beside them the command service's PostgreSQL calls per command (`postgres_calls`,
+counted from its dependency metrics, the first replica's: noise does not move it) and the projector's mean time to
+apply a batch (`apply_ms`, its `apply` stage). `--replicas N` runs N command_service replicas and sends each command
+to the next one in turn (round robin per request, the worst case for anything a replica keeps between commands).
 
 Examples: the command service's stream cache, off against on; then this tree against a baseline tree (the services
 of each variant run from its tree: `git worktree add /tmp/baseline HEAD~1`):
@@ -96,7 +96,7 @@ def measure(stack: BenchStack, args: argparse.Namespace, replicas: list[ServiceP
     groups = stack_groups(stack)
     groups["command_service"] = (*groups["command_service"], *(r.pid for r in replicas if r.pid is not None))
     command_addr = ",".join([stack.command_addr, *(r.listen for r in replicas if r.listen is not None)])
-    calls_before = postgres_calls(stack)
+    calls_before, applies_before = postgres_calls(stack), projector_applies(stack)
     if args.queries:  # a closed loop of reads over orders the same run writes now and then
         report = run_load(
             command_addr, stack.query_addr, mode="closed", concurrency=args.concurrency,
@@ -118,6 +118,9 @@ def measure(stack: BenchStack, args: argparse.Namespace, replicas: list[ServiceP
     row["p50_ms"], row["p99_ms"] = float(latency["p50"]), float(latency["p99"])
     row["errors"] = float(report["totals"]["errors"])
     row["postgres_calls"] = (postgres_calls(stack) - calls_before) / operations if operations else 0.0
+    batches, seconds = (after - before for after, before in zip(projector_applies(stack), applies_before, strict=True))
+    if batches and not args.queries:
+        row["apply_ms"] = 1000 * seconds / batches
     ttq = report.get("time_to_queryable_ms") or {}
     if args.ttq and ttq.get("count"):
         row["ttq_p50_ms"], row["ttq_p99_ms"] = float(ttq["p50"]), float(ttq["p99"])
@@ -134,6 +137,20 @@ def postgres_calls(stack: BenchStack) -> float:
         for sample in family.samples
         if sample.name.endswith("_count") and sample.labels.get("dependency") == "postgres"
     )
+
+
+def projector_applies(stack: BenchStack) -> tuple[float, float]:
+    """Batches the projector applied so far and the seconds they took (its `apply` stage histogram)."""
+    families = text_string_to_metric_families(metrics_text(stack.metrics_url("projector"), 5.0))
+    found = {"count": 0.0, "sum": 0.0}
+    for family in families:
+        if family.name != "cqrs_projector_stage_seconds":
+            continue
+        for sample in family.samples:
+            suffix = sample.name.rsplit("_", 1)[-1]
+            if sample.labels.get("stage") == "apply" and suffix in found:
+                found[suffix] = sample.value
+    return found["count"], found["sum"]
 
 
 def wait_projected(stack: BenchStack, timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
