@@ -41,6 +41,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import stages
 from bench.cpu import stack_groups
 from bench.stack import BenchStack
 from bench.system import consumer_backlog, run_load
@@ -141,16 +142,8 @@ def postgres_calls(stack: BenchStack) -> float:
 
 def projector_applies(stack: BenchStack) -> tuple[float, float]:
     """Batches the projector applied so far and the seconds they took (its `apply` stage histogram)."""
-    families = text_string_to_metric_families(metrics_text(stack.metrics_url("projector"), 5.0))
-    found = {"count": 0.0, "sum": 0.0}
-    for family in families:
-        if family.name != "cqrs_projector_stage_seconds":
-            continue
-        for sample in family.samples:
-            suffix = sample.name.rsplit("_", 1)[-1]
-            if sample.labels.get("stage") == "apply" and suffix in found:
-                found[suffix] = sample.value
-    return found["count"], found["sum"]
+    apply = stages.scrape(stack.metrics_url("projector")).get(("cqrs_projector_stage_seconds", "apply"), {})
+    return float(apply.get("count", 0.0)), float(apply.get("sum", 0.0))  # type: ignore[arg-type]
 
 
 def wait_projected(stack: BenchStack, timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
