@@ -1,12 +1,12 @@
 """Building blocks of the fault-injection scenarios: dedicated servers, service subprocesses, gRPC load, waits
 and the end-of-scenario assertions.
 
-Every scenario follows the same shape: start dedicated servers and the services as real subprocesses
-(`python -m ...`, configured by environment only), run load through the gRPC API recording every reply, inject
-the fault, heal it, wait for quiescence (outbox empty, read model caught up; bounded polling that says what it
-waited for), then check that (a) every command that got OK is in the event store at the version it was told,
-(b) failed commands got only retryable statuses (UNAVAILABLE / ABORTED), never INTERNAL/UNKNOWN or a hang past
-the deadline, (c) the end-to-end audit is clean.
+Every scenario follows the same shape: start dedicated servers and the services as real subprocesses (`python -m
+...`, configured by environment only), run load through the gRPC API recording every reply, inject the fault, heal
+it, wait for quiescence (outbox empty, read model and checkpoints caught up; bounded polling that says what it
+waited for), then check that (a) every command that got OK is in the event store at the version it was told, (b)
+failed commands got only retryable statuses (UNAVAILABLE / ABORTED), never INTERNAL/UNKNOWN or a hang past the
+deadline, (c) the end-to-end audit is clean.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from pymongo import AsyncMongoClient
 
 from core.customer_events import CUSTOMER_STREAM_TYPE
 from core.order_events import ORDER_STREAM_TYPE
+from core.read_model import CHECKPOINTS_COLLECTION
 from cqrsctl.verify import VerifyConfig, run_verify
 from localservers import (
     NodePorts,
@@ -713,6 +714,27 @@ async def read_model_versions(mongo_url: str, database: str) -> dict[tuple[str, 
         await client.close()
 
 
+async def checkpoint_versions(mongo_url: str, database: str) -> dict[str, int]:
+    """stream_id -> the version its checkpoint says every view reflects."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        mongo_url, serverSelectionTimeoutMS=3000, timeoutMS=10000
+    )
+    try:
+        cursor = client[database][CHECKPOINTS_COLLECTION].find({}, {"version": 1})
+        return {str(doc["_id"]): int(doc.get("version", 0)) async for doc in cursor}
+    finally:
+        await client.close()
+
+
+def checkpoint_lag(expected: dict[tuple[str, str], int], checkpoints: dict[str, int]) -> list[str]:
+    """Every stream whose checkpoint is not at its last version in the event store."""
+    return [
+        f"{stream_type} {stream_id}: event store v{version}, checkpoint v{checkpoints.get(stream_id, 0)}"
+        for (stream_type, stream_id), version in sorted(expected.items())
+        if checkpoints.get(stream_id, 0) != version
+    ]
+
+
 def read_model_lag(expected: dict[tuple[str, str], int], actual: dict[tuple[str, str], int]) -> list[str]:
     """Every stream whose document is missing, behind, ahead, or has no stream in the event store."""
     problems = []
@@ -731,19 +753,22 @@ async def wait_read_model_caught_up(stack: FaultStack, *, timeout: float = QUIES
     async def probe() -> tuple[bool, str]:
         expected = await stream_versions(stack.dsn)
         actual = await read_model_versions(stack.mongo_url, stack.names.name)
-        problems = read_model_lag(expected, actual)
+        # The checkpoints too: a projector killed between a batch's documents and its checkpoints leaves them
+        # behind until its unacked messages are redelivered (after the ack wait).
+        checkpoints = await checkpoint_versions(stack.mongo_url, stack.names.name)
+        problems = read_model_lag(expected, actual) + checkpoint_lag(expected, checkpoints)
         return not problems, f"{len(problems)} of {len(expected)} streams differ, e.g. {problems[:3]}"
 
     return await wait_until(
         probe,
-        what="the read model (MongoDB) to reach every stream's last version in the event store",
+        what="the read model (MongoDB: documents and checkpoints) to reach every stream's last version",
         timeout=timeout,
         interval=0.25,
     )
 
 
 async def wait_quiescent(stack: FaultStack, *, timeout: float = QUIESCE_TIMEOUT) -> None:
-    """Outbox empty, then every read-model document at its stream's last version."""
+    """Outbox empty, then every read-model document and checkpoint at its stream's last version."""
     outbox = await wait_outbox_empty(stack.dsn, timeout=timeout)
     read_model = await wait_read_model_caught_up(stack, timeout=timeout)
     print(f"quiescent: outbox drained in {outbox:.1f}s, read model caught up {read_model:.1f}s later")
