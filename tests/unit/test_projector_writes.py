@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bench.projector_cost import Run, interleaved, order, ratios, top_delta
+from bench.projector_cost import Run, _fields_apart, interleaved, order, ratios, top_delta
 from command_service.event_store import AppendRequest, RequestRecord
 from core.envelope import EventMetadata, RecordedEvent
 from core.events import Event
@@ -81,3 +81,8 @@ def test_the_bench_figures() -> None:
         "other.orders": {"update": {"time": 99, "count": 9}},
     }
     assert top_delta(before, after, "db") == {"orders update": (30, 3), "checkpoints update": (5, 1)}
+
+
+def test_the_cost_bench_says_in_which_fields_two_read_models_differ() -> None:
+    apart = _fields_apart({"_id": "c-1", "a": 1, "b": 2}, {"_id": "c-1", "a": 1, "b": 3, "d": 4})
+    assert apart == "c-1: b 2 / 3; d None / 4"
