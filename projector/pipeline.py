@@ -222,11 +222,12 @@ class Pipeline:
             out.unsettled.setdefault(sid, VIEW_REFUSED)
         self._settle_written(batches, out, failed_views, states, hold)
 
-        copies = [held_copy(item) for items in hold.values() for item in items]
+        copies = [c for items in hold.values() for item in items if (c := held_copy(item)) is not None]
+        # Only calls that go to MongoDB are timed (an empty one would count as a call in the dependency metrics).
         await _all(
-            self._timed("park", self.parks.park(list(out.parks.values()))),
-            self._timed("park", self.parks.hold([c for c in copies if c is not None])),
-            self._timed("dead_letters", self.dead_letters.write(out.dead_letters)),
+            *([self._timed("park", self.parks.park(list(out.parks.values())))] if out.parks else []),
+            *([self._timed("park", self.parks.hold(copies))] if copies else []),
+            *([self._timed("dead_letters", self.dead_letters.write(out.dead_letters))] if out.dead_letters else []),
         )
         settled = checkpoints_of(batches.values())
         full = (set(settled) | set(resuming)) - failed_views
@@ -234,8 +235,9 @@ class Pipeline:
             {sid: cp for sid, cp in settled.items() if sid not in failed_views}, doc_checkpoints(batches.values(), full)
         )
         # Last: a checkpoint promises that every view above reflects its stream up to its version.
-        async with self._deps.timed("mongodb", "checkpoints"):
-            await self.checkpoints.write(checkpoints)
+        if checkpoints:
+            async with self._deps.timed("mongodb", "checkpoints"):
+                await self.checkpoints.write(checkpoints)
         still = await self.parks.parked_ids(hold) if hold else set()
         for sid, items in hold.items():
             for item in items:
@@ -257,16 +259,13 @@ class Pipeline:
     ) -> tuple[dict[str, StreamState], dict[str, CustomerFields]]:
         """Documents, new orders' customers and the streams' checkpoint states, concurrently."""
         new_orders_of = _new_orders_customers(batches.get(ORDERS.stream_type))
-        loads = [
-            self._timed(
-                "find",
-                self.writers[t].load(set(batch.groups) | {s for s, p in resuming.items() if p.stream_type == t}),
-            )
-            for t, batch in batches.items()
-        ]
+        loads = []
+        for t, batch in batches.items():
+            ids = set(batch.groups) | {s for s, p in resuming.items() if p.stream_type == t}
+            loads.append(self._timed("find", self.writers[t].load(ids)) if ids else _none())
         results = await asyncio.gather(
-            self._timed("customer_fields", self.views.customer_fields(new_orders_of)),
-            self._timed("checkpoints", self.parks.states(stream_ids)),
+            self._timed("customer_fields", self.views.customer_fields(new_orders_of)) if new_orders_of else _none(),
+            self._timed("checkpoints", self.parks.states(stream_ids)) if stream_ids else _none(),
             *loads,
             return_exceptions=True,
         )
@@ -520,6 +519,11 @@ def _new_orders_customers(orders: ProjectionBatch | None) -> set[str]:
         if ORDER_CUSTOMER_FIELDS.triggered_by(ORDERS.stream_type, d.recorded.event_type)
         and d.recorded.payload.get(key_field)
     }  # fmt: skip
+
+
+async def _none() -> dict[str, Any]:
+    """What a load of nothing finds (without a call to MongoDB)."""
+    return {}
 
 
 async def _all(*calls: Awaitable[Any]) -> None:

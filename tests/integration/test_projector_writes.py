@@ -1,6 +1,7 @@
 """The projector's writes against the real MongoDB-wire server: the facts of one shard of the sales report are
 counted by one update (when some of them were counted already, each of the others is counted once, and none
-twice); a batch asks for the journal once, with its closing checkpoints."""
+twice); a batch asks for the journal once, with its closing checkpoints; the dependency metrics count the calls that
+reach MongoDB, and only those."""
 
 from __future__ import annotations
 
@@ -88,3 +89,39 @@ async def test_a_batch_waits_for_the_journal_once_at_its_closing_checkpoints(mon
     finally:
         await client.drop_database(unique_name)
         await client.close()
+
+
+async def test_the_dependency_metrics_count_only_the_calls_that_reach_mongodb(mongo_url: str, unique_name: str) -> None:
+    """A batch with nothing to park, no dead letter and no customer to look up makes no such call, and the metrics
+    must not count one: `cqrs_dependency_call_seconds` is what operators read MongoDB's load and latency from."""
+    log = StartedCommands()
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_url, tz_aware=True, event_listeners=[log])
+    registry = CollectorRegistry()
+    try:
+        pipeline = Pipeline(
+            client[unique_name], BY_TYPE, dependency_metrics(registry), stream_name="", park_after=1, max_backoff=1.0
+        )
+        await pipeline.ensure_indexes()
+        log.commands.clear()
+        recorded = sample_streams()
+        for start in range(0, len(recorded), 3):
+            assert not (await pipeline.apply(decode_recorded(recorded[start : start + 3], BY_TYPE))).unsettled
+    finally:
+        await client.drop_database(unique_name)
+        await client.close()
+
+    def counted(operation: str) -> float:
+        labels = {"dependency": "mongodb", "operation": operation}
+        return registry.get_sample_value("cqrs_dependency_call_seconds_count", labels) or 0
+
+    finds = [command for name, command in log.commands if name == "find"]
+    loads = [c for c in finds if c["find"] in {ORDERS_COLLECTION, CUSTOMERS_COLLECTION} and "projection" not in c]
+    lookups = [c for c in finds if c["find"] == CUSTOMERS_COLLECTION and "version" in c.get("filter", {})]
+    checkpoint_reads = [c for c in finds if c["find"] == CHECKPOINTS_COLLECTION]
+    assert counted("park") == counted("dead_letters") == 0
+    assert counted("find") == len(loads) > 0
+    # New orders' customers are looked up before the writes; the fan-out looks up the customers again (its own).
+    assert counted("customer_fields") + counted("order_customer_fields") == len(lookups) > counted("customer_fields")
+    assert counted("checkpoints") == len(checkpoint_reads) + sum(
+        1 for name, c in log.commands if name == "update" and c["update"] == CHECKPOINTS_COLLECTION
+    )
