@@ -20,6 +20,10 @@ class ProjectorSettings(BaseSettings):
     mongo_timeout_ms: int = Field(default=2000, gt=0)
     # Write concern of every projector write (always journaled): "majority" on a replica set, or a member count.
     mongo_write_concern: str = Field(default="majority", pattern=r"^(majority|[1-9][0-9]?)$")
+    # MongoDB's retryable writes (the driver repeats a write once after a network error or a failover, and the
+    # server keeps a record of every write to recognise the repeat). Off: every projector write is idempotent and a
+    # failed batch is redelivered whole, so the records are pure cost (README: "Levers measured in one run").
+    mongo_retry_writes: bool = False
     stream_name: str = DEFAULT_STREAM_NAME
     subject_prefix: str = SUBJECT_PREFIX
     # Partitions the stream maps subjects to (by stream id), for partition-owning projector replicas; 0: none.

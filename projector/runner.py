@@ -42,6 +42,7 @@ from projector.generation_writer import GenerationWriter
 from projector.health import ProjectorHealth, ProjectorStats, log_summary
 from projector.leases import PartitionLeases
 from projector.metrics import ProjectorMetrics
+from projector.mongo_client import read_model_client
 from projector.mongo_watch import MongoWatch, short_error
 from projector.mongo_writer import MongoDocument
 from projector.partitions import Fence, PartitionOwner
@@ -184,20 +185,7 @@ class Projector:
                 self.metrics.serve(s.projector_metrics_port, s.metrics_host)
             names = ", ".join(p.name for p in self._projections.values())
             await self.consumer.connect(f"read model projector: {names}")
-            self._mongo = AsyncMongoClient(
-                s.mongo_url,
-                appname=f"projector-{s.projector_durable}",
-                tz_aware=True,
-                serverSelectionTimeoutMS=s.mongo_timeout_ms,
-                connectTimeoutMS=s.mongo_timeout_ms,
-                socketTimeoutMS=s.mongo_timeout_ms * 5,
-                # A batch is acked to JetStream once MongoDB acknowledged its writes, and never delivered again:
-                # the writes must survive a crash of MongoDB (journal) and a failover (majority), or an applied
-                # event is lost from the read model while the stream has moved on. A batch's documents and views
-                # leave out `j`: its closing journaled write covers them (projector/journal.py).
-                w=s.mongo_write_concern_w,
-                journal=True,
-            )
+            self._mongo = read_model_client(s, f"projector-{s.projector_durable}")
             self._generations = GenerationWriter(
                 self._mongo[s.mongo_database], registry_versions(), s.generation_poll_seconds
             )

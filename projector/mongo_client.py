@@ -1,0 +1,40 @@
+"""The projector's MongoDB client: bounded waits, durable writes, and no retryable writes unless configured.
+
+A batch is acked to JetStream once MongoDB acknowledged its writes, and never delivered again: the writes must
+survive a crash of MongoDB (journal) and a failover (majority), or an applied event is lost from the read model
+while the stream has moved on. A batch's documents and views leave out `j`: its closing journaled write covers
+them (`projector.journal`).
+
+Retryable writes are off by default (`CQRS_MONGO_RETRY_WRITES`): with them the driver repeats a write once after a
+network error or a failover, and the server keeps a record of every write to recognise the repeat. Every write of
+the projector is idempotent (version-guarded documents, `$max` checkpoints, compare-and-set statistics, tagged
+sales facts) and a batch that fails is redelivered whole, so the records buy nothing here; on the MongoDB-wire
+server they cost a scan of all records under a lock on every write (README, "Levers measured in one run").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pymongo import AsyncMongoClient
+from pymongo.monitoring import CommandListener
+
+from projector.config import ProjectorSettings
+from projector.mongo_writer import MongoDocument
+
+
+def read_model_client(
+    settings: ProjectorSettings, appname: str, event_listeners: Sequence[CommandListener] = ()
+) -> AsyncMongoClient[MongoDocument]:
+    return AsyncMongoClient(
+        settings.mongo_url,
+        appname=appname,
+        tz_aware=True,
+        serverSelectionTimeoutMS=settings.mongo_timeout_ms,
+        connectTimeoutMS=settings.mongo_timeout_ms,
+        socketTimeoutMS=settings.mongo_timeout_ms * 5,
+        w=settings.mongo_write_concern_w,
+        journal=True,
+        retryWrites=settings.mongo_retry_writes,
+        event_listeners=list(event_listeners),
+    )
