@@ -224,11 +224,14 @@ class Pipeline:
 
         copies = [c for items in hold.values() for item in items if (c := held_copy(item)) is not None]
         # Only calls that go to MongoDB are timed (an empty one would count as a call in the dependency metrics).
-        await _all(
-            *([self._timed("park", self.parks.park(list(out.parks.values())))] if out.parks else []),
-            *([self._timed("park", self.parks.hold(copies))] if copies else []),
-            *([self._timed("dead_letters", self.dead_letters.write(out.dead_letters))] if out.dead_letters else []),
-        )
+        writes: list[Awaitable[None]] = []
+        if out.parks:
+            writes.append(self._timed("park", self.parks.park(list(out.parks.values()))))
+        if copies:
+            writes.append(self._timed("park", self.parks.hold(copies)))
+        if out.dead_letters:
+            writes.append(self._timed("dead_letters", self.dead_letters.write(out.dead_letters)))
+        await _all(*writes)
         settled = checkpoints_of(batches.values())
         full = (set(settled) | set(resuming)) - failed_views
         checkpoints = merge_checkpoints(

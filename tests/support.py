@@ -24,13 +24,14 @@ _SESSION_FIELDS = frozenset({"lsid", "$db", "$clusterTime", "$readPreference", "
 
 class StartedCommands(CommandListener):
     """Every command a MongoDB client sends (`event_listeners=[...]`), in order: (name, the command without its
-    session fields, as `explain` accepts it)."""
+    session fields, as `explain` accepts it; `session_fields=True`: as sent)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, session_fields: bool = False) -> None:
         self.commands: list[tuple[str, dict[str, Any]]] = []
+        self._dropped = frozenset() if session_fields else _SESSION_FIELDS
 
     def started(self, event: CommandStartedEvent) -> None:
-        command = {k: v for k, v in event.command.items() if k not in _SESSION_FIELDS}
+        command = {k: v for k, v in event.command.items() if k not in self._dropped}
         self.commands.append((event.command_name, command))
 
     def succeeded(self, event: CommandSucceededEvent) -> None:

@@ -4,30 +4,11 @@ it), and they stay journaled with the configured write concern."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from pymongo.monitoring import CommandFailedEvent, CommandListener, CommandStartedEvent, CommandSucceededEvent
 
 from projector.config import ProjectorSettings
 from projector.mongo_client import read_model_client
-
-
-class Writes(CommandListener):
-    """The write commands a client sends, as sent (session fields included)."""
-
-    def __init__(self) -> None:
-        self.commands: list[dict[str, Any]] = []
-
-    def started(self, event: CommandStartedEvent) -> None:
-        if event.command_name in {"insert", "update", "delete"}:
-            self.commands.append(dict(event.command))
-
-    def succeeded(self, event: CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: CommandFailedEvent) -> None:
-        pass
+from tests.support import StartedCommands
 
 
 @pytest.mark.parametrize("retry_writes", [False, True])
@@ -35,7 +16,7 @@ async def test_projector_writes_are_retryable_only_when_configured(
     mongo_url: str, unique_name: str, retry_writes: bool
 ) -> None:
     settings = ProjectorSettings(mongo_url=mongo_url, mongo_write_concern="1", mongo_retry_writes=retry_writes)
-    log = Writes()
+    log = StartedCommands(session_fields=True)
     client = read_model_client(settings, "projector-test", event_listeners=[log])
     try:
         collection = client[unique_name]["things"]
@@ -45,7 +26,7 @@ async def test_projector_writes_are_retryable_only_when_configured(
     finally:
         await client.drop_database(unique_name)
         await client.close()
-    writes = log.commands
+    writes = [command for name, command in log.commands if name in {"insert", "update"}]
     assert len(writes) == 2
     assert all(("txnNumber" in command) is retry_writes for command in writes), writes
     assert all(command["writeConcern"] == {"w": 1, "j": True} for command in writes), writes
