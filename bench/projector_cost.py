@@ -334,7 +334,7 @@ def _drop(url: str, *databases: str) -> None:
 # from PostgreSQL in position order, applied in batches of a fixed size through `Pipeline.apply` (what the runner
 # calls per batch), timed by this process's CPU over the applies only.
 PIPELINE_CHILD = """
-import asyncio, json, sys, time
+import asyncio, inspect, json, sys, time
 import asyncpg
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient
@@ -354,8 +354,10 @@ async def main(dsn, url, database, size):
     events = [recorded_event_from_row(row) for row in rows]
     batches = [decode_recorded(events[i : i + size], by_type) for i in range(0, len(events), size)]
     client = AsyncMongoClient(url, tz_aware=True, w="majority", journal=True)
+    # As the projector runs against this server (`localservers.MongoServer.CLIENT_ENV`), in a tree that can.
+    calls = {"parallel_calls": False} if "parallel_calls" in inspect.signature(Pipeline).parameters else {}
     pipeline = Pipeline(client[database], by_type, dependency_metrics(CollectorRegistry()), stream_name="",
-                        park_after=6, max_backoff=1.0)
+                        park_after=6, max_backoff=1.0, **calls)
     await pipeline.ensure_indexes()
     cpu, started = time.process_time(), time.monotonic()
     for batch in batches:

@@ -82,7 +82,7 @@ class BenchStack:
             server.start(timeout=SERVER_START_TIMEOUT)
 
     def service_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**MongoServer.CLIENT_ENV, **os.environ}  # what the environment sets (a variant's setting) wins
         env.update(
             {
                 "CQRS_POSTGRES_DSN": self.postgres.dsn,
@@ -122,7 +122,8 @@ class BenchStack:
             self.metrics_ports[name] = int(env[variable])
         service.start(env)
         try:
-            service.wait_ready()
+            # The projector listens on no gRPC port: it is ready once its metrics are (the bench scrapes them).
+            service.wait_ready(also=None if variable is None else f"{LOOPBACK}:{env[variable]}")
         except ServerStartError as exc:
             raise StackError(str(exc)) from exc
 

@@ -310,6 +310,8 @@ def run() -> int:
                 _check_listen_free(services)
                 endpoints = _start_servers(data_dir, servers)
                 env = _service_env(endpoints[0].url, endpoints[1].url, endpoints[2].url, command_listen, query_listen)
+                if isinstance(endpoints[2].server, MongoServer):  # the local stand-in, not an external MongoDB
+                    env = {**MongoServer.CLIENT_ENV, **env}  # what the environment sets wins
                 _migrate(env)
                 for service in services:
                     say(f"starting {service.name} (python -m {service.module}) ...")

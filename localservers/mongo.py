@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from localservers.process import ServerStartError, find_binary, log_tail
 from localservers.server import ServerProcess
@@ -19,6 +19,10 @@ class MongoServer(ServerProcess):
     """
 
     name = "mongo"
+    #: What our services are told when they use this server (`make dev`, the benchmarks): it is one Python process
+    #: that works through requests one at a time, so a projector batch sends its MongoDB calls one after the other
+    #: (sent at once they only contend for it; README, "Levers measured in one run").
+    CLIENT_ENV: ClassVar[dict[str, str]] = {"CQRS_PROJECTOR_PARALLEL_MONGO_CALLS": "false"}
 
     @property
     def url(self) -> str:

@@ -65,15 +65,20 @@ class ServiceProcess(ChildProcess):
         command = [sys.executable, "-m", self.module, *self.args]
         self._spawn(command, header, self._on_line, env=dict(env), cwd=self.cwd)
 
-    def wait_ready(self, timeout: float = SERVICE_READY_TIMEOUT) -> None:
-        """Wait until its `listen` port accepts connections (at once without one); on failure stop it and raise
+    def wait_ready(self, timeout: float = SERVICE_READY_TIMEOUT, *, also: str | None = None) -> None:
+        """Wait until its `listen` port accepts connections (at once without one), and the address `also` when
+        given (e.g. its metrics port: the projector has no other); on failure stop it and raise
         `ServerStartError` with its exit code or the timeout, and its log tail."""
-        if self.listen is None or self._process is None:
+        if self._process is None:
             return
-        host, port = split_address(self.listen)
         what = f"{self.name} (pid {self._process.pid})"
+        deadline = time.monotonic() + timeout
         try:
-            wait_for_port(host, port, timeout, what, process=self._process, log_path=self.log_path)
+            for address in (self.listen, also):
+                if address is not None:
+                    host, port = split_address(address)
+                    left = max(0.0, deadline - time.monotonic())
+                    wait_for_port(host, port, left, what, process=self._process, log_path=self.log_path)
         except ServerStartError:
             self.stop(timeout=10.0)
             raise

@@ -2,8 +2,9 @@
 
 Per batch (from JetStream, or from a parked stream being resumed):
 
-1. load, concurrently: each projection's documents, the customers of new orders (prefill), and the batch's
-   streams' `checkpoints` documents (checkpoint version and park);
+1. load, in independent calls (sent together, or one after the other: `parallel_calls`): each projection's
+   documents, the customers of new orders (prefill), and the batch's streams' `checkpoints` documents
+   (checkpoint version and park);
 2. streams already parked: their messages are copied to `parked_events` and acknowledged (they hold no slot);
    a stream with an event that cannot be applied (`planning` names the kinds) parks there, and its later
    events wait the same way; a gap waits (nak with backoff) and parks once it has been offered
@@ -25,10 +26,11 @@ A MongoDB outage raises `PyMongoError` out of `apply`; the caller naks the whole
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from nats.aio.msg import Msg
 from opentelemetry import trace
@@ -79,6 +81,7 @@ UNPARKED_RETRY_SECONDS = 0.05
 VIEW_REFUSED = "MongoDB refused a derived view (customer fan-out, order statistics or sales report)"
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass(slots=True)
@@ -116,6 +119,7 @@ class Pipeline:
         stream_name: str,
         park_after: int,
         max_backoff: float,
+        parallel_calls: bool = True,
     ) -> None:
         self.projections = dict(projections)
         # Documents and views are made durable by the batch's closing write, the journaled checkpoints.
@@ -134,6 +138,9 @@ class Pipeline:
         self._stream_name = stream_name
         self._park_after = park_after
         self._cap = max_backoff
+        # Independent MongoDB calls of a batch (its loads; its views) at once, or one after the other (a server
+        # that works through requests one at a time only pays for their contention: `ProjectorSettings`).
+        self._parallel_calls = parallel_calls
 
     async def ensure_indexes(self) -> None:
         for writer in self.writers.values():
@@ -153,7 +160,7 @@ class Pipeline:
                 chunk = keys[start : start + keys_per_write]
                 refused: set[str] = set()
                 stamps = {k: carried.get(k, 0) for k in chunk}
-                await self._timed(view.name, writer(chunk, stamps, refused, ViewSources()))
+                await self._timed(view.name, writer, chunk, stamps, refused, ViewSources())
                 if refused:
                     raise PyMongoError(f"MongoDB refused view {view.name} of {len(refused)} key(s)")
             total += len(keys)
@@ -226,12 +233,12 @@ class Pipeline:
         # Only calls that go to MongoDB are timed (an empty one would count as a call in the dependency metrics).
         writes: list[Awaitable[None]] = []
         if out.parks:
-            writes.append(self._timed("park", self.parks.park(list(out.parks.values()))))
+            writes.append(self._timed("park", self.parks.park, list(out.parks.values())))
         if copies:
-            writes.append(self._timed("park", self.parks.hold(copies)))
+            writes.append(self._timed("park", self.parks.hold, copies))
         if out.dead_letters:
-            writes.append(self._timed("dead_letters", self.dead_letters.write(out.dead_letters)))
-        await _all(*writes)
+            writes.append(self._timed("dead_letters", self.dead_letters.write, out.dead_letters))
+        await self._together(*writes)
         settled = checkpoints_of(batches.values())
         full = (set(settled) | set(resuming)) - failed_views
         checkpoints = merge_checkpoints(
@@ -260,22 +267,17 @@ class Pipeline:
     async def _load(
         self, batches: dict[str, ProjectionBatch], stream_ids: set[str], resuming: Mapping[str, Park]
     ) -> tuple[dict[str, StreamState], dict[str, CustomerFields]]:
-        """Documents, new orders' customers and the streams' checkpoint states, concurrently."""
+        """Documents, new orders' customers and the streams' checkpoint states (independent calls: `_together`)."""
         new_orders_of = _new_orders_customers(batches.get(ORDERS.stream_type))
         loads = []
         for t, batch in batches.items():
             ids = set(batch.groups) | {s for s, p in resuming.items() if p.stream_type == t}
-            loads.append(self._timed("find", self.writers[t].load(ids)) if ids else _none())
-        results = await asyncio.gather(
-            self._timed("customer_fields", self.views.customer_fields(new_orders_of)) if new_orders_of else _none(),
-            self._timed("checkpoints", self.parks.states(stream_ids)) if stream_ids else _none(),
+            loads.append(self._timed("find", self.writers[t].load, ids) if ids else _none())
+        known, states, *docs = await self._together(
+            self._timed("customer_fields", self.views.customer_fields, new_orders_of) if new_orders_of else _none(),
+            self._timed("checkpoints", self.parks.states, stream_ids) if stream_ids else _none(),
             *loads,
-            return_exceptions=True,
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        known, states, *docs = results
         assert isinstance(known, dict) and isinstance(states, dict)
         for batch, loaded in zip(batches.values(), docs, strict=True):
             assert isinstance(loaded, dict)
@@ -342,7 +344,7 @@ class Pipeline:
         keys = plan_views(batches, (CUSTOMER_ORDER_STATS,), lagging, set(resuming)).keys.get(CUSTOMER_ORDER_STATS.name)
         if not keys:
             return {}
-        return await self._timed("order_stats_read", self.views.read_order_stats(keys))
+        return await self._timed("order_stats_read", self.views.read_order_stats, keys)
 
     async def _write_views(
         self,
@@ -352,30 +354,25 @@ class Pipeline:
         resuming: Mapping[str, Park],
         prior: Mapping[str, StoredStats],
     ) -> set[str]:
-        """Fan-out, order statistics and sales report, concurrently; returns the streams whose views MongoDB
-        refused."""
+        """Fan-out, order statistics and sales report (independent calls: `_together`); returns the streams whose
+        views MongoDB refused."""
         plan = plan_views(batches, VIEWS, lagging, set(resuming))
         refused: dict[str, set[str]] = {view.name: set() for view in VIEWS}
         stored = {stream_type: _stored_docs(batch) for stream_type, batch in batches.items()}
         checkpoints = {sid: state.checkpoint for sid, state in states.items()}
         steps = view_steps(plan, CUSTOMER_ORDER_STATS.name, batches.values(), checkpoints, set(resuming))
-        await _all(
+        await self._together(
             *(
                 self._timed(
                     view.name,
-                    self._view_writers[view.name](
-                        keys,
-                        plan.carried[view.name],
-                        refused[view.name],
-                        ViewSources(
-                            {
-                                sid: doc
-                                for stream_type in view.triggers
-                                for sid, doc in stored.get(stream_type, {}).items()
-                            },
-                            steps if view is CUSTOMER_ORDER_STATS else {},
-                            prior if view is CUSTOMER_ORDER_STATS else {},
-                        ),
+                    self._view_writers[view.name],
+                    keys,
+                    plan.carried[view.name],
+                    refused[view.name],
+                    ViewSources(
+                        {sid: doc for stream_type in view.triggers for sid, doc in stored.get(stream_type, {}).items()},
+                        steps if view is CUSTOMER_ORDER_STATS else {},
+                        prior if view is CUSTOMER_ORDER_STATS else {},
                     ),
                 )
                 for view in VIEWS
@@ -468,9 +465,32 @@ class Pipeline:
             if d.msg is not None:
                 out.nak.append((d.msg, exponential(delivered(d.msg), WRITE_BACKOFF_BASE_SECONDS, self._cap)))
 
-    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+    async def _together(self, *calls: Awaitable[Any]) -> list[Any]:
+        """Runs independent MongoDB calls and returns their results in order: concurrently, waiting for all before
+        raising the first failure; or one after the other, raising the first failure at once (the calls after it
+        are never sent: the batch fails as a whole either way)."""
+        if self._parallel_calls:
+            gathered = await asyncio.gather(*calls, return_exceptions=True)
+            for result in gathered:
+                if isinstance(result, BaseException):
+                    raise result
+            return gathered
+        results: list[Any] = []
+        pending = list(calls)
+        try:
+            while pending:
+                results.append(await pending.pop(0))
+        finally:
+            for call in pending:  # not sent after a failure: closed, without a "never awaited" warning
+                if inspect.iscoroutine(call):
+                    call.close()
+        return results
+
+    async def _timed(self, operation: str, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`call(*args, **kwargs)`, timed as one MongoDB `operation`; called only when this is awaited (so that a
+        call `_together` never sends is closed whole)."""
         async with self._deps.timed("mongodb", operation):
-            return await call
+            return await call(*args, **kwargs)
 
 
 def _bulk_write_span(batch: ProjectionBatch, spans: Mapping[int, Span]) -> Any:
@@ -527,13 +547,6 @@ def _new_orders_customers(orders: ProjectionBatch | None) -> set[str]:
 async def _none() -> dict[str, Any]:
     """What a load of nothing finds (without a call to MongoDB)."""
     return {}
-
-
-async def _all(*calls: Awaitable[Any]) -> None:
-    """Runs independent MongoDB calls concurrently; waits for all, then raises the first failure if any."""
-    for result in await asyncio.gather(*calls, return_exceptions=True):
-        if isinstance(result, BaseException):
-            raise result
 
 
 __all__ = ["BatchOutcome", "Document", "Pipeline", "view_writers"]

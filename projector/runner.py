@@ -148,6 +148,7 @@ class Projector:
             stream_name=s.stream_name,
             park_after=s.projector_park_after_deliveries,
             max_backoff=s.projector_max_backoff_seconds,
+            parallel_calls=s.projector_parallel_mongo_calls,
         )
         self._repairer = Repairer(self._pipeline, self._decoder)
         self._indexes_ready = False

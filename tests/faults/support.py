@@ -45,6 +45,7 @@ from core.order_events import ORDER_STREAM_TYPE
 from core.read_model import CHECKPOINTS_COLLECTION
 from cqrsctl.verify import VerifyConfig, run_verify
 from localservers import (
+    MongoServer,
     NodePorts,
     PostgresServer,
     ServerProcess,
@@ -381,6 +382,9 @@ class FaultStack:
             "CQRS_PROJECTOR_LEASE_SECONDS": "3",
             "CQRS_GRACE_SECONDS": "1",
             "CQRS_LOG_LEVEL": "INFO",
+            # As `make dev` and the benchmarks run it against this server: a batch's calls one after the other (the
+            # in-process pipeline tests send them together, the production default).
+            **MongoServer.CLIENT_ENV,
             **extra,
         }
 

@@ -1,20 +1,28 @@
 """The projector's writes against the real MongoDB-wire server: the facts of one shard of the sales report are
 counted by one update (when some of them were counted already, each of the others is counted once, and none
 twice); a batch asks for the journal once, with its closing checkpoints; the dependency metrics count the calls that
-reach MongoDB, and only those."""
+reach MongoDB, and only those; a batch's calls go one at a time unless it is told to send them together, and the
+read model is the same either way."""
 
 from __future__ import annotations
 
+import gc
+import time
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ServerSelectionTimeoutError
+from pymongo.monitoring import CommandFailedEvent, CommandListener, CommandStartedEvent, CommandSucceededEvent
 
 from core.dependency_metrics import dependency_metrics
 from core.projections.sales import COUNTED_FIELD, SALES_COLLECTION, SHARDS_COLLECTION, shard_of
 from core.read_model import CHECKPOINTS_COLLECTION, CUSTOMERS_COLLECTION, ORDERS_COLLECTION
+from localservers import free_port
 from projector.pipeline import Pipeline
 from projector.planning import decode_recorded
 from projector.sales_views import SalesViews
@@ -125,3 +133,86 @@ async def test_the_dependency_metrics_count_only_the_calls_that_reach_mongodb(mo
     assert counted("checkpoints") == len(checkpoint_reads) + sum(
         1 for name, c in log.commands if name == "update" and c["update"] == CHECKPOINTS_COLLECTION
     )
+
+
+def pipeline_of(database: AsyncDatabase[Doc], *, parallel_calls: bool) -> Pipeline:
+    return Pipeline(
+        database,
+        BY_TYPE,
+        dependency_metrics(CollectorRegistry()),
+        stream_name="",
+        park_after=1,
+        max_backoff=1.0,
+        parallel_calls=parallel_calls,
+    )
+
+
+class InFlight(CommandListener):
+    """The most commands a client had sent and not yet seen answered, at any one time."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.most = 0
+
+    def started(self, event: CommandStartedEvent) -> None:
+        self.now += 1
+        self.most = max(self.most, self.now)
+
+    def succeeded(self, event: CommandSucceededEvent) -> None:
+        self.now -= 1
+
+    def failed(self, event: CommandFailedEvent) -> None:
+        self.now -= 1
+
+
+async def test_a_batch_sends_its_mongodb_calls_one_at_a_time_unless_told_to_send_them_together(
+    mongo_url: str, unique_name: str
+) -> None:
+    """`parallel_calls=False` (`CQRS_PROJECTOR_PARALLEL_MONGO_CALLS`, what the local stand-in server gets): never
+    two calls in flight; True: a batch's loads and views go together. The same batches give the same read model."""
+    models: dict[bool, dict[str, list[Doc]]] = {}
+    recorded = sample_streams()
+    for parallel in (False, True):
+        flight = InFlight()
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_url, tz_aware=True, event_listeners=[flight])
+        database = client[f"{unique_name}_{int(parallel)}"]
+        try:
+            pipeline = pipeline_of(database, parallel_calls=parallel)
+            await pipeline.ensure_indexes()
+            flight.most = 0
+            for start in range(0, len(recorded), 4):
+                assert not (await pipeline.apply(decode_recorded(recorded[start : start + 4], BY_TYPE))).unsettled
+            assert (flight.most > 1) if parallel else (flight.most == 1), (parallel, flight.most)
+            models[parallel] = {
+                name: [doc async for doc in database[name].find({}, {"updated_at": 0}).sort("_id")]
+                for name in (ORDERS_COLLECTION, CUSTOMERS_COLLECTION, SALES_COLLECTION, CHECKPOINTS_COLLECTION)
+            }
+        finally:
+            await client.drop_database(database.name)
+            await client.close()
+    assert models[False] == models[True] and all(models[False].values()), models
+
+
+async def test_one_call_at_a_time_stops_at_the_first_failure_and_sends_nothing_after_it() -> None:
+    """With MongoDB unreachable, a batch whose load makes three calls fails after the first call's timeout, not
+    three of them one after the other, and the calls it never sent are closed, not left un-awaited."""
+    flight = InFlight()
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(
+        f"mongodb://127.0.0.1:{free_port()}/?directConnection=true",
+        serverSelectionTimeoutMS=300,
+        event_listeners=[flight],
+    )
+    pipeline = pipeline_of(client["unreachable"], parallel_calls=False)
+    batch = decode_recorded(sample_streams()[:4], BY_TYPE)  # a new order of a new customer: three loads
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            began = time.monotonic()
+            with pytest.raises(ServerSelectionTimeoutError):
+                await pipeline.apply(batch)
+            elapsed = time.monotonic() - began
+            gc.collect()
+        assert elapsed < 0.6, f"the batch failed after {elapsed:.2f}s: it waited for more than one call"
+        assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
+    finally:
+        await client.close()
