@@ -27,7 +27,7 @@ from core.tracing import extract_context, tracer, tracing_active
 from projector.config import ProjectorSettings
 from projector.metrics import ProjectorMetrics
 from projector.nats_headers import FastHeadersClient
-from projector.pipeline import BatchOutcome
+from projector.settlement import BatchOutcome
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from projector.pipeline import BatchOutcome
+    from projector.settlement import BatchOutcome
 
 log = logging.getLogger("projector.runner")  # the summary line has always been the runner's
 

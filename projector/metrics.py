@@ -17,7 +17,7 @@ from core.stage_metrics import StageMetrics
 from projector.planning import delivered
 
 if TYPE_CHECKING:
-    from projector.pipeline import BatchOutcome
+    from projector.settlement import BatchOutcome
 
 log = logging.getLogger(__name__)
 

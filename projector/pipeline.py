@@ -17,8 +17,8 @@ Per batch (from JetStream, or from a parked stream being resumed):
    their checkpoints stay where they are;
 5. checkpoints, last: a checkpoint at v means every document and view reflects the stream up to v; theirs is the
    batch's one journaled write, which makes the documents and views before it durable too (`projector.journal`);
-6. the settlement: ack applied, duplicates and held copies (once their park is re-read and still there), nak
-   what must be re-evaluated, term dead letters.
+6. the settlement (`projector.settlement`): ack applied, duplicates and held copies (once their park is re-read and
+   still there), nak what must be re-evaluated, term dead letters.
 
 A MongoDB outage raises `PyMongoError` out of `apply`; the caller naks the whole batch.
 """
@@ -29,16 +29,13 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
-from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from core.backoff import exponential
 from core.dependency_metrics import DependencyMetrics
 from core.projections import DerivedView, Document, Projection
 from core.projections.orders import ORDERS
@@ -46,19 +43,16 @@ from core.read_model import ORDER_HISTORY_FIELD
 from core.tracing import tracer
 from projector.checkpoints import CheckpointWriter
 from projector.customer_views import CustomerFields, CustomerViews, StoredStats, ViewSources, ViewWriter
-from projector.dead_letters import DeadLetter, DeadLetterWriter
+from projector.dead_letters import DeadLetterWriter
 from projector.journal import before_closing_write
 from projector.mongo_writer import MongoDocument, ReadModelWriter
-from projector.parking import Park, ParkStore, StreamState, earlier, held_copy, park_of
+from projector.parking import Park, ParkStore, StreamState, held_copy, park_of
 from projector.planning import (
-    GAP,
-    WRITE_FAILED,
     DecodedBatch,
     Delivery,
     Poison,
     ProjectionBatch,
     checkpoints_of,
-    delivered,
     doc_checkpoints,
     fold,
     hold_from_failures,
@@ -70,36 +64,12 @@ from projector.planning import (
 )
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, VIEWS
 from projector.sales_views import SalesViews
+from projector.settlement import UNPARKED_RETRY_SECONDS, VIEW_REFUSED, BatchOutcome, Settlement
 
 log = logging.getLogger(__name__)
 
-GAP_BACKOFF_BASE_SECONDS = 0.25
-CONFLICT_BACKOFF_BASE_SECONDS = 0.05
-WRITE_BACKOFF_BASE_SECONDS = 0.25
-# A held copy whose park vanished meanwhile (a resumption won the race) comes back soon, to be applied normally.
-UNPARKED_RETRY_SECONDS = 0.05
-VIEW_REFUSED = "MongoDB refused a derived view (customer fan-out, order statistics or sales report)"
-
 T = TypeVar("T")
 P = ParamSpec("P")
-
-
-@dataclass(slots=True)
-class BatchOutcome:
-    """How to settle a batch's messages, and what happened, for stats, metrics and resumptions."""
-
-    ack: list[Msg] = field(default_factory=list)
-    nak: list[tuple[Msg, float]] = field(default_factory=list)
-    term: list[Msg] = field(default_factory=list)
-    applied: list[Delivery] = field(default_factory=list)
-    duplicates: int = 0
-    gaps: int = 0
-    conflicts: int = 0
-    held: int = 0
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    parks: dict[str, Park] = field(default_factory=dict)  # parked by this batch
-    unsettled: dict[str, str] = field(default_factory=dict)  # stream -> why some of its events did not apply
-    versions: dict[str, int] = field(default_factory=dict)  # stream -> document version after this batch
 
 
 def view_writers(customers: CustomerViews, sales: SalesViews) -> dict[str, ViewWriter]:
@@ -135,9 +105,7 @@ class Pipeline:
         self.parks = ParkStore(database)
         self.dead_letters = DeadLetterWriter(database)
         self._deps = deps
-        self._stream_name = stream_name
-        self._park_after = park_after
-        self._cap = max_backoff
+        self._settle = Settlement(stream_name=stream_name, park_after=park_after, max_backoff=max_backoff)
         # Independent MongoDB calls of a batch (its loads; its views) at once, or one after the other (a server
         # that works through requests one at a time only pays for their contention: `ProjectorSettings`).
         self._parallel_calls = parallel_calls
@@ -209,16 +177,16 @@ class Pipeline:
         for batch in batches.values():
             for sid in [sid for sid in batch.groups if sid in parked]:
                 hold.setdefault(sid, []).extend(batch.groups.pop(sid))
-        self._failures(decoded, parked, out, hold)
+        self._settle.failures(decoded, parked, out, hold)
 
         for batch in batches.values():
             batch.result = fold(batch.projection, batch.groups, batch.docs)
             for poison in batch.result.poison:
-                self._new_park(out, park_of(poison))
+                self._settle.new_park(out, park_of(poison))
                 hold.setdefault(str(poison.stream_id), []).append(poison)
             for delivery in batch.result.held:
                 hold.setdefault(delivery.recorded.stream_id, []).append(delivery)
-            self._gaps(batch, out, hold)
+            self._settle.gaps(batch, out, hold)
         lagging = _lagging(batches, states)
         prior = await self._read_prior_stats(batches, lagging, resuming) if self.derived_views else {}
         await self._write_documents(batches, known, spans or {})
@@ -227,7 +195,7 @@ class Pipeline:
         )
         for sid in failed_views:
             out.unsettled.setdefault(sid, VIEW_REFUSED)
-        self._settle_written(batches, out, failed_views, states, hold)
+        self._settle.written(batches, out, failed_views, states, hold)
 
         copies = [c for items in hold.values() for item in items if (c := held_copy(item)) is not None]
         # Only calls that go to MongoDB are timed (an empty one would count as a call in the dependency metrics).
@@ -283,45 +251,6 @@ class Pipeline:
             assert isinstance(loaded, dict)
             batch.docs = loaded
         return states, known
-
-    def _failures(
-        self, decoded: DecodedBatch, parked: Mapping[str, Park | None], out: BatchOutcome, hold: dict[str, list[Any]]
-    ) -> None:
-        """Undecodable and not-yet-understood events: park their stream (or dead-letter a stream-less message)."""
-        for failure in decoded.failures:
-            if failure.stream_id is None:
-                if failure.msg is not None:
-                    out.dead_letters.append(DeadLetter.of(failure.msg, failure.reason, self._stream_name))
-                    out.term.append(failure.msg)
-                continue
-            if failure.stream_id not in parked:
-                self._new_park(out, park_of(failure))
-            hold.setdefault(failure.stream_id, []).append(failure)
-
-    def _new_park(self, out: BatchOutcome, park: Park) -> None:
-        current = out.parks.get(park.stream_id)
-        if current is None or earlier(park.version, current.version):
-            out.parks[park.stream_id] = park
-
-    def _gaps(self, batch: ProjectionBatch, out: BatchOutcome, hold: dict[str, list[Any]]) -> None:
-        """A gap is retried with backoff; offered `park_after` times (or met while resuming), it parks."""
-        out.gaps += batch.result.gaps
-        by_stream: dict[str, list[Delivery]] = {}
-        for delivery in batch.result.deferred:
-            by_stream.setdefault(delivery.recorded.stream_id, []).append(delivery)
-        for sid, deliveries in by_stream.items():
-            if any(d.msg is None or delivered(d.msg) >= self._park_after for d in deliveries):
-                missing = batch.result.gap_at.get(sid, min(d.recorded.version for d in deliveries))
-                self._new_park(
-                    out,
-                    Park(sid, batch.projection.stream_type, GAP, f"waiting for version {missing}", missing),
-                )
-                hold.setdefault(sid, []).extend(deliveries)
-                continue
-            out.unsettled.setdefault(sid, "gap")
-            for d in deliveries:
-                assert d.msg is not None
-                out.nak.append((d.msg, exponential(delivered(d.msg), GAP_BACKOFF_BASE_SECONDS, self._cap)))
 
     async def _write_documents(
         self, batches: dict[str, ProjectionBatch], known: dict[str, CustomerFields], spans: Mapping[int, Span]
@@ -385,85 +314,6 @@ class Pipeline:
                 "; ".join(f"{name} of {', '.join(sorted(keys))}" for name, keys in refused.items() if keys),
             )
         return {sid for sid, needs in plan.depends.items() if any(key in refused[name] for name, key in needs)}
-
-    def _settle_written(
-        self,
-        batches: dict[str, ProjectionBatch],
-        out: BatchOutcome,
-        failed_views: set[str],
-        states: Mapping[str, StreamState],
-        hold: dict[str, list[Any]],
-    ) -> None:
-        """Acks and naks of what was folded: applied, duplicates, lost races, refused writes."""
-        for batch in batches.values():
-            stream_type = batch.projection.stream_type
-            for delivery in batch.result.duplicates:
-                self._done(delivery, out, failed_views, states, stream_type, hold, duplicate=True)
-            for doc_id, applied in batch.result.applied.items():
-                if doc_id in batch.outcome.conflicts:
-                    out.conflicts += 1
-                    out.unsettled.setdefault(doc_id, "conflict")
-                    log.info("%s %s changed concurrently; re-evaluating", stream_type, doc_id)
-                    for d in applied:
-                        if d.msg is not None:
-                            delay = exponential(delivered(d.msg), CONFLICT_BACKOFF_BASE_SECONDS, self._cap)
-                            out.nak.append((d.msg, delay))
-                elif doc_id in batch.outcome.failed:
-                    reason = f"writing the document failed: {batch.outcome.failed[doc_id]}"
-                    log.warning("%s %s: %s", stream_type, doc_id, reason)
-                    self._refused(applied, out, reason, stream_type, applied[0].recorded.version, hold)
-                else:
-                    for d in applied:
-                        self._done(d, out, failed_views, states, stream_type, hold, duplicate=False)
-
-    def _done(
-        self,
-        delivery: Delivery,
-        out: BatchOutcome,
-        failed_views: set[str],
-        states: Mapping[str, StreamState],
-        stream_type: str,
-        hold: dict[str, list[Any]],
-        *,
-        duplicate: bool,
-    ) -> None:
-        sid = delivery.recorded.stream_id
-        if sid in failed_views:
-            state = states.get(sid)
-            version = (state.checkpoint if state is not None else 0) + 1
-            self._refused([delivery], out, VIEW_REFUSED, stream_type, version, hold, applied=True)
-            return
-        if duplicate:
-            out.duplicates += 1
-        else:
-            out.applied.append(delivery)
-        if delivery.msg is not None:
-            out.ack.append(delivery.msg)
-
-    def _refused(
-        self,
-        deliveries: list[Delivery],
-        out: BatchOutcome,
-        reason: str,
-        stream_type: str,
-        version: int,
-        hold: dict[str, list[Any]],
-        *,
-        applied: bool = False,
-    ) -> None:
-        """MongoDB refused a write for this stream: retry with backoff; after `park_after` offers, park it."""
-        sid = deliveries[0].recorded.stream_id
-        out.unsettled.setdefault(sid, reason)
-        if any(d.msg is None or delivered(d.msg) >= self._park_after for d in deliveries):
-            self._new_park(out, Park(sid, stream_type, WRITE_FAILED, reason, version))
-            if applied:  # the documents have it; only the views wait: the message itself needs no copy
-                out.ack += [d.msg for d in deliveries if d.msg is not None]
-            else:
-                hold.setdefault(sid, []).extend(deliveries)
-            return
-        for d in deliveries:
-            if d.msg is not None:
-                out.nak.append((d.msg, exponential(delivered(d.msg), WRITE_BACKOFF_BASE_SECONDS, self._cap)))
 
     async def _together(self, *calls: Awaitable[Any]) -> list[Any]:
         """Runs independent MongoDB calls and returns their results in order: concurrently, waiting for all before
@@ -549,4 +399,4 @@ async def _none() -> dict[str, Any]:
     return {}
 
 
-__all__ = ["BatchOutcome", "Document", "Pipeline", "view_writers"]
+__all__ = ["Document", "Pipeline", "view_writers"]

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from core.envelope import RecordedEvent
 from core.projections import Projection
 from projector.parking import HeldEvent, Park
-from projector.pipeline import BatchOutcome, Pipeline
+from projector.pipeline import Pipeline
 from projector.planning import GAP, NEEDS_UPGRADE, POISON, Decoder, Poison, classify, decode_recorded
+from projector.settlement import BatchOutcome
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,9 @@ from cqrsctl.rebuild.generations import FAILED, Generations
 from cqrsctl.rebuild.progress import RebuildProgress
 from cqrsctl.rebuild.reader import Cursor, EventReader
 from projector.mongo_writer import MongoDocument
-from projector.pipeline import BatchOutcome, Pipeline
+from projector.pipeline import Pipeline
 from projector.planning import DecodedBatch, Decoder, decode_recorded
+from projector.settlement import BatchOutcome
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from cqrsctl.rebuild.progress import RebuildMetrics, RebuildProgress, eta_text
 from cqrsctl.rebuild.reader import Cursor
 from cqrsctl.rebuild.shadow import DIFFERS, MISSING_IN_GENERATION, MISSING_IN_LIVE, IgnoredFields, compare_documents
 from projector.parking import Park
-from projector.pipeline import BatchOutcome
 from projector.planning import DecodedBatch
 from projector.registry import registry_versions
+from projector.settlement import BatchOutcome
 
 IGNORE_NOTHING = IgnoredFields((), ("orders", "customers"))
 
