@@ -64,7 +64,7 @@ from projector.planning import (
 )
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, VIEWS
 from projector.sales_views import SalesViews
-from projector.settlement import UNPARKED_RETRY_SECONDS, VIEW_REFUSED, BatchOutcome, Settlement
+from projector.settlement import VIEW_REFUSED, BatchOutcome, Settlement
 
 log = logging.getLogger(__name__)
 
@@ -216,17 +216,7 @@ class Pipeline:
         if checkpoints:
             async with self._deps.timed("mongodb", "checkpoints"):
                 await self.checkpoints.write(checkpoints)
-        still = await self.parks.parked_ids(hold) if hold else set()
-        for sid, items in hold.items():
-            for item in items:
-                if item.msg is None:
-                    continue
-                if sid in still:
-                    out.ack.append(item.msg)
-                    out.held += 1
-                else:  # resumed meanwhile: offer it again, to be applied normally
-                    out.nak.append((item.msg, UNPARKED_RETRY_SECONDS))
-            out.unsettled.setdefault(sid, "waits behind a parked event")
+        self._settle.held(out, hold, await self.parks.parked_ids(hold) if hold else set())
         for batch in batches.values():
             for sid, doc in batch.current_docs().items():
                 out.versions[sid] = stored_version(doc)

@@ -95,6 +95,20 @@ class Settlement:
                 assert d.msg is not None
                 out.nak.append((d.msg, exponential(delivered(d.msg), GAP_BACKOFF_BASE_SECONDS, self._cap)))
 
+    def held(self, out: BatchOutcome, hold: Mapping[str, list[Any]], still_parked: set[str]) -> None:
+        """Messages held behind a park: acked once their copy is stored and the park is still there (re-read after
+        the copies were written); a stream resumed meanwhile gets them offered again, to be applied normally."""
+        for sid, items in hold.items():
+            for item in items:
+                if item.msg is None:
+                    continue
+                if sid in still_parked:
+                    out.ack.append(item.msg)
+                    out.held += 1
+                else:
+                    out.nak.append((item.msg, UNPARKED_RETRY_SECONDS))
+            out.unsettled.setdefault(sid, "waits behind a parked event")
+
     def written(
         self,
         batches: dict[str, ProjectionBatch],
@@ -175,4 +189,4 @@ class Settlement:
                 out.nak.append((d.msg, exponential(delivered(d.msg), WRITE_BACKOFF_BASE_SECONDS, self._cap)))
 
 
-__all__ = ["UNPARKED_RETRY_SECONDS", "VIEW_REFUSED", "BatchOutcome", "Settlement"]
+__all__ = ["VIEW_REFUSED", "BatchOutcome", "Settlement"]
