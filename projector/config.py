@@ -55,6 +55,9 @@ class ProjectorSettings(BaseSettings):
     # How often parked streams are counted (metric) and the self-healing ones (needs_upgrade, gap, write_failed)
     # are tried again from their held copies.
     projector_resume_interval_seconds: float = Field(default=5.0, gt=0)
+    # How often the sales report's shards are swept of the tags their orders' checkpoints cover (a tag goes at
+    # the first sweep 120 s or more after the one that found it covered; `projector.sales_tags`).
+    projector_sales_tag_sweep_seconds: float = Field(default=30.0, gt=0)
     # How often the active read-model generation is checked (a cutover by `cqrs rebuild` moves the projector to
     # the new database within this long) and the projector's writer heartbeat refreshed.
     generation_poll_seconds: float = Field(default=1.0, gt=0)

@@ -159,6 +159,9 @@ class ViewSources:
     # document whose views were complete (`planning.view_steps`); a key left out must be recomputed.
     steps: Mapping[str, Sequence[Step]] = field(default_factory=dict)
     prior: Mapping[str, StoredStats] = field(default_factory=dict)  # the keys' state read before the batch wrote
+    # The streams' checkpoint versions as the batch read them, and when (`time.monotonic()`; None: not a batch).
+    checkpoints: Mapping[str, int] = field(default_factory=dict)
+    loaded_at: float | None = None
 
 
 # A view writer: (keys to recompute, versions the triggering documents already carry, refused keys to record,

@@ -117,6 +117,17 @@ class ProjectorMetrics:
             ["direction"],
             registry=self.registry,
         )
+        self.sales_tags_held = Gauge(
+            "cqrs_projector_sales_tags_held",
+            "Sales facts' tags in the report's shards at the last sweep (the facts in flight; it should not grow with "
+            "the day's sales).",
+            registry=self.registry,
+        )
+        self.sales_tags_forgotten = Counter(
+            "cqrs_projector_sales_tags_forgotten",
+            "Sales facts' tags removed from the shards once their orders' checkpoints covered them.",
+            registry=self.registry,
+        )
         self._exporter: MetricsServer | None = None
 
     def record_outcome(self, outcome: BatchOutcome) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
@@ -170,6 +171,7 @@ class Pipeline:
         stream_ids = decoded.stream_ids() | set(resuming)
         held_by_failure = hold_from_failures(decoded)  # takes them out of the groups
         batches = {t: ProjectionBatch(p, dict(decoded.groups.get(t, {}))) for t, p in self.projections.items()}
+        loaded_at = time.monotonic()
         states, known = await self._load(batches, stream_ids, resuming)
 
         parked = {sid: st.park for sid, st in states.items() if st.park is not None and sid not in resuming}
@@ -191,7 +193,9 @@ class Pipeline:
         prior = await self._read_prior_stats(batches, lagging, resuming) if self.derived_views else {}
         await self._write_documents(batches, known, spans or {})
         failed_views = (
-            await self._write_views(batches, states, lagging, resuming, prior) if self.derived_views else set()
+            await self._write_views(batches, states, lagging, resuming, prior, loaded_at)
+            if self.derived_views
+            else set()
         )
         for sid in failed_views:
             out.unsettled.setdefault(sid, VIEW_REFUSED)
@@ -272,9 +276,10 @@ class Pipeline:
         lagging: set[str],
         resuming: Mapping[str, Park],
         prior: Mapping[str, StoredStats],
+        loaded_at: float,
     ) -> set[str]:
         """Fan-out, order statistics and sales report (independent calls: `_together`); returns the streams whose
-        views MongoDB refused."""
+        views MongoDB refused. `loaded_at`: when the batch read its checkpoints (the sales report counts on them)."""
         plan = plan_views(batches, VIEWS, lagging, set(resuming))
         refused: dict[str, set[str]] = {view.name: set() for view in VIEWS}
         stored = {stream_type: _stored_docs(batch) for stream_type, batch in batches.items()}
@@ -292,6 +297,8 @@ class Pipeline:
                         {sid: doc for stream_type in view.triggers for sid, doc in stored.get(stream_type, {}).items()},
                         steps if view is CUSTOMER_ORDER_STATS else {},
                         prior if view is CUSTOMER_ORDER_STATS else {},
+                        checkpoints,
+                        loaded_at,
                     ),
                 )
                 for view in VIEWS

@@ -50,6 +50,7 @@ from projector.pipeline import Pipeline
 from projector.planning import POISON, SELF_HEALING_KINDS, Decoder, decode_messages, delivered
 from projector.registry import PROJECTIONS, registry_versions
 from projector.repair import Repairer
+from projector.sales_tags import SalesTagSweeper
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ FENCE_WAIT_SECONDS = 0.2
 CONSUME = "consume"
 RESUME_PARKED = "resume-parked"
 CONSUMER_GAUGES = "consumer-gauges"
+SWEEP_SALES_TAGS = "sweep-sales-tags"
 
 
 class Projector:
@@ -92,6 +94,7 @@ class Projector:
         self._mongo: AsyncMongoClient[MongoDocument] | None = None
         self._pipeline: Pipeline | None = None
         self._repairer: Repairer | None = None
+        self._sales_tags: SalesTagSweeper | None = None
         self.supervisor: Supervisor | None = None
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
@@ -151,6 +154,7 @@ class Projector:
             parallel_calls=s.projector_parallel_mongo_calls,
         )
         self._repairer = Repairer(self._pipeline, self._decoder)
+        self._sales_tags = SalesTagSweeper(self._mongo[name])
         self._indexes_ready = False
 
     async def _follow_generation(self) -> None:
@@ -206,6 +210,7 @@ class Projector:
         supervisor.start(CONSUME, self._consume)
         supervisor.start(RESUME_PARKED, self._resume_parked)
         supervisor.start(CONSUMER_GAUGES, self.consumer.refresh_gauges, essential=False)
+        supervisor.start(SWEEP_SALES_TAGS, self._sweep_sales_tags, essential=False)
         await self._on_health_change(supervisor.healthy)
         log.info(
             "projector %s consuming %s (stream %s) into %s (%s)",
@@ -405,6 +410,22 @@ class Projector:
                         self.stats.resumed += 1
             except PyMongoError as exc:
                 log.warning("could not look at the parked streams: %s", short_error(exc))
+        await _until_cancelled()
+
+    async def _sweep_sales_tags(self) -> None:
+        """Forgets the sales facts' tags that no batch can need any more (`projector.sales_tags`)."""
+        while not self._stopping.is_set():
+            await self._sleep(self._settings.projector_sales_tag_sweep_seconds)
+            if self._stopping.is_set() or not self.stats.mongo_available or self._sales_tags is None:
+                continue
+            try:
+                async with self._deps.timed("mongodb", "sales_tags_sweep"):
+                    swept = await self._sales_tags.sweep()
+            except PyMongoError as exc:
+                log.warning("could not sweep the sales report's tags: %s", short_error(exc))
+                continue
+            self.metrics.sales_tags_held.set(swept.held)
+            self.metrics.sales_tags_forgotten.inc(swept.forgotten)
         await _until_cancelled()
 
     async def _probe_mongo(self) -> None:

@@ -3,9 +3,10 @@
 After a batch places or cancels orders (the view's keys are the orders): each of their facts is counted once in
 its day's shard document (an update guarded by the fact's tag: a redelivery, a replay or another replica counts
 nothing twice), then the report documents of the days those facts fall on are rolled up from their shards and
-replaced, guarded by `report_version`. The cost of a batch depends mostly on its own orders and on `SHARDS`, not
-on re-reading the day's orders; but each shard keeps the tags of every fact it counted that day, and the roll-up
-reads all of the day's shards, so a batch still costs more as the day fills (104 KB of shards after 1,600 facts).
+replaced, guarded by `report_version`. The cost of a batch depends on its own orders and on `SHARDS`, not on the
+day's orders: a batch counts only the facts of events above its orders' checkpoints, so a shard needs the tags of
+the facts in flight only, and `projector.sales_tags` forgets the others (before that, every tag of the day stayed
+and a batch cost about 1.2 us of server CPU more per fact of the day: 22 ms after 16,000 facts).
 
 The facts of a batch that fall into one shard are counted by one update guarded by all their tags (`$nin`): one
 write per shard instead of one per order. If any of those tags is there already (a redelivery) the update
@@ -15,8 +16,10 @@ taken from the batch when it holds them (`docs`), else read back.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from pymongo import ASCENDING, IndexModel, ReplaceOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
@@ -42,8 +45,15 @@ from projector.customer_views import ViewSources, ViewWriter, duplicate_indexes,
 from projector.mongo_writer import MongoDocument
 from projector.registry import SALES_REPORT
 
+log = logging.getLogger(__name__)
+
 # (order id, shard id, fact tag, update) of one fact to count.
 Fact = tuple[str, str, str, Document]
+# A batch counts facts only this soon after reading its checkpoints; `projector.sales_tags` keeps a tag at least
+# `MIN_TAG_GRACE_SECONDS` after the checkpoint that covers it was seen, so no batch still counting on an older one
+# can miss it.
+MAX_BATCH_AGE_SECONDS: Final = 60.0
+MIN_TAG_GRACE_SECONDS: Final = 2 * MAX_BATCH_AGE_SECONDS
 
 
 def _index_models(indexes: Iterable[Iterable[tuple[str, int]]]) -> list[IndexModel]:
@@ -64,7 +74,15 @@ class SalesViews:
         async def report(
             keys: Iterable[str], _carried: Mapping[str, int], failed: set[str], sources: ViewSources
         ) -> object:
-            return await self.count(keys, failed, sources.docs)
+            if sources.loaded_at is not None and time.monotonic() - sources.loaded_at > MAX_BATCH_AGE_SECONDS:
+                # Its checkpoints may be older than a tag's lifetime (`projector.sales_tags`): counted on them, a
+                # fact whose tag is forgotten would count twice. Refused: the orders' streams are retried afresh.
+                failed.update(keys)
+                log.warning(
+                    "sales facts not counted: the batch read its checkpoints over %ss ago", MAX_BATCH_AGE_SECONDS
+                )
+                return {}
+            return await self.count(keys, failed, sources.docs, sources.checkpoints)
 
         return {SALES_REPORT.name: report}
 
@@ -74,22 +92,34 @@ class SalesViews:
         await self._reports.create_indexes(_index_models(REPORT_INDEXES))
 
     async def count(
-        self, order_ids: Iterable[str], failed: set[str] | None = None, docs: Mapping[str, Document] | None = None
+        self,
+        order_ids: Iterable[str],
+        failed: set[str] | None = None,
+        docs: Mapping[str, Document] | None = None,
+        checkpoints: Mapping[str, int] | None = None,
     ) -> dict[str, Document]:
         """Counts the facts of these orders that are not counted yet, then rolls up the days they count on;
         returns the report documents written. `failed`: where to record the days whose report MongoDB refused
         (a refused fact raises: the batch is retried whole). `docs`: order documents as the caller just wrote or
-        read them, by id (the others are read)."""
+        read them, by id, with their change logs (the others are read). `checkpoints`: the orders' checkpoint
+        versions as the batch read them; only facts of events above them are counted (absent: every fact)."""
         ids = sorted(set(order_ids))
         if not ids:
             return {}
         docs = docs or {}
+        above = checkpoints or {}
         orders = {order_id: docs[order_id] for order_id in ids if order_id in docs}
         missing = [order_id for order_id in ids if order_id not in orders]
         if missing:
-            cursor = self._orders.find({"_id": {"$in": missing}}, {ORDER_HISTORY_FIELD: 0})
+            # The change log dates each fact; it is needed only above a checkpoint.
+            needed = None if any(above.get(order_id, 0) > 0 for order_id in missing) else {ORDER_HISTORY_FIELD: 0}
+            cursor = self._orders.find({"_id": {"$in": missing}}, needed)
             orders.update({str(doc["_id"]): doc async for doc in cursor})
-        facts = [(order_id, *fact) for order_id, order in orders.items() for fact in fact_updates(order_id, order)]
+        facts = [
+            (order_id, *fact)
+            for order_id, order in orders.items()
+            for fact in fact_updates(order_id, order, above.get(order_id, 0))
+        ]
         await self._count(facts)
         return await self.roll_up({key for order in orders.values() for key in keys_of_order(order)}, failed)
 

@@ -26,11 +26,14 @@ How it is kept, idempotently and at a cost that does not grow with the day's sal
 one of `SHARDS` *shard* documents of its day and currency (collection `sales_shards`, the shard chosen by the order
 id), by a single-document update that adds the fact's figures and records the fact's tag (`<order id>:<kind>`) in
 the shard's `counted` list, guarded by the tag not being there yet (`fact_update`). A redelivered batch, a replay
-or a concurrent replica finds the tag and changes nothing. The report document of a day and currency is then
-rolled up from its shards (`shard_rows` folded by `sales_documents`) and replaced, guarded by `report_version`:
-the number of facts (placements plus cancellations) it summarises, which only grows, so a roll-up from an older
-snapshot, by a replica that lost a race, never replaces a fuller report. A rebuild counts the same facts and
-writes the same documents.
+or a concurrent replica finds the tag and changes nothing. A batch counts only the facts of events above its
+order's checkpoint (`fact_updates(above=...)`): the facts at or below it were counted before the checkpoint got
+there. So a tag is needed only until its order's checkpoint covers it, and `projector.sales_tags` forgets it after
+that: the `counted` lists hold the facts in flight, not every fact of the day. The report document of a day and
+currency is then rolled up from its shards (`shard_rows` folded by `sales_documents`) and replaced, guarded by
+`report_version`: the number of facts (placements plus cancellations) it summarises, which only grows, so a
+roll-up from an older snapshot, by a replica that lost a race, never replaces a fuller report. A rebuild counts
+the same facts and writes the same documents.
 
 `cqrs verify` builds the same rows from the orders it folds from PostgreSQL (`order_rows`, `SalesRowGroups`) and
 folds them with the same `sales_documents`: one fold, two sources of rows.
@@ -44,6 +47,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final, NamedTuple
 
 from core.projections import Document
+from core.read_model import ORDER_HISTORY_FIELD
 
 SALES_COLLECTION: Final = "sales_daily"
 SHARDS_COLLECTION: Final = "sales_shards"
@@ -55,6 +59,8 @@ PLACED: Final = "placed"
 CANCELLED: Final = "cancelled"
 KINDS: Final = (PLACED, CANCELLED)
 REPORT_VERSION_FIELD: Final = "report_version"
+# The event behind each kind of fact (its version, in the order's change log, is the fact's).
+_FACT_EVENTS: Final = {"OrderPlaced": PLACED, "OrderCancelled": CANCELLED}
 
 # The query service reads days by range; the roll-up reads the shards of a day.
 REPORT_INDEXES: Final[tuple[tuple[tuple[str, int], ...], ...]] = ((("day", 1), ("currency", 1)),)
@@ -151,17 +157,32 @@ def _sku_field(sku: str) -> str:
     return "x" + sku.encode().hex()
 
 
-def fact_updates(order_id: str, order: Mapping[str, Any]) -> list[tuple[str, str, Document]]:
-    """(shard id, fact tag, update) of each fact of an order document: the update adds the fact's figures to the
-    shard and records its tag; applied with the filter `{_id: shard id, counted: {$ne: tag}}` (pure)."""
+def fact_versions(order: Mapping[str, Any]) -> dict[str, int]:
+    """The version of the event behind each kind of fact, from the order's change log (pure)."""
+    versions: dict[str, int] = {}
+    for entry in order.get(ORDER_HISTORY_FIELD) or ():
+        kind = _FACT_EVENTS.get(str(entry.get("event_type")))
+        if kind is not None:
+            versions.setdefault(kind, int(entry.get("version") or 0))
+    return versions
+
+
+def fact_updates(order_id: str, order: Mapping[str, Any], above: int = 0) -> list[tuple[str, str, Document]]:
+    """(shard id, fact tag, update) of each fact of an order document whose event's version is above `above` (its
+    checkpoint: the facts at or below it are counted already); the update adds the fact's figures to the shard and
+    records its tag; applied with the filter `{_id: shard id, counted: {$ne: tag}}` (pure). A fact whose event the
+    change log does not show (a document without one) counts whatever `above` says, guarded by its tag alone."""
     currency = str(order.get("currency") or "")
     lines: dict[str, list[int]] = {}
     for line in order.get("lines") or ():
         sums = lines.setdefault(str(line["sku"]), [0, 0])
         sums[0] += int(line["quantity"])
         sums[1] += int(line["line_total_minor"])
+    versions = fact_versions(order) if above > 0 else {}
     updates: list[tuple[str, str, Document]] = []
     for kind, day in facts_of(order):
+        if versions.get(kind, above + 1) <= above:
+            continue
         key = SalesKey(day, currency)
         tag = f"{order_id}:{kind}"
         increments: dict[str, int] = {f"{kind}_orders": 1, f"{kind}_revenue_minor": int(order.get("total_minor") or 0)}
@@ -174,6 +195,11 @@ def fact_updates(order_id: str, order: Mapping[str, Any]) -> list[tuple[str, str
         update = {"$inc": increments, "$set": names, "$push": {COUNTED_FIELD: tag}}
         updates.append((shard_id(key, shard_of(order_id)), tag, update))
     return updates
+
+
+def order_of_tag(tag: str) -> str:
+    """The order id of a fact tag (`<order id>:<kind>`)."""
+    return tag.rpartition(":")[0]
 
 
 def shard_rows(shard: Mapping[str, Any]) -> list[Row]:

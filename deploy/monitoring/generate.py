@@ -308,6 +308,14 @@ ROWS = [
                 [Target("max by (kind) (cqrs_projector_parked_streams)", "{{kind}}")],
             ),
             Panel(
+                "Sales facts in flight",
+                "Tags of sales facts in the report's shards at each projector's last sweep: the facts whose orders' "
+                "checkpoints are not past them yet, or were passed less than about two minutes ago. Level through the "
+                "day; a steady climb means orders stuck behind their checkpoints (parked streams) or a sweep failing "
+                "(the projector's log says so).",
+                [Target("max(cqrs_projector_sales_tags_held)", "tags held")],
+            ),
+            Panel(
                 "Dependencies up",
                 "1 while the process's probe of its store answers: PostgreSQL from each command_service, MongoDB "
                 "from each projector (lowest replica shown).",
@@ -315,6 +323,7 @@ ROWS = [
                     Target("min(cqrs_postgres_up)", "PostgreSQL (command_service)"),
                     Target("min(cqrs_projector_mongo_up)", "MongoDB (projector)"),
                 ],
+                width=8,
             ),
             Panel(
                 "Dependency errors per second",
@@ -326,6 +335,7 @@ ROWS = [
                     )
                 ],
                 unit="ops",
+                width=8,
             ),
             Panel(
                 "Dependency call latency p99",
@@ -338,6 +348,7 @@ ROWS = [
                     )
                 ],
                 unit="s",
+                width=8,
             ),
         ],
     ),

@@ -611,3 +611,24 @@ async def test_a_batch_that_fails_after_its_writes_is_redelivered_and_completed_
     await harness.settled("the failed batch redelivered and acknowledged")
     checkpoint = await harness.db["checkpoints"].find_one({"_id": order.order_id})
     assert checkpoint is not None and checkpoint["version"] == 2
+
+
+async def test_a_running_projector_sweeps_the_sales_reports_tags_of_the_database_it_writes(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    """The sweep loop runs on the projector's own database and reports what it finds (the forgetting itself, which
+    waits 120 s, is `tests/integration/test_sales_tags.py`'s)."""
+    harness = await harness_factory()
+    projector = await harness.start_projector(projector_sales_tag_sweep_seconds=0.2)
+    order = Stream(new_order_id())
+    await harness.emit(order, OrderCreated(order.order_id, "cust-7", "EUR", ADDRESS))
+    await harness.emit(order, OrderItemAdded("SKU-A", "Anvil", 2, 1999))
+    await harness.emit(order, OrderPlaced())
+    await harness.order_at(order.order_id, 3)
+    registry = projector.metrics.registry
+
+    async def held() -> bool:
+        return registry.get_sample_value("cqrs_projector_sales_tags_held") == 1
+
+    await eventually(held, what="a sweep to find the placement's tag")
+    assert (registry.get_sample_value("cqrs_projector_sales_tags_forgotten_total") or 0) == 0  # within its grace

@@ -42,8 +42,10 @@ from core.projections.sales import (
     SalesRowGroups,
     average_minor,
     fact_updates,
+    fact_versions,
     facts_of,
     keys_of_order,
+    order_of_tag,
     order_rows,
     parse_key,
     rows_from_orders,
@@ -349,6 +351,28 @@ def test_each_fact_is_one_guarded_update_of_one_shard_and_the_shards_fold_into_t
     folded = sales_documents([row for shard in shards.values() for row in shard_rows(shard)])
     assert folded == sales_documents(rows_from_orders([doc]))
     assert 0 <= shard_of(order_id) < SHARDS and shard_of(order_id) == shard_of(str(order_id))
+
+
+def test_a_batch_counts_only_the_facts_of_events_above_the_checkpoint_it_read() -> None:
+    """Facts at or below an order's checkpoint were counted before it got there: counting them again would need
+    their tags forever (`projector.sales_tags` forgets them)."""
+    events = order_events("EUR", [("ANVIL", 1, 500)], placed_at=D1, cancelled_at=D2)
+    order_id, doc = events[0].stream_id, order_doc(events)
+    placed_v, cancelled_v = (e.version for e in events if e.event_type in ("OrderPlaced", "OrderCancelled"))
+    assert fact_versions(doc) == {PLACED: placed_v, CANCELLED: cancelled_v}
+
+    def tags(above: int) -> list[str]:
+        return [tag.rpartition(":")[2] for _, tag, _ in fact_updates(order_id, doc, above)]
+
+    assert tags(0) == tags(placed_v - 1) == [PLACED, CANCELLED]
+    assert tags(placed_v) == tags(cancelled_v - 1) == [CANCELLED]
+    assert tags(cancelled_v) == tags(cancelled_v + 5) == []
+    # A document without its change log cannot date its facts: they are all counted, each guarded by its tag.
+    assert [t for _, t, _ in fact_updates(order_id, {**doc, "history": []}, cancelled_v)] == [
+        f"{order_id}:{PLACED}",
+        f"{order_id}:{CANCELLED}",
+    ]
+    assert order_of_tag(f"{order_id}:{PLACED}") == order_id
 
 
 # ---- GetSalesReport: request checks and response ---------------------------------------------------------------
