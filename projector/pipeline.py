@@ -64,6 +64,7 @@ from projector.planning import (
     view_steps,
 )
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, VIEWS
+from projector.sales_tags import SalesTagSweeper
 from projector.sales_views import SalesViews
 from projector.settlement import VIEW_REFUSED, BatchOutcome, Settlement
 
@@ -104,6 +105,7 @@ class Pipeline:
         # end (a rebuild, which no one reads until it is complete: each batch would recompute the same keys).
         self.derived_views = True
         self.parks = ParkStore(database)
+        self.sales_tags = SalesTagSweeper(database)  # swept by the runner's loop, not by batches
         self.dead_letters = DeadLetterWriter(database)
         self._deps = deps
         self._settle = Settlement(stream_name=stream_name, park_after=park_after, max_backoff=max_backoff)

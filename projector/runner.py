@@ -50,7 +50,6 @@ from projector.pipeline import Pipeline
 from projector.planning import POISON, SELF_HEALING_KINDS, Decoder, decode_messages, delivered
 from projector.registry import PROJECTIONS, registry_versions
 from projector.repair import Repairer
-from projector.sales_tags import SalesTagSweeper
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,6 @@ class Projector:
         self._mongo: AsyncMongoClient[MongoDocument] | None = None
         self._pipeline: Pipeline | None = None
         self._repairer: Repairer | None = None
-        self._sales_tags: SalesTagSweeper | None = None
         self.supervisor: Supervisor | None = None
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
@@ -154,7 +152,6 @@ class Projector:
             parallel_calls=s.projector_parallel_mongo_calls,
         )
         self._repairer = Repairer(self._pipeline, self._decoder)
-        self._sales_tags = SalesTagSweeper(self._mongo[name])
         self._indexes_ready = False
 
     async def _follow_generation(self) -> None:
@@ -416,11 +413,12 @@ class Projector:
         """Forgets the sales facts' tags that no batch can need any more (`projector.sales_tags`)."""
         while not self._stopping.is_set():
             await self._sleep(self._settings.projector_sales_tag_sweep_seconds)
-            if self._stopping.is_set() or not self.stats.mongo_available or self._sales_tags is None:
+            if self._stopping.is_set() or not self.stats.mongo_available:
                 continue
+            assert self._pipeline is not None
             try:
                 async with self._deps.timed("mongodb", "sales_tags_sweep"):
-                    swept = await self._sales_tags.sweep()
+                    swept = await self._pipeline.sales_tags.sweep()
             except PyMongoError as exc:
                 log.warning("could not sweep the sales report's tags: %s", short_error(exc))
                 continue

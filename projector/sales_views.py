@@ -6,7 +6,7 @@ nothing twice), then the report documents of the days those facts fall on are ro
 replaced, guarded by `report_version`. The cost of a batch depends on its own orders and on `SHARDS`, not on the
 day's orders: a batch counts only the facts of events above its orders' checkpoints, so a shard needs the tags of
 the facts in flight only, and `projector.sales_tags` forgets the others (before that, every tag of the day stayed
-and a batch cost about 1.2 us of server CPU more per fact of the day: 22 ms after 16,000 facts).
+and a batch cost about 1 us of server CPU more per fact of the day: 22 to 26 ms after 16,000 facts).
 
 The facts of a batch that fall into one shard are counted by one update guarded by all their tags (`$nin`): one
 write per shard instead of one per order. If any of those tags is there already (a redelivery) the update
