@@ -120,7 +120,7 @@ class ProjectorMetrics:
         self.sales_tags_held = Gauge(
             "cqrs_projector_sales_tags_held",
             "Sales facts' tags in the report's shards at the last sweep (the facts in flight; it should not grow with "
-            "the day's sales).",
+            "the day's sales); 0 on a replica that does not sweep (only the owner of partition 0 does).",
             registry=self.registry,
         )
         self.sales_tags_forgotten = Counter(

@@ -413,6 +413,9 @@ class Projector:
         """Forgets the sales facts' tags that no batch can need any more (`projector.sales_tags`)."""
         while not self._stopping.is_set():
             await self._sleep(self._settings.projector_sales_tag_sweep_seconds)
+            if not self._sweeps_sales_tags():
+                self.metrics.sales_tags_held.set(0)  # the sweeping replica reports them (dashboards take the max)
+                continue
             if self._stopping.is_set() or not self.stats.mongo_available:
                 continue
             assert self._pipeline is not None
@@ -425,6 +428,15 @@ class Projector:
             self.metrics.sales_tags_held.set(swept.held)
             self.metrics.sales_tags_forgotten.inc(swept.forgotten)
         await _until_cancelled()
+
+    def _sweeps_sales_tags(self) -> bool:
+        """Whether this replica sweeps: the owner of partition 0 (which also consumes the strays), so that N replicas
+        do not each read every shard and look every tag up; every replica of a stream without partitions. A sweeper
+        that takes the sweeping over starts with no tag found covered, so it waits the whole grace again: later, never
+        sooner."""
+        if not self.consumer.partitions:
+            return True
+        return self.owner is not None and 0 in self.owner.owned
 
     async def _probe_mongo(self) -> None:
         """Creates the indexes (the first time) or pings; raises the driver's error while MongoDB is down."""

@@ -632,3 +632,43 @@ async def test_a_running_projector_sweeps_the_sales_reports_tags_of_the_database
 
     await eventually(held, what="a sweep to find the placement's tag")
     assert (registry.get_sample_value("cqrs_projector_sales_tags_forgotten_total") or 0) == 0  # within its grace
+
+
+async def test_of_several_replicas_only_the_owner_of_partition_0_sweeps_the_sales_tags(
+    harness_factory: Callable[..., Awaitable[Harness]],
+) -> None:
+    """Each sweep reads every shard and looks new tags up: with N replicas sweeping, the server would do it N times.
+    Fails if a replica that does not own partition 0 sweeps."""
+    harness = await harness_factory()
+    fast = {"projector_sales_tag_sweep_seconds": 0.1, "projector_lease_seconds": 3.0}
+    replicas = [await harness.start_projector(**fast), await harness.start_projector(**fast)]
+
+    def owned(replica: Projector) -> list[int]:
+        return [] if replica.owner is None else replica.owner.owned
+
+    async def shared() -> bool:
+        return sorted(len(owned(r)) for r in replicas) == [4, 4]
+
+    await eventually(shared, timeout=30, what="the two replicas to own four partitions each")
+    [sweeper] = [r for r in replicas if 0 in owned(r)]
+    [other] = [r for r in replicas if r is not sweeper]
+
+    def sweeps(replica: Projector) -> float:
+        labels = {"dependency": "mongodb", "operation": "sales_tags_sweep"}
+        return replica.metrics.registry.get_sample_value("cqrs_dependency_call_seconds_count", labels) or 0
+
+    other_before, sweeper_before = sweeps(other), sweeps(sweeper)
+    order = Stream(new_order_id())
+    await harness.emit(order, OrderCreated(order.order_id, "cust-7", "EUR", ADDRESS))
+    await harness.emit(order, OrderItemAdded("SKU-A", "Anvil", 2, 1999))
+    await harness.emit(order, OrderPlaced())
+    await harness.order_at(order.order_id, 3)
+
+    async def swept() -> bool:
+        held = sweeper.metrics.registry.get_sample_value("cqrs_projector_sales_tags_held")
+        return held == 1 and sweeps(sweeper) >= sweeper_before + 3
+
+    await eventually(swept, what="the owner of partition 0 to sweep three times and find the placement's tag")
+    assert 0 in owned(sweeper), "partition 0 moved during the test"
+    assert sweeps(other) == other_before, "a replica without partition 0 swept"
+    assert other.metrics.registry.get_sample_value("cqrs_projector_sales_tags_held") == 0
