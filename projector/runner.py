@@ -431,9 +431,9 @@ class Projector:
 
     def _sweeps_sales_tags(self) -> bool:
         """Whether this replica sweeps: the owner of partition 0 (which also consumes the strays), so that N replicas
-        do not each read every shard and look every tag up; every replica of a stream without partitions. A sweeper
-        that takes the sweeping over starts with no tag found covered, so it waits the whole grace again: later, never
-        sooner."""
+        do not each read every shard and look every tag up; every replica of a stream without partitions. A replica
+        that takes the sweeping over starts with no tag found covered, so it waits the whole grace again: later,
+        never sooner."""
         if not self.consumer.partitions:
             return True
         return self.owner is not None and 0 in self.owner.owned
