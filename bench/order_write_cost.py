@@ -32,10 +32,7 @@ import bson
 from pymongo import AsyncMongoClient
 
 from bench.cpu import window
-from bench.view_growth import ADDRESS
-from core.envelope import EventMetadata, RecordedEvent
-from core.events import Event
-from core.order_events import OrderCreated, OrderItemAdded, OrderPlaced
+from bench.view_growth import placed_order
 from core.projections import Document
 from core.projections.orders import HISTORY_FIELD, ORDERS
 from localservers import MongoServer, free_port
@@ -47,20 +44,8 @@ VARIANTS = (("as in production", True, True), ("no secondary index", False, True
 
 def order_document(order_id: str, events: int) -> Document:
     """An order folded from `events` real events (create, items, place), change log included."""
-    stream: list[Event] = [OrderCreated(order_id, str(uuid.uuid4()), "EUR", ADDRESS)]
-    stream += [OrderItemAdded(f"SKU-{i}", "Anvil", 2, 1999) for i in range(events - 2)]
-    stream.append(OrderPlaced())
-    doc: Document | None = None
-    for version, event in enumerate(stream, 1):
-        recorded = RecordedEvent(
-            event_id=uuid.uuid4(), stream_type=ORDERS.stream_type, stream_id=order_id, version=version,
-            event_type=event.event_type, schema_version=event.schema_version, payload=event.to_payload(),
-            metadata=EventMetadata(f"req-{uuid.uuid4().hex[:8]}", "bench", "bench"), position=version,
-            recorded_at=datetime.now(UTC),
-        )  # fmt: skip
-        doc = ORDERS.project(doc, recorded, event)
-    assert doc is not None
-    return doc
+    items = [(f"SKU-{i}", "Anvil", 2, 1999) for i in range(events - 2)]
+    return placed_order(order_id, str(uuid.uuid4()), datetime.now(UTC), items)
 
 
 def next_version(doc: Document) -> Document:

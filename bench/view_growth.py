@@ -29,9 +29,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 import bson
 from pymongo import AsyncMongoClient
@@ -55,12 +56,17 @@ BATCH = 3  # placements per measured sales batch (the size of a live batch)
 SEED_BATCH = 100
 
 
-def placed_order(order_id: str, customer_id: str, at: datetime) -> Document:
-    """An order document as the projector writes it after create, two items and place (change log included)."""
+# The items of the measured orders: (sku, name, quantity, unit price in cents).
+ITEMS: Final = (("SKU-1", "Anvil", 2, 1999), ("SKU-2", "Bell", 1, 500))
+
+
+def placed_order(
+    order_id: str, customer_id: str, at: datetime, items: Sequence[tuple[str, str, int, int]] = ITEMS
+) -> Document:
+    """An order document as the projector writes it after create, `items` and place (change log included)."""
     events: list[Event] = [
         OrderCreated(order_id, customer_id, "EUR", ADDRESS),
-        OrderItemAdded("SKU-1", "Anvil", 2, 1999),
-        OrderItemAdded("SKU-2", "Bell", 1, 500),
+        *(OrderItemAdded(*item) for item in items),
         OrderPlaced(),
     ]
     doc: Document | None = None
