@@ -122,11 +122,13 @@ async def test_relay_publishes_every_event_once_in_per_stream_order_then_empties
         await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the outbox to drain")
         assert registry.get_sample_value("cqrs_relay_active") == 1  # it holds the lease (alerting counts these)
     assert registry.get_sample_value("cqrs_relay_active") == 0  # stopped: it no longer relays
+    # Not `outbox_delete`: with commits this close together every batch's delete can ride on the next read (the
+    # last one's too, when a commit's NOTIFY arrives after the read that already took its rows), so the relay may
+    # never delete on its own here; the test of the delete below times that one.
     for dependency, operation in (
         ("postgres", "append"),
         ("postgres", "outbox_fetch"),
         ("nats", "publish_batch"),
-        ("postgres", "outbox_delete"),
     ):
         labels = {"dependency": dependency, "operation": operation}
         assert (registry.get_sample_value("cqrs_dependency_call_seconds_count", labels) or 0) >= 1, labels
