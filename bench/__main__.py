@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import json
 import os
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -133,6 +134,30 @@ class Bench:
             self.stack.mongo.url, s, 200, CONCURRENCY, {"mongo": servers["mongo"]})))  # fmt: skip
 
     def _echo(self, seconds: float) -> dict[str, Any]:
+        with self._echo_server() as (address, pid):
+            # The server's CPU over the whole client run (its idle time while the clients start is negligible);
+            # the clients measure their own, over their calls only.
+            return self._echo_run(pid, lambda: echo.run_echo_load(address, self.workers, CONCURRENCY, seconds))
+
+    def _echo_at_rates(self) -> dict[str, Any]:
+        """The echo server at the rates the services were measured at (open loop): per-RPC CPU of a grpc.aio
+        server depends on its load, so these are the like-for-like baselines of the services' CPU per operation."""
+        rates: dict[str, float | None] = {
+            "commands": ((self.figures.get("commands") or {}).get("best") or {}).get("achieved"),
+            "queries": (self.figures.get("queries") or {}).get("qps"),
+        }
+        result: dict[str, Any] = {}
+        with self._echo_server() as (address, pid):
+            for name, rate in rates.items():
+                if rate:
+                    run = functools.partial(echo.run_echo_rate, address, self.workers, rate, self.seconds)
+                    result[name] = self._echo_run(pid, run)
+        if not result:
+            raise RuntimeError("neither the sustained command rate nor the query rate was measured")
+        return result
+
+    @contextlib.contextmanager
+    def _echo_server(self) -> Iterator[tuple[str, int]]:
         port = free_port()
         address = f"127.0.0.1:{port}"
         log = self.workdir / "echo.log"
@@ -141,15 +166,18 @@ class Bench:
             server.start(os.environ)
             server.wait_ready(30)
             assert server.pid is not None
-            # The server's CPU over the whole client run (its idle time while the clients start is negligible);
-            # the clients measure their own, over their calls only.
-            with cpu.window({cpu.ECHO_SERVER: (server.pid,)}, client=False) as spent:
-                result: dict[str, Any] = dict(echo.run_echo_load(address, self.workers, CONCURRENCY, seconds))
-            spent.cpu_s[cpu.CLIENT] = result.pop("client_cpu_s")
-            result["cpu"] = spent.figures(int(result["requests"]), "RPCs")
-            return result
+            yield address, server.pid
         finally:
             server.stop(timeout=10)
+
+    @staticmethod
+    def _echo_run(pid: int, run: Callable[[], dict[str, float]]) -> dict[str, Any]:
+        """One echo client run, with the server's CPU (and the clients' own) per RPC."""
+        with cpu.window({cpu.ECHO_SERVER: (pid,)}, client=False) as spent:
+            result: dict[str, Any] = dict(run())
+        spent.cpu_s[cpu.CLIENT] = result.pop("client_cpu_s")
+        result["cpu"] = spent.figures(int(result["requests"]), "RPCs")
+        return result
 
     def peers(self) -> None:
         s = self.seconds
@@ -192,6 +220,8 @@ class Bench:
             self.measure(
                 "queries", f"query QPS (closed loop, {CONCURRENCY} callers, get/list)", lambda: self._queries(addr)
             )
+            self.measure("echo_at_rates", "gRPC echo, open loop at the sustained command rate and the query rate",
+                         self._echo_at_rates)  # fmt: skip
         with scaleout.projector_stopped(self.stack):  # last: each run consumes the whole stream written so far
             self.measure(
                 "scaleout_projector",

@@ -122,6 +122,10 @@ def measurements(figures: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any
     ttq_rate = _dig(figures, "ttq", "rate")
     return [
         ("gRPC echo (per RPC)", _dig(figures, "echo", "cpu")),
+        *(
+            (f"gRPC echo, open loop{_echo_rate(figures, step)} (per RPC)", _dig(figures, "echo_at_rates", step, "cpu"))
+            for step in ("commands", "queries")
+        ),
         ("raw single-row commits (per commit)", _dig(figures, "pg_single", "cpu")),
         ("raw JetStream publishes (per message)", _dig(figures, "nats", "cpu")),
         ("raw MongoDB bulk upserts (per upsert)", _dig(figures, "mongo", "cpu_upsert")),
@@ -135,6 +139,12 @@ def measurements(figures: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any
         ("system: projector catch-up (per event)", _dig(figures, "projector", "cpu")),
         ("system: queries, closed loop (per query)", _dig(figures, "queries", "cpu")),
     ]
+
+
+def _echo_rate(figures: Mapping[str, Any], step: str) -> str:
+    """ " at N req/s": the rate of the echo run matched to `step` (commands, queries), or nothing."""
+    rate = _dig(figures, "echo_at_rates", step, "qps")
+    return f" at {rate:,.0f} req/s" if rate else ""
 
 
 def render_table(figures: Mapping[str, Any]) -> str:
@@ -173,6 +183,9 @@ def cost_rows(figures: Mapping[str, Any]) -> list[Row]:
     projector = _dig(figures, "projector", "cpu")
     queries = _dig(figures, "queries", "cpu")
     echo_server = cost(echo, ECHO_SERVER)
+    # The echo server at the rate each service step ran at: the like-for-like baseline (see bench.echo).
+    echo_at_commands = cost(_dig(figures, "echo_at_rates", "commands", "cpu"), ECHO_SERVER)
+    echo_at_queries = cost(_dig(figures, "echo_at_rates", "queries", "cpu"), ECHO_SERVER)
     upsert_client = cost(upserts, CLIENT)
     s, u = SECTION, UNIT
 
@@ -184,6 +197,10 @@ def cost_rows(figures: Mapping[str, Any]) -> list[Row]:
         cost_row(s, "gRPC echo server CPU per 1,000 RPCs (the echo run above)", echo_server, u,
                  note=note(echo, "RPCs")),
         cost_row(s, "gRPC echo client CPU per 1,000 RPCs", cost(echo, CLIENT), u),
+        cost_row(s, f"gRPC echo server CPU per 1,000 RPCs, open loop{_echo_rate(figures, 'commands')} (the "
+                 "sustained command rate)", echo_at_commands, u),
+        cost_row(s, f"gRPC echo server CPU per 1,000 RPCs, open loop{_echo_rate(figures, 'queries')} (the query "
+                 "rate)", echo_at_queries, u),
         cost_row(s, "raw bulk-upsert client CPU per 1,000 upserts", upsert_client, u,
                  note=note(upserts, "upserts")),
         cost_row(s, "MongoDB-wire server CPU per 1,000 raw bulk upserts", cost(upserts, "mongo"), u),
@@ -193,11 +210,16 @@ def cost_rows(figures: Mapping[str, Any]) -> list[Row]:
         cost_row(s, "nats-server CPU per 1,000 raw publishes", cost(publishes, "nats"), u),
         cost_row(s, f"command_service CPU per 1,000 commands{at}", cost(commands, "command_service"), u,
                  "echo server", echo_server, u, at_most=COMMAND_VS_ECHO, note=note(commands, "commands")),
+        cost_row(s, f"command_service CPU per 1,000 commands{at}, beside the echo server at that rate",
+                 cost(commands, "command_service"), u, "echo at that rate", echo_at_commands, u,
+                 at_most=COMMAND_VS_ECHO),
         cost_row(s, "projector CPU per 1,000 events (catch-up)", cost(projector, "projector"), u,
                  "bulk-upsert client", upsert_client, u, at_most=PROJECTOR_VS_UPSERT, note=note(projector, "events")),
         cost_row(s, "query_service CPU per 1,000 queries (closed loop, probes included)",
                  cost(queries, "query_service"), u, "echo server", echo_server, u, at_most=QUERY_VS_ECHO,
                  note=note(queries, "queries")),
+        cost_row(s, "query_service CPU per 1,000 queries, beside the echo server at the query rate",
+                 cost(queries, "query_service"), u, "echo at that rate", echo_at_queries, u, at_most=QUERY_VS_ECHO),
         cost_row(s, f"PostgreSQL CPU per 1,000 commands{at}", cost(commands, "postgres"), u,
                  "per raw commit", cost(commits, "postgres"), u),
         cost_row(s, f"nats-server CPU per 1,000 commands{at}", cost(commands, "nats"), u,

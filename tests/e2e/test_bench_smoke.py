@@ -32,12 +32,17 @@ ROWS = [
     "our EventStore.append vs raw single-row commits",
     # CPU cost per 1,000 operations: the same-run baselines, then each process beside its baseline.
     "gRPC echo server CPU per 1,000 RPCs",
+    "gRPC echo server CPU per 1,000 RPCs, open loop at",  # at the sustained command rate, then the query rate
+    "(the sustained command rate)",
+    "(the query rate)",
     "raw bulk-upsert client CPU per 1,000 upserts",
     "raw commit loop client CPU per 1,000 commits",
     "PostgreSQL CPU per 1,000 raw commits",
     "command_service CPU per 1,000 commands",
+    "beside the echo server at that rate",
     "projector CPU per 1,000 events",
     "query_service CPU per 1,000 queries",
+    "beside the echo server at the query rate",
     "PostgreSQL CPU per 1,000 commands",
     "nats-server CPU per 1,000 commands",
     "MongoDB-wire server CPU per 1,000 commands",
@@ -55,8 +60,8 @@ ROWS = [
       for group in ("command services (summed)", "PostgreSQL", "nats-server", "client (bench process)")),
 ]  # fmt: skip
 # Rows of the per-process CPU table (CPU seconds per 1,000 operations of each process, per measurement).
-CPU_TABLE_ROWS = ["gRPC echo (per RPC)", "system: sustained commands", "system: projector catch-up",
-                  "system: queries, closed loop"]  # fmt: skip
+CPU_TABLE_ROWS = ["gRPC echo (per RPC)", "gRPC echo, open loop at", "system: sustained commands",
+                  "system: projector catch-up", "system: queries, closed loop"]  # fmt: skip
 # Rows of the scale-out table (CPU per 1,000 operations and cores used of each process group, per run).
 SCALE_OUT_TABLE_ROWS = ["1 owner", "2 owners", "4 owners", "1 replica", "2 replicas"]
 

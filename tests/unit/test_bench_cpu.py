@@ -145,6 +145,10 @@ COMMAND_STEP = _figure(
 )
 FIGURES = {
     "echo": {"qps": 4000, "cpu": _figure(8000, echo_server=1.6, client=2.4)},  # 0.2 s / 1k RPCs
+    "echo_at_rates": {  # open loop at the command and query rates: 0.25 and 0.4 s / 1k RPCs
+        "commands": {"qps": 300.0, "cpu": _figure(600, echo_server=0.15, client=0.3)},
+        "queries": {"qps": 2000.0, "cpu": _figure(4000, echo_server=1.6, client=1.0)},
+    },
     "pg_single": {"rate": 10000, "cpu": _figure(20000, client=2.0, postgres=4.0)},
     "nats": {"rate": 30000, "cpu": _figure(60000, client=3.0, nats=1.2)},
     "mongo": {"cpu_upsert": _figure(2000, client=1.0, mongo=3.0), "cpu_find": _figure(1000, client=0.3, mongo=1.0)},
@@ -162,7 +166,7 @@ def test_cost_is_cpu_seconds_per_thousand_operations() -> None:
 
 
 def test_cost_rows_judge_at_most_ratios_against_the_same_run_baselines() -> None:
-    rows = {row.name.split(" (")[0].split(" at ")[0]: row for row in cpu.cost_rows(FIGURES)}
+    rows = {row.name.split(" (")[0].split(" at ")[0]: row for row in cpu.cost_rows(FIGURES) if "beside" not in row.name}
     command = rows["command_service CPU per 1,000 commands"]
     assert command.value == pytest.approx(0.4) and command.baseline == pytest.approx(0.2)
     assert command.ratio == pytest.approx(2.0) and (command.target, command.verdict) == ("<= 3x", "met")
@@ -171,6 +175,21 @@ def test_cost_rows_judge_at_most_ratios_against_the_same_run_baselines() -> None
     assert projector.ratio == pytest.approx(2.4) and projector.verdict == "not met"
     query = rows["query_service CPU per 1,000 queries"]
     assert query.ratio == pytest.approx(2.0) and (query.target, query.verdict) == ("<= 2x", "met")
+    # The same costs beside the echo server measured at the services' own rates.
+    by_name = {row.name: row for row in cpu.cost_rows(FIGURES)}
+    assert by_name[
+        "gRPC echo server CPU per 1,000 RPCs, open loop at 300 req/s (the sustained command rate)"
+    ].value == (pytest.approx(0.25))
+    assert by_name["gRPC echo server CPU per 1,000 RPCs, open loop at 2,000 req/s (the query rate)"].value == (
+        pytest.approx(0.4)
+    )
+    command_matched = by_name[
+        "command_service CPU per 1,000 commands at 300 cmds/s, beside the echo server at that rate"
+    ]
+    assert command_matched.baseline == pytest.approx(0.25) and command_matched.ratio == pytest.approx(1.6)
+    query_matched = by_name["query_service CPU per 1,000 queries, beside the echo server at the query rate"]
+    assert query_matched.baseline == pytest.approx(0.4) and query_matched.ratio == pytest.approx(1.0)
+    assert query_matched.verdict == "met"
     postgres = rows["PostgreSQL CPU per 1,000 commands"]
     assert postgres.ratio == pytest.approx(1.0) and (postgres.target, postgres.verdict) == ("", "")
     assert rows["load generator CPU per 1,000 commands"].baseline == pytest.approx(0.3)
@@ -194,6 +213,8 @@ def test_cpu_table_lists_every_measurement_with_per_thousand_costs() -> None:
     lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
     assert "| echo server | client |" in lines["measurement"]
     echo = lines["gRPC echo (per RPC)"].split(" | ")
+    assert "| 600 | 2.0 |" in lines["gRPC echo, open loop at 300 req/s (per RPC)"]
+    assert "| 4,000 | 2.0 |" in lines["gRPC echo, open loop at 2,000 req/s (per RPC)"]
     assert echo[1:4] == ["8,000", "2.0", ""] and echo[-2:] == ["0.2", "0.3 |"]
     command = lines["system: sustained commands at 300 cmds/s (per command)"]
     assert "| 1,500 | 2.0 | 0.4 | 0.6 | 0.00667 | 0.2 | 0.02 | 0.6 |  | 0.133 |" in command
