@@ -267,8 +267,10 @@ class Bench:
                 "cpu": cpu.from_load_report(report, "commands", "commands")}  # fmt: skip
 
     def _stage_scrapes(self) -> dict[str, stages.Scrape]:
-        """The stage histograms of the relay (command_service) and the projector, as they are now."""
-        return {name: stages.scrape(self.stack.metrics_url(name)) for name in ("command_service", "projector")}
+        """The stage histograms of the relay (command_service), the projector and the query service, as they are
+        now."""
+        processes = ("command_service", "projector", "query_service")
+        return {name: stages.scrape(self.stack.metrics_url(name)) for name in processes}
 
     def _queries(self, addr: tuple[str, str]) -> dict[str, Any]:
         report = system.run_load(*addr, mode="closed", concurrency=CONCURRENCY, duration=self.seconds,

@@ -1,5 +1,6 @@
 """The time-to-queryable breakdown of a bench step: the stage histograms (`core.stage_metrics`) of the relay
-(command_service's /metrics) and the projector, scraped before and after the step; the difference is the step's.
+(command_service's /metrics), the projector and the query service's read-your-writes waiter, scraped before and
+after the step; the difference is the step's.
 The projector's MongoDB calls (`cqrs_dependency_call_seconds{dependency="mongodb"}`, one stage per operation) come
 after the path's stages: what its `apply` stage is made of."""
 
@@ -18,11 +19,15 @@ HISTOGRAMS: tuple[tuple[str, str], ...] = (
     ("command_service", "cqrs_relay_stage_seconds"),
     ("projector", "cqrs_projector_stage_seconds"),
     ("projector", "cqrs_projection_lag_seconds"),
+    ("query_service", "cqrs_query_stage_seconds"),
     ("projector", "cqrs_dependency_call_seconds"),
 )
 DEPENDENCY_HISTOGRAM = "cqrs_dependency_call_seconds"
 BROKEN_DOWN_DEPENDENCY = "mongodb"  # a NATS fetch is mostly a long poll waiting for messages: not a cost
-STAGE_ORDER = ("commit_to_read", "publish", "delete", "relay_to_stream", "stream_to_fetch", "apply", "settle", "")
+STAGE_ORDER = (
+    "commit_to_read", "publish", "delete", "relay_to_stream", "stream_to_fetch", "apply", "settle", "",
+    "checkpoint_to_seen", "consistency_wait",
+)  # fmt: skip
 
 # (histogram, stage) -> {"count": n, "sum": s, "buckets": {le: cumulative count}}
 Scrape = dict[tuple[str, str], dict[str, object]]

@@ -12,8 +12,12 @@ Stages (see `command_service.relay` and `projector.runner`):
   projector: the fetch wait and the batch ahead of it), `apply` per batch (MongoDB: load, documents, views,
   checkpoints), `settle` per batch (the acks).
 
-`cqrs_projection_lag_seconds` (projector) is the whole of it, commit to applied; the query service's waiter adds
-at most its poll interval (`CQRS_QUERY_CONSISTENCY_POLL_MS`).
+* query service (`cqrs_query_stage_seconds`, `query_service.consistency`): `consistency_wait` per query that
+  waited for its consistency tokens (its whole wait), `checkpoint_to_seen` per query the shared waiter answered
+  (from its last checkpoint's write, or its arrival if later, to the poll that saw it: the waiter's tick).
+
+`cqrs_projection_lag_seconds` (projector) is the path up to the read model, commit to applied; the query
+service's `checkpoint_to_seen` is what its waiter adds after that.
 """
 
 from __future__ import annotations

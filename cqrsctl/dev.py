@@ -191,6 +191,7 @@ def _service_env(postgres: str, nats: str, mongo: str, command_listen: str, quer
             # One metrics port per service, where `cqrs status` looks by default.
             "CQRS_COMMAND_METRICS_PORT": os.environ.get("CQRS_COMMAND_METRICS_PORT", "9101"),
             "CQRS_PROJECTOR_METRICS_PORT": os.environ.get("CQRS_PROJECTOR_METRICS_PORT", "9102"),
+            "CQRS_QUERY_METRICS_PORT": os.environ.get("CQRS_QUERY_METRICS_PORT", "9103"),
         }
     )
     return env
@@ -256,7 +257,7 @@ def _print_table(endpoints: list[Endpoint], services: list[ServiceProcess], data
         say(line)
     say(f"  data: {_relative(data_dir)}  (kept across restarts; `make clean-data` wipes it)")
     say(f"Try it from another terminal:  {demo}   (or .venv/bin/{demo})")
-    say("Replication lag and backlog:   cqrs status   (metrics: command :9101, projector :9102 /metrics)")
+    say("Replication lag and backlog:   cqrs status   (metrics: command :9101, projector :9102, query :9103 /metrics)")
     say("Ctrl-C stops everything.")
     say(rule)
 

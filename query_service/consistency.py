@@ -13,6 +13,11 @@ interval, not N queries in a busy loop.
 
 The bookkeeping (`WaitBook`, in `query_service.wait_book`) is pure; `ConsistencyWaiter` adds the task and the
 MongoDB queries.
+
+Where a waiting query's time goes (`cqrs_query_stage_seconds`, `core.stage_metrics`): `consistency_wait` per query
+that waited (its whole wait, answered or not), and `checkpoint_to_seen` per query answered by a poll: from the
+moment it could have been answered (the latest `updated_at` of the checkpoints that poll found for it, or its
+arrival if that came later) to the poll's answer, so the waiter's own share: up to a tick, plus the query.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from cqrs.orders.v1 import consistency_pb2
@@ -34,6 +40,7 @@ from core.consistency import ConsistencyToken, decode_token
 from core.dependency_metrics import dependency_metrics
 from core.errors import FieldViolation, Unavailable
 from core.read_model import CHECKPOINTS_COLLECTION
+from core.stage_metrics import StageMetrics
 from core.tracing import detached_task
 from query_service.read_model import read_model_outage
 from query_service.wait_book import Requirement, TooManyWaiters, VersionCache, WaitBook
@@ -201,6 +208,9 @@ class ConsistencyWaiter:
         self._max_streams_per_poll = max_streams_per_poll
         self._streams_per_query = streams_per_query
         self._deps = dependency_metrics(registry)
+        self.stages = StageMetrics(
+            "cqrs_query_stage_seconds", "Seconds a query waiting for consistency tokens spends in each stage", registry
+        )
         self._poll_interval = poll_interval
         self._book = WaitBook(max_waiters=max_waiters)
         self._task: asyncio.Task[None] | None = None
@@ -232,7 +242,7 @@ class ConsistencyWaiter:
             raise Unavailable("the query service is shutting down")
         started = time.monotonic()
         if timeout > 0:
-            ticket = self._book.add(missing)
+            ticket = self._book.add(missing, since=time.time())
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             ticket.future = future
             self._ensure_running()
@@ -242,6 +252,7 @@ class ConsistencyWaiter:
                 await asyncio.wait({future}, timeout=timeout)
             finally:
                 self._book.remove(ticket)
+                self.stages.observe("consistency_wait", time.monotonic() - started)
             if future.done():
                 future.result()  # re-raises a MongoDB failure of the shared poll
                 return WaitOutcome(waited_seconds=time.monotonic() - started)
@@ -288,7 +299,7 @@ class ConsistencyWaiter:
             chunk = streams[start : start + self._streams_per_query]
             try:
                 async with self._deps.timed("mongodb", "checkpoints"):
-                    cursor = self._checkpoints.find({"_id": {"$in": chunk}}, {"version": 1})
+                    cursor = self._checkpoints.find({"_id": {"$in": chunk}}, {"version": 1, "updated_at": 1})
                     docs = await cursor.to_list()
             except Exception as exc:
                 # Every current waiter fails with the driver's error (UNAVAILABLE for them); the next waiter
@@ -300,8 +311,13 @@ class ConsistencyWaiter:
                         ticket.future.set_exception(exc)
                 return
             self.last_error = None
+            seen_at = time.time()
             versions = {str(doc["_id"]): _version(doc) for doc in docs}
+            written = {str(doc["_id"]): _written_at(doc) for doc in docs}
             for ticket in self._book.observe(versions):
+                # Answerable once its last checkpoint was written (those read before this poll came earlier).
+                answerable = max([ticket.since, *(written[s] for s in ticket.missing if s in written)])
+                self.stages.observe("checkpoint_to_seen", seen_at - answerable)
                 if ticket.future is not None and not ticket.future.done():
                     ticket.future.set_result(None)
 
@@ -322,6 +338,14 @@ class ConsistencyWaiter:
 def _version(doc: Mapping[str, Any]) -> int:
     value = doc.get("version")
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _written_at(doc: Mapping[str, Any]) -> float:
+    """A checkpoint's `updated_at` in wall-clock seconds (0 when it has none: the query's arrival counts)."""
+    value = doc.get("updated_at")
+    if not isinstance(value, datetime):
+        return 0.0
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
 class ReadYourWrites:

@@ -59,11 +59,13 @@ class VersionCache:
 class Ticket:
     """One waiting query: the versions it still needs per stream, and the future that wakes it.
 
-    `offset` is where the next poll continues in `streams` when it cannot read all of them in one round.
+    `offset` is where the next poll continues in `streams` when it cannot read all of them in one round; `since`
+    is when the query began to wait (wall-clock seconds, comparable with the checkpoints' `updated_at`).
     """
 
     id: int
     missing: dict[str, int]
+    since: float = 0.0
     future: asyncio.Future[None] | None = field(default=None, repr=False)
     streams: list[str] = field(default_factory=list, repr=False)
     offset: int = field(default=0, repr=False)
@@ -88,13 +90,13 @@ class WaitBook:
         """stream id -> version of the requirements the cache does not already know to be reflected."""
         return {r.stream_id: r.version for r in requirements if self.cache.get(r.stream_id) < r.version}
 
-    def add(self, missing: Mapping[str, int]) -> Ticket:
-        """Registers a waiting query; TooManyWaiters when the book is full."""
+    def add(self, missing: Mapping[str, int], since: float = 0.0) -> Ticket:
+        """Registers a query waiting since `since`; TooManyWaiters when the book is full."""
         if len(self._tickets) >= self._max_waiters:
             raise TooManyWaiters(
                 f"too many queries are waiting for consistency tokens ({self._max_waiters}); retry later"
             )
-        ticket = Ticket(id=next(self._ids), missing=dict(missing), streams=list(missing))
+        ticket = Ticket(id=next(self._ids), missing=dict(missing), since=since, streams=list(missing))
         self._tickets[ticket.id] = ticket
         for stream_id in ticket.missing:
             self._by_stream.setdefault(stream_id, set()).add(ticket.id)

@@ -158,10 +158,13 @@ ROWS = [
                 "Relay (cqrs_relay_stage_seconds): commit_to_read (recorded to read from the outbox, the command's "
                 "own commit included). Projector (cqrs_projector_stage_seconds): relay_to_stream (recorded to "
                 "stored in JetStream), stream_to_fetch (stored to fetched: waiting behind the batch in hand). "
-                "core/stage_metrics.py.",
+                "Query service (cqrs_query_stage_seconds, per query waiting for consistency tokens): "
+                "checkpoint_to_seen (its last checkpoint written to seen by the shared waiter: the waiter's tick), "
+                "consistency_wait (the whole wait). core/stage_metrics.py.",
                 [
                     _stage_mean("cqrs_relay_stage_seconds", "commit_to_read", "relay"),
                     _stage_mean("cqrs_projector_stage_seconds", "relay_to_stream|stream_to_fetch", "projector"),
+                    _stage_mean("cqrs_query_stage_seconds", "checkpoint_to_seen|consistency_wait", "query"),
                 ],
                 unit="s",
             ),

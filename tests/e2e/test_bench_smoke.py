@@ -27,6 +27,9 @@ ROWS = [
     "query QPS",
     "time-to-queryable p50",
     "time-to-queryable p99",
+    # Where it goes: the relay's and the projector's stages, then the query service's waiter.
+    "projector stream_to_fetch",
+    "query_service checkpoint_to_seen",
     "eventsourcing",
     "our EventStore.append (1 event",
     "our EventStore.append vs raw single-row commits",

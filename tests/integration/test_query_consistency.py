@@ -19,6 +19,7 @@ import grpc
 import pytest
 from cqrs.orders.v1 import consistency_pb2, customer_service_pb2, customer_service_pb2_grpc, query_service_pb2
 from cqrs.orders.v1 import query_service_pb2_grpc as qgrpc
+from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -482,6 +483,41 @@ async def test_a_hundred_malformed_tokens_are_one_short_invalid_argument(stub: S
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     fields = [f for f, _ in field_violations(caught.value)]
     assert fields[-1] == "consistency.consistency_tokens" and len(fields) == 6
+
+
+async def test_the_waiter_records_each_wait_and_its_own_share_after_the_last_checkpoint(
+    db: AsyncDatabase[Document],
+) -> None:
+    """`consistency_wait` is a query's whole wait; `checkpoint_to_seen` only what the waiter added after the last
+    checkpoint the query needed was written (its tick and query). The checkpoints come long after the queries
+    began to wait and 0.2 s apart, so counting from the arrival, or from the first checkpoint, would show."""
+    registry = CollectorRegistry()
+    waiter = ConsistencyWaiter(db["checkpoints"], poll_interval=0.01, registry=registry)
+    first, second = await put_order(db, 1), await put_order(db, 1)
+    try:
+        waits = [
+            asyncio.create_task(waiter.wait([Requirement("order", first["_id"], 2)], timeout=10.0)),
+            asyncio.create_task(
+                waiter.wait([Requirement("order", first["_id"], 2), Requirement("order", second["_id"], 2)], 10.0)
+            ),
+        ]
+        await asyncio.sleep(0.4)
+        await set_checkpoint(db, first["_id"], 2)
+        await asyncio.sleep(0.2)
+        await set_checkpoint(db, second["_id"], 2)
+        outcomes = await asyncio.gather(*waits)
+    finally:
+        await waiter.close()
+    assert all(outcome.reached for outcome in outcomes)
+
+    def stage(name: str, part: str) -> float | None:
+        return registry.get_sample_value(f"cqrs_query_stage_seconds_{part}", {"stage": name})
+
+    assert stage("consistency_wait", "count") == 2 and stage("checkpoint_to_seen", "count") == 2
+    waited = stage("consistency_wait", "sum")
+    assert waited is not None and waited >= 0.4 + 0.6, waited
+    after_checkpoints = stage("checkpoint_to_seen", "sum")
+    assert after_checkpoints is not None and 0 <= after_checkpoints < 0.15, after_checkpoints
 
 
 async def test_a_waiter_loop_that_fails_unexpectedly_fails_its_waiters_fast_and_restarts(

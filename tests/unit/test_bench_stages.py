@@ -54,3 +54,19 @@ def test_the_projector_mongodb_calls_follow_the_path_costliest_first_and_other_d
         ("", 5), ("mongodb bulk_write", 2), ("mongodb find", 3), ("mongodb checkpoints", 1),
     ]  # fmt: skip
     assert math.isclose(stages[1].mean_ms, 10.0) and stages[1].p99_ms == 10.0  # the 10 ms bucket holds both
+
+
+def test_the_query_services_wait_follows_the_projection_lag() -> None:
+    query = "cqrs_query_stage_seconds"
+    after: dict[str, Scrape] = {
+        "query_service": {
+            (query, "consistency_wait"): _entry(4, 0.4, {0.1: 4, math.inf: 4}),
+            (query, "checkpoint_to_seen"): _entry(4, 0.04, {0.01: 3, 0.025: 4, math.inf: 4}),
+        },
+        "projector": {("cqrs_projection_lag_seconds", ""): _entry(4, 0.2, {0.1: 4, math.inf: 4})},
+    }
+    stages = breakdown({}, after)
+    assert [(s.process, s.stage) for s in stages] == [
+        ("projector", ""), ("query_service", "checkpoint_to_seen"), ("query_service", "consistency_wait"),
+    ]  # fmt: skip
+    assert math.isclose(stages[1].mean_ms, 10.0) and stages[1].p99_ms == 25.0
