@@ -28,13 +28,11 @@ on a new, empty stack instead (about 15 s more per run), which removes that drif
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import stages
 from bench.cpu import stack_groups
 from bench.stack import BenchStack
-from bench.system import consumer_backlog, run_load
+from bench.system import run_load, wait_projected
 from cqrsctl.status import metrics_text
 from localservers import LOOPBACK, ServiceProcess, free_port
 
@@ -146,23 +144,13 @@ def projector_applies(stack: BenchStack) -> tuple[float, float]:
     return float(apply.get("count", 0.0)), float(apply.get("sum", 0.0))  # type: ignore[arg-type]
 
 
-def wait_projected(stack: BenchStack, timeout: float = DRAIN_TIMEOUT_SECONDS) -> None:
-    """Waits until the projector has applied everything a previous run wrote: a run must not pay (in projector
-    and MongoDB CPU, in time-to-queryable) for the backlog another variant left."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pending, ack_pending = asyncio.run(consumer_backlog(stack.nats.url))
-        if pending == 0 and ack_pending == 0:
-            return
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the projector did not catch up within {timeout:.0f}s (pending {pending})")
-        time.sleep(0.5)
-
-
 def run_variant(stack: BenchStack, args: argparse.Namespace, env: Mapping[str, str], tree: Path) -> dict[str, float]:
     """One run: the services restarted from `tree` with `env`, the backlog of earlier runs applied, then measured."""
     restart_services(stack, env, tree)
-    wait_projected(stack)
+    try:
+        wait_projected(stack.nats.url, DRAIN_TIMEOUT_SECONDS)  # not the backlog another variant left
+    except TimeoutError as exc:
+        raise SystemExit(str(exc)) from exc
     replicas = start_replicas(stack, args.replicas - 1, env, tree)
     try:
         return measure(stack, args, replicas)

@@ -306,6 +306,22 @@ async def consumer_backlog(nats_url: str) -> tuple[int, int]:
         await nc.close()
 
 
+def wait_projected(nats_url: str, timeout: float) -> tuple[int, float]:
+    """Waits until the projector's consumers have nothing pending or un-acked, so that a measurement does not pay
+    (in projector and MongoDB CPU, in time-to-queryable) for the backlog an earlier one left. Returns the backlog
+    found (pending + un-acked events) and the seconds it took; raises TimeoutError."""
+    started = time.monotonic()
+    found: int | None = None
+    while True:
+        pending, ack_pending = asyncio.run(consumer_backlog(nats_url))
+        found = pending + ack_pending if found is None else found
+        if pending == 0 and ack_pending == 0:
+            return found, time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"the projector did not catch up within {timeout:.0f}s (pending {pending})")
+        time.sleep(0.5)
+
+
 async def time_drain(nats_url: str, backlog: int, timeout: float, on_start: Callable[[], None] | None = None) -> float:
     """Seconds from the projector's first delivery until the consumer has nothing pending or un-acked; `on_start`
     is called when the first delivery is seen (to start measuring CPU then, after the projector's start-up)."""

@@ -27,6 +27,7 @@ ROWS = [
     "query QPS",
     "time-to-queryable p50",
     "time-to-queryable p99",
+    "time-to-queryable p99 at 100 cmds/s",  # the fixed rate, beside the half of the sustained rate
     # Where it goes: the relay's and the projector's stages, then the query service's waiter.
     "projector stream_to_fetch",
     "query_service checkpoint_to_seen",
