@@ -34,18 +34,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import cpu, echo, peer, raw, scaleout, stages, system
-from bench.report import Row, limit_row, ratio_row, render_markdown
+from bench import cpu, echo, peer, raw, scaleout, stages, system, table
+from bench.report import Row, render_markdown
 from bench.stack import BenchStack
 from localservers import ServiceProcess, free_port
 
 T = TypeVar("T")
 
 CONCURRENCY = 32  # closed-loop callers (echo, queries), peer writers, raw commit connections
-# Time-to-queryable targets of issue 12: p99 <= 50 ms at 100 commands/s, <= 100 ms at half the sustained rate.
+# Time-to-queryable is measured at this rate and at half the sustained rate (issue 12's targets: bench.table).
 TTQ_FIXED_RATE = 100.0
-TTQ_P99_AT_FIXED_RATE_MS = 50.0
-TTQ_P99_AT_HALF_RATE_MS = 100.0
 DRAIN_TIMEOUT_SECONDS = 300.0  # for the projector to apply what an earlier step left before a time-to-queryable step
 # Fraction of the TTQ run's commands whose time-to-queryable is probed: enough samples for a p99 in a 10 s run,
 # few enough that the probes' polling does not become the load.
@@ -87,39 +85,6 @@ def machine_facts() -> dict[str, str]:
         "python": platform.python_version(),
         "libraries": ", ".join(f"{k} {v}" for k, v in versions.items()),
     }
-
-
-def _ttq_rows(step: dict[str, Any], p99_limit_ms: float) -> list[Row]:
-    """The p50 and p99 rows of one time-to-queryable step (`Bench._ttq`), the p99 judged against its limit."""
-    ttq = step.get("ttq") or {}
-    at = f" at {step['rate']:.0f} cmds/s" if step.get("rate") else ""
-    samples = f"{ttq.get('count')} samples, {ttq.get('timeouts')} timeouts" if ttq else ""
-    if step.get("backlog_before"):
-        samples += f"; first applied the {step['backlog_before']:,} events earlier steps left, in {step['drained_s']} s"
-    p50_row = limit_row("system", f"time-to-queryable p50{at}", ttq.get("p50"), "ms", None, note=samples)
-    p99_row = limit_row("system", f"time-to-queryable p99{at}", ttq.get("p99"), "ms", p99_limit_ms)
-    if ttq.get("timeouts"):
-        # A probe that timed out never saw its effect: its latency is beyond every recorded one.
-        p99_row.verdict = "not met"
-        p99_row.note = f"{ttq['timeouts']} probes timed out"
-    return [p50_row, p99_row]
-
-
-def _stage_rows(step: dict[str, Any]) -> list[Row]:
-    """Where one time-to-queryable step's time went (`bench.stages`): the path's stages, then the projector's
-    MongoDB calls, each with its mean and p99 bucket."""
-    stages = step.get("stages") or []
-    at = f"at {step['rate']:.0f} cmds/s: " if step.get("rate") else ""
-    applied = next((s["count"] for s in stages if s["process"] == "projector" and not s["stage"]), 0)
-    rows = []
-    for stage in stages:
-        what = f"{at}{stage['process']} {stage['stage'] or 'commit to applied (projection lag)'}"
-        note = f"{stage['count']} observations"
-        if stage["stage"].startswith("mongodb ") and applied:
-            note = f"{stage['count']} calls, {stage['count'] * stage['mean_ms'] / applied:.2f} ms per event applied"
-        rows.append(limit_row("ttq stage", f"{what}: mean (p99 bucket {stage['p99_ms']:g} ms)", stage["mean_ms"],
-                              "ms", None, note=note))  # fmt: skip
-    return rows
 
 
 class Bench:
@@ -369,74 +334,7 @@ class Bench:
     # ------------------------------------------------------------------------------------------------- table
 
     def rows(self) -> list[Row]:
-        f, nan = self.figures, float("nan")
-
-        def get(key: str, *path: str) -> float | None:
-            value: Any = f.get(key)
-            for part in path:
-                if not isinstance(value, dict):
-                    return None
-                value = value.get(part)
-            return None if value is None else float(value)
-
-        echo_qps = get("echo", "qps")
-        single = get("pg_single", "rate")
-        upsert = get("mongo", "bulk_upsert_rate")
-        find = get("mongo", "find_rate")
-        w = self.workers
-        phys = "physical limit"
-        rows = [
-            Row(phys, f"gRPC unary echo, closed loop, {w} worker processes x {CONCURRENCY // w} callers", echo_qps,
-                "req/s"),
-            Row(phys, f"PostgreSQL single-row INSERT+COMMIT, {CONCURRENCY} connections, synchronous_commit "
-                f"{(f.get('pg_single') or {}).get('synchronous_commit', '?')}", single, "commits/s"),
-            Row(phys, "PostgreSQL batched insert (COPY, 1,000 rows/transaction, 2 connections)",
-                get("pg_batched", "rate"), "rows/s"),
-            Row(phys, "JetStream publish_async with acks (file storage, dedupe ids)", get("nats", "rate"), "msgs/s"),
-            Row(phys, "MongoDB bulk upsert (200/bulk_write, orders shape + indexes, creates+guarded updates)",
-                upsert, "ops/s"),
-            Row(phys, f"MongoDB find_one by _id (query-service filter, {CONCURRENCY} callers)", find, "finds/s"),
-        ]  # fmt: skip
-        best = (f.get("commands") or {}).get("best") or {}
-        command_rate = best.get("achieved")
-        rows.append(ratio_row("system", "sustained command rate with p99 <= 25 ms (open loop, mix "
-                              f"{system.COMMAND_MIX})", command_rate, "cmds/s", "echo", echo_qps, 0.6,
-                              note=f"p99 {best['p99_ms']:.1f} ms" if best else ""))  # fmt: skip
-        closed = get("projector", "closed_loop_cmds_per_s")
-        rows.append(Row("system", f"command throughput, closed loop, {CONCURRENCY} callers, no latency bound "
-                        "(order lifecycles, while the projector is stopped)", closed, "cmds/s"))  # fmt: skip
-        proj = f.get("projector") or {}
-        rows.append(ratio_row("system", "projector catch-up throughput", get("projector", "rate"), "events/s",
-                              "bulk upsert", upsert, 0.8,
-                              note=f"{proj['events']} events in {proj['seconds']:.2f}s" if proj else ""))  # fmt: skip
-        rb = f.get("rebuild") or {}
-        rb_note = f"{rb['events_applied']} events in {rb['build_seconds']:.2f}s" if rb else ""
-        rows.append(ratio_row("system", "read-model rebuild from PostgreSQL (cqrs rebuild, build phase)",
-                              get("rebuild", "events_per_second"), "events/s", "bulk upsert", upsert, 0.8,
-                              note=rb_note))  # fmt: skip
-        floor = min(x for x in (echo_qps, find, nan) if x is not None) if (echo_qps and find) else None
-        q = f.get("queries") or {}
-        rows.append(ratio_row("system", f"query QPS (closed loop, {CONCURRENCY} callers, {system.QUERY_MIX})",
-                              get("queries", "qps"), "req/s", "min(echo, find)", floor, 0.7,
-                              note=f"p99 {q['latency_ms']['p99']:.1f} ms" if q.get("latency_ms") else ""))  # fmt: skip
-        rows += _ttq_rows(f.get("ttq_fixed") or {}, TTQ_P99_AT_FIXED_RATE_MS)
-        rows += _ttq_rows(f.get("ttq") or {}, TTQ_P99_AT_HALF_RATE_MS)
-        rows += _stage_rows(f.get("ttq_fixed") or {})
-        rows += _stage_rows(f.get("ttq") or {})
-        es = get("eventsourcing", "rate")
-        ours = get("our_appends", "rate")
-        rows.append(Row("peer", f"eventsourcing {f.get('eventsourcing', {}).get('version', '')} save of a "
-                        f"single-event aggregate, {CONCURRENCY} threads", es, "appends/s"))  # fmt: skip
-        rows.append(ratio_row("peer", f"our EventStore.append (1 event + outbox + request log), {CONCURRENCY} tasks",
-                              ours, "appends/s", "eventsourcing", es, 10))  # fmt: skip
-        rows.append(ratio_row("peer", "our EventStore.append vs raw single-row commits", ours, "appends/s",
-                              "raw commits", single, 3))  # fmt: skip
-        rows += cpu.cost_rows(f)
-        rows += scaleout.rows(f)
-        for row in rows:
-            if row.value is None and not row.verdict:
-                row.verdict = "not measured"
-        return rows
+        return table.all_rows(self.figures, self.workers, CONCURRENCY)
 
     def header(self, facts: dict[str, str]) -> list[str]:
         return [
@@ -527,10 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     notes.append(f"total run time {elapsed:.0f}s; service and server logs: "
                  f"{bench.workdir if (args.keep or code or bench.errors) else '(removed)'}")  # fmt: skip
     tables = [cpu.render_table(bench.figures), scaleout.render_table(bench.figures)]
-    table = render_markdown(bench.header(facts), rows, notes, tables=tables)
-    print(table, flush=True)
+    markdown = render_markdown(bench.header(facts), rows, notes, tables=tables)
+    print(markdown, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(table)
+    (args.out / "results.md").write_text(markdown)
     (args.out / "results.json").write_text(
         json.dumps(
             {"machine": facts, "elapsed_s": elapsed, "rows": [r.to_dict() for r in rows], "figures": bench.figures,
