@@ -42,6 +42,7 @@ from localservers import ServiceProcess, free_port
 T = TypeVar("T")
 
 CONCURRENCY = 32  # closed-loop callers (echo, queries), peer writers, raw commit connections
+CONSUMED_PER_SECOND = 4_000  # events the raw consumer receives per second of a step (about 1 s of work)
 # Time-to-queryable is measured at this rate and at half the sustained rate (issue 12's targets: bench.table).
 TTQ_FIXED_RATE = 100.0
 DRAIN_TIMEOUT_SECONDS = 300.0  # for the projector to apply what an earlier step left before a time-to-queryable step
@@ -132,6 +133,13 @@ class Bench:
         )  # fmt: skip
         self.measure("nats", "raw JetStream publish_async with acks", lambda: asyncio.run(raw.jetstream_publish(
             self.stack.nats.url, s, {"nats": servers["nats"]})))  # fmt: skip
+        self.measure(
+            "nats_consume",
+            "raw JetStream pull consumer with acks",
+            lambda: asyncio.run(
+                raw.jetstream_consume(self.stack.nats.url, CONSUMED_PER_SECOND * int(s), {"nats": servers["nats"]})
+            ),
+        )
         self.measure("mongo", "raw MongoDB bulk upserts and find_one", lambda: asyncio.run(raw.mongo_rates(
             self.stack.mongo.url, s, 200, CONCURRENCY, {"mongo": servers["mongo"]})))  # fmt: skip
 

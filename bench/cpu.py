@@ -128,6 +128,7 @@ def measurements(figures: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any
         ),
         ("raw single-row commits (per commit)", _dig(figures, "pg_single", "cpu")),
         ("raw JetStream publishes (per message)", _dig(figures, "nats", "cpu")),
+        ("raw JetStream consumer (per message)", _dig(figures, "nats_consume", "cpu")),
         ("raw MongoDB bulk upserts (per upsert)", _dig(figures, "mongo", "cpu_upsert")),
         ("raw MongoDB find_one (per find)", _dig(figures, "mongo", "cpu_find")),
         (f"system: sustained commands{rate} (per command)", best.get("cpu")),
@@ -181,6 +182,7 @@ def cost_rows(figures: Mapping[str, Any]) -> list[Row]:
     commits = _dig(figures, "pg_single", "cpu")
     publishes = _dig(figures, "nats", "cpu")
     upserts = _dig(figures, "mongo", "cpu_upsert")
+    consumed = _dig(figures, "nats_consume", "cpu")
     best = _dig(figures, "commands", "best") or {}
     commands = best.get("cpu")
     projector = _dig(figures, "projector", "cpu")
@@ -190,6 +192,10 @@ def cost_rows(figures: Mapping[str, Any]) -> list[Row]:
     echo_at_commands = cost(_dig(figures, "echo_at_rates", "commands", "cpu"), ECHO_SERVER)
     echo_at_queries = cost(_dig(figures, "echo_at_rates", "queries", "cpu"), ECHO_SERVER)
     upsert_client = cost(upserts, CLIENT)
+    consumer_client = cost(consumed, CLIENT)
+    # What any projector on these drivers pays per event before doing anything of its own: receive and ack the
+    # message, write one document (bench.raw). No target: the is against the bulk-upsert client alone.
+    receive_and_write = None if consumer_client is None or upsert_client is None else consumer_client + upsert_client
     s, u = SECTION, UNIT
 
     def note(figure: Mapping[str, Any] | None, what: str) -> str:
@@ -207,6 +213,9 @@ def cost_rows(figures: Mapping[str, Any]) -> list[Row]:
         cost_row(s, "raw bulk-upsert client CPU per 1,000 upserts", upsert_client, u,
                  note=note(upserts, "upserts")),
         cost_row(s, "MongoDB-wire server CPU per 1,000 raw bulk upserts", cost(upserts, "mongo"), u),
+        cost_row(s, "raw JetStream consumer client CPU per 1,000 messages (fetch 200, an ack each)", consumer_client,
+                 u, note=note(consumed, "messages")),
+        cost_row(s, "nats-server CPU per 1,000 raw consumed messages", cost(consumed, "nats"), u),
         cost_row(s, "raw commit loop client CPU per 1,000 commits", cost(commits, CLIENT), u,
                  note=note(commits, "commits")),
         cost_row(s, "PostgreSQL CPU per 1,000 raw commits", cost(commits, "postgres"), u),
@@ -218,6 +227,8 @@ def cost_rows(figures: Mapping[str, Any]) -> list[Row]:
                  at_most=COMMAND_VS_ECHO),
         cost_row(s, "projector CPU per 1,000 events (catch-up)", cost(projector, "projector"), u,
                  "bulk-upsert client", upsert_client, u, at_most=PROJECTOR_VS_UPSERT, note=note(projector, "events")),
+        cost_row(s, "projector CPU per 1,000 events (catch-up), beside receiving an event and upserting a document",
+                 cost(projector, "projector"), u, "raw consumer + bulk-upsert clients", receive_and_write, u),
         cost_row(s, "query_service CPU per 1,000 queries (closed loop, probes included)",
                  cost(queries, "query_service"), u, "echo server", echo_server, u, at_most=QUERY_VS_ECHO,
                  note=note(queries, "queries")),

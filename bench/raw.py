@@ -4,7 +4,9 @@
   batched inserts (COPY, 1,000 rows per transaction). Rows are shaped like our `events` rows (uuid, stream id,
   version, type, jsonb payload, timestamp, `UNIQUE (stream_id, version)`) in a table of their own database.
 * NATS JetStream (nats-py): `publish_async` with acks, up to 4,000 in flight (the client's default window), to a
-  file-storage stream configured exactly like our event stream, with `Nats-Msg-Id` headers (dedupe on).
+  file-storage stream configured exactly like our event stream, with `Nats-Msg-Id` headers (dedupe on); and a
+  durable pull consumer taking stored events as the projector does (its client class, batches of 200, one ack a
+  message), doing nothing with them: what receiving an event costs before any work of ours.
 * MongoDB (PyMongo's AsyncMongoClient): unordered bulk upserts of 200 order-shaped documents (the projector's
   batch size) with the projector's filters, on a collection with the `orders` indexes; and `find_one` by id with
   the query service's filter, from 32 concurrent callers.
@@ -26,11 +28,15 @@ from typing import Any
 
 import asyncpg
 import nats
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pymongo import ASCENDING, AsyncMongoClient, IndexModel, UpdateOne
 
 from bench import cpu
+from core.envelope import EventMetadata, RecordedEvent
 from core.jetstream import ensure_stream, event_stream_config
 from core.projections.orders import INDEXES as ORDER_INDEXES
+from core.subjects import event_subject
+from projector.nats_client import ProjectorNatsClient
 
 Servers = Mapping[str, Sequence[int]]  # name -> PIDs of a server's processes, whose CPU a measurement records
 
@@ -169,6 +175,66 @@ async def jetstream_publish(url: str, duration: float, servers: Servers | None =
         await nc.close()
     return {"rate": acked / elapsed, "acked": acked, "failed": failed, "server_version": str(server_version),
             "cpu": spent.figures(acked, "messages")}  # fmt: skip
+
+
+CONSUME_BATCH = 200  # the projector's default batch size (CQRS_PROJECTOR_BATCH_SIZE)
+
+
+def relayed_event(stream_id: str, version: int, position: int) -> RecordedEvent:
+    """An OrderItemAdded as the relay publishes it: the same envelope body and headers."""
+    return RecordedEvent(
+        event_id=uuid.uuid4(),
+        stream_type="order",
+        stream_id=stream_id,
+        version=version,
+        event_type="OrderItemAdded",
+        schema_version=1,
+        payload=json.loads(PAYLOAD),
+        metadata=EventMetadata(f"req-{uuid.uuid4().hex}", str(uuid.uuid4()), f"req-{uuid.uuid4().hex}"),
+        position=position,
+    )
+
+
+async def jetstream_consume(url: str, messages: int, servers: Servers | None = None) -> dict[str, Any]:
+    """Receives `messages` stored events through a durable pull consumer, as the projector does (its nats-py
+    client class, `fetch` of up to 200, an explicit ack a message), and does nothing else with them; messages/s.
+
+    The events (bodies and headers as the relay sends them, 100 interleaved streams) are published first, untimed.
+    """
+    prefix = "bench.consume"
+    nc = ProjectorNatsClient()
+    await nc.connect(url, connect_timeout=5)
+    try:
+        js = nc.jetstream(publish_async_max_pending=4000)
+        await ensure_stream(js, event_stream_config("BENCH_RAW_CONSUME", prefix))
+        streams = [str(uuid.uuid4()) for _ in range(100)]
+        for n in range(messages):
+            event = relayed_event(streams[n % len(streams)], n // len(streams) + 1, n + 1)
+            await js.publish_async(event_subject("order", event.stream_id, prefix), event.to_json(),
+                                   headers=event.headers())  # fmt: skip
+        await asyncio.wait_for(js.publish_async_completed(), timeout=60)
+        sub = await js.pull_subscribe(
+            f"{prefix}.>",
+            durable="bench-raw-consume",
+            stream="BENCH_RAW_CONSUME",
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, max_ack_pending=2000
+            ),
+        )
+        received = 0
+        with cpu.window(servers or {}) as spent:
+            started = time.monotonic()
+            while received < messages:
+                batch = await sub.fetch(min(CONSUME_BATCH, messages - received), timeout=5)
+                for msg in batch:
+                    await msg.ack()
+                received += len(batch)
+            await nc.flush(timeout=10)  # the last acks reach the server inside the window
+            elapsed = time.monotonic() - started
+        await js.delete_stream("BENCH_RAW_CONSUME")
+    finally:
+        await nc.close()
+    return {"rate": received / elapsed, "received": received, "cpu": spent.figures(received, "messages")}
 
 
 def order_document(order_id: str, customer_id: str, version: int) -> dict[str, Any]:

@@ -39,6 +39,8 @@ def all_rows(figures: dict[str, Any], workers: int, concurrency: int) -> list[Ro
         Row(phys, "PostgreSQL batched insert (COPY, 1,000 rows/transaction, 2 connections)",
             get("pg_batched", "rate"), "rows/s"),
         Row(phys, "JetStream publish_async with acks (file storage, dedupe ids)", get("nats", "rate"), "msgs/s"),
+        Row(phys, "JetStream pull consumer, the projector's client (fetch 200, an ack a message, nothing done)",
+            get("nats_consume", "rate"), "msgs/s"),
         Row(phys, "MongoDB bulk upsert (200/bulk_write, orders shape + indexes, creates+guarded updates)",
             upsert, "ops/s"),
         Row(phys, f"MongoDB find_one by _id (query-service filter, {concurrency} callers)", find, "finds/s"),

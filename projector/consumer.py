@@ -26,7 +26,7 @@ from core.subjects import partition_filter, stream_subjects
 from core.tracing import extract_context, tracer, tracing_active
 from projector.config import ProjectorSettings
 from projector.metrics import ProjectorMetrics
-from projector.nats_headers import FastHeadersClient
+from projector.nats_client import ProjectorNatsClient
 from projector.settlement import BatchOutcome
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class JetStreamConsumer:
         self._description = description
         # Assigned before connecting so that a connect cancelled while NATS is unreachable can still close it:
         # with infinite reconnects nats-py retries even the *first* connection forever.
-        self._nc = FastHeadersClient()
+        self._nc = ProjectorNatsClient()
         log.info("connecting to NATS at %s", s.nats_url)
         await self._nc.connect(
             servers=nats_servers(s.nats_url),

@@ -19,6 +19,7 @@ ROWS = [
     "PostgreSQL single-row INSERT+COMMIT",
     "PostgreSQL batched insert",
     "JetStream publish_async",
+    "JetStream pull consumer, the projector's client",
     "MongoDB bulk upsert",
     "MongoDB find_one",
     "sustained command rate",
@@ -40,11 +41,14 @@ ROWS = [
     "(the sustained command rate)",
     "(the query rate)",
     "raw bulk-upsert client CPU per 1,000 upserts",
+    "raw JetStream consumer client CPU per 1,000 messages",
+    "nats-server CPU per 1,000 raw consumed messages",
     "raw commit loop client CPU per 1,000 commits",
     "PostgreSQL CPU per 1,000 raw commits",
     "command_service CPU per 1,000 commands",
     "beside the echo server at that rate",
     "projector CPU per 1,000 events",
+    "beside receiving an event and upserting a document",
     "query_service CPU per 1,000 queries",
     "beside the echo server at the query rate",
     "PostgreSQL CPU per 1,000 commands",
@@ -64,8 +68,14 @@ ROWS = [
       for group in ("command services (summed)", "PostgreSQL", "nats-server", "client (bench process)")),
 ]  # fmt: skip
 # Rows of the per-process CPU table (CPU seconds per 1,000 operations of each process, per measurement).
-CPU_TABLE_ROWS = ["gRPC echo (per RPC)", "gRPC echo, open loop at", "system: sustained commands",
-                  "system: projector catch-up", "system: queries, closed loop"]  # fmt: skip
+CPU_TABLE_ROWS = [
+    "gRPC echo (per RPC)",
+    "gRPC echo, open loop at",
+    "raw JetStream consumer",
+    "system: sustained commands",
+    "system: projector catch-up",
+    "system: queries, closed loop",
+]
 # Rows of the scale-out table (CPU per 1,000 operations and cores used of each process group, per run).
 SCALE_OUT_TABLE_ROWS = ["1 owner", "2 owners", "4 owners", "1 replica", "2 replicas"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from nats.aio.client import Client
 
-from projector.nats_headers import FastHeadersClient, parse_header_lines
+from projector.nats_client import ProjectorNatsClient, parse_header_lines
 
 
 @pytest.mark.parametrize(
@@ -21,4 +21,4 @@ from projector.nats_headers import FastHeadersClient, parse_header_lines
 )
 def test_header_parsing_matches_nats_py(raw: bytes) -> None:
     assert parse_header_lines(raw) == Client._parse_header_lines(raw)
-    assert FastHeadersClient._parse_header_lines(raw) == Client._parse_header_lines(raw)
+    assert ProjectorNatsClient._parse_header_lines(raw) == Client._parse_header_lines(raw)
