@@ -14,13 +14,15 @@ more than the work they do; this client replaces both, with the same results:
   message. The subscriptions of this client take a message that is already queued directly, with nats-py's own
   bookkeeping (pending size, `task_done`), and leave waiting to nats-py.
 
-Should a nats-py release rename what these override, the overrides are simply never called and nats-py's own
-paths run; `tests/unit/test_projector_cpu_paths.py` and `tests/integration/test_projector_nats_client.py` compare
-both with nats-py's.
+Should a nats-py release rename what these override, or drop the subscription's queue or pending size, the
+overrides are simply not used and nats-py's own paths run (nats-py is required `>=2.9`);
+`tests/unit/test_projector_cpu_paths.py` and `tests/integration/test_projector_nats_client.py` compare both with
+nats-py's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -71,6 +73,16 @@ class ProjectorNatsClient(Client):
 
     async def subscribe(self, *args: Any, **kwargs: Any) -> Subscription:
         sub = await super().subscribe(*args, **kwargs)
-        if type(sub) is Subscription:  # only nats-py's own class: a later release's subclass keeps its behaviour
+        if _takes_queued_first(sub):
             sub.__class__ = QueuedFirstSubscription
         return sub
+
+
+def _takes_queued_first(sub: Subscription) -> bool:
+    """Whether `sub` is nats-py's own class with the queue and the pending size `QueuedFirstSubscription` uses: a
+    release that changes either (or a subclass of its own) keeps its own `next_msg`."""
+    return (
+        type(sub) is Subscription
+        and isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue)
+        and isinstance(getattr(sub, "_pending_size", None), int)
+    )
