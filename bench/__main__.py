@@ -133,13 +133,8 @@ class Bench:
         )  # fmt: skip
         self.measure("nats", "raw JetStream publish_async with acks", lambda: asyncio.run(raw.jetstream_publish(
             self.stack.nats.url, s, {"nats": servers["nats"]})))  # fmt: skip
-        self.measure(
-            "nats_consume",
-            "raw JetStream pull consumer with acks",
-            lambda: asyncio.run(
-                raw.jetstream_consume(self.stack.nats.url, CONSUMED_PER_SECOND * int(s), {"nats": servers["nats"]})
-            ),
-        )
+        self.measure("nats_consume", "raw JetStream pull consumer with acks", lambda: asyncio.run(raw.jetstream_consume(
+            self.stack.nats.url, CONSUMED_PER_SECOND * int(s), {"nats": servers["nats"]})))  # fmt: skip
         self.measure("mongo", "raw MongoDB bulk upserts and find_one", lambda: asyncio.run(raw.mongo_rates(
             self.stack.mongo.url, s, 200, CONCURRENCY, {"mongo": servers["mongo"]})))  # fmt: skip
 

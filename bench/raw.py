@@ -36,6 +36,7 @@ from core.envelope import EventMetadata, RecordedEvent
 from core.jetstream import ensure_stream, event_stream_config
 from core.projections.orders import INDEXES as ORDER_INDEXES
 from core.subjects import event_subject
+from projector.config import ProjectorSettings
 from projector.nats_client import ProjectorNatsClient
 
 Servers = Mapping[str, Sequence[int]]  # name -> PIDs of a server's processes, whose CPU a measurement records
@@ -177,7 +178,9 @@ async def jetstream_publish(url: str, duration: float, servers: Servers | None =
             "cpu": spent.figures(acked, "messages")}  # fmt: skip
 
 
-CONSUME_BATCH = 200  # the projector's default batch size (CQRS_PROJECTOR_BATCH_SIZE)
+# The projector's defaults (CQRS_PROJECTOR_BATCH_SIZE, CQRS_PROJECTOR_MAX_ACK_PENDING), read from its settings.
+CONSUME_BATCH: int = ProjectorSettings.model_fields["projector_batch_size"].default
+CONSUME_MAX_ACK_PENDING: int = ProjectorSettings.model_fields["projector_max_ack_pending"].default
 
 
 def relayed_event(stream_id: str, version: int, position: int) -> RecordedEvent:
@@ -201,12 +204,12 @@ async def jetstream_consume(url: str, messages: int, servers: Servers | None = N
 
     The events (bodies and headers as the relay sends them, 100 interleaved streams) are published first, untimed.
     """
-    prefix = "bench.consume"
+    prefix, stream = "bench.consume", "BENCH_RAW_CONSUME"
     nc = ProjectorNatsClient()
     await nc.connect(url, connect_timeout=5)
     try:
         js = nc.jetstream(publish_async_max_pending=4000)
-        await ensure_stream(js, event_stream_config("BENCH_RAW_CONSUME", prefix))
+        await ensure_stream(js, event_stream_config(stream, prefix))
         streams = [str(uuid.uuid4()) for _ in range(100)]
         for n in range(messages):
             event = relayed_event(streams[n % len(streams)], n // len(streams) + 1, n + 1)
@@ -216,9 +219,9 @@ async def jetstream_consume(url: str, messages: int, servers: Servers | None = N
         sub = await js.pull_subscribe(
             f"{prefix}.>",
             durable="bench-raw-consume",
-            stream="BENCH_RAW_CONSUME",
+            stream=stream,
             config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, max_ack_pending=2000
+                ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, max_ack_pending=CONSUME_MAX_ACK_PENDING
             ),
         )
         received = 0
@@ -231,7 +234,7 @@ async def jetstream_consume(url: str, messages: int, servers: Servers | None = N
                 received += len(batch)
             await nc.flush(timeout=10)  # the last acks reach the server inside the window
             elapsed = time.monotonic() - started
-        await js.delete_stream("BENCH_RAW_CONSUME")
+        await js.delete_stream(stream)
     finally:
         await nc.close()
     return {"rate": received / elapsed, "received": received, "cpu": spent.figures(received, "messages")}
