@@ -20,6 +20,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure, PyMongoError, WTimeoutError
 
+from core import mongo_round_trip
 from core import read_model as contract
 from core.dependency_metrics import dependency_metrics
 from core.errors import DependencyUnavailable
@@ -113,8 +114,10 @@ def redact_mongo_url(url: str) -> str:
 def make_client(settings: QuerySettings) -> AsyncMongoClient[Document]:
     """A client whose every operation fails within the configured timeout when MongoDB is unreachable.
 
-    No I/O happens here: AsyncMongoClient connects on first use.
+    No I/O happens here: AsyncMongoClient connects on first use. Its round trips are awaited in the calling task
+    (`core.mongo_round_trip`): most queries are one round trip.
     """
+    mongo_round_trip.install()
     timeout_ms = settings.mongo_timeout_ms
     return AsyncMongoClient(
         settings.mongo_url,
