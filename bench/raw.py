@@ -8,8 +8,8 @@
   durable pull consumer taking stored events as the projector does (its client class, batches of 200, one ack a
   message), doing nothing with them: what receiving an event costs before any work of ours.
 * MongoDB (PyMongo's AsyncMongoClient): unordered bulk upserts of 200 order-shaped documents (the projector's
-  batch size) with the projector's filters, on a collection with the `orders` indexes; and `find_one` by id with
-  the query service's filter, from 32 concurrent callers.
+  batch size) with the projector's filters, on a collection with the `orders` indexes; and `find_one` by id as
+  the query service reads an order (`_id` alone, without the change log), from 32 concurrent callers.
 
 Each also records its CPU cost (`bench.cpu`): this process's as the client, and the server's (`servers`: name ->
 PIDs of the server processes) over the timed part only.
@@ -38,6 +38,7 @@ from core.projections.orders import INDEXES as ORDER_INDEXES
 from core.subjects import event_subject
 from projector.config import ProjectorSettings
 from projector.nats_client import ProjectorNatsClient
+from query_service.read_model import WITHOUT_HISTORY
 
 Servers = Mapping[str, Sequence[int]]  # name -> PIDs of a server's processes, whose CPU a measurement records
 
@@ -312,13 +313,15 @@ async def mongo_rates(
                 ids += new_ids
             upsert_elapsed = time.monotonic() - started
 
-        # find_one by id with the query service's filter, from concurrent callers on one client.
+        # find_one by id as the query service reads an order, from concurrent callers on one client.
         finds = [0] * find_callers
         deadline = time.monotonic() + duration
 
         async def finder(k: int) -> None:
             while time.monotonic() < deadline:
-                await orders.find_one({"_id": random.choice(ids), "deleted": {"$ne": True}})
+                doc = await orders.find_one({"_id": random.choice(ids)}, WITHOUT_HISTORY)
+                if doc is None or doc.get("deleted") is True:
+                    raise RuntimeError(f"the bench's order {doc} is missing or deleted")
                 finds[k] += 1
 
         with cpu.window(servers or {}) as finds_cpu:

@@ -43,7 +43,7 @@ def all_rows(figures: dict[str, Any], workers: int, concurrency: int) -> list[Ro
             get("nats_consume", "rate"), "msgs/s"),
         Row(phys, "MongoDB bulk upsert (200/bulk_write, orders shape + indexes, creates+guarded updates)",
             upsert, "ops/s"),
-        Row(phys, f"MongoDB find_one by _id (query-service filter, {concurrency} callers)", find, "finds/s"),
+        Row(phys, f"MongoDB find_one by _id (as query_service reads an order, {concurrency} callers)", find, "finds/s"),
     ]  # fmt: skip
     best = (f.get("commands") or {}).get("best") or {}
     command_rate = best.get("achieved")
