@@ -67,10 +67,14 @@ class CustomerReadModel:
         self._customers = database[CUSTOMERS_COLLECTION]
 
     async def get(self, customer_id: str) -> Document | None:
-        """The customer with this id, or None (also for a document that holds only order statistics)."""
+        """The customer with this id, or None (also for a document that holds only order statistics).
+
+        Read by `_id` alone, as an order is (`OrderReadModel.get`): MongoDB's fastest plan for one document.
+        """
         with read_model_outage():
             async with self._deps.timed("mongodb", "get_customer"):
-                return await self._customers.find_one({"_id": customer_id, **_IS_CUSTOMER})
+                doc = await self._customers.find_one({"_id": customer_id})
+        return doc if doc is not None and "version" in doc else None
 
     async def list_page(self, filters: CustomerFilter, after: CustomerCursor | None, limit: int) -> list[Document]:
         """Up to `limit` customers matching `filters`, by name then id, strictly after `after` when given."""
