@@ -155,7 +155,7 @@ class OrderReadModel:
         """The live (not deleted) order with this id, or None.
 
         Read by `_id` alone and a tombstone dropped here: a filter on nothing but `_id` is MongoDB's fastest plan
-        for one document, and cost the MongoDB-wire server 0.72x the CPU of the same read filtered on `deleted`.
+        for one document, and cost the MongoDB-wire server about 0.7x the CPU of the same read filtered on `deleted`.
         """
         with read_model_outage():
             async with self._deps.timed("mongodb", "get_order"):
