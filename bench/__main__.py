@@ -265,14 +265,18 @@ class Bench:
         # that the step measures its own rate, not the search's tail.
         backlog, drained_s = system.wait_projected(self.stack.nats.url, DRAIN_TIMEOUT_SECONDS)
         before = self._stage_scrapes()
-        report = system.run_load(*addr, mode="open", rate=rate, duration=self.seconds, workers=self.workers,
-                                 mix=system.COMMAND_MIX, ttq_sample=sample, log=self.load_log,
+        # Commands at `rate` and queries beside them at the same rate: `rate` is the commands' share of the mix.
+        report = system.run_load(*addr, mode="open", rate=rate * (1 + system.QUERIES_PER_COMMAND),
+                                 duration=self.seconds, workers=self.workers, mix=system.COMMANDS_WITH_QUERIES_MIX,
+                                 ttq_sample=sample, log=self.load_log,
                                  cpu_pids=cpu.stack_groups(self.stack))  # fmt: skip
         after = self._stage_scrapes()
         ttq = report.get("time_to_queryable_ms") or {}
         if not ttq.get("count"):
             raise RuntimeError(f"the load report has no time-to-queryable samples: {ttq}")
-        return {"rate": rate, "ttq": ttq, "commands": report.get("commands", {}),
+        commands, queries = report.get("commands", {}), report.get("queries", {})
+        return {"rate": rate, "ttq": ttq, "commands": commands,
+                "query_rate": queries.get("throughput_rps"), "queries": queries,
                 "backlog_before": backlog, "drained_s": round(drained_s, 1),
                 "stages": [vars(s) for s in stages.breakdown(before, after)],
                 "cpu": cpu.from_load_report(report, "commands", "commands")}  # fmt: skip

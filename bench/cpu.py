@@ -133,7 +133,10 @@ def measurements(figures: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any
         ("raw MongoDB find_one (per find)", _dig(figures, "mongo", "cpu_find")),
         (f"system: sustained commands{rate} (per command)", best.get("cpu")),
         *(
-            (f"system: commands + time-to-queryable probes{_at(rate)} (per command)", _dig(figures, step, "cpu"))
+            (
+                f"system: commands, as many queries and time-to-queryable probes{_at(rate)} (per command)",
+                _dig(figures, step, "cpu"),
+            )
             for step, rate in (("ttq_fixed", _dig(figures, "ttq_fixed", "rate")), ("ttq", ttq_rate))
         ),
         ("system: projector catch-up (per event)", _dig(figures, "projector", "cpu")),

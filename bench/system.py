@@ -32,6 +32,10 @@ from projector.consumer import group_consumers
 
 COMMAND_MIX = "create=1,add=3,change=1,place=1"
 QUERY_MIX = "get=1,list=1"
+# The time-to-queryable steps' load (issue 12: "with queries running at the same time"): the command mix and as
+# many queries, half GetOrder (orders the run created) and half ListOrders; the command weights sum to 6.
+COMMANDS_WITH_QUERIES_MIX = f"{COMMAND_MIX},get=3,list=3"
+QUERIES_PER_COMMAND = 1.0
 P99_LIMIT_MS = 25.0
 PROJECTOR_DURABLE = "orders-projector"
 

@@ -91,7 +91,12 @@ def _ttq_rows(step: dict[str, Any], p99_limit_ms: float) -> list[Row]:
     """The p50 and p99 rows of one time-to-queryable step (`Bench._ttq`), the p99 judged against its limit."""
     ttq = step.get("ttq") or {}
     at = f" at {step['rate']:.0f} cmds/s" if step.get("rate") else ""
+    if step.get("query_rate"):
+        at += f" + {step['query_rate']:.0f} queries/s"
     samples = f"{ttq.get('count')} samples, {ttq.get('timeouts')} timeouts" if ttq else ""
+    query_p99 = ((step.get("queries") or {}).get("latency_ms") or {}).get("p99")
+    if query_p99 is not None:
+        samples += f"; query p99 {query_p99:.1f} ms"
     if step.get("backlog_before"):
         samples += f"; first applied the {step['backlog_before']:,} events earlier steps left, in {step['drained_s']} s"
     p50_row = limit_row("system", f"time-to-queryable p50{at}", ttq.get("p50"), "ms", None, note=samples)

@@ -29,6 +29,7 @@ ROWS = [
     "time-to-queryable p50",
     "time-to-queryable p99",
     "time-to-queryable p99 at 100 cmds/s",  # the fixed rate, beside the half of the sustained rate
+    "time-to-queryable p50 at 100 cmds/s + ",  # "... + N queries/s": both steps run queries beside the commands
     # Where it goes: the relay's and the projector's stages, then the query service's waiter.
     "projector stream_to_fetch",
     "query_service checkpoint_to_seen",
@@ -73,6 +74,7 @@ CPU_TABLE_ROWS = [
     "gRPC echo, open loop at",
     "raw JetStream consumer",
     "system: sustained commands",
+    "system: commands, as many queries and time-to-queryable probes at 100 cmds/s",
     "system: projector catch-up",
     "system: queries, closed loop",
 ]

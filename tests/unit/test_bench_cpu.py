@@ -219,7 +219,7 @@ def test_cpu_table_lists_every_measurement_with_per_thousand_costs() -> None:
     command = lines["system: sustained commands at 300 cmds/s (per command)"]
     assert "| 1,500 | 2.0 | 0.4 | 0.6 | 0.00667 | 0.2 | 0.02 | 0.6 |  | 0.133 |" in command
     assert "| n/a |" in lines["system: projector catch-up (per event)"]  # PostgreSQL measured, unknown
-    assert "not measured" in lines["system: commands + time-to-queryable probes (per command)"]
+    assert "not measured" in lines["system: commands, as many queries and time-to-queryable probes (per command)"]
 
 
 def test_load_report_cpu_becomes_a_bench_figure_with_the_load_generator_as_client() -> None:
