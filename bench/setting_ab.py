@@ -42,12 +42,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import stages
 from bench.cpu import stack_groups
 from bench.stack import BenchStack
-from bench.system import run_load, wait_projected
+from bench.system import COMMAND_MIX, COMMANDS_WITH_QUERIES_MIX, QUERIES_PER_COMMAND, run_load, wait_projected
 from cqrsctl.status import metrics_text
 from localservers import LOOPBACK, ServiceProcess, free_port
 
 HERE = Path(__file__).resolve().parent.parent
-COMMAND_MIX = "create=1,add=3,change=1,place=1"  # the bench's sustained-rate mix
 QUERY_MIX = "get=1,list=1,create=0.05"
 DRAIN_TIMEOUT_SECONDS = 300.0
 
@@ -102,9 +101,12 @@ def measure(stack: BenchStack, args: argparse.Namespace, replicas: list[ServiceP
             duration=args.seconds, workers=args.workers, mix=args.mix or QUERY_MIX, cpu_pids=groups,
         )  # fmt: skip
     else:  # a fixed command rate: the same work per second in both variants
+        # --with-queries: the load of make bench's time-to-queryable steps, as many queries as commands beside them.
+        rate = args.rate * (1 + QUERIES_PER_COMMAND) if args.with_queries else args.rate
+        mix = args.mix or (COMMANDS_WITH_QUERIES_MIX if args.with_queries else COMMAND_MIX)
         report = run_load(
-            command_addr, stack.query_addr, mode="open", rate=args.rate, duration=args.seconds,
-            workers=args.workers, mix=args.mix or COMMAND_MIX, ttq_sample=args.ttq, cpu_pids=groups,
+            command_addr, stack.query_addr, mode="open", rate=rate, duration=args.seconds,
+            workers=args.workers, mix=mix, ttq_sample=args.ttq, cpu_pids=groups,
         )  # fmt: skip
     kind = "queries" if args.queries else "commands"
     operations = report["cpu"]["operations"][kind]
@@ -175,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ttq", type=float, default=0.0, metavar="FRACTION",
         help="commands: also time-to-queryable p50/p99, probed for this fraction of the commands (default 0: off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--with-queries", action="store_true",
+        help="commands: as many queries per second beside them (GetOrder, ListOrders), as make bench's "
+        "time-to-queryable steps run (the command mix then adds get=3,list=3)",
     )  # fmt: skip
     parser.add_argument("--mix", default="", help=f"the load's mix (default {COMMAND_MIX}; --queries {QUERY_MIX})")
     parser.add_argument(
