@@ -61,9 +61,17 @@ async def test_a_pull_consumer_receives_what_nats_py_receives(nats_url: str, uni
         assert mine == theirs
         for sub in (our_sub, plain_sub):  # nothing left counted as pending once all was taken
             assert (sub.pending_msgs, sub.pending_bytes) == (0, 0)
-        for durable in ("plain", "ours"):  # every ack reached the server
-            info = await js.consumer_info(stream, durable)
-            assert (info.num_ack_pending, info.num_pending) == (0, 0)
+        # Every ack reached the server. Acks are buffered publishes of each client, and the server applies them to
+        # the consumer asynchronously: flush them out, then wait (bounded) for the consumer to count them.
+        for client in (ours, plain):
+            await client.flush(timeout=5)
+        for durable in ("plain", "ours"):
+
+            async def settled(durable: str = durable) -> bool:
+                info = await js.consumer_info(stream, durable)
+                return (info.num_ack_pending, info.num_pending) == (0, 0)
+
+            await eventually(settled, what=f"consumer {durable!r} with no ack and no message pending", timeout=5)
         await js.delete_stream(stream)
     finally:
         for client in (publisher, ours, plain):
