@@ -265,10 +265,9 @@ class Bench:
         # that the step measures its own rate, not the search's tail.
         backlog, drained_s = system.wait_projected(self.stack.nats.url, DRAIN_TIMEOUT_SECONDS)
         before = self._stage_scrapes()
-        # Commands at `rate` and queries beside them at the same rate: `rate` is the commands' share of the mix.
-        report = system.run_load(*addr, mode="open", rate=rate * (1 + system.QUERIES_PER_COMMAND),
-                                 duration=self.seconds, workers=self.workers, mix=system.COMMANDS_WITH_QUERIES_MIX,
-                                 ttq_sample=sample, log=self.load_log,
+        total_rate, mix = system.with_queries(rate)  # `rate` commands a second, as many queries beside them
+        report = system.run_load(*addr, mode="open", rate=total_rate, duration=self.seconds, workers=self.workers,
+                                 mix=mix, ttq_sample=sample, log=self.load_log,
                                  cpu_pids=cpu.stack_groups(self.stack))  # fmt: skip
         after = self._stage_scrapes()
         ttq = report.get("time_to_queryable_ms") or {}

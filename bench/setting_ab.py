@@ -42,7 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import stages
 from bench.cpu import stack_groups
 from bench.stack import BenchStack
-from bench.system import COMMAND_MIX, COMMANDS_WITH_QUERIES_MIX, QUERIES_PER_COMMAND, run_load, wait_projected
+from bench.system import COMMAND_MIX, run_load, wait_projected, with_queries
 from cqrsctl.status import metrics_text
 from localservers import LOOPBACK, ServiceProcess, free_port
 
@@ -102,8 +102,8 @@ def measure(stack: BenchStack, args: argparse.Namespace, replicas: list[ServiceP
         )  # fmt: skip
     else:  # a fixed command rate: the same work per second in both variants
         # --with-queries: the load of make bench's time-to-queryable steps, as many queries as commands beside them.
-        rate = args.rate * (1 + QUERIES_PER_COMMAND) if args.with_queries else args.rate
-        mix = args.mix or (COMMANDS_WITH_QUERIES_MIX if args.with_queries else COMMAND_MIX)
+        rate, mix = with_queries(args.rate) if args.with_queries else (args.rate, COMMAND_MIX)
+        mix = args.mix or mix
         report = run_load(
             command_addr, stack.query_addr, mode="open", rate=rate, duration=args.seconds,
             workers=args.workers, mix=mix, ttq_sample=args.ttq, cpu_pids=groups,

@@ -40,6 +40,11 @@ P99_LIMIT_MS = 25.0
 PROJECTOR_DURABLE = "orders-projector"
 
 
+def with_queries(command_rate: float) -> tuple[float, str]:
+    """The open-loop rate and mix that send `command_rate` commands a second and as many queries beside them."""
+    return command_rate * (1 + QUERIES_PER_COMMAND), COMMANDS_WITH_QUERIES_MIX
+
+
 class LoadError(RuntimeError):
     """`cqrs load` is missing, failed, or wrote no readable report."""
 

@@ -33,7 +33,8 @@ BY_NAME: Final[list[tuple[str, int]]] = [("name", ASCENDING), ("_id", ASCENDING)
 CUSTOMER_INDEXES: Final[list[IndexModel]] = [IndexModel(list(keys)) for keys in contract.CUSTOMER_INDEXES]
 
 # Only documents the customer's own events have created; statistics-only documents have no version.
-_IS_CUSTOMER: Final[Document] = {"version": {"$exists": True}}
+_CUSTOMER_FIELD: Final = "version"
+_IS_CUSTOMER: Final[Document] = {_CUSTOMER_FIELD: {"$exists": True}}
 
 
 def normalize_email(raw: str) -> str:
@@ -74,7 +75,7 @@ class CustomerReadModel:
         with read_model_outage():
             async with self._deps.timed("mongodb", "get_customer"):
                 doc = await self._customers.find_one({"_id": customer_id})
-        return doc if doc is not None and "version" in doc else None
+        return doc if doc is not None and _CUSTOMER_FIELD in doc else None
 
     async def list_page(self, filters: CustomerFilter, after: CustomerCursor | None, limit: int) -> list[Document]:
         """Up to `limit` customers matching `filters`, by name then id, strictly after `after` when given."""
