@@ -257,6 +257,9 @@ async def test_a_published_batch_is_deleted_by_the_next_outbox_read_or_on_its_ow
 
         await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the idle relay's own delete", timeout=10)
         assert await _count(registry, deletes) == 1
+        # ... and timed as the relay's `delete` stage (the stages of time-to-queryable, `core.stage_metrics`).
+        stage = relay.stages.registry.get_sample_value("cqrs_relay_stage_seconds_count", {"stage": "delete"})
+        assert stage == 1
         assert await _count(registry, fetches) - before == 2, "no outbox read while idle"
         assert relay.published_total == 2
 

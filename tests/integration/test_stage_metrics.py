@@ -24,12 +24,10 @@ async def test_each_event_passes_every_stage_once(system: System) -> None:
 
     assert _sample(relay, relay_stage, "count", stage="commit_to_read") == events
     assert 1 <= _sample(relay, relay_stage, "count", stage="publish") <= events
-    # A batch's delete rides on the next outbox read when one follows at once; only the others are timed apart.
-    assert (
-        1
-        <= _sample(relay, relay_stage, "count", stage="delete")
-        <= _sample(relay, relay_stage, "count", stage="publish")
-    )
+    # A batch's delete rides on the next outbox read when one follows at once; only the others are timed apart. With
+    # commits this close together every delete can ride on a read (the last one's too, when a commit's NOTIFY comes
+    # after the read that took its rows), so there may be none here: `test_relay.py`'s delete test times one.
+    assert _sample(relay, relay_stage, "count", stage="delete") <= _sample(relay, relay_stage, "count", stage="publish")
     first_deliveries = _sample(projector, projector_stage, "count", stage="relay_to_stream")
     assert 0 < first_deliveries <= events
     assert _sample(projector, projector_stage, "count", stage="stream_to_fetch") == first_deliveries
