@@ -102,8 +102,7 @@ def measure(stack: BenchStack, args: argparse.Namespace, replicas: list[ServiceP
         )  # fmt: skip
     else:  # a fixed command rate: the same work per second in both variants
         # --with-queries: the load of make bench's time-to-queryable steps, as many queries as commands beside them.
-        rate, mix = with_queries(args.rate) if args.with_queries else (args.rate, COMMAND_MIX)
-        mix = args.mix or mix
+        rate, mix = with_queries(args.rate) if args.with_queries else (args.rate, args.mix or COMMAND_MIX)
         report = run_load(
             command_addr, stack.query_addr, mode="open", rate=rate, duration=args.seconds,
             workers=args.workers, mix=mix, ttq_sample=args.ttq, cpu_pids=groups,
@@ -189,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         help="each run on a new, empty stack (slower: no drift from the data earlier runs left)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.with_queries and (args.mix or args.queries):
+        # Its rate counts the queries its own mix adds: another mix would not send --rate commands a second.
+        parser.error("--with-queries sets the load's mix itself: leave out --mix and --queries")
     variants = {"A": variant(args.a), "B": variant(args.b)}
     trees = {"A": args.a_tree.resolve(), "B": args.b_tree.resolve()}
     runs: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
