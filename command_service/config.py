@@ -38,6 +38,9 @@ class CommandServiceSettings(ServerSecurity):
     group_commit_flushers: int = Field(default=4, ge=1, le=64)
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     relay_poll_seconds: float = Field(default=1.0, gt=0)
+    # While commits keep coming the relay reads the outbox at most once per this many milliseconds (0: at every
+    # commit's NOTIFY), so that one read and one publish carry the commits of that interval (relay.py).
+    relay_fetch_interval_ms: float = Field(default=10.0, ge=0, le=1000)
     # The active relay's lease: a replica frozen or cut off this long loses it to a standby (relay_lease.py).
     relay_lease_seconds: float = Field(default=15.0, ge=3)
     relay_enabled: bool = True

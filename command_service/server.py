@@ -157,6 +157,7 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
                 stream_replicas=settings.stream_replicas,
                 batch_size=settings.relay_batch_size,
                 poll_interval=settings.relay_poll_seconds,
+                fetch_interval=settings.relay_fetch_interval_ms / 1000,
                 lease_seconds=settings.relay_lease_seconds,
             ),
             registry=registry,

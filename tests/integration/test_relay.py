@@ -270,6 +270,54 @@ async def test_a_published_batch_is_deleted_by_the_next_outbox_read_or_on_its_ow
     assert relay.published_total == 3
 
 
+async def test_while_commits_keep_coming_the_relay_reads_once_per_fetch_interval_and_at_once_when_idle(
+    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, unique_name: str
+) -> None:
+    """The fetch interval: commits that follow a read within the interval wait for it to pass and are read and
+    published together; an idle relay reads a commit at once, and a full batch is followed at once by the next."""
+    interval = 2.0
+    relay_settings = dataclasses.replace(
+        settings(unique_name), poll_interval=60.0, delete_linger=3.0, fetch_interval=interval, batch_size=3
+    )
+    registry = CollectorRegistry()
+    fetches = {"dependency": "postgres", "operation": "outbox_fetch"}
+    meta = EventMetadata("r", "r", "r")
+    stream = relay_settings.stream_name
+
+    async def commit(*stream_ids: str) -> set[int]:
+        async with pg_pool.acquire() as conn, conn.transaction():
+            return {
+                (await append_in_transaction(conn, one_event_append(s, meta), timeout=5)).position for s in stream_ids
+            }
+
+    def publish_batches(relay: OutboxRelay) -> float:
+        return relay.stages.registry.get_sample_value("cqrs_relay_stage_seconds_count", {"stage": "publish"}) or 0.0
+
+    async with running_relay(event_store_dsn, nats_url, relay_settings, registry) as relay:
+        before = await eventually(lambda: _count(registry, fetches), what="the relay's first (empty) outbox read")
+        started = asyncio.get_running_loop().time()
+        first = await commit("stream-0")
+        await eventually(lambda: _published(nats_url, stream, first), what="the first commit", timeout=5)
+        assert asyncio.get_running_loop().time() - started < interval, "an idle relay reads a commit at once"
+
+        following: set[int] = set()
+        for n in range(1, 3):  # one event each, inside the interval (fewer than a batch)
+            following |= await commit(f"stream-{n}")
+        read_by = asyncio.get_running_loop().time()
+        await eventually(lambda: _published(nats_url, stream, following), what="the following commits", timeout=10)
+        assert await _count(registry, fetches) - before == 2, "both commits of the interval came in one read"
+        assert publish_batches(relay) == 2, "... and in one publish"
+        assert asyncio.get_running_loop().time() - read_by > interval / 4, "they waited for the interval"
+
+        await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the idle relay's own delete", timeout=10)
+        reads = await _count(registry, fetches)
+        started = asyncio.get_running_loop().time()
+        backlog = await commit(*(f"backlog-{n}" for n in range(7)))  # one transaction, one NOTIFY: 3 + 3 + 1 rows
+        await eventually(lambda: _published(nats_url, stream, backlog), what="a backlog of full batches", timeout=5)
+        assert asyncio.get_running_loop().time() - started < interval, "a full batch is followed by a read at once"
+        assert await _count(registry, fetches) - reads == 3
+
+
 async def test_commands_succeed_while_nats_is_down_and_the_backlog_drains_when_it_returns(
     event_store_dsn: str, pg_pool: asyncpg.Pool, nats_server: NatsHandle, unique_name: str
 ) -> None:
