@@ -27,6 +27,7 @@ from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
 from core.grpc_server import ServerInterceptorBase, ServerSecurity, responses_of
+from core.log_throttle import per_request
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,11 @@ class AuthInterceptor(ServerInterceptorBase):
         try:
             claims = self.authorize(method, handler_call_details.invocation_metadata)
         except AuthError as error:
-            log.warning("rejected %s: %s (%s)", method, error.reason, error.code.name)
+            # A client with a bad token is refused on every call: one line per method and code a window.
+            per_request.log(
+                log, logging.WARNING, (method, error.code), "rejected %s: %s (%s)", method, error.reason,
+                error.code.name,
+            )  # fmt: skip
             return _denying_handler(handler, error)
         expires = claims.get("exp")
         if handler.response_streaming and not handler.request_streaming and isinstance(expires, int | float):

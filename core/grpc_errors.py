@@ -20,6 +20,7 @@ from core.errors import (
     ServiceError,
     Unavailable,
 )
+from core.log_throttle import per_request
 
 _CODES: list[tuple[type[ServiceError], grpc.StatusCode, int]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
@@ -61,12 +62,16 @@ async def abort_for(
     with a generic message (the traceback goes to `log`, never to the caller).
 
     A dependency outage is logged as a warning naming the dependency and the driver's detail, which the caller
-    does not see; any other UNAVAILABLE (e.g. a read model behind a consistency token) at info level.
+    does not see; any other UNAVAILABLE (e.g. a read model behind a consistency token) at info level. Both fail
+    every request while they last, so each method logs them at most once per window (`core.log_throttle`).
     """
     if isinstance(exc, DependencyUnavailable):
-        log.warning("%s: %s is unavailable: %s", method, exc.dependency, exc.detail)
+        per_request.log(
+            log, logging.WARNING, (method, exc.dependency), "%s: %s is unavailable: %s", method, exc.dependency,
+            exc.detail,
+        )  # fmt: skip
     elif isinstance(exc, Unavailable):
-        log.info("%s: %s", method, exc.message)
+        per_request.log(log, logging.INFO, (method, Unavailable), "%s: %s", method, exc.message)
     if isinstance(exc, ServiceError):
         await abort_with(context, exc)
     log.error("%s failed unexpectedly", method, exc_info=exc)

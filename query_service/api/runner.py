@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from core.errors import InvalidArgument
 from core.grpc_errors import abort_for
+from core.log_throttle import per_request
 from core.rpc_table import Context, Rpc
 from query_service.consistency import ReadYourWrites, TooManyWaiters, parse_requirement
 from query_service.request_checks import collect
@@ -70,6 +71,6 @@ class QueryRunner(Generic[Src]):
 async def fail(context: Context, method: str, exc: Exception) -> NoReturn:
     """Ends the RPC with the status that `exc` deserves; never returns."""
     if isinstance(exc, TooManyWaiters):
-        log.warning("%s: %s", method, exc)
+        per_request.log(log, logging.WARNING, (method, TooManyWaiters), "%s: %s", method, exc)
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     await abort_for(context, method, exc, log)

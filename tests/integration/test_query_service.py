@@ -31,6 +31,7 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 
 from core.grpc_errors import field_violations
+from core.log_throttle import per_request
 from query_service.config import QuerySettings
 from query_service.paging import ListFilter
 from query_service.server import CUSTOMER_SERVICE_NAME, SERVICE_NAME, RunningServer, start_query_server
@@ -763,6 +764,7 @@ async def test_mongodb_down_is_unavailable_and_not_serving(caplog: pytest.LogCap
         grace_seconds=0,
     )
     caplog.set_level(logging.WARNING, logger="query_service")
+    per_request.clear()  # lines other tests of this process logged must not count against this one's
     running = await start_query_server(settings, health_interval=0.1)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as chan:
@@ -770,7 +772,7 @@ async def test_mongodb_down_is_unavailable_and_not_serving(caplog: pytest.LogCap
             calls: list[Callable[[], Awaitable[object]]] = [
                 lambda: stub.GetOrder(query_service_pb2.GetOrderRequest(order_id=str(uuid.uuid4()))),
                 lambda: stub.ListOrders(query_service_pb2.ListOrdersRequest()),
-            ]
+            ] * 3
             for call in calls:
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await asyncio.wait_for(call(), timeout=10)
@@ -785,6 +787,13 @@ async def test_mongodb_down_is_unavailable_and_not_serving(caplog: pytest.LogCap
                     r.levelno == logging.WARNING and "MongoDB" in r.getMessage() and "at mongodb://" in r.getMessage()
                     for r in caplog.records
                 )
+
+            # Every call failed, but the log says so once per method (and window), with the driver's detail.
+            per_call = [r.getMessage() for r in caplog.records if r.name.endswith("api.runner")]
+            assert len(per_call) == 2, per_call
+            assert per_call[0].startswith("GetOrder: read model (MongoDB) is unavailable: ")
+            assert per_call[1].startswith("ListOrders: read model (MongoDB) is unavailable: ")
+            assert all(str(port) in line for line in per_call)
 
             await wait_for(warned, "a WARNING from the health watcher naming MongoDB")
             for service in ("", SERVICE_NAME):

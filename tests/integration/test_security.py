@@ -6,6 +6,7 @@ Certificates come from `trustme` and signing keys from `cryptography`, all made 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import urllib.request
 import uuid
@@ -25,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from command_service.config import CommandServiceSettings
 from command_service.migrate import migrate
 from command_service.server import RunningCommandServer, start_command_server
+from core.log_throttle import per_request
 from query_service.config import QuerySettings
 from query_service.server import RunningServer, start_query_server
 from tests.support import create_database, eventually, with_database
@@ -193,7 +195,11 @@ async def test_command_server_serves_tls_too(postgres_dsn: str, unique_name: str
 # --- authentication and authorization ----------------------------------------------------------------------------
 
 
-async def test_query_auth(mongo_url: str, unique_name: str, signer: Signer, jwt_key_file: Path) -> None:
+async def test_query_auth(
+    mongo_url: str, unique_name: str, signer: Signer, jwt_key_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="core.auth")
+    per_request.clear()  # lines other tests of this process logged must not count against this one's
     async with (
         query_server(mongo_url, unique_name, **auth_settings(jwt_key_file)) as server,
         grpc.aio.insecure_channel(server.address) as channel,
@@ -242,6 +248,13 @@ async def test_query_auth(mongo_url: str, unique_name: str, signer: Signer, jwt_
             return value or 0.0
 
         assert handled(GET_ORDER, "UNAUTHENTICATED") == 6
+        # each refused, but logged once per method and code (and window): a client with a bad token cannot flood it
+        refusals = [r.getMessage() for r in caplog.records if r.name.endswith("core.auth")]
+        assert refusals == [
+            f"rejected {GET_ORDER}: missing bearer token (UNAUTHENTICATED)",
+            f"rejected {GET_ORDER}: needs scope orders:read (PERMISSION_DENIED)",
+            "rejected /cqrs.orders.v1.OrderQueryService/WatchOrder: missing bearer token (UNAUTHENTICATED)",
+        ], refusals
         assert handled("/cqrs.orders.v1.OrderQueryService/WatchOrder", "UNAUTHENTICATED") == 1
         assert handled(GET_ORDER, "PERMISSION_DENIED") == 1
         assert handled(GET_ORDER, "NOT_FOUND") == 2
