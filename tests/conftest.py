@@ -10,6 +10,7 @@ the suite pays the start-up time once, in parallel; a run of unit tests starts n
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from core.logs import JsonFormatter
 from localservers import (
     ExternalNatsServer,
     MongoServer,
@@ -46,6 +48,20 @@ _FACTORIES: dict[str, Callable[[Path, int], ServerProcess]] = {
     "nats": NatsServer,
     "mongo": MongoServer,
 }
+
+
+@pytest.fixture(autouse=True)
+def _process_logging_restored() -> Iterator[None]:
+    """A test that runs a command's `main` in this process (the `cqrs` CLI) configures logging for the whole
+    process (`core.logs.configure_logging`): undo it afterwards, so that later tests' records keep their logger's
+    name and are not written to that test's closed capture stream."""
+    root = logging.getLogger()
+    level, factory = root.level, logging.getLogRecordFactory()
+    yield
+    for handler in [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    logging.setLogRecordFactory(factory)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -789,7 +789,7 @@ async def test_mongodb_down_is_unavailable_and_not_serving(caplog: pytest.LogCap
                 )
 
             # Every call failed, but the log says so once per method (and window), with the driver's detail.
-            per_call = [r.getMessage() for r in caplog.records if r.name.endswith("api.runner")]
+            per_call = [r.getMessage() for r in caplog.records if r.name == "query_service.api.runner"]
             assert len(per_call) == 2, per_call
             assert per_call[0].startswith("GetOrder: read model (MongoDB) is unavailable: ")
             assert per_call[1].startswith("ListOrders: read model (MongoDB) is unavailable: ")
