@@ -440,11 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         type=Path,
-        help="profile the last run of the new tree into this folder (projector: cProfile, server: py-spy)",
+        help="profile the last run of the new tree into this folder, made if missing (projector: cProfile, server: "
+        "py-spy; not with --pipeline)",
     )
     parser.add_argument("--spread", type=int, default=100, help="streams whose events interleave (default 100)")
     parser.add_argument("--batch-size", type=int, default=200, help="CQRS_PROJECTOR_BATCH_SIZE (default 200)")
     args = parser.parse_args(argv)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)  # cProfile and py-spy write nothing into a missing folder
     trees = {"baseline": args.baseline.resolve(), "new": args.new.resolve()}
     for variant, tree in trees.items():
         say(f"{variant}: {describe(tree)}")
