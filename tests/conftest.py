@@ -53,8 +53,9 @@ _FACTORIES: dict[str, Callable[[Path, int], ServerProcess]] = {
 @pytest.fixture(autouse=True)
 def _process_logging_restored() -> Iterator[None]:
     """A test that runs a command's `main` in this process (the `cqrs` CLI) configures logging for the whole
-    process (`core.logs.configure_logging`): undo it afterwards, so that later tests' records keep their logger's
-    name and are not written to that test's closed capture stream."""
+    process (`core.logs.configure_logging`): remove its handler and restore the root level and the record factory
+    afterwards, so that later tests' records keep their logger's name and are not written to that test's closed
+    capture stream (the drivers' loggers it quietens stay at WARNING)."""
     root = logging.getLogger()
     level, factory = root.level, logging.getLogRecordFactory()
     yield

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from core.consistency import ConsistencyToken
 from core.errors import Unavailable
 from core.grpc_errors import field_violations
+from core.log_throttle import per_request
 from query_service.config import QuerySettings
 from query_service.consistency import ConsistencyWaiter, Requirement
 from query_service.server import RunningServer, start_query_server
@@ -323,8 +325,10 @@ async def test_two_hundred_waiting_queries_share_one_poll(
 
 
 async def test_waiting_queries_beyond_the_limit_are_resource_exhausted(
-    mongo_url: str, db: AsyncDatabase[Document]
+    mongo_url: str, db: AsyncDatabase[Document], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="query_service.api.runner")
+    per_request.clear()  # lines other tests of this process logged must not count against this one's
     doc = await put_order(db, 1)
     running = await _server(mongo_url, db.name, query_max_waiters=2)
     try:
@@ -339,15 +343,22 @@ async def test_waiting_queries_beyond_the_limit_are_resource_exhausted(
                 return running.consistency_waiter.waiting == 2
 
             await eventually(two_waiting, what="two queries waiting for their token", interval=0.01)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.GetOrder(request, timeout=3)
+            refused = []
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.GetOrder(request, timeout=3)
+                refused.append(caught.value)
             stale = await asyncio.gather(*waiting)
     finally:
         await running.stop()
 
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "too many queries are waiting" in (caught.value.details() or "")
+    for refusal in refused:
+        assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many queries are waiting" in (refusal.details() or "")
     assert all(r.consistency.stale for r in stale)
+    # three refused, one line (per method and window)
+    lines = [r.getMessage() for r in caplog.records if r.name == "query_service.api.runner"]
+    assert len(lines) == 1 and lines[0].startswith("GetOrder: too many queries are waiting"), lines
 
 
 async def test_mongodb_down_while_waiting_is_unavailable() -> None:
