@@ -28,6 +28,7 @@ from core.dependency_metrics import dependency_metrics
 from core.envelope import RecordedEvent
 from core.events import decode_event
 from core.generations import active_database
+from cqrsctl import stores
 from projector.dead_letters import COLLECTION as DEAD_LETTERS
 from projector.parking import Park
 from projector.pipeline import Pipeline
@@ -48,14 +49,14 @@ def add_dead_letters_parser(sub: Any) -> None:
     parser = sub.add_parser("dead-letters", help="list, show, retry and skip the streams the projector parked")
     parser.add_argument(
         "--mongo-url",
-        default=os.environ.get("CQRS_MONGO_URL", "mongodb://127.0.0.1:27017/?directConnection=true"),
-        help="MongoDB URL of the read model (env CQRS_MONGO_URL)",
+        default=stores.mongo_url(),
+        help="MongoDB URL of the read model (env CQRS_MONGO_URL, else the `make dev` stack's)",
     )
     parser.add_argument("--mongo-database", default=os.environ.get("CQRS_MONGO_DATABASE", "cqrs"))
     parser.add_argument(
         "--dsn",
-        default=os.environ.get("CQRS_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
-        help="PostgreSQL DSN of the event store, read only (env CQRS_POSTGRES_DSN)",
+        default=stores.postgres_dsn(),
+        help="PostgreSQL DSN of the event store, read only (env CQRS_POSTGRES_DSN, else the `make dev` stack's)",
     )
     actions = parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="parked streams, and messages that name no stream")
@@ -78,12 +79,14 @@ def _run(args: argparse.Namespace) -> int:
 async def run_dead_letters(args: argparse.Namespace) -> int:
     mongo: AsyncMongoClient[Doc] = AsyncMongoClient(args.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
     try:
+        await stores.ping_mongo(mongo, args.mongo_url)
         tool = DeadLetters(await active_database(mongo[args.mongo_database]))
         if args.action == "list":
             return await tool.print_list(as_json=args.json)
         if args.action == "show":
             return await tool.print_show(args.stream_id)
-        conn = await asyncpg.connect(args.dsn, timeout=10)
+        with stores.connecting(stores.POSTGRES, args.dsn):
+            conn = await asyncpg.connect(args.dsn, timeout=10)
         try:
             if args.action == "retry":
                 results = [await tool.retry(conn, stream_id) for stream_id in args.stream_id]

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from urllib.parse import urlsplit, urlunsplit
 
+from cqrsctl.stores import MONGO, NATS, POSTGRES, Store, redact
 from localservers import (
     SERVICE_READY_TIMEOUT,
     SERVICE_STOP_TIMEOUT,
@@ -93,15 +93,6 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"{name} must be a port number, got {value!r}") from None
 
 
-def redact(url: str) -> str:
-    """The URL with any password replaced by `***`, for printing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 @dataclass
 class Endpoint:
     """Where one server is: started here (`server` set) or external (from the environment)."""
@@ -133,17 +124,19 @@ def _signals_raise_shutdown() -> Iterator[None]:
 def _start_servers(data_dir: Path, started: list[ServerProcess]) -> list[Endpoint]:
     """Start each server not given by the environment; `started` collects them for the cleanup."""
     endpoints: list[Endpoint] = []
-    specs: list[tuple[str, str, type[ServerProcess], str, int]] = [
-        ("PostgreSQL", "CQRS_POSTGRES_DSN", PostgresServer, "postgres", _env_int("CQRS_DEV_POSTGRES_PORT", 55432)),
-        ("NATS JetStream", "CQRS_NATS_URL", NatsServer, "nats", _env_int("CQRS_DEV_NATS_PORT", 54222)),
-        ("MongoDB (SecantusDB)", "CQRS_MONGO_URL", MongoServer, "mongo", _env_int("CQRS_DEV_MONGO_PORT", 57017)),
+    # The ports are the ones the `cqrs` tools default to (`cqrsctl.stores`).
+    specs: list[tuple[str, Store, type[ServerProcess], str]] = [
+        ("PostgreSQL", POSTGRES, PostgresServer, "postgres"),
+        ("NATS JetStream", NATS, NatsServer, "nats"),
+        ("MongoDB (SecantusDB)", MONGO, MongoServer, "mongo"),
     ]
-    for label, env_name, kind, sub, port in specs:
-        external = os.environ.get(env_name, "").strip()
+    for label, store, kind, sub in specs:
+        external = os.environ.get(store.variable, "").strip()
         if external:
-            say(f"using external {label} from {env_name}: {redact(external)}")
+            say(f"using external {label} from {store.variable}: {redact(external)}")
             endpoints.append(Endpoint(label, external, None))
             continue
+        port = store.dev_port()
         if kind is NatsServer and _nats_nodes() > 1:
             endpoints.append(_start_nats_cluster(data_dir, port, started))
             continue
@@ -258,6 +251,7 @@ def _print_table(endpoints: list[Endpoint], services: list[ServiceProcess], data
     say(f"  data: {_relative(data_dir)}  (kept across restarts; `make clean-data` wipes it)")
     say(f"Try it from another terminal:  {demo}   (or .venv/bin/{demo})")
     say("Replication lag and backlog:   cqrs status   (metrics: command :9101, projector :9102, query :9103 /metrics)")
+    say("Audit the read model:          cqrs verify   (the cqrs tools default to this stack's servers)")
     say("Ctrl-C stops everything.")
     say(rule)
 

@@ -10,14 +10,28 @@ import sys
 import grpc
 
 from core.logs import configure_logging
+from cqrsctl import stores
+
+MIGRATE_CONNECT_TIMEOUT = 30.0
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from command_service.migrate import migrate
-
-    applied = asyncio.run(migrate(args.dsn))
+    applied = asyncio.run(_connect_and_migrate(args.dsn))
     print(f"applied: {', '.join(applied)}" if applied else "event store schema is up to date")
     return 0
+
+
+async def _connect_and_migrate(dsn: str) -> list[str]:
+    import asyncpg
+
+    from command_service.migrate import migrate_connection
+
+    with stores.connecting(stores.POSTGRES, dsn):
+        conn = await asyncpg.connect(dsn, timeout=MIGRATE_CONNECT_TIMEOUT)
+    try:
+        return await migrate_connection(conn)
+    finally:
+        await conn.close()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -40,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply the event-store schema (idempotent)")
     migrate.add_argument(
         "--dsn",
-        default=os.environ.get("CQRS_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
-        help="PostgreSQL DSN (env CQRS_POSTGRES_DSN)",
+        default=stores.postgres_dsn(),
+        help="PostgreSQL DSN (env CQRS_POSTGRES_DSN, else the `make dev` stack's)",
     )
     migrate.set_defaults(run=_migrate)
 
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.aio.AioRpcError as exc:
         print(f"cqrs {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 2
-    except (OSError, ConnectionError, TimeoutError) as exc:
+    except (stores.StoreUnreachable, OSError, ConnectionError, TimeoutError) as exc:
         print(f"cqrs {args.command}: {exc}", file=sys.stderr)
         return 2
     return code

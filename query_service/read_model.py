@@ -23,6 +23,7 @@ from pymongo.errors import ConnectionFailure, ExecutionTimeout, OperationFailure
 from core import mongo_round_trip
 from core import read_model as contract
 from core.dependency_metrics import dependency_metrics
+from core.error_text import describe_error
 from core.errors import DependencyUnavailable
 from core.read_model import ORDER_HISTORY_FIELD, ORDERS_COLLECTION
 from query_service.config import QuerySettings
@@ -93,13 +94,7 @@ def read_model_outage() -> Iterator[None]:
     except Exception as exc:
         if not is_mongo_unavailable(exc):
             raise
-        raise DependencyUnavailable(READ_MODEL, describe_mongo_error(exc)) from exc
-
-
-def describe_mongo_error(exc: BaseException) -> str:
-    """A one-line summary of a driver error, without PyMongo's long topology description."""
-    text = str(exc).split(", Topology Description:", 1)[0].strip() or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+        raise DependencyUnavailable(READ_MODEL, describe_error(exc)) from exc
 
 
 def redact_mongo_url(url: str) -> str:

@@ -16,6 +16,7 @@ from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
+from core.error_text import describe_error
 from core.generations import GenerationFollower
 from core.grpc_assembly import Service, assemble_server
 from core.health import Readiness
@@ -30,7 +31,6 @@ from query_service.read_model import (
     ORDER_INDEXES,
     Document,
     OrderReadModel,
-    describe_mongo_error,
     ensure_indexes,
     make_client,
     redact_mongo_url,
@@ -214,7 +214,7 @@ async def _follow_generations(
         try:
             moved = await follower.poll()
         except Exception as exc:
-            log.debug("could not read the active read-model generation: %s", describe_mongo_error(exc))
+            log.debug("could not read the active read-model generation: %s", describe_error(exc))
         else:
             if moved is not None:
                 database = client[moved.database]
@@ -250,7 +250,7 @@ async def _watch_mongo(
             await client.admin.command("ping")
         except Exception as exc:
             if healthy is not False:
-                log.warning("read model (MongoDB) at %s is unavailable: %s", where, describe_mongo_error(exc))
+                log.warning("read model (MongoDB) at %s is unavailable: %s", where, describe_error(exc))
             healthy = False
         else:
             if healthy is not True:
@@ -273,7 +273,7 @@ async def _ensure_indexes(plan: IndexPlan, where: str, previous_error: str | Non
     try:
         created = await ensure_indexes(collection, indexes)
     except Exception as exc:
-        error = describe_mongo_error(exc)
+        error = describe_error(exc)
         if error != previous_error:
             log.warning("could not create %s indexes at %s (will retry): %s", collection.name, where, error)
         return error

@@ -27,10 +27,11 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
+from core.error_text import describe_error
 from core.errors import DependencyUnavailable, Unavailable
 from core.tracing import detached_task
 from query_service.consistency import TooManyWaiters
-from query_service.read_model import READ_MODEL, Document, describe_mongo_error, is_mongo_unavailable
+from query_service.read_model import READ_MODEL, Document, is_mongo_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class OrderWatchHub:
                         # e.g. "The $changeStream stage is only supported on replica sets" (code 40573)
                         log.warning(
                             "change streams on the read model are not available (%s); WatchOrder polls every %sms",
-                            describe_mongo_error(exc),
+                            describe_error(exc),
                             round(self._poll_interval * 1000),
                         )
                         self._use_change_stream = False
@@ -248,8 +249,8 @@ class OrderWatchHub:
             # again, rather than hang silently. The next subscriber starts a new feed.
             ended: BaseException = exc
             if is_mongo_unavailable(exc):
-                log.warning("WatchOrder feed: read model (MongoDB) is unavailable: %s", describe_mongo_error(exc))
-                ended = DependencyUnavailable(READ_MODEL, describe_mongo_error(exc))  # the boundary's translation
+                log.warning("WatchOrder feed: read model (MongoDB) is unavailable: %s", describe_error(exc))
+                ended = DependencyUnavailable(READ_MODEL, describe_error(exc))  # the boundary's translation
             else:
                 log.exception("WatchOrder feed failed unexpectedly")
             feed.accepting = False

@@ -53,6 +53,7 @@ from cqrsctl.rebuild.model import BOOKKEEPING_FIELDS, RebuildConfig, RebuildResu
 from cqrsctl.rebuild.progress import RebuildMetrics, RebuildProgress
 from cqrsctl.rebuild.reader import Cursor, EventReader
 from cqrsctl.rebuild.shadow import ComparisonResult, Difference, IgnoredFields, ShadowComparer
+from cqrsctl.stores import POSTGRES, connecting, ping_mongo
 from projector.leases import MEMBERS, PARTITIONS
 from projector.registry import PROJECTIONS, VIEWS, registry_versions
 
@@ -95,15 +96,17 @@ class _Connections:
 async def _connect(config: RebuildConfig) -> AsyncIterator[_Connections]:
     timeout = config.timeout_seconds
     ms = int(timeout * 1000)
-    pool = await asyncpg.create_pool(
-        config.postgres_dsn, min_size=1, max_size=2, timeout=timeout, command_timeout=timeout
-    )
+    with connecting(POSTGRES, config.postgres_dsn):
+        pool = await asyncpg.create_pool(
+            config.postgres_dsn, min_size=1, max_size=2, timeout=timeout, command_timeout=timeout
+        )
     try:
         mongo: AsyncMongoClient[Doc] = AsyncMongoClient(
             config.mongo_url, appname="cqrs-rebuild", tz_aware=True, serverSelectionTimeoutMS=ms,
             connectTimeoutMS=ms, socketTimeoutMS=ms, journal=True,
         )  # fmt: skip
         try:
+            await ping_mongo(mongo, config.mongo_url)
             yield _Connections(pool, mongo)
         finally:
             await mongo.close()

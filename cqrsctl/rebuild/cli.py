@@ -13,9 +13,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from core.error_text import describe_error
 from core.metrics import start_metrics_server
 from cqrsctl.rebuild.cutover import CutoverResult
 from cqrsctl.rebuild.model import RebuildConfig, RebuildResult
+from cqrsctl.stores import StoreUnreachable
 
 EXIT_EQUAL = 0
 EXIT_DIFFERENCES = 1
@@ -153,8 +155,11 @@ def run_cli(args: argparse.Namespace) -> int:
     except (GenerationError, RebuildFailed, CutoverFailed) as exc:
         print(f"cqrs rebuild: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except Exception as exc:  # a store is unreachable or refused a query: say which, no stack trace
-        print(f"cqrs rebuild: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except StoreUnreachable as exc:
+        print(f"cqrs rebuild: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a store refused a query or went away meanwhile: say what, no stack trace
+        print(f"cqrs rebuild: {type(exc).__name__}: {describe_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
     print(render_json(result, args.accept_differences) if args.json else render_text(result))
     return EXIT_EQUAL if result.equal or args.accept_differences else EXIT_DIFFERENCES

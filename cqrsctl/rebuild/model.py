@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cqrsctl import stores
 from cqrsctl.rebuild.cutover import CutoverResult
 from cqrsctl.rebuild.shadow import Difference
 
@@ -53,11 +54,11 @@ class RebuildConfig:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> RebuildConfig:
-        """Defaults from CQRS_POSTGRES_DSN, CQRS_MONGO_URL, CQRS_MONGO_DATABASE; `overrides` win."""
+        """Defaults from CQRS_POSTGRES_DSN, CQRS_MONGO_URL (else the `make dev` stack), CQRS_MONGO_DATABASE;
+        `overrides` win."""
         values: dict[str, Any] = {
-            # Spelled out (not built from a prefix) so the deployment tests can see which variables are read.
-            "postgres_dsn": os.environ.get("CQRS_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
-            "mongo_url": os.environ.get("CQRS_MONGO_URL", "mongodb://127.0.0.1:27017/?directConnection=true"),
+            "postgres_dsn": stores.postgres_dsn(),
+            "mongo_url": stores.mongo_url(),
             "mongo_database": os.environ.get("CQRS_MONGO_DATABASE", "cqrs"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

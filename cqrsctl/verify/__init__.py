@@ -10,12 +10,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
-import nats
 from nats.aio.client import Client as NatsClient
 from pymongo import AsyncMongoClient
 
 from core.generations import active_database
-from core.jetstream import nats_servers
+from cqrsctl.stores import POSTGRES, connect_nats, connecting, ping_mongo
 from cqrsctl.verify.audit import Audit
 from cqrsctl.verify.model import (
     Document,
@@ -54,13 +53,12 @@ class _Connections:
 async def _connect(config: VerifyConfig) -> AsyncIterator[_Connections]:
     timeout = config.timeout_seconds
     ms = int(timeout * 1000)
-    pool = await asyncpg.create_pool(
-        config.postgres_dsn, min_size=1, max_size=3, timeout=timeout, command_timeout=timeout
-    )
-    try:
-        nc = await nats.connect(
-            nats_servers(config.nats_url), connect_timeout=timeout, allow_reconnect=False, name="cqrs-verify"
+    with connecting(POSTGRES, config.postgres_dsn):
+        pool = await asyncpg.create_pool(
+            config.postgres_dsn, min_size=1, max_size=3, timeout=timeout, command_timeout=timeout
         )
+    try:
+        nc = await connect_nats(config.nats_url, timeout=timeout, name="cqrs-verify")
         try:
             # socketTimeoutMS bounds every round trip (a getMore included) without bounding a cursor's lifetime.
             mongo: AsyncMongoClient[Document] = AsyncMongoClient(
@@ -68,6 +66,7 @@ async def _connect(config: VerifyConfig) -> AsyncIterator[_Connections]:
                 connectTimeoutMS=ms, socketTimeoutMS=ms,
             )  # fmt: skip
             try:
+                await ping_mongo(mongo, config.mongo_url)
                 yield _Connections(pool, nc, mongo)
             finally:
                 await mongo.close()

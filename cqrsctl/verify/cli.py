@@ -7,6 +7,8 @@ import asyncio
 import sys
 from typing import Any
 
+from core.error_text import describe_error
+from cqrsctl.stores import StoreUnreachable
 from cqrsctl.verify.model import VerifyConfig
 
 EXIT_CLEAN = 0
@@ -70,8 +72,11 @@ def run_cli(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     try:
         result = asyncio.run(run_verify(config_from_args(args), repair=args.repair, progress=not args.no_progress))
-    except Exception as exc:  # a store is unreachable or refused a query: say which, no stack trace
-        print(f"cqrs verify: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except StoreUnreachable as exc:
+        print(f"cqrs verify: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a store refused a query or went away meanwhile: say what, no stack trace
+        print(f"cqrs verify: {type(exc).__name__}: {describe_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
     print(render_json(result) if args.json else render_text(result))
     return EXIT_CLEAN if result.clean else EXIT_FINDINGS

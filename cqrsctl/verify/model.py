@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from core.subjects import DEFAULT_STREAM_NAME, SUBJECT_PREFIX
+from cqrsctl import stores
 
 Document = dict[str, Any]
 
@@ -163,12 +164,12 @@ class VerifyConfig:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> VerifyConfig:
-        """Defaults from CQRS_POSTGRES_DSN, CQRS_NATS_URL, CQRS_MONGO_URL, CQRS_MONGO_DATABASE, CQRS_STREAM_NAME,
-        CQRS_SUBJECT_PREFIX (the services' variables and defaults); `overrides` win."""
+        """Defaults from CQRS_POSTGRES_DSN, CQRS_NATS_URL, CQRS_MONGO_URL (else the `make dev` stack's servers),
+        CQRS_MONGO_DATABASE, CQRS_STREAM_NAME, CQRS_SUBJECT_PREFIX (the services' variables); `overrides` win."""
         values: dict[str, Any] = {
-            "postgres_dsn": _env("POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"),
-            "nats_url": _env("NATS_URL", "nats://127.0.0.1:4222"),
-            "mongo_url": _env("MONGO_URL", "mongodb://127.0.0.1:27017/?directConnection=true"),
+            "postgres_dsn": stores.postgres_dsn(),
+            "nats_url": stores.nats_url(),
+            "mongo_url": stores.mongo_url(),
             "mongo_database": _env("MONGO_DATABASE", "cqrs"),
             "stream_name": _env("STREAM_NAME", DEFAULT_STREAM_NAME),
             "subject_prefix": _env("SUBJECT_PREFIX", SUBJECT_PREFIX),

@@ -1,0 +1,136 @@
+"""Where the `cqrs` tools find PostgreSQL, NATS and MongoDB, and the one error they give when they cannot reach one.
+
+Each address is the services' own variable (CQRS_POSTGRES_DSN, CQRS_NATS_URL, CQRS_MONGO_URL) when it is set, else
+the local stack `make dev` starts (its ports from CQRS_DEV_POSTGRES_PORT, CQRS_DEV_NATS_PORT, CQRS_DEV_MONGO_PORT),
+as the CLI's gRPC and metrics addresses default to that stack too: right after `make dev`, `cqrs verify` audits it,
+and in a deployment the variables name the real servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import nats
+from nats.aio.client import Client as NatsClient
+from pymongo import AsyncMongoClient
+
+from core.error_text import describe_error
+from core.jetstream import nats_servers
+
+DEV_HOST: Final = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """One of the three servers: what to call it, the variable naming it, and where `make dev` runs it."""
+
+    label: str  # what an error message calls it
+    variable: str  # the services' variable with its URL
+    dev_port_variable: str
+    default_dev_port: int
+    dev_url_format: str  # the dev stack's URL, with {host} and {port}
+
+    def dev_port(self) -> int:
+        """The port `make dev` runs this server on (its CQRS_DEV_*_PORT, else the default)."""
+        value = os.environ.get(self.dev_port_variable, "").strip()
+        if not value:
+            return self.default_dev_port
+        try:
+            return int(value)
+        except ValueError:
+            raise SystemExit(f"{self.dev_port_variable} must be a port number, got {value!r}") from None
+
+    def dev_url(self) -> str:
+        return self.dev_url_format.format(host=DEV_HOST, port=self.dev_port())
+
+
+POSTGRES: Final = Store(
+    "event store (PostgreSQL)",
+    "CQRS_POSTGRES_DSN",
+    "CQRS_DEV_POSTGRES_PORT",
+    55432,
+    "postgresql://postgres@{host}:{port}/postgres",
+)
+NATS: Final = Store("stream (NATS JetStream)", "CQRS_NATS_URL", "CQRS_DEV_NATS_PORT", 54222, "nats://{host}:{port}")
+MONGO: Final = Store(
+    "read model (MongoDB)",
+    "CQRS_MONGO_URL",
+    "CQRS_DEV_MONGO_PORT",
+    57017,
+    "mongodb://{host}:{port}/?directConnection=true",
+)
+
+
+# Each variable spelled out, so the deployment tests can see which ones the CLI reads.
+
+
+def postgres_dsn() -> str:
+    """CQRS_POSTGRES_DSN, else the `make dev` stack's PostgreSQL."""
+    return os.environ.get("CQRS_POSTGRES_DSN", "").strip() or POSTGRES.dev_url()
+
+
+def nats_url() -> str:
+    """CQRS_NATS_URL, else the `make dev` stack's NATS."""
+    return os.environ.get("CQRS_NATS_URL", "").strip() or NATS.dev_url()
+
+
+def mongo_url() -> str:
+    """CQRS_MONGO_URL, else the `make dev` stack's MongoDB-wire server."""
+    return os.environ.get("CQRS_MONGO_URL", "").strip() or MONGO.dev_url()
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by `***`, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class StoreUnreachable(Exception):
+    """A tool could not connect to one of the servers; the message names it, its URL and the variable to set."""
+
+    def __init__(self, store: Store, url: str, cause: BaseException) -> None:
+        super().__init__(
+            f"cannot connect to the {store.label} at {redact(url)}: {describe_error(cause)}"
+            f" (its URL comes from {store.variable}, else the `make dev` stack's port)"
+        )
+        self.store = store
+
+
+@contextlib.contextmanager
+def connecting(store: Store, url: str) -> Iterator[None]:
+    """Turns any failure of the connection set-up inside into `StoreUnreachable` for `store`."""
+    try:
+        yield
+    except Exception as exc:
+        raise StoreUnreachable(store, url, exc) from exc
+
+
+async def ping_mongo(client: AsyncMongoClient[Any], url: str) -> None:
+    """Makes the client's first round trip (PyMongo connects lazily), as `StoreUnreachable` when it fails."""
+    with connecting(MONGO, url):
+        await client.admin.command("ping")
+
+
+async def connect_nats(url: str, *, timeout: float, name: str) -> NatsClient:
+    """A connection that gives up after trying each server twice, a second apart (nats-py retries a first connect
+    60 times, 2 s apart, logging each failure), naming the last connection error when it does."""
+    failures: list[Exception] = []
+
+    async def remember(exc: Exception) -> None:
+        failures.append(exc)
+
+    try:
+        return await nats.connect(
+            nats_servers(url), connect_timeout=timeout, allow_reconnect=False, max_reconnect_attempts=1,
+            reconnect_time_wait=1, error_cb=remember, name=name,
+        )  # fmt: skip
+    except Exception as exc:
+        raise StoreUnreachable(NATS, url, failures[-1] if failures else exc) from exc
