@@ -44,6 +44,7 @@ from core.backoff import full_jitter
 from core.dependency_metrics import dependency_metrics
 from core.failpoints import failpoint
 from core.jetstream import ensure_stream, event_stream_config, nats_servers
+from core.nats_callbacks import NatsConnectionLog
 from core.stage_metrics import StageMetrics
 from core.subjects import DEFAULT_PARTITIONS, event_subject
 from core.supervisor import first_to_finish
@@ -110,6 +111,7 @@ class OutboxRelay:
         self._js: JetStreamContext | None = None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._connection_log = NatsConnectionLog(log, "outbox relay", stopping=self._stopping.is_set)
         self._previous_session: Session | None = None
         self._last_progress = time.monotonic()
         # Alerting counts the replicas that relay: none for a while means committed events stop reaching NATS.
@@ -167,6 +169,9 @@ class OutboxRelay:
                     reconnect_time_wait=1,
                     pending_size=self._settings.nats_pending_bytes,
                     name="command_service-relay",
+                    error_cb=self._connection_log.error,
+                    disconnected_cb=self._connection_log.disconnected,
+                    reconnected_cb=self._connection_log.reconnected,
                 )
                 js = nc.jetstream(
                     timeout=self._settings.publish_timeout,

@@ -22,6 +22,7 @@ from opentelemetry.trace import Span, SpanKind
 from core.dependency_metrics import DependencyMetrics
 from core.envelope import HEADER_MSG_ID, HEADER_STREAM_ID, HEADER_VERSION
 from core.jetstream import ensure_stream, event_stream_config, nats_servers, stream_partitions
+from core.nats_callbacks import NatsConnectionLog
 from core.subjects import partition_filter, stream_subjects
 from core.tracing import extract_context, tracer, tracing_active
 from projector.config import ProjectorSettings
@@ -142,6 +143,7 @@ class JetStreamConsumer:
         # Partitions of the stream (from its subject mapping); 0: a stream without one, consumed shared.
         self.partitions = 0
         self.stopping = False
+        self._connection_log = NatsConnectionLog(log, "projector", stopping=lambda: self.stopping)
 
     @property
     def connected(self) -> bool:
@@ -161,9 +163,9 @@ class JetStreamConsumer:
             connect_timeout=2,
             reconnect_time_wait=1,
             max_reconnect_attempts=-1,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
+            error_cb=self._connection_log.error,
+            disconnected_cb=self._connection_log.disconnected,
+            reconnected_cb=self._connection_log.reconnected,
         )
         js = self._js = self._nc.jetstream()
         wanted = event_stream_config(
@@ -247,16 +249,6 @@ class JetStreamConsumer:
                 await self._nc.close()
             self._nc = None
         self._js = None
-
-    async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS error: %s", exc)
-
-    async def _on_disconnected(self) -> None:
-        if not self.stopping:
-            log.warning("disconnected from NATS; reconnecting")
-
-    async def _on_reconnected(self) -> None:
-        log.info("reconnected to NATS")
 
 
 async def settle_outcome(outcome: BatchOutcome) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 
 import asyncpg
@@ -267,8 +269,9 @@ async def test_repeated_request_id_returns_the_first_reply(stack: Stack) -> None
 
 
 async def test_every_event_reaches_the_read_model_exactly_once_across_a_nats_outage(
-    stack: Stack, nats_server: NatsHandle
+    stack: Stack, nats_server: NatsHandle, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     customer_id = await register(stack)
     first = await create(stack, customer_id)
     await visible(stack, first.order_id, 1)
@@ -279,11 +282,16 @@ async def test_every_event_reaches_the_read_model_exactly_once_across_a_nats_out
             await add(stack, order_id, "A", qty=2, price=100)
             last = await add(stack, order_id, "B", qty=1, price=50)
             finals[order_id] = last.version
+        await asyncio.sleep(3.5)  # the relay's and the projector's NATS clients retry once a second meanwhile
     for order_id, version in finals.items():
         order = await visible(stack, order_id, version, timeout=45)
         assert order.version == version
         assert [(line.sku, line.quantity) for line in order.lines] == [("A", 2), ("B", 1)]
         assert order.total_minor == 250
+    # The outage is one line per client (they retry once a second; a line at most every 10 s), and no traceback.
+    unavailable = sorted(r.name for r in caplog.records if "NATS (JetStream) unavailable" in r.getMessage())
+    assert unavailable == ["command_service.relay", "projector.consumer"], unavailable
+    assert not [r.getMessage() for r in caplog.records if r.exc_info and r.name.startswith("nats")]
 
 
 async def test_health_and_reflection_of_the_command_service(stack: Stack) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -318,9 +319,23 @@ async def test_while_commits_keep_coming_the_relay_reads_once_per_fetch_interval
         assert await _count(registry, fetches) - reads == 3
 
 
+def assert_outage_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """nats-py retries every second while NATS is down; the relay says so once (per 10 s), without tracebacks."""
+    unavailable = [r for r in caplog.records if "NATS (JetStream) unavailable" in r.getMessage()]
+    assert len(unavailable) == 1, [r.getMessage() for r in unavailable]
+    assert unavailable[0].name == "command_service.relay" and unavailable[0].levelno == logging.WARNING
+    with_traceback = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.exc_info]
+    assert not with_traceback, with_traceback
+
+
 async def test_commands_succeed_while_nats_is_down_and_the_backlog_drains_when_it_returns(
-    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_server: NatsHandle, unique_name: str
+    event_store_dsn: str,
+    pg_pool: asyncpg.Pool,
+    nats_server: NatsHandle,
+    unique_name: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO)
     relay_settings = settings(unique_name)
     handler = order_handler(EventStore(pg_pool))
     async with running_relay(event_store_dsn, nats_server.url, relay_settings):
@@ -328,11 +343,12 @@ async def test_commands_succeed_while_nats_is_down_and_the_backlog_drains_when_i
         await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the first events to be published")
         with nats_server.outage():
             await run_commands(handler, orders=3, items=3)
-            await asyncio.sleep(1.5)  # let the relay try (and fail) to publish while NATS is down
+            await asyncio.sleep(3.5)  # let the relay try (and fail) to publish and reconnect while NATS is down
             assert await outbox_size(pg_pool) == 13, "events must stay in the outbox until JetStream acks them"
         await eventually(
             lambda: _is_zero(outbox_size(pg_pool)), what="the backlog to drain after NATS returned", timeout=30
         )
+    assert_outage_logged_once(caplog)
     published = await stream_events(nats_server.url, relay_settings.stream_name)
     stored = await pg_pool.fetch("SELECT event_id FROM events")
     assert sorted(m for m, _ in published) == sorted(str(r["event_id"]) for r in stored), (
@@ -341,18 +357,24 @@ async def test_commands_succeed_while_nats_is_down_and_the_backlog_drains_when_i
 
 
 async def test_relay_starts_while_nats_is_down_and_connects_when_it_comes_up(
-    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_server: NatsHandle, unique_name: str
+    event_store_dsn: str,
+    pg_pool: asyncpg.Pool,
+    nats_server: NatsHandle,
+    unique_name: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO)
     relay_settings = settings(unique_name)
     handler = order_handler(EventStore(pg_pool))
     with nats_server.outage():
         relay = OutboxRelay(event_store_dsn, nats_server.url, relay_settings)
         task = asyncio.create_task(relay.run())
         await run_commands(handler, orders=1, items=2)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(3.5)  # several connection attempts (one a second) fail
     try:
         await eventually(lambda: _is_zero(outbox_size(pg_pool)), what="the relay to connect and drain", timeout=30)
         assert len(await stream_events(nats_server.url, relay_settings.stream_name)) == 4
+        assert_outage_logged_once(caplog)
     finally:
         relay.stop()
         await asyncio.wait_for(task, timeout=15)
