@@ -22,6 +22,7 @@ from opentelemetry.trace import Span, SpanKind
 from core.dependency_metrics import DependencyMetrics
 from core.envelope import HEADER_MSG_ID, HEADER_STREAM_ID, HEADER_VERSION
 from core.jetstream import ensure_stream, event_stream_config, nats_servers, stream_partitions
+from core.log_throttle import LogThrottle
 from core.nats_callbacks import NatsConnectionLog
 from core.subjects import partition_filter, stream_subjects
 from core.tracing import extract_context, tracer, tracing_active
@@ -31,6 +32,8 @@ from projector.nats_client import ProjectorNatsClient
 from projector.settlement import BatchOutcome
 
 log = logging.getLogger(__name__)
+# Every partition's source retries once a second while NATS is away: one line per 10 s for all of them.
+_fetch_failures = LogThrottle()
 
 # The consumer's pending counts are a metric, not worth a request per batch.
 CONSUMER_INFO_INTERVAL_SECONDS = 2.0
@@ -102,7 +105,9 @@ class PullSource:
             return []
         except nats.errors.Error as exc:
             # Disconnected / reconnecting: nats-py reconnects by itself; pause briefly instead of spinning.
-            log.warning("fetch from JetStream (%s) failed (%s); retrying", self.durable, exc)
+            _fetch_failures.log(
+                log, logging.WARNING, "fetch", "fetch from JetStream (%s) failed (%s); retrying", self.durable, exc
+            )
             await asyncio.sleep(1.0)
             return []
         if s.projector_batch_size > 1:

@@ -4,6 +4,7 @@ nats-py's own client receives, and takes an already-delivered message without wa
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import nats
@@ -12,7 +13,11 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, TimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from prometheus_client import CollectorRegistry
 
+from core.dependency_metrics import dependency_metrics
+from projector import consumer
+from projector.config import ProjectorSettings
 from projector.nats_client import ProjectorNatsClient, QueuedFirstSubscription
 from tests.support import eventually
 
@@ -118,3 +123,28 @@ async def test_a_delivered_message_is_taken_at_once_and_waiting_is_left_to_nats_
             await sub.next_msg(timeout=1)
     finally:
         await client.close()
+
+
+async def test_failed_fetches_while_nats_is_away_are_one_line_per_window(
+    nats_url: str, unique_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every partition's source retries once a second while NATS is away; the log says so once per 10 s."""
+    caplog.set_level(logging.WARNING, logger="projector.consumer")
+    consumer._fetch_failures.clear()
+    client = await _connected(ProjectorNatsClient(), nats_url)
+    js = client.jetstream(timeout=5)
+    await js.add_stream(StreamConfig(name=unique_name, subjects=[f"{unique_name}.>"]))
+    settings = ProjectorSettings(nats_url=nats_url, projector_fetch_timeout_seconds=0.2)
+    deps = dependency_metrics(CollectorRegistry())
+    sources = []
+    for partition in (0, 1):
+        durable = f"{unique_name}-p{partition}"
+        sub = await js.pull_subscribe(f"{unique_name}.>", durable=durable, stream=unique_name)
+        sources.append(consumer.PullSource(sub, durable, partition, settings, deps))
+    await js.delete_stream(unique_name)
+    await client.close()
+    for _ in range(2):
+        for source in sources:
+            assert await source.fetch() == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "projector.consumer"]
+    assert len(lines) == 1 and lines[0].startswith(f"fetch from JetStream ({unique_name}-p0) failed"), lines
