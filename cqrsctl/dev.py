@@ -51,6 +51,8 @@ from localservers import (
 
 DEFAULT_COMMAND_LISTEN = "127.0.0.1:50051"
 DEFAULT_QUERY_LISTEN = "127.0.0.1:50052"
+# command_service, projector, query_service; `cqrs status` looks at the first two by default.
+DEFAULT_METRICS_PORTS = ("9101", "9102", "9103")
 SERVER_START_TIMEOUT = 90.0
 MIGRATE_TIMEOUT = 120.0
 
@@ -169,6 +171,12 @@ def _start_nats_cluster(data_dir: Path, first_port: int, started: list[ServerPro
     return Endpoint(f"NATS JetStream ({size} nodes)", cluster.url, None, f"logs {_relative(cluster.base_dir)}")
 
 
+def _metrics_ports() -> dict[str, str]:
+    """Each service's metrics port: the environment's, else one apart per service where `cqrs status` looks."""
+    names = ("CQRS_COMMAND_METRICS_PORT", "CQRS_PROJECTOR_METRICS_PORT", "CQRS_QUERY_METRICS_PORT")
+    return {name: os.environ.get(name, default) for name, default in zip(names, DEFAULT_METRICS_PORTS, strict=True)}
+
+
 def _service_env(postgres: str, nats: str, mongo: str, command_listen: str, query_listen: str) -> dict[str, str]:
     env = dict(os.environ)
     if _nats_nodes() > 1:  # the stream the relay creates is replicated on every node (3 for a 3-node cluster)
@@ -181,10 +189,7 @@ def _service_env(postgres: str, nats: str, mongo: str, command_listen: str, quer
             "CQRS_COMMAND_LISTEN": command_listen,
             "CQRS_QUERY_LISTEN": query_listen,
             "PYTHONUNBUFFERED": "1",
-            # One metrics port per service, where `cqrs status` looks by default.
-            "CQRS_COMMAND_METRICS_PORT": os.environ.get("CQRS_COMMAND_METRICS_PORT", "9101"),
-            "CQRS_PROJECTOR_METRICS_PORT": os.environ.get("CQRS_PROJECTOR_METRICS_PORT", "9102"),
-            "CQRS_QUERY_METRICS_PORT": os.environ.get("CQRS_QUERY_METRICS_PORT", "9103"),
+            **_metrics_ports(),
         }
     )
     return env
@@ -250,7 +255,16 @@ def _print_table(endpoints: list[Endpoint], services: list[ServiceProcess], data
         say(line)
     say(f"  data: {_relative(data_dir)}  (kept across restarts; `make clean-data` wipes it)")
     say(f"Try it from another terminal:  {demo}   (or .venv/bin/{demo})")
-    say("Replication lag and backlog:   cqrs status   (metrics: command :9101, projector :9102, query :9103 /metrics)")
+    ports = _metrics_ports()
+    command, projector, query = (ports[f"CQRS_{name}_METRICS_PORT"] for name in ("COMMAND", "PROJECTOR", "QUERY"))
+    status = "cqrs status"
+    if (command, projector) != DEFAULT_METRICS_PORTS[:2]:
+        status += (
+            f" --command-metrics http://127.0.0.1:{command}/metrics"
+            f" --projector-metrics http://127.0.0.1:{projector}/metrics"
+        )
+    metrics = f"metrics: command :{command}, projector :{projector}, query :{query}"
+    say(f"Replication lag and backlog:   {status}   ({metrics})")
     say("Audit the read model:          cqrs verify   (the cqrs tools default to this stack's servers)")
     say("Ctrl-C stops everything.")
     say(rule)

@@ -114,6 +114,14 @@ def test_the_cli_works_against_make_dev_with_no_url_and_ctrl_c_stops_everything(
         report = json.loads(verify.stdout)
         assert report["clean"] is True and report["events_checked"] >= 3 * 4, report
 
+        # the `cqrs status` line the launcher printed, with this stack's metrics ports
+        hint = next(line for line in launcher.lines if "Replication lag and backlog:" in line)
+        status_args = hint.split(":", 1)[1].split("(", 1)[0].split()
+        assert status_args[:2] == ["cqrs", "status"] and str(ports["command_metrics"]) in hint, hint
+        status = cli(env, *status_args[1:])
+        assert status.returncode == 0, f"{hint}\n{status.stdout}\n{status.stderr}"
+        assert status.stdout.count(" up") == 2, status.stdout  # the event store and the read model
+
         parked = cli(env, "dead-letters", "list")
         assert (parked.returncode, parked.stdout.strip()) == (0, "no parked streams"), parked.stderr
 
