@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pymongo.errors import PyMongoError
 
 from core.backoff import exponential
+from core.error_text import describe_error
 from projector.health import ProjectorStats
 from projector.metrics import ProjectorMetrics
 
@@ -75,6 +76,6 @@ class MongoWatch:
         return exponential(self._attempts, MONGO_BACKOFF_BASE_SECONDS, self._max_backoff)
 
 
-def short_error(exc: BaseException, limit: int = 300) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def short_error(exc: BaseException) -> str:
+    """`Type: message` on one line, without PyMongo's topology description."""
+    return f"{type(exc).__name__}: {describe_error(exc)}"
