@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from cqrsctl.stores import MONGO, NATS, POSTGRES, Store, redact
+from cqrsctl.stores import MONGO, NATS, POSTGRES, Store, env_int, redact
 from localservers import (
     SERVICE_READY_TIMEOUT,
     SERVICE_STOP_TIMEOUT,
@@ -83,16 +83,6 @@ def _service(name: str, listen: str | None) -> ServiceProcess:
             sys.stdout.flush()
 
     return ServiceProcess(name, listen=listen, on_line=on_line)
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise SystemExit(f"{name} must be a port number, got {value!r}") from None
 
 
 @dataclass
@@ -153,7 +143,7 @@ def _start_servers(data_dir: Path, started: list[ServerProcess]) -> list[Endpoin
 
 
 def _nats_nodes() -> int:
-    return _env_int("CQRS_DEV_NATS_NODES", 1)
+    return env_int("CQRS_DEV_NATS_NODES", 1)
 
 
 def _start_nats_cluster(data_dir: Path, first_port: int, started: list[ServerProcess]) -> Endpoint:

@@ -25,6 +25,17 @@ from core.jetstream import nats_servers
 DEV_HOST: Final = "127.0.0.1"
 
 
+def env_int(name: str, default: int) -> int:
+    """The integer in variable `name` (unset or blank: `default`); anything else ends the program, saying so."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{name} must be a port number, got {value!r}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Store:
     """One of the three servers: what to call it, the variable naming it, and where `make dev` runs it."""
@@ -37,13 +48,7 @@ class Store:
 
     def dev_port(self) -> int:
         """The port `make dev` runs this server on (its CQRS_DEV_*_PORT, else the default)."""
-        value = os.environ.get(self.dev_port_variable, "").strip()
-        if not value:
-            return self.default_dev_port
-        try:
-            return int(value)
-        except ValueError:
-            raise SystemExit(f"{self.dev_port_variable} must be a port number, got {value!r}") from None
+        return env_int(self.dev_port_variable, self.default_dev_port)
 
     def dev_url(self) -> str:
         return self.dev_url_format.format(host=DEV_HOST, port=self.dev_port())
@@ -101,7 +106,6 @@ class StoreUnreachable(Exception):
             f"cannot connect to the {store.label} at {redact(url)}: {describe_error(cause)}"
             f" (its URL comes from {store.variable}, else the `make dev` stack's port)"
         )
-        self.store = store
 
 
 @contextlib.contextmanager
