@@ -38,11 +38,13 @@ from cqrs.orders.v1 import (
     query_service_pb2_grpc,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
 from core.customer_events import CUSTOMER_STREAM_TYPE
 from core.order_events import ORDER_STREAM_TYPE
 from core.read_model import CHECKPOINTS_COLLECTION
+from cqrsctl.status import metrics_text
 from cqrsctl.verify import VerifyConfig, run_verify
 from localservers import (
     MongoServer,
@@ -135,11 +137,14 @@ class Service:
     """One of our services as a real subprocess (`python -m module`, started by `localservers.ServiceProcess`), output
     appended to a log file; the scenario's async API over it."""
 
-    def __init__(self, module: str, env: dict[str, str], log_path: Path, address: str = "") -> None:
+    def __init__(
+        self, module: str, env: dict[str, str], log_path: Path, address: str = "", metrics_port: int | None = None
+    ) -> None:
         self.module = module
         self.env = env
         self.log_path = log_path
         self.address = address
+        self.metrics_port = metrics_port
         # SIGKILL if pytest dies: a scenario's services are thrown away, a clean stop would only cost time.
         self.process = ServiceProcess(
             module, listen=address or None, log_path=log_path, cwd=REPO_ROOT, death_signal=signal.SIGKILL
@@ -178,6 +183,29 @@ class Service:
             return status == "SERVING", status
 
         return await wait_until(probe, what=f"{self.module} at {self.address} to report SERVING", timeout=timeout)
+
+    def metrics(self) -> dict[str, float]:
+        """Its /metrics samples: `name` when unlabelled, else `name{value,...}` (label values in order)."""
+        assert self.metrics_port is not None, f"{self.module} serves no /metrics here"
+        out: dict[str, float] = {}
+        text = metrics_text(f"http://127.0.0.1:{self.metrics_port}/metrics", 3.0)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(sample.labels.values())
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return out
+
+    async def wait_projector_serving(self, timeout: float = SERVING_TIMEOUT) -> float:
+        """Waits until a projector reports SERVING on /metrics (its loops run), so that a scenario's kill or pause
+        hits a working replica rather than an interpreter still importing (seconds, on a busy machine)."""
+
+        async def probe() -> tuple[bool, str]:
+            if not self.alive:
+                raise AssertionError(f"{self.module} exited with {self.returncode} while starting: {self.tail()}")
+            serving = (await asyncio.to_thread(self.metrics)).get("cqrs_projector_serving", 0.0)
+            return serving == 1.0, f"cqrs_projector_serving {serving:g}"
+
+        return await wait_until(probe, what=f"the projector (pid {self.pid}) to report SERVING", timeout=timeout)
 
     @property
     def returncode(self) -> int | None:
@@ -414,10 +442,15 @@ class FaultStack:
             await service.wait_serving()
         return service
 
-    async def projector(self, *, failpoints: str | None = None, **env_overrides: Any) -> Service:
-        service = Service("projector", self.projector_env(**env_overrides), self._log("projector"))
+    async def projector(self, *, wait: bool = True, failpoints: str | None = None, **env_overrides: Any) -> Service:
+        """A projector replica with /metrics on a port of its own; `wait`: until it reports SERVING."""
+        metrics_port = int(env_overrides.pop("CQRS_PROJECTOR_METRICS_PORT", 0)) or free_port()
+        env = self.projector_env(CQRS_PROJECTOR_METRICS_PORT=str(metrics_port), **env_overrides)
+        service = Service("projector", env, self._log("projector"), metrics_port=metrics_port)
         self.services.append(service)
         await service.start(extra_env={"CQRS_FAILPOINTS": failpoints} if failpoints else None)
+        if wait:
+            await service.wait_projector_serving()
         return service
 
     async def query_service(self, *, wait: bool = True, **env_overrides: Any) -> Service:

@@ -62,6 +62,7 @@ async def test_projector_killed_at_random_times(stack: FaultStack) -> None:
             await asyncio.sleep(rng.uniform(0, 0.3))
             await projector.kill()
             await projector.start()
+            await projector.wait_projector_serving()  # the next kill hits a working projector
     finally:
         await load.stop()
     await assert_scenario_clean(stack, load)
@@ -80,6 +81,7 @@ async def test_two_projector_replicas_one_killed_repeatedly(stack: FaultStack) -
             await victim.kill()
             await load.progress(10, what=f"with one projector replica dead (round {round_no + 1})")
             await victim.start()
+            await victim.wait_projector_serving()
     finally:
         await load.stop()
     await assert_scenario_clean(stack, load)

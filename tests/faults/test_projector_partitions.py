@@ -19,22 +19,13 @@ from pathlib import Path
 
 import nats
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from cqrsctl.status import metrics_text
-from localservers import free_port
 from projector.consumer import group_consumers
 from tests.faults.support import FaultStack, Load, Service, assert_scenario_clean, wait_until
 
 pytestmark = pytest.mark.slow
 
 PARTITIONS = 8
-
-
-@dataclass
-class Replica:
-    service: Service
-    metrics_port: int
 
 
 @dataclass
@@ -64,44 +55,35 @@ async def fault_stack() -> AsyncIterator[FaultStack]:
             shutil.rmtree(base, ignore_errors=True)
 
 
-def scrape(port: int) -> dict[str, float]:
-    """Unlabelled samples, and `name{direction}` for the handover counter, of one replica's /metrics."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(metrics_text(f"http://127.0.0.1:{port}/metrics", 3.0)):
-        for sample in family.samples:
-            key = sample.name + "".join(f"{{{v}}}" for v in sample.labels.values())
-            out[key] = sample.value
-    return out
-
-
 class Scenario:
     def __init__(self, stack: FaultStack, partitions: int) -> None:
         self.stack = stack
         self.partitions = partitions
-        self.replicas: list[Replica] = []
+        self.replicas: list[Service] = []
         self.naks_of_the_dead = 0.0
 
-    async def add_replica(self) -> Replica:
-        port = free_port()
-        service = await self.stack.projector(
-            CQRS_STREAM_PARTITIONS=str(self.partitions),
-            CQRS_PROJECTOR_METRICS_PORT=str(port),
-        )
-        replica = Replica(service, port)
+    async def add_replica(self) -> Service:
+        """Starts a replica and waits until it has applied events of the load: one killed, or scraped, before it
+        took part would test nothing."""
+        replica = await self.stack.projector(CQRS_STREAM_PARTITIONS=str(self.partitions))
         self.replicas.append(replica)
+
+        async def working() -> tuple[bool, str]:
+            applied = (await asyncio.to_thread(replica.metrics)).get("cqrs_projector_events_applied_total", 0.0)
+            return applied > 0, f"{applied:.0f} events applied"
+
+        await wait_until(working, what=f"projector replica #{len(self.replicas)} to apply events", timeout=60)
         return replica
 
     async def kill_one(self, rng: random.Random) -> None:
         victim = rng.choice(self.replicas)
         with contextlib.suppress(OSError):  # what it counted up to now (a lower bound of its naks)
-            self.naks_of_the_dead += (await asyncio.to_thread(scrape, victim.metrics_port)).get(
-                "cqrs_projector_naks_total", 0.0
-            )
-        await victim.service.kill()
+            self.naks_of_the_dead += (await asyncio.to_thread(victim.metrics)).get("cqrs_projector_naks_total", 0.0)
+        await victim.kill()
         self.replicas.remove(victim)
 
     async def owned(self) -> list[float]:
-        samples = [await asyncio.to_thread(scrape, r.metrics_port) for r in self.replicas]
+        samples = [await asyncio.to_thread(r.metrics) for r in self.replicas]
         return [s.get("cqrs_projector_partitions_owned", 0.0) for s in samples]
 
     async def counts(self) -> Counts:
@@ -116,7 +98,7 @@ class Scenario:
             await nc.close()
         naks = self.naks_of_the_dead
         for replica in self.replicas:
-            naks += (await asyncio.to_thread(scrape, replica.metrics_port)).get("cqrs_projector_naks_total", 0.0)
+            naks += (await asyncio.to_thread(replica.metrics)).get("cqrs_projector_naks_total", 0.0)
         return Counts(events, deliveries - events, naks)
 
 
@@ -125,9 +107,9 @@ async def run(stack: FaultStack, partitions: int, seed: int) -> Counts:
     rng = random.Random(seed)
     service = await stack.command_service(CQRS_STREAM_PARTITIONS=str(partitions))
     scenario = Scenario(stack, partitions)
-    await scenario.add_replica()
     load = Load([service.address], seed=rng.randrange(1 << 30)).start()
     try:
+        await scenario.add_replica()
         await load.progress(40, what="with one projector replica")
         await scenario.add_replica()
         await scenario.add_replica()
