@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
 async def run_dead_letters(args: argparse.Namespace) -> int:
     mongo: AsyncMongoClient[Doc] = AsyncMongoClient(args.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
     try:
-        await stores.ping_mongo(mongo, args.mongo_url)
+        await stores.ping_mongo(mongo, args.mongo_url, stores.MONGO_PING_TIMEOUT_SECONDS)
         tool = DeadLetters(await active_database(mongo[args.mongo_database]))
         if args.action == "list":
             return await tool.print_list(as_json=args.json)

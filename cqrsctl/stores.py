@@ -16,6 +16,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import nats
+import pymongo
 from nats.aio.client import Client as NatsClient
 from pymongo import AsyncMongoClient
 
@@ -23,6 +24,9 @@ from core.error_text import describe_error
 from core.jetstream import nats_servers
 
 DEV_HOST: Final = "127.0.0.1"
+# A MongoDB ping answers in milliseconds; against a closed or silent address PyMongo keeps selecting a server for the
+# client's whole timeout (a tool's --timeout: 10 s for verify, 30 s for rebuild) before it says so.
+MONGO_PING_TIMEOUT_SECONDS: Final = 5.0
 
 
 def env_int(name: str, default: int) -> int:
@@ -117,9 +121,10 @@ def connecting(store: Store, url: str) -> Iterator[None]:
         raise StoreUnreachable(store, url, exc) from exc
 
 
-async def ping_mongo(client: AsyncMongoClient[Any], url: str) -> None:
-    """Makes the client's first round trip (PyMongo connects lazily), as `StoreUnreachable` when it fails."""
-    with connecting(MONGO, url):
+async def ping_mongo(client: AsyncMongoClient[Any], url: str, timeout: float) -> None:
+    """Makes the client's first round trip (PyMongo connects lazily) within `timeout` seconds, 5 at most, as
+    `StoreUnreachable` when it fails."""
+    with connecting(MONGO, url), pymongo.timeout(min(timeout, MONGO_PING_TIMEOUT_SECONDS)):
         await client.admin.command("ping")
 
 

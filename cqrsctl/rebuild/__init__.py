@@ -106,7 +106,7 @@ async def _connect(config: RebuildConfig) -> AsyncIterator[_Connections]:
             connectTimeoutMS=ms, socketTimeoutMS=ms, journal=True,
         )  # fmt: skip
         try:
-            await ping_mongo(mongo, config.mongo_url)
+            await ping_mongo(mongo, config.mongo_url, timeout)
             yield _Connections(pool, mongo)
         finally:
             await mongo.close()

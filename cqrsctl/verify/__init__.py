@@ -66,7 +66,7 @@ async def _connect(config: VerifyConfig) -> AsyncIterator[_Connections]:
                 connectTimeoutMS=ms, socketTimeoutMS=ms,
             )  # fmt: skip
             try:
-                await ping_mongo(mongo, config.mongo_url)
+                await ping_mongo(mongo, config.mongo_url, timeout)
                 yield _Connections(pool, nc, mongo)
             finally:
                 await mongo.close()
