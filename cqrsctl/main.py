@@ -66,16 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each read (default 10)")
     demo.set_defaults(run=_demo)
 
-    status = sub.add_parser("status", help="outbox backlog, consumer pending and replication lag, on one screen")
+    status = sub.add_parser(
+        "status", help="outbox backlog, partitions, consumer pending, parked streams and replication lag, on one screen"
+    )
     status.add_argument(
         "--command-metrics",
         default=os.environ.get("CQRS_STATUS_COMMAND_METRICS", "http://127.0.0.1:9101/metrics"),
-        help="command_service /metrics URL (env CQRS_STATUS_COMMAND_METRICS)",
+        help="command_service /metrics URL, comma-separated for several replicas (env CQRS_STATUS_COMMAND_METRICS)",
     )
     status.add_argument(
         "--projector-metrics",
         default=os.environ.get("CQRS_STATUS_PROJECTOR_METRICS", "http://127.0.0.1:9102/metrics"),
-        help="projector /metrics URL (env CQRS_STATUS_PROJECTOR_METRICS)",
+        help="projector /metrics URL, comma-separated for several replicas (env CQRS_STATUS_PROJECTOR_METRICS)",
     )
     status.set_defaults(run=_status)
 

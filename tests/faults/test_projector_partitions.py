@@ -20,6 +20,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from cqrsctl.status import render_projectors, scrape
 from projector.consumer import group_consumers
 from tests.faults.support import FaultStack, Load, Service, assert_scenario_clean, wait_until
 
@@ -130,6 +131,11 @@ async def run(stack: FaultStack, partitions: int, seed: int) -> Counts:
             return sum(owned) == partitions and max(owned) - min(owned) <= 1, f"owned per replica: {owned}"
 
         await wait_until(shared_fairly, what="every partition owned once, 4 by each survivor", timeout=30)
+        # `cqrs status` over the survivors adds their partitions up, as an operator would read them
+        urls = [f"http://127.0.0.1:{r.metrics_port}/metrics" for r in scenario.replicas]
+        screen = "\n".join(render_projectors([await asyncio.to_thread(scrape, url) for url in urls]))
+        assert f"partitions owned          {partitions} of {partitions}" in screen, screen
+        assert screen.count("MongoDB up, serving, 4 partitions") == 2, screen
     return await scenario.counts()
 
 
