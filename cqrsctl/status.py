@@ -161,7 +161,8 @@ def render_projectors(scrapes: Sequence[Scrape]) -> list[str]:
         )
     )
     lines.append(f"  events applied            {applied:.0f} (duplicates {duplicates:.0f}, dead letters {dead:.0f})")
-    parked = {kind: max(s.parked.get(kind, 0.0) for s in read) for s in read for kind in s.parked}
+    kinds = {kind for s in read for kind in s.parked}
+    parked = {kind: max(s.parked.get(kind, 0.0) for s in read) for kind in kinds}
     parked_total = sum(parked.values())
     detail = ", ".join(f"{kind} {n:.0f}" for kind, n in sorted(parked.items()) if n)
     lines.append(

@@ -38,13 +38,13 @@ from cqrs.orders.v1 import (
     query_service_pb2_grpc,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 from pymongo import AsyncMongoClient
 
 from core.customer_events import CUSTOMER_STREAM_TYPE
 from core.order_events import ORDER_STREAM_TYPE
 from core.read_model import CHECKPOINTS_COLLECTION
 from cqrsctl.status import metrics_text
+from cqrsctl.status import parse as parse_metrics
 from cqrsctl.verify import VerifyConfig, run_verify
 from localservers import (
     MongoServer,
@@ -184,16 +184,14 @@ class Service:
 
         return await wait_until(probe, what=f"{self.module} at {self.address} to report SERVING", timeout=timeout)
 
-    def metrics(self) -> dict[str, float]:
-        """Its /metrics samples: `name` when unlabelled, else `name{value,...}` (label values in order)."""
+    @property
+    def metrics_url(self) -> str:
         assert self.metrics_port is not None, f"{self.module} serves no /metrics here"
-        out: dict[str, float] = {}
-        text = metrics_text(f"http://127.0.0.1:{self.metrics_port}/metrics", 3.0)
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(sample.labels.values())
-                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return out
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def metrics(self) -> dict[str, float]:
+        """Its unlabelled /metrics samples (raises OSError when the page cannot be read)."""
+        return parse_metrics(self.metrics_url, metrics_text(self.metrics_url, 3.0)).values
 
     async def wait_projector_serving(self, timeout: float = SERVING_TIMEOUT) -> float:
         """Waits until a projector reports SERVING on /metrics (its loops run), so that a scenario's kill or pause
@@ -442,15 +440,14 @@ class FaultStack:
             await service.wait_serving()
         return service
 
-    async def projector(self, *, wait: bool = True, failpoints: str | None = None, **env_overrides: Any) -> Service:
-        """A projector replica with /metrics on a port of its own; `wait`: until it reports SERVING."""
+    async def projector(self, *, failpoints: str | None = None, **env_overrides: Any) -> Service:
+        """A projector replica with /metrics on a port of its own, once it reports SERVING."""
         metrics_port = int(env_overrides.pop("CQRS_PROJECTOR_METRICS_PORT", 0)) or free_port()
         env = self.projector_env(CQRS_PROJECTOR_METRICS_PORT=str(metrics_port), **env_overrides)
         service = Service("projector", env, self._log("projector"), metrics_port=metrics_port)
         self.services.append(service)
         await service.start(extra_env={"CQRS_FAILPOINTS": failpoints} if failpoints else None)
-        if wait:
-            await service.wait_projector_serving()
+        await service.wait_projector_serving()
         return service
 
     async def query_service(self, *, wait: bool = True, **env_overrides: Any) -> Service:

@@ -132,8 +132,9 @@ async def run(stack: FaultStack, partitions: int, seed: int) -> Counts:
 
         await wait_until(shared_fairly, what="every partition owned once, 4 by each survivor", timeout=30)
         # `cqrs status` over the survivors adds their partitions up, as an operator would read them
-        urls = [f"http://127.0.0.1:{r.metrics_port}/metrics" for r in scenario.replicas]
-        screen = "\n".join(render_projectors([await asyncio.to_thread(scrape, url) for url in urls]))
+        screen = "\n".join(
+            render_projectors([await asyncio.to_thread(scrape, r.metrics_url) for r in scenario.replicas])
+        )
         assert f"partitions owned          {partitions} of {partitions}" in screen, screen
         assert screen.count("MongoDB up, serving, 4 partitions") == 2, screen
     return await scenario.counts()
