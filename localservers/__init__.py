@@ -10,7 +10,7 @@ N nodes), `mongo`, and `services` (the one launcher of `python -m <service>` pro
 from localservers.mongo import MongoServer
 from localservers.nats import ExternalNatsServer, NatsHandle, NatsServer
 from localservers.nats_cluster import DEFAULT_SYNC_INTERVAL, NatsCluster, NatsClusterNode, NodePorts
-from localservers.ports import LOOPBACK, free_port, port_is_free, split_address, wait_for_port
+from localservers.ports import LOOPBACK, ephemeral_range_start, free_port, port_is_free, split_address, wait_for_port
 from localservers.postgres import PostgresServer
 from localservers.process import ChildProcess, ServerStartError, find_binary, log_tail, with_parent_death_signal
 from localservers.server import ServerProcess, stop_all
@@ -33,6 +33,7 @@ __all__ = [
     "ServerProcess",
     "ServerStartError",
     "ServiceProcess",
+    "ephemeral_range_start",
     "find_binary",
     "free_port",
     "log_tail",

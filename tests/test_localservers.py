@@ -22,6 +22,7 @@ from localservers import (
     NatsServer,
     ServerStartError,
     ServiceProcess,
+    ephemeral_range_start,
     free_port,
     port_is_free,
     wait_for_port,
@@ -104,6 +105,15 @@ async def test_nats_restart_on_same_port_keeps_stream(tmp_path: Path, unique_nam
         assert await _stored(server.url, unique_name) == (5, b"0")
     finally:
         await asyncio.to_thread(server.stop)
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice() -> None:
+    # Outgoing connections take their local ports from the ephemeral range: a listening port picked there can be
+    # taken by a connection before its server binds it (a NATS cluster node once failed to start that way).
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(port < ephemeral_range_start() for port in ports)
+    assert all(port_is_free("127.0.0.1", port) for port in ports)
 
 
 def test_wait_for_port_names_what_it_waited_for() -> None:
