@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 
 from cqrsctl.load import LoadConfig, run_load
+from localservers import free_port
 from tests.e2e.conftest import Stack
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -153,7 +153,4 @@ async def test_unreachable_service_exits_2_with_a_clear_message(unused_port: int
 
 @pytest.fixture
 def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    return free_port()

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -32,6 +31,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 
 from core.grpc_errors import field_violations
 from core.log_throttle import per_request
+from localservers import free_port
 from query_service.config import QuerySettings
 from query_service.paging import ListFilter
 from query_service.server import CUSTOMER_SERVICE_NAME, SERVICE_NAME, RunningServer, start_query_server
@@ -118,14 +118,6 @@ async def list_all(stub: Stub, request: query_service_pb2.ListOrdersRequest) -> 
 
 def newest_first(docs: list[Document]) -> list[str]:
     return [d["_id"] for d in sorted(docs, key=lambda d: (d["created_at"], d["_id"]), reverse=True)]
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (bound and released; fine for a 'server is down' test)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def health_status(channel: grpc.aio.Channel, service: str) -> int:
@@ -755,7 +747,7 @@ async def test_a_port_in_use_is_refused_instead_of_shared(mongo_url: str, query_
 
 
 async def test_mongodb_down_is_unavailable_and_not_serving(caplog: pytest.LogCaptureFixture) -> None:
-    port = closed_port()
+    port = free_port()  # nobody listens on it
     settings = QuerySettings(
         mongo_url=f"mongodb://127.0.0.1:{port}/?directConnection=true",
         mongo_database="unreachable",
@@ -806,7 +798,7 @@ async def test_mongodb_down_is_unavailable_and_not_serving(caplog: pytest.LogCap
 
 
 async def test_the_process_serves_and_stops_gracefully_on_sigterm(mongo_url: str, unique_name: str) -> None:
-    port = closed_port()
+    port = free_port()  # nobody listens on it
     env = {
         **os.environ,
         "CQRS_MONGO_URL": mongo_url,
