@@ -28,10 +28,11 @@ from core.consistency import ConsistencyToken
 from core.errors import Unavailable
 from core.grpc_errors import field_violations
 from core.log_throttle import per_request
+from localservers import free_port
 from query_service.config import QuerySettings
 from query_service.consistency import ConsistencyWaiter, Requirement
 from query_service.server import RunningServer, start_query_server
-from tests.integration.test_query_service import T0, closed_port, make_order
+from tests.integration.test_query_service import T0, make_order
 from tests.support import eventually
 
 if TYPE_CHECKING:
@@ -363,7 +364,7 @@ async def test_waiting_queries_beyond_the_limit_are_resource_exhausted(
 
 async def test_mongodb_down_while_waiting_is_unavailable() -> None:
     settings = QuerySettings(
-        mongo_url=f"mongodb://127.0.0.1:{closed_port()}/?directConnection=true",
+        mongo_url=f"mongodb://127.0.0.1:{free_port()}/?directConnection=true",
         mongo_database="unreachable",
         query_listen="127.0.0.1:0",
         mongo_timeout_ms=300,
