@@ -798,7 +798,7 @@ async def test_mongodb_down_is_unavailable_and_not_serving(caplog: pytest.LogCap
 
 
 async def test_the_process_serves_and_stops_gracefully_on_sigterm(mongo_url: str, unique_name: str) -> None:
-    port = free_port()  # nobody listens on it
+    port = free_port()
     env = {
         **os.environ,
         "CQRS_MONGO_URL": mongo_url,
