@@ -25,6 +25,7 @@ from localservers import (
     ephemeral_range_start,
     free_port,
     port_is_free,
+    ports,
     wait_for_port,
     with_parent_death_signal,
 )
@@ -114,6 +115,20 @@ def test_free_ports_lie_below_the_ephemeral_range_and_are_never_handed_out_twice
     assert len(set(ports)) == len(ports)
     assert all(port < ephemeral_range_start() for port in ports)
     assert all(port_is_free("127.0.0.1", port) for port in ports)
+
+
+def test_free_port_reads_the_kernels_range_and_lets_the_os_pick_when_nothing_lies_below_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    range_file = tmp_path / "ip_local_port_range"
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE_FILE", range_file)
+    assert ephemeral_range_start() == ports.FALLBACK_EPHEMERAL_START  # unreadable: Linux's default
+    range_file.write_text("10050\t60999\n")
+    assert ephemeral_range_start() == 10050
+    # Fewer than a pick's attempts between the lowest listening port and the range: the OS chooses (port 0).
+    picked = {free_port() for _ in range(20)}
+    assert all(port_is_free("127.0.0.1", port) for port in picked)
+    assert any(port >= 10050 for port in picked)
 
 
 def test_wait_for_port_names_what_it_waited_for() -> None:
