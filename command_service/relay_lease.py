@@ -78,7 +78,8 @@ class RelayLease:
             },
         )
         started = await self._conn.fetchval(
-            "SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            "SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            timeout=self._query_timeout,
         )
         self.session = Session(self._conn.get_server_pid(), str(started))
         while not stopping():

@@ -26,6 +26,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from command_service.event_store import recorded_event_from_row
 from core.dependency_metrics import dependency_metrics
 from core.envelope import RecordedEvent
+from core.error_text import describe_error
 from core.events import decode_event
 from core.generations import active_database
 from cqrsctl import stores
@@ -58,6 +59,7 @@ def add_dead_letters_parser(sub: Any) -> None:
         default=stores.postgres_dsn(),
         help="PostgreSQL DSN of the event store, read only (env CQRS_POSTGRES_DSN, else the `make dev` stack's)",
     )
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per network call (default 10)")
     actions = parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="parked streams, and messages that name no stream")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -73,20 +75,35 @@ def add_dead_letters_parser(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return asyncio.run(run_dead_letters(args))
+    if args.timeout <= 0:
+        print("cqrs dead-letters: --timeout must be > 0", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run_dead_letters(args))
+    except stores.StoreUnreachable:
+        raise  # `cqrs` says which store and where
+    except Exception as exc:  # a store refused a query or went away meanwhile: say what, no stack trace
+        print(f"cqrs dead-letters {args.action}: {type(exc).__name__}: {describe_error(exc)}", file=sys.stderr)
+        return 2
+
+
+async def connect_event_store(dsn: str, timeout: float) -> asyncpg.Connection:
+    """A connection whose connect and every statement end within `timeout` seconds."""
+    with stores.connecting(stores.POSTGRES, dsn):
+        conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=timeout, command_timeout=timeout)
+    return conn
 
 
 async def run_dead_letters(args: argparse.Namespace) -> int:
-    mongo: AsyncMongoClient[Doc] = AsyncMongoClient(args.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
+    mongo: AsyncMongoClient[Doc] = stores.bounded_mongo_client(args.mongo_url, args.timeout, "cqrs-dead-letters")
     try:
-        await stores.ping_mongo(mongo, args.mongo_url, stores.MONGO_PING_TIMEOUT_SECONDS)
+        await stores.ping_mongo(mongo, args.mongo_url, args.timeout)
         tool = DeadLetters(await active_database(mongo[args.mongo_database]))
         if args.action == "list":
             return await tool.print_list(as_json=args.json)
         if args.action == "show":
             return await tool.print_show(args.stream_id)
-        with stores.connecting(stores.POSTGRES, args.dsn):
-            conn = await asyncpg.connect(args.dsn, timeout=10)
+        conn = await connect_event_store(args.dsn, args.timeout)
         try:
             if args.action == "retry":
                 results = [await tool.retry(conn, stream_id) for stream_id in args.stream_id]

@@ -121,6 +121,16 @@ def connecting(store: Store, url: str) -> Iterator[None]:
         raise StoreUnreachable(store, url, exc) from exc
 
 
+def bounded_mongo_client(url: str, timeout: float, appname: str, **options: Any) -> AsyncMongoClient[Any]:
+    """A client whose every wait ends within `timeout` seconds: server selection, connecting, and each reply (a
+    cursor's getMore included, without bounding how long the cursor lives). `options`: more client options."""
+    ms = int(timeout * 1000)
+    return AsyncMongoClient(
+        url, appname=appname, tz_aware=True, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=ms,
+        **options,
+    )  # fmt: skip
+
+
 async def ping_mongo(client: AsyncMongoClient[Any], url: str, timeout: float) -> None:
     """Makes the client's first round trip (PyMongo connects lazily) within `timeout` seconds, 5 at most, as
     `StoreUnreachable` when it fails."""

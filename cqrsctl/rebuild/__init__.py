@@ -53,7 +53,7 @@ from cqrsctl.rebuild.model import BOOKKEEPING_FIELDS, RebuildConfig, RebuildResu
 from cqrsctl.rebuild.progress import RebuildMetrics, RebuildProgress
 from cqrsctl.rebuild.reader import Cursor, EventReader
 from cqrsctl.rebuild.shadow import ComparisonResult, Difference, IgnoredFields, ShadowComparer
-from cqrsctl.stores import POSTGRES, connecting, ping_mongo
+from cqrsctl.stores import POSTGRES, bounded_mongo_client, connecting, ping_mongo
 from projector.leases import MEMBERS, PARTITIONS
 from projector.registry import PROJECTIONS, VIEWS, registry_versions
 
@@ -95,16 +95,12 @@ class _Connections:
 @contextlib.asynccontextmanager
 async def _connect(config: RebuildConfig) -> AsyncIterator[_Connections]:
     timeout = config.timeout_seconds
-    ms = int(timeout * 1000)
     with connecting(POSTGRES, config.postgres_dsn):
         pool = await asyncpg.create_pool(
             config.postgres_dsn, min_size=1, max_size=2, timeout=timeout, command_timeout=timeout
         )
     try:
-        mongo: AsyncMongoClient[Doc] = AsyncMongoClient(
-            config.mongo_url, appname="cqrs-rebuild", tz_aware=True, serverSelectionTimeoutMS=ms,
-            connectTimeoutMS=ms, socketTimeoutMS=ms, journal=True,
-        )  # fmt: skip
+        mongo: AsyncMongoClient[Doc] = bounded_mongo_client(config.mongo_url, timeout, "cqrs-rebuild", journal=True)
         try:
             await ping_mongo(mongo, config.mongo_url, timeout)
             yield _Connections(pool, mongo)

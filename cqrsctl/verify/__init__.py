@@ -14,7 +14,7 @@ from nats.aio.client import Client as NatsClient
 from pymongo import AsyncMongoClient
 
 from core.generations import active_database
-from cqrsctl.stores import POSTGRES, connect_nats, connecting, ping_mongo
+from cqrsctl.stores import POSTGRES, bounded_mongo_client, connect_nats, connecting, ping_mongo
 from cqrsctl.verify.audit import Audit
 from cqrsctl.verify.model import (
     Document,
@@ -52,7 +52,6 @@ class _Connections:
 @contextlib.asynccontextmanager
 async def _connect(config: VerifyConfig) -> AsyncIterator[_Connections]:
     timeout = config.timeout_seconds
-    ms = int(timeout * 1000)
     with connecting(POSTGRES, config.postgres_dsn):
         pool = await asyncpg.create_pool(
             config.postgres_dsn, min_size=1, max_size=3, timeout=timeout, command_timeout=timeout
@@ -60,11 +59,7 @@ async def _connect(config: VerifyConfig) -> AsyncIterator[_Connections]:
     try:
         nc = await connect_nats(config.nats_url, timeout=timeout, name="cqrs-verify")
         try:
-            # socketTimeoutMS bounds every round trip (a getMore included) without bounding a cursor's lifetime.
-            mongo: AsyncMongoClient[Document] = AsyncMongoClient(
-                config.mongo_url, appname="cqrs-verify", tz_aware=True, serverSelectionTimeoutMS=ms,
-                connectTimeoutMS=ms, socketTimeoutMS=ms,
-            )  # fmt: skip
+            mongo: AsyncMongoClient[Document] = bounded_mongo_client(config.mongo_url, timeout, "cqrs-verify")
             try:
                 await ping_mongo(mongo, config.mongo_url, timeout)
                 yield _Connections(pool, nc, mongo)
