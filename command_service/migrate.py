@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -37,6 +39,18 @@ def load_migrations() -> list[Migration]:
     return found
 
 
+# A migration's DDL waits at most this long for its table locks, then gives up and tries again later. PostgreSQL
+# queues lock requests in order: while an ALTER TABLE waits behind a long transaction (a report, a stuck client),
+# every append that arrives after it waits too, so an unbounded wait would stall the event store's writes.
+LOCK_TIMEOUT_SECONDS = 5.0
+LOCK_ATTEMPTS = 6
+LOCK_RETRY_PAUSE_SECONDS = 5.0  # times the attempt number
+
+
+class MigrationLocked(RuntimeError):
+    """A migration could not take its table locks in any attempt; nothing of it was applied."""
+
+
 async def migrate(dsn: str, timeout: float = 30.0) -> list[str]:
     """Applies pending migrations in one transaction each; returns the names applied (empty when up to date)."""
     conn = await asyncpg.connect(dsn, timeout=timeout)
@@ -46,8 +60,16 @@ async def migrate(dsn: str, timeout: float = 30.0) -> list[str]:
         await conn.close()
 
 
-async def migrate_connection(conn: asyncpg.Connection) -> list[str]:
-    """`migrate` on a connection the caller opened (and closes)."""
+async def migrate_connection(
+    conn: asyncpg.Connection,
+    migrations: Sequence[Migration] | None = None,
+    *,
+    lock_timeout: float = LOCK_TIMEOUT_SECONDS,
+    attempts: int = LOCK_ATTEMPTS,
+    retry_pause: float = LOCK_RETRY_PAUSE_SECONDS,
+) -> list[str]:
+    """`migrate` on a connection the caller opened (and closes); `migrations`: the shipped ones unless given.
+    Raises `MigrationLocked` when a migration's locks stay taken for `attempts` waits of `lock_timeout` seconds."""
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
     try:
@@ -58,18 +80,40 @@ async def migrate_connection(conn: asyncpg.Connection) -> list[str]:
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for migration in load_migrations():
+        for migration in load_migrations() if migrations is None else migrations:
             if migration.version in done:
                 continue
-            async with conn.transaction():
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
+            await _apply(conn, migration, lock_timeout, attempts, retry_pause)
             log.info("applied migration %s", migration.name)
             applied_now.append(migration.name)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
     return applied_now
+
+
+async def _apply(
+    conn: asyncpg.Connection, migration: Migration, lock_timeout: float, attempts: int, retry_pause: float
+) -> None:
+    """One migration in one transaction, its lock waits bounded by `lock_timeout` (retried `attempts` times)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{max(1, round(lock_timeout * 1000))}ms'")
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", migration.version, migration.name
+                )
+            return
+        except asyncpg.LockNotAvailableError as exc:
+            if attempt == attempts:
+                raise MigrationLocked(
+                    f"migration {migration.name} could not take its table locks: {attempts} waits of "
+                    f"{lock_timeout:g} s each, all behind other transactions (pg_stat_activity shows them; "
+                    f"{exc}). Nothing of it was applied; run the migration again once they have ended."
+                ) from exc
+            pause = retry_pause * attempt
+            log.warning(
+                "migration %s waited %g s for its table locks (attempt %d of %d): %s; trying again in %g s",
+                migration.name, lock_timeout, attempt, attempts, exc, pause,
+            )  # fmt: skip
+            await asyncio.sleep(pause)
