@@ -11,6 +11,8 @@ from importlib import resources
 
 import asyncpg
 
+from core.backoff import exponential
+
 log = logging.getLogger(__name__)
 
 # Arbitrary constant: serialises concurrent migrators (e.g. several replicas starting together).
@@ -44,7 +46,8 @@ def load_migrations() -> list[Migration]:
 # every append that arrives after it waits too, so an unbounded wait would stall the event store's writes.
 LOCK_TIMEOUT_SECONDS = 5.0
 LOCK_ATTEMPTS = 6
-LOCK_RETRY_PAUSE_SECONDS = 5.0  # times the attempt number
+LOCK_RETRY_PAUSE_SECONDS = 5.0  # the first pause; doubled after each attempt, up to the cap
+LOCK_RETRY_PAUSE_CAP_SECONDS = 30.0
 
 
 class MigrationLocked(RuntimeError):
@@ -111,7 +114,7 @@ async def _apply(
                     f"{lock_timeout:g} s each, all behind other transactions (pg_stat_activity shows them; "
                     f"{exc}). Nothing of it was applied; run the migration again once they have ended."
                 ) from exc
-            pause = retry_pause * attempt
+            pause = exponential(attempt, retry_pause, LOCK_RETRY_PAUSE_CAP_SECONDS)
             log.warning(
                 "migration %s waited %g s for its table locks (attempt %d of %d): %s; trying again in %g s",
                 migration.name, lock_timeout, attempt, attempts, exc, pause,
