@@ -18,6 +18,16 @@ log = logging.getLogger(__name__)
 # Arbitrary constant: serialises concurrent migrators (e.g. several replicas starting together).
 _MIGRATION_LOCK_KEY = 0x0C0A5_0001
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# While another migrator holds the lock: how often to try again (doubling up to the cap).
+_LOCK_POLL_SECONDS = 0.05
+_LOCK_POLL_CAP_SECONDS = 1.0
+
+
+# A migration that builds an index without holding up the event store's writes: exactly one statement of this form,
+# run outside a transaction (CONCURRENTLY requires it) and with IF NOT EXISTS (a rerun after a crash is harmless).
+_CONCURRENT_INDEX = re.compile(
+    r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+IF\s+NOT\s+EXISTS\s+([a-z_][a-z0-9_]*)\s+ON\s[^;]+;?", re.I
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +35,21 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def concurrent_index(self) -> str | None:
+        """The index a concurrent-index migration builds; None for a migration that runs in one transaction.
+        Raises ValueError for a CONCURRENTLY migration of any other shape."""
+        code = "\n".join(line for line in self.sql.splitlines() if not line.lstrip().startswith("--")).strip()
+        if not re.search(r"\bCONCURRENTLY\b", code, re.I):
+            return None
+        match = _CONCURRENT_INDEX.fullmatch(code)
+        if match is None:
+            raise ValueError(
+                f"migration {self.name}: a CONCURRENTLY migration holds exactly one statement, "
+                "`CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS <name> ON ...` (it runs outside a transaction)"
+            )
+        return match.group(1).lower()
 
 
 def load_migrations() -> list[Migration]:
@@ -35,6 +60,8 @@ def load_migrations() -> list[Migration]:
         if match:
             found.append(Migration(int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
+    for migration in found:
+        _ = migration.concurrent_index  # a malformed one fails here, before anything is applied
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise RuntimeError(f"duplicate migration versions: {versions}")
@@ -55,7 +82,8 @@ class MigrationLocked(RuntimeError):
 
 
 async def migrate(dsn: str, timeout: float = 30.0) -> list[str]:
-    """Applies pending migrations in one transaction each; returns the names applied (empty when up to date)."""
+    """Applies pending migrations, each in one transaction (a concurrent index build outside one); returns the
+    names applied (empty when up to date)."""
     conn = await asyncpg.connect(dsn, timeout=timeout)
     try:
         return await migrate_connection(conn)
@@ -74,7 +102,7 @@ async def migrate_connection(
     """`migrate` on a connection the caller opened (and closes); `migrations`: the shipped ones unless given.
     Raises `MigrationLocked` when a migration's locks stay taken for `attempts` waits of `lock_timeout` seconds."""
     applied_now: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+    await _take_migration_lock(conn)
     try:
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -94,18 +122,29 @@ async def migrate_connection(
     return applied_now
 
 
+async def _take_migration_lock(conn: asyncpg.Connection) -> None:
+    """Polls for the migrators' lock instead of blocking on it: a statement that waits keeps its snapshot, and a
+    concurrent index build waits for every older snapshot in the database, the waiting migrator's too (a deadlock
+    that PostgreSQL would break by failing one of them)."""
+    attempt = 0
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MIGRATION_LOCK_KEY):
+        attempt += 1
+        await asyncio.sleep(exponential(attempt, _LOCK_POLL_SECONDS, _LOCK_POLL_CAP_SECONDS))
+
+
 async def _apply(
     conn: asyncpg.Connection, migration: Migration, lock_timeout: float, attempts: int, retry_pause: float
 ) -> None:
-    """One migration in one transaction, its lock waits bounded by `lock_timeout` (retried `attempts` times)."""
+    """One migration, its lock waits bounded by `lock_timeout` (retried `attempts` times)."""
     for attempt in range(1, attempts + 1):
         try:
-            async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = '{max(1, round(lock_timeout * 1000))}ms'")
-                await conn.execute(migration.sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", migration.version, migration.name
-                )
+            if index := migration.concurrent_index:
+                await _build_index(conn, migration, index, lock_timeout)
+            else:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL lock_timeout = '{_milliseconds(lock_timeout)}ms'")
+                    await conn.execute(migration.sql)
+                    await _record(conn, migration)
             return
         except asyncpg.LockNotAvailableError as exc:
             if attempt == attempts:
@@ -120,3 +159,28 @@ async def _apply(
                 migration.name, lock_timeout, attempt, attempts, exc, pause,
             )  # fmt: skip
             await asyncio.sleep(pause)
+
+
+async def _build_index(conn: asyncpg.Connection, migration: Migration, index: str, lock_timeout: float) -> None:
+    """A concurrent-index migration, outside a transaction: appends go on while the index builds. A build that
+    stopped half-way (a lock timeout, a crash, a duplicate for a unique index) leaves an invalid index behind, which
+    IF NOT EXISTS would keep for good: it is dropped first. Its waits for older transactions are lock waits, so
+    `lock_timeout` bounds them too (and leaves such an invalid index for the next attempt)."""
+    await conn.execute(f"SET lock_timeout = '{_milliseconds(lock_timeout)}ms'")
+    try:
+        if await conn.fetchval("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", index):
+            log.warning("migration %s: dropping the invalid index %s an interrupted build left", migration.name, index)
+            await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
+        await conn.execute(migration.sql)
+        await _record(conn, migration)
+    finally:
+        await conn.execute("RESET lock_timeout")
+
+
+async def _record(conn: asyncpg.Connection, migration: Migration) -> None:
+    sql = "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)"
+    await conn.execute(sql, migration.version, migration.name)
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))

@@ -10,4 +10,5 @@
 -- group commit) reports its top-level transaction's id, which is what matters for visibility.
 ALTER TABLE events ADD COLUMN IF NOT EXISTS xact_id xid8 NOT NULL DEFAULT '0'::xid8;
 ALTER TABLE events ALTER COLUMN xact_id SET DEFAULT pg_current_xact_id();
-CREATE INDEX IF NOT EXISTS events_xact_id_position ON events (xact_id, position);
+-- The reader's index, (xact_id, position), is built by 0005 without holding up appends. (Stores migrated before
+-- 2026-12-03 got it here, built while appends waited; 0005 finds it and does nothing.)

@@ -318,9 +318,11 @@ async def test_the_migration_orders_older_events_first_and_is_idempotent(event_s
     try:
         # As before migration 0004: no column; events written then; then the migration.
         await conn.execute("DROP INDEX events_xact_id_position; ALTER TABLE events DROP COLUMN xact_id")
-        await conn.execute("DELETE FROM schema_migrations WHERE version = 4")
+        await conn.execute("DELETE FROM schema_migrations WHERE version IN (4, 5)")
         old = [await insert_event(conn, f"old-{i}", 1) for i in range(3)]
-        assert await migrate(event_store_dsn) == ["0004_events_xact_id.sql"]
+        assert await migrate(event_store_dsn) == ["0004_events_xact_id.sql", "0005_events_xact_id_index.sql"]
+        index = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'events_xact_id_position'::regclass"
+        assert await conn.fetchval(index)
         (migration,) = [m for m in load_migrations() if m.version == 4]
         await conn.execute(migration.sql)  # again: harmless
         new = await insert_event(conn, "new", 1)
