@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Sequence
@@ -77,7 +78,12 @@ LOCK_RETRY_PAUSE_SECONDS = 5.0  # the first pause; doubled after each attempt, u
 LOCK_RETRY_PAUSE_CAP_SECONDS = 30.0
 
 
-class MigrationLocked(RuntimeError):
+class MigrationFailed(RuntimeError):
+    """A migration failed (PostgreSQL refused a statement, or the connection was lost); the message says what
+    remains of it."""
+
+
+class MigrationLocked(MigrationFailed):
     """A migration could not take its table locks in any attempt; nothing of it was applied."""
 
 
@@ -118,7 +124,9 @@ async def migrate_connection(
             log.info("applied migration %s", migration.name)
             applied_now.append(migration.name)
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+        # A lost connection has released the session's lock already (and the error that lost it is the one to see).
+        with contextlib.suppress(asyncpg.InterfaceError, OSError):
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
     return applied_now
 
 
@@ -151,7 +159,7 @@ async def _apply(
                 raise MigrationLocked(
                     f"migration {migration.name} could not take its table locks: {attempts} waits of "
                     f"{lock_timeout:g} s each, all behind other transactions (pg_stat_activity shows them; "
-                    f"{exc}). Nothing of it was applied; run the migration again once they have ended."
+                    f"{exc}); {_remains(migration)}. Run the migration again once they have ended."
                 ) from exc
             pause = exponential(attempt, retry_pause, LOCK_RETRY_PAUSE_CAP_SECONDS)
             log.warning(
@@ -159,6 +167,31 @@ async def _apply(
                 migration.name, lock_timeout, attempt, attempts, exc, pause,
             )  # fmt: skip
             await asyncio.sleep(pause)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise MigrationFailed(_failure(migration, exc)) from exc
+
+
+def _failure(migration: Migration, exc: BaseException) -> str:
+    # SQLSTATE classes 08 (connection exception) and 57P (the server shutting down, a terminated backend).
+    if isinstance(exc, asyncpg.PostgresError) and not exc.sqlstate.startswith(("08", "57P")):
+        return f"migration {migration.name} failed, PostgreSQL refused it: {exc.sqlstate} {exc}; {_remains(migration)}"
+    return (
+        f"migration {migration.name} failed, the connection to PostgreSQL was lost ({type(exc).__name__}: {exc}); "
+        f"{_remains(migration, lost=True)}"
+    )
+
+
+def _remains(migration: Migration, *, lost: bool = False) -> str:
+    """What a failed attempt leaves: nothing of a transaction (unless the connection was lost while it committed);
+    an invalid index of a concurrent build, which the next run drops."""
+    if migration.concurrent_index:
+        return (
+            f"index {migration.concurrent_index} may be left invalid (queries do not use it); the next run drops it "
+            "and builds it again"
+        )
+    if lost:
+        return "it was applied whole or not at all; run the migration again"
+    return "nothing of it was applied"
 
 
 async def _build_index(conn: asyncpg.Connection, migration: Migration, index: str, lock_timeout: float) -> None:
@@ -174,7 +207,8 @@ async def _build_index(conn: asyncpg.Connection, migration: Migration, index: st
         await conn.execute(migration.sql)
         await _record(conn, migration)
     finally:
-        await conn.execute("RESET lock_timeout")
+        if not conn.is_closed():  # else the error that closed it is the one to report
+            await conn.execute("RESET lock_timeout")
 
 
 async def _record(conn: asyncpg.Connection, migration: Migration) -> None:

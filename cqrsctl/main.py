@@ -16,11 +16,11 @@ MIGRATE_CONNECT_TIMEOUT = 30.0
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from command_service.migrate import MigrationLocked
+    from command_service.migrate import MigrationFailed
 
     try:
         applied = asyncio.run(_connect_and_migrate(args.dsn))
-    except MigrationLocked as exc:
+    except MigrationFailed as exc:
         print(f"cqrs migrate: {exc}", file=sys.stderr)
         return 2
     print(f"applied: {', '.join(applied)}" if applied else "event store schema is up to date")
