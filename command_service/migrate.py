@@ -12,6 +12,7 @@ from importlib import resources
 
 import asyncpg
 
+from command_service.outages import CONNECTION_LOST, is_connection_lost
 from core.backoff import exponential
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ LOCK_RETRY_PAUSE_SECONDS = 5.0  # the first pause; doubled after each attempt, u
 LOCK_RETRY_PAUSE_CAP_SECONDS = 30.0
 
 
+# What fails a migration: a statement PostgreSQL refuses, or PostgreSQL lost (`command_service.outages`).
+_FAILURES: tuple[type[BaseException], ...] = (asyncpg.PostgresError, *CONNECTION_LOST)
+
+
 class MigrationFailed(RuntimeError):
     """A migration failed (PostgreSQL refused a statement, or the connection was lost); the message says what
     remains of it."""
@@ -125,7 +130,7 @@ async def migrate_connection(
             applied_now.append(migration.name)
     finally:
         # A lost connection has released the session's lock already (and the error that lost it is the one to see).
-        with contextlib.suppress(asyncpg.InterfaceError, OSError):
+        with contextlib.suppress(*CONNECTION_LOST):
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
     return applied_now
 
@@ -167,16 +172,15 @@ async def _apply(
                 migration.name, lock_timeout, attempt, attempts, exc, pause,
             )  # fmt: skip
             await asyncio.sleep(pause)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except _FAILURES as exc:
             raise MigrationFailed(_failure(migration, exc)) from exc
 
 
 def _failure(migration: Migration, exc: BaseException) -> str:
-    # SQLSTATE classes 08 (connection exception) and 57P (the server shutting down, a terminated backend).
-    if isinstance(exc, asyncpg.PostgresError) and not exc.sqlstate.startswith(("08", "57P")):
+    if isinstance(exc, asyncpg.PostgresError) and not is_connection_lost(exc):
         return f"migration {migration.name} failed, PostgreSQL refused it: {exc.sqlstate} {exc}; {_remains(migration)}"
     return (
-        f"migration {migration.name} failed, the connection to PostgreSQL was lost ({type(exc).__name__}: {exc}); "
+        f"migration {migration.name} failed, PostgreSQL was lost or is not taking work ({type(exc).__name__}: {exc}); "
         f"{_remains(migration, lost=True)}"
     )
 

@@ -14,6 +14,7 @@ from typing import Any
 import pymongo
 import pytest
 from pymongo import AsyncMongoClient, InsertOne, UpdateOne
+from pymongo.asynchronous import pool
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from core import mongo_round_trip
@@ -109,7 +110,8 @@ async def test_a_reply_is_awaited_without_a_new_task(client: AsyncMongoClient[Do
 
 
 class _Stopped:
-    """The MongoDB-wire server frozen (SIGSTOP): connected, and answering nothing until resumed."""
+    """The MongoDB-wire server frozen (SIGSTOP): connected, and answering nothing until resumed. Entered once the
+    kernel reports it stopped, so that what the block sees is never a reply from before the freeze."""
 
     def __init__(self, server: MongoServer) -> None:
         assert server.pid is not None
@@ -117,16 +119,36 @@ class _Stopped:
 
     def __enter__(self) -> None:
         os.kill(self._pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while (state := process_state(self._pid)) != "T":
+            assert time.monotonic() < deadline, f"the server (pid {self._pid}) never stopped: state {state}"
+            time.sleep(0.005)
 
     def __exit__(self, *exc: object) -> None:
         os.kill(self._pid, signal.SIGCONT)
 
 
-async def _failure_of(call: Awaitable[object], within: float) -> tuple[str, float]:
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of a process (T: stopped by a signal)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def _failure_of(call: Awaitable[object], within: float, server: MongoServer) -> tuple[str, float]:
+    """(error class, seconds) of a call that must fail; a call that returns fails the test saying what it got."""
     started = time.monotonic()
-    with pytest.raises(PyMongoError) as failed:
-        await asyncio.wait_for(call, within)
-    return type(failed.value).__name__, time.monotonic() - started
+    try:
+        result = await asyncio.wait_for(call, within)
+    except PyMongoError as exc:
+        return type(exc).__name__, time.monotonic() - started
+    assert server.pid is not None
+    pytest.fail(
+        f"core.mongo_round_trip installed: {_installed()}; the call returned {result!r} after "
+        f"{time.monotonic() - started:.3f} s from a frozen server (its state now: {process_state(server.pid)})"
+    )
+
+
+def _installed() -> bool:
+    return bool(pool.async_receive_message is mongo_round_trip.receive_message)
 
 
 @pytest.mark.slow
@@ -175,10 +197,10 @@ async def _stopped_server_outcomes(server: MongoServer, collection: str) -> dict
             await mongo["round_trip"][collection].insert_one({"_id": id(mongo)})
         with _Stopped(server):
             with pymongo.timeout(0.25):
-                seen["deadline"] = await _failure_of(plain["round_trip"][collection].find_one({}), 10)
-            seen["socket_timeout"] = await _failure_of(timed["round_trip"][collection].find_one({}), 10)
+                seen["deadline"] = await _failure_of(plain["round_trip"][collection].find_one({}), 10, server)
+            seen["socket_timeout"] = await _failure_of(timed["round_trip"][collection].find_one({}), 10, server)
             # (A client of its own: a reset pool stays paused until the next heartbeat, a minute away.)
-            interrupted = asyncio.create_task(_failure_of(reset["round_trip"][collection].find_one({}), 10))
+            interrupted = asyncio.create_task(_failure_of(reset["round_trip"][collection].find_one({}), 10, server))
             await asyncio.sleep(0.1)
             await _interrupt_pool(reset)
             seen["pool_cancelled"] = await interrupted
