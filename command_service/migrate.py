@@ -7,7 +7,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import asyncpg
@@ -37,21 +37,25 @@ class Migration:
     version: int
     name: str
     sql: str
+    # The index a concurrent-index migration builds; None for a migration that runs in one transaction.
+    concurrent_index: str | None = field(init=False)
 
-    @property
-    def concurrent_index(self) -> str | None:
-        """The index a concurrent-index migration builds; None for a migration that runs in one transaction.
-        Raises ValueError for a CONCURRENTLY migration of any other shape."""
-        code = "\n".join(line for line in self.sql.splitlines() if not line.lstrip().startswith("--")).strip()
-        if not re.search(r"\bCONCURRENTLY\b", code, re.I):
-            return None
-        match = _CONCURRENT_INDEX.fullmatch(code)
-        if match is None:
-            raise ValueError(
-                f"migration {self.name}: a CONCURRENTLY migration holds exactly one statement, "
-                "`CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS <name> ON ...` (it runs outside a transaction)"
-            )
-        return match.group(1).lower()
+    def __post_init__(self) -> None:
+        """Raises ValueError for a CONCURRENTLY migration of any other shape than `_CONCURRENT_INDEX`."""
+        object.__setattr__(self, "concurrent_index", _concurrent_index(self.name, self.sql))
+
+
+def _concurrent_index(name: str, sql: str) -> str | None:
+    code = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--")).strip()
+    if not re.search(r"\bCONCURRENTLY\b", code, re.I):
+        return None
+    match = _CONCURRENT_INDEX.fullmatch(code)
+    if match is None:
+        raise ValueError(
+            f"migration {name}: a CONCURRENTLY migration holds exactly one statement, "
+            "`CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS <name> ON ...` (it runs outside a transaction)"
+        )
+    return match.group(1).lower()
 
 
 def load_migrations() -> list[Migration]:
@@ -62,8 +66,6 @@ def load_migrations() -> list[Migration]:
         if match:
             found.append(Migration(int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
-    for migration in found:
-        _ = migration.concurrent_index  # a malformed one fails here, before anything is applied
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise RuntimeError(f"duplicate migration versions: {versions}")
@@ -111,7 +113,8 @@ async def migrate_connection(
     retry_pause: float = LOCK_RETRY_PAUSE_SECONDS,
 ) -> list[str]:
     """`migrate` on a connection the caller opened (and closes); `migrations`: the shipped ones unless given.
-    Raises `MigrationLocked` when a migration's locks stay taken for `attempts` waits of `lock_timeout` seconds."""
+    Raises `MigrationLocked` when a migration's locks stay taken for `attempts` waits of `lock_timeout` seconds,
+    `MigrationFailed` when PostgreSQL refuses a migration or is lost; the migrations before it stay applied."""
     applied_now: list[str] = []
     await _take_migration_lock(conn)
     try:

@@ -5,16 +5,21 @@ an invalid index that the next run drops and builds again."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import asyncpg
 import pytest
 
-from command_service.migrate import Migration, MigrationFailed, load_migrations, migrate_connection
+from command_service.migrate import Migration, MigrationFailed, migrate_connection
 from cqrsctl.main import main
+from tests.integration.reader_index import (
+    READER_INDEX,
+    open_append,
+    reader_index_valid,
+    until_waiting_for_a_lock,
+    without_reader_index,
+)
 from tests.support import create_database
 
-(READER_INDEX,) = [m for m in load_migrations() if m.concurrent_index]
 LOST = (
     r"^migration 0005_events_xact_id_index\.sql failed, PostgreSQL was lost or is not taking work "
     r"\(\w+: .*terminating connection due to administrator command\); "
@@ -64,35 +69,23 @@ async def test_a_build_whose_connection_is_lost_is_reported_and_built_by_the_nex
 ) -> None:
     """The migrator's backend is terminated while its concurrent build waits for an open append, three times."""
     for _ in range(3):
-        await pg_pool.execute("DROP INDEX IF EXISTS events_xact_id_position")
-        await pg_pool.execute("DELETE FROM schema_migrations WHERE version = $1", READER_INDEX.version)
-        writer = await asyncpg.connect(event_store_dsn)
-        append = writer.transaction()
-        await append.start()
-        await writer.execute("LOCK TABLE events IN ROW EXCLUSIVE MODE")
+        await without_reader_index(pg_pool)
+        writer, append = await open_append(event_store_dsn)
         migrator = await asyncpg.connect(event_store_dsn)
         try:
             migrating = asyncio.create_task(migrate_connection(migrator, [READER_INDEX], lock_timeout=30))
-            pid = migrator.get_server_pid()
-            deadline = time.monotonic() + 10
-            while await pg_pool.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid) != "Lock":
-                assert time.monotonic() < deadline, "the index build never waited for the open append"
-                await asyncio.sleep(0.02)
-            assert await pg_pool.fetchval("SELECT pg_terminate_backend($1)", pid)
+            await until_waiting_for_a_lock(pg_pool, migrator)
+            assert await pg_pool.fetchval("SELECT pg_terminate_backend($1)", migrator.get_server_pid())
             with pytest.raises(MigrationFailed, match=LOST):
                 await asyncio.wait_for(migrating, timeout=10)
-            assert await pg_pool.fetchval(
-                "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('events_xact_id_position')"
-            ) is False  # fmt: skip
+            assert await reader_index_valid(pg_pool) is False
             await append.rollback()
             rerun = await asyncpg.connect(event_store_dsn)
             try:
                 assert await migrate_connection(rerun, [READER_INDEX]) == [READER_INDEX.name]
             finally:
                 await rerun.close()
-            assert await pg_pool.fetchval(
-                "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('events_xact_id_position')"
-            ) is True  # fmt: skip
+            assert await reader_index_valid(pg_pool) is True
         finally:
             await writer.close()
             await migrator.close()

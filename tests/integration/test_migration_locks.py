@@ -17,11 +17,17 @@ import pytest
 
 from command_service.event_store import EventStore
 from command_service.migrate import Migration, MigrationLocked, load_migrations, migrate, migrate_connection
+from tests.integration.reader_index import (
+    READER_INDEX,
+    open_append,
+    reader_index_valid,
+    until_waiting_for_a_lock,
+    without_reader_index,
+)
 from tests.support import create_database, registered_customer
 
 EXTRA = Migration(99, "0099_note_column.sql", "ALTER TABLE events ADD COLUMN note text")
 LOCK_TIMEOUT = 0.5
-(READER_INDEX,) = [m for m in load_migrations() if m.concurrent_index == "events_xact_id_position"]
 
 
 async def _has_note_column(pool: asyncpg.Pool) -> bool:
@@ -86,47 +92,16 @@ async def test_a_lock_released_between_attempts_lets_the_migration_through(
         await migrator.close()
 
 
-async def _without_reader_index(pool: asyncpg.Pool) -> None:
-    """As a store migrated up to 0004 is before 0005."""
-    await pool.execute("DROP INDEX events_xact_id_position")
-    await pool.execute("DELETE FROM schema_migrations WHERE version = $1", READER_INDEX.version)
-
-
-async def _reader_index_valid(pool: asyncpg.Pool) -> bool | None:
-    """True once built, False for a build left half-way, None when there is no such index."""
-    valid: bool | None = await pool.fetchval(
-        "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('events_xact_id_position')"
-    )
-    return valid
-
-
-async def _open_append(dsn: str) -> tuple[asyncpg.Connection, asyncpg.transaction.Transaction]:
-    """A connection in the middle of an append: it holds the lock an INSERT into `events` takes, uncommitted."""
-    writer = await asyncpg.connect(dsn)
-    append = writer.transaction()
-    await append.start()
-    await writer.execute("LOCK TABLE events IN ROW EXCLUSIVE MODE")
-    return writer, append
-
-
-async def _until_waiting_for_a_lock(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
-    pid = conn.get_server_pid()
-    deadline = time.monotonic() + 10
-    while await pool.fetchval("SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", pid) != "Lock":
-        assert time.monotonic() < deadline, "the index build never waited for the open append"
-        await asyncio.sleep(0.02)
-
-
 async def test_the_reader_index_builds_while_appends_keep_flowing(event_store_dsn: str, pg_pool: asyncpg.Pool) -> None:
     """A plain CREATE INDEX would queue for its SHARE lock behind the open append, and every append after it would
     queue behind that (here for the whole lock_timeout, on a large store for the whole build)."""
     store = EventStore(pg_pool)
-    await _without_reader_index(pg_pool)
-    writer, append = await _open_append(event_store_dsn)
+    await without_reader_index(pg_pool)
+    writer, append = await open_append(event_store_dsn)
     migrator = await asyncpg.connect(event_store_dsn)
     try:
         migrating = asyncio.create_task(migrate_connection(migrator, [READER_INDEX], lock_timeout=10, attempts=1))
-        await _until_waiting_for_a_lock(pg_pool, migrator)  # for the open append to end
+        await until_waiting_for_a_lock(pg_pool, migrator)  # for the open append to end
         for _ in range(5):
             append_started = time.monotonic()
             await asyncio.wait_for(registered_customer(store), timeout=5)
@@ -134,7 +109,7 @@ async def test_the_reader_index_builds_while_appends_keep_flowing(event_store_ds
         assert not migrating.done()
         await append.rollback()
         assert await asyncio.wait_for(migrating, timeout=30) == [READER_INDEX.name]
-        assert await _reader_index_valid(pg_pool) is True
+        assert await reader_index_valid(pg_pool) is True
         assert await pg_pool.fetchval("SELECT count(*) FROM events") == 5
     finally:
         await writer.close()
@@ -145,17 +120,17 @@ async def test_an_index_build_cut_short_is_built_again_by_the_next_run(
     event_store_dsn: str, pg_pool: asyncpg.Pool
 ) -> None:
     """Each time out leaves an invalid index (PostgreSQL keeps it); IF NOT EXISTS alone would keep it for good."""
-    await _without_reader_index(pg_pool)
-    writer, append = await _open_append(event_store_dsn)
+    await without_reader_index(pg_pool)
+    writer, append = await open_append(event_store_dsn)
     migrator = await asyncpg.connect(event_store_dsn)
     try:
         with pytest.raises(MigrationLocked, match=r"0005_events_xact_id_index\.sql could not take its table locks"):
             await migrate_connection(migrator, [READER_INDEX], lock_timeout=LOCK_TIMEOUT, attempts=2, retry_pause=0.1)
-        assert await _reader_index_valid(pg_pool) is False
+        assert await reader_index_valid(pg_pool) is False
         assert await pg_pool.fetchval("SELECT count(*) FROM schema_migrations WHERE version = 5") == 0
         await append.rollback()
         assert await migrate_connection(migrator, [READER_INDEX], lock_timeout=LOCK_TIMEOUT) == [READER_INDEX.name]
-        assert await _reader_index_valid(pg_pool) is True
+        assert await reader_index_valid(pg_pool) is True
         assert await migrator.fetchval("SHOW lock_timeout") == "0"  # the session's setting is back
     finally:
         await writer.close()
