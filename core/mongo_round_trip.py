@@ -16,7 +16,9 @@ client 0.41 ms of CPU, 0.33 ms with this path (README, "Levers measured in one r
   is due cancels the waiting task, whose read then ends with PyMongo's own `TimeoutError("timed out")` or
   `_OperationCancelled`. A cancellation from outside (a gRPC deadline, shutdown) still propagates as itself.
 
-Everything else stays PyMongo's: the protocol, reply checks, and the pool closing a connection whose read failed.
+`install()` also makes new connections read their replies with `core.mongo_protocol.ReplyProtocol` (one socket
+read a reply, no pause between round trips). Everything else stays PyMongo's: reply checks, and the pool closing
+a connection whose read failed.
 What it replaces is private to PyMongo, so it is installed only while the pool still calls PyMongo's own
 functions by these names and the protocol's `read` and `write` take what they took in 4.9 to 4.20; otherwise
 PyMongo's paths run (`tests/integration/test_mongo_round_trip.py` compares both against a real server, timeouts
@@ -37,6 +39,8 @@ from pymongo.asynchronous import pool
 from pymongo.common import MAX_MESSAGE_SIZE
 from pymongo.errors import ProtocolError, _OperationCancelled
 from pymongo.message import _UNPACK_REPLY
+
+from core import mongo_protocol
 
 _log = logging.getLogger(__name__)
 _PYMONGO_SENDALL = network_layer.async_sendall
@@ -140,22 +144,28 @@ def _set_pool_functions(sendall: object, receive: object) -> None:
 
 
 def install() -> bool:
-    """Makes every `AsyncMongoClient` of this process use this module's round trip; idempotent.
+    """Makes every `AsyncMongoClient` of this process use this module's round trip and, for connections made from
+    now on, `core.mongo_protocol`'s reader of replies; idempotent.
 
-    Returns False (and changes nothing) when PyMongo's pool no longer calls PyMongo's own functions by these names
-    or its protocol changed shape.
+    Returns False when either no longer fits PyMongo (its pool calls other functions by these names, or its protocol
+    changed shape); what does not fit is left as PyMongo's own.
     """
+    reader = mongo_protocol.install()
+    if not reader:
+        _log.warning("PyMongo %s: its asynchronous wire protocol is not the one this process replaces; PyMongo's "
+                     "own reads the replies (more CPU per MongoDB call)", pymongo.version)  # fmt: skip
     current = _pool_functions()
     if current == (send_all, receive_message):
-        return True
+        return reader
     if current != (_PYMONGO_SENDALL, _PYMONGO_RECEIVE) or not _protocol_matches():
         _log.warning("PyMongo %s: its asynchronous round trip is not the one this process replaces; "
                      "PyMongo's own is used (more CPU per MongoDB call)", pymongo.version)  # fmt: skip
         return False
     _set_pool_functions(send_all, receive_message)
-    return True
+    return reader
 
 
 def uninstall() -> None:
-    """Puts PyMongo's own round trip back (the tests compare both)."""
+    """Puts PyMongo's own round trip and reader back, for connections made from now on (the tests compare both)."""
     _set_pool_functions(_PYMONGO_SENDALL, _PYMONGO_RECEIVE)
+    mongo_protocol.uninstall()

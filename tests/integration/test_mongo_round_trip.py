@@ -1,5 +1,6 @@
-"""PyMongo's round trip awaited in the calling task (`core/mongo_round_trip.py`) against a real MongoDB-wire server:
-the same results and the same failures as PyMongo's own path, without its tasks."""
+"""PyMongo's round trip awaited in the calling task (`core/mongo_round_trip.py`), its replies read by
+`core/mongo_protocol.py`, against a real MongoDB-wire server: the same results and the same failures as PyMongo's
+own path, without its tasks and without pausing the socket between round trips."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from typing import Any
 
 import pymongo
 import pytest
-from pymongo import AsyncMongoClient, InsertOne, UpdateOne
+from pymongo import AsyncMongoClient, InsertOne, UpdateOne, network_layer
 from pymongo.asynchronous import pool
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from core import mongo_round_trip
+from core.mongo_protocol import READ_BUFFER_SIZE, ReplyProtocol
 from localservers import MongoServer, free_port
 
 Doc = dict[str, Any]
 VARIANTS = ("pymongo", "ours")
+READERS = {"pymongo": network_layer.PyMongoProtocol, "ours": ReplyProtocol}
 
 
 def use(variant: str) -> None:
@@ -61,20 +64,53 @@ async def _session_of_calls(client: AsyncMongoClient[Doc], collection: str) -> l
         await coll.bulk_write([InsertOne({"_id": 2}), UpdateOne({"_id": 4}, {"$inc": {"n": 1}})], ordered=False)
     seen.append([(error["index"], error["code"]) for error in failed.value.details["writeErrors"]])
     seen.append(failed.value.details["nModified"])
+    # Replies larger than our reader's buffer: one document, then a batch of them.
+    blob = "b" * (3 * READ_BUFFER_SIZE)
+    await coll.insert_many([{"_id": f"large-{i}", "blob": blob} for i in range(3)])
+    seen.append(await coll.find_one({"_id": "large-1"}))
+    seen.append(await coll.find({"_id": {"$regex": "^large-"}}).sort("_id", 1).to_list())
     await coll.drop()
     return seen
 
 
-async def test_every_call_returns_what_pymongos_own_round_trip_returns(
-    client: AsyncMongoClient[Doc], unique_name: str
-) -> None:
+async def test_every_call_returns_what_pymongos_own_round_trip_returns(mongo_url: str, unique_name: str) -> None:
     results = {}
     for variant in VARIANTS:
         use(variant)
-        results[variant] = await _session_of_calls(client, f"{unique_name}_{variant}")
+        # A client per variant: a connection keeps the reader it was made with (`core.mongo_protocol`).
+        mongo: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000)
+        try:
+            results[variant] = await _session_of_calls(mongo, f"{unique_name}_{variant}")
+            assert {type(protocol) for protocol in _protocols(mongo)} == {READERS[variant]}
+        finally:
+            await mongo.close()
     assert results["ours"] == results["pymongo"]
     assert results["ours"][0] == {"_id": 3, "n": 3}
     assert [doc["_id"] for doc in results["ours"][2]] == [6, 5, 4, 3, 2, 1, 0]
+    assert len(results["ours"][-1]) == 3 and len(results["ours"][-1][0]["blob"]) == 3 * READ_BUFFER_SIZE
+
+
+async def test_between_round_trips_our_reader_leaves_the_socket_registered(mongo_url: str, unique_name: str) -> None:
+    """PyMongo's reader stops reading the socket after each reply and starts again with the next request (two
+    system calls a round trip); ours keeps reading."""
+    reading = {}
+    for variant in VARIANTS:
+        use(variant)
+        mongo: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_url, serverSelectionTimeoutMS=5000)
+        try:
+            coll = mongo["round_trip"][unique_name]
+            await coll.insert_one({"_id": variant})
+            for _ in range(3):
+                assert await coll.find_one({"_id": variant}) == {"_id": variant}
+            reading[variant] = {protocol.transport.is_reading() for protocol in _protocols(mongo)}
+        finally:
+            await mongo.close()
+    assert reading == {"pymongo": {False}, "ours": {True}}
+
+
+def _protocols(client: AsyncMongoClient[Doc]) -> list[Any]:
+    """The wire protocols of the client's pooled (idle) connections."""
+    return [conn.conn.get_conn for server in client._topology._servers.values() for conn in server.pool.conns]
 
 
 async def _tasks_created(call: Callable[[], Awaitable[object]], times: int) -> int:

@@ -1,14 +1,15 @@
-"""`core.mongo_round_trip.install` replaces PyMongo's round trip only while PyMongo still has the shape it replaces."""
+"""`core.mongo_round_trip.install` replaces PyMongo's round trip, and `core.mongo_protocol` its reader of replies,
+only while PyMongo still has the shape each replaces."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-from pymongo import network_layer
+from pymongo import network_layer, pool_shared
 from pymongo.asynchronous import pool
 
-from core import mongo_round_trip
+from core import mongo_protocol, mongo_round_trip
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +45,35 @@ def test_a_protocol_of_another_shape_is_left_alone(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(network_layer.PyMongoProtocol, "read", read)
     assert not mongo_round_trip.install()
     assert _pool_round_trip() == (network_layer.async_sendall, network_layer.async_receive_message)
+
+
+def _connections_protocol() -> object:
+    return vars(pool_shared)["PyMongoProtocol"]
+
+
+def test_install_makes_new_connections_read_replies_with_our_protocol_and_uninstall_undoes_it() -> None:
+    assert _connections_protocol() is network_layer.PyMongoProtocol
+    assert mongo_round_trip.install()
+    assert _connections_protocol() is mongo_protocol.ReplyProtocol
+    mongo_round_trip.uninstall()
+    assert _connections_protocol() is network_layer.PyMongoProtocol
+
+
+def test_a_pool_building_another_protocol_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    class SomeoneElses(network_layer.PyMongoProtocol):
+        pass
+
+    monkeypatch.setattr(pool_shared, "PyMongoProtocol", SomeoneElses)
+    assert not mongo_round_trip.install()
+    assert _connections_protocol() is SomeoneElses
+    assert _pool_round_trip() == (mongo_round_trip.send_all, mongo_round_trip.receive_message)  # that part fits
+
+
+def test_a_protocol_keeping_its_replies_elsewhere_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self: network_layer.PyMongoProtocol, timeout: float | None = None) -> None:
+        self.transport = None  # type: ignore[assignment]
+        self._replies: list[bytes] = []
+
+    monkeypatch.setattr(network_layer.PyMongoProtocol, "__init__", __init__)
+    assert not mongo_protocol.install()
+    assert _connections_protocol() is network_layer.PyMongoProtocol
