@@ -55,7 +55,8 @@ class Readiness:
         if serving:
             log.info("%s is ready (SERVING)", self._component)
         elif self._published is not None:
-            log.warning("%s is not ready (NOT_SERVING): %s", self._component, ", ".join(self.failing()))
+            # Conditions are named for what must hold ("... reachable"), so they are listed as the checks that fail.
+            log.warning("%s is not ready (NOT_SERVING); failing checks: %s", self._component, "; ".join(self.failing()))
         self._published = serving
         status = SERVING if serving else NOT_SERVING
         for service in self._services:

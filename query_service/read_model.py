@@ -106,8 +106,9 @@ def redact_mongo_url(url: str) -> str:
     return f"{scheme}://{hosts}"
 
 
-def make_client(settings: QuerySettings) -> AsyncMongoClient[Document]:
-    """A client whose every operation fails within the configured timeout when MongoDB is unreachable.
+def make_client(settings: QuerySettings, *, max_pool_size: int = 100, purpose: str = "") -> AsyncMongoClient[Document]:
+    """A client whose every operation fails within the configured timeout when MongoDB is unreachable; at most
+    `max_pool_size` connections (PyMongo's default); `purpose` is added to its application name.
 
     No I/O happens here: AsyncMongoClient connects on first use. Its round trips are awaited in the calling task
     (`core.mongo_round_trip`): most queries are one round trip.
@@ -116,12 +117,13 @@ def make_client(settings: QuerySettings) -> AsyncMongoClient[Document]:
     timeout_ms = settings.mongo_timeout_ms
     return AsyncMongoClient(
         settings.mongo_url,
+        maxPoolSize=max_pool_size,
         serverSelectionTimeoutMS=timeout_ms,
         socketTimeoutMS=timeout_ms,
         timeoutMS=timeout_ms,
         # BSON dates are UTC; decode them as aware datetimes so nothing downstream guesses a time zone.
         tz_aware=True,
-        appname="cqrs-query-service",
+        appname=f"cqrs-query-service{'-' + purpose if purpose else ''}",
     )
 
 

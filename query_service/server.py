@@ -65,6 +65,7 @@ class RunningServer:
     server: grpc.aio.Server
     health: _AsyncHealth
     client: AsyncMongoClient[Document]
+    probe_client: AsyncMongoClient[Document]
     grace_seconds: float
     consistency_waiter: ConsistencyWaiter
     watch_hub: OrderWatchHub
@@ -90,6 +91,7 @@ class RunningServer:
         await self.server.stop(self.grace_seconds if grace is None else grace)
         await self.consistency_waiter.close()
         await self.client.close()
+        await self.probe_client.close()
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
         log.info("query service stopped")
@@ -105,6 +107,9 @@ async def start_query_server(
     """
     registry = CollectorRegistry()
     client = make_client(settings)
+    # Readiness pings on a connection of their own: queries holding every pooled connection (an overload) are
+    # not MongoDB being unreachable, and a pod taken out of rotation for them only moves the load to the others.
+    probe_client = make_client(settings, max_pool_size=1, purpose="readiness")
     database = client[settings.mongo_database]
     read_model = OrderReadModel.from_client(client, settings.mongo_database, registry)
     customers = CustomerReadModel.from_client(client, settings.mongo_database, registry)
@@ -142,6 +147,7 @@ async def start_query_server(
         )
     except RuntimeError:
         await client.close()
+        await probe_client.close()
         raise
     server, port = assembled.server, assembled.port
     health_servicer, readiness = assembled.health, assembled.readiness
@@ -157,7 +163,8 @@ async def start_query_server(
 
     supervisor = Supervisor("query service", on_health_change=tasks_health)
     supervisor.start(
-        "mongo-health", lambda: _watch_mongo(index_plans, client, readiness, settings, health_interval, stop_watching)
+        "mongo-health",
+        lambda: _watch_mongo(index_plans, probe_client, readiness, settings, health_interval, stop_watching),
     )
     # Everything that reads the read model follows the active generation (a cutover by `cqrs rebuild`).
     readers: list[_FollowsGeneration] = [read_model, customers, sales_report, waiter, watch_hub]
@@ -179,6 +186,7 @@ async def start_query_server(
         server=server,
         health=health_servicer,
         client=client,
+        probe_client=probe_client,
         grace_seconds=settings.grace_seconds,
         consistency_waiter=waiter,
         watch_hub=watch_hub,
@@ -229,13 +237,14 @@ async def _follow_generations(
 
 async def _watch_mongo(
     index_plans: list[IndexPlan],
-    client: AsyncMongoClient[Document],
+    probe_client: AsyncMongoClient[Document],
     readiness: Readiness,
     settings: QuerySettings,
     interval: float,
     stop: asyncio.Event,
 ) -> None:
-    """Pings MongoDB until `stop` is set, mirrors reachability into readiness, creates the indexes.
+    """Pings MongoDB (on `probe_client`'s own connection) until `stop` is set, mirrors reachability into
+    readiness, creates the indexes (on the collections' client).
 
     It also watches `stop` because on Python 3.11 `asyncio.wait_for` (inside PyMongo's async network layer) can
     swallow a cancellation when the awaited operation finishes at the same moment (CPython gh-86296).
@@ -247,7 +256,7 @@ async def _watch_mongo(
     index_errors: dict[str, str | None] = {}
     while not stop.is_set():
         try:
-            await client.admin.command("ping")
+            await probe_client.admin.command("ping")
         except Exception as exc:
             if healthy is not False:
                 log.warning("read model (MongoDB) at %s is unavailable: %s", where, describe_error(exc))

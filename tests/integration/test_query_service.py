@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -792,6 +793,44 @@ async def test_mongodb_down_is_unavailable_and_not_serving(caplog: pytest.LogCap
                 assert await health_status(chan, service) == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await running.stop()
+
+
+async def test_queries_holding_every_pooled_connection_leave_the_service_ready(
+    mongo_url: str, unique_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An overload is not MongoDB being down: readiness pings on a connection of their own, so a pod whose queries
+    hold every pooled connection stays in rotation (taking it out would only move its load to the others)."""
+    settings = QuerySettings(
+        mongo_url=mongo_url, mongo_database=unique_name, query_listen="127.0.0.1:0", mongo_timeout_ms=300,
+        grace_seconds=0,
+    )  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="query_service")
+    per_request.clear()
+    running = await start_query_server(settings, health_interval=0.05)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as chan:
+            stub = query_service_pb2_grpc.OrderQueryServiceStub(chan)
+            await wait_for(lambda: _serving(chan), "the query service to be SERVING")
+            async with contextlib.AsyncExitStack() as held:
+                for server in running.client._topology._servers.values():
+                    for _ in range(server.pool.opts.max_pool_size):
+                        await held.enter_async_context(server.pool.checkout())
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.GetOrder(query_service_pb2.GetOrderRequest(order_id=str(uuid.uuid4())), timeout=10)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # no connection for the query
+                for _ in range(20):  # each probe's ping would wait out its 300 ms for a pooled connection
+                    assert await _serving(chan)
+                    await asyncio.sleep(0.05)
+            watcher = [r.getMessage() for r in caplog.records if r.name == "query_service.server"]
+            assert not [line for line in watcher if "is unavailable" in line], watcher
+            reply = await stub.ListOrders(query_service_pb2.ListOrdersRequest(), timeout=10)
+            assert list(reply.orders) == []
+    finally:
+        await running.stop()
+
+
+async def _serving(channel: grpc.aio.Channel) -> bool:
+    return bool(await health_status(channel, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING)
 
 
 # ------------------------------------------------------------------------------------------- process, imports
