@@ -83,6 +83,23 @@ async def test_replies_come_out_as_sent_however_the_bytes_arrive(link: Link, chu
         assert await link.read(response_to) == (body, OP_MSG)
 
 
+async def test_a_reply_that_arrives_in_one_segment_is_taken_in_one_read(link: Link) -> None:
+    """PyMongo's reader takes every reply in two reads (its 16-byte header, then the rest); this one in one."""
+    reads = 0
+    buffer_updated = link.protocol.buffer_updated
+
+    def counted(nbytes: int) -> None:
+        nonlocal reads
+        reads += 1
+        buffer_updated(nbytes)
+
+    link.protocol.buffer_updated = counted  # type: ignore[method-assign]  # the loop calls the instance's
+    whole, body = op_msg(1, {"ok": 1, "docs": ["d" * 300] * 10})
+    await link.send(whole)
+    assert await link.read(1) == (body, OP_MSG)
+    assert reads == 1
+
+
 async def test_a_reply_awaited_before_it_arrives_is_handed_to_that_read(link: Link) -> None:
     whole, body = op_msg(1, {"ok": 1})
     waiting = asyncio.create_task(link.read(1))
