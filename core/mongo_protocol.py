@@ -3,10 +3,10 @@
 PyMongo 4.x's `pymongo.network_layer.PyMongoProtocol` reads a reply in two socket reads (its 16-byte header, then
 a buffer sized for the rest) and pauses reading after every reply, so that the next request resumes it: two
 `epoll_ctl` calls and two reads per round trip, about 10 % of a client's CPU per `find_one` on the local
-MongoDB-wire server (README, "Levers measured in one run"). `ReplyProtocol` reads into one buffer that holds any
-ordinary reply whole (a larger one gets a buffer of its own size) and pauses reading only while replies nobody
-has asked for pile up (an exhaust cursor or a streaming monitor outrunning its reader), which is what PyMongo's
-pause is there for.
+MongoDB-wire server (docs/performance.md, "Levers measured in one run"). `ReplyProtocol` reads into one buffer
+that holds any ordinary reply whole (a larger one gets a buffer of its own size) and pauses reading only while
+replies nobody has asked for pile up (an exhaust cursor or a streaming monitor outrunning its reader), which is
+what PyMongo's pause is there for.
 
 It changes how bytes become messages, nothing else: the header checks and their errors, compressed replies, the
 futures `read` awaits and the way a failure closes the connection are PyMongo's own (`PyMongoProtocol`'s other

@@ -4,7 +4,7 @@ PyMongo 4.x (`pymongo.network_layer`) sends every request through `asyncio.wait_
 never waits) and waits for every reply with two new tasks under `asyncio.wait` and a timeout: the read, and a
 loop that checks every 0.5 s whether the connection's pool cancelled it (a pool reset after a failed heartbeat).
 A round trip took about nine event-loop turns; on the local MongoDB-wire server a `find_one` by `_id` cost the
-client 0.41 ms of CPU, 0.33 ms with this path (README, "Levers measured in one run").
+client 0.41 ms of CPU, 0.33 ms with this path (docs/performance.md, "Levers measured in one run").
 
 `install()` replaces the two functions PyMongo's asynchronous pool calls by name (`async_sendall`,
 `async_receive_message`) with versions that do the same work in the calling task:

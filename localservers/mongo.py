@@ -21,7 +21,7 @@ class MongoServer(ServerProcess):
     name = "mongo"
     #: What our services are told when they use this server (`make dev`, the benchmarks): it is one Python process
     #: that works through requests one at a time, so a projector batch sends its MongoDB calls one after the other
-    #: (sent at once they only contend for it; README, "Levers measured in one run").
+    #: (sent at once they only contend for it; docs/performance.md, "Levers measured in one run").
     CLIENT_ENV: ClassVar[dict[str, str]] = {"CQRS_PROJECTOR_PARALLEL_MONGO_CALLS": "false"}
 
     @property

@@ -22,12 +22,13 @@ class ProjectorSettings(BaseSettings):
     mongo_write_concern: str = Field(default="majority", pattern=r"^(majority|[1-9][0-9]?)$")
     # MongoDB's retryable writes (the driver repeats a write once after a network error or a failover, and the
     # server keeps a record of every write to recognise the repeat). Off: every projector write is idempotent and a
-    # failed batch is redelivered whole, so the records are pure cost (README: "Levers measured in one run").
+    # failed batch is redelivered whole, so the records are pure cost (docs/performance.md, "Levers measured in one
+    # run").
     mongo_retry_writes: bool = False
     # A batch's independent MongoDB calls (its loads, then its derived views) sent at once: against a MongoDB that
     # serves them in parallel this saves round trips. False: one after the other, for a server that works through
-    # requests one at a time (the local stand-in, SecantusDB: concurrent requests only contend for it; README,
-    # "Levers measured in one run").
+    # requests one at a time (the local stand-in, SecantusDB: concurrent requests only contend for it;
+    # docs/performance.md, "Levers measured in one run").
     projector_parallel_mongo_calls: bool = True
     stream_name: str = DEFAULT_STREAM_NAME
     subject_prefix: str = SUBJECT_PREFIX

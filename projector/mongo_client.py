@@ -9,7 +9,8 @@ Retryable writes are off by default (`CQRS_MONGO_RETRY_WRITES`): with them the d
 network error or a failover, and the server keeps a record of every write to recognise the repeat. Every write of
 the projector is idempotent (version-guarded documents, `$max` checkpoints, compare-and-set statistics, tagged
 sales facts) and a batch that fails is redelivered whole, so the records buy nothing here; on the MongoDB-wire
-server they cost a scan of all records under a lock on every write (README, "Levers measured in one run").
+server they cost a scan of all records under a lock on every write (docs/performance.md, "Levers measured in one
+run").
 
 Its round trips are awaited in the calling task (`core.mongo_round_trip`): the projector makes about fourteen a
 batch at live rates.
