@@ -24,11 +24,13 @@ from command_service.api.customers import CustomerCommandServicer
 from command_service.api.orders import OrderCommandServicer
 from command_service.config import CommandServiceSettings
 from command_service.event_store import EventStore, keep_session
+from command_service.event_store_probe import EventStoreProbe
 from command_service.group_commit import GroupCommitter
 from command_service.handlers import customer_handler, order_handler
 from command_service.metrics import OutboxMetrics
 from command_service.relay import OutboxRelay, RelaySettings
 from command_service.stream_cache import StreamCache
+from core.error_text import describe_error
 from core.grpc_assembly import Service, assemble_server
 from core.health import Readiness
 from core.metrics import MetricsServer, start_metrics_server
@@ -83,8 +85,11 @@ class RunningCommandServer:
             await asyncio.to_thread(self.metrics.stop)
 
 
-async def start_command_server(settings: CommandServiceSettings) -> RunningCommandServer:
-    """Starts everything and returns once the gRPC port is bound (PostgreSQL may still be down: it retries)."""
+async def start_command_server(
+    settings: CommandServiceSettings, *, health_interval: float = HEALTH_INTERVAL_SECONDS
+) -> RunningCommandServer:
+    """Starts everything and returns once the gRPC port is bound (PostgreSQL may still be down: it retries);
+    PostgreSQL is probed every `health_interval` seconds while it answers."""
     registry = CollectorRegistry()
     pool = await asyncpg.create_pool(
         settings.postgres_dsn,
@@ -163,7 +168,8 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
             registry=registry,
         )
         supervisor.start(RELAY_TASK, relay.run)
-    supervisor.start("health-probe", lambda: _probe(pool, readiness, health_servicer, relay))
+    probe = EventStoreProbe(settings.postgres_dsn, settings.postgres_timeout_seconds)
+    supervisor.start("health-probe", lambda: _probe(probe, readiness, health_servicer, relay, health_interval))
     metrics_server: MetricsServer | None = None
     if settings.command_metrics_port is not None:
         supervisor.start("outbox-metrics", lambda: OutboxMetrics(registry).observe_forever(pool), essential=False)
@@ -185,40 +191,49 @@ async def start_command_server(settings: CommandServiceSettings) -> RunningComma
 
 
 async def _probe(
-    pool: asyncpg.Pool, readiness: Readiness, servicer: health_aio.HealthServicer, relay: OutboxRelay | None
+    probe: EventStoreProbe,
+    readiness: Readiness,
+    servicer: health_aio.HealthServicer,
+    relay: OutboxRelay | None,
+    interval: float,
 ) -> None:
-    """Ready only while PostgreSQL answers; NATS being down does not stop commands (the outbox buffers).
+    """Ready only while PostgreSQL answers (on the probe's own connection: a busy pool is not an outage); NATS
+    being down does not stop commands (the outbox buffers).
 
     The relay has a health name of its own (`outbox-relay`): NOT_SERVING while this replica's relay is stuck
     (neither relaying nor standing by), so an operator sees a frozen outbox even while commands succeed.
     """
     reachable: bool | None = None
     relay_ok: bool | None = None
-    while True:
-        try:
-            await pool.fetchval("SELECT 1", timeout=HEALTH_INTERVAL_SECONDS)
-            ok = True
-        except Exception as exc:  # any failure means "not serving"; the reason is logged once per change
-            ok = False
-            if reachable is not False:
-                log.warning("event store (PostgreSQL) unavailable: %r", exc)
-        if ok and reachable is False:
-            log.info("event store (PostgreSQL) reachable again")
-        reachable = ok
-        await readiness.set(EVENT_STORE_CONDITION, ok)
-        if relay is None:
-            await asyncio.sleep(HEALTH_INTERVAL_SECONDS if ok else 0.5)
-            continue
-        now_relay_ok = relay.stalled_for() < RELAY_STALL_SECONDS
-        if now_relay_ok != relay_ok:
-            if not now_relay_ok:
-                log.warning("outbox relay has made no progress for %.0fs", relay.stalled_for())
-            status = (
-                health_pb2.HealthCheckResponse.SERVING if now_relay_ok else health_pb2.HealthCheckResponse.NOT_SERVING
-            )
-            await servicer.set(RELAY_HEALTH_SERVICE, status)
-            relay_ok = now_relay_ok
-        await asyncio.sleep(HEALTH_INTERVAL_SECONDS if ok else 0.5)
+    try:
+        while True:
+            try:
+                await probe.check()
+                ok = True
+            except Exception as exc:  # any failure means "not serving"; the reason is logged once per change
+                ok = False
+                if reachable is not False:
+                    log.warning("event store (PostgreSQL) unavailable: %s", describe_error(exc))
+            if ok and reachable is False:
+                log.info("event store (PostgreSQL) reachable again")
+            reachable = ok
+            await readiness.set(EVENT_STORE_CONDITION, ok)
+            if relay is not None:
+                relay_ok = await _report_relay(relay, relay_ok, servicer)
+            await asyncio.sleep(interval if ok else 0.5)
+    finally:
+        await probe.close()
+
+
+async def _report_relay(relay: OutboxRelay, was_ok: bool | None, servicer: health_aio.HealthServicer) -> bool:
+    """Sets the relay's health name when its state changed; returns the state."""
+    now_ok = relay.stalled_for() < RELAY_STALL_SECONDS
+    if now_ok != was_ok:
+        if not now_ok:
+            log.warning("outbox relay has made no progress for %.0fs", relay.stalled_for())
+        status = health_pb2.HealthCheckResponse.SERVING if now_ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        await servicer.set(RELAY_HEALTH_SERVICE, status)
+    return now_ok
 
 
 def _transport(settings: CommandServiceSettings) -> str:
