@@ -18,7 +18,7 @@ from cqrs.orders.v1 import (
 )
 from grpc_health.v1 import _async as health_aio  # the asyncio HealthServicer (also exported as health.aio)
 from grpc_health.v1 import health_pb2
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from command_service.api.customers import CustomerCommandServicer
 from command_service.api.orders import OrderCommandServicer
@@ -169,10 +169,13 @@ async def start_command_server(
         )
         supervisor.start(RELAY_TASK, relay.run)
     probe = EventStoreProbe(settings.postgres_dsn, settings.postgres_timeout_seconds)
-    supervisor.start("health-probe", lambda: _probe(probe, readiness, health_servicer, relay, health_interval))
+    outbox_metrics = OutboxMetrics(registry)
+    supervisor.start(
+        "health-probe", lambda: _probe(probe, readiness, outbox_metrics.up, health_servicer, relay, health_interval)
+    )
     metrics_server: MetricsServer | None = None
     if settings.command_metrics_port is not None:
-        supervisor.start("outbox-metrics", lambda: OutboxMetrics(registry).observe_forever(pool), essential=False)
+        supervisor.start("outbox-metrics", lambda: outbox_metrics.observe_forever(pool), essential=False)
         metrics_server = start_metrics_server(registry, settings.metrics_host, settings.command_metrics_port)
     log.info("command service listening on %s (port %d, %s)", settings.command_listen, port, _transport(settings))
     return RunningCommandServer(
@@ -193,12 +196,13 @@ async def start_command_server(
 async def _probe(
     probe: EventStoreProbe,
     readiness: Readiness,
+    up: Gauge,
     servicer: health_aio.HealthServicer,
     relay: OutboxRelay | None,
     interval: float,
 ) -> None:
-    """Ready only while PostgreSQL answers (on the probe's own connection: a busy pool is not an outage); NATS
-    being down does not stop commands (the outbox buffers).
+    """Ready only while PostgreSQL answers (on the probe's own connection: a busy pool is not an outage), and
+    `up` (`cqrs_postgres_up`) says the same; NATS being down does not stop commands (the outbox buffers).
 
     The relay has a health name of its own (`outbox-relay`): NOT_SERVING while this replica's relay is stuck
     (neither relaying nor standing by), so an operator sees a frozen outbox even while commands succeed.
@@ -217,6 +221,7 @@ async def _probe(
             if ok and reachable is False:
                 log.info("event store (PostgreSQL) reachable again")
             reachable = ok
+            up.set(1 if ok else 0)
             await readiness.set(EVENT_STORE_CONDITION, ok)
             if relay is not None:
                 relay_ok = await _report_relay(relay, relay_ok, servicer)

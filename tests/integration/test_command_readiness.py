@@ -1,6 +1,7 @@
 """command_service's readiness answers "is PostgreSQL reachable" on a connection of its own
 (`command_service/event_store_probe.py`): commands holding every pooled connection (an overload) neither freeze
-it nor fail it, and an outage that begins meanwhile still turns the service NOT_SERVING.
+it nor fail it, and an outage that begins meanwhile still turns the service NOT_SERVING and `cqrs_postgres_up` 0
+(what the `CqrsEventStoreDown` alert watches).
 
 The outage here is a blackhole (half-open connections: nothing flows, nobody is told), the one a probe through the
 pool cannot see while the pool is busy: the pooled connections it would wait for neither answer nor close, so it
@@ -56,21 +57,30 @@ async def test_readiness_follows_postgres_while_commands_hold_every_pooled_conne
     settings = CommandServiceSettings(
         postgres_dsn=dsn.replace(f":{upstream.port}/", f":{proxy.port}/"), command_listen="127.0.0.1:0",
         grace_seconds=1, relay_enabled=False, postgres_pool_max=POOL_SIZE, postgres_timeout_seconds=1,
+        command_metrics_port=0,
     )  # fmt: skip
     caplog.set_level(logging.WARNING, logger="command_service.server")
     running = await start_command_server(settings, health_interval=0.05)
     try:
         await _until(running.port, SERVING, "SERVING once PostgreSQL answers")
+        assert running.registry is not None
+
+        def up() -> float | None:
+            return running.registry.get_sample_value("cqrs_postgres_up") if running.registry else None
+
+        assert up() == 1
         async with contextlib.AsyncExitStack() as held:
             for _ in range(POOL_SIZE):  # what an overload looks like to the pool: no connection free
                 await held.enter_async_context(running.pool.acquire())
             for _ in range(10):  # a busy pool is not an outage
-                assert await _status(running.port) == SERVING
+                assert await _status(running.port) == SERVING and up() == 1
                 await asyncio.sleep(0.05)
             proxy.blackhole()  # PostgreSQL gone silent: the held connections neither answer nor close
             await _until(running.port, NOT_SERVING, "NOT_SERVING with PostgreSQL blackholed and the pool held")
+            assert up() == 0
             proxy.heal()
             await _until(running.port, SERVING, "SERVING again once PostgreSQL is back, the pool still held")
+            assert up() == 1
         warnings = [r.getMessage() for r in caplog.records if "event store (PostgreSQL) unavailable" in r.getMessage()]
         assert warnings == ["event store (PostgreSQL) unavailable: no answer within 1s"]  # once, saying why
         request = customer_service_pb2.RegisterCustomerRequest(
