@@ -14,34 +14,25 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 import pytest
 from cqrs.orders.v1 import customer_service_pb2, customer_service_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from command_service.config import CommandServiceSettings
 from command_service.migrate import migrate
 from command_service.server import start_command_server
 from tests.faults.proxy import FaultProxy
+from tests.faults.support import health_status
 from tests.support import create_database, eventually
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 POOL_SIZE = 2
 
 
-async def _status(port: int) -> Any:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        return reply.status
-
-
-async def _until(port: int, wanted: Any, what: str) -> None:
+async def _until(address: str, wanted: str, what: str) -> None:
     async def reached() -> bool:
-        return bool(await _status(port) == wanted)
+        return await health_status(address) == wanted
 
     await eventually(reached, what=what, timeout=15, interval=0.05)
 
@@ -61,8 +52,9 @@ async def test_readiness_follows_postgres_while_commands_hold_every_pooled_conne
     )  # fmt: skip
     caplog.set_level(logging.WARNING, logger="command_service.server")
     running = await start_command_server(settings, health_interval=0.05)
+    address = f"127.0.0.1:{running.port}"
     try:
-        await _until(running.port, SERVING, "SERVING once PostgreSQL answers")
+        await _until(address, "SERVING", "SERVING once PostgreSQL answers")
         assert running.registry is not None
 
         def up() -> float | None:
@@ -73,13 +65,13 @@ async def test_readiness_follows_postgres_while_commands_hold_every_pooled_conne
             for _ in range(POOL_SIZE):  # what an overload looks like to the pool: no connection free
                 await held.enter_async_context(running.pool.acquire())
             for _ in range(10):  # a busy pool is not an outage
-                assert await _status(running.port) == SERVING and up() == 1
+                assert await health_status(address) == "SERVING" and up() == 1
                 await asyncio.sleep(0.05)
             proxy.blackhole()  # PostgreSQL gone silent: the held connections neither answer nor close
-            await _until(running.port, NOT_SERVING, "NOT_SERVING with PostgreSQL blackholed and the pool held")
+            await _until(address, "NOT_SERVING", "NOT_SERVING with PostgreSQL blackholed and the pool held")
             assert up() == 0
             proxy.heal()
-            await _until(running.port, SERVING, "SERVING again once PostgreSQL is back, the pool still held")
+            await _until(address, "SERVING", "SERVING again once PostgreSQL is back, the pool still held")
             assert up() == 1
         warnings = [r.getMessage() for r in caplog.records if "event store (PostgreSQL) unavailable" in r.getMessage()]
         assert warnings == ["event store (PostgreSQL) unavailable: no answer within 1s"]  # once, saying why
@@ -90,7 +82,7 @@ async def test_readiness_follows_postgres_while_commands_hold_every_pooled_conne
         async def registered() -> int:
             """The customer's version once a command gets through: each pooled connection the blackhole left
             half-open fails one command (UNAVAILABLE within its budget) and is dropped, then the pool reconnects."""
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            async with grpc.aio.insecure_channel(address) as channel:
                 stub = customer_service_pb2_grpc.CustomerCommandServiceStub(channel)
                 try:
                     reply = await stub.RegisterCustomer(request, timeout=10)
