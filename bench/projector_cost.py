@@ -51,7 +51,7 @@ from bench.verify_throughput import APPENDS_PER_STATEMENT, fill_event_store, rel
 from command_service.event_store import AppendRequest, RequestRecord, append_batch
 from core.subjects import DEFAULT_STREAM_NAME, SUBJECT_PREFIX
 from cqrsctl.rebuild.model import BOOKKEEPING_FIELDS
-from localservers import ServiceProcess, free_port
+from localservers import ServiceProcess, find_binary, free_port
 
 HERE = Path(__file__).resolve().parent.parent
 # Collections whose documents must be equal between the variants of a round (checkpoints: by version only).
@@ -222,7 +222,7 @@ def _server_counters(url: str, database: str) -> tuple[int, dict[str, Any]]:
 
 def _py_spy(pids: Mapping[str, int], out: Path) -> list[subprocess.Popen[bytes]]:
     """Samples these processes with py-spy (collapsed stacks into `out/<name>.txt`) until they get SIGINT."""
-    spy = Path(sys.executable).parent / "py-spy"
+    spy = find_binary("py-spy")
     return [
         subprocess.Popen(
             [str(spy), "record", "--pid", str(pid), "--rate", "50", "--nonblocking", "--format", "raw",
@@ -447,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=200, help="CQRS_PROJECTOR_BATCH_SIZE (default 200)")
     args = parser.parse_args(argv)
     if args.profile is not None:
+        try:
+            find_binary("py-spy")  # not a project dependency: say so before the store is filled, not after
+        except FileNotFoundError:
+            parser.error("--profile samples the MongoDB-wire server with py-spy: `.venv/bin/pip install py-spy` first")
         args.profile.mkdir(parents=True, exist_ok=True)  # cProfile and py-spy write nothing into a missing folder
     trees = {"baseline": args.baseline.resolve(), "new": args.new.resolve()}
     for variant, tree in trees.items():

@@ -43,6 +43,7 @@ from pymongo import AsyncMongoClient
 from core.customer_events import CUSTOMER_STREAM_TYPE
 from core.order_events import ORDER_STREAM_TYPE
 from core.read_model import CHECKPOINTS_COLLECTION
+from core.subjects import SUBJECT_PREFIX
 from cqrsctl.status import metrics_text
 from cqrsctl.status import parse as parse_metrics
 from cqrsctl.verify import VerifyConfig, run_verify
@@ -883,7 +884,7 @@ async def assert_audit_clean(
         mongo_database=mongo_database,
         stream_name=stream_name,
         settle_seconds=settle_seconds,
-        **({"subject_prefix": subject_prefix} if subject_prefix is not None else {}),
+        subject_prefix=SUBJECT_PREFIX if subject_prefix is None else subject_prefix,
     )
     try:
         result = await run_verify(config)
