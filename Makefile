@@ -55,6 +55,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy examples/checkout_service.py deploy/lock_image_requirements.py deploy/monitoring/generate.py
 	node_modules/.bin/buf lint
 
 protos: venv

@@ -17,6 +17,7 @@ import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
+from typing import cast
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
@@ -42,7 +43,7 @@ def direct_requirements(pyproject: Path = PYPROJECT) -> list[Requirement]:
 def _applies(requirement: Requirement, extras: frozenset[str]) -> bool:
     if requirement.marker is None:
         return True
-    environment = dict(default_environment())
+    environment = cast(dict[str, str], default_environment())  # a TypedDict of strings
     # A requirement guarded by `extra == "x"` applies only when that extra was asked for.
     return any(requirement.marker.evaluate({**environment, "extra": extra}) for extra in (extras or {""}))
 

@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -70,7 +71,7 @@ def parse_dockerfile(path: Path = DOCKERFILE) -> list[Stage]:
     return stages
 
 
-def lock_module():  # type: ignore[no-untyped-def]
+def lock_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("lock_image_requirements", DEPLOY / "lock_image_requirements.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -310,7 +311,7 @@ def test_image_build_backend_pin_satisfies_pyproject() -> None:
     requires = {canonicalize_name(Requirement(r).name): Requirement(r) for r in config["build-system"]["requires"]}
     pinned = re.search(r"setuptools==([\w.]+)", DOCKERFILE.read_text(encoding="utf-8"))
     assert pinned, "the builder pins setuptools (it builds without isolation)"
-    assert requires["setuptools"].specifier.contains(pinned.group(1))
+    assert requires[canonicalize_name("setuptools")].specifier.contains(pinned.group(1))
     # setuptools >= 70.1 builds wheels itself; the `wheel` build requirement is then met without the package.
     major, minor = (int(x) for x in pinned.group(1).split(".")[:2])
     assert (major, minor) >= (70, 1)

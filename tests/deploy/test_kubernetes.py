@@ -421,7 +421,7 @@ def test_services_select_pods_and_name_their_ports(rendered: dict[str, Rendered]
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     assert "matchExpressions" not in selector, "this evaluator supports matchLabels only"
-    return selector.get("matchLabels", {}).items() <= labels.items()
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
 
 
 class Pod:

@@ -79,6 +79,6 @@ async def stack(postgres_dsn: str, nats_url: str, mongo_url: str, unique_name: s
             mongo_database=unique_name,
         )
     finally:
-        await command_channel.close()
-        await query_channel.close()
+        await command_channel.close(None)
+        await query_channel.close(None)
         await asyncio.gather(command_server.stop(), projector.stop(), query_server.stop())

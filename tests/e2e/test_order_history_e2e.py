@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC
 
 import grpc
 import pytest
+from cqrs.orders.v1 import command_service_pb2 as cpb
 from cqrs.orders.v1 import order_pb2
 from cqrs.orders.v1 import query_service_pb2 as qpb
 
@@ -51,13 +52,14 @@ async def test_history_and_as_of_reads_of_a_changed_and_deleted_order(stack: Sta
         order_id = created.order_id
         results = [created]
         snapshots = [(await session.get_order(order_id)).order]
-        for change in (
+        changes: list[Callable[[], Awaitable[cpb.CommandResult]]] = [
             lambda: session.add_item(order_id, "SKU-A", "Anvil", 2, 1999),
             lambda: session.add_item(order_id, "SKU-B", "Bucket", 1, 250),
             lambda: session.change_quantity(order_id, "SKU-A", 5),
             lambda: session.change_shipping_address(order_id, NEW_ADDRESS),
             lambda: session.place_order(order_id),
-        ):
+        ]
+        for change in changes:
             results.append(await change())
             snapshots.append((await session.get_order(order_id)).order)
         assert [s.version for s in snapshots] == list(range(1, 7))

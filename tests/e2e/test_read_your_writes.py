@@ -22,6 +22,8 @@ from cqrs.orders.v1 import query_service_pb2 as qpb
 from tests.e2e.conftest import Stack
 from tests.e2e.test_orders_e2e import ADDRESS, add, register, rid
 
+EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # what a finished stream's read() returns; grpc-stubs lacks it
+
 T = 10.0  # RPC deadline (s)
 
 
@@ -127,7 +129,7 @@ async def test_watch_order_sees_every_change_in_order_and_ends_on_delete(stack: 
 
     async def next_message() -> qpb.WatchOrderResponse:
         message = await asyncio.wait_for(call.read(), timeout=T)
-        assert message is not grpc.aio.EOF, f"the stream ended early after {seen}"
+        assert message is not EOF, f"the stream ended early after {seen}"
         assert isinstance(message, qpb.WatchOrderResponse)
         seen.append((message.order.version, message.deleted))
         return message
@@ -158,7 +160,7 @@ async def test_watch_order_sees_every_change_in_order_and_ends_on_delete(stack: 
     )
     last = await next_message()
     assert (last.order.version, last.deleted) == (deleted.result.version, True)
-    assert await asyncio.wait_for(call.read(), timeout=T) is grpc.aio.EOF
+    assert await asyncio.wait_for(call.read(), timeout=T) is EOF
     assert [v for v, _ in seen] == list(range(1, deleted.result.version + 1))
     assert await call.code() == grpc.StatusCode.OK
 

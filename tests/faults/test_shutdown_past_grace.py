@@ -53,7 +53,7 @@ async def test_sigterm_exits_zero_when_postgres_hangs_past_the_grace_period(
             stub = customer_service_pb2_grpc.CustomerCommandServiceStub(channel)
 
             def register() -> grpc.aio.UnaryUnaryCall[
-                customer_service_pb2.RegisterCustomerRequest, customer_service_pb2.CustomerCommandResult
+                customer_service_pb2.RegisterCustomerRequest, customer_service_pb2.RegisterCustomerResponse
             ]:
                 email = f"{uuid.uuid4().hex}@example.com"
                 request = customer_service_pb2.RegisterCustomerRequest(

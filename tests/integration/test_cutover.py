@@ -141,15 +141,18 @@ async def _cutovers_under_load(live: System, query_server: RunningServer) -> Non
     base = live.config.mongo_database
     results = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{query_server.port}") as channel:
-        load = Load(live, qgrpc.OrderQueryServiceStub(channel))  # type: ignore[no-untyped-call]
+        load = Load(live, qgrpc.OrderQueryServiceStub(channel))
         workers = [asyncio.create_task(load.commands()), asyncio.create_task(load.queries_loop())]
         try:
             await eventually(_async(lambda: len(load.queries) >= 10), what="the query load to start")
             for _ in range(2):
                 results.append(await run_rebuild(rebuild_config(live, cutover=True, settle_seconds=10.0)))
-                switched_at = time.monotonic()
+
+                async def new_generation_answers(switched_at: float = time.monotonic()) -> bool:
+                    return sum(1 for t in load.queries if t > switched_at + 3 * POLL_SECONDS) >= 20
+
                 await eventually(
-                    _async(lambda at=switched_at: sum(1 for t in load.queries if t > at + 3 * POLL_SECONDS) >= 20),
+                    new_generation_answers,
                     what="queries answered by the new generation",
                     timeout=45.0,  # each waits for its write to be projected: seconds apiece on a saturated machine
                 )
@@ -276,7 +279,7 @@ async def test_deploying_the_new_sales_report_backfills_it_from_postgresql(
     today = time.strftime("%Y-%m-%d", time.gmtime())
     request = query_service_pb2.GetSalesReportRequest(from_date=today, to_date=today, currency="EUR", top_n=3)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{query_server.port}") as channel:
-        stub: Stub = qgrpc.OrderQueryServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub: Stub = qgrpc.OrderQueryServiceStub(channel)
         before = await stub.GetSalesReport(request, timeout=10)
         assert list(before.days) == []  # the history predates the projection
 
@@ -307,10 +310,11 @@ async def test_a_watch_stream_open_across_the_switch_goes_on_with_the_new_genera
     order_id = str(uuid.uuid4())
     created = await orders.handle(cmd.CreateOrder(order_id, customer, "EUR", ADDRESS), ctx())
     async with grpc.aio.insecure_channel(f"127.0.0.1:{query_server.port}") as channel:
-        stub: Stub = qgrpc.OrderQueryServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub: Stub = qgrpc.OrderQueryServiceStub(channel)
         token = ConsistencyToken(created.stream_type, order_id, created.version, created.position).encode()
         stream = stub.WatchOrder(query_service_pb2.WatchOrderRequest(order_id=order_id, consistency_token=token))
         first = await asyncio.wait_for(stream.read(), timeout=10)
+        assert isinstance(first, query_service_pb2.WatchOrderResponse), first
         assert first.order.version == 1
 
         result = await run_rebuild(rebuild_config(live, cutover=True))
@@ -318,6 +322,7 @@ async def test_a_watch_stream_open_across_the_switch_goes_on_with_the_new_genera
         await asyncio.sleep(3 * POLL_SECONDS)  # the query service has moved
         await orders.handle(cmd.AddOrderItem(order_id, "SKU-W", "Whistle", 1, 100), ctx())
         second = await asyncio.wait_for(stream.read(), timeout=10)
+        assert isinstance(second, query_service_pb2.WatchOrderResponse), second
         assert second.order.version == 2 and [line.sku for line in second.order.lines] == ["SKU-W"]
         assert await live.db["orders"].find_one({"_id": order_id, "version": 2}) is None  # not in the old one
         stream.cancel()

@@ -195,4 +195,4 @@ async def test_migrations_are_idempotent(event_store_dsn: str) -> None:
     from command_service.migrate import migrate
 
     assert await migrate(event_store_dsn) == []
-    assert await asyncio.gather(migrate(event_store_dsn), migrate(event_store_dsn)) == [[], []]
+    assert list(await asyncio.gather(migrate(event_store_dsn), migrate(event_store_dsn))) == [[], []]

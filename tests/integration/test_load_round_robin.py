@@ -42,7 +42,7 @@ async def test_requests_alternate_over_the_replicas(host: str) -> None:
         addresses.append(f"{host}:{port}")
     try:
         async with open_load_channel(",".join(addresses)) as channel:
-            call = channel.unary_unary("/t.T/M")
+            call = channel.unary_unary("/t.T/M", None, None)
             for _ in range(20):
                 await call(b"", timeout=5)
     finally:

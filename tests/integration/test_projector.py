@@ -640,7 +640,7 @@ async def test_of_several_replicas_only_the_owner_of_partition_0_sweeps_the_sale
     """Each sweep reads every shard and looks new tags up: with N replicas sweeping, the server would do it N times.
     Fails if a replica that does not own partition 0 sweeps."""
     harness = await harness_factory()
-    fast = {"projector_sales_tag_sweep_seconds": 0.1, "projector_lease_seconds": 3.0}
+    fast: dict[str, Any] = {"projector_sales_tag_sweep_seconds": 0.1, "projector_lease_seconds": 3.0}
     replicas = [await harness.start_projector(**fast), await harness.start_projector(**fast)]
 
     def owned(replica: Projector) -> list[int]:

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -258,14 +258,14 @@ async def test_every_query_takes_tokens_and_reports_its_consistency(
     tokens = consistency(token(order["_id"], 4), token(customer_id, 2, "customer"))
     late = consistency(token(order["_id"], 9), accept_stale=True)
 
-    answers = [
+    answers: list[Any] = [  # replies of four message types, each with its `consistency`
         await stub.ListOrders(query_service_pb2.ListOrdersRequest(consistency=tokens), timeout=5),
         await customer_stub.GetCustomer(
             customer_service_pb2.GetCustomerRequest(customer_id=customer_id, consistency=tokens), timeout=5
         ),
         await customer_stub.ListCustomers(customer_service_pb2.ListCustomersRequest(consistency=tokens), timeout=5),
     ]
-    stale = [
+    stale: list[Any] = [
         await stub.ListOrders(query_service_pb2.ListOrdersRequest(consistency=late), timeout=1.0),
         await customer_stub.GetCustomer(
             customer_service_pb2.GetCustomerRequest(customer_id=customer_id, consistency=late), timeout=1.0
@@ -541,7 +541,7 @@ async def test_a_waiter_loop_that_fails_unexpectedly_fails_its_waiters_fast_and_
     observe = book.observe
     calls = 0
 
-    def broken_once(versions: dict[str, int]) -> Any:
+    def broken_once(versions: Mapping[str, int]) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:

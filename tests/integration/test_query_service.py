@@ -813,7 +813,7 @@ async def test_queries_holding_every_pooled_connection_leave_the_service_ready(
             await wait_for(lambda: _serving(chan), "the query service to be SERVING")
             async with contextlib.AsyncExitStack() as held:
                 for server in running.client._topology._servers.values():
-                    for _ in range(server.pool.opts.max_pool_size):
+                    for _ in range(int(server.pool.opts.max_pool_size)):
                         await held.enter_async_context(server.pool.checkout())
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await stub.GetOrder(query_service_pb2.GetOrderRequest(order_id=str(uuid.uuid4())), timeout=10)

@@ -25,9 +25,10 @@ from command_service.domain.customer_commands import RenameCustomer
 from command_service.event_store import EventStore
 from command_service.handlers import customer_handler, order_handler
 from command_service.migrate import load_migrations, migrate
+from core.generations import COLLECTION
 from core.order_events import OrderPlaced
 from cqrsctl.rebuild import RebuildConfig, RebuildMetrics, RebuildResult, rebuild_status, run_rebuild
-from cqrsctl.rebuild.generations import BUILDING, COLLECTION, COMPARED
+from cqrsctl.rebuild.generations import BUILDING, COMPARED
 from cqrsctl.rebuild.reader import Cursor, EventReader
 from cqrsctl.rebuild.shadow import DIFFERS
 from projector.registry import PROJECTIONS

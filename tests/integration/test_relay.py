@@ -62,12 +62,12 @@ async def stream_messages(nats_url: str, stream: str) -> list[tuple[str, str, Re
             info = await js.stream_info(stream)
         except NotFoundError:
             return []
-        out = []
+        out: list[tuple[str, str, RecordedEvent]] = []
         if info.state.messages == 0:
             return out
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await js.get_msg(stream, seq)
-            assert msg.headers is not None and msg.data is not None
+            assert msg.headers is not None and msg.data is not None and msg.subject is not None
             out.append((msg.headers[HEADER_MSG_ID], msg.subject, RecordedEvent.from_json(msg.data)))
         return out
     finally:

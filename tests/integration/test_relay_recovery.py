@@ -99,17 +99,23 @@ async def test_relay_resumes_after_postgres_is_killed_and_restarted_again_and_ag
             workers = [asyncio.create_task(load()) for _ in range(4)]
             try:
                 for round_ in range(KILLS):
-                    before = len(acknowledged)
+
+                    async def twenty_more(wanted: int = len(acknowledged) + 20) -> bool:
+                        return len(acknowledged) >= wanted
+
                     await eventually(
-                        lambda n=before: _true(len(acknowledged) >= n + 20),  # type: ignore[misc]
+                        twenty_more,
                         what=f"commands before crash {round_ + 1}",
                     )
                     own_postgres.kill()
                     await asyncio.sleep(2.0)  # down for a while, as an operator would see it
                     await asyncio.to_thread(own_postgres.start, 90)
-                    published_before = relay.published_total
+
+                    async def publishing(before: int = relay.published_total) -> bool:
+                        return relay.published_total > before
+
                     await eventually(
-                        lambda p=published_before: _true(relay.published_total > p),
+                        publishing,
                         what=f"the relay publishing again after restart {round_ + 1}",
                         timeout=20,
                     )
@@ -178,7 +184,3 @@ async def test_restarting_keeps_the_operators_stream_settings(
         await nc.close()
     assert config.max_age == pytest.approx(30 * 24 * 3600.0)
     assert config.duplicate_window == pytest.approx(600.0)
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -379,6 +379,7 @@ async def test_a_watch_stream_ends_unauthenticated_when_its_bearer_token_expires
             query_service_pb2.WatchOrderRequest(order_id=order["_id"]), metadata=bearer(short_lived), timeout=30
         )
         first = await call.read()
+        assert isinstance(first, query_service_pb2.WatchOrderResponse), first
         assert first.order.order_id == order["_id"]  # the stream was open and working
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await call.read()

@@ -207,11 +207,12 @@ def test_order_updates_never_set_the_customer_fields_but_creation_does() -> None
         4,
     )
     op = write_operation(ORDERS, Change(order_id, None, new_order))
+    assert isinstance(op._doc, dict)  # an update document, not a pipeline
     assert op._doc["$setOnInsert"] == {"customer_name": "Ada", "customer_email": "a@x.org", "customer_version": 4}
     placed = ORDERS.project(new_order, recorded(OrderPlaced(), 2, stream_id=order_id), OrderPlaced())
     op = write_operation(ORDERS, Change(order_id, 1, placed))
     assert op._filter == {"_id": order_id, "version": 1}
-    assert set(op._doc) == {"$set"}
+    assert isinstance(op._doc, dict) and set(op._doc) == {"$set"}
     assert not {"customer_name", "customer_email", "customer_version", "_id"} & set(op._doc["$set"])
 
 

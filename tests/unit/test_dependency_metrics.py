@@ -47,7 +47,7 @@ async def test_decorator_ignored_errors_and_cancellation() -> None:
             raise RuntimeError("down")
         return 1
 
-    assert await asyncio.gather(find(False), find(False)) == [1, 1]
+    assert list(await asyncio.gather(find(False), find(False))) == [1, 1]
     with pytest.raises(RuntimeError):
         await find(True)
     with pytest.raises(TimeoutError):  # an ignored exception: neither timed nor counted

@@ -72,7 +72,7 @@ def test_a_pool_building_another_protocol_is_left_alone(monkeypatch: pytest.Monk
 def test_a_protocol_keeping_its_replies_elsewhere_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     def __init__(self: network_layer.PyMongoProtocol, timeout: float | None = None) -> None:
         self.transport = None  # type: ignore[assignment]
-        self._replies: list[bytes] = []
+        vars(self)["_replies"] = []  # an attribute PyMongo's protocol does not have
 
     monkeypatch.setattr(network_layer.PyMongoProtocol, "__init__", __init__)
     assert not mongo_protocol.install()

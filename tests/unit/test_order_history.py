@@ -179,7 +179,7 @@ async def test_the_subject_of_a_validated_token_reaches_the_handler_and_no_furth
 
     wrapped = _subject_handler(grpc.unary_unary_rpc_method_handler(behavior), "alice")
     assert wrapped.unary_unary is not None
-    assert await wrapped.unary_unary(None, None) == "alice"  # type: ignore[arg-type,misc]
+    assert await wrapped.unary_unary(None, None) == "alice"  # type: ignore[arg-type]
     assert authenticated_subject() == ""
 
 

@@ -7,12 +7,12 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry
 
-from core.generations import LEGACY_VERSIONS
+from core.generations import LEGACY_VERSIONS, database_name
 from cqrsctl.main import build_parser
 from cqrsctl.rebuild.build import only_conflicts, problems
 from cqrsctl.rebuild.cli import config_from_args, render_json, render_status, render_text
 from cqrsctl.rebuild.cutover import CutoverResult
-from cqrsctl.rebuild.generations import database_name, status_rows
+from cqrsctl.rebuild.generations import status_rows
 from cqrsctl.rebuild.model import RebuildResult, changed_components
 from cqrsctl.rebuild.progress import RebuildMetrics, RebuildProgress, eta_text
 from cqrsctl.rebuild.reader import Cursor

@@ -16,6 +16,7 @@ from pathlib import Path
 import cqrs.orders.v1
 import pytest
 from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 
 from command_service.api.customers import CustomerCommandServicer
@@ -65,6 +66,7 @@ def test_every_unary_rpc_has_one_table_entry_for_its_request(name: str) -> None:
         assert entry.name == rpc
         assert entry.request.DESCRIPTOR is method.input_type, f"{name}.{rpc} decodes the wrong request type"
         if isinstance(entry, Command):
+            assert isinstance(entry.response, type) and issubclass(entry.response, Message), entry.response
             assert entry.response.DESCRIPTOR is method.output_type, f"{name}.{rpc} replies with the wrong type"
 
 

@@ -46,15 +46,15 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
 
 async def test_with_tracing_off_the_callers_traceparent_is_current_in_the_handler(channel: grpc.aio.Channel) -> None:
     """What the command service stores in the event metadata: the caller's trace must survive an untraced hop."""
-    unary = channel.unary_unary(UNARY)
+    unary = channel.unary_unary(UNARY, None, None)
     metadata = (("traceparent", CALLER), ("tracestate", "vendor=1"))
     assert await unary(b"", metadata=metadata, timeout=10) == CALLER.encode()
-    stream = channel.unary_stream(STREAM)
+    stream = channel.unary_stream(STREAM, None, None)
     assert [r async for r in stream(b"", metadata=metadata, timeout=10)] == [CALLER.encode()] * 2
 
 
 async def test_with_tracing_off_a_call_without_a_valid_traceparent_has_no_trace(channel: grpc.aio.Channel) -> None:
-    unary = channel.unary_unary(UNARY)
+    unary = channel.unary_unary(UNARY, None, None)
     assert await unary(b"", timeout=10) == b""
     assert await unary(b"", metadata=(("traceparent", "00-junk"),), timeout=10) == b""
     # A traced call before does not leave its context behind for the next one.

@@ -20,6 +20,7 @@ from command_service.domain.commands import (
 )
 from command_service.domain.customer_commands import (
     ChangeCustomerEmail,
+    CustomerCommand,
     DeactivateCustomer,
     RegisterCustomer,
     RenameCustomer,
@@ -482,12 +483,13 @@ def test_any_script_rtl_text_and_emoji_are_fine_in_text_fields(field: str, text:
 @pytest.mark.parametrize("text", HOSTILE_TEXT, ids=lambda t: f"U+{ord(t[1]):04X}")
 def test_customer_names_and_emails_refuse_the_same_characters(text: str) -> None:
     customer_id = "0b7f3c1e-8d2a-4f5b-9c6d-1e2f3a4b5c6d"
-    for command, field in [
+    cases: list[tuple[CustomerCommand, str]] = [
         (RegisterCustomer(customer_id=customer_id, name=f"Ada {text}", email="ada@example.com"), "name"),
         (RenameCustomer(customer_id=customer_id, name=text), "name"),
         (ChangeCustomerEmail(customer_id=customer_id, email=f"ada{text}@example.com"), "email"),
         (DeactivateCustomer(customer_id=text), "customer_id"),
-    ]:
+    ]
+    for command, field in cases:
         with pytest.raises(InvalidArgument) as caught:
             validate_customer(command)
         assert [v.field for v in caught.value.violations] == [field], command
