@@ -75,7 +75,9 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
 
     async def pause_server() -> str:
         server = rng.choice(stack.servers)
-        seconds = rng.uniform(0.5, 4)  # PostgreSQL longer than the command's 2 s budget: UNAVAILABLE, not a hang
+        # Up to 4 s: a command's budget is the client's 5 s deadline less a margin, so it waits a short freeze out;
+        # one past its budget gets UNAVAILABLE (never a hang, never DEADLINE_EXCEEDED).
+        seconds = rng.uniform(0.5, 4)
         stack.pause_server(server)
         try:
             await asyncio.sleep(seconds)
