@@ -62,12 +62,10 @@ class BatchApplier:
                 await self._apply_taken(taken)
             except BaseException as exc:
                 for fetched in taken:
-                    if not fetched.done.done():
-                        fetched.done.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
+                    _finish(fetched, exc if isinstance(exc, Exception) else RuntimeError("stopped"))
                 raise
             for fetched in taken:
-                if not fetched.done.done():
-                    fetched.done.set_result(None)
+                _finish(fetched)
 
     async def _apply_taken(self, taken: list[Fetched]) -> None:
         msgs: list[Msg] = []
@@ -75,8 +73,19 @@ class BatchApplier:
             # Its lease may have expired while it waited: another replica may own the partition by now.
             if fetched.fence is not None and not fetched.fence.valid():
                 await self._hand_back(fetched.msgs)
-                fetched.done.set_result(None)
+                _finish(fetched)
             else:
                 msgs += fetched.msgs
         if msgs:
             await self._apply(msgs)
+
+
+def _finish(fetched: Fetched, error: Exception | None = None) -> None:
+    """Tells the worker its batch is done; a worker that stopped waiting (cancelled: its partition was handed over
+    while the batch waited) has nobody to tell."""
+    if fetched.done.done():
+        return
+    if error is None:
+        fetched.done.set_result(None)
+    else:
+        fetched.done.set_exception(error)

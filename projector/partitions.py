@@ -1,7 +1,7 @@
 """Partition ownership of one projector replica: hold a fair share of the stream's partitions, consume each one
 through its own worker, and hand partitions over cleanly when replicas join or leave.
 
-Every `interval` the owner renews its member heartbeat and its leases, then follows `projector.ownership`'s plan:
+Every `interval` the owner renews its leases and its member heartbeat, then follows `projector.ownership`'s plan:
 
 * a partition to release: its worker is told to stop, finishes (writes and settles) the batch in hand, its pull
   subscription is closed, and only then is the lease freed: the next owner starts at the acknowledged position,
@@ -9,6 +9,12 @@ Every `interval` the owner renews its member heartbeat and its leases, then foll
 * a partition to claim: the lease is taken (an atomic conditional upsert), then a worker starts on its durable
   consumer;
 * a lease found taken by another replica (ours expired while this process was frozen): its worker stops.
+
+A handover runs beside the loop, not in it: a batch in hand can take seconds on a busy MongoDB, and a loop that
+waited for it would stop renewing the leases and the heartbeat of the partitions it keeps. They would expire, the
+other replicas would take them and see this one as gone, and the group would hand partitions back and forth
+instead of consuming. Until its lease is freed, a partition being handed over stays ours: renewed (its worker may
+still be applying), neither claimed again nor counted in our share.
 
 A worker applies a batch only while its `Fence` holds (the lease is unexpired by our clock, with a margin), so a
 replica cut off from MongoDB stops consuming before another can take its partitions. The version guard keeps any
@@ -35,8 +41,10 @@ log = logging.getLogger(__name__)
 # Releasing a partition waits this long for its worker's batch in hand; then the worker is cancelled (its
 # unsettled messages are redelivered after ack_wait, harmlessly).
 WORKER_STOP_TIMEOUT_SECONDS = 10.0
-# Best effort on the way out: free our leases so that the others need not wait for them to expire.
-LEAVE_TIMEOUT_SECONDS = 2.0
+# Freeing a lease, and leaving the group on the way out, are best effort: a lease not freed expires after its TTL.
+RELEASE_TIMEOUT_SECONDS = 2.0
+# In the ownership plan, the owner of a partition being handed over: neither ours to keep nor free to claim.
+HANDING_OVER = "(handing over)"
 
 
 @dataclass
@@ -62,6 +70,16 @@ class Worker:
     fence: Fence
     task: asyncio.Task[None]
     close: Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Handover:
+    """A worker being stopped beside the loop; `frees_lease`: a release (the lease is ours until freed), not a
+    lease already lost to another replica."""
+
+    worker: Worker
+    frees_lease: bool
+    task: asyncio.Task[None] | None = None
 
 
 # Starts consuming a partition under a fence: returns the running task and how to close the partition's source.
@@ -95,6 +113,9 @@ class PartitionOwner:
         self._mongo_failed = mongo_failed
         self._every_round = every_round
         self.workers: dict[int, Worker] = {}
+        # Partitions whose worker is stopping (see the module docstring).
+        self._handovers: dict[int, Handover] = {}
+        self._handover_failure: BaseException | None = None
 
     @property
     def owned(self) -> list[int]:
@@ -103,11 +124,13 @@ class PartitionOwner:
     async def run(self) -> None:
         """The ownership loop; on the way out (stop, or an error for the supervisor) every worker finishes its batch
         and every lease is freed."""
+        loop = asyncio.get_running_loop()
         indexed = False
         try:
             while not self._stopping.is_set():
                 if not await self._mongo_ready():  # backs off while MongoDB is down
                     continue
+                started = loop.time()
                 try:
                     if not indexed:
                         await self._leases.ensure_indexes()
@@ -117,33 +140,38 @@ class PartitionOwner:
                     # Workers keep their partitions until their fences expire; the next round renews or loses them.
                     self._mongo_failed(exc)
                 self._raise_if_a_worker_failed()
+                # Rounds start every interval, however long the last one took (a slow MongoDB must not space out
+                # the renewals).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=self._interval)
+                    await asyncio.wait_for(self._stopping.wait(), timeout=started + self._interval - loop.time())
         finally:
             await self._give_up_all()
 
     async def _rebalance(self) -> None:
         leases = self._leases
-        await self._every_round()  # a replica with no partition still follows the active generation
-        members = await leases.heartbeat()
-        held, expires = await leases.renew(list(self.workers))
+        # The leases first: they are what expires.
+        leaving = [h.worker for h in self._handovers.values() if h.frees_lease]
+        held, expires = await leases.renew([*self.workers, *(w.partition for w in leaving)])
+        for worker in leaving:
+            if worker.partition in held:
+                worker.fence.expires_at = expires  # its batch in hand stays fenced until the lease is freed
         for partition in list(self.workers):
             if partition in held:
                 self.workers[partition].fence.expires_at = expires
             else:
                 log.warning("partition %d: lease lost to another replica; stopping its worker", partition)
-                await self._stop_worker(partition)
+                self._hand_over(partition, free_lease=False)
                 self._metrics.partition_handovers.labels("lost").inc()
+        members = await leases.heartbeat()
+        await self._every_round()  # a replica with no partition still follows the active generation
         owners = await leases.owners()
         for partition, owner in owners.items():  # ours from before a restart of this loop: resume them
-            if owner == leases.member and partition not in self.workers:
+            if owner == leases.member and partition not in self.workers and partition not in self._handovers:
                 await self._claim(partition)
-        plan = plan_ownership(self._partitions, members, leases.member, owners)
+        in_plan = {p: HANDING_OVER if p in self._handovers else owner for p, owner in owners.items()}
+        plan = plan_ownership(self._partitions, members, leases.member, in_plan)
         for partition in plan.release:
-            await self._stop_worker(partition)
-            await leases.release(partition)
-            self._metrics.partition_handovers.labels("released").inc()
-            log.info("partition %d released for a rebalance (%d live replicas)", partition, len(members))
+            self._hand_over(partition, free_lease=True, members=len(members))
         for partition in plan.claim:
             if await self._claim(partition):
                 log.info("partition %d claimed (%d live replicas)", partition, len(members))
@@ -164,15 +192,52 @@ class PartitionOwner:
         self._metrics.partition_handovers.labels("claimed").inc()
         return True
 
-    async def _stop_worker(self, partition: int) -> None:
-        """Lets the worker finish its batch in hand (bounded), then closes its source."""
+    def _hand_over(self, partition: int, *, free_lease: bool, members: int = 0) -> None:
+        """Stops the partition's worker beside the loop: it finishes its batch in hand, its source is closed, then
+        (`free_lease`: a release, not a lease already lost) the lease is freed for the next owner."""
         worker = self.workers.pop(partition)
         worker.fence.released = True
+        self._metrics.partitions_owned.set(len(self.workers))
+        handover = self._handovers[partition] = Handover(worker, free_lease)
+        handover.task = asyncio.create_task(
+            self._handed_over(worker, free_lease, members), name=f"projector partition {partition} handover"
+        )
+        handover.task.add_done_callback(self._handover_done)
+
+    async def _handed_over(self, worker: Worker, free_lease: bool, members: int) -> None:
+        await self._stop_worker(worker)
+        if not free_lease:
+            return
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT_SECONDS):
+                await self._leases.release(worker.partition)
+        except (PyMongoError, TimeoutError) as exc:
+            log.warning(
+                "partition %d: its lease could not be freed (%s); the next owner takes it once it expires",
+                worker.partition,
+                exc,
+            )
+            return
+        self._metrics.partition_handovers.labels("released").inc()
+        if members:
+            log.info("partition %d released for a rebalance (%d live replicas)", worker.partition, members)
+
+    def _handover_done(self, task: asyncio.Task[None]) -> None:
+        for partition, handover in list(self._handovers.items()):
+            if handover.task is task:
+                del self._handovers[partition]
+        if not task.cancelled() and task.exception() is not None:
+            self._handover_failure = task.exception()
+
+    async def _stop_worker(self, worker: Worker) -> None:
+        """Lets the worker finish its batch in hand (bounded), then closes its source."""
         try:
             await asyncio.wait_for(asyncio.shield(worker.task), timeout=WORKER_STOP_TIMEOUT_SECONDS)
         except TimeoutError:
             log.warning(
-                "partition %d: batch not finished within %.0fs; cancelling it", partition, WORKER_STOP_TIMEOUT_SECONDS
+                "partition %d: batch not finished within %.0fs; cancelling it",
+                worker.partition,
+                WORKER_STOP_TIMEOUT_SECONDS,
             )
         except Exception:
             pass  # its failure is the supervisor's business when the loop raises it; here it is stopping anyway
@@ -180,23 +245,21 @@ class PartitionOwner:
         with contextlib.suppress(BaseException):
             await worker.task
         await worker.close()
-        self._metrics.partitions_owned.set(len(self.workers))
 
     def _raise_if_a_worker_failed(self) -> None:
+        if self._handover_failure is not None:
+            raise RuntimeError("a partition handover failed") from self._handover_failure
         for worker in self.workers.values():
             if worker.task.done() and not worker.task.cancelled() and worker.task.exception() is not None:
                 raise RuntimeError(f"partition {worker.partition}'s worker failed") from worker.task.exception()
 
     async def _give_up_all(self) -> None:
-        owned = list(self.workers)
-        for worker in self.workers.values():  # every worker finishes its batch at once, not one after the other
-            worker.fence.released = True
-        for partition in owned:
-            await self._stop_worker(partition)
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(LEAVE_TIMEOUT_SECONDS):
-                for partition in owned:
-                    await self._leases.release(partition)
-                    self._metrics.partition_handovers.labels("released").inc()
-                await self._leases.leave()
+        """Every worker finishes its batch (all at once, not one after the other), every lease of ours is freed, and
+        this member leaves the group."""
+        for partition in list(self.workers):
+            self._hand_over(partition, free_lease=True)
+        await asyncio.gather(*(h.task for h in self._handovers.values() if h.task), return_exceptions=True)
         self._metrics.partitions_owned.set(0)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(RELEASE_TIMEOUT_SECONDS):
+                await self._leases.leave()

@@ -18,12 +18,15 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.faults.support import FaultStack, Load, Service, assert_scenario_clean
+from tests.faults.support import QUIESCE_LIMIT, FaultStack, Load, Service, assert_scenario_clean
 
 pytestmark = pytest.mark.slow
 
 CHAOS_SECONDS = float(os.environ.get("CQRS_CHAOS_SECONDS", "120"))
 RECOVERY_TIMEOUT = 90.0  # commands acknowledged again after the last fault, on a busy two-core machine
+# pytest-timeout's limit for this test (a soak outlasts the suite's 300 s): the faults, the catch-up on what they
+# left (waited for as long as it moves, up to QUIESCE_LIMIT), then start-up, recovery and the audit.
+TEST_TIMEOUT_SECONDS = CHAOS_SECONDS + QUIESCE_LIMIT + 300
 
 
 async def _restart(service: Service) -> None:
@@ -34,6 +37,7 @@ async def _restart(service: Service) -> None:
         await service.wait_projector_serving()
 
 
+@pytest.mark.timeout(TEST_TIMEOUT_SECONDS)
 async def test_random_faults_one_after_another(stack: FaultStack) -> None:
     seed = int(os.environ.get("CQRS_CHAOS_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)

@@ -1,0 +1,141 @@
+"""Partition handovers between projector replicas, with the lease store in a real MongoDB.
+
+The workers here are stand-ins for the projector's partition consumers (the ownership loop's own callback, no
+server behind it): they run until their fence is released, then take as long as a batch in hand takes on a busy
+MongoDB before they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from projector.leases import PartitionLeases
+from projector.metrics import ProjectorMetrics
+from projector.partitions import Fence, PartitionOwner
+from tests.support import eventually
+
+LEASE_SECONDS = 1.5
+PARTITIONS = 8
+
+
+@pytest.fixture
+async def lease_store(mongo_url: str, unique_name: str) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url, tz_aware=True, timeoutMS=5000)
+    try:
+        yield client[unique_name]
+        await client.drop_database(unique_name)
+    finally:
+        await client.close()
+
+
+class Replica:
+    """One projector replica's ownership loop; its workers take `finish_seconds` to finish once released."""
+
+    def __init__(self, store: AsyncDatabase[dict[str, Any]], member: str, finish_seconds: float) -> None:
+        self.started: list[int] = []  # partitions whose worker started, in order
+        self.metrics = ProjectorMetrics()
+        self.stopping = asyncio.Event()
+        self._finish_seconds = finish_seconds
+        self.owner = PartitionOwner(
+            PartitionLeases(store, "group", member, LEASE_SECONDS),
+            PARTITIONS,
+            self._start_worker,
+            self.metrics,
+            self.stopping,
+            lease_seconds=LEASE_SECONDS,
+            mongo_ready=_always,
+            mongo_failed=_raise,
+            every_round=_nothing,
+        )
+        self.task = asyncio.create_task(self.owner.run())
+
+    async def _start_worker(
+        self, partition: int, fence: Fence
+    ) -> tuple[asyncio.Task[None], Callable[[], Awaitable[None]]]:
+        async def consume() -> None:
+            while not fence.released:  # noqa: ASYNC110  # a flag, checked between batches as the real workers do
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(self._finish_seconds)  # the batch in hand
+
+        self.started.append(partition)
+        return asyncio.create_task(consume()), _nothing
+
+    def handovers(self, direction: str) -> float:
+        labels = {"direction": direction}
+        return self.metrics.registry.get_sample_value("cqrs_projector_partition_handovers_total", labels) or 0
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        await asyncio.wait_for(self.task, timeout=30)
+
+
+async def _always() -> bool:
+    return True
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def test_a_replica_handing_partitions_over_keeps_the_leases_of_those_it_keeps(
+    lease_store: AsyncDatabase[dict[str, Any]],
+) -> None:
+    """A replica joins; the first one's batches in hand take three lease TTLs to finish. Handing four partitions
+    over must not stop the first replica from renewing the four it keeps (and its heartbeat): fails if the newcomer
+    ever takes one of those, or the first replica loses one."""
+    first = Replica(lease_store, "a", finish_seconds=3 * LEASE_SECONDS)
+    second: Replica | None = None
+    try:
+
+        async def first_owns_all() -> bool:
+            return first.owner.owned == list(range(PARTITIONS))
+
+        await eventually(first_owns_all, what="the only replica to own every partition")
+        second = Replica(lease_store, "b", finish_seconds=0)
+        joined = second
+
+        async def shared() -> bool:
+            return first.owner.owned == [0, 1, 2, 3] and joined.owner.owned == [4, 5, 6, 7]
+
+        await eventually(shared, timeout=30, what="each replica to own half of the partitions")
+        await asyncio.sleep(2 * LEASE_SECONDS)  # and to keep them
+        assert first.owner.owned == [0, 1, 2, 3] and second.owner.owned == [4, 5, 6, 7]
+        assert second.started == [4, 5, 6, 7], "the newcomer took a partition the first replica was keeping"
+        assert first.started == list(range(PARTITIONS)), "the first replica lost a partition and took it back"
+        assert first.handovers("lost") == 0 and second.handovers("lost") == 0
+        assert first.handovers("released") == 4
+    finally:
+        for replica in (second, first):
+            if replica is not None:
+                await replica.stop()
+
+
+async def test_a_stopping_replica_frees_every_lease_once_its_batches_finish_together(
+    lease_store: AsyncDatabase[dict[str, Any]],
+) -> None:
+    """On the way out every worker finishes its batch at the same time, not one after the other (eight batches of
+    1.5 s would take 12 s), and every lease is freed: fails if the stop is serial or leaves a lease held."""
+    replica = Replica(lease_store, "a", finish_seconds=LEASE_SECONDS)
+
+    async def owns_all() -> bool:
+        return replica.owner.owned == list(range(PARTITIONS))
+
+    await eventually(owns_all, what="the only replica to own every partition")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await replica.stop()
+    assert loop.time() - started < 3 * LEASE_SECONDS
+    held = await lease_store["projector_partitions"].count_documents({"owner": {"$ne": None}})
+    assert held == 0
+    assert await lease_store["projector_members"].count_documents({}) == 0
+    assert replica.handovers("released") == PARTITIONS
