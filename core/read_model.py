@@ -15,7 +15,8 @@ Document shapes (the projections' modules say how each field is derived):
   the current order leave it out.
 * `customers`: `{_id, customer_id, name, email, status, registered_at, updated_at, version, position,
   order_stats: {draft_orders, placed_orders, cancelled_orders, placed_totals: [{currency, total_minor}]},
-  order_stats_version, order_stats_seq}`; a document with statistics but no `version` is not a customer yet.
+  order_stats_version, order_stats_seq, order_stats_increments}`; a document with statistics but no `version` is
+  not a customer yet.
 * `checkpoints`: `{_id: stream_id, version, position, ...}`: what read-your-writes waits on.
 """
 

@@ -20,9 +20,16 @@ batch (even one made only of duplicates) simply writes them again:
     each order as the batch found it. Cost: independent of how many orders the customer has.
   - *recompute*: one aggregation over every order of the customer, after reading the counter. Used for the rest
     (an order ahead of its checkpoint, a stream being resumed, a write another replica won, a customer never
-    counted with a counter yet) and when an increment's compare-and-set fails; a recompute whose
-    compare-and-set fails reads the counter and recomputes again, a bounded number of times, and then the
-    customer is refused (its streams are retried later, as for any refused view).
+    counted with a counter yet); a recompute whose compare-and-set fails reads the counter and recomputes again, a
+    bounded number of times, and then the customer is refused (its streams are retried later, as for any refused
+    view). Its cost grows with the customer's orders.
+
+  An increment whose compare-and-set fails (another replica wrote the statistics after our read: the orders of
+  one customer hash to every partition, so with several replicas this is the common case for a busy customer) is
+  made again on the statistics as they are now, when every write since our read was an increment
+  (`order_stats_increments`): those counted other orders' changes, never ours (an order's change is written by
+  one batch, and a batch counts only changes from a complete document, see above), so ours adds on top exactly.
+  A recompute since our read may have counted our orders already: then we recompute too.
 
   `order_stats_version` stays as a stamp of how far the statistics are: it only grows and never exceeds the sum of
   the versions of the customer's orders (a recompute sets that sum; an increment adds each order's version step).
@@ -41,7 +48,7 @@ from pymongo.errors import BulkWriteError, PyMongoError
 
 from core.projections import Document
 from core.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
-from core.projections.customers import STATS_SEQ_FIELD, STATS_VERSION_FIELD, empty_order_stats
+from core.projections.customers import STATS_INCREMENTS_FIELD, STATS_SEQ_FIELD, STATS_VERSION_FIELD, empty_order_stats
 from core.projections.orders import COLLECTION as ORDERS_COLLECTION
 from core.read_model import ORDER_STATUS_COUNTERS
 from projector.mongo_writer import DUPLICATE_KEY, MongoDocument
@@ -148,6 +155,12 @@ class StoredStats:
     stats: dict[str, Any]
     seq: int | None  # the compare-and-set counter; None: written without one, or never (a recompute starts it)
     stamp: int  # `order_stats_version`
+    # Every write with a counter above this one was an increment (None: the latest write was not one).
+    increments_since: int | None = None
+
+    def only_increments_since(self, seq: int | None) -> bool:
+        """Whether every write of these statistics after counter `seq` was an increment."""
+        return seq is not None and self.increments_since is not None and self.increments_since <= seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,13 +302,15 @@ class CustomerViews:
         if not ids:
             return {}
         cursor = self._customers.find(
-            {"_id": {"$in": ids}}, {"order_stats": 1, STATS_SEQ_FIELD: 1, STATS_VERSION_FIELD: 1}
+            {"_id": {"$in": ids}},
+            {"order_stats": 1, STATS_SEQ_FIELD: 1, STATS_VERSION_FIELD: 1, STATS_INCREMENTS_FIELD: 1},
         )
         return {
             str(doc["_id"]): StoredStats(
                 doc.get("order_stats") or empty_order_stats(),
                 _seq(doc),
                 int(doc.get(STATS_VERSION_FIELD) or 0),
+                _increments_since(doc),
             )
             async for doc in cursor
         }
@@ -308,29 +323,43 @@ class CustomerViews:
         prior: Mapping[str, StoredStats] | None = None,
     ) -> StatsWrite:
         """Stores the statistics of these customers: by increment where `steps` and `prior` allow it (see the
-        module docstring), by recompute for the others and for increments another write overtook.
+        module docstring), again by increment on the current statistics when another write overtook one and every
+        write since `prior` was an increment, by recompute for the others.
 
         `prior`: the customers' statistics read before the batch's order writes. `failed`: where to record
         customers whose write was refused (instead of raising for them).
         """
         steps = steps or {}
         prior = prior or {}
-        increments: dict[str, tuple[int | None, dict[str, Any], int]] = {}
+        increments: dict[str, StatsCas] = {}
         recompute: list[str] = []
         for customer_id in sorted(set(customer_ids)):
-            base = prior.get(customer_id)
-            own = steps.get(customer_id)
-            stats = None
-            if base is not None and base.seq is not None and own is not None:
-                stats = incremented_stats(base.stats, own)
-            if base is None or stats is None:
+            base, own = prior.get(customer_id), steps.get(customer_id)
+            cas = _increment(base, own) if base is not None and own is not None else None
+            if cas is None:
                 recompute.append(customer_id)
             else:
-                increments[customer_id] = (base.seq, stats, base.stamp + version_step(own or ()))
-        overtaken = await self._compare_and_set(increments, failed)
+                increments[customer_id] = cas
         seqs = {c: prior[c].seq for c in recompute if c in prior}
-        await self.recompute_order_stats([*recompute, *overtaken], failed, seqs)
-        return StatsWrite(sorted(set(increments) - set(overtaken)), sorted([*recompute, *overtaken]))
+        overtaken = await self._compare_and_set(increments, failed)
+        for _ in range(STATS_ATTEMPTS - 1):
+            if not overtaken:
+                break
+            current = await self.read_order_stats(overtaken)
+            again: dict[str, StatsCas] = {}
+            for customer_id in overtaken:
+                now = current.get(customer_id)
+                cas = None
+                if now is not None and now.only_increments_since(prior[customer_id].seq):
+                    cas = _increment(now, steps[customer_id])
+                if cas is None:
+                    recompute.append(customer_id)
+                else:
+                    again[customer_id] = cas
+            overtaken = await self._compare_and_set(again, failed)
+        recompute += overtaken
+        await self.recompute_order_stats(recompute, failed, seqs)
+        return StatsWrite(sorted(set(increments) - set(recompute)), sorted(recompute))
 
     async def recompute_order_stats(
         self,
@@ -358,7 +387,7 @@ class CustomerViews:
             stats = order_stats_from_groups(todo, [row async for row in cursor])
             computed.update(stats)
             todo = await self._compare_and_set(
-                {c: (known[c], stats[c].stats, stats[c].source_version) for c in todo}, failed
+                {c: StatsCas(known[c], stats[c].stats, stats[c].source_version) for c in todo}, failed
             )
             known = {}
         message = f"the order statistics of {', '.join(todo)} kept changing while being recomputed"
@@ -371,15 +400,13 @@ class CustomerViews:
         failed.update(todo)
         return computed
 
-    async def _compare_and_set(
-        self, entries: Mapping[str, tuple[int | None, dict[str, Any], int]], failed: set[str] | None
-    ) -> list[str]:
-        """Writes (statistics, stamp) where the counter still is the one read; returns the customers whose
+    async def _compare_and_set(self, entries: Mapping[str, StatsCas], failed: set[str] | None) -> list[str]:
+        """Writes each customer's statistics where the counter still is the one read; returns the customers whose
         counter has moved since (the upsert then collides with the stored `_id`)."""
         order = sorted(entries)
         if not order:
             return []
-        ops = [_stats_update(c, *entries[c]) for c in order]
+        ops = [_stats_update(c, entries[c]) for c in order]
         try:
             await self._customers.bulk_write(ops, ordered=False)
         except BulkWriteError as exc:
@@ -396,17 +423,46 @@ def _seq(doc: Mapping[str, Any]) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _stats_update(customer_id: str, seq: int | None, stats: dict[str, Any], stamp: int) -> UpdateOne:
+def _increments_since(doc: Mapping[str, Any]) -> int | None:
+    """Where the run of increments that ends with the latest write begins (None: the latest was no increment)."""
+    run = doc.get(STATS_INCREMENTS_FIELD)
+    if not isinstance(run, Mapping) or run.get("until") != _seq(doc) or _seq(doc) is None:
+        return None
+    since = run.get("since")
+    return since if isinstance(since, int) and not isinstance(since, bool) else None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsCas:
+    """One compare-and-set of a customer's statistics."""
+
+    seq: int | None  # the counter it expects (None: a document without one)
+    stats: dict[str, Any]
+    stamp: int  # `order_stats_version`
+    increments_since: int | None = None  # an increment: where the run of increments it extends begins
+
+
+def _increment(base: StoredStats, steps: Sequence[Step]) -> StatsCas | None:
+    """The increment of `base` by these orders' changes; None when only a recompute is certain to be right."""
+    stats = incremented_stats(base.stats, steps)
+    if stats is None or base.seq is None:
+        return None
+    since = base.seq if base.increments_since is None else base.increments_since
+    return StatsCas(base.seq, stats, base.stamp + version_step(steps), since)
+
+
+def _stats_update(customer_id: str, cas: StatsCas) -> UpdateOne:
     """The compare-and-set of one customer's statistics; an upsert, so that orders may come before their customer.
 
-    A document whose counter has moved makes the upsert collide with its `_id` (a duplicate key error).
+    A document whose counter has moved makes the upsert collide with its `_id` (a duplicate key error). An
+    increment extends the run of increments; a recompute leaves it behind (its `until` no longer the counter).
     """
+    seq = cas.seq
     guard: MongoDocument = {STATS_SEQ_FIELD: seq} if seq is not None else {STATS_SEQ_FIELD: {"$exists": False}}
-    return UpdateOne(
-        {"_id": customer_id, **guard},
-        {"$set": {"order_stats": stats, STATS_SEQ_FIELD: (seq or 0) + 1, STATS_VERSION_FIELD: stamp}},
-        upsert=True,
-    )
+    fields: MongoDocument = {"order_stats": cas.stats, STATS_SEQ_FIELD: (seq or 0) + 1, STATS_VERSION_FIELD: cas.stamp}
+    if cas.increments_since is not None:
+        fields[STATS_INCREMENTS_FIELD] = {"since": cas.increments_since, "until": (seq or 0) + 1}
+    return UpdateOne({"_id": customer_id, **guard}, {"$set": fields}, upsert=True)
 
 
 def duplicate_indexes(exc: BulkWriteError) -> list[int]:

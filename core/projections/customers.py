@@ -5,11 +5,11 @@ Document shape::
     {_id: customer_id, customer_id, name, email, status: "ACTIVE"|"DEACTIVATED", registered_at, updated_at,
      version, position,
      order_stats: {draft_orders, placed_orders, cancelled_orders, placed_totals: [{currency, total_minor}]},
-     order_stats_version, order_stats_seq}
+     order_stats_version, order_stats_seq, order_stats_increments: {since, until}}
 
-Two writers share the document. The customer events (this module) own every field but `order_stats`,
-`order_stats_version` and `order_stats_seq`, which the projector keeps from the `orders` collection
-(`projector.customer_views`).
+Two writers share the document. The customer events (this module) own every field but `order_stats` and its
+bookkeeping (`order_stats_version`, `order_stats_seq`, `order_stats_increments`), which the projector keeps from
+the `orders` collection (`projector.customer_views`).
 Orders may reach the read model before their customer does: then a document holding only the order statistics
 exists, without `version`; the fold treats it as version 0 and the registration keeps the statistics.
 Readers must treat a document without `version` as "no such customer (yet)".
@@ -41,8 +41,11 @@ INDEXES = CUSTOMER_INDEXES
 STATS_VERSION_FIELD = "order_stats_version"
 # The statistics' compare-and-set counter: every write of them increments it (absent until the first).
 STATS_SEQ_FIELD = "order_stats_seq"
+# `{since, until}`: every write of the statistics whose counter is in (since, until] was an increment; it says so
+# of the latest writes only while `until` equals the counter (a recompute leaves it behind).
+STATS_INCREMENTS_FIELD = "order_stats_increments"
 # Written by the order statistics, never by customer events.
-STATS_FIELDS = frozenset({"order_stats", STATS_VERSION_FIELD, STATS_SEQ_FIELD})
+STATS_FIELDS = frozenset({"order_stats", STATS_VERSION_FIELD, STATS_SEQ_FIELD, STATS_INCREMENTS_FIELD})
 
 E = TypeVar("E", bound=Event)
 

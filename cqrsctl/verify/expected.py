@@ -17,7 +17,7 @@ from core.envelope import RecordedEvent
 from core.events import decode_event
 from core.order_events import OrderCreated
 from core.projections import Projection
-from core.projections.customers import CUSTOMERS, STATS_SEQ_FIELD, STATS_VERSION_FIELD
+from core.projections.customers import CUSTOMERS, STATS_INCREMENTS_FIELD, STATS_SEQ_FIELD, STATS_VERSION_FIELD
 from core.projections.orders import ORDERS
 from core.projections.sales import REPORT_VERSION_FIELD, SALES_COLLECTION, SalesRowGroups, order_rows, sales_documents
 from cqrsctl.verify.compare import as_stored
@@ -36,8 +36,9 @@ ORDER_CUSTOMER_FIELD = "customer_id"
 # The report's collection, also the name its keys are audited under (it has no stream type), and the order events
 # that make a day count (what PostgreSQL is searched for when a report day is re-checked).
 REPORT = SALES_COLLECTION
-# The statistics' compare-and-set counter counts writes, which depends on batching, not on events: not compared.
-STATS_BOOKKEEPING = frozenset({STATS_SEQ_FIELD})
+# The statistics' compare-and-set counter and its run of increments count writes, which depends on batching, not
+# on events: not compared.
+STATS_BOOKKEEPING = frozenset({STATS_SEQ_FIELD, STATS_INCREMENTS_FIELD})
 REPORT_EVENTS: frozenset[str] = SALES_REPORT.triggers[ORDERS.stream_type]
 
 

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
@@ -71,6 +71,9 @@ QUIESCE_TIMEOUT = 45.0
 QUIESCE_LIMIT = 600.0
 SERVING_TIMEOUT = 30.0
 
+T = TypeVar("T")
+F = TypeVar("F")
+
 # The statuses a failed command may end with when a dependency or the service itself is gone.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
 
@@ -90,6 +93,14 @@ ADDRESS = order_pb2.Address(
 # --------------------------------------------------------------------------------------------- waiting
 
 
+async def _probe_once(probe: Callable[[], Awaitable[tuple[T, str]]], failed: F) -> tuple[T | F, str]:
+    """One call of `probe`; an error of a dependency that may be restarting gives `failed`, the error the detail."""
+    try:
+        return await probe()
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, grpc.aio.AioRpcError) as exc:
+        return failed, f"probe failed: {exc!r}"
+
+
 async def wait_until(
     probe: Callable[[], Awaitable[tuple[bool, str]]], *, what: str, timeout: float, interval: float = 0.1
 ) -> float:
@@ -101,10 +112,7 @@ async def wait_until(
     started = time.monotonic()
     detail = "never probed"
     while True:
-        try:
-            done, detail = await probe()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, grpc.aio.AioRpcError) as exc:
-            done, detail = False, f"probe failed: {exc!r}"
+        done, detail = await _probe_once(probe, False)
         if done:
             return time.monotonic() - started
         if time.monotonic() - started > timeout:
@@ -124,10 +132,7 @@ async def wait_drained(
     moved = started
     detail = "never probed"
     while True:
-        try:
-            left, detail = await probe()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, grpc.aio.AioRpcError) as exc:
-            left, detail = None, f"probe failed: {exc!r}"
+        left, detail = await _probe_once(probe, None)
         now = time.monotonic()
         if left == 0:
             return now - started

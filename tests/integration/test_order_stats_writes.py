@@ -1,6 +1,7 @@
 """Customer order statistics written by increment or recompute, each a compare-and-set on `order_stats_seq`, on
-the real MongoDB-wire server: an increment reads no order, a write another one overtook is recomputed, and a
-recompute that keeps being overtaken gives up and reports the customer refused."""
+the real MongoDB-wire server: an increment reads no order; one that other increments overtook is made again on the
+current statistics, one a recompute overtook is recomputed; a recompute that keeps being overtaken gives up and
+reports the customer refused."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pymongo.errors import PyMongoError
 
 from core.projections.customers import COLLECTION as CUSTOMERS
 from core.projections.orders import COLLECTION as ORDERS
-from projector.customer_views import STATS_ATTEMPTS, CustomerViews, StoredStats
+from projector.customer_views import STATS_ATTEMPTS, CustomerViews, StatsWrite, StoredStats
 from tests.support import StartedCommands
 
 Doc = dict[str, Any]
@@ -60,6 +61,23 @@ async def write_orders(database: AsyncDatabase[Doc], docs: Iterable[Doc]) -> Non
         await database[ORDERS].replace_one({"_id": doc["_id"]}, doc, upsert=True)
 
 
+async def place(
+    database: AsyncDatabase[Doc], views: CustomerViews, draft: Doc, prior: dict[str, StoredStats]
+) -> StatsWrite:
+    """A batch placing `draft`: its order write, then the statistics by increment on `prior`."""
+    await write_orders(database, [placed(draft)])
+    return await views.write_order_stats([CUSTOMER], None, {CUSTOMER: [(draft, placed(draft))]}, prior)
+
+
+# Both drafts of the overtaking tests placed, each counted once.
+BOTH_PLACED = {
+    "draft_orders": 0,
+    "placed_orders": 2,
+    "cancelled_orders": 0,
+    "placed_totals": [{"currency": "EUR", "total_minor": 1200}],
+}
+
+
 async def test_an_increment_reads_no_order_and_a_recompute_agrees_with_it(
     logged: tuple[AsyncDatabase[Doc], StartedCommands],
 ) -> None:
@@ -93,35 +111,56 @@ async def test_an_increment_reads_no_order_and_a_recompute_agrees_with_it(
     assert recomputed["order_stats_seq"] == 3
 
 
-async def test_an_increment_overtaken_by_another_write_is_recomputed_and_loses_nothing(
+async def test_an_increment_overtaken_by_another_increment_is_made_again_on_the_current_statistics(
     logged: tuple[AsyncDatabase[Doc], StartedCommands],
 ) -> None:
     """Replica A reads the statistics before writing its order; replica B writes another order and the statistics
-    in between. A's increment, on the base it read, would drop B's placement: its compare-and-set fails and A
-    recomputes instead."""
-    database, _ = logged
+    (an increment) in between. A's increment, on the base it read, would drop B's placement: its compare-and-set
+    fails, and since only increments came between (none of which can have counted A's order), A adds its change to
+    the statistics as they are now, without reading a single order."""
+    database, log = logged
     replica_a, replica_b = CustomerViews(database), CustomerViews(database)
     drafts = [order("o1", 2, "DRAFT", 500), order("o2", 2, "DRAFT", 700)]
     await write_orders(database, drafts)
     await replica_a.write_order_stats([CUSTOMER])
 
     prior_a = await replica_a.read_order_stats([CUSTOMER])
-    prior_b = await replica_b.read_order_stats([CUSTOMER])
-    await write_orders(database, [placed(drafts[1])])
-    b = await replica_b.write_order_stats([CUSTOMER], None, {CUSTOMER: [(drafts[1], placed(drafts[1]))]}, prior_b)
+    b = await place(database, replica_b, drafts[1], await replica_b.read_order_stats([CUSTOMER]))
     assert b.incremented == [CUSTOMER]
-    await write_orders(database, [placed(drafts[0])])
-    a = await replica_a.write_order_stats([CUSTOMER], None, {CUSTOMER: [(drafts[0], placed(drafts[0]))]}, prior_a)
-    assert (a.incremented, a.recomputed) == ([], [CUSTOMER])
+    log.commands.clear()
+    a = await place(database, replica_a, drafts[0], prior_a)
+    assert (a.incremented, a.recomputed) == ([CUSTOMER], [])
+    # The order, the overtaken compare-and-set, the statistics read again, the increment on them: no aggregation.
+    assert [name for name, _ in log.commands] == ["update", "update", "find", "update"]
 
     final = await stats_of(database)
-    assert final["order_stats"] == {
-        "draft_orders": 0,
-        "placed_orders": 2,
-        "cancelled_orders": 0,
-        "placed_totals": [{"currency": "EUR", "total_minor": 1200}],
-    }
+    assert final["order_stats"] == BOTH_PLACED
     assert (final["order_stats_seq"], final["order_stats_version"]) == (3, 6)
+    assert final["order_stats_increments"] == {"since": 1, "until": 3}  # the two increments after the recompute
+    await replica_a.recompute_order_stats([CUSTOMER])
+    assert (await stats_of(database))["order_stats"] == BOTH_PLACED
+
+
+async def test_an_increment_overtaken_by_a_recompute_is_recomputed_and_counts_its_order_once(
+    logged: tuple[AsyncDatabase[Doc], StartedCommands],
+) -> None:
+    """Replica A reads the statistics and writes its order; replica B recomputes the statistics from the orders,
+    A's new one included. A's increment must not be made again on B's statistics (it would count A's placement
+    twice): fails if it is."""
+    database, _ = logged
+    replica_a, replica_b = CustomerViews(database), CustomerViews(database)
+    # A third order stays a draft: counted twice, A's placement would leave no counter below zero to give it away.
+    drafts = [order("o1", 2, "DRAFT", 500), order("o2", 2, "DRAFT", 700), order("o3", 2, "DRAFT", 900)]
+    await write_orders(database, drafts)
+    await replica_a.write_order_stats([CUSTOMER])
+    await place(database, replica_b, drafts[1], await replica_b.read_order_stats([CUSTOMER]))
+
+    prior_a = await replica_a.read_order_stats([CUSTOMER])  # within a run of increments
+    await write_orders(database, [placed(drafts[0])])
+    await replica_b.recompute_order_stats([CUSTOMER])  # counts A's placement already
+    a = await replica_a.write_order_stats([CUSTOMER], None, {CUSTOMER: [(drafts[0], placed(drafts[0]))]}, prior_a)
+    assert (a.incremented, a.recomputed) == ([], [CUSTOMER])
+    assert (await stats_of(database))["order_stats"] == {**BOTH_PLACED, "draft_orders": 1}
 
 
 class OvertakenEveryTime(CustomerViews):
