@@ -135,10 +135,17 @@ def order_stats_pipeline(customer_ids: list[str]) -> list[MongoDocument]:
 
 @dataclass(frozen=True, slots=True)
 class StatsWrite:
-    """How `write_order_stats` wrote each customer's statistics (a refused one is in `recomputed` too)."""
+    """How `write_order_stats` wrote each customer's statistics: by increment on the statistics read before the batch
+    (`incremented`), by increment again on the current ones after another write overtook it (`redone`), or from the
+    orders (`recomputed`). A customer whose write was refused or given up is in none (but in `failed`)."""
 
     incremented: list[str]
+    redone: list[str]
     recomputed: list[str]
+
+    def counts(self) -> dict[str, int]:
+        """Customers per way of writing (the projector's `cqrs_projector_customer_stats_writes_total{how}`)."""
+        return {"increment": len(self.incremented), "redone": len(self.redone), "recompute": len(self.recomputed)}
 
 
 # One order's change in a batch: its document before (None: new) and after the batch's write.
@@ -342,6 +349,7 @@ class CustomerViews:
                 increments[customer_id] = cas
         seqs = {c: prior[c].seq for c in recompute if c in prior}
         overtaken = await self._compare_and_set(increments, failed)
+        redone: set[str] = set()
         for _ in range(STATS_ATTEMPTS - 1):
             if not overtaken:
                 break
@@ -356,10 +364,16 @@ class CustomerViews:
                     recompute.append(customer_id)
                 else:
                     again[customer_id] = cas
+            redone.update(again)
             overtaken = await self._compare_and_set(again, failed)
         recompute += overtaken
         await self.recompute_order_stats(recompute, failed, seqs)
-        return StatsWrite(sorted(set(increments) - set(recompute)), sorted(recompute))
+        recomputed, unwritten = set(recompute), failed or set()
+        return StatsWrite(
+            sorted(set(increments) - redone - recomputed - unwritten),
+            sorted(redone - recomputed - unwritten),
+            sorted(recomputed - unwritten),
+        )
 
     async def recompute_order_stats(
         self,

@@ -128,6 +128,16 @@ class ProjectorMetrics:
             "Sales facts' tags removed from the shards once their orders' checkpoints covered them.",
             registry=self.registry,
         )
+        self.customer_stats_writes = Counter(
+            "cqrs_projector_customer_stats_writes",
+            "Customers' order statistics written, by how: increment (the batch's change added to the statistics it "
+            "read), redone (added again to the current statistics after another replica's increment overtook it), "
+            "recompute (aggregated from every order of the customer: its cost grows with the customer's orders).",
+            ["how"],
+            registry=self.registry,
+        )
+        for how in ("increment", "redone", "recompute"):
+            self.customer_stats_writes.labels(how)
         self._exporter: MetricsServer | None = None
 
     def record_outcome(self, outcome: BatchOutcome) -> None:
@@ -140,6 +150,9 @@ class ProjectorMetrics:
         self.dead_letters.inc(len(outcome.parks) + len(outcome.dead_letters))
         self.held_events.inc(outcome.held)
         self.naks.inc(len(outcome.nak))
+        for how, customers in outcome.stats_writes.items():
+            if customers:
+                self.customer_stats_writes.labels(how).inc(customers)
 
     def record_stages(self, outcome: BatchOutcome, fetched_at: float) -> None:
         """Per applied event: commit to stored in JetStream (the relay's share), stored to fetched (`fetched_at`,

@@ -43,7 +43,7 @@ from core.projections.orders import ORDERS
 from core.read_model import ORDER_HISTORY_FIELD
 from core.tracing import tracer
 from projector.checkpoints import CheckpointWriter
-from projector.customer_views import CustomerFields, CustomerViews, StoredStats, ViewSources, ViewWriter
+from projector.customer_views import CustomerFields, CustomerViews, StatsWrite, StoredStats, ViewSources, ViewWriter
 from projector.dead_letters import DeadLetterWriter
 from projector.journal import before_closing_write
 from projector.mongo_writer import MongoDocument, ReadModelWriter
@@ -195,7 +195,7 @@ class Pipeline:
         prior = await self._read_prior_stats(batches, lagging, resuming) if self.derived_views else {}
         await self._write_documents(batches, known, spans or {})
         failed_views = (
-            await self._write_views(batches, states, lagging, resuming, prior, loaded_at)
+            await self._write_views(batches, states, lagging, resuming, prior, loaded_at, out)
             if self.derived_views
             else set()
         )
@@ -279,15 +279,18 @@ class Pipeline:
         resuming: Mapping[str, Park],
         prior: Mapping[str, StoredStats],
         loaded_at: float,
+        out: BatchOutcome,
     ) -> set[str]:
         """Fan-out, order statistics and sales report (independent calls: `_together`); returns the streams whose
-        views MongoDB refused. `loaded_at`: when the batch read its checkpoints (the sales report counts on them)."""
+        views MongoDB refused and counts how the statistics were written in `out`. `loaded_at`: when the batch read
+        its checkpoints (the sales report counts on them)."""
         plan = plan_views(batches, VIEWS, lagging, set(resuming))
         refused: dict[str, set[str]] = {view.name: set() for view in VIEWS}
         stored = {stream_type: _stored_docs(batch) for stream_type, batch in batches.items()}
         checkpoints = {sid: state.checkpoint for sid, state in states.items()}
         steps = view_steps(plan, CUSTOMER_ORDER_STATS.name, batches.values(), checkpoints, set(resuming))
-        await self._together(
+        due = [(view, keys) for view in VIEWS if (keys := plan.keys.get(view.name))]
+        written = await self._together(
             *(
                 self._timed(
                     view.name,
@@ -303,10 +306,12 @@ class Pipeline:
                         loaded_at,
                     ),
                 )
-                for view in VIEWS
-                if (keys := plan.keys.get(view.name))
+                for view, keys in due
             )
         )
+        for (view, _), result in zip(due, written, strict=True):
+            if view is CUSTOMER_ORDER_STATS and isinstance(result, StatsWrite):
+                out.stats_writes = result.counts()
         if any(refused.values()):
             log.warning(
                 "MongoDB refused derived views: %s",

@@ -45,6 +45,7 @@ class BatchOutcome:
     parks: dict[str, Park] = field(default_factory=dict)  # parked by this batch
     unsettled: dict[str, str] = field(default_factory=dict)  # stream -> why some of its events did not apply
     versions: dict[str, int] = field(default_factory=dict)  # stream -> document version after this batch
+    stats_writes: dict[str, int] = field(default_factory=dict)  # customers' statistics written, by how (StatsWrite)
 
 
 class Settlement:

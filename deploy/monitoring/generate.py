@@ -222,6 +222,26 @@ ROWS = [
         ],
     ),
     Row(
+        "Projector views",
+        [
+            Panel(
+                "Customer statistics writes per second by how",
+                "How the projectors wrote customers' order statistics (cqrs_projector_customer_stats_writes_total): "
+                "increment (the batch's change added to the statistics it read: the usual way), redone (added again "
+                "after another replica's increment overtook it) and recompute (aggregated from all of the customer's "
+                "orders, a cost that grows with them: after a restart, a replayed or resumed stream, or a race with "
+                "another recompute). Recomputes that stay high mean replicas fighting over the same customers.",
+                [
+                    Target(
+                        f"sum by (how) (rate(cqrs_projector_customer_stats_writes_total[{RATE}]))",
+                        "{{how}}",
+                    )
+                ],
+                unit="ops",
+            ),
+        ],
+    ),
+    Row(
         "Projector partitions (one lease per partition)",
         [
             Panel(

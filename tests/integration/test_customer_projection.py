@@ -207,6 +207,17 @@ async def test_line_edits_of_draft_orders_do_not_write_statistics(harness: Harne
     assert after_place["order_stats"]["placed_totals"] == [{"currency": "EUR", "total_minor": 300}]
 
 
+def stats_writes(harness: Harness) -> dict[str, float]:
+    """`cqrs_projector_customer_stats_writes_total` by `how`, summed over the harness's projectors."""
+    return {
+        how: sum(
+            p.metrics.registry.get_sample_value("cqrs_projector_customer_stats_writes_total", {"how": how}) or 0
+            for p in harness.projectors
+        )
+        for how in ("increment", "redone", "recompute")
+    }
+
+
 async def test_customer_order_statistics_follow_creates_places_cancels_and_deletes(harness: Harness) -> None:
     customer = await register(harness)
     cid = customer.stream_id
@@ -240,6 +251,9 @@ async def test_customer_order_statistics_follow_creates_places_cancels_and_delet
     await eventually(stats, what=f"customer statistics {expected}")
     await checkpoint_at(harness, usd_placed_deleted.order_id, last.version)
     await harness.settled("all order events")
+    writes = stats_writes(harness)
+    # Every batch after the first of a customer adds its change to the statistics it read (the metric counts it).
+    assert writes["increment"] >= 1, writes
     other_doc = await customer_doc(harness, other.stream_id)
     assert other_doc is not None and other_doc["order_stats"]["placed_totals"] == [
         {"currency": "EUR", "total_minor": 12345}
@@ -255,6 +269,8 @@ async def test_customer_order_statistics_follow_creates_places_cancels_and_delet
     doc = await customer_doc(harness, cid)
     assert doc is not None and doc["order_stats"] == expected
     assert doc["name"] == "Ada Lovelace" and doc["version"] == 1
+    replayed = stats_writes(harness)
+    assert replayed["increment"] == writes["increment"] and replayed["recompute"] > writes["recompute"], replayed
 
     indexes = await harness.db["customers"].index_information()
     assert {tuple(k for k, _ in spec["key"]) for name, spec in indexes.items() if name != "_id_"} == {

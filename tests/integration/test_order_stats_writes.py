@@ -86,7 +86,7 @@ async def test_an_increment_reads_no_order_and_a_recompute_agrees_with_it(
     drafts = [order(f"o{n}", 3, "DRAFT", 100 * n) for n in range(1, 4)]
     await write_orders(database, drafts)
     first = await views.write_order_stats([CUSTOMER])  # no statistics yet: recomputed
-    assert (first.incremented, first.recomputed) == ([], [CUSTOMER])
+    assert first == StatsWrite([], [], [CUSTOMER])
     start = await stats_of(database)
     assert (start["order_stats_seq"], start["order_stats_version"]) == (1, 9)
 
@@ -94,7 +94,7 @@ async def test_an_increment_reads_no_order_and_a_recompute_agrees_with_it(
     log.commands.clear()
     await write_orders(database, [placed(drafts[1])])
     write = await views.write_order_stats([CUSTOMER], None, {CUSTOMER: [(drafts[1], placed(drafts[1]))]}, prior)
-    assert (write.incremented, write.recomputed) == ([CUSTOMER], [])
+    assert write == StatsWrite([CUSTOMER], [], [])
     assert [name for name, _ in log.commands] == ["update", "update"]  # our order write, then the statistics
     incremented = await stats_of(database)
     assert incremented["order_stats"] == {
@@ -126,10 +126,11 @@ async def test_an_increment_overtaken_by_another_increment_is_made_again_on_the_
 
     prior_a = await replica_a.read_order_stats([CUSTOMER])
     b = await place(database, replica_b, drafts[1], await replica_b.read_order_stats([CUSTOMER]))
-    assert b.incremented == [CUSTOMER]
+    assert b == StatsWrite([CUSTOMER], [], [])
     log.commands.clear()
     a = await place(database, replica_a, drafts[0], prior_a)
-    assert (a.incremented, a.recomputed) == ([CUSTOMER], [])
+    assert a == StatsWrite([], [CUSTOMER], [])
+    assert a.counts() == {"increment": 0, "redone": 1, "recompute": 0}
     # The order, the overtaken compare-and-set, the statistics read again, the increment on them: no aggregation.
     assert [name for name, _ in log.commands] == ["update", "update", "find", "update"]
 
@@ -159,7 +160,7 @@ async def test_an_increment_overtaken_by_a_recompute_is_recomputed_and_counts_it
     await write_orders(database, [placed(drafts[0])])
     await replica_b.recompute_order_stats([CUSTOMER])  # counts A's placement already
     a = await replica_a.write_order_stats([CUSTOMER], None, {CUSTOMER: [(drafts[0], placed(drafts[0]))]}, prior_a)
-    assert (a.incremented, a.recomputed) == ([], [CUSTOMER])
+    assert a == StatsWrite([], [], [CUSTOMER])
     assert (await stats_of(database))["order_stats"] == {**BOTH_PLACED, "draft_orders": 1}
 
 
@@ -194,6 +195,9 @@ async def test_a_recompute_overtaken_every_time_gives_up_after_its_attempts_and_
     assert f"order statistics of {CUSTOMER} kept changing" in caplog.text and "other replicas" in caplog.text
     with pytest.raises(PyMongoError, match="kept changing"):
         await contended.recompute_order_stats([CUSTOMER])
+    failed.clear()
+    assert await contended.write_order_stats([CUSTOMER], failed) == StatsWrite([], [], [])  # given up: none written
+    assert failed == {CUSTOMER}
 
     calm = CustomerViews(database)
     failed.clear()
