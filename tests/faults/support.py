@@ -263,6 +263,12 @@ class Service:
         except TimeoutError:
             raise AssertionError(f"{self.module} (pid {self.pid}) did not exit within {timeout}s of {why}") from None
 
+    async def stop_gracefully(self, timeout: float) -> None:
+        """SIGTERM, as a rolling restart sends it: fails unless it ends by itself within `timeout` with exit 0."""
+        self.process.terminate()
+        code = await self.wait_exit(timeout, "SIGTERM")
+        assert code == 0, f"{self.module} (pid {self.pid}) exited with {code} after SIGTERM: {self.tail()}"
+
     async def terminate(self, timeout: float = 15.0) -> None:
         """SIGTERM, then SIGKILL if it does not exit in time (teardown only)."""
         await self.process.async_stop(timeout)

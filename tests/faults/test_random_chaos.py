@@ -1,8 +1,9 @@
 """Faults in a random order, one after another under load, for two minutes: the other scenarios each repeat one
 kind of fault; here a command_service replica, a projector replica, both projectors, PostgreSQL, nats-server or the
-MongoDB-wire server is SIGKILLed and restarted, or a projector or a server is SIGSTOPped for a while, in whatever
-order and at whatever moment the draw gives, so a fault can land while the system is still recovering from the one
-before (a relay catching up, a partition being taken over, a redelivery in flight).
+MongoDB-wire server is SIGKILLed and restarted, a projector or a server is SIGSTOPped for a while, or a
+command_service or projector replica is restarted as a rolling deploy restarts it (SIGTERM, which must end it by
+itself with exit 0), in whatever order and at whatever moment the draw gives, so a fault can land while the system
+is still recovering from the one before (a relay catching up, a partition being taken over, a redelivery in flight).
 
 The draw comes from one seed, printed and named in every failure message (`CQRS_CHAOS_SEED` replays the sequence;
 the timing, and so the interleaving, still varies). `CQRS_CHAOS_SECONDS` makes the run longer, as a soak.
@@ -24,6 +25,9 @@ pytestmark = pytest.mark.slow
 
 CHAOS_SECONDS = float(os.environ.get("CQRS_CHAOS_SECONDS", "120"))
 RECOVERY_TIMEOUT = 90.0  # commands acknowledged again after the last fault, on a busy two-core machine
+# A replica told to stop (the fault stack's grace is 1 s) finishes its commands or batch in hand, gives its leases
+# back and exits within this, even right after another fault, on a busy two-core machine.
+GRACEFUL_EXIT_SECONDS = 30.0
 # pytest-timeout's limit for this test (a soak outlasts the suite's 300 s): the faults, the catch-up on what they
 # left (waited for as long as it moves, up to QUIESCE_LIMIT), then start-up, recovery and the audit.
 TEST_TIMEOUT_SECONDS = CHAOS_SECONDS + QUIESCE_LIMIT + 300
@@ -52,6 +56,14 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
         await asyncio.sleep(rng.uniform(0, 3))
         await _restart(service)
         return f"{service.module} {service.address or service.metrics_port} killed"
+
+    async def restart_gracefully(replicas: list[Service]) -> str:
+        service = rng.choice(replicas)
+        started = time.monotonic()
+        await service.stop_gracefully(GRACEFUL_EXIT_SECONDS)
+        took = time.monotonic() - started
+        await _restart(service)
+        return f"{service.module} {service.address or service.metrics_port} stopped (SIGTERM) in {took:.1f}s"
 
     async def kill_both_projectors() -> str:
         for service in projectors:
@@ -91,7 +103,7 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
 
     faults: list[Callable[[], Awaitable[str]]] = [
         lambda: kill_replica(commands), lambda: kill_replica(projectors), kill_both_projectors, pause_projector,
-        kill_server, pause_server,
+        kill_server, pause_server, lambda: restart_gracefully(commands), lambda: restart_gracefully(projectors),
     ]  # fmt: skip
     history: list[str] = []
     try:
