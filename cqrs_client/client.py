@@ -65,9 +65,9 @@ class OrdersClient:
     """Async client for the command and query services.
 
     Use `async with OrdersClient.connect(command_addr, query_addr) as client:`. Every call has a deadline
-    (`timeout`, default `default_timeout`); unary calls are retried on UNAVAILABLE per `retry`, commands with the
-    same request_id on every attempt. Errors are raised as `grpc.aio.AioRpcError`
-    (see `cqrs_client.field_violations`).
+    (`timeout`, default `default_timeout`); unary calls are retried on UNAVAILABLE (and a stopping server's
+    CANCELLED) per `retry`, commands with the same request_id on every attempt. Errors are raised as
+    `grpc.aio.AioRpcError` (see `cqrs_client.field_violations`).
     """
 
     def __init__(

@@ -1,4 +1,5 @@
-"""Retry policy: exponential backoff with jitter, on UNAVAILABLE only, bounded in attempts and total time."""
+"""Retry policy: exponential backoff with jitter, on UNAVAILABLE and a server's CANCELLED only, bounded in attempts
+and total time."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ import grpc
 
 T = TypeVar("T")
 
-# Only UNAVAILABLE means "the request did not take effect or is safe to repeat": commands carry a request_id the
-# server deduplicates on, queries are reads. DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED etc. are the caller's call.
-RETRYABLE: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+# Statuses that mean "the request did not take effect or is safe to repeat": commands carry a request_id the server
+# deduplicates on, queries are reads. UNAVAILABLE: a replica or its database is down. CANCELLED: a replica that is
+# shutting down (a rolling restart) cancels the calls it had received but not yet handed to a handler
+# (grpc/grpc#41785); a call this client cancels itself raises asyncio.CancelledError instead, so it is never retried.
+# DEADLINE_EXCEEDED, ABORTED, RESOURCE_EXHAUSTED etc. are the caller's call.
+RETRYABLE: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How a unary call is retried on UNAVAILABLE.
+    """How a unary call is retried on a status in `RETRYABLE` (UNAVAILABLE, a server's CANCELLED).
 
     Attempt n (1-based) that failed is followed by a pause of `min(max_backoff, initial_backoff * multiplier**(n-1))`
     reduced by a random fraction of up to `jitter` (so replicas that failed together do not retry in lockstep).

@@ -1,12 +1,13 @@
 """Faults in a random order, one after another under load, for two minutes: the other scenarios each repeat one
-kind of fault; here a command_service replica, a projector replica, both projectors, PostgreSQL, nats-server or the
+kind of fault; here a command_service replica, a projector replica, all projectors, PostgreSQL, nats-server or the
 MongoDB-wire server is SIGKILLed and restarted, a projector or a server is SIGSTOPped for a while, or a
 command_service or projector replica is restarted as a rolling deploy restarts it (SIGTERM, which must end it by
 itself with exit 0), in whatever order and at whatever moment the draw gives, so a fault can land while the system
 is still recovering from the one before (a relay catching up, a partition being taken over, a redelivery in flight).
 
 The draw comes from one seed, printed and named in every failure message (`CQRS_CHAOS_SEED` replays the sequence;
-the timing, and so the interleaving, still varies). `CQRS_CHAOS_SECONDS` makes the run longer, as a soak.
+the timing, and so the interleaving, still varies). `CQRS_CHAOS_SECONDS` makes the run longer, as a soak;
+`CQRS_CHAOS_PROJECTORS` runs more projector replicas than two (partitions handed around three or more ways).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.faults.support import QUIESCE_LIMIT, FaultStack, Load, Service, asser
 pytestmark = pytest.mark.slow
 
 CHAOS_SECONDS = float(os.environ.get("CQRS_CHAOS_SECONDS", "120"))
+CHAOS_PROJECTORS = int(os.environ.get("CQRS_CHAOS_PROJECTORS", "2"))
 RECOVERY_TIMEOUT = 90.0  # commands acknowledged again after the last fault, on a busy two-core machine
 # A replica told to stop (the fault stack's grace is 1 s) finishes its commands or batch in hand, gives its leases
 # back and exits within this, even right after another fault, on a busy two-core machine.
@@ -47,7 +49,7 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
     rng = random.Random(seed)
     print(f"chaos seed {seed} (CQRS_CHAOS_SEED={seed} replays the draw)")
     commands = [await stack.command_service(), await stack.command_service()]
-    projectors = [await stack.projector(), await stack.projector()]
+    projectors = [await stack.projector() for _ in range(CHAOS_PROJECTORS)]
     load = Load([c.address for c in commands], seed=rng.randrange(1 << 30)).start()
 
     async def kill_replica(replicas: list[Service]) -> str:
@@ -60,17 +62,20 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
     async def restart_gracefully(replicas: list[Service]) -> str:
         service = rng.choice(replicas)
         started = time.monotonic()
-        await service.stop_gracefully(GRACEFUL_EXIT_SECONDS)
+        if service.address:
+            await load.stop_gracefully(service, GRACEFUL_EXIT_SECONDS)
+        else:
+            await service.stop_gracefully(GRACEFUL_EXIT_SECONDS)
         took = time.monotonic() - started
         await _restart(service)
         return f"{service.module} {service.address or service.metrics_port} stopped (SIGTERM) in {took:.1f}s"
 
-    async def kill_both_projectors() -> str:
+    async def kill_all_projectors() -> str:
         for service in projectors:
             await service.kill()
         await asyncio.sleep(rng.uniform(0, 2))
         await asyncio.gather(*(_restart(service) for service in projectors))
-        return "both projectors killed"
+        return "all projectors killed"
 
     async def pause_projector() -> str:
         service = rng.choice(projectors)
@@ -102,7 +107,7 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
         return f"{server.name} paused {seconds:.1f}s"
 
     faults: list[Callable[[], Awaitable[str]]] = [
-        lambda: kill_replica(commands), lambda: kill_replica(projectors), kill_both_projectors, pause_projector,
+        lambda: kill_replica(commands), lambda: kill_replica(projectors), kill_all_projectors, pause_projector,
         kill_server, pause_server, lambda: restart_gracefully(commands), lambda: restart_gracefully(projectors),
     ]  # fmt: skip
     history: list[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,10 +33,15 @@ class Flaky(cgrpc.OrderCommandServiceServicer, qgrpc.OrderQueryServiceServicer):
     metadata: list[dict[str, str]] = field(default_factory=list)
     tokens: list[list[str]] = field(default_factory=list)
     counter: int = 0
+    hold: bool = False  # every call waits until the client gives up on it
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set by the first call
 
     async def _maybe_fail(self, context: grpc.aio.ServicerContext[object, object]) -> None:
         self.attempt_times.append(time.monotonic())
         self.metadata.append({k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)})
+        self.arrived.set()
+        if self.hold:
+            await asyncio.Event().wait()
         if len(self.attempt_times) <= self.failures:
             await context.abort(self.code, "try again")
 
@@ -110,9 +116,12 @@ def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
 
 
-async def test_unavailable_is_retried_with_the_same_request_id(served: tuple[Flaky, str]) -> None:
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+async def test_unavailable_and_a_servers_cancel_are_retried_with_the_same_request_id(
+    served: tuple[Flaky, str], code: grpc.StatusCode
+) -> None:
     servicer, address = served
-    servicer.failures = 2
+    servicer.failures, servicer.code = 2, code
     async with OrdersClient.connect(address, address, retry=FAST) as client:
         result = await client.create_order("c-1", "EUR")
     assert result.order_id == "o-1"
@@ -141,6 +150,20 @@ async def test_other_codes_are_not_retried(served: tuple[Flaky, str], code: grpc
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await client.create_order("c-1", "EUR")
     assert raised.value.code() == code
+    assert len(servicer.request_ids) == 1
+
+
+async def test_a_call_the_caller_cancels_is_not_retried(served: tuple[Flaky, str]) -> None:
+    """Only a CANCELLED the server sent is retried: the caller's own cancellation ends the call at once."""
+    servicer, address = served
+    servicer.hold = True
+    async with OrdersClient.connect(address, address, retry=FAST) as client:
+        call = asyncio.create_task(client.create_order("c-1", "EUR"))
+        await asyncio.wait_for(servicer.arrived.wait(), timeout=5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0.2)  # a retry, had there been one, would have arrived by now
     assert len(servicer.request_ids) == 1
 
 
