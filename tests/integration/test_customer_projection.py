@@ -251,13 +251,20 @@ async def test_customer_order_statistics_follow_creates_places_cancels_and_delet
     await eventually(stats, what=f"customer statistics {expected}")
     await checkpoint_at(harness, usd_placed_deleted.order_id, last.version)
     await harness.settled("all order events")
-    writes = stats_writes(harness)
-    # Every batch after the first of a customer adds its change to the statistics it read (the metric counts it).
-    assert writes["increment"] >= 1, writes
     other_doc = await customer_doc(harness, other.stream_id)
     assert other_doc is not None and other_doc["order_stats"]["placed_totals"] == [
         {"currency": "EUR", "total_minor": 12345}
     ]
+
+    # A new order on its own, with the customer's statistics stored and every order at its checkpoint: the batch
+    # adds its change to the statistics it read, an increment, and the metric counts it.
+    before = stats_writes(harness)
+    await create_orders(harness, other.stream_id, 1, "EUR")
+    await harness.settled("the other customer's new order")
+    writes = stats_writes(harness)
+    assert writes == {**before, "increment": before["increment"] + 1}, (before, writes)
+    other_doc = await customer_doc(harness, other.stream_id)
+    assert other_doc is not None and other_doc["order_stats"]["draft_orders"] == 1
 
     # Replays change nothing: a replayed event is a duplicate, which never takes the increment (only a write this
     # batch made onto a document at its checkpoint does), so the statistics are recomputed, never counted twice.
