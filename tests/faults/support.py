@@ -981,17 +981,22 @@ async def assert_audit_clean(
     assert result.clean, f"cqrs verify found {len(findings)} problems: {[str(f) for f in findings[:10]]}"
 
 
+async def assert_stack_clean(stack: FaultStack, acks: Sequence[Ack]) -> None:
+    """Quiescence, then (a) for these acknowledged commands and (c) on the scenario's own servers."""
+    await wait_quiescent(stack)
+    await assert_acked_commands_stored(stack.dsn, acks)
+    n = stack.names
+    await assert_audit_clean(
+        postgres_dsn=stack.dsn, nats_url=stack.nats_url, mongo_url=stack.mongo_url, mongo_database=n.name,
+        stream_name=n.stream, subject_prefix=n.prefix,
+    )  # fmt: skip
+
+
 async def assert_scenario_clean(stack: FaultStack, load: Load) -> None:
     """Quiescence, then (a), (b) and (c), with the load's seed in every failure message."""
     try:
-        await wait_quiescent(stack)
-        await assert_acked_commands_stored(stack.dsn, load.acks)
         assert_failures_retryable(load)
-        n = stack.names
-        await assert_audit_clean(
-            postgres_dsn=stack.dsn, nats_url=stack.nats_url, mongo_url=stack.mongo_url, mongo_database=n.name,
-            stream_name=n.stream, subject_prefix=n.prefix,
-        )  # fmt: skip
+        await assert_stack_clean(stack, load.acks)
     except AssertionError as exc:
         raise AssertionError(
             f"{exc}\n[load seed {load.seed}: {len(load.acks)} acked, failures: {load.failure_summary()}]"

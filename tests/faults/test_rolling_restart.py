@@ -18,9 +18,7 @@ from tests.faults.support import (
     ADDRESS,
     Ack,
     FaultStack,
-    assert_acked_commands_stored,
-    assert_audit_clean,
-    wait_quiescent,
+    assert_stack_clean,
 )
 
 pytestmark = pytest.mark.slow
@@ -86,10 +84,4 @@ async def test_rolling_restarts_of_command_service_cost_typed_client_users_nothi
         await task  # any user's error fails the test, with its status
     assert not pending, f"{len(pending)} users did not finish their last call"
 
-    await wait_quiescent(stack)
-    await assert_acked_commands_stored(stack.dsn, acks)
-    n = stack.names
-    await assert_audit_clean(
-        postgres_dsn=stack.dsn, nats_url=stack.nats_url, mongo_url=stack.mongo_url, mongo_database=n.name,
-        stream_name=n.stream, subject_prefix=n.prefix,
-    )  # fmt: skip
+    await assert_stack_clean(stack, acks)
