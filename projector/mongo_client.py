@@ -2,8 +2,10 @@
 
 A batch is acked to JetStream once MongoDB acknowledged its writes, and never delivered again: the writes must
 survive a crash of MongoDB (journal) and a failover (majority), or an applied event is lost from the read model
-while the stream has moved on. A batch's documents and views leave out `j`: its closing journaled write covers
-them (`projector.journal`).
+while the stream has moved on. Every write asks for the journal, the documents and views before a batch's
+checkpoints included: a journaled write makes the earlier ones durable only if the same server process took them,
+and a MongoDB killed and restarted between a batch's documents and its checkpoints lost the documents it had
+acknowledged while the checkpoints, taken by the new process, stayed (tests/faults/test_mongo_restart_mid_batch.py).
 
 Retryable writes are off by default (`CQRS_MONGO_RETRY_WRITES`): with them the driver repeats a write once after a
 network error or a failover, and the server keeps a record of every write to recognise the repeat. Every write of

@@ -15,8 +15,9 @@ Per batch (from JetStream, or from a parked stream being resumed):
    of its checkpoint (an earlier batch wrote it and never finished its views) gets its views in full. A view
    MongoDB refuses fails only the streams that need it: they are naked (parked after `park_after` offers), and
    their checkpoints stay where they are;
-5. checkpoints, last: a checkpoint at v means every document and view reflects the stream up to v; theirs is the
-   batch's one journaled write, which makes the documents and views before it durable too (`projector.journal`);
+5. checkpoints, last: a checkpoint at v means every document and view reflects the stream up to v. Every write is
+   journaled (`projector.mongo_client`): one acknowledged without the journal could be lost by a crash of MongoDB
+   after the checkpoints, written to the restarted server, were acknowledged;
 6. the settlement (`projector.settlement`): ack applied, duplicates and held copies (once their park is re-read and
    still there), nak what must be re-evaluated, term dead letters.
 
@@ -45,7 +46,6 @@ from core.tracing import tracer
 from projector.checkpoints import CheckpointWriter
 from projector.customer_views import CustomerFields, CustomerViews, StatsWrite, StoredStats, ViewSources, ViewWriter
 from projector.dead_letters import DeadLetterWriter
-from projector.journal import before_closing_write
 from projector.mongo_writer import MongoDocument, ReadModelWriter
 from projector.parking import Park, ParkStore, StreamState, held_copy, park_of
 from projector.planning import (
@@ -94,11 +94,9 @@ class Pipeline:
         parallel_calls: bool = True,
     ) -> None:
         self.projections = dict(projections)
-        # Documents and views are made durable by the batch's closing write, the journaled checkpoints.
-        covered = before_closing_write(database)
-        self.writers = {t: ReadModelWriter(covered, p) for t, p in self.projections.items()}
-        self.views = CustomerViews(covered)
-        self.sales = SalesViews(covered)
+        self.writers = {t: ReadModelWriter(database, p) for t, p in self.projections.items()}
+        self.views = CustomerViews(database)
+        self.sales = SalesViews(database)
         self._view_writers = view_writers(self.views, self.sales)
         self.checkpoints = CheckpointWriter(database)
         # False: batches write documents and checkpoints only, and `recompute_views` does every view once at the

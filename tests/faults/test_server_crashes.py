@@ -124,8 +124,8 @@ async def test_postgres_killed_and_restarted_repeatedly(stack: FaultStack) -> No
 
 
 async def test_mongo_killed_and_restarted(stack: FaultStack) -> None:
-    """Killed several times, at random points of the projector's batches: each batch asks for the journal only with
-    its closing checkpoints (projector/journal.py), so a kill must never lose a write whose event was acked."""
+    """Killed several times, at random points of the projector's batches: every write of a batch is journaled, so a
+    kill must never lose a write whose event was acked."""
     rng = random.Random()
     service = await stack.command_service()
     await stack.projector()

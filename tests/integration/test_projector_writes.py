@@ -1,8 +1,8 @@
 """The projector's writes against the real MongoDB-wire server: the facts of one shard of the sales report are
 counted by one update (when some of them were counted already, each of the others is counted once, and none
-twice); a batch asks for the journal once, with its closing checkpoints; the dependency metrics count the calls that
-reach MongoDB, and only those; a batch's calls go one at a time unless it is told to send them together, and the
-read model is the same either way."""
+twice); every write of a batch asks for the journal, its closing checkpoints last; the dependency metrics count
+the calls that reach MongoDB, and only those; a batch's calls go one at a time unless it is told to send them
+together, and the read model is the same either way."""
 
 from __future__ import annotations
 
@@ -66,10 +66,13 @@ def writes(log: StartedCommands) -> list[tuple[str, Doc]]:
     ]
 
 
-async def test_a_batch_waits_for_the_journal_once_at_its_closing_checkpoints(mongo_url: str, unique_name: str) -> None:
-    """Documents and views go without `j`, keeping the configured `w`; the checkpoints are the batch's last write
-    and are journaled, which makes everything before them durable (projector/journal.py). Were any batch to end
-    with an unjournaled write, an acknowledged event could be lost by a crash of MongoDB."""
+async def test_every_write_of_a_batch_is_journaled_and_its_checkpoints_come_last(
+    mongo_url: str, unique_name: str
+) -> None:
+    """Documents, views and checkpoints all ask for `j` with the configured `w`, and the checkpoints are the batch's
+    last write. A write acknowledged without the journal is lost when MongoDB is killed, and the checkpoints after
+    it may be taken by the restarted server (tests/faults/test_mongo_restart_mid_batch.py); were a batch to end
+    with another write, a checkpoint could promise what was never written."""
     log = StartedCommands()
     client: AsyncMongoClient[Doc] = AsyncMongoClient(
         mongo_url, tz_aware=True, w="majority", journal=True, event_listeners=[log]
@@ -90,7 +93,7 @@ async def test_a_batch_waits_for_the_journal_once_at_its_closing_checkpoints(mon
             assert last_collection == CHECKPOINTS_COLLECTION and last_concern == {"w": "majority", "j": True}
             assert before, "a batch that applies events writes its documents before its checkpoints"
             for collection, concern in before:
-                assert concern == {"w": "majority"}, (collection, concern)
+                assert concern == {"w": "majority", "j": True}, (collection, concern)
                 covered.add(collection)
         assert {ORDERS_COLLECTION, CUSTOMERS_COLLECTION, SALES_COLLECTION, SHARDS_COLLECTION} <= covered, covered
     finally:
