@@ -28,7 +28,12 @@ from cqrsctl.verify.model import (
 )
 from cqrsctl.verify.progress import Progress
 from cqrsctl.verify.repair import repair_documents
-from cqrsctl.verify.sources import EventStoreReader, ReadModelReader, StreamScanner
+from cqrsctl.verify.sources import (
+    JETSTREAM_API_ATTEMPT_SECONDS,
+    EventStoreReader,
+    ReadModelReader,
+    StreamScanner,
+)
 
 __all__ = [
     "ExpectedDoc",
@@ -78,7 +83,8 @@ async def run_verify(config: VerifyConfig, *, repair: bool = False, progress: bo
     stderr when it is a terminal. Raises on connection failures (OSError, asyncpg/nats/pymongo errors)."""
     async with _connect(config) as conns:
         database = await active_database(conns.mongo[config.mongo_database])  # after a cutover: the new generation
-        js = conns.nats.jetstream(timeout=config.timeout_seconds)
+        # Each API request bounded on its own: the scanner asks again while JetStream is unavailable.
+        js = conns.nats.jetstream(timeout=min(config.timeout_seconds, JETSTREAM_API_ATTEMPT_SECONDS))
         scanner = StreamScanner(
             js, config.stream_name, config.subject_prefix, config.batch_size, config.timeout_seconds
         )

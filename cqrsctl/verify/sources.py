@@ -3,30 +3,43 @@ stream (through an ephemeral, unacknowledged pull consumer) and the MongoDB read
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamInfo
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from command_service.event_store import recorded_event_from_row
+from core.backoff import exponential
 from core.envelope import RecordedEvent
+from core.error_text import describe_error
 from core.subjects import stream_subjects
 from cqrsctl.verify.model import Document
 from projector.checkpoints import COLLECTION as CHECKPOINTS
 from projector.dead_letters import COLLECTION as DEAD_LETTERS
 from projector.parking import PARKED
+
+T = TypeVar("T")
+
+# A JetStream cluster answers its API with 503, or not at all, while it has no leader (a node just restarted, a lost
+# quorum): seconds, usually. Verify waits that out for up to its timeout, each request given this long at most (one
+# answered at all answers in milliseconds) and asked again after a backoff.
+JETSTREAM_API_ATTEMPT_SECONDS = 3.0
+JETSTREAM_RETRY_BASE_SECONDS = 0.2
+JETSTREAM_RETRY_CAP_SECONDS = 2.0
 
 _EVENT_COLUMNS = """position, event_id, stream_type, stream_id, version, event_type, schema_version,
                     payload::text AS payload, metadata::text AS metadata, recorded_at"""
@@ -246,6 +259,30 @@ def parse_message(seq: int, subject: str, timestamp: datetime | None, data: byte
     return StreamMessage(seq, subject, timestamp, ref)
 
 
+class JetStreamUnavailable(Exception):
+    """JetStream answered 503, or did not answer, for the whole of verify's timeout."""
+
+
+async def while_jetstream_elects(call: Callable[[], Awaitable[T]], what: str, budget_seconds: float) -> T:
+    """`call()` (a JetStream API request), asked again with backoff while JetStream is unavailable: a 503 or no
+    responders (nats-py raises `ServiceUnavailableError` for both) or no answer in time; for up to `budget_seconds`,
+    then `JetStreamUnavailable` saying so."""
+    deadline = time.monotonic() + budget_seconds
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, TimeoutError) as exc:
+            attempt += 1
+            delay = exponential(attempt, JETSTREAM_RETRY_BASE_SECONDS, JETSTREAM_RETRY_CAP_SECONDS)
+            if time.monotonic() + delay > deadline:
+                raise JetStreamUnavailable(
+                    f"JetStream was unavailable for {budget_seconds:g}s ({attempt} tries) to {what}: "
+                    f"{describe_error(exc)} (a cluster without a leader, or a server without JetStream)"
+                ) from exc
+            await asyncio.sleep(delay)
+
+
 class StreamScanner:
     """Reads the stream in order through an ephemeral pull consumer that needs no acks.
 
@@ -269,21 +306,21 @@ class StreamScanner:
     async def open(self) -> StreamFacts | None:
         """Creates the consumer; None when the stream does not exist (then every event counts as missing)."""
         try:
-            info = await self._js.stream_info(self._stream)
+            info = await self._stream_info()
         except nats.js.errors.NotFoundError:
             return None
         config = info.config
-        self._sub = await self._js.pull_subscribe(
-            self._subject,
-            durable=None,
-            stream=self._stream,
-            config=ConsumerConfig(
-                description="cqrs verify (ephemeral)",
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.NONE,
-                inactive_threshold=max(30.0, self._timeout * 3),
-                mem_storage=True,
-            ),
+        consumer = ConsumerConfig(
+            description="cqrs verify (ephemeral)",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=max(30.0, self._timeout * 3),
+            mem_storage=True,
+        )
+        self._sub = await while_jetstream_elects(
+            lambda: self._js.pull_subscribe(self._subject, durable=None, stream=self._stream, config=consumer),
+            f"create a consumer on stream {self._stream}",
+            self._timeout,
         )
         self._pending = info.state.messages
         self._until = info.state.last_seq
@@ -299,10 +336,15 @@ class StreamScanner:
         """Extends the reading to the messages published since (the tail re-check)."""
         if self._sub is None:
             return
-        info = await self._js.stream_info(self._stream)
+        info = await self._stream_info()
         self._until = info.state.last_seq
         if self._until > self._seen_seq:
             self._pending = None
+
+    async def _stream_info(self) -> StreamInfo:
+        return await while_jetstream_elects(
+            lambda: self._js.stream_info(self._stream), f"read stream {self._stream}", self._timeout
+        )
 
     async def fetch(self) -> list[StreamMessage]:
         """The next batch of messages; [] once the consumer has reached where it was told to read to."""

@@ -1,6 +1,7 @@
 """A 3-node JetStream cluster whose event stream has 3 replicas: under load, one node at a time is SIGKILLed (the
 stream leader, then a follower, then the last node), the relay and the projector carry on with the other two, the
-node is restarted on its store and catches up, and in the end nothing acknowledged is lost.
+node is restarted on its store and catches up, and in the end nothing acknowledged is lost. And `cqrs verify`, run
+while the cluster has lost its quorum, waits for JetStream to come back within its timeout, or says that it did not.
 
 The nodes keep nats-server's default `sync_interval` (2 minutes, written explicitly into their configs by
 `localservers.nats_cluster`): a process kill loses no acknowledged message without any fsync, since the message is
@@ -9,6 +10,7 @@ on a quorum of nodes and what a killed node wrote is still in the kernel's page 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
@@ -17,7 +19,9 @@ import nats.errors
 import pytest
 from nats.js.api import ClusterInfo
 
-from core.jetstream import nats_servers
+from core.jetstream import ensure_stream, event_stream_config, nats_servers
+from cqrsctl.verify import VerifyConfig, run_verify
+from cqrsctl.verify.sources import JetStreamUnavailable
 from localservers import ServerProcess
 from tests.faults.support import (
     FaultStack,
@@ -170,3 +174,47 @@ async def test_cluster_node_killed_under_load_one_at_a_time(cluster_stack: Fault
     replicas, stream, _ = await _cluster_info(stack)
     assert replicas == REPLICAS and len(stream.replicas or []) == REPLICAS - 1, f"stream replicas: {stream}"
     await assert_scenario_clean(stack, load)
+
+
+async def test_verify_waits_for_a_cluster_that_lost_its_quorum(cluster_stack: FaultStack) -> None:
+    """Two of the three nodes are killed: the one left answers the JetStream API with 503 until a second node is
+    back. A verify run meanwhile asks again until its timeout: with one shorter than the outage it fails saying
+    JetStream was unavailable; with one longer, it waits, then audits (the scenario's three CI failures before:
+    a bare `ServiceUnavailableError()` from a verify that ran while the cluster elected its leaders)."""
+    stack = cluster_stack
+    n = stack.names
+    nc = await nats.connect(nats_servers(stack.nats_url), connect_timeout=2, allow_reconnect=False)
+    try:
+        await ensure_stream(nc.jetstream(timeout=5), event_stream_config(n.stream, n.prefix, replicas=REPLICAS))
+    finally:
+        await nc.close()
+
+    async def replicated() -> tuple[bool, str]:
+        try:
+            _, stream, _ = await _cluster_info(stack)
+        except nats.errors.Error as exc:
+            return False, repr(exc)
+        return _all_current(stream, REPLICAS)
+
+    await wait_until(replicated, what="the stream's 3 replicas to be current", timeout=CATCH_UP_TIMEOUT)
+    survivor, *dead = stack.nats_nodes
+    for node in dead:
+        await stack.kill_server(node)
+
+    def verify(timeout: float) -> VerifyConfig:
+        return VerifyConfig(
+            postgres_dsn=stack.dsn, nats_url=survivor.url, mongo_url=stack.mongo_url, mongo_database=n.name,
+            stream_name=n.stream, subject_prefix=n.prefix, settle_seconds=1.0, timeout_seconds=timeout,
+        )  # fmt: skip
+
+    started = time.monotonic()
+    with pytest.raises(JetStreamUnavailable, match="unavailable for 2s"):
+        await run_verify(verify(2.0))
+    assert time.monotonic() - started < 10, "verify must give up within about its timeout"
+
+    waiting = asyncio.create_task(run_verify(verify(30.0)))
+    await asyncio.sleep(3.0)
+    assert not waiting.done(), f"verify finished while the cluster had no quorum: {waiting}"
+    await stack.restart_server(dead[0])
+    result = await asyncio.wait_for(waiting, timeout=60)
+    assert result.clean, [str(f) for f in result.findings]

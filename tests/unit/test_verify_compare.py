@@ -1,14 +1,17 @@
 """The pure parts of `cqrs verify`: field diffs, the per-stream assessment (what is a finding, what may still be
-in flight), the position bit set, the expected documents folded with the projector's code, and the JSON report."""
+in flight), the position bit set, the expected documents folded with the projector's code, the JSON report, and
+how long it asks an unavailable JetStream again."""
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from core.customer_events import CustomerRegistered, CustomerRenamed
 from core.envelope import EventMetadata, RecordedEvent
@@ -26,6 +29,7 @@ from cqrsctl.verify.expected import (
 )
 from cqrsctl.verify.model import ABSENT, ExpectedDoc, FieldDiff, Finding, FindingKind, VerifyResult
 from cqrsctl.verify.report import render_json, render_text
+from cqrsctl.verify.sources import JetStreamUnavailable, while_jetstream_elects
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678_901, tzinfo=UTC)
 ADDRESS = Address("Ada", "1 Main St", "", "London", "N1", "GB")
@@ -277,3 +281,32 @@ def test_json_report_names_every_finding_with_its_field_diffs() -> None:
     text = render_text(result)
     assert "document_differs orders o1" in text and "NOT CLEAN: 2 findings" in text
     assert "clean: " in render_text(VerifyResult())
+
+
+async def test_verify_asks_jetstream_again_while_it_answers_503_and_gives_up_after_its_budget() -> None:
+    """nats-py raises `ServiceUnavailableError` for a 503 and for no responders (a node whose JetStream is not back
+    yet): verify asks again; past its budget it says JetStream was unavailable, and any other error is raised as it
+    is (a missing stream is an answer)."""
+    answers: list[BaseException | str] = [ServiceUnavailableError(), ServiceUnavailableError(), "info"]
+
+    async def call() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    assert await while_jetstream_elects(call, "read stream S", budget_seconds=5.0) == "info" and not answers
+
+    async def unavailable() -> str:
+        raise ServiceUnavailableError()
+
+    started = time.monotonic()
+    with pytest.raises(JetStreamUnavailable, match=r"unavailable for 0.5s \(\d+ tries\) to read stream S"):
+        await while_jetstream_elects(unavailable, "read stream S", budget_seconds=0.5)
+    assert time.monotonic() - started < 0.6
+
+    async def missing() -> str:
+        raise NotFoundError()
+
+    with pytest.raises(NotFoundError):
+        await while_jetstream_elects(missing, "read stream S", budget_seconds=5.0)
