@@ -123,11 +123,14 @@ def connecting(store: Store, url: str) -> Iterator[None]:
 
 def bounded_mongo_client(url: str, timeout: float, appname: str, **options: Any) -> AsyncMongoClient[Any]:
     """A client whose every wait ends within `timeout` seconds: server selection, connecting, and each reply (a
-    cursor's getMore included, without bounding how long the cursor lives). `options`: more client options."""
+    cursor's getMore included, without bounding how long the cursor lives). `options`: more client options.
+
+    Its writes are journaled, as the projector's are: what a tool reports written to the read model (a rebuild, a
+    repair, a resumed or skipped stream) must survive a crash of MongoDB right after it said so."""
     ms = int(timeout * 1000)
     return AsyncMongoClient(
         url, appname=appname, tz_aware=True, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=ms,
-        **options,
+        **{"journal": True, **options},
     )  # fmt: skip
 
 

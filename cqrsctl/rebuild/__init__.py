@@ -100,7 +100,7 @@ async def _connect(config: RebuildConfig) -> AsyncIterator[_Connections]:
             config.postgres_dsn, min_size=1, max_size=2, timeout=timeout, command_timeout=timeout
         )
     try:
-        mongo: AsyncMongoClient[Doc] = bounded_mongo_client(config.mongo_url, timeout, "cqrs-rebuild", journal=True)
+        mongo: AsyncMongoClient[Doc] = bounded_mongo_client(config.mongo_url, timeout, "cqrs-rebuild")
         try:
             await ping_mongo(mongo, config.mongo_url, timeout)
             yield _Connections(pool, mongo)

@@ -1,11 +1,13 @@
 """The projector's MongoDB client against the real MongoDB-wire server: its writes are not retryable writes unless
 `CQRS_MONGO_RETRY_WRITES` says so (a retryable write carries a `txnNumber`, and the server then keeps a record of
-it), and they stay journaled with the configured write concern."""
+it), and they stay journaled with the configured write concern. The `cqrs` tools' client journals its writes too
+(rebuild, verify --repair, dead-letters retry and skip write the read model)."""
 
 from __future__ import annotations
 
 import pytest
 
+from cqrsctl.stores import bounded_mongo_client
 from projector.config import ProjectorSettings
 from projector.mongo_client import read_model_client
 from tests.support import StartedCommands
@@ -30,3 +32,17 @@ async def test_projector_writes_are_retryable_only_when_configured(
     assert len(writes) == 2
     assert all(("txnNumber" in command) is retry_writes for command in writes), writes
     assert all(command["writeConcern"] == {"w": 1, "j": True} for command in writes), writes
+
+
+async def test_the_tools_write_the_read_model_journaled(mongo_url: str, unique_name: str) -> None:
+    log = StartedCommands()
+    client = bounded_mongo_client(mongo_url, 5.0, "cqrs-tool-test", event_listeners=[log])
+    try:
+        collection = client[unique_name]["things"]
+        await collection.replace_one({"_id": "a"}, {"n": 1}, upsert=True)
+        await collection.delete_one({"_id": "a"})
+    finally:
+        await client.drop_database(unique_name)
+        await client.close()
+    writes = [command for name, command in log.commands if name in {"update", "delete"}]
+    assert len(writes) == 2 and all(command.get("writeConcern") == {"j": True} for command in writes), writes
