@@ -38,7 +38,7 @@ class Replica:
     """One projector replica's ownership loop; its workers take `finish_seconds` to finish once released."""
 
     def __init__(self, store: AsyncDatabase[dict[str, Any]], member: str, finish_seconds: float) -> None:
-        self.started: list[int] = []  # partitions whose worker started, in order
+        self.started: list[int] = []  # partitions whose worker started (workers of one claim start in any order)
         self.metrics = ProjectorMetrics()
         self.stopping = asyncio.Event()
         self._finish_seconds = finish_seconds
@@ -110,8 +110,8 @@ async def test_a_replica_handing_partitions_over_keeps_the_leases_of_those_it_ke
         await eventually(shared, timeout=30, what="each replica to own half of the partitions")
         await asyncio.sleep(2 * LEASE_SECONDS)  # and to keep them
         assert first.owner.owned == [0, 1, 2, 3] and second.owner.owned == [4, 5, 6, 7]
-        assert second.started == [4, 5, 6, 7], "the newcomer took a partition the first replica was keeping"
-        assert first.started == list(range(PARTITIONS)), "the first replica lost a partition and took it back"
+        assert sorted(second.started) == [4, 5, 6, 7], "the newcomer took a partition the first replica was keeping"
+        assert sorted(first.started) == list(range(PARTITIONS)), "the first replica lost a partition and took it back"
         assert first.handovers("lost") == 0 and second.handovers("lost") == 0
         assert first.handovers("released") == 4
     finally:
