@@ -263,16 +263,22 @@ class JetStreamUnavailable(Exception):
     """JetStream answered 503, or did not answer, for the whole of verify's timeout."""
 
 
-async def while_jetstream_elects(call: Callable[[], Awaitable[T]], what: str, budget_seconds: float) -> T:
-    """`call()` (a JetStream API request), asked again with backoff while JetStream is unavailable: a 503 or no
-    responders (nats-py raises `ServiceUnavailableError` for both) or no answer in time; for up to `budget_seconds`,
-    then `JetStreamUnavailable` saying so."""
+async def while_jetstream_elects(
+    call: Callable[[], Awaitable[T]], what: str, budget_seconds: float, *, retry_timeouts: bool = True
+) -> T:
+    """`call()` (a JetStream request), asked again with backoff while JetStream is unavailable: a 503 or no
+    responders (nats-py raises `ServiceUnavailableError` for both) or, with `retry_timeouts`, no answer in time;
+    for up to `budget_seconds`, then `JetStreamUnavailable` saying so. (A pull's timeout is an answer: nothing
+    more to read.)"""
     deadline = time.monotonic() + budget_seconds
     attempt = 0
+    retried: tuple[type[Exception], ...] = (nats.js.errors.ServiceUnavailableError,)
+    if retry_timeouts:
+        retried += (nats.errors.TimeoutError, TimeoutError)
     while True:
         try:
             return await call()
-        except (nats.js.errors.ServiceUnavailableError, nats.errors.TimeoutError, TimeoutError) as exc:
+        except retried as exc:
             attempt += 1
             delay = exponential(attempt, JETSTREAM_RETRY_BASE_SECONDS, JETSTREAM_RETRY_CAP_SECONDS)
             if time.monotonic() + delay > deadline:
@@ -350,8 +356,14 @@ class StreamScanner:
         """The next batch of messages; [] once the consumer has reached where it was told to read to."""
         if self._sub is None or self._pending == 0 or self._seen_seq >= self._until:
             return []
+        sub = self._sub
         try:
-            msgs: list[Msg] = await self._sub.fetch(self._batch, timeout=self._timeout)
+            msgs: list[Msg] = await while_jetstream_elects(
+                lambda: sub.fetch(self._batch, timeout=self._timeout),
+                f"read stream {self._stream} through its consumer",
+                self._timeout,
+                retry_timeouts=False,
+            )
         except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either, depending on where it waited
             self._pending = 0
             return []

@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import nats.errors
 import pytest
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
@@ -310,3 +311,16 @@ async def test_verify_asks_jetstream_again_while_it_answers_503_and_gives_up_aft
 
     with pytest.raises(NotFoundError):
         await while_jetstream_elects(missing, "read stream S", budget_seconds=5.0)
+
+    timeouts: list[BaseException | str] = [nats.errors.TimeoutError(), "info"]
+
+    async def slow() -> str:
+        answer = timeouts.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    assert await while_jetstream_elects(slow, "read stream S", budget_seconds=5.0) == "info"
+    timeouts[:] = [nats.errors.TimeoutError(), "messages"]
+    with pytest.raises(nats.errors.TimeoutError):  # a pull's timeout means nothing more to read: not asked again
+        await while_jetstream_elects(slow, "read stream S", budget_seconds=5.0, retry_timeouts=False)
