@@ -28,12 +28,8 @@ from cqrsctl.verify.model import (
 )
 from cqrsctl.verify.progress import Progress
 from cqrsctl.verify.repair import repair_documents
-from cqrsctl.verify.sources import (
-    JETSTREAM_API_ATTEMPT_SECONDS,
-    EventStoreReader,
-    ReadModelReader,
-    StreamScanner,
-)
+from cqrsctl.verify.sources import EventStoreReader, ReadModelReader
+from cqrsctl.verify.stream_scanner import JETSTREAM_API_ATTEMPT_SECONDS, StreamScanner
 
 __all__ = [
     "ExpectedDoc",

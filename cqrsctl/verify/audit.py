@@ -56,14 +56,8 @@ from cqrsctl.verify.expected import (
 )
 from cqrsctl.verify.model import Document, ExpectedDoc, Finding, FindingKind, VerifyConfig, VerifyResult
 from cqrsctl.verify.progress import Progress
-from cqrsctl.verify.sources import (
-    EventStoreReader,
-    ReadModelReader,
-    SortedReader,
-    StreamFacts,
-    StreamMessage,
-    StreamScanner,
-)
+from cqrsctl.verify.sources import EventStoreReader, ReadModelReader, SortedReader
+from cqrsctl.verify.stream_scanner import StreamFacts, StreamMessage, StreamScanner
 from projector.checkpoints import COLLECTION as CHECKPOINTS
 
 # Customers folded for their orders' customer fields, kept for the next batches (their orders cluster).

@@ -21,7 +21,7 @@ from nats.js.api import ClusterInfo
 
 from core.jetstream import ensure_stream, event_stream_config, nats_servers
 from cqrsctl.verify import VerifyConfig, run_verify
-from cqrsctl.verify.sources import JetStreamUnavailable
+from cqrsctl.verify.stream_scanner import JetStreamUnavailable
 from localservers import ServerProcess
 from tests.faults.support import (
     FaultStack,

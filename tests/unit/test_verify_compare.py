@@ -30,7 +30,7 @@ from cqrsctl.verify.expected import (
 )
 from cqrsctl.verify.model import ABSENT, ExpectedDoc, FieldDiff, Finding, FindingKind, VerifyResult
 from cqrsctl.verify.report import render_json, render_text
-from cqrsctl.verify.sources import JetStreamUnavailable, while_jetstream_elects
+from cqrsctl.verify.stream_scanner import JetStreamUnavailable, while_jetstream_elects
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678_901, tzinfo=UTC)
 ADDRESS = Address("Ada", "1 Main St", "", "London", "N1", "GB")
