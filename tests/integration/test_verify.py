@@ -389,3 +389,35 @@ async def test_a_document_that_catches_up_within_the_settle_time_is_not_reported
 
 async def _is_zero(value: Awaitable[int]) -> bool:
     return await value == 0
+
+
+async def test_a_stream_whose_document_was_lost_under_its_checkpoint_resumes_after_repair(system: System) -> None:
+    """What a MongoDB crash could leave before every projector write was journaled: a checkpoint at the stream's
+    version and no document under it. The stream's next event then finds a gap (the read model is at version 0)
+    and parks. `cqrs verify --repair` writes the document from PostgreSQL; the park must then resume by itself,
+    and the read model end clean, without anyone touching the park."""
+    draft = system.orders["draft"]
+    await system.stop_projector()
+    await system.db["orders"].delete_one({"_id": draft})  # the checkpoint stays, at the stream's version
+    await system.start_projector()
+    await order_handler(system.store).handle(cmd.ChangeItemQuantity(draft, "SKU-1", 5), ctx())
+
+    async def parked() -> Doc | None:
+        doc = await system.db["checkpoints"].find_one({"_id": draft, "parked": {"$exists": True}})
+        return None if doc is None else dict(doc["parked"])
+
+    park = await eventually(parked, what="the stream's next event to park it at the gap", timeout=30)
+    assert park["kind"] == "gap", park
+
+    result = await run_verify(system.config, repair=True)
+    assert {(r.stream_id, r.action) for r in result.repairs} == {(draft, "inserted")}, result.repairs
+
+    async def resumed() -> bool:
+        return await parked() is None
+
+    await eventually(resumed, what="the park to resume once the document is back", timeout=30)
+    await system.wait_quiescent()
+    again = await system.verify()
+    assert again.clean, again.findings
+    doc = await system.db["orders"].find_one({"_id": draft})
+    assert doc is not None and doc["lines"][0]["quantity"] == 5
