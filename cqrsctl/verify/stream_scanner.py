@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +27,7 @@ from core.subjects import stream_subjects
 from cqrsctl.verify.sources import EventRef
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # A JetStream cluster answers its API with 503, or not at all, while it has no leader (a node just restarted, a lost
 # quorum): seconds, usually. Verify waits that out for up to its timeout, each request given this long at most (one
@@ -31,6 +35,8 @@ T = TypeVar("T")
 JETSTREAM_API_ATTEMPT_SECONDS = 3.0
 JETSTREAM_RETRY_BASE_SECONDS = 0.2
 JETSTREAM_RETRY_CAP_SECONDS = 2.0
+# Consumers replaced in a row, none of them delivering, before verify gives up reading the stream.
+MAX_STALLED_CONSUMERS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,7 @@ class StreamScanner:
         self._batch = batch_size
         self._timeout = timeout
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._consumer: str | None = None  # the consumer's name, to delete it when done
         self._pending: int | None = None  # messages after the last one delivered (None: unknown)
         self._seen_seq = 0  # stream sequence of the last message delivered
         self._until = 0  # read up to this stream sequence
@@ -120,20 +127,8 @@ class StreamScanner:
         except nats.js.errors.NotFoundError:
             return None
         config = info.config
-        consumer = ConsumerConfig(
-            description="cqrs verify (ephemeral)",
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=max(30.0, self._timeout * 3),
-            mem_storage=True,
-        )
-        self._sub = await while_jetstream_elects(
-            lambda: self._js.pull_subscribe(self._subject, durable=None, stream=self._stream, config=consumer),
-            f"create a consumer on stream {self._stream}",
-            self._timeout,
-        )
-        self._pending = info.state.messages
         self._until = info.state.last_seq
+        await self._start_consumer(None)
         return StreamFacts(
             messages=info.state.messages,
             first_seq=info.state.first_seq,
@@ -141,6 +136,39 @@ class StreamScanner:
             max_age_seconds=float(config.max_age or 0),
             count_limited=bool((config.max_msgs or 0) > 0 or (config.max_bytes or 0) > 0),
         )
+
+    async def _start_consumer(self, start_seq: int | None) -> None:
+        """A consumer from the stream's first message (`start_seq` None) or from `start_seq`; the one before, if
+        any, is deleted. Its `num_pending` says how much is left to read."""
+        await self._drop_consumer()
+        config = ConsumerConfig(
+            name=f"cqrs-verify-{uuid.uuid4().hex}",  # one name for every try: creating it twice is harmless
+            description="cqrs verify (ephemeral)",
+            deliver_policy=DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
+            ack_policy=AckPolicy.NONE,
+            filter_subject=self._subject,
+            inactive_threshold=max(30.0, self._timeout * 3),
+            mem_storage=True,
+        )
+        info = await while_jetstream_elects(
+            lambda: self._js.add_consumer(self._stream, config=config),
+            f"create a consumer on stream {self._stream}",
+            self._timeout,
+        )
+        self._sub = await self._js.pull_subscribe_bind(info.name, stream=self._stream)
+        self._consumer = info.name
+        self._pending = int(info.num_pending or 0)
+
+    async def _drop_consumer(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        if self._consumer is not None:
+            name, self._consumer = self._consumer, None
+            with contextlib.suppress(Exception):  # it expires by itself (inactive_threshold) otherwise
+                await asyncio.wait_for(self._js.delete_consumer(self._stream, name), JETSTREAM_API_ATTEMPT_SECONDS)
 
     async def refresh(self) -> None:
         """Extends the reading to the messages published since (the tail re-check)."""
@@ -157,30 +185,46 @@ class StreamScanner:
         )
 
     async def fetch(self) -> list[StreamMessage]:
-        """The next batch of messages; [] once the consumer has reached where it was told to read to."""
-        if self._sub is None or self._pending == 0 or self._seen_seq >= self._until:
-            return []
-        sub = self._sub
-        try:
-            msgs: list[Msg] = await while_jetstream_elects(
-                lambda: sub.fetch(self._batch, timeout=self._timeout),
-                f"read stream {self._stream} through its consumer",
-                self._timeout,
-                retry_timeouts=False,
-            )
-        except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either, depending on where it waited
-            self._pending = 0
-            return []
-        out = []
-        for msg in msgs:
-            meta = msg.metadata
-            self._pending = int(meta.num_pending)
-            self._seen_seq = max(self._seen_seq, int(meta.sequence.stream))
-            out.append(parse_message(int(meta.sequence.stream), msg.subject, meta.timestamp, bytes(msg.data)))
-        return out
+        """The next batch of messages; [] once the consumer has reached where it was told to read to.
+
+        A consumer that stops delivering before then (its server restarted: it lives in memory, on one node) is
+        replaced by one that starts after the last message read, at most `MAX_STALLED_CONSUMERS` times without
+        progress; then `JetStreamUnavailable`. Ending the scan there instead would report every later event as
+        missing from the stream."""
+        stalled = 0
+        while self._sub is not None and self._pending != 0 and self._seen_seq < self._until:
+            try:
+                msgs: list[Msg] = await while_jetstream_elects(
+                    functools.partial(self._sub.fetch, self._batch, timeout=self._timeout),
+                    f"read stream {self._stream} through its consumer",
+                    self._timeout,
+                    retry_timeouts=False,
+                )
+            except (nats.errors.TimeoutError, TimeoutError, JetStreamUnavailable) as exc:
+                # nats-py raises either timeout, depending on where it waited; a consumer gone with its server
+                # answers 503 (no responders) until the budget runs out.
+                stalled += 1
+                if stalled > MAX_STALLED_CONSUMERS:
+                    raise JetStreamUnavailable(
+                        f"stream {self._stream}'s consumer stopped delivering after message #{self._seen_seq} "
+                        f"(the stream's last is #{self._until}), {stalled} consumers in a row: {describe_error(exc)}"
+                    ) from exc
+                log.warning(
+                    "cqrs verify: the consumer on stream %s delivered nothing after message #%d of #%d (%s); "
+                    "reading on through a new consumer",
+                    self._stream, self._seen_seq, self._until, describe_error(exc),
+                )  # fmt: skip
+                await self._start_consumer(self._seen_seq + 1)
+                continue
+            out = []
+            for msg in msgs:
+                meta = msg.metadata
+                self._pending = int(meta.num_pending)
+                self._seen_seq = max(self._seen_seq, int(meta.sequence.stream))
+                out.append(parse_message(int(meta.sequence.stream), msg.subject, meta.timestamp, bytes(msg.data)))
+            if out:
+                return out
+        return []
 
     async def close(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+        await self._drop_consumer()
