@@ -22,6 +22,7 @@ from pymongo import AsyncMongoClient
 
 from core.error_text import describe_error
 from core.jetstream import nats_servers
+from core.write_concern import DEFAULT_WRITE_CONCERN, as_w, is_write_concern
 
 DEV_HOST: Final = "127.0.0.1"
 # A MongoDB ping answers in milliseconds; against a closed or silent address PyMongo keeps selecting a server for the
@@ -93,6 +94,15 @@ def mongo_url() -> str:
     return os.environ.get("CQRS_MONGO_URL", "").strip() or MONGO.dev_url()
 
 
+def mongo_write_concern() -> int | str:
+    """CQRS_MONGO_WRITE_CONCERN as the projector reads it ("majority" unless set), as PyMongo's `w`: a tool's
+    writes to the read model must be as durable as the projector's (a failover must not roll a repair back)."""
+    value = os.environ.get("CQRS_MONGO_WRITE_CONCERN", "").strip() or DEFAULT_WRITE_CONCERN
+    if not is_write_concern(value):
+        raise SystemExit(f"CQRS_MONGO_WRITE_CONCERN must be 'majority' or a number of members, got {value!r}")
+    return as_w(value)
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced by `***`, for printing."""
     parts = urlsplit(url)
@@ -125,12 +135,13 @@ def bounded_mongo_client(url: str, timeout: float, appname: str, **options: Any)
     """A client whose every wait ends within `timeout` seconds: server selection, connecting, and each reply (a
     cursor's getMore included, without bounding how long the cursor lives). `options`: more client options.
 
-    Its writes are journaled, as the projector's are: what a tool reports written to the read model (a rebuild, a
-    repair, a resumed or skipped stream) must survive a crash of MongoDB right after it said so."""
+    Its writes are journaled and use the projector's write concern (`mongo_write_concern`): what a tool reports
+    written to the read model (a rebuild, a repair, a resumed or skipped stream) must survive a crash of MongoDB, or
+    a failover, right after it said so."""
     ms = int(timeout * 1000)
     return AsyncMongoClient(
         url, appname=appname, tz_aware=True, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=ms,
-        **{"journal": True, **options},
+        **{"journal": True, "w": mongo_write_concern(), **options},
     )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.subjects import DEFAULT_PARTITIONS, DEFAULT_STREAM_NAME, SUBJECT_PREFIX
+from core.write_concern import DEFAULT_WRITE_CONCERN, WRITE_CONCERN_PATTERN, as_w
 
 
 class ProjectorSettings(BaseSettings):
@@ -19,7 +20,7 @@ class ProjectorSettings(BaseSettings):
     # Server selection / connect timeout; socket reads get a multiple of it (a bulk write takes longer).
     mongo_timeout_ms: int = Field(default=2000, gt=0)
     # Write concern of every projector write (always journaled): "majority" on a replica set, or a member count.
-    mongo_write_concern: str = Field(default="majority", pattern=r"^(majority|[1-9][0-9]?)$")
+    mongo_write_concern: str = Field(default=DEFAULT_WRITE_CONCERN, pattern=WRITE_CONCERN_PATTERN)
     # MongoDB's retryable writes (the driver repeats a write once after a network error or a failover, and the
     # server keeps a record of every write to recognise the repeat). Off: every projector write is idempotent and a
     # failed batch is redelivered whole, so the records are pure cost (docs/performance.md, "Levers measured in one
@@ -77,5 +78,4 @@ class ProjectorSettings(BaseSettings):
     @property
     def mongo_write_concern_w(self) -> int | str:
         """`mongo_write_concern` as PyMongo's `w`: "majority" or an int."""
-        value = self.mongo_write_concern
-        return int(value) if value.isdigit() else value
+        return as_w(self.mongo_write_concern)

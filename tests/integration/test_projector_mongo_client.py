@@ -1,7 +1,7 @@
 """The projector's MongoDB client against the real MongoDB-wire server: its writes are not retryable writes unless
 `CQRS_MONGO_RETRY_WRITES` says so (a retryable write carries a `txnNumber`, and the server then keeps a record of
-it), and they stay journaled with the configured write concern. The `cqrs` tools' client journals its writes too
-(rebuild, verify --repair, dead-letters retry and skip write the read model)."""
+it), and they stay journaled with the configured write concern. The `cqrs` tools' client journals its writes too,
+with the same write concern (rebuild, verify --repair, dead-letters retry and skip write the read model)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,14 @@ async def test_projector_writes_are_retryable_only_when_configured(
     assert all(command["writeConcern"] == {"w": 1, "j": True} for command in writes), writes
 
 
-async def test_the_tools_write_the_read_model_journaled(mongo_url: str, unique_name: str) -> None:
+@pytest.mark.parametrize(("variable", "expected"), [(None, "majority"), ("1", 1), ("majority", "majority")])
+async def test_the_tools_write_the_read_model_journaled_with_the_projectors_write_concern(
+    mongo_url: str, unique_name: str, monkeypatch: pytest.MonkeyPatch, variable: str | None, expected: int | str
+) -> None:
+    if variable is None:
+        monkeypatch.delenv("CQRS_MONGO_WRITE_CONCERN", raising=False)
+    else:
+        monkeypatch.setenv("CQRS_MONGO_WRITE_CONCERN", variable)
     log = StartedCommands()
     client = bounded_mongo_client(mongo_url, 5.0, "cqrs-tool-test", event_listeners=[log])
     try:
@@ -45,4 +52,12 @@ async def test_the_tools_write_the_read_model_journaled(mongo_url: str, unique_n
         await client.drop_database(unique_name)
         await client.close()
     writes = [command for name, command in log.commands if name in {"update", "delete"}]
-    assert len(writes) == 2 and all(command.get("writeConcern") == {"j": True} for command in writes), writes
+    assert len(writes) == 2, writes
+    assert all(command.get("writeConcern") == {"w": expected, "j": True} for command in writes), writes
+
+
+def test_a_tool_refuses_a_write_concern_the_projector_would_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CQRS_MONGO_WRITE_CONCERN", "all")
+    refusal = "CQRS_MONGO_WRITE_CONCERN must be 'majority' or a number of members, got 'all'"
+    with pytest.raises(SystemExit, match=refusal):
+        bounded_mongo_client("mongodb://127.0.0.1:1", 1.0, "cqrs-tool-test")
