@@ -125,21 +125,31 @@ async def wait_until(
 
 
 async def wait_drained(
-    probe: Callable[[], Awaitable[tuple[int, str]]], *, what: str, stall: float, limit: float, interval: float = 0.25
+    probe: Callable[[], Awaitable[tuple[int, str]]],
+    *,
+    what: str,
+    stall: float,
+    limit: float,
+    interval: float = 0.25,
+    report_every: float | None = None,
 ) -> float:
     """Polls `probe` (returning (what is left, detail)) until nothing is left; returns the seconds it took.
 
     Fails once what is left has not shrunk for `stall` seconds (stuck: nothing would ever move it), or after
-    `limit`, saying what it waited for and the probe's last detail. A probe that raises counts as no progress."""
+    `limit`, saying what it waited for and the probe's last detail. A probe that raises counts as no progress.
+    `report_every`: prints what is left this often (a long soak's backlog: draining steadily, or in jumps)."""
     started = time.monotonic()
     best: int | None = None
-    moved = started
+    moved = reported = started
     detail = "never probed"
     while True:
         left, detail = await _probe_once(probe, None)
         now = time.monotonic()
         if left == 0:
             return now - started
+        if report_every is not None and now - reported >= report_every:
+            print(f"  {now - started:.0f}s: {detail[:300]}")
+            reported = now
         if left is not None and (best is None or left < best):
             best, moved = left, now
         if now - moved > stall:
@@ -866,7 +876,7 @@ def read_model_lag(expected: dict[tuple[str, str], int], actual: dict[tuple[str,
 
 
 async def wait_read_model_caught_up(
-    stack: FaultStack, *, stall: float = QUIESCE_TIMEOUT, limit: float = QUIESCE_LIMIT
+    stack: FaultStack, *, stall: float = QUIESCE_TIMEOUT, limit: float = QUIESCE_LIMIT, report_every: float = 15.0
 ) -> float:
     async def probe() -> tuple[int, str]:
         expected = await stream_versions(stack.dsn)
@@ -882,7 +892,7 @@ async def wait_read_model_caught_up(
         return left, f"{len(problems)} of {len(expected)} streams differ ({behind} versions apart), e.g. {problems[:3]}"
 
     what = "the read model (MongoDB: documents and checkpoints) to reach every stream's last version"
-    return await wait_drained(probe, what=what, stall=stall, limit=limit)
+    return await wait_drained(probe, what=what, stall=stall, limit=limit, report_every=report_every)
 
 
 async def wait_quiescent(stack: FaultStack) -> None:
