@@ -215,12 +215,20 @@ class ParkStore:
         cursor = self._checkpoints.find({"_id": {"$in": ids}, "parked": {"$exists": True}}, {"_id": 1})
         return {str(doc["_id"]) async for doc in cursor}
 
-    async def unpark(self, stream_id: str, park_id: str) -> bool:
-        """Removes this park (not a newer one); True if it was there."""
-        result = await self._checkpoints.update_one(
-            {"_id": stream_id, "parked.park_id": park_id}, {"$unset": {"parked": ""}}
-        )
-        return result.modified_count == 1
+    async def unpark(self, parks: Mapping[str, str]) -> set[str]:
+        """Removes these parks (stream id -> park id), not newer ones; returns the streams left without a park. One
+        round trip, two when a park changed meanwhile: then the streams parked anew are told apart by a read (a
+        park another resumption removed first counts as removed: the caller's follow-ups are harmless repeats)."""
+        if not parks:
+            return set()
+        ops = [
+            UpdateOne({"_id": sid, "parked.park_id": park_id}, {"$unset": {"parked": ""}})
+            for sid, park_id in sorted(parks.items())
+        ]
+        result = await self._checkpoints.bulk_write(ops, ordered=False)
+        if result.modified_count == len(ops):
+            return set(parks)
+        return set(parks) - await self.parked_ids(parks)
 
     async def update_reason(self, park: Park, reason: str, kind: str, version: int | None) -> None:
         await self._checkpoints.update_one(
@@ -230,19 +238,40 @@ class ParkStore:
 
     async def held(self, stream_id: str) -> list[HeldEvent]:
         """The copies held for a stream, in version order (unreadable ones last)."""
-        cursor = self._held.find({"stream_id": stream_id}).sort([("version", ASCENDING)])
-        events = [HeldEvent.from_document(doc) async for doc in cursor]
-        return sorted(events, key=lambda e: (e.version is None, e.version or 0))
+        return (await self.held_of([stream_id])).get(stream_id, [])
+
+    async def held_of(self, stream_ids: Iterable[str]) -> dict[str, list[HeldEvent]]:
+        """The copies held for each of these streams (those with none are left out), in version order (unreadable
+        ones last); one round trip."""
+        ids = sorted(set(stream_ids))
+        if not ids:
+            return {}
+        by_stream: dict[str, list[HeldEvent]] = {}
+        async for doc in self._held.find({"stream_id": {"$in": ids}}):
+            event = HeldEvent.from_document(doc)
+            by_stream.setdefault(event.stream_id, []).append(event)
+        for events in by_stream.values():
+            events.sort(key=lambda e: (e.version is None, e.version or 0))
+        return by_stream
 
     async def count_held(self, stream_id: str) -> int:
         return await self._held.count_documents({"stream_id": stream_id})
 
-    async def drop_held(self, stream_id: str, through_version: int, *, unreadable: bool = False) -> None:
-        """Deletes the copies up to a version (applied now); `unreadable` also those without a version."""
-        conditions: list[MongoDocument] = [{"version": {"$lte": through_version}}]
-        if unreadable:
-            conditions.append({"version": None})
-        await self._held.delete_many({"stream_id": stream_id, "$or": conditions})
+    async def drop_resumed(self, through_versions: Mapping[str, int]) -> None:
+        """For each resumed stream, deletes its copies up to the version it reached (applied now) and those without
+        a version; one round trip, with a condition per distinct version (streams resumed together mostly reach the
+        same few), not per stream."""
+        if not through_versions:
+            return
+        by_version: dict[int, list[str]] = {}
+        for sid, version in sorted(through_versions.items()):
+            by_version.setdefault(version, []).append(sid)
+        conditions: list[MongoDocument] = [
+            {"stream_id": {"$in": sids}, "version": {"$lte": version}} for version, sids in sorted(by_version.items())
+        ]
+        conditions.append({"version": None})
+        # The streams first, so that the (stream_id, version) index finds the copies without a scan.
+        await self._held.delete_many({"stream_id": {"$in": sorted(through_versions)}, "$or": conditions})
 
     async def parks(self, kinds: Iterable[str] | None = None) -> list[Park]:
         query: MongoDocument = {"parked.kind": {"$in": sorted(kinds)}} if kinds is not None else dict(PARKED)

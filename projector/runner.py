@@ -58,6 +58,8 @@ DEFAULT_PROJECTIONS: tuple[Projection, ...] = PROJECTIONS
 
 # A worker whose lease is not (yet) renewed looks again this often instead of fetching.
 FENCE_WAIT_SECONDS = 0.2
+# Parked streams whose held copies are read (and, if their cause is gone, resumed) together.
+RESUME_STREAMS_PER_ROUND = 100
 
 CONSUME = "consume"
 RESUME_PARKED = "resume-parked"
@@ -399,12 +401,12 @@ class Projector:
                 counts = await self._pipeline.parks.count_by_kind()
                 for kind in {POISON, *SELF_HEALING_KINDS} | set(counts):
                     self.metrics.parked_streams.labels(kind).set(counts.get(kind, 0))
-                for park in await self._pipeline.parks.parks(SELF_HEALING_KINDS):
+                parks = await self._pipeline.parks.parks(SELF_HEALING_KINDS)
+                for start in range(0, len(parks), RESUME_STREAMS_PER_ROUND):
                     if self._stopping.is_set():
                         break
-                    result = await self._repairer.resume_held(park)
-                    if result is not None and result.resumed:
-                        self.stats.resumed += 1
+                    results = await self._repairer.resume_held_many(parks[start : start + RESUME_STREAMS_PER_ROUND])
+                    self.stats.resumed += sum(1 for result in results if result.resumed)
             except PyMongoError as exc:
                 log.warning("could not look at the parked streams: %s", short_error(exc))
         await _until_cancelled()
