@@ -840,14 +840,18 @@ async def read_model_versions(mongo_url: str, database: str) -> dict[tuple[str, 
         await client.close()
 
 
-async def checkpoint_versions(mongo_url: str, database: str) -> dict[str, int]:
-    """stream_id -> the version its checkpoint says every view reflects."""
+async def checkpoint_versions(mongo_url: str, database: str) -> tuple[dict[str, int], int]:
+    """stream_id -> the version its checkpoint says every view reflects; and how many streams are parked."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
         mongo_url, serverSelectionTimeoutMS=3000, timeoutMS=10000
     )
     try:
-        cursor = client[database][CHECKPOINTS_COLLECTION].find({}, {"version": 1})
-        return {str(doc["_id"]): int(doc.get("version", 0)) async for doc in cursor}
+        versions: dict[str, int] = {}
+        parked = 0
+        async for doc in client[database][CHECKPOINTS_COLLECTION].find({}, {"version": 1, "parked.kind": 1}):
+            versions[str(doc["_id"])] = int(doc.get("version", 0))
+            parked += 1 if doc.get("parked") else 0
+        return versions, parked
     finally:
         await client.close()
 
@@ -883,13 +887,14 @@ async def wait_read_model_caught_up(
         actual = await read_model_versions(stack.mongo_url, stack.names.name)
         # The checkpoints too: a projector killed between a batch's documents and its checkpoints leaves them
         # behind until its unacked messages are redelivered (after the ack wait).
-        checkpoints = await checkpoint_versions(stack.mongo_url, stack.names.name)
+        checkpoints, parked = await checkpoint_versions(stack.mongo_url, stack.names.name)
         problems = read_model_lag(expected, actual) + checkpoint_lag(expected, checkpoints)
         # Progress is counted in events, not streams: a stream many events behind differs until the last of them.
         behind = sum(abs(version - actual.get(key, 0)) + abs(version - checkpoints.get(key[1], 0))
                      for key, version in expected.items())  # fmt: skip
         left = max(behind, 1) if problems else 0
-        return left, f"{len(problems)} of {len(expected)} streams differ ({behind} versions apart), e.g. {problems[:3]}"
+        differ = f"{len(problems)} of {len(expected)} streams differ ({behind} versions apart, {parked} parked)"
+        return left, f"{differ}, e.g. {problems[:3]}"
 
     what = "the read model (MongoDB: documents and checkpoints) to reach every stream's last version"
     return await wait_drained(probe, what=what, stall=stall, limit=limit, report_every=report_every)
