@@ -11,7 +11,7 @@ with the new reason.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from core.envelope import RecordedEvent
@@ -69,8 +69,9 @@ class Repairer:
             events = await self._readable_copies(park, held.get(park.stream_id, []))
             if events is not None:
                 events_of[park.stream_id] = events
-        filled = await self._gaps_filled([p for p in parks if p.stream_id in events_of and _missing_head(p, events_of)])
-        ready = [p for p in parks if p.stream_id in events_of and _ready(p, events_of, filled, self._still_too_new)]
+        readable = [p for p in parks if p.stream_id in events_of]
+        filled = await self._gaps_filled([p for p in readable if _head(p, events_of[p.stream_id]) is None])
+        ready = [p for p in readable if self._cause_gone(p, events_of[p.stream_id], filled)]
         results: list[ResumeResult] = []
         for group in _batches(ready, events_of):
             events = [e for park in group for e in events_of[park.stream_id]]
@@ -90,9 +91,20 @@ class Repairer:
             events.append(recorded)
         return events
 
-    def _still_too_new(self, event: RecordedEvent) -> bool:
-        item = classify(None, event, self._projections, self._decoder)
-        return isinstance(item, Poison) and item.kind == NEEDS_UPGRADE
+    def _cause_gone(self, park: Park, events: Sequence[RecordedEvent], gaps_filled: set[str]) -> bool:
+        """Whether the park's cause looks gone, by its held copies (`events`)."""
+        head = _head(park, events)
+        if park.kind == GAP:
+            return head is not None or park.stream_id in gaps_filled  # else still missing
+        if park.kind == NEEDS_UPGRADE:
+            # Without its copy: the event it waits on was delivered, so its copy is held; but the park and the copies
+            # are written at once, and this one is not there yet. Resuming without it would find a gap that is not
+            # one. With it: this build may not understand it either; then it waits for a newer replica.
+            if head is None:
+                return False
+            item = classify(None, head, self._projections, self._decoder)
+            return not (isinstance(item, Poison) and item.kind == NEEDS_UPGRADE)
+        return True
 
     async def _gaps_filled(self, parks: Sequence[Park]) -> set[str]:
         """The gap parks whose missing version was applied without passing through the park: another replica's
@@ -191,26 +203,9 @@ class Repairer:
         log.warning("skipped %s v%d (%s): %s", event.stream_id, event.version, event.event_type, park.reason)
 
 
-def _missing_head(park: Park, events_of: Mapping[str, Sequence[RecordedEvent]]) -> bool:
-    return not any(e.version == park.version for e in events_of[park.stream_id])
-
-
-def _ready(
-    park: Park,
-    events_of: Mapping[str, Sequence[RecordedEvent]],
-    gaps_filled: set[str],
-    still_too_new: Callable[[RecordedEvent], bool],
-) -> bool:
-    """Whether the park's cause looks gone, by its held copies."""
-    head = next((e for e in events_of[park.stream_id] if e.version == park.version), None)
-    if park.kind == GAP:
-        return head is not None or park.stream_id in gaps_filled  # else still missing
-    if park.kind == NEEDS_UPGRADE:
-        # Without its copy: the event it waits on was delivered, so its copy is held; but the park and the copies
-        # are written at once, and this one is not there yet. Resuming without it would find a gap that is not one.
-        # With it: this build may not understand it either; then it waits for a newer replica.
-        return head is not None and not still_too_new(head)
-    return True
+def _head(park: Park, events: Sequence[RecordedEvent]) -> RecordedEvent | None:
+    """The held copy of the event the stream is parked at, if any."""
+    return next((e for e in events if e.version == park.version), None)
 
 
 def _batches(parks: Sequence[Park], events_of: Mapping[str, Sequence[RecordedEvent]]) -> list[list[Park]]:
