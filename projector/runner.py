@@ -7,13 +7,14 @@ Each stream type has its projection (`orders`, `customers`). The work is split b
 * `projector.partitions`: which partitions this replica owns (leases), one worker per owned partition;
 * `projector.pipeline`: one batch against MongoDB (load, apply, write, derived views, parks, checkpoints);
 * `projector.repair`: resuming parked streams (here from their held copies; `cqrs dead-letters` from PostgreSQL);
+* `projector.maintenance`: the periodic loops beside the consume loop (resuming parks, sweeping sales tags);
 * this module: the loops and their supervision.
 
 The loops run under `core.supervisor.Supervisor`: `consume` (the partition owner and its workers: fetch ->
-pipeline -> settle), `resume-parked` and `consumer-gauges`. An unexpected end is logged with its traceback and the
-loop restarts with backoff; while an essential loop is down the projector's health is NOT_SERVING. A MongoDB
-outage naks the batch with a bounded backoff and pauses fetching until MongoDB answers (`projector.mongo_watch`);
-the version guard makes every redelivery harmless.
+pipeline -> settle), `consumer-gauges`, and `projector.maintenance`'s `resume-parked` and `sweep-sales-tags`. An
+unexpected end is logged with its traceback and the loop restarts with backoff; while an essential loop is down
+the projector's health is NOT_SERVING. A MongoDB outage naks the batch with a bounded backoff and pauses fetching
+until MongoDB answers (`projector.mongo_watch`); the version guard makes every redelivery harmless.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ from projector.consumer import STRAYS, JetStreamConsumer, PullSource, apply_span
 from projector.generation_writer import GenerationWriter
 from projector.health import ProjectorHealth, ProjectorStats, log_summary
 from projector.leases import PartitionLeases
+from projector.maintenance import Maintenance
 from projector.metrics import ProjectorMetrics
 from projector.mongo_client import read_model_client
-from projector.mongo_watch import MongoWatch, short_error
+from projector.mongo_watch import MongoWatch
 from projector.mongo_writer import MongoDocument
 from projector.partitions import Fence, PartitionOwner
 from projector.pipeline import Pipeline
-from projector.planning import POISON, SELF_HEALING_KINDS, Decoder, decode_messages, delivered
+from projector.planning import Decoder, decode_messages, delivered
 from projector.registry import PROJECTIONS, registry_versions
 from projector.repair import Repairer
 
@@ -58,9 +60,6 @@ DEFAULT_PROJECTIONS: tuple[Projection, ...] = PROJECTIONS
 
 # A worker whose lease is not (yet) renewed looks again this often instead of fetching.
 FENCE_WAIT_SECONDS = 0.2
-# Parked streams whose held copies are read (and, if their cause is gone, resumed) together.
-RESUME_STREAMS_PER_ROUND = 100
-
 CONSUME = "consume"
 RESUME_PARKED = "resume-parked"
 CONSUMER_GAUGES = "consumer-gauges"
@@ -114,6 +113,16 @@ class Projector:
         self._applier = BatchApplier(self.process_batch, self._hand_back, 2 * settings.projector_batch_size)
         self._follow_lock = asyncio.Lock()
         self.owner: PartitionOwner | None = None
+        self._maintenance = Maintenance(
+            settings,
+            self.stats,
+            self.metrics,
+            self._deps,
+            current=self._current,
+            sweeps_sales_tags=self._sweeps_sales_tags,
+            stopping=self._stopping,
+            sleep=self._sleep,
+        )
 
     @property
     def running(self) -> bool:
@@ -139,6 +148,11 @@ class Projector:
     def writer_id(self) -> str:
         assert self._generations is not None, "the projector is not started"
         return self._generations.writer_id
+
+    def _current(self) -> tuple[Pipeline, Repairer]:
+        """The pipeline and the repairer of the generation written now (they change at a cutover)."""
+        assert self._pipeline is not None and self._repairer is not None, "the projector is not started"
+        return self._pipeline, self._repairer
 
     def _use_database(self, name: str) -> None:
         """Writes this database from the next batch on (called between batches only)."""
@@ -207,9 +221,9 @@ class Projector:
         )
         self.health.started = True
         supervisor.start(CONSUME, self._consume)
-        supervisor.start(RESUME_PARKED, self._resume_parked)
+        supervisor.start(RESUME_PARKED, _looping(self._maintenance.resume_parked))
         supervisor.start(CONSUMER_GAUGES, self.consumer.refresh_gauges, essential=False)
-        supervisor.start(SWEEP_SALES_TAGS, self._sweep_sales_tags, essential=False)
+        supervisor.start(SWEEP_SALES_TAGS, _looping(self._maintenance.sweep_sales_tags), essential=False)
         await self._on_health_change(supervisor.healthy)
         log.info(
             "projector %s consuming %s (stream %s) into %s (%s)",
@@ -390,47 +404,6 @@ class Projector:
             return False
         return True
 
-    async def _resume_parked(self) -> None:
-        """Counts the parked streams (metric) and resumes the self-healing ones whose cause is gone."""
-        while not self._stopping.is_set():
-            await self._sleep(self._settings.projector_resume_interval_seconds)
-            if self._stopping.is_set() or not self.stats.mongo_available:
-                continue
-            assert self._pipeline is not None and self._repairer is not None
-            try:
-                counts = await self._pipeline.parks.count_by_kind()
-                for kind in {POISON, *SELF_HEALING_KINDS} | set(counts):
-                    self.metrics.parked_streams.labels(kind).set(counts.get(kind, 0))
-                parks = await self._pipeline.parks.parks(SELF_HEALING_KINDS)
-                for start in range(0, len(parks), RESUME_STREAMS_PER_ROUND):
-                    if self._stopping.is_set():
-                        break
-                    results = await self._repairer.resume_held_many(parks[start : start + RESUME_STREAMS_PER_ROUND])
-                    self.stats.resumed += sum(1 for result in results if result.resumed)
-            except PyMongoError as exc:
-                log.warning("could not look at the parked streams: %s", short_error(exc))
-        await _until_cancelled()
-
-    async def _sweep_sales_tags(self) -> None:
-        """Forgets the sales facts' tags that no batch can need any more (`projector.sales_tags`)."""
-        while not self._stopping.is_set():
-            await self._sleep(self._settings.projector_sales_tag_sweep_seconds)
-            if not self._sweeps_sales_tags():
-                self.metrics.sales_tags_held.set(0)  # the sweeping replica reports them (dashboards take the max)
-                continue
-            if self._stopping.is_set() or not self.stats.mongo_available:
-                continue
-            assert self._pipeline is not None
-            try:
-                async with self._deps.timed("mongodb", "sales_tags_sweep"):
-                    swept = await self._pipeline.sales_tags.sweep()
-            except PyMongoError as exc:
-                log.warning("could not sweep the sales report's tags: %s", short_error(exc))
-                continue
-            self.metrics.sales_tags_held.set(swept.held)
-            self.metrics.sales_tags_forgotten.inc(swept.forgotten)
-        await _until_cancelled()
-
     def _sweeps_sales_tags(self) -> bool:
         """Whether this replica sweeps: the owner of partition 0 (which also consumes the strays), so that N replicas
         do not each read every shard and look every tag up; every replica of a stream without partitions. A replica
@@ -495,6 +468,16 @@ class Projector:
             log.warning("parked stream %s at v%s (%s): %s", park.stream_id, park.version, park.kind, park.reason)
         for letter in outcome.dead_letters:
             log.warning("dead-lettered message #%d on %s: %s", letter.stream_seq, letter.subject, letter.reason)
+
+
+def _looping(loop: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    """A periodic loop, supervised: once it returns (the projector stops) it waits for `Supervisor.stop()`."""
+
+    async def run() -> None:
+        await loop()
+        await _until_cancelled()
+
+    return run
 
 
 async def _until_cancelled() -> None:
