@@ -94,7 +94,8 @@ class Bench:
         self.quick: bool = args.quick
         self.seconds: float = args.seconds
         self.workers: int = args.workers
-        self.figures: dict[str, Any] = {}
+        # "cpus": what the CPU budget rows divide (`bench.cpu.budget_rows`); the others are the measurements.
+        self.figures: dict[str, Any] = {"cpus": os.cpu_count() or 1}
         self.errors: dict[str, str] = {}
         self.workdir = Path(tempfile.mkdtemp(prefix="cqrs-bench-"))
         self.stack = BenchStack(self.workdir)

@@ -178,6 +178,36 @@ def render_table(figures: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def budget_rows(figures: Mapping[str, Any], goal_of_echo: float) -> list[Row]:
+    """What the machine's CPUs allow at the sustained step's cost: every process's CPU per command summed (the load
+    generator too: it shares the cores), and the command rate at which that would fill every CPU, beside the goal
+    (`goal_of_echo` x the echo closed loop). A ceiling below the goal says the goal needs a lower cost, not a
+    shorter tail: no latency tuning reaches a rate the CPUs cannot serve. The cost per command falls a little as
+    the rate rises (batches fill), so the ceiling is an estimate from below."""
+    best = _dig(figures, "commands", "best") or {}
+    commands = best.get("cpu")
+    cpus = figures.get("cpus")
+    costs = [cost(commands, process) for process in (commands or {}).get("cpu_s", {})]
+    total = None if not costs or None in costs else sum(c for c in costs if c is not None)
+    echo_qps = _dig(figures, "echo", "qps")
+    goal = goal_of_echo * float(echo_qps) if echo_qps else None
+    ceiling = cpus * 1000.0 / total if cpus and total else None
+    at = f" at {best['achieved']:.0f} cmds/s" if best.get("achieved") else ""
+    note = ""
+    if goal and cpus:
+        note = (
+            f"{goal_of_echo:g}x echo = {goal:,.0f} cmds/s would need at most {cpus * 1000.0 / goal:.3g} CPU s per "
+            f"1,000 commands on {cpus} CPUs"
+        )
+    return [
+        cost_row(SECTION, f"every process together CPU per 1,000 commands{at} (services, servers, load generator)",
+                 total, UNIT),
+        Row(SECTION, f"command rate {cpus or '?'} CPUs allow at that cost (their whole time / CPU per command)",
+            ceiling, "cmds/s", f"{goal_of_echo:g}x echo", goal, None if ceiling is None or not goal else ceiling / goal,
+            note=note, baseline_unit="cmds/s"),
+    ]  # fmt: skip
+
+
 def cost_rows(figures: Mapping[str, Any]) -> list[Row]:
     """The main table's CPU rows: the same-run baselines, then each process's cost beside its baseline, with the
     issue's targets where there is one (lower is better)."""

@@ -52,6 +52,7 @@ def all_rows(figures: dict[str, Any], workers: int, concurrency: int) -> list[Ro
     rows.append(ratio_row("system", "sustained command rate with p99 <= 25 ms (open loop, mix "
                           f"{system.COMMAND_MIX})", command_rate, "cmds/s", "echo", echo_qps, SUSTAINED_RATE_OF_ECHO,
                           note=f"p99 {best['p99_ms']:.1f} ms" if best else ""))  # fmt: skip
+    rows += cpu.budget_rows(f, SUSTAINED_RATE_OF_ECHO)
     closed = get("projector", "closed_loop_cmds_per_s")
     rows.append(Row("system", f"command throughput, closed loop, {concurrency} callers, no latency bound "
                     "(order lifecycles, while the projector is stopped)", closed, "cmds/s"))  # fmt: skip

@@ -23,6 +23,9 @@ ROWS = [
     "MongoDB bulk upsert",
     "MongoDB find_one",
     "sustained command rate",
+    # What the CPUs allow at the sustained step's cost (every process summed), beside the rate goal.
+    "every process together CPU per 1,000 commands",
+    "CPUs allow at that cost",
     "command throughput, closed loop",
     "projector catch-up throughput",
     "query QPS",

@@ -241,3 +241,20 @@ def test_window_bills_this_process_as_the_client() -> None:
         _burn_here(0.1)
     assert spent.cpu_s[cpu.CLIENT] == pytest.approx(0.1, abs=0.05)
     assert spent.figures(100, "x")["operations"] == 100
+
+
+def test_budget_rows_sum_every_process_and_divide_the_cpus_by_it_beside_the_goal() -> None:
+    step = _figure(1000, command_service=0.9, postgres=0.4, mongo=0.2, client=0.5)  # 2.0 CPU s per 1,000 commands
+    best: dict[str, object] = {"achieved": 300.0, "cpu": step}
+    figures = {"cpus": 2, "echo": {"qps": 4000.0}, "commands": {"best": best}}
+    total, ceiling = cpu.budget_rows(figures, 0.12)
+    assert total.value == pytest.approx(2.0) and total.name.startswith("every process together")
+    # Two CPUs' whole time at 2 ms a command: 1,000 commands/s, beside 0.12 x 4,000 = 480.
+    assert ceiling.value == pytest.approx(1000.0) and ceiling.baseline == pytest.approx(480.0)
+    assert ceiling.ratio == pytest.approx(1000.0 / 480.0) and ceiling.verdict == ""
+    assert "at most 4.17 CPU s per 1,000 commands on 2 CPUs" in ceiling.note
+    # A process whose CPU is unknown leaves no sum, hence no ceiling: a partial sum would overstate it.
+    best["cpu"] = _figure(1000, command_service=0.9, postgres=None)
+    total, ceiling = cpu.budget_rows(figures, 0.12)
+    assert total.value is None and ceiling.value is None and ceiling.ratio is None
+    assert [row.value for row in cpu.budget_rows({}, 0.12)] == [None, None]
