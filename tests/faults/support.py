@@ -41,6 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import AsyncMongoClient
 
 from core.customer_events import CUSTOMER_STREAM_TYPE
+from core.generations import read_active
 from core.order_events import ORDER_STREAM_TYPE
 from core.read_model import CHECKPOINTS_COLLECTION
 from core.subjects import SUBJECT_PREFIX
@@ -524,6 +525,45 @@ class FaultStack:
             await service.wait_serving()
         return service
 
+    # ---- operator commands
+
+    async def rebuild_and_cut_over(self, timeout: float) -> dict[str, Any]:
+        """`cqrs rebuild --cutover` as an operator runs it (`python -m cqrsctl.main`, a subprocess), while the system
+        runs: a new generation of the read model built from PostgreSQL, caught up, compared on a sample with the
+        live one, and the projectors switched to it. Returns its `--json` result; fails the scenario unless it
+        switched within `timeout`.
+
+        `--accept-differences`: under load, the comparison can see a customer's statistics move on both sides and
+        never settle (the README on hot keys: each load client keeps one customer busy). What decides is the audit
+        at the end, which checks the generation switched to against every event in PostgreSQL."""
+        log_path = self.base_dir / f"rebuild-{int(time.time() * 1000)}.log"
+        env = {
+            **os.environ,
+            "CQRS_POSTGRES_DSN": self.dsn,
+            "CQRS_MONGO_URL": self.mongo_url,
+            "CQRS_MONGO_DATABASE": self.names.name,
+            "CQRS_LOG_LEVEL": "INFO",
+        }
+        args = ["rebuild", "--cutover", "--accept-differences", "--sample", "200", "--no-progress", "--json"]
+        with log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cqrsctl.main", *args, cwd=REPO_ROOT, env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=log,
+            )  # fmt: skip
+            try:
+                out, _ = await asyncio.wait_for(process.communicate(), timeout)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+                raise AssertionError(
+                    f"cqrs rebuild --cutover did not end within {timeout:.0f}s: {log_tail(log_path)}"
+                ) from None
+        if process.returncode != 0:
+            raise AssertionError(f"cqrs rebuild --cutover exited {process.returncode}: {log_tail(log_path)}")
+        result: dict[str, Any] = json.loads(out)
+        assert result.get("cutover"), f"cqrs rebuild --cutover did not switch: {result}"
+        return result
+
     # ---- teardown
 
     async def close(self) -> None:
@@ -831,6 +871,18 @@ def _collection_names() -> dict[str, str]:
         return dict(_COLLECTIONS)
 
 
+async def active_database_name(mongo_url: str, base: str) -> str:
+    """The database of the read model's active generation (`base` until a cutover records another)."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        mongo_url, serverSelectionTimeoutMS=3000, timeoutMS=10000
+    )
+    try:
+        active = await read_active(client[base])
+        return base if active is None else active.database
+    finally:
+        await client.close()
+
+
 async def read_model_versions(mongo_url: str, database: str) -> dict[tuple[str, str], int]:
     """(stream_type, stream_id) -> `version` of its read-model document."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
@@ -890,10 +942,11 @@ async def wait_read_model_caught_up(
 ) -> float:
     async def probe() -> tuple[int, str]:
         expected = await stream_versions(stack.dsn)
-        actual = await read_model_versions(stack.mongo_url, stack.names.name)
+        database = await active_database_name(stack.mongo_url, stack.names.name)  # after a cutover: the new one
+        actual = await read_model_versions(stack.mongo_url, database)
         # The checkpoints too: a projector killed between a batch's documents and its checkpoints leaves them
         # behind until its unacked messages are redelivered (after the ack wait).
-        checkpoints, parked = await checkpoint_versions(stack.mongo_url, stack.names.name)
+        checkpoints, parked = await checkpoint_versions(stack.mongo_url, database)
         problems = read_model_lag(expected, actual) + checkpoint_lag(expected, checkpoints)
         # Progress is counted in events, not streams: a stream many events behind differs until the last of them.
         behind = sum(abs(version - actual.get(key, 0)) + abs(version - checkpoints.get(key[1], 0))
@@ -981,10 +1034,11 @@ async def assert_audit_clean(
     """(c) The end-to-end audit (`cqrs verify`, i.e. `cqrsctl.verify.run_verify`) finds nothing.
 
     First a narrow check of our own that needs nothing but the two databases (every order/customer document in
-    MongoDB is at its PostgreSQL stream's max version and every stream has its document), then the real audit.
+    MongoDB is at its PostgreSQL stream's max version and every stream has its document), then the real audit Both
+    read the active generation of `mongo_database` (the base database; after a cutover, the generation switched to).
     """
     expected = await stream_versions(postgres_dsn)
-    actual = await read_model_versions(mongo_url, mongo_database)
+    actual = await read_model_versions(mongo_url, await active_database_name(mongo_url, mongo_database))
     problems = read_model_lag(expected, actual)
     assert not problems, f"audit (versions): {len(problems)} streams differ: {problems[:10]}"
     config = VerifyConfig(

@@ -4,6 +4,9 @@ MongoDB-wire server is SIGKILLed and restarted, a projector or a server is SIGST
 command_service or projector replica is restarted as a rolling deploy restarts it (SIGTERM, which must end it by
 itself with exit 0), in whatever order and at whatever moment the draw gives, so a fault can land while the system
 is still recovering from the one before (a relay catching up, a partition being taken over, a redelivery in flight).
+Up to twice a run the draw also rebuilds the read model from PostgreSQL into a new generation and switches the
+projectors to it (`cqrs rebuild --cutover`, as an operator runs it): the faults after it land on the new generation,
+and the audit at the end checks the generation last switched to.
 
 The draw comes from one seed, printed and named in every failure message (`CQRS_CHAOS_SEED` replays the sequence;
 the timing, and so the interleaving, still varies). `CQRS_CHAOS_SECONDS` makes the run longer, as a soak;
@@ -16,6 +19,7 @@ import asyncio
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -30,9 +34,13 @@ RECOVERY_TIMEOUT = 90.0  # commands acknowledged again after the last fault, on 
 # A replica told to stop (the fault stack's grace is 1 s) finishes its commands or batch in hand, gives its leases
 # back and exits within this, even right after another fault, on a busy two-core machine.
 GRACEFUL_EXIT_SECONDS = 30.0
+# Rebuilds with a cutover per run, and how long one may take (a ten-minute soak's last one reads ~80,000 events while
+# the load goes on, on two shared cores).
+MAX_REBUILDS = 2
+REBUILD_TIMEOUT = 300.0
 # pytest-timeout's limit for this test (a soak outlasts the suite's 300 s): the faults, the catch-up on what they
 # left (waited for as long as it moves, up to QUIESCE_LIMIT), then start-up, recovery and the audit.
-TEST_TIMEOUT_SECONDS = CHAOS_SECONDS + QUIESCE_LIMIT + 300
+TEST_TIMEOUT_SECONDS = CHAOS_SECONDS + MAX_REBUILDS * REBUILD_TIMEOUT + QUIESCE_LIMIT + 300
 
 
 async def _restart(service: Service) -> None:
@@ -106,9 +114,24 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
             stack.resume_server(server)
         return f"{server.name} paused {seconds:.1f}s"
 
+    rebuilds: list[str] = []
+
+    async def rebuild_and_cut_over() -> str:
+        result = await stack.rebuild_and_cut_over(REBUILD_TIMEOUT)
+        switch = result["cutover"]
+        rebuilds.append(f"generation {switch['generation']}")
+        # Documents the comparison saw differ while both sides moved (the load's customers, the day's report).
+        moving = Counter(d["collection"] for d in result["differences"])
+        return (
+            f"rebuilt generation {switch['generation']} ({result['events_applied']} events in "
+            f"{result['build_seconds']:.1f}s; differing under load: {dict(moving) or 'none'}) and switched "
+            f"{switch['writers']} projectors to it in {switch['seconds']:.1f}s"
+        )
+
     faults: list[Callable[[], Awaitable[str]]] = [
         lambda: kill_replica(commands), lambda: kill_replica(projectors), kill_all_projectors, pause_projector,
         kill_server, pause_server, lambda: restart_gracefully(commands), lambda: restart_gracefully(projectors),
+        rebuild_and_cut_over,
     ]  # fmt: skip
     history: list[str] = []
     try:
@@ -116,7 +139,10 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
         deadline = time.monotonic() + CHAOS_SECONDS
         while time.monotonic() < deadline:
             await asyncio.sleep(rng.uniform(0.5, 5.0))
-            history.append(await rng.choice(faults)())
+            fault = rng.choice(faults)
+            if fault is rebuild_and_cut_over and len(rebuilds) >= MAX_REBUILDS:
+                fault = rng.choice(faults[:-1])
+            history.append(await fault())
             print(f"{history[-1]}: {len(load.acks)} acked, {len(load.failures)} failed", flush=True)
         await load.progress(30, timeout=RECOVERY_TIMEOUT, what=f"after the last fault ({history[-1:]})")
     except AssertionError as exc:
