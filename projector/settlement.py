@@ -27,6 +27,10 @@ WRITE_BACKOFF_BASE_SECONDS = 0.25
 # A held copy whose park vanished meanwhile (a resumption won the race) comes back soon, to be applied normally.
 UNPARKED_RETRY_SECONDS = 0.05
 VIEW_REFUSED = "MongoDB refused a derived view (customer fan-out, order statistics or sales report)"
+# Why a stream's events stayed unapplied: its park holds them (`BatchOutcome.unsettled`).
+WAITS_BEHIND_PARK = "waits behind a parked event"
+# ... or another writer moved its document first (applying them again settles it).
+CONFLICT = "conflict"
 
 
 @dataclass(slots=True)
@@ -108,7 +112,7 @@ class Settlement:
                     out.held += 1
                 else:
                     out.nak.append((item.msg, UNPARKED_RETRY_SECONDS))
-            out.unsettled.setdefault(sid, "waits behind a parked event")
+            out.unsettled.setdefault(sid, WAITS_BEHIND_PARK)
 
     def written(
         self,
@@ -126,7 +130,7 @@ class Settlement:
             for doc_id, applied in batch.result.applied.items():
                 if doc_id in batch.outcome.conflicts:
                     out.conflicts += 1
-                    out.unsettled.setdefault(doc_id, "conflict")
+                    out.unsettled.setdefault(doc_id, CONFLICT)
                     log.info("%s %s changed concurrently; re-evaluating", stream_type, doc_id)
                     for d in applied:
                         if d.msg is not None:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from pymongo.asynchronous.database import AsyncDatabase
 
 from core.dependency_metrics import dependency_metrics
+from core.envelope import RecordedEvent
 from core.events import decode_event
 from core.projections import Projection
 from cqrsctl.rebuild.generations import FAILED, Generations
@@ -24,7 +25,8 @@ from cqrsctl.rebuild.reader import Cursor, EventReader
 from projector.mongo_writer import MongoDocument
 from projector.pipeline import Pipeline
 from projector.planning import DecodedBatch, Decoder, decode_recorded
-from projector.settlement import BatchOutcome
+from projector.repair import Repairer
+from projector.settlement import CONFLICT, WAITS_BEHIND_PARK, BatchOutcome
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ MAX_CONFLICT_RETRIES = 20
 
 def only_conflicts(outcome: BatchOutcome) -> bool:
     """Every event left unapplied lost a race to a concurrent writer (applying the batch again settles it)."""
-    return bool(outcome.conflicts) and all(why == "conflict" for why in outcome.unsettled.values())
+    return bool(outcome.conflicts) and all(why == CONFLICT for why in outcome.unsettled.values())
 
 
 def problems(outcome: BatchOutcome, decoded: DecodedBatch) -> list[str]:
@@ -94,6 +96,7 @@ class Builder:
         self._batch_size = batch_size
         self._decoder = decoder
         self._on_batch = on_batch
+        self._repairer = Repairer(self.pipeline, decoder)
         self.batches = 0
 
     async def prepare(self) -> None:
@@ -129,6 +132,8 @@ class Builder:
                 return cursor, position, applied, time.monotonic() - started
             decoded = decode_recorded(batch.events, self.projections, self._decoder)
             outcome = await self.pipeline.apply(decoded)
+            if concurrent_writers:
+                await self._resume_parked(outcome, batch.events)
             if concurrent_writers and only_conflicts(outcome) and conflicts < MAX_CONFLICT_RETRIES:
                 conflicts += 1
                 continue  # the same batch again: nothing of it is recorded as done
@@ -147,3 +152,30 @@ class Builder:
             if self._on_batch is not None:
                 await self._on_batch(self.batches)
         return cursor, position, applied, time.monotonic() - started
+
+    async def _resume_parked(self, outcome: BatchOutcome, events: Sequence[RecordedEvent]) -> None:
+        """During a cutover the projectors write the generation too, and one that moved to it early can find a
+        stream's next event missing (the projector applied it to the old generation, the tail has not brought it
+        yet) and park the stream at that gap. The batch's events of such a stream wait behind the park; they come
+        from PostgreSQL, so they resume the stream as `cqrs dead-letters retry` does: applied past the park, which
+        goes, then the copies the projector held. Updates `outcome`: a resumed stream is settled; one that lost a
+        write race is a conflict (the batch is applied again); any other failure stays a problem."""
+        waiting = [sid for sid, why in outcome.unsettled.items() if why == WAITS_BEHIND_PARK]
+        if not waiting:
+            return
+        states = await self.pipeline.parks.states(waiting)
+        for sid in waiting:
+            park = states[sid].park if sid in states else None
+            if park is None:  # resumed meanwhile (a projector's resume loop): applying the batch again settles it
+                outcome.unsettled[sid] = CONFLICT
+                outcome.conflicts += 1
+                continue
+            result = await self._repairer.resume(park, [e for e in events if e.stream_id == sid])
+            if result.resumed:
+                del outcome.unsettled[sid]
+                log.info("resumed %s, parked at v%s (%s) by a projector, from PostgreSQL", sid, park.version, park.kind)
+            elif result.detail == CONFLICT:
+                outcome.unsettled[sid] = CONFLICT
+                outcome.conflicts += 1
+            else:
+                outcome.unsettled[sid] = f"parked at v{park.version} ({park.kind}: {park.reason}): {result.detail}"
