@@ -26,7 +26,7 @@ from projector.mongo_writer import MongoDocument
 from projector.pipeline import Pipeline
 from projector.planning import DecodedBatch, Decoder, decode_recorded
 from projector.repair import Repairer
-from projector.settlement import CONFLICT, WAITS_BEHIND_PARK, BatchOutcome
+from projector.settlement import CONFLICT, VIEW_REFUSED, WAITS_BEHIND_PARK, BatchOutcome
 
 log = logging.getLogger(__name__)
 
@@ -154,28 +154,44 @@ class Builder:
         return cursor, position, applied, time.monotonic() - started
 
     async def _resume_parked(self, outcome: BatchOutcome, events: Sequence[RecordedEvent]) -> None:
-        """During a cutover the projectors write the generation too, and one that moved to it early can find a
-        stream's next event missing (the projector applied it to the old generation, the tail has not brought it
-        yet) and park the stream at that gap. The batch's events of such a stream wait behind the park; they come
-        from PostgreSQL, so they resume the stream as `cqrs dead-letters retry` does: applied past the park, which
-        goes, then the copies the projector held. Updates `outcome`: a resumed stream is settled; one that lost a
-        write race is a conflict (the batch is applied again); any other failure stays a problem."""
+        """During a cutover the projectors write the generation too, which parks streams two ways that the tail's
+        events (from PostgreSQL) can resolve:
+
+        * a projector that moved to the generation early finds a stream's next event missing (it applied it to the
+          old generation; the tail has not brought it yet) and parks the stream at that gap: the batch's events
+          wait behind the park;
+        * the batch's own writes of a shared view (a customer's order statistics) keep being overtaken by the
+          projectors' (`customer_views.STATS_ATTEMPTS`), and the batch parks the streams at once (no redelivery
+          would retry them).
+
+        Either way the stream is resumed with the batch's events, as `cqrs dead-letters retry` does: applied past
+        the park, which goes, then the copies a projector held. Updates `outcome`: a resumed stream is settled; one
+        still overtaken, or resumed meanwhile by a projector, counts as a conflict (the batch is applied again,
+        `MAX_CONFLICT_RETRIES` times at most); any other failure stays a problem."""
         waiting = [sid for sid, why in outcome.unsettled.items() if why == WAITS_BEHIND_PARK]
-        if not waiting:
+        overtaken = {sid: park for sid, park in outcome.parks.items() if park.reason == VIEW_REFUSED}
+        if not waiting and not overtaken:
             return
         states = await self.pipeline.parks.states(waiting)
+        parks = {sid: state.park for sid in waiting if (state := states.get(sid)) and state.park is not None}
+        parks.update(overtaken)
         for sid in waiting:
-            park = states[sid].park if sid in states else None
-            if park is None:  # resumed meanwhile (a projector's resume loop): applying the batch again settles it
-                outcome.unsettled[sid] = CONFLICT
-                outcome.conflicts += 1
-                continue
+            if sid not in parks:  # resumed meanwhile (a projector's resume loop): applying again settles it
+                _conflict(outcome, sid)
+        for sid, park in parks.items():
             result = await self._repairer.resume(park, [e for e in events if e.stream_id == sid])
             if result.resumed:
-                del outcome.unsettled[sid]
-                log.info("resumed %s, parked at v%s (%s) by a projector, from PostgreSQL", sid, park.version, park.kind)
-            elif result.detail == CONFLICT:
-                outcome.unsettled[sid] = CONFLICT
-                outcome.conflicts += 1
+                outcome.parks.pop(sid, None)
+                outcome.unsettled.pop(sid, None)
+                log.info("resumed %s, parked at v%s (%s) in the switch, from PostgreSQL", sid, park.version, park.kind)
+            elif result.detail in (CONFLICT, VIEW_REFUSED):
+                _conflict(outcome, sid)
             else:
                 outcome.unsettled[sid] = f"parked at v{park.version} ({park.kind}: {park.reason}): {result.detail}"
+
+
+def _conflict(outcome: BatchOutcome, stream_id: str) -> None:
+    """Records a stream whose events lost a race to the projectors: applying the batch again settles it."""
+    outcome.parks.pop(stream_id, None)
+    outcome.unsettled[stream_id] = CONFLICT
+    outcome.conflicts += 1
