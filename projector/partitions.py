@@ -164,11 +164,16 @@ class PartitionOwner:
                 self._metrics.partition_handovers.labels("lost").inc()
         members = await leases.heartbeat()
         await self._every_round()  # a replica with no partition still follows the active generation
+        # A handover can end (its lease freed) while the owners are read, and the answer predate the release: such
+        # a partition still reads as ours. Taken as one of ours from before a restart it would be claimed again
+        # (its worker started twice, then handed over once more); in the plan, released a second time.
+        handing_over = set(self._handovers)
         owners = await leases.owners()
+        handing_over |= set(self._handovers)
         for partition, owner in owners.items():  # ours from before a restart of this loop: resume them
-            if owner == leases.member and partition not in self.workers and partition not in self._handovers:
+            if owner == leases.member and partition not in self.workers and partition not in handing_over:
                 await self._claim(partition)
-        in_plan = {p: HANDING_OVER if p in self._handovers else owner for p, owner in owners.items()}
+        in_plan = {p: HANDING_OVER if p in handing_over else owner for p, owner in owners.items()}
         plan = plan_ownership(self._partitions, members, leases.member, in_plan)
         for partition in plan.release:
             self._hand_over(partition, free_lease=True, members=len(members))
