@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 MAX_FOLLOW_UPS = 5
 # Held events applied in one batch when many parks resume at once (a projector fetches up to 200 a batch).
 RESUME_BATCH_EVENTS = 400
+# A resumption's detail when another one (or a new park) replaced the park while its events were applied.
+PARK_CHANGED = "the park changed meanwhile"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +151,7 @@ class Repairer:
                 log.info("resumed parked stream %s (%s) at version %d", sid, park.kind, version)
                 reached[sid] = version
             else:
-                results.append(ResumeResult(sid, False, version, "the park changed meanwhile"))
+                results.append(ResumeResult(sid, False, version, PARK_CHANGED))
         if reached:
             await self._apply_held_meanwhile(reached)
             await self._parks.drop_resumed(reached)

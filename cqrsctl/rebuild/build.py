@@ -25,7 +25,7 @@ from cqrsctl.rebuild.reader import Cursor, EventReader
 from projector.mongo_writer import MongoDocument
 from projector.pipeline import Pipeline
 from projector.planning import DecodedBatch, Decoder, decode_recorded
-from projector.repair import Repairer
+from projector.repair import PARK_CHANGED, Repairer
 from projector.settlement import CONFLICT, VIEW_REFUSED, WAITS_BEHIND_PARK, BatchOutcome
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class RebuildFailed(Exception):
 
 # A batch that lost write races to the projectors (during a cutover) is applied again, at most this many times.
 MAX_CONFLICT_RETRIES = 20
+# Why a resumption in the tail failed when it lost a race to the projectors (see `Builder._resume_parked`).
+RACES_LOST = frozenset({CONFLICT, VIEW_REFUSED, PARK_CHANGED})
 
 
 def only_conflicts(outcome: BatchOutcome) -> bool:
@@ -166,25 +168,25 @@ class Builder:
 
         Either way the stream is resumed with the batch's events, as `cqrs dead-letters retry` does: applied past
         the park, which goes, then the copies a projector held. Updates `outcome`: a resumed stream is settled; one
-        still overtaken, or resumed meanwhile by a projector, counts as a conflict (the batch is applied again,
-        `MAX_CONFLICT_RETRIES` times at most); any other failure stays a problem."""
+        still overtaken, or whose park a projector resumed or replaced meanwhile, counts as a conflict (the batch is
+        applied again, `MAX_CONFLICT_RETRIES` times at most); any other failure stays a problem."""
         waiting = [sid for sid, why in outcome.unsettled.items() if why == WAITS_BEHIND_PARK]
-        overtaken = {sid: park for sid, park in outcome.parks.items() if park.reason == VIEW_REFUSED}
+        overtaken = [sid for sid, park in outcome.parks.items() if park.reason == VIEW_REFUSED and sid not in waiting]
         if not waiting and not overtaken:
             return
-        states = await self.pipeline.parks.states(waiting)
-        parks = {sid: state.park for sid in waiting if (state := states.get(sid)) and state.park is not None}
-        parks.update(overtaken)
-        for sid in waiting:
-            if sid not in parks:  # resumed meanwhile (a projector's resume loop): applying again settles it
+        # The parks as stored: a projector may have parked the stream first (the first park stays).
+        states = await self.pipeline.parks.states([*waiting, *overtaken])
+        for sid in [*waiting, *overtaken]:
+            park = state.park if (state := states.get(sid)) is not None else None
+            if park is None:  # resumed meanwhile (a projector's resume loop): applying again settles it
                 _conflict(outcome, sid)
-        for sid, park in parks.items():
+                continue
             result = await self._repairer.resume(park, [e for e in events if e.stream_id == sid])
             if result.resumed:
                 outcome.parks.pop(sid, None)
                 outcome.unsettled.pop(sid, None)
                 log.info("resumed %s, parked at v%s (%s) in the switch, from PostgreSQL", sid, park.version, park.kind)
-            elif result.detail in (CONFLICT, VIEW_REFUSED):
+            elif result.detail in RACES_LOST:
                 _conflict(outcome, sid)
             else:
                 outcome.unsettled[sid] = f"parked at v{park.version} ({park.kind}: {park.reason}): {result.detail}"

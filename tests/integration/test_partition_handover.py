@@ -8,6 +8,7 @@ MongoDB before they finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -93,13 +94,10 @@ async def _nothing() -> None:
     return None
 
 
-async def test_a_replica_handing_partitions_over_keeps_the_leases_of_those_it_keeps(
-    lease_store: AsyncDatabase[dict[str, Any]],
-) -> None:
-    """A replica joins; the first one's batches in hand take three lease TTLs to finish. Handing four partitions
-    over must not stop the first replica from renewing the four it keeps (and its heartbeat): fails if the newcomer
-    ever takes one of those, or the first replica loses one."""
-    first = Replica(lease_store, "a", finish_seconds=3 * LEASE_SECONDS)
+@contextlib.asynccontextmanager
+async def joined_by_a_second_replica(store: AsyncDatabase[dict[str, Any]], first: Replica) -> AsyncIterator[Replica]:
+    """Once `first` owns every partition a second replica joins; yields it when each owns half of them and two lease
+    TTLs more have passed (time to lose or take one back). Stops both on the way out."""
     second: Replica | None = None
     try:
 
@@ -107,23 +105,33 @@ async def test_a_replica_handing_partitions_over_keeps_the_leases_of_those_it_ke
             return first.owner.owned == list(range(PARTITIONS))
 
         await eventually(first_owns_all, what="the only replica to own every partition")
-        second = Replica(lease_store, "b", finish_seconds=0)
-        joined = second
+        second = joined = Replica(store, "b", finish_seconds=0)
 
         async def shared() -> bool:
             return first.owner.owned == [0, 1, 2, 3] and joined.owner.owned == [4, 5, 6, 7]
 
         await eventually(shared, timeout=30, what="each replica to own half of the partitions")
-        await asyncio.sleep(2 * LEASE_SECONDS)  # and to keep them
+        await asyncio.sleep(2 * LEASE_SECONDS)
+        yield second
+    finally:
+        for replica in (second, first):
+            if replica is not None:
+                await replica.stop()
+
+
+async def test_a_replica_handing_partitions_over_keeps_the_leases_of_those_it_keeps(
+    lease_store: AsyncDatabase[dict[str, Any]],
+) -> None:
+    """A replica joins; the first one's batches in hand take three lease TTLs to finish. Handing four partitions
+    over must not stop the first replica from renewing the four it keeps (and its heartbeat): fails if the newcomer
+    ever takes one of those, or the first replica loses one."""
+    first = Replica(lease_store, "a", finish_seconds=3 * LEASE_SECONDS)
+    async with joined_by_a_second_replica(lease_store, first) as second:
         assert first.owner.owned == [0, 1, 2, 3] and second.owner.owned == [4, 5, 6, 7]
         assert sorted(second.started) == [4, 5, 6, 7], "the newcomer took a partition the first replica was keeping"
         assert sorted(first.started) == list(range(PARTITIONS)), "the first replica lost a partition and took it back"
         assert first.handovers("lost") == 0 and second.handovers("lost") == 0
         assert first.handovers("released") == 4
-    finally:
-        for replica in (second, first):
-            if replica is not None:
-                await replica.stop()
 
 
 class OwnersReadBeforeAHandoverEnds(PartitionLeases):
@@ -152,27 +160,9 @@ async def test_a_partition_handed_over_during_a_read_of_the_owners_is_not_claime
     leases = first.owner._leases
     assert isinstance(leases, OwnersReadBeforeAHandoverEnds)
     leases.handing_over = lambda: set(first.owner._handovers)
-    second: Replica | None = None
-    try:
-
-        async def first_owns_all() -> bool:
-            return first.owner.owned == list(range(PARTITIONS))
-
-        await eventually(first_owns_all, what="the only replica to own every partition")
-        second = Replica(lease_store, "b", finish_seconds=0)
-        joined = second
-
-        async def shared() -> bool:
-            return first.owner.owned == [0, 1, 2, 3] and joined.owner.owned == [4, 5, 6, 7]
-
-        await eventually(shared, timeout=30, what="each replica to own half of the partitions")
-        await asyncio.sleep(2 * LEASE_SECONDS)
+    async with joined_by_a_second_replica(lease_store, first) as second:
         assert sorted(first.started) == list(range(PARTITIONS)), "the first replica claimed a partition it handed over"
         assert first.owner.owned == [0, 1, 2, 3] and sorted(second.started) == [4, 5, 6, 7]
-    finally:
-        for replica in (second, first):
-            if replica is not None:
-                await replica.stop()
 
 
 async def test_a_stopping_replica_frees_every_lease_once_its_batches_finish_together(
