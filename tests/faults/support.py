@@ -1034,7 +1034,7 @@ async def assert_audit_clean(
     """(c) The end-to-end audit (`cqrs verify`, i.e. `cqrsctl.verify.run_verify`) finds nothing.
 
     First a narrow check of our own that needs nothing but the two databases (every order/customer document in
-    MongoDB is at its PostgreSQL stream's max version and every stream has its document), then the real audit Both
+    MongoDB is at its PostgreSQL stream's max version and every stream has its document), then the real audit. Both
     read the active generation of `mongo_database` (the base database; after a cutover, the generation switched to).
     """
     expected = await stream_versions(postgres_dsn)
