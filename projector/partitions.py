@@ -45,6 +45,9 @@ WORKER_STOP_TIMEOUT_SECONDS = 10.0
 RELEASE_TIMEOUT_SECONDS = 2.0
 # In the ownership plan, the owner of a partition being handed over: neither ours to keep nor free to claim.
 HANDING_OVER = "(handing over)"
+# In the ownership plan, the owner of a partition the owners read called ours but whose lease another replica took
+# before we could resume it (ours expired while the read was on its way): not ours, and not free.
+TAKEN_SINCE_THE_READ = "(taken since the read)"
 
 
 @dataclass
@@ -170,10 +173,15 @@ class PartitionOwner:
         handing_over = set(self._handovers)
         owners = await leases.owners()
         handing_over |= set(self._handovers)
+        taken: set[int] = set()
         for partition, owner in owners.items():  # ours from before a restart of this loop: resume them
             if owner == leases.member and partition not in self.workers and partition not in handing_over:
-                await self._claim(partition)
-        in_plan = {p: HANDING_OVER if p in handing_over else owner for p, owner in owners.items()}
+                if not await self._claim(partition):
+                    taken.add(partition)  # planned as ours it could be released, and it has no worker to stop
+        in_plan = {
+            p: HANDING_OVER if p in handing_over else TAKEN_SINCE_THE_READ if p in taken else owner
+            for p, owner in owners.items()
+        }
         plan = plan_ownership(self._partitions, members, leases.member, in_plan)
         for partition in plan.release:
             self._hand_over(partition, free_lease=True, members=len(members))

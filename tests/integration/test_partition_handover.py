@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -163,6 +164,58 @@ async def test_a_partition_handed_over_during_a_read_of_the_owners_is_not_claime
     async with joined_by_a_second_replica(lease_store, first) as second:
         assert sorted(first.started) == list(range(PARTITIONS)), "the first replica claimed a partition it handed over"
         assert first.owner.owned == [0, 1, 2, 3] and sorted(second.started) == [4, 5, 6, 7]
+
+
+class OneLeaseTakenAfterTheOwnersRead(PartitionLeases):
+    """A lease store whose `owners()` answer is one claim out of date: right after the read, replica "b" takes
+    partition 7 (our lease on it expired while the answer was on its way, as on a slow MongoDB), so resuming it
+    fails."""
+
+    async def owners(self) -> dict[int, str]:
+        owners = await super().owners()
+        await self._partitions.update_one(
+            {"_id": self._id(7)}, {"$set": {"owner": "b", "expires_at": datetime.now(UTC) + timedelta(minutes=1)}}
+        )
+        return owners
+
+
+async def test_a_partition_taken_by_another_replica_after_the_owners_read_is_not_planned_as_ours(
+    lease_store: AsyncDatabase[dict[str, Any]],
+) -> None:
+    """A replica's ownership loop restarts while it holds every lease, a second replica is live, and one lease is
+    taken by that replica between the read of the owners and its resumption. That partition is neither ours nor
+    free: fails if the loop plans to release it (it has no worker: the loop died on a KeyError) or starts it."""
+    now = datetime.now(UTC)
+    await lease_store["projector_partitions"].insert_many(
+        [
+            {
+                "_id": f"group/{p}",
+                "group": "group",
+                "partition": p,
+                "owner": "a",
+                "expires_at": now + timedelta(minutes=1),
+            }
+            for p in range(PARTITIONS)
+        ]
+    )
+    await lease_store["projector_members"].insert_one(
+        {"_id": "group/b", "group": "group", "member": "b", "expires_at": now + timedelta(minutes=1)}
+    )
+    replica = Replica(lease_store, "a", finish_seconds=0, leases=OneLeaseTakenAfterTheOwnersRead)
+    try:
+
+        async def kept_its_share() -> bool:
+            assert not replica.task.done(), replica.task.exception()
+            return replica.owner.owned == [0, 1, 2, 3]
+
+        await eventually(kept_its_share, what="the restarted replica to keep its fair share of the partitions")
+        await asyncio.sleep(2 * LEASE_SECONDS)  # more rounds: nothing changes
+        assert not replica.task.done(), replica.task.exception()
+        assert replica.owner.owned == [0, 1, 2, 3]
+        assert sorted(replica.started) == [0, 1, 2, 3, 4, 5, 6], "partition 7 was started, or one twice"
+        assert replica.handovers("released") == 3
+    finally:
+        await replica.stop()
 
 
 async def test_a_stopping_replica_frees_every_lease_once_its_batches_finish_together(
