@@ -41,9 +41,11 @@ from cqrsctl.rebuild.build import BatchHook, Builder, RebuildFailed
 from cqrsctl.rebuild.cutover import CutoverFailed, CutoverResult, cut_over
 from cqrsctl.rebuild.generations import (
     ACTIVATABLE,
+    ACTIVE,
     CAUGHT_UP,
     COMPARED,
     DROPPED,
+    FAILED,
     RETIRED,
     GenerationError,
     Generations,
@@ -227,9 +229,14 @@ async def activate(config: RebuildConfig, generation: int) -> CutoverResult:
         doc = await generations.get(generation)
         if doc is None:
             raise GenerationError(f"no generation {generation} is recorded")
-        if doc.get("state") not in ACTIVATABLE:
+        state = doc.get("state")
+        pointer = (await generations.active()).generation
+        # Besides those: either side of a switch that gave up (the target active, perhaps marked failed by its tail;
+        # the old one not retired), to finish it or to go back. An active one that is the pointer: "already active".
+        if state not in ACTIVATABLE and state != ACTIVE and not (state == FAILED and pointer == generation):
             raise GenerationError(
-                f"generation {generation} is {doc.get('state')}; only a compared or retired one can be activated"
+                f"generation {generation} is {state}; only a compared or retired one can be activated (or the active "
+                "one after a switch to it gave up, to finish it)"
             )
         reader = EventReader(conns.pool, config.timeout_seconds)
         builder = Builder(

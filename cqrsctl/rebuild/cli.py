@@ -67,7 +67,8 @@ def add_rebuild_parser(sub: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--activate", type=int, default=None, metavar="N",
-        help="switch to generation N (compared, or retired: a rollback) instead of building one",
+        help="switch to generation N (compared, or retired: a rollback) instead of building one; after a switch that "
+        "gave up, N (the new one) finishes it and the old one goes back",
     )  # fmt: skip
     parser.add_argument("--drop", type=int, default=None, metavar="N", help="drop generation N (not the active one)")
     parser.add_argument(

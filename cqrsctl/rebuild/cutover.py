@@ -13,6 +13,11 @@ every `CQRS_GENERATION_POLL_SECONDS` and moves to the new database between two b
    committed before it is in the target too. The target now has every event; the tailer stops;
 5. the old generation is retired (kept for a rollback: `cqrs rebuild --activate <old>`), the target is `active`.
 
+A switch that gives up after step 2 (a projector that does not move, a transaction that stays open, a tail that
+fails) leaves the target active and fed by the projectors only, the old generation not yet retired. Activating
+either again is how an operator ends it: the target (even marked `failed` by its tail) finishes the switch, the old
+one goes back; either way every event committed meanwhile reaches it from PostgreSQL.
+
 During the switch both the tailer and the projectors write the target; the version guard keeps them from
 overwriting each other, and a projector that meets a gap (the tailer has not written a version yet) waits for
 it as it does with another replica. Read-your-writes tokens hold across the switch: a waiting query reads the
@@ -35,6 +40,7 @@ from typing import Any
 
 import asyncpg
 
+from core.error_text import describe_error
 from core.generations import ActiveGeneration, live_writers
 from cqrsctl.rebuild.build import Builder
 from cqrsctl.rebuild.generations import ACTIVE, Generations
@@ -115,12 +121,17 @@ async def cut_over(
     writer_ttl_seconds: float,
     timeout_seconds: float,
 ) -> CutoverResult:
-    """Makes `target` (a generation document whose database `builder` writes) the active generation."""
+    """Makes `target` (a generation document whose database `builder` writes) the active generation, or finishes a
+    switch to it that gave up (it is active, the generation it replaces not yet retired)."""
     number = int(target["_id"])
-    previous: ActiveGeneration = await generations.active()
-    if previous.generation == number:
+    current: ActiveGeneration = await generations.active()
+    await generations.record_of(current)
+    # What the switch retires: the generation active now, and any a switch that gave up left unretired.
+    replaced = await generations.left_active(besides=number)
+    if current.generation == number and not replaced:
         raise CutoverFailed(f"generation {number} is already active")
-    await generations.record_of(previous)
+    previous = replaced[0] if current.generation == number else await generations.get(current.generation)
+    assert previous is not None  # record_of made it
     tailer = _Tailer(builder, Cursor.from_document(target.get("cursor")), int(target.get("position") or 0))
     await tailer.drain()  # caught up before anyone reads it
     tailer = _Tailer(builder, tailer.cursor, tailer.position)
@@ -129,20 +140,36 @@ async def cut_over(
         active = await generations.switch_active(target)
         switched = time.monotonic()
         log.info("generation %d (%s) is active; waiting for the projectors to move", number, active.database)
-        writers = await _wait_for_writers(generations, number, writer_ttl_seconds, timeout_seconds)
-        log.info("%d projector(s) write generation %d; waiting for the transactions open now to end", writers, number)
-        horizon = await _wait_for_open_transactions(pool, timeout_seconds)
-        log.info("feeding generation %d from PostgreSQL one last time (transactions before %d)", number, horizon)
-        await tailer.drain(before_xact=horizon)
+        try:
+            writers = await _wait_for_writers(generations, number, writer_ttl_seconds, timeout_seconds)
+            log.info(
+                "%d projector(s) write generation %d; waiting for the transactions open now to end", writers, number
+            )
+            horizon = await _wait_for_open_transactions(pool, timeout_seconds)
+            log.info("feeding generation %d from PostgreSQL one last time (transactions before %d)", number, horizon)
+            await tailer.drain(before_xact=horizon)
+        except Exception as exc:
+            raise CutoverFailed(_gave_up(exc, number, int(previous["_id"]))) from exc
     except BaseException:
         await tailer.abandon()
         raise
-    await generations.retire(previous.generation)
+    for doc in {int(d["_id"]): d for d in [previous, *replaced]}.values():
+        if int(doc["_id"]) != number:
+            await generations.retire(int(doc["_id"]))
     await generations.set_state(number, ACTIVE, activated_at=datetime.now(UTC), cursor=tailer.cursor.to_document())
     return CutoverResult(
-        number, active.database, previous.generation, previous.database, writers,
+        number, active.database, int(previous["_id"]), str(previous["database"]), writers,
         time.monotonic() - switched, tailer.applied,
     )  # fmt: skip
+
+
+def _gave_up(exc: Exception, number: int, previous: int) -> str:
+    """What a switch that gave up after the active document moved says: the state it left, and the way out."""
+    return (
+        f"{describe_error(exc)}; generation {number} is active but fed by the projectors only (generation {previous} "
+        f"is not retired): once the cause is fixed (`cqrs dead-letters list` shows what a failed feed parked), run "
+        f"`cqrs rebuild --activate {number}` to finish the switch, or `cqrs rebuild --activate {previous}` to go back"
+    )
 
 
 async def _wait_for_writers(generations: Generations, number: int, ttl: float, timeout: float) -> int:
@@ -157,11 +184,7 @@ async def _wait_for_writers(generations: Generations, number: int, ttl: float, t
         if not behind:
             return len(writers)
         if time.monotonic() > deadline:
-            raise CutoverFailed(
-                f"projector(s) {', '.join(behind)} still write another generation after {timeout:.0f}s; generation "
-                f"{number} is active but no longer fed from PostgreSQL: check them, then run `cqrs rebuild "
-                f"--activate {number}` again"
-            )
+            raise CutoverFailed(f"projector(s) {', '.join(behind)} still write another generation after {timeout:.0f}s")
         await asyncio.sleep(WAIT_PAUSE_SECONDS)
 
 

@@ -165,6 +165,10 @@ class Generations:
         await self._col.update_one({"_id": ACTIVE_ID}, {"$set": fields}, upsert=True)
         return ActiveGeneration.from_document(fields)
 
+    async def left_active(self, besides: int) -> list[Doc]:
+        """Generations still `active` other than `besides`: a switch away from them gave up before retiring them."""
+        return [doc async for doc in self._col.find({"state": ACTIVE, "_id": {"$ne": besides}}).sort("_id", 1)]
+
     async def retire(self, generation: int) -> None:
         """The generation stopped being written: kept for a rollback, which replays the event store into it."""
         await self.set_state(generation, RETIRED, retired_at=datetime.now(UTC), cursor=Cursor().to_document())

@@ -228,6 +228,43 @@ async def test_a_cutover_waits_for_a_projector_that_has_not_moved(live: System) 
         await run_rebuild(rebuild_config(live, cutover=True, switch_timeout_seconds=2.0))
 
 
+@pytest.mark.parametrize("then", ["finish", "go_back"])
+async def test_a_switch_that_gave_up_is_finished_or_undone_by_activating_either_generation(
+    live: System, then: str
+) -> None:
+    """A switch that gave up (here a projector did not move in time; a tail that failed after the switch leaves
+    the same state) left generation 2 active and generation 1 unretired. The operator fixes the cause, then
+    `--activate 2` finishes the switch and `--activate 1` goes back, as the error message says: fails if either is
+    refused (the target "already active", the old one "active", a failed target) or the generation switched to
+    misses an event committed meanwhile."""
+    stuck = {"_id": f"{WRITER_PREFIX}stuck"}
+    await live.db[COLLECTION].update_one(
+        stuck,
+        {"$set": {"generation": 1, "database": live.config.mongo_database, "seen_at": _far_future()}},
+        upsert=True,
+    )
+    config = rebuild_config(live, cutover=True, switch_timeout_seconds=2.0)
+    with pytest.raises(CutoverFailed, match=r"--activate 2.*--activate 1"):
+        await run_rebuild(config)
+    # A tail that failed after the switch marks the active generation failed: finishing must accept that too.
+    await live.db[COLLECTION].update_one({"_id": 2}, {"$set": {"state": "failed"}})
+    await live.db[COLLECTION].delete_one(stuck)  # the cause, fixed
+    written = await one_more_order(live)  # committed while neither generation is fully fed from PostgreSQL
+
+    target, other = (2, 1) if then == "finish" else (1, 2)
+    switched = await activate(config, target)
+    assert (switched.generation, switched.previous_generation) == (target, other)
+    assert (await generation_doc(live, target))["state"] == ACTIVE
+    assert (await generation_doc(live, other))["state"] == RETIRED
+    database = switched.database
+    await eventually(lambda: reflected(live, database), what=f"generation {target} to reflect every event")
+    assert await live.db.client[database]["orders"].find_one({"_id": written}) is not None
+    audit = await live.verify()
+    assert audit.clean, audit.findings
+    with pytest.raises(CutoverFailed, match="already active"):
+        await activate(config, target)
+
+
 async def test_the_tail_resumes_a_stream_a_projector_parked_at_a_gap_in_the_new_generation(live: System) -> None:
     """During a switch the projectors write the new generation beside the tail that feeds it from PostgreSQL. One
     that moved early can get an order's third event while the generation has only its first (it applied the
