@@ -146,7 +146,7 @@ def run_cli(args: argparse.Namespace) -> int:
             return EXIT_EQUAL
         if args.activate is not None:
             switched = asyncio.run(activate(config, args.activate))
-            print(render_cutover(switched))
+            print(json.dumps(cutover_document(switched), indent=2) if args.json else render_cutover(switched))
             return EXIT_EQUAL
         metrics = None
         if args.metrics_port is not None:
@@ -175,15 +175,7 @@ def result_document(result: RebuildResult, accepted: bool) -> dict[str, Any]:
     return {
         "up_to_date": result.up_to_date,
         "skipped_collections": list(result.skipped_collections),
-        "cutover": None
-        if switch is None
-        else {
-            "generation": switch.generation,
-            "previous_generation": switch.previous_generation,
-            "writers": switch.writers,
-            "seconds": round(switch.seconds, 3),
-            "events_applied": switch.events_applied,
-        },
+        "cutover": None if switch is None else cutover_document(switch),
         "dropped": result.dropped,
         "generation": result.generation,
         "database": result.database,
@@ -211,6 +203,18 @@ def result_document(result: RebuildResult, accepted: bool) -> dict[str, Any]:
             }
             for d in result.differences
         ],
+    }
+
+
+def cutover_document(switch: CutoverResult) -> dict[str, Any]:
+    return {
+        "generation": switch.generation,
+        "database": switch.database,
+        "previous_generation": switch.previous_generation,
+        "previous_database": switch.previous_database,
+        "writers": switch.writers,
+        "seconds": round(switch.seconds, 3),
+        "events_applied": switch.events_applied,
     }
 
 

@@ -528,14 +528,26 @@ class FaultStack:
     # ---- operator commands
 
     async def rebuild_and_cut_over(self, timeout: float) -> dict[str, Any]:
-        """`cqrs rebuild --cutover` as an operator runs it (`python -m cqrsctl.main`, a subprocess), while the system
-        runs: a new generation of the read model built from PostgreSQL, caught up, compared on a sample with the
-        live one, and the projectors switched to it. Returns its `--json` result; fails the scenario unless it
-        switched within `timeout`.
+        """`cqrs rebuild --cutover` as an operator runs it, while the system runs: a new generation of the read
+        model built from PostgreSQL, caught up, compared on a sample with the live one, and the projectors switched
+        to it. Returns its `--json` result; fails the scenario unless it switched within `timeout`.
 
         `--accept-differences`: under load, the comparison can see a customer's statistics move on both sides and
         never settle (the README on hot keys: each load client keeps one customer busy). What decides is the audit
         at the end, which checks the generation switched to against every event in PostgreSQL."""
+        args = ["--cutover", "--accept-differences", "--sample", "200"]
+        result = await self._rebuild(args, timeout, "cqrs rebuild --cutover")
+        assert result.get("cutover"), f"cqrs rebuild --cutover did not switch: {result}"
+        return result
+
+    async def activate(self, generation: int, timeout: float) -> dict[str, Any]:
+        """`cqrs rebuild --activate <generation>` while the system runs: a rollback to a retired generation (the
+        event store replayed into it, then the same switch). Returns its `--json` result (the switch)."""
+        return await self._rebuild(["--activate", str(generation)], timeout, f"cqrs rebuild --activate {generation}")
+
+    async def _rebuild(self, args: list[str], timeout: float, what: str) -> dict[str, Any]:
+        """Runs `cqrs rebuild` (`python -m cqrsctl.main`, a subprocess, its log beside the scenario's) with `--json`;
+        returns its result, or fails the scenario unless it exits 0 within `timeout`."""
         log_path = self.base_dir / f"rebuild-{int(time.time() * 1000)}.log"
         env = {
             **os.environ,
@@ -544,24 +556,20 @@ class FaultStack:
             "CQRS_MONGO_DATABASE": self.names.name,
             "CQRS_LOG_LEVEL": "INFO",
         }
-        args = ["rebuild", "--cutover", "--accept-differences", "--sample", "200", "--no-progress", "--json"]
         with log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "cqrsctl.main", *args, cwd=REPO_ROOT, env=env,
-                stdout=asyncio.subprocess.PIPE, stderr=log,
+                sys.executable, "-m", "cqrsctl.main", "rebuild", *args, "--no-progress", "--json", cwd=REPO_ROOT,
+                env=env, stdout=asyncio.subprocess.PIPE, stderr=log,
             )  # fmt: skip
             try:
                 out, _ = await asyncio.wait_for(process.communicate(), timeout)
             except TimeoutError:
                 process.kill()
                 await process.wait()
-                raise AssertionError(
-                    f"cqrs rebuild --cutover did not end within {timeout:.0f}s: {log_tail(log_path)}"
-                ) from None
+                raise AssertionError(f"{what} did not end within {timeout:.0f}s: {log_tail(log_path)}") from None
         if process.returncode != 0:
-            raise AssertionError(f"cqrs rebuild --cutover exited {process.returncode}: {log_tail(log_path)}")
+            raise AssertionError(f"{what} exited {process.returncode}: {log_tail(log_path)}")
         result: dict[str, Any] = json.loads(out)
-        assert result.get("cutover"), f"cqrs rebuild --cutover did not switch: {result}"
         return result
 
     # ---- teardown

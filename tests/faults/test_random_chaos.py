@@ -5,8 +5,9 @@ command_service or projector replica is restarted as a rolling deploy restarts i
 itself with exit 0), in whatever order and at whatever moment the draw gives, so a fault can land while the system
 is still recovering from the one before (a relay catching up, a partition being taken over, a redelivery in flight).
 Up to twice a run the draw also rebuilds the read model from PostgreSQL into a new generation and switches the
-projectors to it (`cqrs rebuild --cutover`, as an operator runs it): the faults after it land on the new generation,
-and the audit at the end checks the generation last switched to.
+projectors to it (`cqrs rebuild --cutover`, as an operator runs it), or, once a switch retired a generation, as
+often rolls back to that one (`cqrs rebuild --activate <N>`: the event store replayed into it under the load, then
+the same switch): the faults after it land on the generation switched to, and the audit at the end checks it.
 
 The draw comes from one seed, printed and named in every failure message (`CQRS_CHAOS_SEED` replays the sequence;
 the timing, and so the interleaving, still varies). `CQRS_CHAOS_SECONDS` makes the run longer, as a soak;
@@ -34,8 +35,8 @@ RECOVERY_TIMEOUT = 90.0  # commands acknowledged again after the last fault, on 
 # A replica told to stop (the fault stack's grace is 1 s) finishes its commands or batch in hand, gives its leases
 # back and exits within this, even right after another fault, on a busy two-core machine.
 GRACEFUL_EXIT_SECONDS = 30.0
-# Rebuilds with a cutover per run, and how long one may take (a ten-minute soak's last one reads ~80,000 events while
-# the load goes on, on two shared cores).
+# Switches per run (rebuilds with a cutover, or rollbacks), and how long one may take (a ten-minute soak's last
+# one reads ~80,000 events while the load goes on, on two shared cores).
 MAX_REBUILDS = 2
 REBUILD_TIMEOUT = 300.0
 # pytest-timeout's limit for this test (a soak outlasts the suite's 300 s): the faults, the catch-up on what they
@@ -115,11 +116,21 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
         return f"{server.name} paused {seconds:.1f}s"
 
     rebuilds: list[str] = []
+    retired: list[int] = []  # generations a switch of this run retired, the last one last
 
     async def rebuild_and_cut_over() -> str:
+        if retired and rng.random() < 0.5:  # an operator's rollback to the generation the last switch retired
+            back = await stack.activate(retired.pop(), REBUILD_TIMEOUT)
+            rebuilds.append(f"rollback to generation {back['generation']}")
+            retired.append(back["previous_generation"])
+            return (
+                f"rolled back to generation {back['generation']} ({back['events_applied']} events fed during the "
+                f"switch) and switched {back['writers']} projectors to it in {back['seconds']:.1f}s"
+            )
         result = await stack.rebuild_and_cut_over(REBUILD_TIMEOUT)
         switch = result["cutover"]
         rebuilds.append(f"generation {switch['generation']}")
+        retired.append(switch["previous_generation"])
         # Documents the comparison saw differ while both sides moved (the load's customers, the day's report).
         moving = Counter(d["collection"] for d in result["differences"])
         return (

@@ -43,7 +43,7 @@ from projector.planning import GAP, decode_recorded
 from projector.registry import PROJECTIONS, registry_versions
 from query_service.config import QuerySettings
 from query_service.server import RunningServer, start_query_server
-from tests.integration.test_rebuild import generation_doc, live, rebuild_config
+from tests.integration.test_rebuild import cli, generation_doc, live, rebuild_config
 from tests.integration.test_relay import ADDRESS, ctx
 from tests.integration.test_verify import System
 from tests.support import eventually, registered_customer
@@ -201,8 +201,10 @@ async def test_a_rollback_replays_the_retired_generation_and_a_dropped_one_is_go
 
     with pytest.raises(GenerationError, match="active"):
         await drop_generation(config, 2)
-    back = await activate(config, 1)  # the rollback: generation 1 gets what it missed from PostgreSQL
-    assert (back.generation, back.previous_generation, back.writers) == (1, 2, 1)
+    code, back = await cli(live, "--activate", "1")  # the rollback: generation 1 gets what it missed from PostgreSQL
+    assert code == 0, back
+    assert (back["generation"], back["previous_generation"], back["writers"]) == (1, 2, 1)
+    assert (back["database"], back["previous_database"]) == (base, f"{base}_g2")
     assert await live.db["orders"].find_one({"_id": written_in_g2}) is not None
     assert live.projector.database == base
     assert (await generation_doc(live, 2))["state"] == RETIRED
