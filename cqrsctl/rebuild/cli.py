@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from core.error_text import describe_error
 from core.metrics import start_metrics_server
 from cqrsctl.rebuild.cutover import CutoverResult
+from cqrsctl.rebuild.generations import ACTIVE
 from cqrsctl.rebuild.model import RebuildConfig, RebuildResult
 from cqrsctl.stores import StoreUnreachable
 
@@ -272,4 +273,12 @@ def render_status(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{'' if diffs is None else diffs:>6}  {updated.isoformat() if isinstance(updated, datetime) else ''}"
         )
     lines.append("* active (the generation the services use)")
+    pointer = next((row for row in rows if row.get("active")), None)
+    left = [row["generation"] for row in rows if row.get("state") == ACTIVE and not row.get("active")]
+    if pointer is not None and left:
+        old = ", ".join(map(str, left))
+        lines.append(
+            f"the switch to generation {pointer['generation']} gave up before it retired generation {old}: "
+            f"`cqrs rebuild --activate {pointer['generation']}` finishes it, `--activate {left[-1]}` goes back"
+        )
     return "\n".join(lines)

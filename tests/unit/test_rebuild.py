@@ -180,6 +180,18 @@ def test_status_shows_the_states_of_a_switch() -> None:
         (1, "retired", False), (2, "active", True), (3, "dropped", False),
     ]  # fmt: skip
     assert "2*db_g2" in render_status(rows)
+    assert "gave up" not in render_status(rows)
+
+
+def test_status_says_how_out_of_a_switch_that_gave_up() -> None:
+    docs = [
+        {"_id": 1, "database": "db", "state": "active"},  # not retired: the switch away from it gave up
+        {"_id": 2, "database": "db_g2", "state": "failed"},  # its tail failed after the switch
+        {"_id": "active", "generation": 2, "database": "db_g2"},
+    ]
+    text = render_status(status_rows(docs, "db"))
+    assert "2*db_g2" in text
+    assert "gave up before it retired generation 1: `cqrs rebuild --activate 2` finishes it, `--activate 1`" in text
 
 
 def test_progress_is_exported_as_metrics() -> None:
