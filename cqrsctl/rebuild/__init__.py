@@ -221,9 +221,9 @@ async def run_rebuild(
         return result
 
 
-async def activate(config: RebuildConfig, generation: int) -> CutoverResult:
+async def activate(config: RebuildConfig, generation: int, *, on_batch: BatchHook | None = None) -> CutoverResult:
     """Switches the services to an existing generation: a compared one, or a retired one (a rollback: the event
-    store is replayed into it first; the version guard skips what it has)."""
+    store is replayed into it first; the version guard skips what it has). `on_batch`: as for `run_rebuild`."""
     async with _connect(config) as conns:
         generations = Generations(conns.mongo[config.mongo_database], registry_versions())
         doc = await generations.get(generation)
@@ -241,7 +241,7 @@ async def activate(config: RebuildConfig, generation: int) -> CutoverResult:
         reader = EventReader(conns.pool, config.timeout_seconds)
         builder = Builder(
             conns.mongo[str(doc["database"])], PROJECTIONS, reader, generations, generation,
-            batch_size=config.batch_size,
+            batch_size=config.batch_size, on_batch=on_batch,
         )  # fmt: skip
         await builder.prepare()
         return await cut_over(

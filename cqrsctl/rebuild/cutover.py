@@ -4,7 +4,8 @@ The projectors and the query services follow the active-generation document (`co
 every `CQRS_GENERATION_POLL_SECONDS` and moves to the new database between two batches (projector) or two queries
 (query service). The switch:
 
-1. a *tailer* keeps the target generation current from PostgreSQL (the rebuild's own reader and pipeline, every
+1. a *tailer* catches the target generation up from PostgreSQL (the rebuild's own reader and pipeline; passes
+   until one is short: a rollback's first replays the whole store), then keeps it current (every
    `TAIL_PAUSE_SECONDS`) during the whole switch;
 2. the active document is set to the target: readers and writers follow within one poll interval;
 3. wait until every live projector reported (heartbeat) that it writes the target: from then on, no projector
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 
 # The tailer's pause between passes once caught up.
 TAIL_PAUSE_SECONDS = 0.1
+# Catching the target up before the switch: passes until one takes less than this, at most this many.
+SHORT_PASS_SECONDS = 1.0
+MAX_PASSES_BEFORE_THE_SWITCH = 10
 # How often the writers' heartbeats and the database's oldest transaction are checked while waiting.
 WAIT_PAUSE_SECONDS = 0.2
 
@@ -133,7 +137,7 @@ async def cut_over(
     previous = replaced[0] if current.generation == number else await generations.get(current.generation)
     assert previous is not None  # record_of made it
     tailer = _Tailer(builder, Cursor.from_document(target.get("cursor")), int(target.get("position") or 0))
-    await tailer.drain()  # caught up before anyone reads it
+    await _caught_up(tailer)  # before anyone reads it
     tailer = _Tailer(builder, tailer.cursor, tailer.position)
     tailer.start()
     try:
@@ -170,6 +174,19 @@ def _gave_up(exc: Exception, number: int, previous: int) -> str:
         f"is not retired): once the cause is fixed (`cqrs dead-letters list` shows what a failed feed parked), run "
         f"`cqrs rebuild --activate {number}` to finish the switch, or `cqrs rebuild --activate {previous}` to go back"
     )
+
+
+async def _caught_up(tailer: _Tailer) -> None:
+    """Passes of the tailer until one is short. A pass reads up to the transactions open when it began, and a
+    rollback's first one replays the whole store into the retired generation: what was committed meanwhile would be
+    left to the switch, and the services would move to a generation that far behind (read-your-writes queries
+    waiting for it, the others reading older states). Bounded: a load faster than the generation can take never
+    gives a short pass."""
+    for _ in range(MAX_PASSES_BEFORE_THE_SWITCH):
+        started = time.monotonic()
+        await tailer.drain()
+        if time.monotonic() - started < SHORT_PASS_SECONDS:
+            return
 
 
 async def _wait_for_writers(generations: Generations, number: int, ttl: float, timeout: float) -> int:

@@ -218,6 +218,27 @@ async def test_a_rollback_replays_the_retired_generation_and_a_dropped_one_is_go
         await activate(config, 2)
 
 
+async def test_a_rollback_catches_up_on_what_was_committed_while_it_replayed_before_it_switches(live: System) -> None:
+    """A rollback's first pass replays the whole event store into the retired generation, and commands go on
+    meanwhile. The services must not switch to the generation before it caught up on those too: fails if the
+    tailer still had them to feed once the active document moved (the switch's `events_applied`)."""
+    config = rebuild_config(live, cutover=True, batch_size=5)
+    first = await run_rebuild(config)
+    assert first.cutover is not None
+    during_the_replay: list[str] = []
+
+    async def commands_meanwhile(batches: int) -> None:
+        if len(during_the_replay) < 3:  # the first batches of the replay: the pass that reads them began before
+            during_the_replay.append(await one_more_order(live))
+
+    back = await activate(config, 1, on_batch=commands_meanwhile)
+    assert len(during_the_replay) == 3
+    assert (back.generation, back.previous_generation) == (1, 2)
+    assert back.events_applied == 0, "the services switched to a generation still behind the commits of its replay"
+    orders = live.db["orders"]
+    assert await orders.count_documents({"_id": {"$in": during_the_replay}}) == 3
+
+
 async def test_a_cutover_waits_for_a_projector_that_has_not_moved(live: System) -> None:
     """A live writer heartbeat still naming the old generation holds the switch (a projector that keeps
     writing generation 1 would take its events away from the new one); the switch gives up, saying who."""
