@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 
 # The tailer's pause between passes once caught up.
 TAIL_PAUSE_SECONDS = 0.1
-# Catching the target up before the switch: passes until one takes less than this, at most this many.
-SHORT_PASS_SECONDS = 1.0
+# Catching the target up before the switch: passes until one applies nothing (or no fewer events than the one
+# before), at most this many.
 MAX_PASSES_BEFORE_THE_SWITCH = 10
 # How often the writers' heartbeats and the database's oldest transaction are checked while waiting.
 WAIT_PAUSE_SECONDS = 0.2
@@ -177,16 +177,20 @@ def _gave_up(exc: Exception, number: int, previous: int) -> str:
 
 
 async def _caught_up(tailer: _Tailer) -> None:
-    """Passes of the tailer until one is short. A pass reads up to the transactions open when it began, and a
+    """Passes of the tailer until one finds nothing new. A pass reads up to the transactions open when it began, and a
     rollback's first one replays the whole store into the retired generation: what was committed meanwhile would be
     left to the switch, and the services would move to a generation that far behind (read-your-writes queries
-    waiting for it, the others reading older states). Bounded: a load faster than the generation can take never
-    gives a short pass."""
+    waiting for it, the others reading older states). Each pass takes what came during the one before, so passes
+    shrink while the generation takes events faster than they are committed; one that did not (a load faster than
+    the generation can take) ends it, as does `MAX_PASSES_BEFORE_THE_SWITCH`."""
+    previous: int | None = None
     for _ in range(MAX_PASSES_BEFORE_THE_SWITCH):
-        started = time.monotonic()
+        before = tailer.applied
         await tailer.drain()
-        if time.monotonic() - started < SHORT_PASS_SECONDS:
+        applied = tailer.applied - before
+        if applied == 0 or (previous is not None and applied >= previous):
             return
+        previous = applied
 
 
 async def _wait_for_writers(generations: Generations, number: int, ttl: float, timeout: float) -> int:
