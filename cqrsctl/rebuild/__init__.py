@@ -222,8 +222,9 @@ async def run_rebuild(
 
 
 async def activate(config: RebuildConfig, generation: int, *, on_batch: BatchHook | None = None) -> CutoverResult:
-    """Switches the services to an existing generation: a compared one, or a retired one (a rollback: the event
-    store is replayed into it first; the version guard skips what it has). `on_batch`: as for `run_rebuild`."""
+    """Switches the services to an existing generation: a compared one, or a retired one (a rollback: what was
+    committed since the switch to it is replayed into it first; the version guard skips what it has).
+    `on_batch`: as for `run_rebuild`."""
     async with _connect(config) as conns:
         generations = Generations(conns.mongo[config.mongo_database], registry_versions())
         doc = await generations.get(generation)

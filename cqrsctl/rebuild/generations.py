@@ -170,8 +170,11 @@ class Generations:
         return [doc async for doc in self._col.find({"state": ACTIVE, "_id": {"$ne": besides}}).sort("_id", 1)]
 
     async def retire(self, generation: int) -> None:
-        """The generation stopped being written: kept for a rollback, which replays the event store into it."""
-        await self.set_state(generation, RETIRED, retired_at=datetime.now(UTC), cursor=Cursor().to_document())
+        """The generation stopped being written: kept for a rollback, which replays the event store into it from
+        its cursor. That stays where the switch to it left it (every event before it was fed by the tailer; the
+        projectors fed it later ones, perhaps not all before they moved away): a rollback replays what came since,
+        not the whole store. Generation 1 was never switched to: its cursor is the store's start."""
+        await self.set_state(generation, RETIRED, retired_at=datetime.now(UTC))
 
     async def retired_before(self, when: datetime) -> list[Doc]:
         return [doc async for doc in self._col.find({"state": RETIRED, "retired_at": {"$lt": when}})]
