@@ -242,7 +242,7 @@ async def activate(config: RebuildConfig, generation: int, *, on_batch: BatchHoo
         reader = EventReader(conns.pool, config.timeout_seconds)
         builder = Builder(
             conns.mongo[str(doc["database"])], PROJECTIONS, reader, generations, generation,
-            batch_size=config.batch_size, on_batch=on_batch,
+            batch_size=config.batch_size, on_batch=on_batch, replay=state == RETIRED,
         )  # fmt: skip
         await builder.prepare()
         return await cut_over(

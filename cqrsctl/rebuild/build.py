@@ -82,7 +82,11 @@ class Builder:
         batch_size: int,
         decoder: Decoder = decode_event,
         on_batch: BatchHook | None = None,
+        replay: bool = False,
     ) -> None:
+        """`replay`: the generation already holds most of what the reader will bring (a rollback to a retired
+        generation): each batch's checkpoints are read first and only the events above them are applied, instead
+        of every stream's document being loaded to find that out."""
         self.projections: Mapping[str, Projection] = {p.stream_type: p for p in projections}
         self.pipeline = Pipeline(
             database,
@@ -98,6 +102,7 @@ class Builder:
         self._batch_size = batch_size
         self._decoder = decoder
         self._on_batch = on_batch
+        self._replay = replay
         self._repairer = Repairer(self.pipeline, decoder)
         self.batches = 0
 
@@ -132,7 +137,8 @@ class Builder:
             batch = await self._reader.next_batch(cursor, self._batch_size, before_xact=before_xact)
             if not batch.events:
                 return cursor, position, applied, time.monotonic() - started
-            decoded = decode_recorded(batch.events, self.projections, self._decoder)
+            events = await self._not_applied(batch.events) if self._replay else batch.events
+            decoded = decode_recorded(events, self.projections, self._decoder)
             outcome = await self.pipeline.apply(decoded)
             if concurrent_writers:
                 await self._resume_parked(outcome, batch.events)
@@ -154,6 +160,12 @@ class Builder:
             if self._on_batch is not None:
                 await self._on_batch(self.batches)
         return cursor, position, applied, time.monotonic() - started
+
+    async def _not_applied(self, events: list[RecordedEvent]) -> list[RecordedEvent]:
+        """The events above their stream's checkpoint in the generation (those at or below it are duplicates, which
+        the pipeline would skip after loading their documents)."""
+        states = await self.pipeline.parks.states({e.stream_id for e in events})
+        return [e for e in events if e.stream_id not in states or e.version > states[e.stream_id].checkpoint]
 
     async def _resume_parked(self, outcome: BatchOutcome, events: Sequence[RecordedEvent]) -> None:
         """During a cutover the projectors write the generation too, which parks streams two ways that the tail's
