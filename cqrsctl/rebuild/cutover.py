@@ -5,7 +5,7 @@ every `CQRS_GENERATION_POLL_SECONDS` and moves to the new database between two b
 (query service). The switch:
 
 1. a *tailer* catches the target generation up from PostgreSQL (the rebuild's own reader and pipeline; passes
-   until one is short: a rollback's first replays the whole store), then keeps it current (every
+   until one finds nothing new: a rollback's first replays the whole store), then keeps it current (every
    `TAIL_PAUSE_SECONDS`) during the whole switch;
 2. the active document is set to the target: readers and writers follow within one poll interval;
 3. wait until every live projector reported (heartbeat) that it writes the target: from then on, no projector
