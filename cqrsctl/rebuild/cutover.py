@@ -52,9 +52,10 @@ log = logging.getLogger(__name__)
 
 # The tailer's pause between passes once caught up.
 TAIL_PAUSE_SECONDS = 0.1
-# Catching the target up before the switch: passes until one applies nothing (or no fewer events than the one
-# before), at most this many.
-MAX_PASSES_BEFORE_THE_SWITCH = 10
+# Catching the target up before the switch: passes until one applies nothing, or fails to halve the one before
+# (a load close to what the generation can take: the passes would go on shrinking slowly for minutes), at most
+# this many. What is left is fed by the tailer during the switch.
+MAX_PASSES_BEFORE_THE_SWITCH = 4
 # How often the writers' heartbeats and the database's oldest transaction are checked while waiting.
 WAIT_PAUSE_SECONDS = 0.2
 
@@ -181,14 +182,16 @@ async def _caught_up(tailer: _Tailer) -> None:
     rollback's first one replays the whole store into the retired generation: what was committed meanwhile would be
     left to the switch, and the services would move to a generation that far behind (read-your-writes queries
     waiting for it, the others reading older states). Each pass takes what came during the one before, so passes
-    shrink while the generation takes events faster than they are committed; one that did not (a load faster than
-    the generation can take) ends it, as does `MAX_PASSES_BEFORE_THE_SWITCH`."""
+    shrink while the generation takes events faster than they are committed. One that did not take at most half of
+    what the one before took ends it (under a load close to what the generation can take, the passes would shrink
+    by a few percent each, the switch held for minutes), as does `MAX_PASSES_BEFORE_THE_SWITCH`; the tailer feeds
+    the rest during the switch."""
     previous: int | None = None
     for _ in range(MAX_PASSES_BEFORE_THE_SWITCH):
         before = tailer.applied
         await tailer.drain()
         applied = tailer.applied - before
-        if applied == 0 or (previous is not None and applied >= previous):
+        if applied == 0 or (previous is not None and 2 * applied > previous):
             return
         previous = applied
 

@@ -1,4 +1,5 @@
-"""The pure parts of `cqrs rebuild`: ignored fields, document comparison, outcome problems, status rows, ETA."""
+"""The pure parts of `cqrs rebuild`: ignored fields, document comparison, outcome problems, status rows, ETA, when
+the catch-up before a switch stops."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from core.generations import LEGACY_VERSIONS, database_name
 from cqrsctl.main import build_parser
 from cqrsctl.rebuild.build import only_conflicts, problems
 from cqrsctl.rebuild.cli import config_from_args, render_json, render_status, render_text
-from cqrsctl.rebuild.cutover import CutoverResult
+from cqrsctl.rebuild.cutover import MAX_PASSES_BEFORE_THE_SWITCH, CutoverResult, _caught_up
 from cqrsctl.rebuild.generations import status_rows
 from cqrsctl.rebuild.model import RebuildResult, changed_components
 from cqrsctl.rebuild.progress import RebuildMetrics, RebuildProgress, eta_text
@@ -234,3 +235,28 @@ def test_only_differences_explained_by_the_live_side_lagging_are_live_behind() -
     assert difference is not None and difference.live_behind
     difference = compare_documents("customers", "c", lagging, None, ignored)
     assert difference is not None and not difference.live_behind
+
+
+class _PassesOf:
+    """A tailer whose passes apply the given numbers of events, in order (the catch-up only counts them)."""
+
+    def __init__(self, *passes: int) -> None:
+        self.applied, self.passes, self._left = 0, 0, list(passes)
+
+    async def drain(self) -> None:
+        self.passes += 1
+        self.applied += self._left.pop(0)
+
+
+async def test_the_catch_up_before_a_switch_stops_at_a_pass_that_finds_nothing_or_does_not_halve_the_last() -> None:
+    """Under a load close to what the generation can take, each pass is a little shorter than the one before: the
+    switch would be held for minutes (a soak's rebuild timed out so). The rest is the tailer's during the switch."""
+    for passes, expected in [
+        ((2329, 6, 0), 3),  # caught up
+        ((12000, 11000, 10000, 9000), 2),  # barely shrinking: one more pass proves it, then switch
+        ((12000, 6000, 3100), 3),
+        ((12000, 6000, 3000, 1500, 750, 300), MAX_PASSES_BEFORE_THE_SWITCH),
+    ]:
+        tailer = _PassesOf(*passes)
+        await _caught_up(tailer)  # type: ignore[arg-type]
+        assert tailer.passes == expected, passes
