@@ -116,17 +116,22 @@ def day_of(at: dt.datetime) -> str:
     return at.astimezone(dt.UTC).date().isoformat()
 
 
-def facts_of(order: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(kind, day) of each fact an order document contributes: its placement, then its cancellation if it was
+def fact_instants(order: Mapping[str, Any]) -> list[tuple[str, dt.datetime]]:
+    """(kind, instant) of each fact an order document contributes: its placement, then its cancellation if it was
     cancelled after being placed; nothing for a draft (cancelled or not)."""
     placed_at = order.get("placed_at")
     if not isinstance(placed_at, dt.datetime):
         return []
-    facts = [(PLACED, day_of(placed_at))]
+    facts = [(PLACED, placed_at)]
     cancelled_at = order.get("cancelled_at")
     if isinstance(cancelled_at, dt.datetime):
-        facts.append((CANCELLED, day_of(cancelled_at)))
+        facts.append((CANCELLED, cancelled_at))
     return facts
+
+
+def facts_of(order: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(kind, day) of each fact an order document contributes (`fact_instants`, by UTC day)."""
+    return [(kind, day_of(at)) for kind, at in fact_instants(order)]
 
 
 def keys_of_order(order: Mapping[str, Any] | None) -> tuple[str, ...]:
@@ -229,15 +234,21 @@ def _row(key: SalesKey, kind: str, sku: str | None, orders: int, quantity: int, 
 
 
 def order_rows(order: Mapping[str, Any]) -> list[Row]:
-    """The ungrouped rows one order document contributes: what `sales_rows_pipeline` sums, per order (pure)."""
+    """The ungrouped rows one order document contributes, every fact's (pure)."""
+    return [row for _, rows in fact_rows(order) for row in rows]
+
+
+def fact_rows(order: Mapping[str, Any]) -> list[tuple[dt.datetime, list[Row]]]:
+    """Each fact of an order document with its instant and its rows (pure)."""
     currency = str(order.get("currency") or "")
-    rows: list[Row] = []
-    for kind, day in facts_of(order):
-        key = SalesKey(day, currency)
-        rows.append(_row(key, kind, None, 1, 0, int(order.get("total_minor") or 0)))
+    facts: list[tuple[dt.datetime, list[Row]]] = []
+    for kind, at in fact_instants(order):
+        key = SalesKey(day_of(at), currency)
+        rows = [_row(key, kind, None, 1, 0, int(order.get("total_minor") or 0))]
         for line in order.get("lines") or ():
             rows.append(_row(key, kind, str(line["sku"]), 0, int(line["quantity"]), int(line["line_total_minor"])))
-    return rows
+        facts.append((at, rows))
+    return facts
 
 
 class SalesRowGroups:
@@ -264,7 +275,7 @@ class SalesRowGroups:
 
 
 def rows_from_orders(orders: Iterable[Mapping[str, Any]], keys: Iterable[SalesKey] | None = None) -> list[Row]:
-    """The `$group` rows of `sales_rows_pipeline(keys)` computed from order documents in Python (pure)."""
+    """The rows of these order documents summed by day, currency, kind and SKU (pure); only those of `keys` if given."""
     groups = SalesRowGroups()
     for order in orders:
         groups.add(order_rows(order))

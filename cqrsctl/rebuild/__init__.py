@@ -7,7 +7,9 @@
    before that resumes and computes them then);
 3. caught up: the reader found no more final events;
 4. shadow compare with the active generation (`cqrsctl.rebuild.shadow`); differences that may be in flight (one
-   side behind the other) are re-checked after catching up again, for up to `settle_seconds`. The collections
+   side behind the other) are re-checked after catching up again, for up to `settle_seconds`; a derived document
+   left differing (a hot key) is taken out when each side equals this release's fold of its own sources
+   (`cqrsctl.rebuild.hot_keys`). The collections
    of projections and views whose version changed since the active generation was built are not compared
    (they are meant to differ: that is why they were rebuilt);
 5. with `cutover`, when no document differs (or `accept_differences`): the services switch to the new generation
@@ -51,6 +53,7 @@ from cqrsctl.rebuild.generations import (
     Generations,
     status_rows,
 )
+from cqrsctl.rebuild.hot_keys import held_on_each_side
 from cqrsctl.rebuild.model import BOOKKEEPING_FIELDS, RebuildConfig, RebuildResult, changed_components
 from cqrsctl.rebuild.progress import RebuildMetrics, RebuildProgress
 from cqrsctl.rebuild.reader import Cursor, EventReader
@@ -194,6 +197,9 @@ async def run_rebuild(
             result.events_applied += more
 
         differences = await _settle(comparer, compared.differences, catch_up, config.settle_seconds)
+        differences, result.hot_keys_in_flight = await held_on_each_side(
+            differences, conns.mongo[result.live_database], conns.mongo[result.database], ignored
+        )
         result.position = position
         result.documents_compared = compared.documents_compared
         result.difference_count = len(differences)

@@ -193,6 +193,7 @@ def result_document(result: RebuildResult, accepted: bool) -> dict[str, Any]:
         "equal": result.equal,
         "accepted": accepted and not result.equal,
         "difference_count": result.difference_count,
+        "hot_keys_in_flight": result.hot_keys_in_flight,
         "differences": [
             {
                 "collection": d.collection,
@@ -246,6 +247,11 @@ def render_text(result: RebuildResult) -> str:
     ]
     if result.skipped_collections:
         lines.append(f"not compared (changed projections): {', '.join(result.skipped_collections)}")
+    if result.hot_keys_in_flight:
+        lines.append(
+            f"{result.hot_keys_in_flight} derived document(s) kept changing (hot keys); each side equals the fold of "
+            "its own sources"
+        )
     tail = ([render_cutover(result.cutover)] if result.cutover is not None else []) + (
         [f"dropped retired generation(s) {', '.join(map(str, result.dropped))}"] if result.dropped else []
     )

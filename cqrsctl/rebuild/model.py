@@ -89,6 +89,8 @@ class RebuildResult:
     documents_compared: int = 0
     differences: list[Difference] = field(default_factory=list)
     difference_count: int = 0
+    # Derived documents that differed to the end (hot keys) but equal, on each side, the fold of that side's sources.
+    hot_keys_in_flight: int = 0
     ignored_fields: tuple[str, ...] = ()
     sampled: int | None = None
     skipped_collections: tuple[str, ...] = ()  # written by changed projections: not compared
