@@ -1,238 +1,32 @@
-"""Hot keys: derived documents that never hold still under load, checked on each side against that side's sources.
-
-A busy customer's order statistics, today's sales report and the customer fields copied onto orders change with
-every batch that touches them, so on a busy system the live read model and the generation are seldom at the same
-point when the comparison reads them, and its re-checks (`cqrsctl.rebuild._settle`) may never see them equal: the
-live projector jumps past the generation's state between two reads. Such a document is still checkable: it is a
-function of other documents of its own side (the orders of the customer or of the day, the order's customer),
-which the comparison checks one by one against the other side's. So each side's document is read, then its
-sources right after, and this release's fold of those sources (the projector's own code) must equal it; a batch
-landing between the two reads only makes that attempt inconclusive, and it is tried again. A difference whose two
-sides each equal their own sources' fold is in flight, not a fault of either side; any other stays reported.
-
-The sales report of a busy day would seldom hold still while its day's orders are read (a read that grows with
-them): it is checked against the fold of as many of the facts read as it counts (`report_version`), the latest
-ones left out, since the facts of the batches in flight are the latest (`_sales_reports`).
-
-Only differences in a view's own fields are taken: a customer whose registration fields differ is the customer
-stream's business, which this check cannot settle.
-"""
+"""Hot keys in the shadow comparison: a derived document that still differs once the re-checks ran out is in flight
+when each side equals this release's fold of its own sources (`cqrsctl.verify.own_sources`)."""
 
 from __future__ import annotations
 
-import asyncio
-import heapq
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Final
+from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from core.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
-from core.projections.orders import COLLECTION as ORDERS_COLLECTION
-from core.projections.sales import (
-    REPORT_VERSION_FIELD,
-    SALES_COLLECTION,
-    Row,
-    SalesRowGroups,
-    fact_rows,
-    parse_key,
-    sales_documents,
-)
 from cqrsctl.rebuild.shadow import MISSING_IN_GENERATION, MISSING_IN_LIVE, Difference, IgnoredFields
-from cqrsctl.verify.compare import diff_documents
-from projector.customer_views import order_stats_from_groups, order_stats_pipeline
-from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, SALES_REPORT
-
-Doc = dict[str, Any]
-Database = AsyncDatabase[Doc]
-
-# Attempts per side, and the pause between two: a side is caught between two of its batches within a few tries
-# (its document and sources are read within milliseconds; a busy projector writes a hot key every batch).
-ATTEMPTS: Final = 40
-PAUSE_SECONDS: Final = 0.05
-
-# A report's latest facts kept to be taken out again (those of the batches in flight when it was read): bounds a
-# check's memory whatever the day's orders (a few MB).
-LATE_FACTS_KEPT: Final = 5000
-# What of an order its sales facts are made of.
-_FACT_FIELDS: Final = dict.fromkeys(
-    ("currency", "placed_at", "cancelled_at", "total_minor", "lines.sku", "lines.quantity", "lines.line_total_minor"), 1
-)
-
-# The ids of one collection's documents that equal this release's fold of their sources, read right after them.
-SideCheck = Callable[[Database, Sequence[str], IgnoredFields], Awaitable[set[str]]]
-
-
-@dataclass(frozen=True, slots=True)
-class HotKeyView:
-    collection: str
-    fields: frozenset[str]  # the view's fields there: a difference only in these is the view's
-    owns_collection: bool  # whole documents are the view's (a missing one too)
-    check: SideCheck
-
-
-def _differs(collection: str, stored: Mapping[str, Any] | None, folded: Mapping[str, Any] | None,
-             ignored: IgnoredFields) -> bool:  # fmt: skip
-    if stored is None or folded is None:
-        return (stored is None) != (folded is None)
-    return any(not ignored.ignores(collection, d.path) for d in diff_documents(folded, stored))
-
-
-async def _by_id(database: Database, collection: str, ids: Iterable[str], fields: Iterable[str]) -> dict[str, Doc]:
-    wanted = sorted(set(ids))
-    cursor = database[collection].find({"_id": {"$in": wanted}}, dict.fromkeys(fields, 1))
-    return {str(doc["_id"]): doc async for doc in cursor}
-
-
-async def _order_stats(database: Database, ids: Sequence[str], ignored: IgnoredFields) -> set[str]:
-    """The customers whose statistics are the projector's recompute from their orders as stored right after."""
-    stored = await _by_id(database, CUSTOMERS_COLLECTION, ids, ["order_stats"])
-    present = [customer_id for customer_id in ids if customer_id in stored]
-    cursor = await database[ORDERS_COLLECTION].aggregate(order_stats_pipeline(present))
-    folded = order_stats_from_groups(present, [row async for row in cursor])
-    return {
-        customer_id for customer_id in present
-        if not _differs(CUSTOMERS_COLLECTION, {"order_stats": stored[customer_id].get("order_stats")},
-                        {"order_stats": folded[customer_id].stats}, ignored)
-    }  # fmt: skip
-
-
-_CUSTOMER_FIELDS: Final = {"customer_name": "name", "customer_email": "email", "customer_version": "version"}
-
-
-async def _customer_fields(database: Database, ids: Sequence[str], ignored: IgnoredFields) -> set[str]:
-    """The orders whose copied customer fields are those of their customer's document as stored right after."""
-    orders = await _by_id(database, ORDERS_COLLECTION, ids, ["customer_id", *_CUSTOMER_FIELDS])
-    customer_ids = {str(order.get("customer_id")) for order in orders.values()}
-    customers = await _by_id(database, CUSTOMERS_COLLECTION, customer_ids, _CUSTOMER_FIELDS.values())
-    held: set[str] = set()
-    for order_id, order in orders.items():
-        customer = customers.get(str(order.get("customer_id")))
-        copied = {field: order.get(field) for field in _CUSTOMER_FIELDS}
-        source = {field: (customer or {}).get(name) for field, name in _CUSTOMER_FIELDS.items()}
-        if customer is not None and not _differs(ORDERS_COLLECTION, copied, source, ignored):
-            held.add(order_id)
-    return held
-
-
-async def _sales_reports(database: Database, ids: Sequence[str], ignored: IgnoredFields) -> set[str]:
-    """The report documents that are the fold of the first `report_version` facts (by instant) of the orders placed
-    or cancelled on their day in their currency, read right after them; a report with no such fact must not exist.
-
-    The facts it does not count yet are those of the batches in flight, the latest ones: facts only ever come, the
-    orders are read after the report, so they hold every fact it counts. A fact the report lost is taken for one in
-    flight only while it is among the latest."""
-    held: set[str] = set()
-    for key_id in ids:
-        key = parse_key(key_id)
-        if key is None:
-            continue
-        report = await database[SALES_COLLECTION].find_one({"_id": key_id})
-        counted = int((report or {}).get(REPORT_VERSION_FIELD) or 0)
-        start, end = key.window()
-        window = {"$gte": start, "$lt": end}
-        orders = database[ORDERS_COLLECTION].find(
-            {"currency": key.currency, "$or": [{"placed_at": window}, {"cancelled_at": window}]}, _FACT_FIELDS
-        )
-        groups, latest, facts = SalesRowGroups(), _Latest(LATE_FACTS_KEPT), 0
-        async for order in orders:
-            for at, rows in fact_rows(order):
-                if start <= at < end:
-                    groups.add(rows)
-                    latest.add(at, rows)
-                    facts += 1
-        late = facts - counted
-        if report is not None and 0 < late <= LATE_FACTS_KEPT:
-            for rows in latest.newest(late):
-                groups.add(_minus(rows))
-        elif late != 0:
-            continue  # more facts in flight than kept, or a report missing while its day has facts: not held
-        # A SKU whose every fact was taken out again is not in the report (no line has a quantity of 0).
-        rows = [row for row in groups.rows([key]) if row["orders"] or row["quantity"] or row["revenue_minor"]]
-        folded = sales_documents(rows).get(key_id)
-        if not _differs(SALES_COLLECTION, report, folded, ignored):
-            held.add(key_id)
-    return held
-
-
-class _Latest:
-    """The `size` latest facts seen (instant, rows), in bounded memory."""
-
-    def __init__(self, size: int) -> None:
-        self._size, self._heap, self._seen = size, list[tuple[datetime, int, list[Row]]](), 0
-
-    def add(self, at: datetime, rows: list[Row]) -> None:
-        self._seen += 1
-        heapq.heappush(self._heap, (at, self._seen, rows))
-        if len(self._heap) > self._size:
-            heapq.heappop(self._heap)
-
-    def newest(self, count: int) -> list[list[Row]]:
-        return [rows for _, _, rows in heapq.nlargest(count, self._heap)]
-
-
-def _minus(rows: list[Row]) -> list[Row]:
-    """Rows that take these out of a sum again."""
-    return [{**row, "orders": -row["orders"], "quantity": -row["quantity"], "revenue_minor": -row["revenue_minor"]}
-            for row in rows]  # fmt: skip
-
-
-# One per derived view of `projector.registry.VIEWS` (a test checks none is missing).
-HOT_KEY_VIEWS: Final = {
-    CUSTOMER_ORDER_STATS.name: HotKeyView(CUSTOMER_ORDER_STATS.collection, CUSTOMER_ORDER_STATS.fields, False,
-                                          _order_stats),
-    ORDER_CUSTOMER_FIELDS.name: HotKeyView(ORDER_CUSTOMER_FIELDS.collection, ORDER_CUSTOMER_FIELDS.fields, False,
-                                           _customer_fields),
-    SALES_REPORT.name: HotKeyView(SALES_REPORT.collection, SALES_REPORT.fields, True, _sales_reports),
-}  # fmt: skip
-
-
-def _view_of(difference: Difference) -> str | None:
-    """The view a difference lies entirely in (its name), if any."""
-    for name, view in HOT_KEY_VIEWS.items():
-        if view.collection != difference.collection:
-            continue
-        if view.owns_collection:
-            return name
-        both_there = difference.kind not in (MISSING_IN_LIVE, MISSING_IN_GENERATION)
-        if both_there and difference.fields and all(d.path.partition(".")[0] in view.fields for d in difference.fields):
-            return name
-    return None
+from cqrsctl.verify.own_sources import ATTEMPTS, DERIVED_CHECKS, PAUSE_SECONDS, held_on_own_sources, view_of
 
 
 async def held_on_each_side(
-    differences: list[Difference], live: Database, generation: Database, ignored: IgnoredFields,
-    *, attempts: int = ATTEMPTS, pause: float = PAUSE_SECONDS,
+    differences: list[Difference], live: AsyncDatabase[dict[str, Any]], generation: AsyncDatabase[dict[str, Any]],
+    ignored: IgnoredFields, *, attempts: int = ATTEMPTS, pause: float = PAUSE_SECONDS,
 ) -> tuple[list[Difference], int]:  # fmt: skip
     """The differences left once those in a derived view's fields whose two sides each equal the fold of their own
     sources are taken out, and how many were."""
     by_view: dict[str, list[str]] = {}
-    for difference in differences:
-        if (name := _view_of(difference)) is not None:
-            by_view.setdefault(name, []).append(difference.doc_id)
+    for d in differences:
+        both_present = d.kind not in (MISSING_IN_LIVE, MISSING_IN_GENERATION)
+        if (name := view_of(d.collection, (f.path for f in d.fields), both_present)) is not None:
+            by_view.setdefault(name, []).append(d.doc_id)
     explained: set[tuple[str, str]] = set()
     for name, ids in by_view.items():
-        view = HOT_KEY_VIEWS[name]
-        held = await _held(view, live, ids, ignored, attempts, pause)
-        held = await _held(view, generation, sorted(held), ignored, attempts, pause)
-        explained.update((view.collection, doc_id) for doc_id in held)
+        held = await held_on_own_sources(name, live, ids, ignored.ignores, attempts=attempts, pause=pause)
+        held = await held_on_own_sources(name, generation, sorted(held), ignored.ignores, attempts=attempts,
+                                         pause=pause)  # fmt: skip
+        explained.update((DERIVED_CHECKS[name].collection, doc_id) for doc_id in held)
     left = [d for d in differences if (d.collection, d.doc_id) not in explained]
     return left, len(differences) - len(left)
-
-
-async def _held(
-    view: HotKeyView, database: Database, ids: Sequence[str], ignored: IgnoredFields, attempts: int, pause: float
-) -> set[str]:
-    """The ids whose documents equalled their sources' fold at one attempt or another."""
-    held: set[str] = set()
-    left = list(ids)
-    for attempt in range(attempts):
-        if not left:
-            break
-        if attempt:
-            await asyncio.sleep(pause)
-        held |= await view.check(database, left, ignored)
-        left = [doc_id for doc_id in left if doc_id not in held]
-    return held

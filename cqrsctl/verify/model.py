@@ -116,6 +116,9 @@ class VerifyResult:
     # Messages carrying an event already seen in the stream (a re-publish after the duplicate window): harmless.
     duplicate_messages: int = 0
     settle_rounds: int = 0
+    # Derived documents (hot keys) whose sources never all caught up while re-checked, each equal to this
+    # release's fold of its sources as stored: in flight, not findings.
+    hot_keys_in_flight: int = 0
     elapsed_seconds: float = 0.0
     repairs: list[Repair] = field(default_factory=list)
     # Wall-clock seconds per phase (stream, events, orphans, settle, outbox, dead_letters).

@@ -56,6 +56,7 @@ def to_json_dict(result: VerifyResult) -> dict[str, Any]:
         "expired_events": result.expired_events,
         "duplicate_messages": result.duplicate_messages,
         "settle_rounds": result.settle_rounds,
+        "hot_keys_in_flight": result.hot_keys_in_flight,
         "elapsed_seconds": round(result.elapsed_seconds, 3),
         "events_per_second": round(result.events_per_second, 1),
         "phase_seconds": result.phase_seconds,
@@ -84,6 +85,11 @@ def render_text(result: VerifyResult) -> str:
         lines.append(f"{result.expired_events:,} events are older than the stream's retention (not errors)")
     if result.duplicate_messages:
         lines.append(f"{result.duplicate_messages:,} events are in the stream more than once (harmless)")
+    if result.hot_keys_in_flight:
+        lines.append(
+            f"{result.hot_keys_in_flight:,} derived documents kept changing (hot keys); each equals the fold of its "
+            "sources as stored"
+        )
     for finding in result.findings:
         where = f" {finding.collection}" if finding.collection else ""
         lines.append(f"{finding.kind}{where} {finding.stream_id}: {finding.detail}".replace("  ", " "))

@@ -17,6 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from command_service.event_store import recorded_event_from_row
 from core.envelope import RecordedEvent
 from cqrsctl.verify.model import Document
+from cqrsctl.verify.own_sources import held_on_own_sources
 from projector.checkpoints import COLLECTION as CHECKPOINTS
 from projector.dead_letters import COLLECTION as DEAD_LETTERS
 from projector.parking import PARKED
@@ -244,11 +245,20 @@ class SortedReader:
         await self._cursor.close()
 
 
+def _ignore_nothing(_collection: str, _path: str) -> bool:
+    return False
+
+
 class ReadModelReader:
     """Reads documents and checkpoints by id, and walks a collection's ids in `_id` order."""
 
     def __init__(self, database: AsyncDatabase[Document]) -> None:
         self._db = database
+
+    async def held_on_own_sources(self, view: str, ids: Sequence[str]) -> set[str]:
+        """The documents of a derived view that equal this release's fold of their sources, read right after them
+        (`cqrsctl.verify.own_sources`)."""
+        return await held_on_own_sources(view, self._db, ids, _ignore_nothing)
 
     def sorted_reader(
         self, collection: str, size: int, query: Mapping[str, Any] | None = None,

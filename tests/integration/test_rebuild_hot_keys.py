@@ -15,9 +15,10 @@ from command_service.domain import commands as cmd
 from command_service.domain.customer_commands import RenameCustomer
 from command_service.handlers import customer_handler, order_handler
 from cqrsctl.rebuild import run_rebuild
-from cqrsctl.rebuild.hot_keys import HOT_KEY_VIEWS, held_on_each_side
+from cqrsctl.rebuild.hot_keys import held_on_each_side
 from cqrsctl.rebuild.model import BOOKKEEPING_FIELDS
 from cqrsctl.rebuild.shadow import MISSING_IN_GENERATION, ComparisonResult, Difference, IgnoredFields, ShadowComparer
+from cqrsctl.verify.own_sources import DERIVED_CHECKS
 from projector.registry import SALES_REPORT, VIEWS
 from tests.integration.test_cutover import reflected
 from tests.integration.test_rebuild import live, rebuild_config
@@ -31,7 +32,7 @@ COLLECTIONS = ("orders", "customers", "sales_daily")
 
 
 def test_every_derived_view_has_its_hot_key_check() -> None:
-    assert set(HOT_KEY_VIEWS) == {view.name for view in VIEWS}
+    assert set(DERIVED_CHECKS) == {view.name for view in VIEWS}
 
 
 async def _customer_named(system: System, name: str) -> str:
@@ -86,7 +87,7 @@ async def test_hot_keys_right_on_each_side_are_in_flight_and_a_wrong_side_stays_
     before_the_placement = await generation["sales_daily"].find_one({"_id": report})
     assert before_the_placement is not None
     await live.db["sales_daily"].replace_one({"_id": report}, before_the_placement)
-    assert await HOT_KEY_VIEWS[SALES_REPORT.name].check(live.db, [report], ignored) == {report}
+    assert await DERIVED_CHECKS[SALES_REPORT.name].check(live.db, [report], ignored.ignores) == {report}
 
     # A side wrong for its own sources stays a difference: the live statistics, the generation's report, the
     # customer name copied onto one live order.

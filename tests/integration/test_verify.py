@@ -394,6 +394,37 @@ async def test_a_document_that_catches_up_within_the_settle_time_is_not_reported
     assert result.settle_rounds >= 2
 
 
+async def test_derived_documents_right_for_their_sources_as_stored_are_in_flight_while_those_lag(
+    system: System,
+) -> None:
+    """Under a steady load a busy customer's statistics and the day's report depend on some order that is always
+    behind, so they never settle while verify re-checks them. Each is reported only when it is wrong for the orders as
+    stored (those are checked against PostgreSQL one by one): here the projector is stopped after an order was placed,
+    and that order is what verify reports, not the statistics and the report that lack it. Fails if a derived document
+    that is wrong for its stored sources passes, or if one that is right is reported."""
+    await system.stop_projector()
+    ada = system.customers[0]
+    order_id = str(uuid.uuid4())
+    orders = order_handler(system.store)
+    await orders.handle(cmd.CreateOrder(order_id, ada, "EUR", ADDRESS), ctx())
+    await orders.handle(cmd.AddOrderItem(order_id, "SKU-1", "Anvil", 1, 1250), ctx())
+    await orders.handle(cmd.PlaceOrder(order_id), ctx())
+    await eventually(lambda: _is_zero(system.pool.fetchval("SELECT count(*) FROM outbox")), what="the relay")
+
+    lagging = await system.verify(settle_seconds=1.0)
+    assert {f.stream_id for f in lagging.findings} == {order_id}, lagging.findings
+    assert lagging.hot_keys_in_flight == 2  # ada's statistics, the day's EUR report
+
+    report = await system.db["sales_daily"].find_one({"currency": "EUR"}, {"_id": 1})
+    assert report is not None
+    await system.db["customers"].update_one({"_id": ada}, {"$inc": {"order_stats.placed_orders": 1}})
+    await system.db["sales_daily"].update_one({"_id": report["_id"]}, {"$inc": {"placed_revenue_minor": 1}})
+    wrong = await system.verify(settle_seconds=1.0)
+    assert {f.stream_id for f in wrong.findings} == {order_id, ada, report["_id"]}, wrong.findings
+    assert wrong.hot_keys_in_flight == 0
+    assert all("still so after" in f.detail for f in wrong.findings if f.stream_id in (ada, report["_id"]))
+
+
 async def _is_zero(value: Awaitable[int]) -> bool:
     return await value == 0
 

@@ -1,0 +1,222 @@
+"""Derived documents checked against their own side's sources: hot keys that never hold still under load.
+
+A busy customer's order statistics, today's sales report and the customer fields copied onto orders change with
+every batch that touches them, so on a busy system no comparison that reads them twice (the rebuild's shadow
+comparison, verify's re-checks) may see them caught up: the projector jumps past the state compared against
+between two reads. Such a document is still checkable: it is a function of other documents of its own read model
+(the orders of the customer or of the day, the order's customer), which are checked one by one. So the document is
+read, then its sources right after, and this release's fold of those sources (the projector's own code) must equal
+it; a batch landing between the two reads only makes that attempt inconclusive, and it is tried again. A document
+that equals its sources' fold is right for them: what is left to check is the sources themselves.
+
+The sales report of a busy day would seldom hold still while its day's orders are read (a read that grows with
+them): it is checked against the fold of as many of the facts read as it counts (`report_version`), the latest
+ones left out, since the facts of the batches in flight are the latest (`_sales_reports`).
+
+Only differences in a view's own fields are taken (`view_of`): a customer whose registration fields differ is the
+customer stream's business, which this cannot settle. Users: `cqrsctl.rebuild.hot_keys` (both sides of a
+comparison), `cqrsctl.verify` (the live side, when a derived document's difference outlasts the settle time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from core.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
+from core.projections.orders import COLLECTION as ORDERS_COLLECTION
+from core.projections.sales import (
+    REPORT_VERSION_FIELD,
+    SALES_COLLECTION,
+    Row,
+    SalesRowGroups,
+    fact_rows,
+    parse_key,
+    sales_documents,
+)
+from cqrsctl.verify.compare import diff_documents
+from projector.customer_views import order_stats_from_groups, order_stats_pipeline
+from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, SALES_REPORT
+
+Doc = dict[str, Any]
+Database = AsyncDatabase[Doc]
+
+# Attempts per side, and the pause between two: a side is caught between two of its batches within a few tries
+# (its document and sources are read within milliseconds; a busy projector writes a hot key every batch).
+ATTEMPTS: Final = 40
+PAUSE_SECONDS: Final = 0.05
+
+# A report's latest facts kept to be taken out again (those of the batches in flight when it was read): bounds a
+# check's memory whatever the day's orders (a few MB).
+LATE_FACTS_KEPT: Final = 5000
+# What of an order its sales facts are made of.
+_FACT_FIELDS: Final = dict.fromkeys(
+    ("currency", "placed_at", "cancelled_at", "total_minor", "lines.sku", "lines.quantity", "lines.line_total_minor"), 1
+)
+
+# Whether a field path of a collection's documents is left out of the comparison (`--ignore-field`).
+Ignores = Callable[[str, str], bool]
+# The ids of one collection's documents that equal this release's fold of their sources, read right after them.
+SideCheck = Callable[[Database, Sequence[str], Ignores], Awaitable[set[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class DerivedCheck:
+    collection: str
+    fields: frozenset[str]  # the view's fields there: a difference only in these is the view's
+    owns_collection: bool  # whole documents are the view's (a missing one too)
+    check: SideCheck
+
+
+def _differs(collection: str, stored: Mapping[str, Any] | None, folded: Mapping[str, Any] | None,
+             ignored: Ignores) -> bool:  # fmt: skip
+    if stored is None or folded is None:
+        return (stored is None) != (folded is None)
+    return any(not ignored(collection, d.path) for d in diff_documents(folded, stored))
+
+
+async def _by_id(database: Database, collection: str, ids: Iterable[str], fields: Iterable[str]) -> dict[str, Doc]:
+    wanted = sorted(set(ids))
+    cursor = database[collection].find({"_id": {"$in": wanted}}, dict.fromkeys(fields, 1))
+    return {str(doc["_id"]): doc async for doc in cursor}
+
+
+async def _order_stats(database: Database, ids: Sequence[str], ignored: Ignores) -> set[str]:
+    """The customers whose statistics are the projector's recompute from their orders as stored right after."""
+    stored = await _by_id(database, CUSTOMERS_COLLECTION, ids, ["order_stats"])
+    present = [customer_id for customer_id in ids if customer_id in stored]
+    cursor = await database[ORDERS_COLLECTION].aggregate(order_stats_pipeline(present))
+    folded = order_stats_from_groups(present, [row async for row in cursor])
+    return {
+        customer_id for customer_id in present
+        if not _differs(CUSTOMERS_COLLECTION, {"order_stats": stored[customer_id].get("order_stats")},
+                        {"order_stats": folded[customer_id].stats}, ignored)
+    }  # fmt: skip
+
+
+_CUSTOMER_FIELDS: Final = {"customer_name": "name", "customer_email": "email", "customer_version": "version"}
+
+
+async def _customer_fields(database: Database, ids: Sequence[str], ignored: Ignores) -> set[str]:
+    """The orders whose copied customer fields are those of their customer's document as stored right after."""
+    orders = await _by_id(database, ORDERS_COLLECTION, ids, ["customer_id", *_CUSTOMER_FIELDS])
+    customer_ids = {str(order.get("customer_id")) for order in orders.values()}
+    customers = await _by_id(database, CUSTOMERS_COLLECTION, customer_ids, _CUSTOMER_FIELDS.values())
+    held: set[str] = set()
+    for order_id, order in orders.items():
+        customer = customers.get(str(order.get("customer_id")))
+        copied = {field: order.get(field) for field in _CUSTOMER_FIELDS}
+        source = {field: (customer or {}).get(name) for field, name in _CUSTOMER_FIELDS.items()}
+        if customer is not None and not _differs(ORDERS_COLLECTION, copied, source, ignored):
+            held.add(order_id)
+    return held
+
+
+async def _sales_reports(database: Database, ids: Sequence[str], ignored: Ignores) -> set[str]:
+    """The report documents that are the fold of the first `report_version` facts (by instant) of the orders placed
+    or cancelled on their day in their currency, read right after them; a report with no such fact must not exist.
+
+    The facts it does not count yet are those of the batches in flight, the latest ones: facts only ever come, the
+    orders are read after the report, so they hold every fact it counts. A fact the report lost is taken for one in
+    flight only while it is among the latest."""
+    held: set[str] = set()
+    for key_id in ids:
+        key = parse_key(key_id)
+        if key is None:
+            continue
+        report = await database[SALES_COLLECTION].find_one({"_id": key_id})
+        counted = int((report or {}).get(REPORT_VERSION_FIELD) or 0)
+        start, end = key.window()
+        window = {"$gte": start, "$lt": end}
+        orders = database[ORDERS_COLLECTION].find(
+            {"currency": key.currency, "$or": [{"placed_at": window}, {"cancelled_at": window}]}, _FACT_FIELDS
+        )
+        groups, latest, facts = SalesRowGroups(), _Latest(LATE_FACTS_KEPT), 0
+        async for order in orders:
+            for at, rows in fact_rows(order):
+                if start <= at < end:
+                    groups.add(rows)
+                    latest.add(at, rows)
+                    facts += 1
+        late = facts - counted
+        if report is not None and 0 < late <= LATE_FACTS_KEPT:
+            for rows in latest.newest(late):
+                groups.add(_minus(rows))
+        elif late != 0:
+            continue  # more facts in flight than kept, or a report missing while its day has facts: not held
+        # A SKU whose every fact was taken out again is not in the report (no line has a quantity of 0).
+        rows = [row for row in groups.rows([key]) if row["orders"] or row["quantity"] or row["revenue_minor"]]
+        folded = sales_documents(rows).get(key_id)
+        if not _differs(SALES_COLLECTION, report, folded, ignored):
+            held.add(key_id)
+    return held
+
+
+class _Latest:
+    """The `size` latest facts seen (instant, rows), in bounded memory."""
+
+    def __init__(self, size: int) -> None:
+        self._size, self._heap, self._seen = size, list[tuple[datetime, int, list[Row]]](), 0
+
+    def add(self, at: datetime, rows: list[Row]) -> None:
+        self._seen += 1
+        heapq.heappush(self._heap, (at, self._seen, rows))
+        if len(self._heap) > self._size:
+            heapq.heappop(self._heap)
+
+    def newest(self, count: int) -> list[list[Row]]:
+        return [rows for _, _, rows in heapq.nlargest(count, self._heap)]
+
+
+def _minus(rows: list[Row]) -> list[Row]:
+    """Rows that take these out of a sum again."""
+    return [{**row, "orders": -row["orders"], "quantity": -row["quantity"], "revenue_minor": -row["revenue_minor"]}
+            for row in rows]  # fmt: skip
+
+
+# One per derived view of `projector.registry.VIEWS`, by its name (a test checks none is missing).
+DERIVED_CHECKS: Final = {
+    CUSTOMER_ORDER_STATS.name: DerivedCheck(CUSTOMER_ORDER_STATS.collection, CUSTOMER_ORDER_STATS.fields, False,
+                                            _order_stats),
+    ORDER_CUSTOMER_FIELDS.name: DerivedCheck(ORDER_CUSTOMER_FIELDS.collection, ORDER_CUSTOMER_FIELDS.fields, False,
+                                             _customer_fields),
+    SALES_REPORT.name: DerivedCheck(SALES_REPORT.collection, SALES_REPORT.fields, True, _sales_reports),
+}  # fmt: skip
+
+
+def view_of(collection: str, paths: Iterable[str], both_present: bool) -> str | None:
+    """The derived view (its name) a difference lies entirely in, if any: in a collection a view owns, any; else
+    one between two documents in the view's fields only (`paths`, dotted)."""
+    fields = list(paths)
+    for name, view in DERIVED_CHECKS.items():
+        if view.collection != collection:
+            continue
+        if view.owns_collection:
+            return name
+        if both_present and fields and all(path.partition(".")[0] in view.fields for path in fields):
+            return name
+    return None
+
+
+async def held_on_own_sources(
+    view: str, database: Database, ids: Sequence[str], ignored: Ignores,
+    *, attempts: int = ATTEMPTS, pause: float = PAUSE_SECONDS,
+) -> set[str]:  # fmt: skip
+    """The ids of `view`'s documents in `database` that equalled their sources' fold at one attempt or another."""
+    check = DERIVED_CHECKS[view].check
+    held: set[str] = set()
+    left = list(ids)
+    for attempt in range(attempts):
+        if not left:
+            break
+        if attempt:
+            await asyncio.sleep(pause)
+        held |= await check(database, left, ignored)
+        left = [doc_id for doc_id in left if doc_id not in held]
+    return held
