@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.support import FaultStack
+from tests.faults.stack import FaultStack
 
 
 @pytest.hookimpl(wrapper=True)

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from tests.faults.support import FaultStack, Load, assert_scenario_clean, wait_outbox_older_than_drained
+from tests.faults.audit import assert_scenario_clean, wait_outbox_older_than_drained
+from tests.faults.load import Load
+from tests.faults.stack import FaultStack
 
 pytestmark = pytest.mark.slow
 

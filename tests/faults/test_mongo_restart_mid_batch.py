@@ -22,7 +22,8 @@ from projector.config import ProjectorSettings
 from projector.mongo_client import read_model_client
 from projector.pipeline import Pipeline
 from projector.planning import decode_recorded
-from tests.faults.support import FaultStack, wait_until
+from tests.faults.stack import FaultStack
+from tests.faults.support import wait_until
 from tests.integration.test_sales_report import BY_TYPE, store_order
 from tests.unit.test_sales_report import D1, D2, order_events
 

@@ -23,13 +23,10 @@ from core.jetstream import ensure_stream, event_stream_config, nats_servers
 from cqrsctl.verify import VerifyConfig, run_verify
 from cqrsctl.verify.stream_scanner import JetStreamUnavailable
 from localservers import ServerProcess
-from tests.faults.support import (
-    FaultStack,
-    Load,
-    assert_scenario_clean,
-    wait_outbox_older_than_drained,
-    wait_until,
-)
+from tests.faults.audit import assert_scenario_clean, wait_outbox_older_than_drained
+from tests.faults.load import Load
+from tests.faults.stack import FaultStack
+from tests.faults.support import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -11,17 +11,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.faults.audit import assert_scenario_clean, get_order_status, wait_outbox_older_than_drained
+from tests.faults.load import Load
 from tests.faults.proxy import FaultProxy
-from tests.faults.support import (
-    RPC_TIMEOUT,
-    FaultStack,
-    Load,
-    assert_scenario_clean,
-    get_order_status,
-    health_status,
-    wait_outbox_older_than_drained,
-    wait_until,
-)
+from tests.faults.stack import FaultStack
+from tests.faults.support import RPC_TIMEOUT, health_status, wait_until
 
 pytestmark = pytest.mark.slow
 

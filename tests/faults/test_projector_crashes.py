@@ -10,16 +10,10 @@ import time
 
 import pytest
 
-from tests.faults.support import (
-    ACK_WAIT,
-    FaultStack,
-    Load,
-    assert_scenario_clean,
-    failpoint_in_source,
-    read_model_versions,
-    stream_versions,
-    wait_until,
-)
+from tests.faults.audit import assert_scenario_clean, failpoint_in_source, read_model_versions, stream_versions
+from tests.faults.load import Load
+from tests.faults.stack import FaultStack
+from tests.faults.support import ACK_WAIT, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,10 @@ import pytest
 
 from cqrsctl.status import render_projectors, scrape
 from projector.consumer import group_consumers
-from tests.faults.support import FaultStack, Load, Service, assert_scenario_clean, wait_until
+from tests.faults.audit import assert_scenario_clean
+from tests.faults.load import Load
+from tests.faults.stack import FaultStack
+from tests.faults.support import Service, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,10 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tests.faults.support import QUIESCE_LIMIT, FaultStack, Load, Service, assert_scenario_clean
+from tests.faults.audit import assert_scenario_clean
+from tests.faults.load import Load
+from tests.faults.stack import FaultStack
+from tests.faults.support import QUIESCE_LIMIT, Service
 
 pytestmark = pytest.mark.slow
 

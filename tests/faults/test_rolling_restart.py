@@ -14,12 +14,10 @@ import uuid
 import pytest
 
 from cqrs_client import OrdersClient, RetryPolicy
-from tests.faults.support import (
-    ADDRESS,
-    Ack,
-    FaultStack,
-    assert_stack_clean,
-)
+from tests.faults.audit import assert_stack_clean
+from tests.faults.load import Ack
+from tests.faults.stack import FaultStack
+from tests.faults.support import ADDRESS
 
 pytestmark = pytest.mark.slow
 

@@ -11,17 +11,10 @@ import time
 
 import pytest
 
-from tests.faults.support import (
-    RETRYABLE,
-    RPC_TIMEOUT,
-    FaultStack,
-    Load,
-    assert_scenario_clean,
-    get_order_status,
-    health_status,
-    wait_outbox_older_than_drained,
-    wait_until,
-)
+from tests.faults.audit import assert_scenario_clean, get_order_status, wait_outbox_older_than_drained
+from tests.faults.load import Load
+from tests.faults.stack import FaultStack
+from tests.faults.support import RETRYABLE, RPC_TIMEOUT, health_status, wait_until
 
 pytestmark = pytest.mark.slow
 
