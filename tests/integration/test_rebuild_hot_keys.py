@@ -96,7 +96,7 @@ async def test_hot_keys_right_on_each_side_are_in_flight_and_a_wrong_side_stays_
     await generation["sales_daily"].update_one({"_id": report}, {"$inc": {"placed_revenue_minor": 1}})
     await live.db["orders"].update_one({"_id": wrong_order}, {"$set": {"customer_name": "Mallory"}})
     again = await _compare(live, built.database, ignored)
-    left, in_flight = await held_on_each_side(again, live.db, generation, ignored, attempts=3, pause=0.01)
+    left, in_flight = await held_on_each_side(again, live.db, generation, ignored, seconds=0.5, pause=0.01)
     wrong = {("customers", buyer), ("sales_daily", report), ("orders", wrong_order)}
     assert _keys(left) == {("orders", order), ("customers", renamed)} | wrong
     assert in_flight == len(in_views) - len(wrong)
