@@ -37,10 +37,11 @@ RECOVERY_TIMEOUT = 90.0  # commands acknowledged again after the last fault, on 
 # A replica told to stop (the fault stack's grace is 1 s) finishes its commands or batch in hand, gives its leases
 # back and exits within this, even right after another fault, on a busy two-core machine.
 GRACEFUL_EXIT_SECONDS = 30.0
-# Switches per run (rebuilds with a cutover, or rollbacks), and how long one may take (a ten-minute soak's last
-# one reads ~80,000 events while the load goes on, on two shared cores).
+# Switches per run (rebuilds with a cutover, or rollbacks), and how long one may take: a ten-minute soak's last one
+# reads the whole store while the load and the faults go on, on two shared cores (seed 57827110: 57,000 events
+# built in 244 s with every projector catching up on what a kill left, then compared; 300 s were not enough).
 MAX_REBUILDS = 2
-REBUILD_TIMEOUT = 300.0
+REBUILD_TIMEOUT = 600.0
 # pytest-timeout's limit for this test (a soak outlasts the suite's 300 s): the faults, the catch-up on what they
 # left (waited for as long as it moves, up to QUIESCE_LIMIT), then start-up, recovery and the audit.
 TEST_TIMEOUT_SECONDS = CHAOS_SECONDS + MAX_REBUILDS * REBUILD_TIMEOUT + QUIESCE_LIMIT + 300
