@@ -10,8 +10,9 @@ it; a batch landing between the two reads only makes that attempt inconclusive, 
 that equals its sources' fold is right for them: what is left to check is the sources themselves.
 
 The sales report of a busy day would seldom hold still while its day's orders are read (a read that grows with
-them): it is checked against the fold of as many of the facts read as it counts (`report_version`), the latest
-ones left out, since the facts of the batches in flight are the latest (`_sales_reports`).
+them), and with projector replicas at different points its uncounted facts are any, not the latest: it is read
+between its orders' checkpoints and the orders, and each of its sums must lie between the fold of the facts the
+checkpoints say it counts and that plus the others (`cqrsctl.verify.report_bounds`).
 
 Only differences in a view's own fields are taken (`view_of`): a customer whose registration fields differ is the
 customer stream's business, which this cannot settle. Users: `cqrsctl.rebuild.hot_keys` (both sides of a
@@ -21,27 +22,19 @@ comparison), `cqrsctl.verify` (the live side, when a derived document's differen
 from __future__ import annotations
 
 import asyncio
-import heapq
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Final
 
 from pymongo.asynchronous.database import AsyncDatabase
 
 from core.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
 from core.projections.orders import COLLECTION as ORDERS_COLLECTION
-from core.projections.sales import (
-    REPORT_VERSION_FIELD,
-    SALES_COLLECTION,
-    Row,
-    SalesRowGroups,
-    fact_rows,
-    parse_key,
-    sales_documents,
-)
+from core.projections.sales import SALES_COLLECTION, SalesKey, parse_key
+from core.read_model import CHECKPOINTS_COLLECTION, ORDER_HISTORY_FIELD
 from cqrsctl.verify.compare import diff_documents
+from cqrsctl.verify.report_bounds import ReportBounds
 from projector.customer_views import order_stats_from_groups, order_stats_pipeline
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, SALES_REPORT
 
@@ -55,13 +48,14 @@ Database = AsyncDatabase[Doc]
 SECONDS_PER_VIEW: Final = 5.0
 PAUSE_SECONDS: Final = 0.05
 
-# A report's latest facts kept to be taken out again (those of the batches in flight when it was read): bounds a
-# check's memory whatever the day's orders (a few MB).
-LATE_FACTS_KEPT: Final = 5000
-# What of an order its sales facts are made of.
+# Checkpoints read per query (a day's orders may be many).
+_IDS_PER_READ: Final = 1000
+# What of an order its sales facts are made of, and the versions that date them (its change log's).
 _FACT_FIELDS: Final = dict.fromkeys(
-    ("currency", "placed_at", "cancelled_at", "total_minor", "lines.sku", "lines.quantity", "lines.line_total_minor"), 1
-)
+    ("currency", "placed_at", "cancelled_at", "total_minor", "lines.sku", "lines.quantity", "lines.line_total_minor",
+     "version", f"{ORDER_HISTORY_FIELD}.event_type", f"{ORDER_HISTORY_FIELD}.version"),
+    1,
+)  # fmt: skip
 
 # Whether a field path of a collection's documents is left out of the comparison (`--ignore-field`).
 Ignores = Callable[[str, str], bool]
@@ -122,67 +116,43 @@ async def _customer_fields(database: Database, ids: Sequence[str], ignored: Igno
 
 
 async def _sales_reports(database: Database, ids: Sequence[str], ignored: Ignores) -> set[str]:
-    """The report documents that are the fold of the first `report_version` facts (by instant) of the orders placed
-    or cancelled on their day in their currency, read right after them; a report with no such fact must not exist.
-
-    The facts it does not count yet are those of the batches in flight, the latest ones: facts only ever come, the
-    orders are read after the report, so they hold every fact it counts. A fact the report lost is taken for one in
-    flight only while it is among the latest. With projector replicas at different points (one catching up after a
-    kill) the facts not counted yet are not the latest: such a report is not held. (Reading the orders' checkpoints
-    before the report would tell the facts certainly counted, and bound the report between two folds instead.)"""
+    """The report documents right for the orders placed or cancelled on their day in their currency: read after
+    those orders' checkpoints and before the orders, each additive figure between the fold of the facts the
+    checkpoints say it counts and that plus the others (`cqrsctl.verify.report_bounds`), the rest following from
+    its own sums; a report with no such certain fact may be missing (its facts are all in flight)."""
     held: set[str] = set()
     for key_id in ids:
         key = parse_key(key_id)
-        if key is None:
-            continue
-        report = await database[SALES_COLLECTION].find_one({"_id": key_id})
-        counted = int((report or {}).get(REPORT_VERSION_FIELD) or 0)
-        start, end = key.window()
-        window = {"$gte": start, "$lt": end}
-        orders = database[ORDERS_COLLECTION].find(
-            {"currency": key.currency, "$or": [{"placed_at": window}, {"cancelled_at": window}]}, _FACT_FIELDS
-        )
-        groups, latest, facts = SalesRowGroups(), _Latest(LATE_FACTS_KEPT), 0
-        async for order in orders:
-            for at, rows in fact_rows(order):
-                if start <= at < end:
-                    groups.add(rows)
-                    latest.add(at, rows)
-                    facts += 1
-        late = facts - counted
-        if report is not None and 0 < late <= LATE_FACTS_KEPT:
-            for rows in latest.newest(late):
-                groups.add(_minus(rows))
-        elif late != 0:
-            continue  # more facts in flight than kept, or a report missing while its day has facts: not held
-        # A SKU whose every fact was taken out again is not in the report (no line has a quantity of 0).
-        rows = [row for row in groups.rows([key]) if row["orders"] or row["quantity"] or row["revenue_minor"]]
-        folded = sales_documents(rows).get(key_id)
-        if not _differs(SALES_COLLECTION, report, folded, ignored):
+        if key is not None and await _report_held(database, key, ignored):
             held.add(key_id)
     return held
 
 
-class _Latest:
-    """The `size` latest facts seen (instant, rows), in bounded memory."""
+async def _report_held(database: Database, key: SalesKey, ignored: Ignores) -> bool:
+    start, end = key.window()
+    window = {"$gte": start, "$lt": end}
+    of_the_day = {"currency": key.currency, "$or": [{"placed_at": window}, {"cancelled_at": window}]}
+    orders = database[ORDERS_COLLECTION]
+    order_ids = [str(doc["_id"]) async for doc in orders.find(of_the_day, {"_id": 1})]
+    # Read before the report: the facts at or below these were rolled up into it (orders placed since have none).
+    checkpoints = await _checkpoint_versions(database, order_ids)
+    report = await database[SALES_COLLECTION].find_one({"_id": key.id})
+    bounds = ReportBounds(key)
+    async for order in orders.find(of_the_day, _FACT_FIELDS):
+        bounds.add(order, checkpoints.get(str(order["_id"]), 0))
+    if report is None:
+        return bounds.certain_facts == 0
+    expected, ranges = bounds.expected(report)
+    return not any(not ignored(SALES_COLLECTION, d.path) for d in diff_documents(expected, report, ranges))
 
-    def __init__(self, size: int) -> None:
-        self._size, self._heap, self._seen = size, list[tuple[datetime, int, list[Row]]](), 0
 
-    def add(self, at: datetime, rows: list[Row]) -> None:
-        self._seen += 1
-        heapq.heappush(self._heap, (at, self._seen, rows))
-        if len(self._heap) > self._size:
-            heapq.heappop(self._heap)
-
-    def newest(self, count: int) -> list[list[Row]]:
-        return [rows for _, _, rows in heapq.nlargest(count, self._heap)]
-
-
-def _minus(rows: list[Row]) -> list[Row]:
-    """Rows that take these out of a sum again."""
-    return [{**row, "orders": -row["orders"], "quantity": -row["quantity"], "revenue_minor": -row["revenue_minor"]}
-            for row in rows]  # fmt: skip
+async def _checkpoint_versions(database: Database, stream_ids: Sequence[str]) -> dict[str, int]:
+    versions: dict[str, int] = {}
+    for first in range(0, len(stream_ids), _IDS_PER_READ):
+        wanted = stream_ids[first : first + _IDS_PER_READ]
+        cursor = database[CHECKPOINTS_COLLECTION].find({"_id": {"$in": wanted}}, {"version": 1})
+        versions.update({str(doc["_id"]): int(doc.get("version") or 0) async for doc in cursor})
+    return versions
 
 
 # One per derived view of `projector.registry.VIEWS`, by its name (a test checks none is missing).
