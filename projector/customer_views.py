@@ -404,6 +404,8 @@ class CustomerViews:
                 {c: StatsCas(known[c], stats[c].stats, stats[c].source_version) for c in todo}, failed
             )
             known = {}
+        if not todo:  # the last attempt wrote them all
+            return computed
         message = f"the order statistics of {', '.join(todo)} kept changing while being recomputed"
         if failed is None:
             raise PyMongoError(message)

@@ -128,6 +128,11 @@ class Repairer:
         [result] = await self._resume({park.stream_id: park}, events)
         return result
 
+    async def resume_many(self, parks: Mapping[str, Park], events: Sequence[RecordedEvent]) -> list[ResumeResult]:
+        """`resume` of several parked streams (by stream id) in one batch: the views they share (a customer's order
+        statistics) are written once for all of them. One result per stream."""
+        return await self._resume(parks, events) if parks else []
+
     async def _resume(self, parks: Mapping[str, Park], events: Sequence[RecordedEvent]) -> list[ResumeResult]:
         """Applies the events of these parked streams in one batch, unparks each stream whose events all applied,
         then applies the copies held for them meanwhile and deletes their copies."""

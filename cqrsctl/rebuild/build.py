@@ -23,6 +23,7 @@ from cqrsctl.rebuild.generations import FAILED, Generations
 from cqrsctl.rebuild.progress import RebuildProgress
 from cqrsctl.rebuild.reader import Cursor, EventReader
 from projector.mongo_writer import MongoDocument
+from projector.parking import Park
 from projector.pipeline import Pipeline
 from projector.planning import DecodedBatch, Decoder, decode_recorded
 from projector.repair import PARK_CHANGED, Repairer
@@ -188,12 +189,19 @@ class Builder:
             return
         # The parks as stored: a projector may have parked the stream first (the first park stays).
         states = await self.pipeline.parks.states([*waiting, *overtaken])
+        parks: dict[str, Park] = {}
         for sid in [*waiting, *overtaken]:
             park = state.park if (state := states.get(sid)) is not None else None
             if park is None:  # resumed meanwhile (a projector's resume loop): applying again settles it
                 _conflict(outcome, sid)
-                continue
-            result = await self._repairer.resume(park, [e for e in events if e.stream_id == sid])
+            else:
+                parks[sid] = park
+        # All in one batch: the streams overtaken on a busy customer's statistics share them, and a resume writes
+        # them by recompute (a read of every order of the customer); one at a time, a switch under load spent
+        # minutes resuming the streams of four busy customers (85 of them, about 1.6 s each).
+        results = await self._repairer.resume_many(parks, [e for e in events if e.stream_id in parks])
+        for result in results:
+            sid, park = result.stream_id, parks[result.stream_id]
             if result.resumed:
                 outcome.parks.pop(sid, None)
                 outcome.unsettled.pop(sid, None)
