@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ from cqrsctl.rebuild.shadow import ComparisonResult, Difference, IgnoredFields, 
 from cqrsctl.stores import POSTGRES, bounded_mongo_client, connecting, ping_mongo
 from projector.leases import MEMBERS, PARTITIONS
 from projector.registry import PROJECTIONS, VIEWS, registry_versions
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CONTROL_COLLECTIONS",
@@ -162,7 +165,10 @@ async def run_rebuild(
         report = metrics.state if metrics is not None else (lambda generation, state: None)
         report(number, "building")
         bar = RebuildProgress(progress, metrics=metrics)
-        bar.start(f"rebuild g{number}", await reader.remaining_estimate(position))
+        remaining = await reader.remaining_estimate(position)
+        log.info("%s generation %d in %s from position %d: about %d events to apply",
+                 "resuming" if resumed else "building", number, result.database, position, remaining)  # fmt: skip
+        bar.start(f"rebuild g{number}", remaining)
         # Derived views once at the end instead of after every batch (each batch touches most of the same keys).
         builder.pipeline.derived_views = False
         try:
@@ -170,9 +176,13 @@ async def run_rebuild(
         finally:
             bar.close()
             builder.pipeline.derived_views = True
+        log.info("generation %d: %d events applied in %.1fs; recomputing the derived views", number, applied, seconds)
         started = time.monotonic()
         await builder.pipeline.recompute_views()
         seconds += time.monotonic() - started
+        scope = "every document" if config.sample is None else f"a sample of {config.sample} per collection"
+        log.info("generation %d: derived views recomputed in %.1fs; comparing it with generation %d (%s)", number,
+                 time.monotonic() - started, active.generation, scope)  # fmt: skip
         result.events_applied, result.build_seconds, result.position = applied, seconds, position
         await generations.set_state(number, CAUGHT_UP, caught_up_at=datetime.now(UTC))
         report(number, "caught_up")
@@ -184,6 +194,7 @@ async def run_rebuild(
         comparer = ShadowComparer(conns.mongo[result.live_database], conns.mongo[result.database], ignored,
                                   config.batch_size)  # fmt: skip
         compared = ComparisonResult()
+        comparing = time.monotonic()
         start = (int(doc.get("start_position") or 0), doc.get("started_at") or datetime.now(UTC))
         for collection in collections:
             if config.sample is None:
@@ -196,10 +207,15 @@ async def run_rebuild(
             cursor, position, more, _ = await builder.run(cursor, position, RebuildProgress(False))
             result.events_applied += more
 
+        log.info("generation %d: %d documents compared in %.1fs, %d differing; re-checking those for up to %.0fs",
+                 number, compared.documents_compared, time.monotonic() - comparing, len(compared.differences),
+                 config.settle_seconds)  # fmt: skip
         differences = await _settle(comparer, compared.differences, catch_up, config.settle_seconds)
         differences, result.hot_keys_in_flight = await held_on_each_side(
             differences, conns.mongo[result.live_database], conns.mongo[result.database], ignored
         )
+        log.info("generation %d compared: %d documents differ, %d hot keys in flight", number, len(differences),
+                 result.hot_keys_in_flight)  # fmt: skip
         result.position = position
         result.documents_compared = compared.documents_compared
         result.difference_count = len(differences)

@@ -162,6 +162,8 @@ async def cut_over(
         if int(doc["_id"]) != number:
             await generations.retire(int(doc["_id"]))
     await generations.set_state(number, ACTIVE, activated_at=datetime.now(UTC), cursor=tailer.cursor.to_document())
+    log.info("generation %d is active and complete: %d projector(s) moved in %.1fs, the tail fed %d events meanwhile",
+             number, writers, time.monotonic() - switched, tailer.applied)  # fmt: skip
     return CutoverResult(
         number, active.database, int(previous["_id"]), str(previous["database"]), writers,
         time.monotonic() - switched, tailer.applied,
@@ -187,10 +189,12 @@ async def _caught_up(tailer: _Tailer) -> None:
     by a few percent each, the switch held for minutes), as does `MAX_PASSES_BEFORE_THE_SWITCH`; the tailer feeds
     the rest during the switch."""
     previous: int | None = None
-    for _ in range(MAX_PASSES_BEFORE_THE_SWITCH):
-        before = tailer.applied
+    for number in range(1, MAX_PASSES_BEFORE_THE_SWITCH + 1):
+        before, started = tailer.applied, time.monotonic()
         await tailer.drain()
         applied = tailer.applied - before
+        log.info("catching up before the switch: pass %d applied %d events in %.1fs", number, applied,
+                 time.monotonic() - started)  # fmt: skip
         if applied == 0 or (previous is not None and 2 * applied > previous):
             return
         previous = applied
