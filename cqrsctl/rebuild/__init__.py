@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -202,16 +202,9 @@ async def run_rebuild(
             else:
                 await comparer.sample(collection, config.sample, start, compared)
 
-        async def catch_up(deadline: float) -> None:
-            """Feeds the generation what was committed since, until caught up or `deadline` (monotonic): under a
-            load the generation barely takes, a pass to the end held a soak's 10 s settle for minutes."""
+        async def catch_up() -> None:
             nonlocal cursor, position
-            stop = asyncio.Event()
-            timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), stop.set)
-            try:
-                cursor, position, more, _ = await builder.run(cursor, position, RebuildProgress(False), stop=stop)
-            finally:
-                timer.cancel()
+            cursor, position, more, _ = await builder.run(cursor, position, RebuildProgress(False))
             result.events_applied += more
 
         log.info("generation %d: %d documents compared in %.1fs, %d differing; re-checking those for up to %.0fs",
@@ -329,10 +322,7 @@ def _changed_collections(
 
 
 async def _settle(
-    comparer: ShadowComparer,
-    differences: list[Difference],
-    catch_up: Callable[[float], Awaitable[None]],
-    settle_seconds: float,
+    comparer: ShadowComparer, differences: list[Difference], catch_up: Any, settle_seconds: float
 ) -> list[Difference]:
     """Re-checks differences until none is left that one side being behind could explain, or time is up.
 
@@ -353,7 +343,7 @@ async def _settle(
             await asyncio.sleep(LIVE_BEHIND_POLL_SECONDS)  # not caught up: the generation would move ahead again
         else:
             await asyncio.sleep(SETTLE_PAUSE_SECONDS)
-            await catch_up(deadline)
+            await catch_up()
         again = ComparisonResult()
         by_collection: dict[str, list[str]] = {}
         for difference in differences:

@@ -31,11 +31,9 @@ class ScriptedComparer:
 class CatchUps:
     def __init__(self) -> None:
         self.count = 0
-        self.deadlines: list[float] = []
 
-    async def __call__(self, deadline: float) -> None:
+    async def __call__(self) -> None:
         self.count += 1
-        self.deadlines.append(deadline)
 
 
 def stats(total: int, stamp: int) -> Doc:
@@ -46,10 +44,7 @@ async def settle(rounds: list[tuple[Doc, Doc]], seconds: float = 5.0) -> tuple[l
     comparer, catch_ups = ScriptedComparer(rounds[1:]), CatchUps()
     first = compare_documents("customers", "c1", *rounds[0], IGNORED)
     assert first is not None
-    started = time.monotonic()
     left = await _settle(comparer, [first], catch_ups, seconds)  # type: ignore[arg-type]
-    # A catch-up may not run past the settle's own time (a pass to the end held a soak's 10 s for minutes).
-    assert all(abs(deadline - (started + seconds)) < 0.1 for deadline in catch_ups.deadlines), catch_ups.deadlines
     return left, comparer, catch_ups.count
 
 
