@@ -74,10 +74,10 @@ class DerivedCheck:
 
 
 def _differs(collection: str, stored: Mapping[str, Any] | None, folded: Mapping[str, Any] | None,
-             ignored: Ignores) -> bool:  # fmt: skip
+             ignored: Ignores, ranges: Mapping[str, tuple[int, int]] | None = None) -> bool:  # fmt: skip
     if stored is None or folded is None:
         return (stored is None) != (folded is None)
-    return any(not ignored(collection, d.path) for d in diff_documents(folded, stored))
+    return any(not ignored(collection, d.path) for d in diff_documents(folded, stored, ranges))
 
 
 async def _by_id(database: Database, collection: str, ids: Iterable[str], fields: Iterable[str]) -> dict[str, Doc]:
@@ -150,7 +150,7 @@ async def _report_held(database: Database, key: SalesKey, ignored: Ignores) -> b
     if report is None:
         return bounds.certain_facts == 0
     expected, ranges = bounds.expected(report)
-    return not any(not ignored(SALES_COLLECTION, d.path) for d in diff_documents(expected, report, ranges))
+    return not _differs(SALES_COLLECTION, report, expected, ignored, ranges)
 
 
 # One per derived view of `projector.registry.VIEWS`, by its name (a test checks none is missing).

@@ -89,12 +89,12 @@ class ReportBounds:
     def expected(self, report: Mapping[str, Any]) -> tuple[Document, dict[str, tuple[int, int]]]:
         """The report as its own sums make it, SKUs as the facts allow, and the bounds each sum must lie in (for
         `cqrsctl.verify.compare.diff_documents`)."""
-        certain = self._certain.rows([self.key])
-        lower = _sums(certain)
-        own = _sums(_rows_of(self.key, report))
+        lower = _sums(self._certain.rows([self.key]))
+        claimed = _rows_of(self.key, report)
+        own = _sums(claimed)
         skus = sorted({sku for _, sku, _ in own if sku is not None and sku in self._skus}
                       | {sku for _, sku, _ in lower if sku is not None})  # fmt: skip
-        rows = [row for row in _rows_of(self.key, report) if row["_id"]["sku"] is None or row["_id"]["sku"] in skus]
+        rows = [row for row in claimed if row["_id"]["sku"] is None or row["_id"]["sku"] in skus]
         rows += [_zero_row(self.key, kind, sku) for kind in KINDS for sku in skus]
         expected = sales_documents(rows).get(self.key.id) or {}
         ranges: dict[str, tuple[int, int]] = {}
