@@ -43,9 +43,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pymongo import UpdateMany, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, PyMongoError
 
+from core.mongo_ids import find_in, id_chunks
 from core.projections import Document
 from core.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
 from core.projections.customers import STATS_INCREMENTS_FIELD, STATS_SEQ_FIELD, STATS_VERSION_FIELD, empty_order_stats
@@ -111,6 +113,17 @@ def order_stats_from_groups(customer_ids: Iterable[str], groups: Iterable[Mappin
         ]
         result[customer_id] = OrderStats(stats, source.get(customer_id, 0))
     return result
+
+
+async def order_stats_groups(
+    orders: AsyncCollection[MongoDocument], customer_ids: Iterable[str]
+) -> list[MongoDocument]:
+    """The rows of `order_stats_pipeline` for these customers, `IDS_PER_QUERY` customers per aggregation."""
+    rows: list[MongoDocument] = []
+    for chunk in id_chunks(customer_ids):
+        cursor = await orders.aggregate(order_stats_pipeline(chunk))
+        rows.extend([row async for row in cursor])
+    return rows
 
 
 def order_stats_pipeline(customer_ids: list[str]) -> list[MongoDocument]:
@@ -259,16 +272,13 @@ class CustomerViews:
         return {ORDER_CUSTOMER_FIELDS.name: fan_out, CUSTOMER_ORDER_STATS.name: order_stats}
 
     async def customer_fields(self, customer_ids: Iterable[str]) -> dict[str, CustomerFields]:
-        """The current fields of the customers that are registered in the read model, in one round trip."""
-        ids = sorted(set(customer_ids))
-        if not ids:
-            return {}
-        cursor = self._customers.find(
-            {"_id": {"$in": ids}, "version": {"$gte": 1}}, {"name": 1, "email": 1, "version": 1}
-        )
+        """The current fields of the customers that are registered in the read model (a round trip per
+        `IDS_PER_QUERY` of them)."""
+        fields = {"name": 1, "email": 1, "version": 1}
+        found = find_in(self._customers, customer_ids, fields, query={"version": {"$gte": 1}})
         return {
             str(doc["_id"]): CustomerFields(str(doc.get("name", "")), str(doc.get("email", "")), int(doc["version"]))
-            async for doc in cursor
+            async for doc in found
         }
 
     async def fan_out(
@@ -304,14 +314,12 @@ class CustomerViews:
         return {customer_id: customer.version for customer_id, customer in fields.items()}
 
     async def read_order_stats(self, customer_ids: Iterable[str]) -> dict[str, StoredStats]:
-        """The stored statistics of these customers (one round trip); a customer without a document is left out."""
-        ids = sorted(set(customer_ids))
-        if not ids:
-            return {}
-        cursor = self._customers.find(
-            {"_id": {"$in": ids}},
+        """The stored statistics of these customers (a round trip per `IDS_PER_QUERY` of them); a customer without
+        a document is left out."""
+        cursor = find_in(
+            self._customers, customer_ids,
             {"order_stats": 1, STATS_SEQ_FIELD: 1, STATS_VERSION_FIELD: 1, STATS_INCREMENTS_FIELD: 1},
-        )
+        )  # fmt: skip
         return {
             str(doc["_id"]): StoredStats(
                 doc.get("order_stats") or empty_order_stats(),
@@ -397,8 +405,7 @@ class CustomerViews:
             if unread:
                 stored = await self.read_order_stats(unread)
                 known.update({c: stored[c].seq if c in stored else None for c in unread})
-            cursor = await self._orders.aggregate(order_stats_pipeline(todo))
-            stats = order_stats_from_groups(todo, [row async for row in cursor])
+            stats = order_stats_from_groups(todo, await order_stats_groups(self._orders, todo))
             computed.update(stats)
             todo = await self._compare_and_set(
                 {c: StatsCas(known[c], stats[c].stats, stats[c].source_version) for c in todo}, failed

@@ -28,6 +28,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from core.mongo_ids import find_by_ids
 from core.projections import Document, Projection
 
 DUPLICATE_KEY = 11000
@@ -76,12 +77,9 @@ class ReadModelWriter:
         await self._database.command("ping")
 
     async def load(self, doc_ids: Iterable[str]) -> dict[str, Document]:
-        """The current documents of `doc_ids` (absent ids have no document), in one round trip."""
-        ids = list(doc_ids)
-        if not ids:
-            return {}
-        cursor = self._collection.find({"_id": {"$in": ids}})
-        return {str(doc["_id"]): doc async for doc in cursor}
+        """The current documents of `doc_ids` (absent ids have no document), in one round trip per
+        `IDS_PER_QUERY` ids."""
+        return await find_by_ids(self._collection, doc_ids)
 
     async def skip_to(self, doc_id: str, expected: int, version: int, position: int, at: datetime) -> bool:
         """Moves a document from `expected` to `version` without changing its content (an operator's skip)."""

@@ -29,6 +29,7 @@ from pymongo import ASCENDING, IndexModel, ReplaceOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from core.mongo_ids import find_in
 from projector.checkpoints import COLLECTION as CHECKPOINTS
 from projector.mongo_writer import MongoDocument, duplicate_key_indexes
 from projector.planning import Delivery, Poison, delivered, stream_seq
@@ -159,16 +160,13 @@ class ParkStore:
         await self._held.create_indexes([IndexModel([("stream_id", ASCENDING), ("version", ASCENDING)])])
 
     async def states(self, stream_ids: Iterable[str]) -> dict[str, StreamState]:
-        """Checkpoint version and park of each stream that has a checkpoint document, in one round trip."""
-        ids = sorted(set(stream_ids))
-        if not ids:
-            return {}
-        cursor = self._checkpoints.find({"_id": {"$in": ids}}, {"version": 1, "stream_type": 1, "parked": 1})
+        """Checkpoint version and park of each stream that has a checkpoint document, in one round trip per
+        `IDS_PER_QUERY` streams."""
         return {
             str(doc["_id"]): StreamState(
                 int(doc.get("version") or 0), Park.from_checkpoint(doc) if doc.get("parked") else None
             )
-            async for doc in cursor
+            async for doc in find_in(self._checkpoints, stream_ids, {"version": 1, "stream_type": 1, "parked": 1})
         }
 
     async def get(self, stream_id: str) -> Park | None:
@@ -209,11 +207,8 @@ class ParkStore:
                 await self._held.bulk_write(retry, ordered=False)
 
     async def parked_ids(self, stream_ids: Iterable[str]) -> set[str]:
-        ids = sorted(set(stream_ids))
-        if not ids:
-            return set()
-        cursor = self._checkpoints.find({"_id": {"$in": ids}, "parked": {"$exists": True}}, {"_id": 1})
-        return {str(doc["_id"]) async for doc in cursor}
+        parked = find_in(self._checkpoints, stream_ids, {"_id": 1}, query={"parked": {"$exists": True}})
+        return {str(doc["_id"]) async for doc in parked}
 
     async def unpark(self, parks: Mapping[str, str]) -> set[str]:
         """Removes these parks (stream id -> park id), not newer ones; returns the streams left without a park. One
@@ -242,12 +237,9 @@ class ParkStore:
 
     async def held_of(self, stream_ids: Iterable[str]) -> dict[str, list[HeldEvent]]:
         """The copies held for each of these streams (those with none are left out), in version order (unreadable
-        ones last); one round trip."""
-        ids = sorted(set(stream_ids))
-        if not ids:
-            return {}
+        ones last); one round trip per `IDS_PER_QUERY` streams."""
         by_stream: dict[str, list[HeldEvent]] = {}
-        async for doc in self._held.find({"stream_id": {"$in": ids}}):
+        async for doc in find_in(self._held, stream_ids, field="stream_id"):
             event = HeldEvent.from_document(doc)
             by_stream.setdefault(event.stream_id, []).append(event)
         for events in by_stream.values():

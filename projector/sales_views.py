@@ -25,6 +25,7 @@ from pymongo import ASCENDING, IndexModel, ReplaceOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from core.mongo_ids import find_by_ids
 from core.projections import Document
 from core.projections.orders import COLLECTION as ORDERS_COLLECTION
 from core.projections.sales import (
@@ -113,8 +114,7 @@ class SalesViews:
         if missing:
             # The change log dates each fact; it is needed only above a checkpoint.
             needed = None if any(above.get(order_id, 0) > 0 for order_id in missing) else {ORDER_HISTORY_FIELD: 0}
-            cursor = self._orders.find({"_id": {"$in": missing}}, needed)
-            orders.update({str(doc["_id"]): doc async for doc in cursor})
+            orders.update(await find_by_ids(self._orders, missing, needed))
         facts = [
             (order_id, *fact)
             for order_id, order in orders.items()

@@ -39,6 +39,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from core.consistency import ConsistencyToken, decode_token
 from core.dependency_metrics import dependency_metrics
 from core.errors import FieldViolation, Unavailable
+from core.mongo_ids import IDS_PER_QUERY
 from core.read_model import CHECKPOINTS_COLLECTION
 from core.stage_metrics import StageMetrics
 from core.tracing import detached_task
@@ -68,9 +69,10 @@ MAX_TOKENS: Final = 100
 MAX_REPORTED_TOKEN_VIOLATIONS: Final = 5
 # One poll round reads at most this many distinct streams, in queries of at most STREAMS_PER_QUERY ids each, so
 # that neither a query (a few tens of KB) nor a round grows with the number of waiting tokens: 10,000 waiters
-# with 100 forged tokens each would otherwise be one `$in` of a million ids, over MongoDB's 16 MB limit.
+# with 100 forged tokens each would otherwise be one `$in` of a million ids, over MongoDB's 16 MB limit. Short
+# lists (`core.mongo_ids`): the local MongoDB-wire server's `$in` costs ids x documents found.
 MAX_STREAMS_PER_POLL: Final = 5_000
-STREAMS_PER_QUERY: Final = 500
+STREAMS_PER_QUERY: Final = IDS_PER_QUERY
 # Stop waiting a little before the caller's deadline, so it gets our answer (a stale one, or UNAVAILABLE with the
 # lag) instead of its own DEADLINE_EXCEEDED: 50 ms plus 10% of the remaining time, at most 500 ms. The read after
 # the wait needs that time on a slow or busy MongoDB.

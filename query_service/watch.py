@@ -29,6 +29,7 @@ from pymongo.errors import OperationFailure
 
 from core.error_text import describe_error
 from core.errors import DependencyUnavailable, Unavailable
+from core.mongo_ids import find_in
 from core.tracing import detached_task
 from query_service.consistency import TooManyWaiters
 from query_service.read_model import READ_MODEL, Document, is_mongo_unavailable
@@ -306,8 +307,7 @@ class OrderWatchHub:
         ids = list(self._subs)
         if not ids:
             return
-        docs = await self._orders.find({"_id": {"$in": ids}}).to_list()
-        for doc in docs:
+        async for doc in find_in(self._orders, ids):
             for sub in list(self._subs.get(str(doc["_id"]), ())):
                 sub.offer(doc)
 
@@ -318,11 +318,11 @@ class OrderWatchHub:
         self._mark_all_ready(feed)
         while self._wanted(feed):
             ids = list(self._subs)
-            rows = await self._orders.find({"_id": {"$in": ids}}, {"version": 1}).to_list()
-            versions = {str(row["_id"]): int(row.get("version") or 0) for row in rows}
+            rows = find_in(self._orders, ids, {"version": 1})
+            versions = {str(row["_id"]): int(row.get("version") or 0) async for row in rows}
             moved = [i for i, v in versions.items() if v > known.get(i, -1)]
             if moved:
-                for doc in await self._orders.find({"_id": {"$in": moved}}).to_list():
+                async for doc in find_in(self._orders, moved):
                     known[str(doc["_id"])] = int(doc.get("version") or 0)
                     for sub in list(self._subs.get(str(doc["_id"]), ())):
                         sub.offer(doc)

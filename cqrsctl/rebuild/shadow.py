@@ -16,6 +16,7 @@ from typing import Any, Final
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
+from core.mongo_ids import find_by_ids, id_chunks
 from cqrsctl.verify.compare import diff_documents
 from cqrsctl.verify.model import FieldDiff
 
@@ -164,16 +165,11 @@ class ShadowComparer:
         await self.by_ids(collection, sorted(ids), out)
 
     async def by_ids(self, collection: str, ids: list[str], out: ComparisonResult) -> None:
-        for start in range(0, len(ids), self._size):
-            chunk = ids[start : start + self._size]
-            live = await self._fetch(self._live, collection, chunk)
-            gen = await self._fetch(self._gen, collection, chunk)
+        for chunk in id_chunks(ids):
+            live = await find_by_ids(self._live[collection], chunk)
+            gen = await find_by_ids(self._gen[collection], chunk)
             for doc_id in chunk:
                 self._record(collection, doc_id, live.get(doc_id), gen.get(doc_id), out)
-
-    async def _fetch(self, database: AsyncDatabase[Doc], collection: str, ids: list[str]) -> dict[str, Doc]:
-        cursor = database[collection].find({"_id": {"$in": ids}}, batch_size=max(len(ids), 1))
-        return {str(doc["_id"]): doc async for doc in cursor}
 
     def _record(self, collection: str, doc_id: str, live: Doc | None, gen: Doc | None, out: ComparisonResult) -> None:
         out.documents_compared += 1

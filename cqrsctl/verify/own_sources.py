@@ -30,6 +30,7 @@ from typing import Any, Final
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from core.mongo_ids import find_by_ids
 from core.order_events import ORDER_STREAM_TYPE
 from core.projections.customers import COLLECTION as CUSTOMERS_COLLECTION
 from core.projections.orders import COLLECTION as ORDERS_COLLECTION
@@ -37,7 +38,7 @@ from core.projections.sales import SALES_COLLECTION, SalesKey, parse_key
 from core.read_model import CHECKPOINTS_COLLECTION
 from cqrsctl.verify.compare import diff_documents
 from cqrsctl.verify.report_bounds import ReportBounds
-from projector.customer_views import order_stats_from_groups, order_stats_pipeline
+from projector.customer_views import order_stats_from_groups, order_stats_groups
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, SALES_REPORT
 
 Doc = dict[str, Any]
@@ -81,17 +82,14 @@ def _differs(collection: str, stored: Mapping[str, Any] | None, folded: Mapping[
 
 
 async def _by_id(database: Database, collection: str, ids: Iterable[str], fields: Iterable[str]) -> dict[str, Doc]:
-    wanted = sorted(set(ids))
-    cursor = database[collection].find({"_id": {"$in": wanted}}, dict.fromkeys(fields, 1))
-    return {str(doc["_id"]): doc async for doc in cursor}
+    return await find_by_ids(database[collection], ids, dict.fromkeys(fields, 1))
 
 
 async def _order_stats(database: Database, ids: Sequence[str], ignored: Ignores) -> set[str]:
     """The customers whose statistics are the projector's recompute from their orders as stored right after."""
     stored = await _by_id(database, CUSTOMERS_COLLECTION, ids, ["order_stats"])
     present = [customer_id for customer_id in ids if customer_id in stored]
-    cursor = await database[ORDERS_COLLECTION].aggregate(order_stats_pipeline(present))
-    folded = order_stats_from_groups(present, [row async for row in cursor])
+    folded = order_stats_from_groups(present, await order_stats_groups(database[ORDERS_COLLECTION], present))
     return {
         customer_id for customer_id in present
         if not _differs(CUSTOMERS_COLLECTION, {"order_stats": stored[customer_id].get("order_stats")},

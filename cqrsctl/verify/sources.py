@@ -16,6 +16,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from command_service.event_store import recorded_event_from_row
 from core.envelope import RecordedEvent
+from core.mongo_ids import find_by_ids
 from cqrsctl.verify.model import Document
 from cqrsctl.verify.own_sources import held_on_own_sources
 from projector.checkpoints import COLLECTION as CHECKPOINTS
@@ -293,8 +294,7 @@ class ReadModelReader:
         if len(found) == limit:
             rest = [i for i in wanted if i not in out and (not found or i > str(found[-1]["_id"]))]
             if rest:
-                more = self._db[collection].find({"_id": {"$in": rest}}, projection, batch_size=len(rest))
-                out.update({str(doc["_id"]): doc async for doc in more})
+                out.update(await find_by_ids(self._db[collection], rest, projection))
         return out
 
     async def checkpoints(self, ids: Iterable[str]) -> dict[str, int]:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
+from pymongo import AsyncMongoClient
 
 from command_service.event_store import EventStore
 from command_service.group_commit import GroupCommitter
 from command_service.migrate import migrate
-from tests.support import create_database
+from tests.support import StartedCommands, create_database
+
+Doc = dict[str, Any]
 
 
 @pytest.fixture
@@ -39,3 +43,15 @@ async def event_store(request: pytest.FixtureRequest, pg_pool: asyncpg.Pool) -> 
         yield store
     finally:
         await store.close()
+
+
+@pytest.fixture
+async def logged(mongo_url: str, unique_name: str) -> AsyncIterator[tuple[AsyncMongoClient[Doc], StartedCommands]]:
+    """A MongoDB client that logs every command it sends; the test's database is dropped after it."""
+    log = StartedCommands()
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_url, tz_aware=True, event_listeners=[log])
+    try:
+        yield client, log
+    finally:
+        await client.drop_database(unique_name)
+        await client.close()

@@ -5,10 +5,8 @@ parks every resume interval: a query that scanned them all would cost the server
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 from pymongo import AsyncMongoClient
 
 from core.read_model import CHECKPOINTS_COLLECTION
@@ -30,17 +28,6 @@ def checkpoint_reads(log: StartedCommands) -> list[Doc]:
         for name, command in log.commands
         if name in {"find", "aggregate"} and command[name] == CHECKPOINTS_COLLECTION
     ]
-
-
-@pytest.fixture
-async def logged(mongo_url: str, unique_name: str) -> AsyncIterator[tuple[AsyncMongoClient[Doc], StartedCommands]]:
-    log = StartedCommands()
-    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_url, tz_aware=True, event_listeners=[log])
-    try:
-        yield client, log
-    finally:
-        await client.drop_database(unique_name)
-        await client.close()
 
 
 async def test_parks_are_listed_and_counted_from_the_parked_checkpoints_alone(
