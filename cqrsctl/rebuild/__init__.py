@@ -55,6 +55,7 @@ from cqrsctl.rebuild.generations import (
     status_rows,
 )
 from cqrsctl.rebuild.hot_keys import held_on_each_side
+from cqrsctl.rebuild.live_lag import LiveLagGate
 from cqrsctl.rebuild.model import BOOKKEEPING_FIELDS, RebuildConfig, RebuildResult, changed_components
 from cqrsctl.rebuild.progress import RebuildMetrics, RebuildProgress
 from cqrsctl.rebuild.reader import Cursor, EventReader
@@ -156,9 +157,10 @@ async def run_rebuild(
         )
         number = int(doc["_id"])
         result = RebuildResult(number, str(doc["database"]), active.database, resumed)
+        gate = _live_lag_gate(config, conns, projections, result.live_database, metrics)
         builder = Builder(
             conns.mongo[result.database], projections, reader, generations, number,
-            batch_size=config.batch_size, on_batch=on_batch,
+            batch_size=config.batch_size, on_batch=on_batch, gate=gate,
         )  # fmt: skip
         await builder.prepare()
         cursor, position = Cursor.from_document(doc.get("cursor")), int(doc.get("position") or 0)
@@ -183,6 +185,9 @@ async def run_rebuild(
         scope = "every document" if config.sample is None else f"a sample of {config.sample} per collection"
         log.info("generation %d: derived views recomputed in %.1fs; comparing it with generation %d (%s)", number,
                  time.monotonic() - started, active.generation, scope)  # fmt: skip
+        if gate is not None:
+            # Sampled while the live side is far behind, most documents would differ by version (see live_lag).
+            await gate.wait(f"the comparison with generation {active.generation}")
         result.events_applied, result.build_seconds, result.position = applied, seconds, position
         await generations.set_state(number, CAUGHT_UP, caught_up_at=datetime.now(UTC))
         report(number, "caught_up")
@@ -240,7 +245,25 @@ async def run_rebuild(
             result.state = "active"
             report(number, "active")
         result.dropped = await _drop_retired(conns, config, generations)
+        result.held_back_seconds = 0.0 if gate is None else gate.waited_seconds
         return result
+
+
+def _live_lag_gate(
+    config: RebuildConfig,
+    conns: _Connections,
+    projections: Sequence[Projection],
+    live_database: str,
+    metrics: RebuildMetrics | None,
+) -> LiveLagGate | None:
+    if config.max_live_lag_seconds <= 0:
+        return None
+    stream_types = [p.stream_type for p in projections]
+    return LiveLagGate(
+        conns.pool, conns.mongo[config.mongo_database], conns.mongo[live_database], stream_types,
+        max_lag_seconds=config.max_live_lag_seconds, writer_ttl_seconds=config.writer_ttl_seconds,
+        timeout_seconds=config.timeout_seconds, metrics=metrics,
+    )  # fmt: skip
 
 
 async def activate(config: RebuildConfig, generation: int, *, on_batch: BatchHook | None = None) -> CutoverResult:

@@ -20,6 +20,7 @@ from core.envelope import RecordedEvent
 from core.events import decode_event
 from core.projections import Projection
 from cqrsctl.rebuild.generations import FAILED, Generations
+from cqrsctl.rebuild.live_lag import LiveLagGate
 from cqrsctl.rebuild.progress import RebuildProgress
 from cqrsctl.rebuild.reader import Cursor, EventReader
 from projector.mongo_writer import MongoDocument
@@ -84,10 +85,12 @@ class Builder:
         decoder: Decoder = decode_event,
         on_batch: BatchHook | None = None,
         replay: bool = False,
+        gate: LiveLagGate | None = None,
     ) -> None:
         """`replay`: the generation already holds most of what the reader will bring (a rollback to a retired
         generation): each batch's checkpoints are read first and only the events above them are applied, instead
-        of every stream's document being loaded to find that out."""
+        of every stream's document being loaded to find that out. `gate`: each batch first waits for the live read
+        model to be within its lag (not in a switch, where the projectors write this generation too)."""
         self.projections: Mapping[str, Projection] = {p.stream_type: p for p in projections}
         self.pipeline = Pipeline(
             database,
@@ -104,6 +107,7 @@ class Builder:
         self._decoder = decoder
         self._on_batch = on_batch
         self._replay = replay
+        self._gate = gate
         self._repairer = Repairer(self.pipeline, decoder)
         self.batches = 0
 
@@ -135,6 +139,8 @@ class Builder:
         applied = 0
         conflicts = 0
         while stop is None or not stop.is_set():
+            if self._gate is not None and not concurrent_writers:
+                await self._gate.wait(f"generation {self._generation}'s next batch")
             batch = await self._reader.next_batch(cursor, self._batch_size, before_xact=before_xact)
             if not batch.events:
                 return cursor, position, applied, time.monotonic() - started

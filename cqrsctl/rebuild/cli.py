@@ -55,6 +55,11 @@ def add_rebuild_parser(sub: Any) -> argparse.ArgumentParser:
         "--settle-seconds", type=float, default=env.settle_seconds,
         help=f"how long differences explained by lag are re-checked (default {env.settle_seconds:g})",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-live-lag", type=float, default=env.max_live_lag_seconds, metavar="SECONDS",
+        help="wait between batches, and before comparing, while the live read model is more than this far behind "
+        f"PostgreSQL (live projectors only; 0: never; default {env.max_live_lag_seconds:g})",
+    )  # fmt: skip
     parser.add_argument("--accept-differences", action="store_true", help="exit 0 even when documents differ")
     parser.add_argument("--generation", type=int, default=None, help="resume this generation")
     parser.add_argument("--new", action="store_true", help="start a new generation even if one is unfinished")
@@ -110,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> RebuildConfig:
         ignore_fields=tuple(args.ignore_field),
         sample=args.sample,
         settle_seconds=args.settle_seconds,
+        max_live_lag_seconds=args.max_live_lag,
         generation=args.generation,
         new=args.new,
         cutover=args.cutover,
@@ -194,6 +200,7 @@ def result_document(result: RebuildResult, accepted: bool) -> dict[str, Any]:
         "accepted": accepted and not result.equal,
         "difference_count": result.difference_count,
         "hot_keys_in_flight": result.hot_keys_in_flight,
+        "held_back_seconds": round(result.held_back_seconds, 3),
         "differences": [
             {
                 "collection": d.collection,
@@ -245,6 +252,8 @@ def render_text(result: RebuildResult) -> str:
         + (f" (sample of {result.sampled} per collection + changed ones)" if result.sampled else "")
         + (f", ignoring {', '.join(result.ignored_fields)}" if result.ignored_fields else ""),
     ]
+    if result.held_back_seconds:
+        lines.append(f"held back {result.held_back_seconds:.1f}s while the live read model lagged (--max-live-lag)")
     if result.skipped_collections:
         lines.append(f"not compared (changed projections): {', '.join(result.skipped_collections)}")
     if result.hot_keys_in_flight:

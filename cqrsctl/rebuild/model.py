@@ -54,6 +54,9 @@ class RebuildConfig:
     # The switch gives up (exit 2, the new generation stays active) when a projector or a PostgreSQL transaction
     # holds it up for longer.
     switch_timeout_seconds: float = 120.0
+    # The build (and its catch-up passes) waits between batches, and the comparison waits before it starts, while
+    # the live read model is more than this many seconds behind PostgreSQL (`cqrsctl.rebuild.live_lag`); 0: never.
+    max_live_lag_seconds: float = 10.0
     # Drop the generations retired (switched away from) more than this many hours ago; None: keep them.
     drop_retired_after_hours: float | None = None
 
@@ -97,6 +100,7 @@ class RebuildResult:
     up_to_date: bool = False  # `if_needed` and nothing changed: nothing was built
     cutover: CutoverResult | None = None
     dropped: list[int] = field(default_factory=list)  # retired generations dropped by this run
+    held_back_seconds: float = 0.0  # waiting for the live read model to catch up (`max_live_lag_seconds`)
 
     @property
     def events_per_second(self) -> float:

@@ -36,6 +36,11 @@ class RebuildMetrics:
             "cqrs_rebuild_events_remaining", "About how many events are left to apply (0: caught up)", registry=registry
         )
         self.generation = Gauge("cqrs_rebuild_generation", "The generation built or switched to", registry=registry)
+        self.held_back = Counter(
+            "cqrs_rebuild_held_back_seconds",
+            "Seconds the rebuild waited for the live read model to catch up (--max-live-lag)",
+            registry=registry,
+        )
         self._state = Gauge("cqrs_rebuild_state", "1 for the rebuild's current state", ["state"], registry=registry)
 
     def state(self, generation: int, state: str) -> None:

@@ -1,0 +1,103 @@
+"""`cqrs rebuild` holds its build back while the live read model lags PostgreSQL (`--max-live-lag`), against the
+real servers: a live projector that receives nothing (its relay stopped) holds the build until the relay runs
+again; a read model with no live projector does not hold it (nothing would catch up); 0 turns the wait off."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from prometheus_client import CollectorRegistry
+
+from core.generations import COLLECTION
+from cqrsctl.rebuild import RebuildMetrics, run_rebuild
+from cqrsctl.rebuild.generations import BUILDING
+from tests.integration.test_rebuild import _customer_workload, generation_doc, rebuild_config
+from tests.integration.test_verify import System, projected_system
+from tests.support import eventually
+
+MAX_LAG = 0.5
+# How long the test watches a held-back rebuild do nothing before it lets the live side catch up.
+HELD_SECONDS = 3.0
+
+
+@pytest.fixture
+async def live(
+    event_store_dsn: str, pg_pool: asyncpg.Pool, nats_url: str, mongo_url: str, unique_name: str
+) -> AsyncIterator[System]:
+    """Two customers and their orders, projected by the real relay and projector (both still running), at rest."""
+
+    async def workload(system: System) -> None:
+        await asyncio.gather(*(_customer_workload(system.store, i) for i in range(2)))
+
+    async with projected_system(event_store_dsn, pg_pool, nats_url, mongo_url, unique_name, workload) as system:
+        yield system
+
+
+async def unrelayed_events_older_than_the_limit(system: System) -> int:
+    """Stops the relay, records more events (the live projector never receives them) and waits until they are
+    older than `MAX_LAG`; returns how many events the store holds."""
+    await system.stop_relay()
+    await _customer_workload(system.store, 100)
+
+    async def old_enough() -> bool:
+        return bool(
+            await system.pool.fetchval(
+                "SELECT max(recorded_at) < clock_timestamp() - make_interval(secs => $1) FROM events", MAX_LAG
+            )
+        )
+
+    await eventually(old_enough, what=f"the newest event to be older than {MAX_LAG}s")
+    return int(await system.pool.fetchval("SELECT count(*) FROM events"))
+
+
+async def test_the_build_waits_while_the_live_projector_is_behind_and_goes_on_once_it_caught_up(live: System) -> None:
+    events = await unrelayed_events_older_than_the_limit(live)
+    batches: list[float] = []
+
+    async def on_batch(_: int) -> None:
+        batches.append(time.monotonic())
+
+    metrics = RebuildMetrics(CollectorRegistry())
+    config = rebuild_config(live, max_live_lag_seconds=MAX_LAG)
+    rebuild = asyncio.create_task(run_rebuild(config, on_batch=on_batch, metrics=metrics))
+    try:
+        await eventually(
+            lambda: live.db[COLLECTION].find_one({"_id": 2}), what="the rebuild to open generation 2", timeout=30
+        )
+        await asyncio.sleep(HELD_SECONDS)  # what is asserted is that nothing happens meanwhile
+        doc = await generation_doc(live, 2)
+        assert not batches and not rebuild.done(), f"built {len(batches)} batches while the live side lagged"
+        assert doc["state"] == BUILDING and not doc.get("events_applied"), doc
+        held = metrics.registry.get_sample_value("cqrs_rebuild_held_back_seconds_total")
+        assert held is not None and held >= HELD_SECONDS - 1.5, held
+
+        relayed_at = time.monotonic()
+        await live.start_relay()
+        result = await asyncio.wait_for(rebuild, timeout=90)
+    finally:
+        rebuild.cancel()
+    assert batches and batches[0] > relayed_at
+    assert result.equal, result.differences
+    assert result.events_applied == events
+    assert result.held_back_seconds >= HELD_SECONDS
+
+
+async def test_without_a_live_projector_or_with_no_limit_nothing_holds_the_build_back(live: System) -> None:
+    """The same lag with the projector stopped (a read model restored from nothing, projectors not started yet):
+    nothing would catch up, so nothing waits; the comparison reports what the live side lacks. And with the
+    projector running, `max_live_lag_seconds=0` never waits."""
+    events = await unrelayed_events_older_than_the_limit(live)
+    await live.stop_projector()
+
+    alone = await asyncio.wait_for(run_rebuild(rebuild_config(live, max_live_lag_seconds=MAX_LAG)), timeout=90)
+    assert (alone.held_back_seconds, alone.events_applied) == (0.0, events)
+    assert not alone.equal  # the live side lacks what the relay never sent
+
+    await live.start_projector()
+    unlimited = await asyncio.wait_for(run_rebuild(rebuild_config(live, max_live_lag_seconds=0)), timeout=90)
+    assert unlimited.held_back_seconds == 0.0 and unlimited.events_applied == events
+    assert not unlimited.equal
