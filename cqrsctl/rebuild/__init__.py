@@ -285,9 +285,11 @@ async def activate(config: RebuildConfig, generation: int, *, on_batch: BatchHoo
                 "one after a switch to it gave up, to finish it)"
             )
         reader = EventReader(conns.pool, config.timeout_seconds)
+        # The passes before the switch (a rollback's first replays the whole store) wait for the live read model.
+        gate = _live_lag_gate(config, conns, PROJECTIONS, (await generations.active()).database, None)
         builder = Builder(
             conns.mongo[str(doc["database"])], PROJECTIONS, reader, generations, generation,
-            batch_size=config.batch_size, on_batch=on_batch, replay=state == RETIRED,
+            batch_size=config.batch_size, on_batch=on_batch, replay=state == RETIRED, gate=gate,
         )  # fmt: skip
         await builder.prepare()
         return await cut_over(

@@ -90,7 +90,7 @@ class Builder:
         """`replay`: the generation already holds most of what the reader will bring (a rollback to a retired
         generation): each batch's checkpoints are read first and only the events above them are applied, instead
         of every stream's document being loaded to find that out. `gate`: each batch first waits for the live read
-        model to be within its lag (not in a switch, where the projectors write this generation too)."""
+        model to be within its lag (see `run`'s `hold_back`)."""
         self.projections: Mapping[str, Projection] = {p.stream_type: p for p in projections}
         self.pipeline = Pipeline(
             database,
@@ -123,6 +123,7 @@ class Builder:
         concurrent_writers: bool = False,
         before_xact: int | None = None,
         stop: asyncio.Event | None = None,
+        hold_back: bool = True,
     ) -> tuple[Cursor, int, int, float]:
         """Applies every final event after `cursor`; returns the new cursor, the highest position applied, the
         number of events applied and the seconds it took. Raises `RebuildFailed` (after marking the generation).
@@ -132,14 +133,15 @@ class Builder:
         at the events of transactions with this id or later (see `EventReader.next_batch`). `stop`: return after the
         batch in hand once it is set. Without either, it stops at the transactions that start after it did: under a
         steady load faster than the generation can take (a saturated machine), "until caught up" would never come;
-        the next pass (or the projectors, after a switch) takes what came meanwhile."""
+        the next pass (or the projectors, after a switch) takes what came meanwhile. `hold_back`: each batch waits
+        for the live read model (the builder's `gate`); not during a switch, whose tail must end it."""
         started = time.monotonic()
         if before_xact is None and stop is None:
             before_xact = await self._reader.horizon()
         applied = 0
         conflicts = 0
         while stop is None or not stop.is_set():
-            if self._gate is not None and not concurrent_writers:
+            if self._gate is not None and hold_back:
                 await self._gate.wait(f"generation {self._generation}'s next batch")
             batch = await self._reader.next_batch(cursor, self._batch_size, before_xact=before_xact)
             if not batch.events:

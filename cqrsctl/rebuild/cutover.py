@@ -78,8 +78,10 @@ class CutoverResult:
 class _Tailer:
     """Keeps one generation current from PostgreSQL until stopped; `drain()` is the last pass."""
 
-    def __init__(self, builder: Builder, cursor: Cursor, position: int) -> None:
+    def __init__(self, builder: Builder, cursor: Cursor, position: int, *, hold_back: bool) -> None:
+        """`hold_back`: the passes wait for the live read model as the build does (before the switch begins)."""
         self._builder = builder
+        self._hold_back = hold_back
         self.cursor, self.position = cursor, position
         self.applied = 0
         self._stop = asyncio.Event()
@@ -91,7 +93,7 @@ class _Tailer:
     async def _pass(self, before_xact: int | None = None, stop: asyncio.Event | None = None) -> None:
         self.cursor, self.position, applied, _ = await self._builder.run(
             self.cursor, self.position, RebuildProgress(False), concurrent_writers=True, before_xact=before_xact,
-            stop=stop,
+            stop=stop, hold_back=self._hold_back,
         )  # fmt: skip
         self.applied += applied
 
@@ -137,9 +139,10 @@ async def cut_over(
         raise CutoverFailed(f"generation {number} is already active")
     previous = replaced[0] if current.generation == number else await generations.get(current.generation)
     assert previous is not None  # record_of made it
-    tailer = _Tailer(builder, Cursor.from_document(target.get("cursor")), int(target.get("position") or 0))
+    cursor = Cursor.from_document(target.get("cursor"))
+    tailer = _Tailer(builder, cursor, int(target.get("position") or 0), hold_back=True)
     await _caught_up(tailer)  # before anyone reads it
-    tailer = _Tailer(builder, tailer.cursor, tailer.position)
+    tailer = _Tailer(builder, tailer.cursor, tailer.position, hold_back=False)
     tailer.start()
     try:
         active = await generations.switch_active(target)

@@ -8,6 +8,8 @@ collection) do not count. The field comparison is verify's (`cqrsctl.verify.comp
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +21,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from core.mongo_ids import find_by_ids, id_chunks
 from cqrsctl.verify.compare import diff_documents
 from cqrsctl.verify.model import FieldDiff
+
+log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
 
@@ -156,13 +160,17 @@ class ShadowComparer:
         """`size` random documents of each side, plus every document either side changed after
         (position, time) = `changed_after` (the generation's start)."""
         position, started_at = changed_after
+        started = time.monotonic()
         ids: set[str] = set()
         changed = {"$or": [{"position": {"$gt": position}}, {"updated_at": {"$gte": started_at}}]}
         for database in (self._live, self._gen):
             sampled = await database[collection].aggregate([{"$sample": {"size": size}}, {"$project": {"_id": 1}}])
             ids.update([str(doc["_id"]) async for doc in sampled])
             ids.update([str(d["_id"]) async for d in database[collection].find(changed, {"_id": 1})])
+        picked = time.monotonic()
         await self.by_ids(collection, sorted(ids), out)
+        log.info("%s: %d documents picked (sampled, or changed during the rebuild) in %.1fs, read and compared in "
+                 "%.1fs", collection, len(ids), picked - started, time.monotonic() - picked)  # fmt: skip
 
     async def by_ids(self, collection: str, ids: list[str], out: ComparisonResult) -> None:
         for chunk in id_chunks(ids):

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from core.generations import COLLECTION
-from cqrsctl.rebuild import RebuildMetrics, run_rebuild
+from cqrsctl.rebuild import RebuildMetrics, activate, run_rebuild
 from cqrsctl.rebuild.generations import BUILDING
 from tests.integration.test_rebuild import _customer_workload, generation_doc, rebuild_config
 from tests.integration.test_verify import System, projected_system
@@ -101,3 +101,28 @@ async def test_without_a_live_projector_or_with_no_limit_nothing_holds_the_build
     unlimited = await asyncio.wait_for(run_rebuild(rebuild_config(live, max_live_lag_seconds=0)), timeout=90)
     assert unlimited.held_back_seconds == 0.0 and unlimited.events_applied == events
     assert not unlimited.equal
+
+
+async def test_a_rollback_replays_only_while_the_live_projector_keeps_up(live: System) -> None:
+    """A rollback to a retired generation first replays what it lacks (the whole store, for the first generation
+    rolled back to), as the build does: it waits the same way. The switch's own tail does not (not tested here)."""
+    config = rebuild_config(live, cutover=True, max_live_lag_seconds=MAX_LAG)
+    switched = await run_rebuild(config)
+    assert switched.cutover is not None and switched.cutover.generation == 2
+    await unrelayed_events_older_than_the_limit(live)
+    batches: list[float] = []
+
+    async def on_batch(_: int) -> None:
+        batches.append(time.monotonic())
+
+    rollback = asyncio.create_task(activate(config, 1, on_batch=on_batch))
+    try:
+        await asyncio.sleep(HELD_SECONDS)  # what is asserted is that nothing happens meanwhile
+        assert not batches and not rollback.done(), f"replayed {len(batches)} batches while the live side lagged"
+        relayed_at = time.monotonic()
+        await live.start_relay()
+        back = await asyncio.wait_for(rollback, timeout=90)
+    finally:
+        rollback.cancel()
+    assert (back.generation, back.previous_generation) == (1, 2)
+    assert batches and batches[0] > relayed_at
