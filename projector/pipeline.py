@@ -122,7 +122,9 @@ class Pipeline:
         Raises `PyMongoError` if MongoDB fails or refuses a view's write."""
         total = 0
         for view in VIEWS:
+            started = time.monotonic()
             found, carried = await self._view_keys(view)
+            listed = time.monotonic()
             keys = sorted(found)
             writer = self._view_writers[view.name]
             for start in range(0, len(keys), keys_per_write):
@@ -132,6 +134,8 @@ class Pipeline:
                 await self._timed(view.name, writer, chunk, stamps, refused, ViewSources())
                 if refused:
                     raise PyMongoError(f"MongoDB refused view {view.name} of {len(refused)} key(s)")
+            log.info("view %s recomputed for %d keys: listed in %.1fs, written in %.1fs", view.name, len(keys),
+                     listed - started, time.monotonic() - listed)  # fmt: skip
             total += len(keys)
         return total
 
