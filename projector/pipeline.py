@@ -117,9 +117,12 @@ class Pipeline:
         await self.sales.ensure_indexes()
         await self.parks.ensure_indexes()
 
-    async def recompute_views(self, keys_per_write: int = 500) -> int:
+    async def recompute_views(
+        self, keys_per_write: int = 500, before_each: Callable[[], Awaitable[object]] | None = None
+    ) -> int:
         """Recomputes every derived view of every key from the documents as they are; returns the number of keys.
-        Raises `PyMongoError` if MongoDB fails or refuses a view's write."""
+        `before_each`: awaited before each write of `keys_per_write` keys (a rebuild waits there for the live read
+        model). Raises `PyMongoError` if MongoDB fails or refuses a view's write."""
         total = 0
         for view in VIEWS:
             started = time.monotonic()
@@ -129,6 +132,8 @@ class Pipeline:
             writer = self._view_writers[view.name]
             for start in range(0, len(keys), keys_per_write):
                 chunk = keys[start : start + keys_per_write]
+                if before_each is not None:
+                    await before_each()
                 refused: set[str] = set()
                 stamps = {k: carried.get(k, 0) for k in chunk}
                 await self._timed(view.name, writer, chunk, stamps, refused, ViewSources())

@@ -7,17 +7,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
+from pymongo import AsyncMongoClient
 
+from core.dependency_metrics import dependency_metrics
 from core.generations import COLLECTION
 from cqrsctl.rebuild import RebuildMetrics, activate, run_rebuild
 from cqrsctl.rebuild.generations import BUILDING
+from projector.pipeline import Pipeline
+from projector.planning import decode_recorded
 from tests.integration.test_rebuild import _customer_workload, generation_doc, rebuild_config
+from tests.integration.test_sales_report import BY_TYPE, store_order
 from tests.integration.test_verify import System, projected_system
 from tests.support import eventually
+from tests.unit.test_sales_report import D1, order_events
 
 MAX_LAG = 0.5
 # How long the test watches a held-back rebuild do nothing before it lets the live side catch up.
@@ -126,3 +133,29 @@ async def test_a_rollback_replays_only_while_the_live_projector_keeps_up(live: S
         rollback.cancel()
     assert (back.generation, back.previous_generation) == (1, 2)
     assert batches and batches[0] > relayed_at
+
+
+async def test_the_views_recompute_waits_before_each_write(mongo_url: str, unique_name: str) -> None:
+    """After the build every derived view is recomputed for every key, as heavy for the shared MongoDB as the build
+    (a soak's live projectors fell minutes behind during it): the rebuild's wait runs before each write."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url, tz_aware=True)
+    try:
+        pipeline = Pipeline(
+            client[unique_name], BY_TYPE, dependency_metrics(CollectorRegistry()), stream_name="", park_after=1,
+            max_backoff=1.0,
+        )  # fmt: skip
+        await pipeline.ensure_indexes()
+        streams = [order_events("EUR", [("ANVIL", 1, 100)], placed_at=D1, customer_id=f"c{n}") for n in range(5)]
+        assert not (await pipeline.apply(decode_recorded(store_order(streams), BY_TYPE))).unsettled
+        waits: list[int] = []
+
+        async def before_each() -> None:
+            waits.append(len(waits))
+
+        keys = await pipeline.recompute_views(keys_per_write=2, before_each=before_each)
+    finally:
+        await client.drop_database(unique_name)
+        await client.close()
+    # Three views of 5 keys each (two by customer, the sales report by order): 3 writes of at most 2 keys each.
+    assert keys == 3 * 5
+    assert len(waits) == 3 * 3
