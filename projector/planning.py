@@ -328,16 +328,19 @@ def plan_views(
     batches: Mapping[str, ProjectionBatch], views: Iterable[DerivedView], lagging: set[str], touched: set[str]
 ) -> ViewPlan:
     """Plans the derived views a batch must write before its checkpoints: a view is recomputed for the keys of
-    every settled stream to which the batch applied one of the view's trigger events (one key, or several for a
-    view with `keys_from`: an order counts in the sales report of the day it was placed and of its cancellation).
+    every stream to which the batch wrote one of the view's trigger events (one key, or several for a view with
+    `keys_from`: an order counts in the sales report of the day it was placed and of its cancellation).
 
     Streams in `lagging` have a document ahead of their checkpoint: an earlier batch wrote it and did not get
     as far as its derived views (a failure, a crash, a replica that stopped). Their views are done in full here,
-    whatever events this batch brings, so the checkpoint never covers a version whose views are missing.
+    whatever events this batch brings (duplicates only, after a redelivery), so the checkpoint never covers a
+    version whose views are missing. A duplicate of a stream at its checkpoint needs nothing: the checkpoint says
+    every view counts it already (recomputing a busy customer's statistics for it read all of the customer's
+    orders, for every event redelivered after a crash or brought again by a switch's tail).
     `touched` are stream ids to treat as settled even without deliveries (a stream being resumed).
     """
     plan = ViewPlan()
-    # Each stream type's documents and settled deliveries are the same for every view: built once per batch.
+    # Each stream type's documents and planned streams' deliveries are the same for every view: built once a batch.
     per_type: dict[str, tuple[dict[str, Document], dict[str, list[Delivery]]]] = {}
     for view in views:
         plan.keys[view.name] = set()
@@ -348,12 +351,12 @@ def plan_views(
             if batch is None:
                 continue
             if stream_type not in per_type:
-                per_type[stream_type] = (batch.current_docs(), batch.settled())
-            docs, settled = per_type[stream_type]
+                per_type[stream_type] = (batch.current_docs(), _view_triggers(batch, lagging))
+            docs, triggers = per_type[stream_type]
             own_key = view.key_fields.get(stream_type) is None
             every = events == EVERY_EVENT
-            for stream_id in set(settled) | (touched & set(docs)):
-                applied = settled.get(stream_id, ())
+            for stream_id in set(triggers) | (touched & set(docs)):
+                applied = triggers.get(stream_id, ())
                 # `view.triggered_by` inlined (every event, or one of `events`); keys only for triggered streams.
                 if not (
                     stream_id in lagging
@@ -376,6 +379,16 @@ def plan_views(
         for key in full_keys:
             carried.pop(key, None)
     return plan
+
+
+def _view_triggers(batch: ProjectionBatch, lagging: set[str]) -> dict[str, list[Delivery]]:
+    """The deliveries that may call for derived views, by stream id: those written, and for a lagging stream the
+    duplicates too (its views are done in full whatever it brings)."""
+    triggers = batch.written()
+    for stream_id, deliveries in batch.settled().items():
+        if stream_id in lagging:
+            triggers[stream_id] = deliveries
+    return triggers
 
 
 def view_steps(

@@ -38,7 +38,7 @@ from core.projections.sales import SALES_COLLECTION, SalesKey, parse_key
 from core.read_model import CHECKPOINTS_COLLECTION
 from cqrsctl.verify.compare import diff_documents
 from cqrsctl.verify.report_bounds import ReportBounds
-from projector.customer_views import order_stats_from_groups, order_stats_groups
+from projector.customer_views import counted_orders, order_stats_from_groups, order_stats_groups
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, SALES_REPORT
 
 Doc = dict[str, Any]
@@ -89,7 +89,9 @@ async def _order_stats(database: Database, ids: Sequence[str], ignored: Ignores)
     """The customers whose statistics are the projector's recompute from their orders as stored right after."""
     stored = await _by_id(database, CUSTOMERS_COLLECTION, ids, ["order_stats"])
     present = [customer_id for customer_id in ids if customer_id in stored]
-    folded = order_stats_from_groups(present, await order_stats_groups(database[ORDERS_COLLECTION], present))
+    sizes = {customer_id: counted_orders(stored[customer_id].get("order_stats")) for customer_id in present}
+    groups = await order_stats_groups(database[ORDERS_COLLECTION], present, sizes)
+    folded = order_stats_from_groups(present, groups)
     return {
         customer_id for customer_id in present
         if not _differs(CUSTOMERS_COLLECTION, {"order_stats": stored[customer_id].get("order_stats")},

@@ -266,8 +266,9 @@ async def test_customer_order_statistics_follow_creates_places_cancels_and_delet
     other_doc = await customer_doc(harness, other.stream_id)
     assert other_doc is not None and other_doc["order_stats"]["draft_orders"] == 1
 
-    # Replays change nothing: a replayed event is a duplicate, which never takes the increment (only a write this
-    # batch made onto a document at its checkpoint does), so the statistics are recomputed, never counted twice.
+    # Replays change nothing, and write nothing: a replayed event is a duplicate of a stream at its checkpoint,
+    # which says every view counts it already. (They were recomputed, a read of every order of the customer, for
+    # each such duplicate: a ten-minute soak's redeliveries after a switch kept the projectors at 4 events/s.)
     for order in (eur_placed, eur_cancelled, usd_placed_deleted):
         for event in order.published:
             await harness.publish(event, with_msg_id=False)
@@ -277,7 +278,7 @@ async def test_customer_order_statistics_follow_creates_places_cancels_and_delet
     assert doc is not None and doc["order_stats"] == expected
     assert doc["name"] == "Ada Lovelace" and doc["version"] == 1
     replayed = stats_writes(harness)
-    assert replayed["increment"] == writes["increment"] and replayed["recompute"] > writes["recompute"], replayed
+    assert replayed == writes, (writes, replayed)
 
     indexes = await harness.db["customers"].index_information()
     assert {tuple(k for k, _ in spec["key"]) for name, spec in indexes.items() if name != "_id_"} == {

@@ -16,7 +16,7 @@ from pymongo.errors import PyMongoError
 
 from core.projections.customers import COLLECTION as CUSTOMERS
 from core.projections.orders import COLLECTION as ORDERS
-from projector.customer_views import STATS_ATTEMPTS, CustomerViews, StatsWrite, StoredStats
+from projector.customer_views import ORDERS_PER_AGGREGATION, STATS_ATTEMPTS, CustomerViews, StatsWrite, StoredStats
 from tests.support import StartedCommands
 
 Doc = dict[str, Any]
@@ -203,3 +203,26 @@ async def test_a_recompute_overtaken_every_time_gives_up_after_its_attempts_and_
     failed.clear()
     await calm.recompute_order_stats([CUSTOMER], failed)
     assert failed == set()
+
+
+async def test_a_recompute_reads_busy_customers_in_aggregations_of_their_own(
+    logged: tuple[AsyncDatabase[Doc], StartedCommands],
+) -> None:
+    """One aggregation reads every order of its customers: a call for several busy ones outlasted the socket
+    timeout on the MongoDB-wire server, and the batch's retry recomputed them again, for ever. The customers'
+    stored statistics say how many orders each has; a call stays within `ORDERS_PER_AGGREGATION` of them."""
+    database, log = logged
+    views = CustomerViews(database)
+    busy = {"draft_orders": ORDERS_PER_AGGREGATION, "placed_orders": 0, "cancelled_orders": 0, "placed_totals": []}
+    for customer in ("busy-1", "busy-2", "small"):
+        await database[ORDERS].insert_one({**order(f"{customer}-o", 2, "DRAFT", 100), "customer_id": customer})
+    for customer in ("busy-1", "busy-2"):  # as counted before most of their orders were deleted, say
+        await database[CUSTOMERS].insert_one({"_id": customer, "order_stats": busy, "order_stats_seq": 1})
+    log.commands.clear()
+    write = await views.write_order_stats(["busy-1", "busy-2", "small"])  # no prior statistics: recomputed
+    assert write == StatsWrite([], [], ["busy-1", "busy-2", "small"])
+    read = [cmd["pipeline"][0]["$match"]["customer_id"]["$in"] for name, cmd in log.commands if name == "aggregate"]
+    assert read == [["busy-1"], ["busy-2", "small"]]  # "small" has no statistics yet: it counts for nothing
+    for customer in ("busy-1", "busy-2", "small"):
+        doc = await database[CUSTOMERS].find_one({"_id": customer})
+        assert doc is not None and doc["order_stats"]["draft_orders"] == 1, doc

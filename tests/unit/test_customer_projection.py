@@ -341,10 +341,15 @@ def test_a_stream_ahead_of_its_checkpoint_gets_its_derived_views_in_full() -> No
     orders = ProjectionBatch(ORDERS)
     orders.docs = {order_id: doc}
     orders.result = FoldResult(duplicates=[delivery(placed, 1, stream_id=order_id, stream_type="order")])
-    # In step with its checkpoint: a duplicate of OrderPlaced recomputes statistics; no fan-out is needed.
+    # In step with its checkpoint: the checkpoint says the views count it already; nothing to write, nothing depends.
     batches = {"order": orders}
     plan = plan_views(batches, VIEWS, lagging=set(), touched=set())
+    assert (plan.keys[STATS_VIEW], plan.keys[FIELDS_VIEW], plan.depends) == (set(), set(), {})
+    # Written by this batch: the statistics (a trigger event) but no fan-out (the order's customer did not change).
+    orders.result = FoldResult(applied={order_id: [delivery(placed, 2, stream_id=order_id, stream_type="order")]})
+    plan = plan_views(batches, VIEWS, lagging=set(), touched=set())
     assert (plan.keys[STATS_VIEW], plan.keys[FIELDS_VIEW]) == ({CUSTOMER_ID}, set())
+    orders.result = FoldResult(duplicates=[delivery(placed, 1, stream_id=order_id, stream_type="order")])
     # Ahead of its checkpoint (an earlier batch wrote it and stopped before its views): everything, from scratch.
     plan = plan_views(batches, VIEWS, lagging={order_id}, touched=set())
     assert (plan.keys[STATS_VIEW], plan.keys[FIELDS_VIEW]) == ({CUSTOMER_ID}, {CUSTOMER_ID})

@@ -8,9 +8,17 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.mongo_ids import IDS_PER_QUERY
 from core.projections import Document, Projection
 from core.projections.orders import ORDERS
-from projector.customer_views import incremented_stats, order_stats_from_groups, version_step
+from projector.customer_views import (
+    ORDERS_PER_AGGREGATION,
+    counted_orders,
+    incremented_stats,
+    order_stats_from_groups,
+    stats_chunks,
+    version_step,
+)
 from projector.mongo_writer import Change
 from projector.planning import FoldResult, ProjectionBatch, ViewPlan, view_steps
 from projector.registry import CUSTOMER_ORDER_STATS
@@ -138,3 +146,16 @@ def test_view_steps_only_for_keys_whose_every_stream_was_written_from_its_checkp
     checkpoints = {"o1": 3, "o2": 1, "o3": 5, "o5": 2}  # o2 is ahead of its checkpoint: its views are owed
     steps = view_steps(plan, stats, [batch], checkpoints, resuming={"o3"})
     assert steps == {"c1": [(loaded["o1"], written["o1"]), (None, written["o4"])]}
+
+
+def test_a_recompute_reads_a_bounded_number_of_orders_per_aggregation() -> None:
+    big, small = ORDERS_PER_AGGREGATION, ORDERS_PER_AGGREGATION // 4
+    sizes = {"a": small, "b": small, "c": big, "d": 3 * big, "e": small}
+    # Packed in order while they fit; a customer bigger than the bound is read on its own (never split).
+    assert stats_chunks(["e", "d", "c", "b", "a", "a"], sizes) == [["a", "b"], ["c"], ["d"], ["e"]]
+    # Customers of unknown size (no statistics yet) count for nothing, up to IDS_PER_QUERY ids a call.
+    many = [f"n{i:03}" for i in range(IDS_PER_QUERY + 1)]
+    assert [len(chunk) for chunk in stats_chunks(many, {})] == [IDS_PER_QUERY, 1]
+    assert stats_chunks([], sizes) == []
+    stats = {"draft_orders": 2, "placed_orders": 5, "cancelled_orders": 1, "placed_totals": []}
+    assert (counted_orders(stats), counted_orders(None)) == (8, 0)
