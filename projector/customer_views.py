@@ -2,7 +2,9 @@
 fields on orders, and order statistics on customers.
 
 Both are written after the order and customer documents of a batch, and both are idempotent, so a redelivered
-batch (even one made only of duplicates) simply writes them again:
+batch whose streams are ahead of their checkpoints (an earlier batch wrote the documents and stopped before its
+views) simply writes them again; a duplicate of a stream at its checkpoint writes neither (the checkpoint says
+they count it already):
 
 * **Fan-out.** Every order of a customer carries `customer_name`, `customer_email` and `customer_version`, copied
   from the customer document with `update_many({customer_id: C, customer_version: {$lt: v}})`: an order only ever
@@ -22,7 +24,8 @@ batch (even one made only of duplicates) simply writes them again:
     (an order ahead of its checkpoint, a stream being resumed, a write another replica won, a customer never
     counted with a counter yet); a recompute whose compare-and-set fails reads the counter and recomputes again, a
     bounded number of times, and then the customer is refused (its streams are retried later, as for any refused
-    view). Its cost grows with the customer's orders.
+    view). Its cost grows with the customer's orders: one aggregation reads at most about `ORDERS_PER_AGGREGATION`
+    of them (by the customers' last statistics), a bigger customer on its own.
 
   An increment whose compare-and-set fails (another replica wrote the statistics after our read: the orders of
   one customer hash to every partition, so with several replicas this is the common case for a busy customer) is
