@@ -278,7 +278,8 @@ async def activate(config: RebuildConfig, generation: int, *, on_batch: BatchHoo
         if doc is None:
             raise GenerationError(f"no generation {generation} is recorded")
         state = doc.get("state")
-        pointer = (await generations.active()).generation
+        active = await generations.active()
+        pointer = active.generation
         # Besides those: either side of a switch that gave up (the target active, perhaps marked failed by its tail;
         # the old one not retired), to finish it or to go back. An active one that is the pointer: "already active".
         if state not in ACTIVATABLE and state != ACTIVE and not (state == FAILED and pointer == generation):
@@ -288,7 +289,7 @@ async def activate(config: RebuildConfig, generation: int, *, on_batch: BatchHoo
             )
         reader = EventReader(conns.pool, config.timeout_seconds)
         # The passes before the switch (a rollback's first replays the whole store) wait for the live read model.
-        gate = _live_lag_gate(config, conns, PROJECTIONS, (await generations.active()).database, None)
+        gate = _live_lag_gate(config, conns, PROJECTIONS, active.database, None)
         builder = Builder(
             conns.mongo[str(doc["database"])], PROJECTIONS, reader, generations, generation,
             batch_size=config.batch_size, on_batch=on_batch, replay=state == RETIRED, gate=gate,
