@@ -9,8 +9,8 @@ The projector's per-event cost should not depend on how much the read model alre
   more the more orders its customer has. The projector increments them instead where it can (an order whose
   views are complete, the usual case); the increment reads the stored statistics and writes them back.
 
-This measures them with the projector's own writers (`SalesViews.count`, `CustomerViews.recompute_order_stats`,
-`CustomerViews.read_order_stats` + `write_order_stats`) against a fresh local MongoDB-wire server, at growing
+This measures them with the projector's own writers (`SalesViews.count`, `OrderStatsViews.recompute_order_stats`,
+`OrderStatsViews.read_order_stats` + `write_order_stats`) against a fresh local MongoDB-wire server, at growing
 sizes: for each size, the MongoDB-wire server's CPU (from /proc) and the wall time of one batch of three
 placements after that many facts of the day, of one recompute of a customer with that many orders, and of one
 increment of that customer's statistics (one order cancelled). Orders are folded from real events by the
@@ -46,10 +46,11 @@ from core.projections.orders import ORDERS
 from core.projections.sales import SHARDS_COLLECTION
 from core.values import Address
 from localservers import MongoServer, free_port
-from projector.customer_views import CustomerViews, Step
 from projector.mongo_writer import MongoDocument, ReadModelWriter
+from projector.order_stats import OrderStatsViews
 from projector.sales_tags import MAX_CHECKS_PER_SWEEP, SalesTagSweeper
 from projector.sales_views import SalesViews
+from projector.view_sources import Step
 
 ADDRESS = Address("Ada Lovelace", "12 Analytical St", "", "London", "N1 9GU", "GB")
 BATCH = 3  # placements per measured sales batch (the size of a live batch)
@@ -160,7 +161,7 @@ async def sales_growth(client: AsyncMongoClient[MongoDocument], pid: int, size: 
 async def stats_growth(client: AsyncMongoClient[MongoDocument], pid: int, size: int, repeats: int) -> list[float]:
     """Server CPU and wall ms of recomputing the statistics of a customer with `size` orders."""
     database = client[f"stats_{size}"]
-    views = CustomerViews(database)
+    views = OrderStatsViews(database)
     await ReadModelWriter(database, ORDERS).ensure_indexes()
     customer = "customer-1"
     orders = orders_of(customer, size, datetime.now(UTC))

@@ -137,3 +137,25 @@ def write_operation(projection: Projection, change: Change) -> UpdateOne:
             update["$setOnInsert"] = on_insert
         return UpdateOne({"_id": change.doc_id, "version": {"$exists": False}}, update, upsert=True)
     return UpdateOne({"_id": change.doc_id, "version": change.expected_version}, {"$set": own}, upsert=True)
+
+
+def duplicate_indexes(exc: BulkWriteError) -> list[int]:
+    """The indexes of the operations that failed with a duplicate key (an upsert that lost to a stored `_id`)."""
+    return [int(e["index"]) for e in exc.details.get("writeErrors", []) if e.get("code") == DUPLICATE_KEY]
+
+
+def refused_indexes(exc: BulkWriteError, failed: set[str] | None, *, retry_duplicates: bool = False) -> list[int]:
+    """The indexes of the operations the server refused (a validator, a unique index, ...).
+
+    Re-raises `exc` when the failure is not per operation (a write concern error) or when the caller records no
+    failures (`failed` is None) and an operation failed for another reason than a duplicate key that
+    `retry_duplicates` allows to repeat.
+    """
+    details = exc.details
+    if details.get("writeConcernErrors"):
+        raise exc
+    errors = details.get("writeErrors", [])
+    if failed is None:
+        if not retry_duplicates or any(e.get("code") != DUPLICATE_KEY for e in errors):
+            raise exc
+    return [int(e["index"]) for e in errors]

@@ -10,9 +10,9 @@ Per batch (from JetStream, or from a parked stream being resumed):
    events wait the same way; a gap waits (nak with backoff) and parks once it has been offered
    `park_after` times; a message that names no stream is recorded in `dead_letters` and terminated;
 3. fold each projection (orders first) and write it with one version-guarded bulk write;
-4. derived views (`customer_views`, `sales_views`): fan-out and order statistics of the customers the batch
-   touched, the sales report of the days its orders were placed or cancelled on; a stream whose document is ahead
-   of its checkpoint (an earlier batch wrote it and never finished its views) gets its views in full. A view
+4. derived views (`customer_views`, `order_stats`, `sales_views`): fan-out and order statistics of the customers
+   the batch touched, the sales report of the days its orders were placed or cancelled on; a stream whose document
+   is ahead of its checkpoint (an earlier batch wrote it and never finished its views) gets its views in full. A view
    MongoDB refuses fails only the streams that need it: they are naked (parked after `park_after` offers), and
    their checkpoints stay where they are;
 5. checkpoints, last: a checkpoint at v means every document and view reflects the stream up to v. Every write is
@@ -44,9 +44,10 @@ from core.projections.orders import ORDERS
 from core.read_model import ORDER_HISTORY_FIELD
 from core.tracing import tracer
 from projector.checkpoints import CheckpointWriter
-from projector.customer_views import CustomerFields, CustomerViews, StatsWrite, StoredStats, ViewSources, ViewWriter
+from projector.customer_views import CustomerFields, CustomerViews
 from projector.dead_letters import DeadLetterWriter
 from projector.mongo_writer import MongoDocument, ReadModelWriter
+from projector.order_stats import OrderStatsViews, StatsWrite, StoredStats
 from projector.parking import Park, ParkStore, StreamState, held_copy, park_of
 from projector.planning import (
     DecodedBatch,
@@ -67,6 +68,7 @@ from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, VIEW
 from projector.sales_tags import SalesTagSweeper
 from projector.sales_views import SalesViews
 from projector.settlement import VIEW_REFUSED, BatchOutcome, Settlement
+from projector.view_sources import ViewSources, ViewWriter
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +76,9 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-def view_writers(customers: CustomerViews, sales: SalesViews) -> dict[str, ViewWriter]:
+def view_writers(customers: CustomerViews, stats: OrderStatsViews, sales: SalesViews) -> dict[str, ViewWriter]:
     """The writer of every view in `projector.registry.VIEWS`, by view name (a test checks none is missing)."""
-    return {**customers.writers(), **sales.writers()}
+    return {**customers.writers(), **stats.writers(), **sales.writers()}
 
 
 class Pipeline:
@@ -96,8 +98,9 @@ class Pipeline:
         self.projections = dict(projections)
         self.writers = {t: ReadModelWriter(database, p) for t, p in self.projections.items()}
         self.views = CustomerViews(database)
+        self.order_stats = OrderStatsViews(database)
         self.sales = SalesViews(database)
-        self._view_writers = view_writers(self.views, self.sales)
+        self._view_writers = view_writers(self.views, self.order_stats, self.sales)
         self.checkpoints = CheckpointWriter(database)
         # False: batches write documents and checkpoints only, and `recompute_views` does every view once at the
         # end (a rebuild, which no one reads until it is complete: each batch would recompute the same keys).
@@ -272,11 +275,11 @@ class Pipeline:
         self, batches: dict[str, ProjectionBatch], lagging: set[str], resuming: Mapping[str, Park]
     ) -> dict[str, StoredStats]:
         """The statistics of the customers this batch's order events may change, read before its order writes:
-        the base of their increments (`customer_views`). Planned as if every write will succeed (a superset)."""
+        the base of their increments (`order_stats`). Planned as if every write will succeed (a superset)."""
         keys = plan_views(batches, (CUSTOMER_ORDER_STATS,), lagging, set(resuming)).keys.get(CUSTOMER_ORDER_STATS.name)
         if not keys:
             return {}
-        return await self._timed("order_stats_read", self.views.read_order_stats, keys)
+        return await self._timed("order_stats_read", self.order_stats.read_order_stats, keys)
 
     async def _write_views(
         self,

@@ -4,8 +4,8 @@ is in this file.
 * `PROJECTIONS`: one per stream type, each a table of pure `on_<event>` handlers writing its own collection.
   Orders come first: a batch writes order documents before the views derived from them.
 * `VIEWS`: the cross-model views and reports, each declaring the events after which it is recomputed. Their
-  writers are `projector.pipeline.view_writers()` (`customer_views`, `sales_views`); `cqrs verify` computes the
-  same fields from PostgreSQL.
+  writers are `projector.pipeline.view_writers()` (`customer_views`, `order_stats`, `sales_views`); `cqrs verify`
+  computes the same fields from PostgreSQL.
 
 `registry_problems()` lists what a new event type or view missed (a test asserts it finds nothing).
 """

@@ -42,9 +42,9 @@ from core.projections.sales import (
     shard_rows,
 )
 from core.read_model import ORDER_HISTORY_FIELD
-from projector.customer_views import ViewSources, ViewWriter, duplicate_indexes, refused_indexes
-from projector.mongo_writer import MongoDocument
+from projector.mongo_writer import MongoDocument, duplicate_indexes, refused_indexes
 from projector.registry import SALES_REPORT
+from projector.view_sources import ViewSources, ViewWriter
 
 log = logging.getLogger(__name__)
 

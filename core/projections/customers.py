@@ -9,7 +9,7 @@ Document shape::
 
 Two writers share the document. The customer events (this module) own every field but `order_stats` and its
 bookkeeping (`order_stats_version`, `order_stats_seq`, `order_stats_increments`), which the projector keeps from
-the `orders` collection (`projector.customer_views`).
+the `orders` collection (`projector.order_stats`).
 Orders may reach the read model before their customer does: then a document holding only the order statistics
 exists, without `version`; the fold treats it as version 0 and the registration keeps the statistics.
 Readers must treat a document without `version` as "no such customer (yet)".

@@ -184,7 +184,7 @@ class Builder:
           old generation; the tail has not brought it yet) and parks the stream at that gap: the batch's events
           wait behind the park;
         * the batch's own writes of a shared view (a customer's order statistics) keep being overtaken by the
-          projectors' (`customer_views.STATS_ATTEMPTS`), and the batch parks the streams at once (no redelivery
+          projectors' (`order_stats.STATS_ATTEMPTS`), and the batch parks the streams at once (no redelivery
           would retry them).
 
         Either way the stream is resumed with the batch's events, as `cqrs dead-letters retry` does: applied past

@@ -13,7 +13,7 @@ from cqrsctl.rebuild.shadow import Difference
 
 # Always ignored by the comparison: bookkeeping whose value depends on how events were batched, not on the events.
 # `order_stats_version` stamps how far a customer's statistics are: a recompute sets the sum of its orders'
-# versions, an increment adds the version steps of the orders it counts (`projector.customer_views`), and which
+# versions, an increment adds the version steps of the orders it counts (`projector.order_stats`), and which
 # of the two ran depends on the batches (verify checks it as a range). `order_stats_seq` counts the writes, and
 # `order_stats_increments` the latest run of them that were increments.
 BOOKKEEPING_FIELDS: tuple[str, ...] = (

@@ -2,8 +2,8 @@
 
 Nothing here re-implements a fold: each stream goes through the projector's own `fold` with its registered
 `Projection` (the table of `on_<event>` handlers), as a projector replaying the stream from scratch would. The two
-views that join aggregates use `projector.customer_views` (`CustomerFields.order_fields`,
-`order_stats_from_groups`), and the sales report `core.projections.sales.sales_documents`, each fed with
+views that join aggregates use `projector.customer_views` (`CustomerFields.order_fields`) and `projector.order_stats`
+(`order_stats_from_groups`), and the sales report `core.projections.sales.sales_documents`, each fed with
 `$group`-shaped rows built from the expected order documents instead of MongoDB's aggregation.
 """
 
@@ -22,7 +22,8 @@ from core.projections.orders import ORDERS
 from core.projections.sales import REPORT_VERSION_FIELD, SALES_COLLECTION, SalesRowGroups, order_rows, sales_documents
 from cqrsctl.verify.compare import as_stored
 from cqrsctl.verify.model import Document, ExpectedDoc
-from projector.customer_views import CustomerFields, OrderStats, order_stats_from_groups
+from projector.customer_views import CustomerFields
+from projector.order_stats import OrderStats, order_stats_from_groups
 from projector.planning import Delivery, fold
 from projector.registry import CUSTOMER_ORDER_STATS, PROJECTIONS, SALES_REPORT
 
@@ -121,7 +122,7 @@ def order_customer_id(folded: Folded) -> str | None:
 
 
 class OrderStatsAccumulator:
-    """Per customer, the `$group` rows of `projector.customer_views.order_stats_pipeline`, built from expected
+    """Per customer, the `$group` rows of `projector.order_stats.order_stats_pipeline`, built from expected
     order documents; memory grows with customers (a few numbers each), not with events or orders."""
 
     def __init__(self) -> None:

@@ -38,7 +38,7 @@ from core.projections.sales import SALES_COLLECTION, SalesKey, parse_key
 from core.read_model import CHECKPOINTS_COLLECTION
 from cqrsctl.verify.compare import diff_documents
 from cqrsctl.verify.report_bounds import ReportBounds
-from projector.customer_views import counted_orders, order_stats_from_groups, order_stats_groups
+from projector.order_stats import counted_orders, order_stats_from_groups, order_stats_groups
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, SALES_REPORT
 
 Doc = dict[str, Any]

@@ -16,7 +16,7 @@ from pymongo.errors import PyMongoError
 
 from core.projections.customers import COLLECTION as CUSTOMERS
 from core.projections.orders import COLLECTION as ORDERS
-from projector.customer_views import ORDERS_PER_AGGREGATION, STATS_ATTEMPTS, CustomerViews, StatsWrite, StoredStats
+from projector.order_stats import ORDERS_PER_AGGREGATION, STATS_ATTEMPTS, OrderStatsViews, StatsWrite, StoredStats
 from tests.support import StartedCommands
 
 Doc = dict[str, Any]
@@ -62,7 +62,7 @@ async def write_orders(database: AsyncDatabase[Doc], docs: Iterable[Doc]) -> Non
 
 
 async def place(
-    database: AsyncDatabase[Doc], views: CustomerViews, draft: Doc, prior: dict[str, StoredStats]
+    database: AsyncDatabase[Doc], views: OrderStatsViews, draft: Doc, prior: dict[str, StoredStats]
 ) -> StatsWrite:
     """A batch placing `draft`: its order write, then the statistics by increment on `prior`."""
     await write_orders(database, [placed(draft)])
@@ -82,7 +82,7 @@ async def test_an_increment_reads_no_order_and_a_recompute_agrees_with_it(
     logged: tuple[AsyncDatabase[Doc], StartedCommands],
 ) -> None:
     database, log = logged
-    views = CustomerViews(database)
+    views = OrderStatsViews(database)
     drafts = [order(f"o{n}", 3, "DRAFT", 100 * n) for n in range(1, 4)]
     await write_orders(database, drafts)
     first = await views.write_order_stats([CUSTOMER])  # no statistics yet: recomputed
@@ -119,7 +119,7 @@ async def test_an_increment_overtaken_by_another_increment_is_made_again_on_the_
     fails, and since only increments came between (none of which can have counted A's order), A adds its change to
     the statistics as they are now, without reading a single order."""
     database, log = logged
-    replica_a, replica_b = CustomerViews(database), CustomerViews(database)
+    replica_a, replica_b = OrderStatsViews(database), OrderStatsViews(database)
     drafts = [order("o1", 2, "DRAFT", 500), order("o2", 2, "DRAFT", 700)]
     await write_orders(database, drafts)
     await replica_a.write_order_stats([CUSTOMER])
@@ -149,7 +149,7 @@ async def test_an_increment_overtaken_by_a_recompute_is_recomputed_and_counts_it
     A's new one included. A's increment must not be made again on B's statistics (it would count A's placement
     twice): fails if it is."""
     database, _ = logged
-    replica_a, replica_b = CustomerViews(database), CustomerViews(database)
+    replica_a, replica_b = OrderStatsViews(database), OrderStatsViews(database)
     # A third order stays a draft: counted twice, A's placement would leave no counter below zero to give it away.
     drafts = [order("o1", 2, "DRAFT", 500), order("o2", 2, "DRAFT", 700), order("o3", 2, "DRAFT", 900)]
     await write_orders(database, drafts)
@@ -164,7 +164,7 @@ async def test_an_increment_overtaken_by_a_recompute_is_recomputed_and_counts_it
     assert (await stats_of(database))["order_stats"] == {**BOTH_PLACED, "draft_orders": 1}
 
 
-class OvertakenEveryTime(CustomerViews):
+class OvertakenEveryTime(OrderStatsViews):
     """A replica that another one overtakes between every read of the counter and its write (the other writes
     the statistics right after each read)."""
 
@@ -185,10 +185,10 @@ async def test_a_recompute_overtaken_every_time_gives_up_after_its_attempts_and_
 ) -> None:
     database, _ = logged
     await write_orders(database, [order("o1", 1, "DRAFT", 0)])
-    await CustomerViews(database).write_order_stats([CUSTOMER])
+    await OrderStatsViews(database).write_order_stats([CUSTOMER])
     contended = OvertakenEveryTime(database)
     failed: set[str] = set()
-    with caplog.at_level(logging.WARNING, logger="projector.customer_views"):
+    with caplog.at_level(logging.WARNING, logger="projector.order_stats"):
         await contended.recompute_order_stats([CUSTOMER], failed)
     assert failed == {CUSTOMER}
     assert contended.reads == STATS_ATTEMPTS
@@ -199,7 +199,7 @@ async def test_a_recompute_overtaken_every_time_gives_up_after_its_attempts_and_
     assert await contended.write_order_stats([CUSTOMER], failed) == StatsWrite([], [], [])  # given up: none written
     assert failed == {CUSTOMER}
 
-    calm = CustomerViews(database)
+    calm = OrderStatsViews(database)
     failed.clear()
     await calm.recompute_order_stats([CUSTOMER], failed)
     assert failed == set()
@@ -212,7 +212,7 @@ async def test_a_recompute_reads_busy_customers_in_aggregations_of_their_own(
     timeout on the MongoDB-wire server, and the batch's retry recomputed them again, for ever. The customers'
     stored statistics say how many orders each has; a call stays within `ORDERS_PER_AGGREGATION` of them."""
     database, log = logged
-    views = CustomerViews(database)
+    views = OrderStatsViews(database)
     busy = {"draft_orders": ORDERS_PER_AGGREGATION, "placed_orders": 0, "cancelled_orders": 0, "placed_totals": []}
     for customer in ("busy-1", "busy-2", "small"):
         await database[ORDERS].insert_one({**order(f"{customer}-o", 2, "DRAFT", 100), "customer_id": customer})

@@ -15,10 +15,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from core.projections.sales import COUNTED_FIELD, SHARDS_COLLECTION, rows_from_orders, sales_documents, shard_of
 from projector import sales_tags
-from projector.customer_views import ViewSources
 from projector.registry import SALES_REPORT
 from projector.sales_tags import SalesTagSweeper
 from projector.sales_views import MAX_BATCH_AGE_SECONDS, SalesViews
+from projector.view_sources import ViewSources
 from tests.integration.test_sales_report import Doc, apply_in_batches, mongo, reports, sample_streams
 from tests.unit.test_sales_report import D1, D2, order_events
 

@@ -21,8 +21,9 @@ from core.projections.customers import CUSTOMERS, HANDLERS, empty_order_stats, p
 from core.projections.orders import ORDERS
 from core.values import Address
 from projector.checkpoints import Checkpoint
-from projector.customer_views import CustomerFields, order_stats_from_groups, order_stats_pipeline
+from projector.customer_views import CustomerFields
 from projector.mongo_writer import Change, write_operation
+from projector.order_stats import order_stats_from_groups, order_stats_pipeline
 from projector.planning import (
     Delivery,
     FoldResult,

@@ -1,4 +1,4 @@
-"""Order statistics by increment (`projector.customer_views.incremented_stats`) against a recompute from scratch,
+"""Order statistics by increment (`projector.order_stats.incremented_stats`) against a recompute from scratch,
 and which keys a batch may increment (`projector.planning.view_steps`). Pure: no servers."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from core.mongo_ids import IDS_PER_QUERY
 from core.projections import Document, Projection
 from core.projections.orders import ORDERS
-from projector.customer_views import (
+from projector.mongo_writer import Change
+from projector.order_stats import (
     ORDERS_PER_AGGREGATION,
     counted_orders,
     incremented_stats,
@@ -19,7 +20,6 @@ from projector.customer_views import (
     stats_chunks,
     version_step,
 )
-from projector.mongo_writer import Change
 from projector.planning import FoldResult, ProjectionBatch, ViewPlan, view_steps
 from projector.registry import CUSTOMER_ORDER_STATS
 

@@ -29,6 +29,7 @@ from core.projections.orders import ORDERS
 from core.read_model import OrderStatus
 from core.values import Address
 from projector.customer_views import CustomerViews
+from projector.order_stats import OrderStatsViews
 from projector.pipeline import view_writers
 from projector.planning import POISON, Delivery, FoldResult, Poison, ProjectionBatch, classify, plan_views
 from projector.registry import CUSTOMER_ORDER_STATS, PROJECTIONS, VIEWS, registry_problems
@@ -84,7 +85,7 @@ def order_documents() -> Iterator[Document | None]:
 
 def stats_contribution(doc: Document | None) -> tuple[Any, ...]:
     """What of an order the customer's statistics read: its customer, status, currency, existence, and its total
-    when placed (see `projector.customer_views.order_stats_pipeline`)."""
+    when placed (see `projector.order_stats.order_stats_pipeline`)."""
     if doc is None:
         return ()
     status = doc.get("status")
@@ -138,7 +139,9 @@ def test_every_order_event_that_changes_statistics_triggers_them() -> None:
 def test_every_view_has_a_writer_and_the_planner_plans_each_one() -> None:
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient("mongodb://127.0.0.1:9", connect=False)
     database = client["unused"]
-    assert set(view_writers(CustomerViews(database), SalesViews(database))) == {view.name for view in VIEWS}
+    assert set(view_writers(CustomerViews(database), OrderStatsViews(database), SalesViews(database))) == {
+        view.name for view in VIEWS
+    }
     plan = plan_views({}, VIEWS, set(), set())
     assert set(plan.keys) == {view.name for view in VIEWS}
 

@@ -11,7 +11,7 @@ from cqrs.orders.v1 import customer_pb2, order_pb2
 from core import read_model as contract
 from core.projections.customers import CUSTOMERS, empty_order_stats
 from core.projections.orders import ORDERS
-from projector.customer_views import STATUS_COUNTERS
+from projector.order_stats import STATUS_COUNTERS
 from query_service import views
 from query_service.customer_read_model import CUSTOMER_INDEXES
 from query_service.read_model import ORDER_INDEXES
