@@ -58,6 +58,15 @@ log = logging.getLogger(__name__)
 # One counter per order status, from the read-model contract.
 STATUS_COUNTERS: dict[str, str] = {str(status): counter for status, counter in ORDER_STATUS_COUNTERS.items()}
 
+# A recompute whose compare-and-set keeps losing (replicas writing the same customer) tries this often in all.
+STATS_ATTEMPTS = 4
+# A recompute's aggregation reads every order of its customers. The MongoDB-wire test server spends 0.08 to 0.14 ms
+# of its CPU per order read and serves one request at a time, so on a busy server four customers of 8,000 to 10,000
+# orders in one call outlasted the projector's socket timeout: the batch failed, its streams were left ahead of their
+# checkpoints, and the retry recomputed them again, for ever (a ten-minute soak's projectors fell to 4 events/s).
+# One call reads about this many orders at most.
+ORDERS_PER_AGGREGATION = 2_000
+
 
 @dataclass(frozen=True, slots=True)
 class OrderStats:
@@ -66,7 +75,7 @@ class OrderStats:
 
 
 def order_stats_from_groups(customer_ids: Iterable[str], groups: Iterable[Mapping[str, Any]]) -> dict[str, OrderStats]:
-    """Builds each customer's statistics from the `$group` rows of `ORDER_STATS_PIPELINE` (pure).
+    """Builds each customer's statistics from the `$group` rows of `order_stats_pipeline` (pure).
 
     A customer without rows (no orders) gets empty statistics at source version 0.
     """
@@ -167,16 +176,6 @@ class StatsWrite:
     def counts(self) -> dict[str, int]:
         """Customers per way of writing (the projector's `cqrs_projector_customer_stats_writes_total{how}`)."""
         return {"increment": len(self.incremented), "redone": len(self.redone), "recompute": len(self.recomputed)}
-
-
-# A recompute whose compare-and-set keeps losing (replicas writing the same customer) tries this often in all.
-STATS_ATTEMPTS = 4
-# A recompute's aggregation reads every order of its customers. The MongoDB-wire test server spends 0.08 to 0.14 ms
-# of its CPU per order read and serves one request at a time, so on a busy server four customers of 8,000 to 10,000
-# orders in one call outlasted the projector's socket timeout: the batch failed, its streams were left ahead of their
-# checkpoints, and the retry recomputed them again, for ever (a ten-minute soak's projectors fell to 4 events/s).
-# One call reads about this many orders at most.
-ORDERS_PER_AGGREGATION = 2_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from core.subjects import parse_event_subject
 from projector.checkpoints import Checkpoint
 from projector.customer_views import CustomerFields
 from projector.mongo_writer import Change, WriteOutcome
+from projector.view_sources import Step
 
 log = logging.getLogger(__name__)
 
@@ -397,14 +398,14 @@ def view_steps(
     batches: Iterable[ProjectionBatch],
     checkpoints: Mapping[str, int],
     resuming: set[str],
-) -> dict[str, list[tuple[Document | None, Document]]]:
+) -> dict[str, list[Step]]:
     """Per key of `view`, the steps (document before, document after) of the streams that need it, for the keys
     whose every such stream this batch wrote onto a document at its checkpoint (views complete), not resuming.
 
     Those keys can be brought forward by the steps alone (an incrementing view); the others are left out and
     must be recomputed (`checkpoints`: each stream's checkpoint version, 0 or absent for none).
     """
-    fresh: dict[str, tuple[Document | None, Document]] = {}
+    fresh: dict[str, Step] = {}
     for batch in batches:
         written = batch.written()
         for change in batch.result.changes:
@@ -412,7 +413,7 @@ def view_steps(
             before = batch.docs.get(sid)
             if sid in written and sid not in resuming and stored_version(before) == checkpoints.get(sid, 0):
                 fresh[sid] = (before, change.new_doc)
-    steps: dict[str, list[tuple[Document | None, Document]]] = {}
+    steps: dict[str, list[Step]] = {}
     stale: set[str] = set()
     for sid, needs in plan.depends.items():
         for name, key in needs:
