@@ -8,23 +8,26 @@ documents and stopped before its views) writes them again; a duplicate of a stre
 `order_stats_seq`, a counter each write increments: it applies only if no other write came between the read of
 the counter and it. Two ways to compute them:
 
-- *increment*: when every order of the customer in the batch went from a document whose views were complete (at
-  its checkpoint) to the one this batch wrote, the statistics read *before* the batch's order writes plus those
-  orders' changes. Reading before the writes is what makes this exact: no statistics written after one of
-  our order writes can be the base (they might count it already), and the checkpoints say the base counts
-  each order as the batch found it. Cost: independent of how many orders the customer has.
+- *increment*: when every order of the customer in the batch went from a document the statistics count as it is
+  (at its checkpoint, or ahead of it only by events the statistics do not follow, such as an added item:
+  `planning.lagging_views`) to the one this batch wrote, the statistics read *before* the batch's order writes
+  plus those orders' changes. Reading before the writes is what makes this exact: no statistics written after one
+  of our order writes can be the base (they might count it already), and the checkpoints say the base counts
+  each order as at its checkpoint, which for the statistics is as the batch found it. Cost: independent of how
+  many orders the customer has.
 - *recompute*: one aggregation over every order of the customer, after reading the counter. Used for the rest
-  (an order ahead of its checkpoint, a stream being resumed, a write another replica won, a customer never
-  counted with a counter yet); a recompute whose compare-and-set fails reads the counter and recomputes again, a
-  bounded number of times, and then the customer is refused (its streams are retried later, as for any refused
-  view). Its cost grows with the customer's orders: one aggregation reads at most about `ORDERS_PER_AGGREGATION`
-  of them (by the customers' last statistics), a bigger customer on its own.
+  (an order ahead of its checkpoint by an event they follow, a stream being resumed, a write another replica won,
+  a customer never counted with a counter yet); a recompute whose compare-and-set fails reads the counter and
+  recomputes again, a bounded number of times, and then the customer is refused (its streams are retried later,
+  as for any refused view). Its cost grows with the customer's orders: one aggregation reads at most about
+  `ORDERS_PER_AGGREGATION` of them (by the customers' last statistics), a bigger customer on its own.
 
 An increment whose compare-and-set fails (another replica wrote the statistics after our read: the orders of
 one customer hash to every partition, so with several replicas this is the common case for a busy customer) is
 made again on the statistics as they are now, when every write since our read was an increment
 (`order_stats_increments`): those counted other orders' changes, never ours (an order's change is written by
-one batch, and a batch counts only changes from a complete document, see above), so ours adds on top exactly.
+one batch, and a batch counts only changes from a document the statistics count as it is, see above), so ours
+adds on top exactly.
 A recompute since our read may have counted our orders already: then we recompute too.
 
 `order_stats_version` stays as a stamp of how far the statistics are: it only grows and never exceeds the sum of

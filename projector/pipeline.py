@@ -12,9 +12,11 @@ Per batch (from JetStream, or from a parked stream being resumed):
 3. fold each projection (orders first) and write it with one version-guarded bulk write;
 4. derived views (`customer_views`, `order_stats`, `sales_views`): fan-out and order statistics of the customers
    the batch touched, the sales report of the days its orders were placed or cancelled on; a stream whose document
-   is ahead of its checkpoint (an earlier batch wrote it and never finished its views) gets its views in full. A view
-   MongoDB refuses fails only the streams that need it: they are naked (parked after `park_after` offers), and
-   their checkpoints stay where they are;
+   is ahead of its checkpoint (an earlier batch wrote it and may not have finished its views) gets in full each view
+   that follows one of the events it is ahead by (`planning.lagging_views`: an added item owes its customer's
+   statistics nothing, so they take the increment as from its checkpoint). A view MongoDB refuses fails only the
+   streams that need it: they are naked (parked after `park_after` offers), and their checkpoints stay where they
+   are;
 5. checkpoints, last: a checkpoint at v means every document and view reflects the stream up to v. Every write is
    journaled (`projector.mongo_client`): one acknowledged without the journal could be lost by a crash of MongoDB
    after the checkpoints, written to the restarted server, were acknowledged;
@@ -58,6 +60,7 @@ from projector.planning import (
     doc_checkpoints,
     fold,
     hold_from_failures,
+    lagging_views,
     merge_checkpoints,
     plan_views,
     prefill_customer_fields,
@@ -201,7 +204,7 @@ class Pipeline:
             for delivery in batch.result.held:
                 hold.setdefault(delivery.recorded.stream_id, []).append(delivery)
             self._settle.gaps(batch, out, hold)
-        lagging = _lagging(batches, states)
+        lagging = lagging_views(batches, {sid: state.checkpoint for sid, state in states.items()}, VIEWS)
         prior = await self._read_prior_stats(batches, lagging, resuming) if self.derived_views else {}
         await self._write_documents(batches, known, spans or {})
         failed_views = (
@@ -272,7 +275,7 @@ class Pipeline:
                     batch.outcome = await self.writers[stream_type].write(batch.result.changes)
 
     async def _read_prior_stats(
-        self, batches: dict[str, ProjectionBatch], lagging: set[str], resuming: Mapping[str, Park]
+        self, batches: dict[str, ProjectionBatch], lagging: Mapping[str, set[str]], resuming: Mapping[str, Park]
     ) -> dict[str, StoredStats]:
         """The statistics of the customers this batch's order events may change, read before its order writes:
         the base of their increments (`order_stats`). Planned as if every write will succeed (a superset)."""
@@ -285,7 +288,7 @@ class Pipeline:
         self,
         batches: dict[str, ProjectionBatch],
         states: Mapping[str, StreamState],
-        lagging: set[str],
+        lagging: Mapping[str, set[str]],
         resuming: Mapping[str, Park],
         prior: Mapping[str, StoredStats],
         loaded_at: float,
@@ -298,7 +301,8 @@ class Pipeline:
         refused: dict[str, set[str]] = {view.name: set() for view in VIEWS}
         stored = {stream_type: _stored_docs(batch) for stream_type, batch in batches.items()}
         checkpoints = {sid: state.checkpoint for sid, state in states.items()}
-        steps = view_steps(plan, CUSTOMER_ORDER_STATS.name, batches.values(), checkpoints, set(resuming))
+        stats = CUSTOMER_ORDER_STATS.name
+        steps = view_steps(plan, stats, batches.values(), checkpoints, set(resuming), lagging.get(stats, set()))
         due = [(view, keys) for view in VIEWS if (keys := plan.keys.get(view.name))]
         written = await self._together(
             *(
@@ -373,18 +377,6 @@ def _bulk_write_span(batch: ProjectionBatch, spans: Mapping[int, Span]) -> Any:
             "cqrs.documents": len(batch.result.changes),
         },
     )
-
-
-def _lagging(batches: Mapping[str, ProjectionBatch], states: Mapping[str, StreamState]) -> set[str]:
-    """Streams whose loaded document is ahead of their checkpoint: an earlier batch wrote it and never finished
-    its views (their views are done in full)."""
-    lagging: set[str] = set()
-    for batch in batches.values():
-        for sid, doc in batch.docs.items():
-            state = states.get(sid)
-            if stored_version(doc) > (state.checkpoint if state is not None else 0):
-                lagging.add(sid)
-    return lagging
 
 
 def _stored_docs(batch: ProjectionBatch) -> dict[str, Document]:

@@ -287,6 +287,43 @@ async def test_customer_order_statistics_follow_creates_places_cancels_and_delet
     }
 
 
+async def test_a_stream_ahead_of_its_checkpoint_recomputes_statistics_only_when_they_follow_what_it_is_ahead_by(
+    harness: Harness,
+) -> None:
+    """A batch that wrote an order and stopped before its checkpoint leaves the order ahead of it. Ahead by an added
+    item (which no statistic follows), the next placement is an increment on the statistics as they are; ahead by
+    its creation (which they count), the customer's statistics are recomputed from its orders. Right either way."""
+    customer = await register(harness)
+    cid = customer.stream_id
+    ahead_by_item, ahead_by_creation = await create_orders(harness, cid, 2)
+    for order in (ahead_by_item, ahead_by_creation):
+        added = await harness.emit(order, OrderItemAdded("SKU-L", "Lamp", 1, 400))
+        await checkpoint_at(harness, order.order_id, added.version)
+    # What a batch stopped between the documents and their checkpoints leaves behind.
+    await harness.db["checkpoints"].update_one({"_id": ahead_by_item.order_id}, {"$set": {"version": 1}})
+    await harness.db["checkpoints"].delete_one({"_id": ahead_by_creation.order_id})
+
+    before = stats_writes(harness)
+    placed = await harness.emit(ahead_by_item, OrderPlaced())
+    await checkpoint_at(harness, ahead_by_item.order_id, placed.version)
+    after_item = stats_writes(harness)
+    assert after_item == {**before, "increment": before["increment"] + 1}, (before, after_item)
+
+    placed = await harness.emit(ahead_by_creation, OrderPlaced())
+    await checkpoint_at(harness, ahead_by_creation.order_id, placed.version)
+    after_creation = stats_writes(harness)
+    assert after_creation == {**after_item, "recompute": after_item["recompute"] + 1}, (after_item, after_creation)
+
+    doc = await customer_doc(harness, cid)
+    assert doc is not None
+    assert doc["order_stats"] == {
+        "draft_orders": 0,
+        "placed_orders": 2,
+        "cancelled_orders": 0,
+        "placed_totals": [{"currency": "EUR", "total_minor": 800}],
+    }
+
+
 async def test_a_checkpoint_is_written_only_after_the_views_derived_from_its_stream(
     harness_factory: Callable[..., Awaitable[Harness]],
 ) -> None:

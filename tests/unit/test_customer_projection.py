@@ -15,14 +15,14 @@ from pymongo import UpdateOne
 from core.customer_events import CustomerDeactivated, CustomerEmailChanged, CustomerRegistered, CustomerRenamed
 from core.envelope import EventMetadata, RecordedEvent
 from core.events import Event
-from core.order_events import OrderCreated, OrderPlaced
+from core.order_events import OrderCreated, OrderItemAdded, OrderPlaced
 from core.projections import Document
 from core.projections.customers import CUSTOMERS, HANDLERS, empty_order_stats, project
 from core.projections.orders import ORDERS
 from core.values import Address
 from projector.checkpoints import Checkpoint
 from projector.customer_views import CustomerFields
-from projector.mongo_writer import Change, write_operation
+from projector.mongo_writer import Change, WriteOutcome, write_operation
 from projector.order_stats import order_stats_from_groups, order_stats_pipeline
 from projector.planning import (
     Delivery,
@@ -34,8 +34,10 @@ from projector.planning import (
     doc_checkpoints,
     fold,
     hold_from_failures,
+    lagging_views,
     plan_views,
     prefill_customer_fields,
+    view_steps,
 )
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, VIEWS
 
@@ -344,20 +346,82 @@ def test_a_stream_ahead_of_its_checkpoint_gets_its_derived_views_in_full() -> No
     orders.result = FoldResult(duplicates=[delivery(placed, 1, stream_id=order_id, stream_type="order")])
     # In step with its checkpoint: the checkpoint says the views count it already; nothing to write, nothing depends.
     batches = {"order": orders}
-    plan = plan_views(batches, VIEWS, lagging=set(), touched=set())
+    plan = plan_views(batches, VIEWS, lagging={}, touched=set())
     assert (plan.keys[STATS_VIEW], plan.keys[FIELDS_VIEW], plan.depends) == (set(), set(), {})
     # Written by this batch: the statistics (a trigger event) but no fan-out (the order's customer did not change).
     orders.result = FoldResult(applied={order_id: [delivery(placed, 2, stream_id=order_id, stream_type="order")]})
-    plan = plan_views(batches, VIEWS, lagging=set(), touched=set())
+    plan = plan_views(batches, VIEWS, lagging={}, touched=set())
     assert (plan.keys[STATS_VIEW], plan.keys[FIELDS_VIEW]) == ({CUSTOMER_ID}, set())
     orders.result = FoldResult(duplicates=[delivery(placed, 1, stream_id=order_id, stream_type="order")])
     # Ahead of its checkpoint (an earlier batch wrote it and stopped before its views): everything, from scratch.
-    plan = plan_views(batches, VIEWS, lagging={order_id}, touched=set())
+    behind = {view.name: {order_id} for view in VIEWS}
+    plan = plan_views(batches, VIEWS, lagging=behind, touched=set())
     assert (plan.keys[STATS_VIEW], plan.keys[FIELDS_VIEW]) == ({CUSTOMER_ID}, {CUSTOMER_ID})
     assert plan.carried[FIELDS_VIEW] == {CUSTOMER_ID: 0}
     assert plan.depends == {order_id: {(STATS_VIEW, CUSTOMER_ID), (FIELDS_VIEW, CUSTOMER_ID)}}
     # A stream being resumed without events of its own is planned as well.
     orders.result = FoldResult()
-    plan = plan_views(batches, VIEWS, lagging={order_id}, touched={order_id})
+    plan = plan_views(batches, VIEWS, lagging=behind, touched={order_id})
     assert plan.keys[STATS_VIEW] == {CUSTOMER_ID}
     assert doc_checkpoints([orders], {order_id}) == {order_id: Checkpoint("order", 1, 201)}
+
+
+SALES_VIEW = "sales_report"
+
+
+def _order_at(version_events: list[Event], order_id: str = "order-8") -> Document:
+    """An order document folded from these events (versions 1, 2, ...), with its change log."""
+    doc: Document | None = None
+    for version, event in enumerate(version_events, start=1):
+        doc = ORDERS.project(doc, recorded(event, version, stream_id=order_id, stream_type="order"), event)
+    assert doc is not None
+    return doc
+
+
+def test_a_stream_is_behind_only_on_the_views_that_follow_an_event_above_its_checkpoint() -> None:
+    order_id = "order-8"
+    created = OrderCreated(order_id, CUSTOMER_ID, "EUR", ADDRESS)
+    doc = _order_at([created, OrderItemAdded("sku-1", "Tea", 2, 350)], order_id)
+    orders = ProjectionBatch(ORDERS, docs={order_id: doc})
+    views = [ORDER_CUSTOMER_FIELDS, CUSTOMER_ORDER_STATS, *[v for v in VIEWS if v.name == SALES_VIEW]]
+    # Ahead by an added item only: no view shows it (a draft's lines), so none is behind.
+    assert lagging_views({"order": orders}, {order_id: 1}, views) == {FIELDS_VIEW: set(), STATS_VIEW: set(),
+                                                                       SALES_VIEW: set()}  # fmt: skip
+    # Ahead by its creation too: the fan-out and the statistics follow it, the sales report does not.
+    assert lagging_views({"order": orders}, {}, views) == {FIELDS_VIEW: {order_id}, STATS_VIEW: {order_id},
+                                                           SALES_VIEW: set()}  # fmt: skip
+    # At its checkpoint: behind on nothing.
+    assert lagging_views({"order": orders}, {order_id: 2}, views)[STATS_VIEW] == set()
+    # A change log that does not show every version above the checkpoint says nothing: behind on every view.
+    gappy = {**doc, "history": doc["history"][:1]}
+    assert lagging_views({"order": ProjectionBatch(ORDERS, docs={order_id: gappy})}, {order_id: 1}, views) == {
+        FIELDS_VIEW: {order_id}, STATS_VIEW: {order_id}, SALES_VIEW: {order_id}}  # fmt: skip
+    no_log = {k: v for k, v in doc.items() if k != "history"}
+    assert lagging_views({"order": ProjectionBatch(ORDERS, docs={order_id: no_log})}, {order_id: 1}, views)[
+        STATS_VIEW] == {order_id}  # fmt: skip
+
+
+def test_a_stream_ahead_of_its_checkpoint_by_events_the_statistics_ignore_is_stepped_not_recomputed() -> None:
+    order_id = "order-8"
+    created = OrderCreated(order_id, CUSTOMER_ID, "EUR", ADDRESS)
+    events: list[Event] = [created, OrderItemAdded("sku-1", "Tea", 2, 350)]
+    doc = _order_at(events, order_id)  # v2, its checkpoint at v1: the item's batch stopped before its checkpoint
+    placed = OrderPlaced()
+    after = ORDERS.project(copy.deepcopy(doc), recorded(placed, 3, stream_id=order_id, stream_type="order"), placed)
+    orders = ProjectionBatch(ORDERS, docs={order_id: doc})
+    orders.result = FoldResult(
+        applied={order_id: [delivery(placed, 3, stream_id=order_id, stream_type="order")]},
+        changes=[Change(order_id, 2, after)],
+    )
+    orders.outcome = WriteOutcome()
+    batches = {"order": orders}
+    checkpoints = {order_id: 1}
+    lagging = lagging_views(batches, checkpoints, VIEWS)
+    plan = plan_views(batches, VIEWS, lagging, set())
+    assert plan.keys[STATS_VIEW] == {CUSTOMER_ID}
+    steps = view_steps(plan, STATS_VIEW, [orders], checkpoints, set(), lagging[STATS_VIEW])
+    assert steps == {CUSTOMER_ID: [(doc, after)]}  # an increment from v2 to v3: the statistics count it as at v1
+    # Ahead by an event the statistics follow (its creation, with no checkpoint at all): recomputed, no step.
+    lagging = lagging_views(batches, {}, VIEWS)
+    plan = plan_views(batches, VIEWS, lagging, set())
+    assert view_steps(plan, STATS_VIEW, [orders], {}, set(), lagging[STATS_VIEW]) == {}

@@ -144,8 +144,14 @@ def test_view_steps_only_for_keys_whose_every_stream_was_written_from_its_checkp
         plan.needs(sid, stats, key)
     plan.needs("o1", "other_view", "c9")
     checkpoints = {"o1": 3, "o2": 1, "o3": 5, "o5": 2}  # o2 is ahead of its checkpoint: its views are owed
-    steps = view_steps(plan, stats, [batch], checkpoints, resuming={"o3"})
+    steps = view_steps(plan, stats, [batch], checkpoints, resuming={"o3"}, behind={"o2"})
     assert steps == {"c1": [(loaded["o1"], written["o1"]), (None, written["o4"])]}
+    # Ahead of its checkpoint only by events the statistics ignore (not behind on them): stepped from the document.
+    steps = view_steps(plan, stats, [batch], checkpoints, resuming={"o3"}, behind=set())
+    assert steps == {
+        "c1": [(loaded["o1"], written["o1"]), (None, written["o4"])],
+        "c2": [(loaded["o2"], written["o2"])],
+    }
 
 
 def test_a_recompute_reads_a_bounded_number_of_orders_per_aggregation() -> None:

@@ -142,7 +142,7 @@ def test_every_view_has_a_writer_and_the_planner_plans_each_one() -> None:
     assert set(view_writers(CustomerViews(database), OrderStatsViews(database), SalesViews(database))) == {
         view.name for view in VIEWS
     }
-    plan = plan_views({}, VIEWS, set(), set())
+    plan = plan_views({}, VIEWS, {}, set())
     assert set(plan.keys) == {view.name for view in VIEWS}
 
 
@@ -221,10 +221,10 @@ def test_a_new_event_type_missed_at_any_step_fails_loudly() -> None:
     doc = next(d for d in order_documents() if d and d["status"] == OrderStatus.CANCELLED)
     batch = ProjectionBatch(orders, docs={ORDER_ID: doc})
     batch.result = FoldResult(applied={ORDER_ID: [item]})
-    assert plan_views({ORDER_STREAM_TYPE: batch}, (CUSTOMER_ORDER_STATS,), set(), set()).keys == {
+    assert plan_views({ORDER_STREAM_TYPE: batch}, (CUSTOMER_ORDER_STATS,), {}, set()).keys == {
         CUSTOMER_ORDER_STATS.name: set()
     }
-    assert plan_views({ORDER_STREAM_TYPE: batch}, (stats,), set(), set()).keys == {stats.name: {CUSTOMER_ID}}
+    assert plan_views({ORDER_STREAM_TYPE: batch}, (stats,), {}, set()).keys == {stats.name: {CUSTOMER_ID}}
     # A view triggered by an event its projection ignores is named too (a typo in a trigger set).
     assert (
         registry_problems(PROJECTIONS, (stats,))
