@@ -10,7 +10,7 @@ the counter and it. Two ways to compute them:
 
 - *increment*: when every order of the customer in the batch went from a document the statistics count as it is
   (at its checkpoint, or ahead of it only by events the statistics do not follow, such as an added item:
-  `planning.lagging_views`) to the one this batch wrote, the statistics read *before* the batch's order writes
+  `view_planning.lagging_views`) to the one this batch wrote, the statistics read *before* the batch's order writes
   plus those orders' changes. Reading before the writes is what makes this exact: no statistics written after one
   of our order writes can be the base (they might count it already), and the checkpoints say the base counts
   each order as at its checkpoint, which for the statistics is as the batch found it. Cost: independent of how

@@ -13,7 +13,7 @@ Per batch (from JetStream, or from a parked stream being resumed):
 4. derived views (`customer_views`, `order_stats`, `sales_views`): fan-out and order statistics of the customers
    the batch touched, the sales report of the days its orders were placed or cancelled on; a stream whose document
    is ahead of its checkpoint (an earlier batch wrote it and may not have finished its views) gets in full each view
-   that follows one of the events it is ahead by (`planning.lagging_views`: an added item owes its customer's
+   that follows one of the events it is ahead by (`view_planning.lagging_views`: an added item owes its customer's
    statistics nothing, so they take the increment as from its checkpoint). A view MongoDB refuses fails only the
    streams that need it: they are naked (parked after `park_after` offers), and their checkpoints stay where they
    are;
@@ -60,17 +60,15 @@ from projector.planning import (
     doc_checkpoints,
     fold,
     hold_from_failures,
-    lagging_views,
     merge_checkpoints,
-    plan_views,
     prefill_customer_fields,
     stored_version,
-    view_steps,
 )
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, VIEWS
 from projector.sales_tags import SalesTagSweeper
 from projector.sales_views import SalesViews
 from projector.settlement import VIEW_REFUSED, BatchOutcome, Settlement
+from projector.view_planning import lagging_views, plan_views, view_steps
 from projector.view_sources import ViewSources, ViewWriter
 
 log = logging.getLogger(__name__)

@@ -34,12 +34,10 @@ from projector.planning import (
     doc_checkpoints,
     fold,
     hold_from_failures,
-    lagging_views,
-    plan_views,
     prefill_customer_fields,
-    view_steps,
 )
 from projector.registry import CUSTOMER_ORDER_STATS, ORDER_CUSTOMER_FIELDS, VIEWS
+from projector.view_planning import lagging_views, plan_views, view_steps
 
 CUSTOMER_ID = "5d0c3a52-8f0e-4d0f-a2a1-3c8d6f0e9b21"
 T0 = datetime(2025, 3, 4, 5, 6, 7, 250000, tzinfo=UTC)

@@ -1,5 +1,5 @@
 """Order statistics by increment (`projector.order_stats.incremented_stats`) against a recompute from scratch,
-and which keys a batch may increment (`projector.planning.view_steps`). Pure: no servers."""
+and which keys a batch may increment (`projector.view_planning.view_steps`). Pure: no servers."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from projector.order_stats import (
     stats_chunks,
     version_step,
 )
-from projector.planning import FoldResult, ProjectionBatch, ViewPlan, view_steps
+from projector.planning import FoldResult, ProjectionBatch
 from projector.registry import CUSTOMER_ORDER_STATS
+from projector.view_planning import ViewPlan, view_steps
 
 STATUSES = ("DRAFT", "PLACED", "CANCELLED")
 

@@ -31,9 +31,10 @@ from core.values import Address
 from projector.customer_views import CustomerViews
 from projector.order_stats import OrderStatsViews
 from projector.pipeline import view_writers
-from projector.planning import POISON, Delivery, FoldResult, Poison, ProjectionBatch, classify, plan_views
+from projector.planning import POISON, Delivery, FoldResult, Poison, ProjectionBatch, classify
 from projector.registry import CUSTOMER_ORDER_STATS, PROJECTIONS, VIEWS, registry_problems
 from projector.sales_views import SalesViews
+from projector.view_planning import plan_views
 
 ORDER_ID = "3f0c5a9e-1111-4b7c-9d55-6a1f2e3d4c5b"
 CUSTOMER_ID = "cust-registry"

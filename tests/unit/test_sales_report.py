@@ -58,8 +58,9 @@ from cqrs_client.client import _iso_date
 from cqrsctl.verify.expected import SalesAccumulator, fold_stream
 from cqrsctl.verify.model import ExpectedDoc
 from cqrsctl.verify.repair import replace_guard
-from projector.planning import Delivery, FoldResult, ProjectionBatch, plan_views
+from projector.planning import Delivery, FoldResult, ProjectionBatch
 from projector.registry import PROJECTIONS, SALES_REPORT, VIEWS, registry_problems
+from projector.view_planning import plan_views
 from query_service.api.sales import MAX_TOP_N, parse_sales_report_request, response_of
 from query_service.sales_report import SalesQuery, SalesReport, days_filter, top_skus_pipeline
 from tests.unit.test_projection_registry import DRAFT_ONLY_EVENTS
