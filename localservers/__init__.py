@@ -12,7 +12,15 @@ from localservers.nats import ExternalNatsServer, NatsHandle, NatsServer
 from localservers.nats_cluster import DEFAULT_SYNC_INTERVAL, NatsCluster, NatsClusterNode, NodePorts
 from localservers.ports import LOOPBACK, ephemeral_range_start, free_port, port_is_free, split_address, wait_for_port
 from localservers.postgres import PostgresServer
-from localservers.process import ChildProcess, ServerStartError, find_binary, log_tail, with_parent_death_signal
+from localservers.process import (
+    ChildProcess,
+    RunAs,
+    ServerStartError,
+    find_binary,
+    launch_command,
+    log_tail,
+    with_parent_death_signal,
+)
 from localservers.server import ServerProcess, stop_all
 from localservers.services import SERVICE_READY_TIMEOUT, SERVICE_STOP_TIMEOUT, ServiceProcess, stop_services
 
@@ -30,12 +38,14 @@ __all__ = [
     "NatsServer",
     "NodePorts",
     "PostgresServer",
+    "RunAs",
     "ServerProcess",
     "ServerStartError",
     "ServiceProcess",
     "ephemeral_range_start",
     "find_binary",
     "free_port",
+    "launch_command",
     "log_tail",
     "port_is_free",
     "split_address",

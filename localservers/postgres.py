@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from localservers.ports import LOOPBACK
-from localservers.process import ServerStartError, log_tail
+from localservers.process import RunAs, ServerStartError, launch_command, log_tail
 from localservers.server import ServerProcess
 
 # postgres refuses to run as root: when we are root the server runs as this system user instead.
@@ -64,14 +64,6 @@ class PostgresServer(ServerProcess):
         """Same as `dsn`."""
         return self.dsn
 
-    def _run_as(self) -> dict[str, Any]:
-        if not _running_as_root():
-            return {}
-        import pwd
-
-        entry = pwd.getpwnam(_PG_SYSTEM_USER)
-        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-
     def _ensure_root_setup(self) -> None:
         """As root: create the system user, let it reach the binaries and the data directory."""
         global _pg_permissions_done
@@ -98,6 +90,7 @@ class PostgresServer(ServerProcess):
             ensure_prefix_permissions(self.data_dir)
         entry = pwd.getpwnam(_PG_SYSTEM_USER)
         os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+        self.run_as = RunAs(entry.pw_uid, entry.pw_gid)
 
     def prepare(self) -> None:
         """Create the data directory and run `initdb` on first use."""
@@ -108,25 +101,18 @@ class PostgresServer(ServerProcess):
         if (self.data_dir / "PG_VERSION").exists():
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        initdb = [str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "--auth=trust", "-U", "postgres"]
+        command, identity = launch_command([*initdb, "--encoding=utf8", "--locale=C"], run_as=self.run_as)
         with self.log_path.open("ab") as log:
             result = subprocess.run(
-                [
-                    str(self.bin_dir / "initdb"),
-                    "-D",
-                    str(self.data_dir),
-                    "--auth=trust",
-                    "-U",
-                    "postgres",
-                    "--encoding=utf8",
-                    "--locale=C",
-                ],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 timeout=120,
                 check=False,
-                **self._run_as(),
+                **identity,
             )
         if result.returncode != 0:
             raise ServerStartError(
@@ -155,8 +141,8 @@ class PostgresServer(ServerProcess):
         ]
 
     def popen_kwargs(self) -> dict[str, Any]:
-        """Run as the unprivileged system user when we are root, from inside the data directory."""
-        return {"cwd": self.data_dir, **self._run_as()}
+        """Run from inside the data directory (as the unprivileged system user when we are root: `run_as`)."""
+        return {"cwd": self.data_dir}
 
     def wait_ready(self, deadline: float) -> None:
         """The port opens before recovery finishes: poll `pg_isready` until the server accepts connections."""

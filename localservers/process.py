@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -74,17 +75,45 @@ def _setpriv() -> str | None:
     return path if b"--pdeathsig" in result.stdout else None
 
 
-def with_parent_death_signal(command: Sequence[str], sig: signal.Signals) -> list[str]:
-    """`command`, prefixed so that the child gets `sig` if our process dies without stopping it.
+@dataclass(frozen=True)
+class RunAs:
+    """The user and group a child runs as, with no supplementary groups (we are root; postgres refuses to be)."""
 
-    The children run in their own process groups (so a terminal's Ctrl-C reaches only us); this is what keeps
-    them from outliving a launcher or a pytest that was killed outright. Without `setpriv` the command is
-    returned unchanged.
+    uid: int
+    gid: int
+
+
+def launch_command(
+    command: Sequence[str], *, death_signal: signal.Signals | None = None, run_as: RunAs | None = None
+) -> tuple[list[str], dict[str, Any]]:
+    """`command` prefixed with `setpriv`, and the extra `subprocess` arguments to start it with.
+
+    The child gets `death_signal` if our process dies without stopping it (the children run in their own process
+    groups so that a terminal's Ctrl-C reaches only us: this is what keeps them from outliving a launcher or a
+    pytest killed outright), and runs as `run_as`. setpriv switches the user itself, after the exec, and sets the
+    death signal after the switch (which clears it), so Popen can start the child with vfork. Asking Popen for the
+    user instead makes it fork, and a fork of a process running gRPC runs gRPC's fork handlers in the child, whose
+    threads can crash it (SIGSEGV) before it execs: postgres restarted as root beside a test's gRPC calls died so.
+    Without setpriv the command is unchanged, Popen switches the user, and there is no death signal.
     """
     setpriv = _setpriv()
     if setpriv is None:
-        return list(command)
-    return [setpriv, "--pdeathsig", sig.name.removeprefix("SIG"), "--", *command]
+        identity: dict[str, Any] = {}
+        if run_as is not None:
+            identity = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+        return list(command), identity
+    options: list[str] = []
+    if run_as is not None:
+        options += [f"--reuid={run_as.uid}", f"--regid={run_as.gid}", "--clear-groups"]
+    if death_signal is not None:
+        options += ["--pdeathsig", death_signal.name.removeprefix("SIG")]
+    return ([setpriv, *options, "--", *command] if options else list(command)), {}
+
+
+def with_parent_death_signal(command: Sequence[str], sig: signal.Signals) -> list[str]:
+    """`command`, prefixed so that the child gets `sig` if our process dies without stopping it (see
+    `launch_command`); without `setpriv` it is returned unchanged."""
+    return launch_command(command, death_signal=sig)[0]
 
 
 class ChildProcess:
@@ -98,10 +127,14 @@ class ChildProcess:
     #: Signal that asks the process for a clean, prompt shutdown.
     stop_signal: signal.Signals = signal.SIGTERM
 
-    def __init__(self, log_path: Path | None, death_signal: signal.Signals | None = None) -> None:
+    def __init__(
+        self, log_path: Path | None, death_signal: signal.Signals | None = None, run_as: RunAs | None = None
+    ) -> None:
         self.log_path = log_path
         #: What the child gets when we die without stopping it (default: its stop signal).
         self.death_signal = death_signal or self.stop_signal
+        #: The user the child runs as (None: ours).
+        self.run_as = run_as
         self._process: subprocess.Popen[bytes] | None = None
         self._pump: threading.Thread | None = None
 
@@ -135,14 +168,16 @@ class ChildProcess:
                 output = log = stack.enter_context(self.log_path.open("ab"))
                 log.write(header.encode())
                 log.flush()
+            launched, identity = launch_command(command, death_signal=self.death_signal, run_as=self.run_as)
             self._process = subprocess.Popen(
-                with_parent_death_signal(command, self.death_signal),
+                launched,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=None if output is None else subprocess.STDOUT,
                 # Own session/process group: a terminal's Ctrl-C reaches only the launcher, which then stops us
                 # in order.
                 start_new_session=True,
+                **identity,
                 **popen,
             )
         if on_line is not None and self.log_path is None:
