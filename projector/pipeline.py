@@ -202,11 +202,12 @@ class Pipeline:
             for delivery in batch.result.held:
                 hold.setdefault(delivery.recorded.stream_id, []).append(delivery)
             self._settle.gaps(batch, out, hold)
-        lagging = lagging_views(batches, {sid: state.checkpoint for sid, state in states.items()}, VIEWS)
+        checkpoints_read = {sid: state.checkpoint for sid, state in states.items()}
+        lagging = lagging_views(batches, checkpoints_read, VIEWS)
         prior = await self._read_prior_stats(batches, lagging, resuming) if self.derived_views else {}
         await self._write_documents(batches, known, spans or {})
         failed_views = (
-            await self._write_views(batches, states, lagging, resuming, prior, loaded_at, out)
+            await self._write_views(batches, checkpoints_read, lagging, resuming, prior, loaded_at, out)
             if self.derived_views
             else set()
         )
@@ -285,7 +286,7 @@ class Pipeline:
     async def _write_views(
         self,
         batches: dict[str, ProjectionBatch],
-        states: Mapping[str, StreamState],
+        checkpoints: Mapping[str, int],
         lagging: Mapping[str, set[str]],
         resuming: Mapping[str, Park],
         prior: Mapping[str, StoredStats],
@@ -294,11 +295,10 @@ class Pipeline:
     ) -> set[str]:
         """Fan-out, order statistics and sales report (independent calls: `_together`); returns the streams whose
         views MongoDB refused and counts how the statistics were written in `out`. `loaded_at`: when the batch read
-        its checkpoints (the sales report counts on them)."""
+        its checkpoints (the sales report counts on them); `checkpoints`: the versions it read, by stream."""
         plan = plan_views(batches, VIEWS, lagging, set(resuming))
         refused: dict[str, set[str]] = {view.name: set() for view in VIEWS}
         stored = {stream_type: _stored_docs(batch) for stream_type, batch in batches.items()}
-        checkpoints = {sid: state.checkpoint for sid, state in states.items()}
         stats = CUSTOMER_ORDER_STATS.name
         steps = view_steps(plan, stats, batches.values(), checkpoints, set(resuming), lagging.get(stats, set()))
         due = [(view, keys) for view in VIEWS if (keys := plan.keys.get(view.name))]
