@@ -101,8 +101,19 @@ class PostgresServer(ServerProcess):
         if (self.data_dir / "PG_VERSION").exists():
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        initdb = [str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "--auth=trust", "-U", "postgres"]
-        command, identity = launch_command([*initdb, "--encoding=utf8", "--locale=C"], run_as=self.run_as)
+        command, identity = launch_command(
+            [
+                str(self.bin_dir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--encoding=utf8",
+                "--locale=C",
+            ],
+            run_as=self.run_as,
+        )
         with self.log_path.open("ab") as log:
             result = subprocess.run(
                 command,

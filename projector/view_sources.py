@@ -21,7 +21,7 @@ class ViewSources:
 
     docs: Mapping[str, Document] = field(default_factory=dict)  # trigger documents as the batch left them
     # Per key: the steps of its streams, when every stream the key depends on was written by this batch onto a
-    # document whose views were complete (`view_planning.view_steps`); a key left out must be recomputed.
+    # document the view counts as it is (`view_planning.view_steps`); a key left out must be recomputed.
     steps: Mapping[str, Sequence[Step]] = field(default_factory=dict)
     prior: Mapping[str, StoredStats] = field(default_factory=dict)  # the keys' state read before the batch wrote
     # The streams' checkpoint versions as the batch read them, and when (`time.monotonic()`; None: not a batch).
