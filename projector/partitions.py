@@ -182,6 +182,12 @@ class PartitionOwner:
             p: HANDING_OVER if p in handing_over else TAKEN_SINCE_THE_READ if p in taken else owner
             for p, owner in owners.items()
         }
+        # A partition with a worker is ours: its lease was renewed at the round's start, and a read that reached
+        # MongoDB more than a TTL later (a saturated server) no longer lists it. Planned as free it would be
+        # claimed again and get a second worker, the first orphaned. One the read shows taken by another replica
+        # stays theirs: the next renewal finds it lost and stops its worker.
+        for partition in self.workers:
+            in_plan.setdefault(partition, leases.member)
         plan = plan_ownership(self._partitions, members, leases.member, in_plan)
         for partition in plan.release:
             self._hand_over(partition, free_lease=True, members=len(members))

@@ -218,6 +218,43 @@ async def test_a_partition_taken_by_another_replica_after_the_owners_read_is_not
         await replica.stop()
 
 
+class OwnersReadAfterTheLeasesExpire(PartitionLeases):
+    """A lease store whose every third `owners()` read reaches the server more than a lease TTL after the round's
+    renewal (a MongoDB saturated by queries): the read sees this replica's own leases expired, though nobody took
+    them and its workers still run."""
+
+    reads = 0
+
+    async def owners(self) -> dict[int, str]:
+        self.reads += 1
+        if self.reads % 3 == 0:
+            await asyncio.sleep(LEASE_SECONDS * 1.2)
+        return await super().owners()
+
+
+async def test_a_replica_whose_owners_read_sees_its_own_leases_expired_does_not_start_their_workers_again(
+    lease_store: AsyncDatabase[dict[str, Any]],
+) -> None:
+    """A round slower than the lease TTL reads the replica's own leases as expired. The partitions whose workers it
+    runs are still its own (renewed at the round's start, renewed again by the next one): fails if the plan counts
+    them as free and claims them again, which starts a second worker on each partition and orphans the first
+    (seen on the dev stack under a closed-loop query load: every partition "claimed" again, no lease lost)."""
+    replica = Replica(lease_store, "a", finish_seconds=0, leases=OwnersReadAfterTheLeasesExpire)
+    leases = replica.owner._leases
+    assert isinstance(leases, OwnersReadAfterTheLeasesExpire)
+    try:
+
+        async def slow_reads_seen() -> bool:
+            assert not replica.task.done(), replica.task.exception()
+            return replica.owner.owned == list(range(PARTITIONS)) and leases.reads >= 7
+
+        await eventually(slow_reads_seen, timeout=30, what="the replica to own every partition through two slow reads")
+        assert sorted(replica.started) == list(range(PARTITIONS)), "a partition's worker was started twice"
+        assert replica.handovers("claimed") == PARTITIONS and replica.handovers("lost") == 0
+    finally:
+        await replica.stop()
+
+
 async def test_a_stopping_replica_frees_every_lease_once_its_batches_finish_together(
     lease_store: AsyncDatabase[dict[str, Any]],
 ) -> None:
