@@ -197,6 +197,8 @@ class PartitionOwner:
         self._metrics.partitions_owned.set(len(self.workers))
 
     async def _claim(self, partition: int) -> bool:
+        if partition in self.workers:  # a bug in the plan: a second worker would orphan the first
+            raise RuntimeError(f"partition {partition} is claimed again while its worker runs")
         expires = await self._leases.claim(partition)
         if expires is None:
             return False
