@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 WORKER_STOP_TIMEOUT_SECONDS = 10.0
 # Freeing a lease, and leaving the group on the way out, are best effort: a lease not freed expires after its TTL.
 RELEASE_TIMEOUT_SECONDS = 2.0
+# What the ownership loop fails with if its plan ever claims a partition whose worker runs (a second worker would
+# orphan the first); the fault scenarios look for it in the projectors' logs.
+CLAIMED_WHILE_ITS_WORKER_RUNS = "is claimed again while its worker runs"
 # In the ownership plan, the owner of a partition being handed over: neither ours to keep nor free to claim.
 HANDING_OVER = "(handing over)"
 # In the ownership plan, the owner of a partition the owners read called ours but whose lease another replica took
@@ -198,7 +201,7 @@ class PartitionOwner:
 
     async def _claim(self, partition: int) -> bool:
         if partition in self.workers:  # a bug in the plan: a second worker would orphan the first
-            raise RuntimeError(f"partition {partition} is claimed again while its worker runs")
+            raise RuntimeError(f"partition {partition} {CLAIMED_WHILE_ITS_WORKER_RUNS}")
         expires = await self._leases.claim(partition)
         if expires is None:
             return False

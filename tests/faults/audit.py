@@ -23,6 +23,7 @@ from core.order_events import ORDER_STREAM_TYPE
 from core.read_model import CHECKPOINTS_COLLECTION
 from core.subjects import SUBJECT_PREFIX
 from cqrsctl.verify import VerifyConfig, run_verify
+from projector.partitions import CLAIMED_WHILE_ITS_WORKER_RUNS
 from tests.faults.load import Ack, Load
 from tests.faults.stack import FaultStack
 from tests.faults.support import (
@@ -289,10 +290,20 @@ async def assert_audit_clean(
     assert result.clean, f"cqrs verify found {len(findings)} problems: {[str(f) for f in findings[:10]]}"
 
 
+def assert_no_partition_claimed_while_its_worker_ran(stack: FaultStack) -> None:
+    """No projector's ownership loop claimed a partition it was consuming (which would have started a second worker
+    on it): the audit cannot see that, the projector's log can (`projector.partitions`)."""
+    for service in stack.services:
+        if service.module == "projector" and CLAIMED_WHILE_ITS_WORKER_RUNS in service.log_text():
+            raise AssertionError(f"a projector claimed a partition whose worker ran: see {service.log_path}")
+
+
 async def assert_stack_clean(stack: FaultStack, acks: Sequence[Ack]) -> None:
-    """Quiescence, then (a) for these acknowledged commands and (c) on the scenario's own servers."""
+    """Quiescence, then (a) for these acknowledged commands, no partition consumed twice over in one projector, and
+    (c) on the scenario's own servers."""
     await wait_quiescent(stack)
     await assert_acked_commands_stored(stack.dsn, acks)
+    assert_no_partition_claimed_while_its_worker_ran(stack)
     n = stack.names
     await assert_audit_clean(
         postgres_dsn=stack.dsn, nats_url=stack.nats_url, mongo_url=stack.mongo_url, mongo_database=n.name,
