@@ -141,18 +141,24 @@ class StreamScanner:
         """A consumer from the stream's first message (`start_seq` None) or from `start_seq`; the one before, if
         any, is deleted. Its `num_pending` says how much is left to read."""
         await self._drop_consumer()
-        config = ConsumerConfig(
-            name=f"cqrs-verify-{uuid.uuid4().hex}",  # one name for every try: creating it twice is harmless
-            description="cqrs verify (ephemeral)",
-            deliver_policy=DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start_seq,
-            ack_policy=AckPolicy.NONE,
-            filter_subject=self._subject,
-            inactive_threshold=max(30.0, self._timeout * 3),
-            mem_storage=True,
-        )
+
+        def config() -> ConsumerConfig:
+            # A new name for every try: a create sent while the cluster had no quorum can stay pending once it has
+            # one again, and every later create of that name then timed out too (a consumer of a try that did get
+            # created after all expires by itself, `inactive_threshold`).
+            return ConsumerConfig(
+                name=f"cqrs-verify-{uuid.uuid4().hex}",
+                description="cqrs verify (ephemeral)",
+                deliver_policy=DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=start_seq,
+                ack_policy=AckPolicy.NONE,
+                filter_subject=self._subject,
+                inactive_threshold=max(30.0, self._timeout * 3),
+                mem_storage=True,
+            )
+
         info = await while_jetstream_elects(
-            lambda: self._js.add_consumer(self._stream, config=config),
+            lambda: self._js.add_consumer(self._stream, config=config()),
             f"create a consumer on stream {self._stream}",
             self._timeout,
         )
