@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import logging
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, SubjectTransform
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from core.subjects import DEFAULT_PARTITIONS, partition_mapping, partitions_of_mapping, stream_subjects
 
 log = logging.getLogger(__name__)
+
+# What a JetStream API request fails with while JetStream cannot serve it (a cluster electing its leaders, or one
+# without a quorum): a 503 or no responders (nats-py raises `ServiceUnavailableError` for both), or no answer in
+# time. Asking again later is the cure; any other API error is an answer.
+JETSTREAM_UNAVAILABLE: tuple[type[Exception], ...] = (ServiceUnavailableError, nats.errors.TimeoutError, TimeoutError)
 
 
 def event_stream_config(

@@ -16,12 +16,14 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, StreamConfig
 from opentelemetry.trace import Span, SpanKind
 
+from core.backoff import full_jitter
 from core.dependency_metrics import DependencyMetrics
 from core.envelope import HEADER_MSG_ID, HEADER_STREAM_ID, HEADER_VERSION
-from core.jetstream import ensure_stream, event_stream_config, nats_servers, stream_partitions
+from core.error_text import describe_error
+from core.jetstream import JETSTREAM_UNAVAILABLE, ensure_stream, event_stream_config, nats_servers, stream_partitions
 from core.log_throttle import LogThrottle
 from core.nats_callbacks import NatsConnectionLog
 from core.subjects import partition_filter, stream_subjects
@@ -32,8 +34,11 @@ from projector.nats_client import ProjectorNatsClient
 from projector.settlement import BatchOutcome
 
 log = logging.getLogger(__name__)
-# Every partition's source retries once a second while NATS is away: one line per 10 s for all of them.
-_fetch_failures = LogThrottle()
+# Every partition's source retries once a second while NATS is away, and the start asks for the stream again while
+# JetStream cannot answer: one line per 10 s of each.
+_jetstream_failures = LogThrottle()
+# The first wait before asking JetStream again for the stream (doubling up to the projector's max backoff).
+STREAM_RETRY_BASE_SECONDS = 0.5
 
 # The consumer's pending counts are a metric, not worth a request per batch.
 CONSUMER_INFO_INTERVAL_SECONDS = 2.0
@@ -105,7 +110,7 @@ class PullSource:
             return []
         except nats.errors.Error as exc:
             # Disconnected / reconnecting: nats-py reconnects by itself; pause briefly instead of spinning.
-            _fetch_failures.log(
+            _jetstream_failures.log(
                 log, logging.WARNING, "fetch", "fetch from JetStream (%s) failed (%s); retrying", self.durable, exc
             )
             await asyncio.sleep(1.0)
@@ -176,8 +181,24 @@ class JetStreamConsumer:
         wanted = event_stream_config(
             s.stream_name, s.subject_prefix, partitions=s.stream_partitions, replicas=s.stream_replicas
         )
-        self.partitions = stream_partitions(await ensure_stream(js, wanted))
+        self.partitions = stream_partitions(await self._stream_when_available(js, wanted))
         self._metrics.stream_partitions.set(self.partitions)
+
+    async def _stream_when_available(self, js: JetStreamContext, wanted: StreamConfig) -> StreamConfig:
+        """`ensure_stream`, asked again (with backoff, as long as it takes) while JetStream cannot answer: a
+        replica started while its cluster has no quorum waits for it instead of exiting."""
+        attempt = 0
+        while True:
+            try:
+                return await ensure_stream(js, wanted)
+            except JETSTREAM_UNAVAILABLE as exc:
+                attempt += 1
+                _jetstream_failures.log(
+                    log, logging.WARNING, "stream", "JetStream is unavailable to read stream %s (%s: a cluster "
+                    "electing its leaders or without a quorum); asking again", wanted.name, describe_error(exc),
+                )  # fmt: skip
+                cap = self._settings.projector_max_backoff_seconds
+                await asyncio.sleep(full_jitter(attempt + 1, STREAM_RETRY_BASE_SECONDS, cap))
 
     def config(self, partition: int | None) -> ConsumerConfig:
         """The shared consumer takes every subject; a partition's, its own; the strays', what no partition maps: a

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -88,6 +89,11 @@ class Handover:
     task: asyncio.Task[None] | None = None
 
 
+class WorkerNotStarted(Exception):
+    """What a `StartWorker` raises when the partition's source cannot be opened now (JetStream without a quorum):
+    the claim is undone, and the partition claimed again in a later round."""
+
+
 # Starts consuming a partition under a fence: returns the running task and how to close the partition's source.
 StartWorker = Callable[[int, Fence], Awaitable[tuple[asyncio.Task[None], Callable[[], Awaitable[None]]]]]
 
@@ -145,6 +151,10 @@ class PartitionOwner:
                 except PyMongoError as exc:
                     # Workers keep their partitions until their fences expire; the next round renews or loses them.
                     self._mongo_failed(exc)
+                except WorkerNotStarted as exc:
+                    # The round stops claiming (each claim would wait as long for JetStream); the workers running
+                    # keep their partitions, renewed as usual.
+                    log.warning("%s; claimed again in a later round", exc)
                 self._raise_if_a_worker_failed()
                 # Rounds start every interval, however long the last one took (a slow MongoDB must not space out
                 # the renewals).
@@ -194,7 +204,9 @@ class PartitionOwner:
         plan = plan_ownership(self._partitions, members, leases.member, in_plan)
         for partition in plan.release:
             self._hand_over(partition, free_lease=True, members=len(members))
-        for partition in plan.claim:
+        # In random order: a round stops at the first claim JetStream refuses (`WorkerNotStarted`), and in a fixed
+        # order one partition that keeps being refused would keep every one after it unclaimed.
+        for partition in random.sample(plan.claim, len(plan.claim)):
             if await self._claim(partition):
                 log.info("partition %d claimed (%d live replicas)", partition, len(members))
         self._metrics.partitions_owned.set(len(self.workers))

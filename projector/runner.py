@@ -30,8 +30,10 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
 from core.dependency_metrics import dependency_metrics
+from core.error_text import describe_error
 from core.events import decode_event
 from core.failpoints import failpoint
+from core.jetstream import JETSTREAM_UNAVAILABLE
 from core.projections import Projection
 from core.subjects import stream_subjects
 from core.supervisor import Supervisor
@@ -47,7 +49,7 @@ from projector.metrics import ProjectorMetrics
 from projector.mongo_client import read_model_client
 from projector.mongo_watch import MongoWatch
 from projector.mongo_writer import MongoDocument
-from projector.partitions import Fence, PartitionOwner
+from projector.partitions import Fence, PartitionOwner, WorkerNotStarted
 from projector.pipeline import Pipeline
 from projector.planning import Decoder, decode_messages, delivered
 from projector.registry import PROJECTIONS, registry_versions
@@ -349,8 +351,12 @@ class Projector:
         try:
             for wanted in (partition, STRAYS) if partition == 0 else (partition,):
                 sources.append(await self.consumer.open_source(wanted))
-        except BaseException:
+        except BaseException as exc:
             await close()  # the partition's source opened, the strays' failed: unsubscribe it too
+            if isinstance(exc, JETSTREAM_UNAVAILABLE):
+                raise WorkerNotStarted(
+                    f"partition {partition}: JetStream is unavailable to open its consumer ({describe_error(exc)})"
+                ) from exc
             raise
 
         async def consume() -> None:

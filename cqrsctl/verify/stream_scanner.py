@@ -23,6 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamInfo
 from core.backoff import exponential
 from core.envelope import RecordedEvent
 from core.error_text import describe_error
+from core.jetstream import JETSTREAM_UNAVAILABLE
 from core.subjects import stream_subjects
 from cqrsctl.verify.sources import EventRef
 
@@ -82,9 +83,7 @@ async def while_jetstream_elects(
     more to read.)"""
     deadline = time.monotonic() + budget_seconds
     attempt = 0
-    retried: tuple[type[Exception], ...] = (nats.js.errors.ServiceUnavailableError,)
-    if retry_timeouts:
-        retried += (nats.errors.TimeoutError, TimeoutError)
+    retried = JETSTREAM_UNAVAILABLE if retry_timeouts else (nats.js.errors.ServiceUnavailableError,)
     while True:
         try:
             return await call()

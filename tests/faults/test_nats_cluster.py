@@ -1,7 +1,10 @@
 """A 3-node JetStream cluster whose event stream has 3 replicas: under load, one node at a time is SIGKILLed (the
 stream leader, then a follower, then the last node), the relay and the projector carry on with the other two, the
-node is restarted on its store and catches up, and in the end nothing acknowledged is lost. And `cqrs verify`, run
-while the cluster has lost its quorum, waits for JetStream to come back within its timeout, or says that it did not.
+node is restarted on its store and catches up, and in the end nothing acknowledged is lost. Then the quorum is
+taken away, again and again, under two projector replicas, one of them killed and started while it is away: the
+survivor's claims and the new replica's consumers are asked for while no consumer can be created, and once a second
+node is back both carry on. And `cqrs verify`, run while the cluster has lost its quorum, waits for JetStream to come
+back within its timeout, or says that it did not.
 
 The nodes keep nats-server's default `sync_interval` (2 minutes, written explicitly into their configs by
 `localservers.nats_cluster`): a process kill loses no acknowledged message without any fsync, since the message is
@@ -36,6 +39,7 @@ ELECTION_TIMEOUT = 30.0  # a new stream leader, the relay's backoff and its reco
 CATCH_UP_TIMEOUT = 30.0
 LOAD_PAUSE = 0.25  # per client between commands: a load the projector keeps up with on 2 busy cores
 PROJECTOR_PROGRESS = 20  # messages the projector must acknowledge while a node is dead
+QUORUM_LOSSES = 3
 
 
 async def _cluster_info(stack: FaultStack) -> tuple[int, ClusterInfo, dict[str, ClusterInfo]]:
@@ -170,6 +174,56 @@ async def test_cluster_node_killed_under_load_one_at_a_time(cluster_stack: Fault
         await load.stop()
     replicas, stream, _ = await _cluster_info(stack)
     assert replicas == REPLICAS and len(stream.replicas or []) == REPLICAS - 1, f"stream replicas: {stream}"
+    await assert_scenario_clean(stack, load)
+
+
+async def test_cluster_quorum_lost_under_load_while_a_projector_restarts(cluster_stack: FaultStack) -> None:
+    """Two of the three nodes (the stream leader among them) are killed; commands are still acknowledged (the outbox
+    holds their events); one projector replica is killed and started again meanwhile, so that its start, and the
+    other replica's claims of its partitions once its leases lapse, ask JetStream for their consumers while it has
+    no quorum. One node comes back: the relay publishes and the projectors apply again; then the other."""
+    stack = cluster_stack
+    rng = random.Random()
+    service = await stack.command_service(CQRS_STREAM_REPLICAS=str(REPLICAS))
+    load = Load([service.address], seed=rng.randrange(1 << 30), pause=LOAD_PAUSE).start()
+    try:
+        await load.progress(10, what="before the projectors start")
+        await wait_outbox_older_than_drained(
+            stack.dsn, time.time(), timeout=ELECTION_TIMEOUT, what="the relay to create the stream and publish"
+        )
+        projectors = [await stack.projector(CQRS_STREAM_REPLICAS=str(REPLICAS)) for _ in range(2)]
+        for round_no in range(1, QUORUM_LOSSES + 1):
+            await load.progress(rng.randint(20, 40), what=f"before quorum loss {round_no}")
+            leader = (await _wait_replicated(stack, why=f"before quorum loss {round_no}")).leader or ""
+            followers = [node for node in stack.nats_nodes if node.name != leader]
+            survivor = followers[round_no % len(followers)]
+            dead = [node for node in stack.nats_nodes if node is not survivor]
+            rng.shuffle(dead)
+            for node in dead:
+                await stack.kill_server(node)
+            victim = projectors[round_no % len(projectors)]
+            await victim.kill()
+            await victim.start()  # connects to the survivor, which answers the JetStream API with 503
+            await load.progress(10, what=f"with only {survivor.name} alive (quorum loss {round_no})")
+            # Past the victim's lease (3 s): the other replica claims its partitions while there is no quorum.
+            await asyncio.sleep(rng.uniform(4.0, 7.0))
+            back = time.time()
+            await stack.restart_server(dead[0])
+            await wait_outbox_older_than_drained(
+                stack.dsn, back, timeout=ELECTION_TIMEOUT, what=f"the relay to publish again with {dead[0].name} back"
+            )
+            published = time.time() - back
+            projected = await _wait_projector_acks(stack, PROJECTOR_PROGRESS, why=f"with {dead[0].name} back")
+            await stack.restart_server(dead[1])
+            await _wait_replicated(stack, why=f"after restarting {dead[1].name}")
+            await victim.wait_projector_serving()
+            print(
+                f"quorum loss {round_no}: {', '.join(n.name for n in dead)} killed, {survivor.name} left; relay "
+                f"publishing {published:.1f}s after {dead[0].name} came back, projectors acking {projected:.1f}s later"
+            )
+            await load.progress(10, what=f"after quorum loss {round_no}")
+    finally:
+        await load.stop()
     await assert_scenario_clean(stack, load)
 
 

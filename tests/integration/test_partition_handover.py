@@ -19,7 +19,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from projector.leases import PartitionLeases
 from projector.metrics import ProjectorMetrics
-from projector.partitions import Fence, PartitionOwner
+from projector.partitions import Fence, PartitionOwner, WorkerNotStarted
 from tests.support import eventually
 
 LEASE_SECONDS = 1.5
@@ -47,6 +47,8 @@ class Replica:
         leases: type[PartitionLeases] = PartitionLeases,
     ) -> None:
         self.started: list[int] = []  # partitions whose worker started (workers of one claim start in any order)
+        self.unavailable: set[int] = set()  # partitions whose source cannot be opened (JetStream without a quorum)
+        self.refused = 0  # worker starts refused so
         self.metrics = ProjectorMetrics()
         self.stopping = asyncio.Event()
         self._finish_seconds = finish_seconds
@@ -71,6 +73,9 @@ class Replica:
                 await asyncio.sleep(0.02)
             await asyncio.sleep(self._finish_seconds)  # the batch in hand
 
+        if partition in self.unavailable:
+            self.refused += 1
+            raise WorkerNotStarted(f"partition {partition}: its source cannot be opened")
         self.started.append(partition)
         return asyncio.create_task(consume()), _nothing
 
@@ -251,6 +256,38 @@ async def test_a_replica_whose_owners_read_sees_its_own_leases_expired_does_not_
         await eventually(slow_reads_seen, timeout=30, what="the replica to own every partition through two slow reads")
         assert sorted(replica.started) == list(range(PARTITIONS)), "a partition's worker was started twice"
         assert replica.handovers("claimed") == PARTITIONS and replica.handovers("lost") == 0
+    finally:
+        await replica.stop()
+
+
+async def test_a_partition_whose_source_cannot_be_opened_is_claimed_later_and_the_others_keep_their_workers(
+    lease_store: AsyncDatabase[dict[str, Any]],
+) -> None:
+    """JetStream without a quorum cannot open a partition's consumer: that claim is undone (its lease freed for any
+    replica), the loop goes on renewing the partitions it runs, and claims the others once their sources open."""
+    replica = Replica(lease_store, "a", finish_seconds=0)
+    replica.unavailable = {3, 5}
+    others = [0, 1, 2, 4, 6, 7]
+    try:
+
+        async def refused_again_and_again() -> bool:
+            return replica.owner.owned == others and replica.refused >= 4
+
+        await eventually(refused_again_and_again, timeout=30, what="the other partitions claimed, 3 and 5 refused")
+        await asyncio.sleep(2 * LEASE_SECONDS)  # past a lease: the workers' partitions were renewed meanwhile
+        assert not replica.task.done(), f"the ownership loop ended: {replica.task}"
+        assert replica.owner.owned == others
+        assert sorted(replica.started) == others, f"workers started more than once: {replica.started}"
+        owners = await PartitionLeases(lease_store, "group", "probe", LEASE_SECONDS).owners()
+        assert sorted(owners) == others and set(owners.values()) == {"a"}, owners
+
+        replica.unavailable.clear()
+
+        async def owns_all() -> bool:
+            return replica.owner.owned == list(range(PARTITIONS))
+
+        await eventually(owns_all, timeout=30, what="partitions 3 and 5 claimed once their sources open")
+        assert sorted(replica.started) == list(range(PARTITIONS)), replica.started
     finally:
         await replica.stop()
 

@@ -130,7 +130,7 @@ async def test_failed_fetches_while_nats_is_away_are_one_line_per_window(
 ) -> None:
     """Every partition's source retries once a second while NATS is away; the log says so once per 10 s."""
     caplog.set_level(logging.WARNING, logger="projector.consumer")
-    consumer._fetch_failures.clear()
+    consumer._jetstream_failures.clear()
     client = await _connected(ProjectorNatsClient(), nats_url)
     js = client.jetstream(timeout=5)
     await js.add_stream(StreamConfig(name=unique_name, subjects=[f"{unique_name}.>"]))
