@@ -194,8 +194,8 @@ class JetStreamConsumer:
             except JETSTREAM_UNAVAILABLE as exc:
                 attempt += 1
                 _jetstream_failures.log(
-                    log, logging.WARNING, "stream", "JetStream is unavailable to read stream %s (%s: a cluster "
-                    "electing its leaders or without a quorum); asking again", wanted.name, describe_error(exc),
+                    log, logging.WARNING, "stream", "JetStream is unavailable to read stream %s (%s): a cluster "
+                    "electing its leaders, or without a quorum; asking again", wanted.name, describe_error(exc),
                 )  # fmt: skip
                 cap = self._settings.projector_max_backoff_seconds
                 await asyncio.sleep(full_jitter(attempt + 1, STREAM_RETRY_BASE_SECONDS, cap))
