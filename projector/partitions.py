@@ -155,6 +155,7 @@ class PartitionOwner:
                     # The round stops claiming (each claim would wait as long for JetStream); the workers running
                     # keep their partitions, renewed as usual.
                     log.warning("%s; claimed again in a later round", exc)
+                self._metrics.partitions_owned.set(len(self.workers))
                 self._raise_if_a_worker_failed()
                 # Rounds start every interval, however long the last one took (a slow MongoDB must not space out
                 # the renewals).
@@ -209,7 +210,6 @@ class PartitionOwner:
         for partition in random.sample(plan.claim, len(plan.claim)):
             if await self._claim(partition):
                 log.info("partition %d claimed (%d live replicas)", partition, len(members))
-        self._metrics.partitions_owned.set(len(self.workers))
 
     async def _claim(self, partition: int) -> bool:
         if partition in self.workers:  # a bug in the plan: a second worker would orphan the first

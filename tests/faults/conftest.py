@@ -34,8 +34,9 @@ _FAILED = pytest.StashKey[bool]()
 
 @pytest.fixture
 async def stack(request: pytest.FixtureRequest) -> AsyncIterator[FaultStack]:
-    """Dedicated servers (started concurrently, schema migrated) for one scenario; services are added by it."""
-    async with _dedicated_stack(request) as fault_stack:
+    """Dedicated servers (started concurrently, schema migrated) for one scenario; services are added by it.
+    Parametrized indirectly, the parameter is the number of NATS nodes (a JetStream cluster when above 1)."""
+    async with _dedicated_stack(request, nats_nodes=getattr(request, "param", 1)) as fault_stack:
         yield fault_stack
 
 

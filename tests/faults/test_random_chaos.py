@@ -11,7 +11,9 @@ the same switch): the faults after it land on the generation switched to, and th
 
 The draw comes from one seed, printed and named in every failure message (`CQRS_CHAOS_SEED` replays the sequence;
 the timing, and so the interleaving, still varies). `CQRS_CHAOS_SECONDS` makes the run longer, as a soak;
-`CQRS_CHAOS_PROJECTORS` runs more projector replicas than two (partitions handed around three or more ways).
+`CQRS_CHAOS_PROJECTORS` runs more projector replicas than two (partitions handed around three or more ways);
+`CQRS_CHAOS_NATS_NODES=3` runs a 3-node JetStream cluster holding the stream on all three, whose nodes the server
+faults kill and pause one at a time, and adds a fault that takes its quorum away: two nodes killed, then restarted.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 CHAOS_SECONDS = float(os.environ.get("CQRS_CHAOS_SECONDS", "120"))
 CHAOS_PROJECTORS = int(os.environ.get("CQRS_CHAOS_PROJECTORS", "2"))
+CHAOS_NATS_NODES = int(os.environ.get("CQRS_CHAOS_NATS_NODES", "1"))
 RECOVERY_TIMEOUT = 90.0  # commands acknowledged again after the last fault, on a busy two-core machine
 # A replica told to stop (the fault stack's grace is 1 s) finishes its commands or batch in hand, gives its leases
 # back and exits within this, even right after another fault, on a busy two-core machine.
@@ -56,12 +59,14 @@ async def _restart(service: Service) -> None:
 
 
 @pytest.mark.timeout(TEST_TIMEOUT_SECONDS)
+@pytest.mark.parametrize("stack", [CHAOS_NATS_NODES], indirect=True, ids=lambda nodes: f"{nodes}-nats-nodes")
 async def test_random_faults_one_after_another(stack: FaultStack) -> None:
     seed = int(os.environ.get("CQRS_CHAOS_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     print(f"chaos seed {seed} (CQRS_CHAOS_SEED={seed} replays the draw)")
-    commands = [await stack.command_service(), await stack.command_service()]
-    projectors = [await stack.projector() for _ in range(CHAOS_PROJECTORS)]
+    replicas = str(len(stack.nats_nodes))  # the stream on every node
+    commands = [await stack.command_service(CQRS_STREAM_REPLICAS=replicas) for _ in range(2)]
+    projectors = [await stack.projector(CQRS_STREAM_REPLICAS=replicas) for _ in range(CHAOS_PROJECTORS)]
     load = Load([c.address for c in commands], seed=rng.randrange(1 << 30)).start()
 
     async def kill_replica(replicas: list[Service]) -> str:
@@ -118,6 +123,18 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
             stack.resume_server(server)
         return f"{server.name} paused {seconds:.1f}s"
 
+    async def lose_nats_quorum() -> str:
+        # Commands are still acknowledged (the outbox holds their events); the relay and the projectors wait.
+        dead = rng.sample(stack.nats_nodes, 2)
+        for node in dead:
+            await stack.kill_server(node)
+        seconds = rng.uniform(1, 8)
+        await asyncio.sleep(seconds)
+        for node in dead:
+            await stack.restart_server(node)
+            await asyncio.sleep(rng.uniform(0, 3))
+        return f"JetStream quorum lost {seconds:.1f}s ({', '.join(node.name for node in dead)} killed)"
+
     rebuilds: list[str] = []
     retired: list[int] = []  # generations a switch of this run retired, the last one last
 
@@ -147,6 +164,8 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
         kill_server, pause_server, lambda: restart_gracefully(commands), lambda: restart_gracefully(projectors),
         rebuild_and_cut_over,
     ]  # fmt: skip
+    if len(stack.nats_nodes) > 1:
+        faults.append(lose_nats_quorum)
     history: list[str] = []
     try:
         await load.progress(30, what="before the first fault")
