@@ -64,9 +64,9 @@ async def test_random_faults_one_after_another(stack: FaultStack) -> None:
     seed = int(os.environ.get("CQRS_CHAOS_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     print(f"chaos seed {seed} (CQRS_CHAOS_SEED={seed} replays the draw)")
-    replicas = str(len(stack.nats_nodes))  # the stream on every node
-    commands = [await stack.command_service(CQRS_STREAM_REPLICAS=replicas) for _ in range(2)]
-    projectors = [await stack.projector(CQRS_STREAM_REPLICAS=replicas) for _ in range(CHAOS_PROJECTORS)]
+    stream_replicas = str(len(stack.nats_nodes))  # the stream on every node
+    commands = [await stack.command_service(CQRS_STREAM_REPLICAS=stream_replicas) for _ in range(2)]
+    projectors = [await stack.projector(CQRS_STREAM_REPLICAS=stream_replicas) for _ in range(CHAOS_PROJECTORS)]
     load = Load([c.address for c in commands], seed=rng.randrange(1 << 30)).start()
 
     async def kill_replica(replicas: list[Service]) -> str:
