@@ -113,6 +113,11 @@ class DuplicateRequest(Exception):
     """A concurrent transaction with the same request_id committed first."""
 
 
+class TransactionAborted(Exception):
+    """PostgreSQL aborted the append's transaction (a deadlock with another append, e.g. two customers swapping
+    their emails, or a serialization failure): nothing was written, and the same command may simply run again."""
+
+
 class Committer(Protocol):
     async def submit(self, append: AppendRequest) -> CommandReply: ...
 
@@ -192,10 +197,13 @@ class EventStore:
             tuple(guards),
         )
         with event_store_outage():
-            if self._group_commit is not None:
-                return await self._group_commit.submit(append)
-            async with self._deps.timed("postgres", "append"), self._pool.acquire(timeout=self._timeout) as conn:
-                (outcome,) = await commit_appends(conn, [append], timeout=self._timeout)
+            try:
+                if self._group_commit is not None:
+                    return await self._group_commit.submit(append)
+                async with self._deps.timed("postgres", "append"), self._pool.acquire(timeout=self._timeout) as conn:
+                    (outcome,) = await commit_appends(conn, [append], timeout=self._timeout)
+            except asyncpg.TransactionRollbackError as exc:  # class 40: rolled back whole
+                raise TransactionAborted(repr(exc)) from exc
         if isinstance(outcome, Exception):
             raise outcome
         return outcome

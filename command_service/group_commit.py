@@ -24,6 +24,7 @@ from command_service.event_store import (
     commit_appends,
 )
 from core.dependency_metrics import dependency_metrics
+from core.errors import Unavailable
 from core.tracing import detached_task
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,12 @@ class GroupCommitter:
                 detached_task(self._flush_forever(), name=f"group-commit-{i}") for i in range(self._flusher_count)
             ]
         pending = _Pending(append, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(pending)  # QueueFull (bounded backlog) surfaces as an error to this caller
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:  # a bounded backlog: the caller is told to come back (UNAVAILABLE)
+            raise Unavailable(
+                f"the event store has {self._queue.maxsize} appends waiting to be committed; retry later"
+            ) from None
         return await pending.future
 
     async def close(self) -> None:

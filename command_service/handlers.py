@@ -25,6 +25,7 @@ from command_service.event_store import (
     GuardMoved,
     RequestRecord,
     StreamGuard,
+    TransactionAborted,
     UniqueClaim,
     VersionConflict,
 )
@@ -172,6 +173,9 @@ class CommandHandler(Generic[S, C]):
             except GuardMoved as moved:
                 self.streams.stale(moved.guard.stream_id)
                 log.debug("%s on %s (attempt %d); deciding again", moved, stream_id, attempt)
+            except TransactionAborted as aborted:  # nothing written: the same decision goes again, a moment later
+                log.info("append to %s aborted by PostgreSQL (attempt %d): %s; retrying", stream_id, attempt, aborted)
+                await asyncio.sleep(full_jitter(attempt, CONFLICT_BACKOFF_SECONDS, CONFLICT_BACKOFF_CAP_SECONDS))
             except ClaimTaken as taken:
                 prior = await self._replay(ctx, command_type)
                 if prior is not None:
@@ -203,6 +207,11 @@ class CommandHandler(Generic[S, C]):
         ctx: CommandContext,
     ) -> CommandReply:
         agg = self._aggregate
+        if not events:
+            # A command that changes nothing writes no event, so no version check would catch a stream that moved
+            # since it was read (another replica's write behind a cached stream, or a write between read and
+            # append): its own stream guards it, and a stream that moved is read and decided again.
+            guards = (*guards, StreamGuard(stream_id, current_version))
         with tracer().start_as_current_span(
             "eventstore.append",
             attributes={

@@ -67,3 +67,26 @@ async def test_concurrent_email_changes_to_one_address_have_one_winner(event_sto
             return False
 
     assert (await asyncio.gather(*(change(c) for c in ids))).count(True) == 1
+
+
+async def test_customers_swapping_emails_at_once_are_refused_and_never_an_internal_error(
+    event_store: EventStore, pg_pool: asyncpg.Pool
+) -> None:
+    """Each swap's two changes release their own email, then wait for the other's: PostgreSQL aborts one of them
+    as a deadlock (about one pair in seven here), which is retried, and then refused like the other."""
+    handler = customer_handler(event_store)
+    outcomes: list[str] = []
+    for _ in range(40):
+        first, second = str(uuid.uuid4()), str(uuid.uuid4())
+        await handler.handle(RegisterCustomer(first, "First", f"{first}@example.com"), ctx())
+        await handler.handle(RegisterCustomer(second, "Second", f"{second}@example.com"), ctx())
+        results = await asyncio.gather(
+            handler.handle(ChangeCustomerEmail(first, f"{second}@example.com"), ctx()),
+            handler.handle(ChangeCustomerEmail(second, f"{first}@example.com"), ctx()),
+            return_exceptions=True,
+        )
+        outcomes += ["taken" if isinstance(r, AlreadyExists) else repr(r) for r in results]
+    assert set(outcomes) == {"taken"}, [o for o in outcomes if o != "taken"][:5]
+    # Nothing changed: every customer keeps the email it registered with.
+    owners = await pg_pool.fetch("SELECT value, owner_stream_id FROM unique_claims")
+    assert all(row["value"] == f"{row['owner_stream_id']}@example.com" for row in owners)

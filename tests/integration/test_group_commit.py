@@ -20,6 +20,7 @@ from command_service.event_store import (
 )
 from command_service.group_commit import GroupCommitter
 from core.envelope import EventMetadata
+from core.errors import Unavailable
 from core.order_events import ORDER_STREAM_TYPE, OrderCreated, OrderItemAdded
 from core.values import Address
 
@@ -165,3 +166,18 @@ async def test_group_committer_shares_commits_between_concurrent_appends(pg_pool
     assert isinstance(outcomes[-1], VersionConflict)
     assert committer.batches < committer.appends / 4  # the 41 concurrent appends shared a few commits
     assert await table_counts(pg_pool) == (41, 41, 41)
+
+
+async def test_appends_beyond_the_committers_backlog_are_unavailable_and_write_nothing(pg_pool: asyncpg.Pool) -> None:
+    committer = GroupCommitter(pg_pool, timeout=5, max_batch=1, flushers=1, max_waiting=2)
+    try:
+        # Submitted in one go, before the flusher (started by the first) runs: two wait, the rest find it full.
+        outcomes = await asyncio.gather(
+            *(committer.submit(create(str(uuid.uuid4()))) for _ in range(6)), return_exceptions=True
+        )
+    finally:
+        await committer.close()
+    refused = [o for o in outcomes if isinstance(o, Unavailable)]
+    assert len(refused) == 4 and all("2 appends waiting to be committed; retry later" in str(o) for o in refused)
+    assert sum(isinstance(o, CommandReply) for o in outcomes) == 2
+    assert await table_counts(pg_pool) == (2, 2, 2)

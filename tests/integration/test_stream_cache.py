@@ -256,3 +256,40 @@ async def test_a_replica_whose_cached_streams_keep_going_stale_reads_postgresql_
     for order_id in orders:  # and nothing was lost on the way
         rows = await pg_pool.fetch("SELECT version FROM events WHERE stream_id = $1 ORDER BY version", order_id)
         assert [row["version"] for row in rows] == list(range(1, len(rows) + 1))
+
+
+async def test_a_command_that_changes_nothing_is_decided_again_when_another_replica_moved_the_stream(
+    event_store: EventStore, pg_pool: asyncpg.Pool
+) -> None:
+    """A no-op writes no event, so only its own stream's guard shows that the cached stream it was decided on is
+    behind: the change another replica made is never acknowledged as undone."""
+    a, b = Replica(event_store), Replica(event_store)
+    customer_id = await registered_customer(event_store)
+    await a.customers.handle(RenameCustomer(customer_id, "Ann"), ctx())  # a caches the name Ann
+    await b.customers.handle(RenameCustomer(customer_id, "Bob"), ctx())  # a is behind
+    reply = await a.customers.handle(RenameCustomer(customer_id, "Ann"), ctx())
+    assert reply.version == await pg_pool.fetchval("SELECT max(version) FROM events WHERE stream_id = $1", customer_id)
+    assert reply.version == 4, "the rename back to Ann was acknowledged without being written"
+    assert a.stale() == 1
+
+    order_id = await new_order(a, event_store)
+    await a.orders.handle(cmd.AddOrderItem(order_id, "SKU-1", "Thing", 1, 100), ctx())  # a caches quantity 1
+    await b.orders.handle(cmd.ChangeItemQuantity(order_id, "SKU-1", 5), ctx())
+    reply = await a.orders.handle(cmd.ChangeItemQuantity(order_id, "SKU-1", 1), ctx())
+    assert reply.version == 4 and await versions(pg_pool, order_id) == [1, 2, 3, 4]
+
+
+async def test_a_command_that_changes_nothing_on_a_stale_stream_gets_the_answer_postgresql_gives(
+    event_store: EventStore,
+) -> None:
+    a, b = Replica(event_store), Replica(event_store)
+    customer_id = await registered_customer(event_store)
+    await a.customers.handle(RenameCustomer(customer_id, "Ann"), ctx())  # version 2, cached by a
+    await b.customers.handle(RenameCustomer(customer_id, "Bob"), ctx())  # version 3
+    with pytest.raises(Conflict, match="at version 3, not the expected version 2"):
+        await a.customers.handle(RenameCustomer(customer_id, "Ann"), ctx(expected_version=2))
+    await b.customers.handle(RenameCustomer(customer_id, "Ann"), ctx())  # version 4
+    await a.customers.handle(RenameCustomer(customer_id, "Ann"), ctx())  # a re-reads: version 4, a no-op
+    await b.customers.handle(DeactivateCustomer(customer_id), ctx())
+    with pytest.raises(FailedPrecondition, match="deactivated"):
+        await a.customers.handle(RenameCustomer(customer_id, "Ann"), ctx())
