@@ -215,6 +215,8 @@ class ConsistencyWaiter:
         )
         self._poll_interval = poll_interval
         self._book = WaitBook(max_waiters=max_waiters)
+        # Generation switches so far: checkpoints read before the last one say nothing about the database in use.
+        self.switches = 0
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._closed = False
@@ -227,8 +229,13 @@ class ConsistencyWaiter:
 
     def use_database(self, database: AsyncDatabase[dict[str, Any]]) -> None:
         """Reads the checkpoints of another generation from the next round on: pending waits carry over, and are
-        answered once the new generation reflects them (a cutover never answers a token it does not reflect)."""
+        answered once the new generation reflects them (a cutover never answers a token it does not reflect).
+
+        The versions seen so far are forgotten: they were the old generation's, and the new one may be behind it
+        (a switch's target catches up on the last events while it is already active; a rollback's target more)."""
         self._checkpoints = database[CHECKPOINTS_COLLECTION]
+        self._book.forget_versions()
+        self.switches += 1
 
     async def wait(self, requirements: list[Requirement], timeout: float) -> WaitOutcome:
         """Waits up to `timeout` seconds until every requirement is reflected.
@@ -259,6 +266,10 @@ class ConsistencyWaiter:
                 future.result()  # re-raises a MongoDB failure of the shared poll
                 return WaitOutcome(waited_seconds=time.monotonic() - started)
             future.cancel()
+        else:
+            # No time to wait (a deadline too close, or no waiting configured): still read once what the read
+            # model has, so that a token it reflects is answered fresh and a lag is reported as it is.
+            self._observe(await self._read_checkpoints(list(missing)))
         waited = time.monotonic() - started
         behind = tuple(
             Lag(r.stream_type, r.stream_id, r.version, self._book.cache.get(r.stream_id))
@@ -295,33 +306,43 @@ class ConsistencyWaiter:
 
     async def _poll_once(self) -> None:
         """One round: the checkpoints of (at most `max_streams_per_poll`) pending streams, in bounded queries."""
-        streams = self._book.streams_to_poll(self._max_streams_per_poll)
+        try:
+            docs = await self._read_checkpoints(self._book.streams_to_poll(self._max_streams_per_poll))
+        except Exception as exc:
+            # Every current waiter fails with the driver's error (UNAVAILABLE for them); the next waiter
+            # restarts the poll, so an outage does not outlive MongoDB's.
+            self.last_error = exc
+            for ticket in self._book.tickets():
+                self._book.remove(ticket)
+                if ticket.future is not None and not ticket.future.done():
+                    ticket.future.set_exception(exc)
+            return
+        self.last_error = None
+        self._observe(docs)
+
+    async def _read_checkpoints(self, streams: list[str]) -> list[dict[str, Any]]:
+        """These streams' checkpoints, in bounded queries; the driver's error raises. Nothing when a generation
+        switch came meanwhile: they would be the old generation's versions (the next round reads the new one's)."""
         self.queries += 1
+        switches = self.switches
+        docs: list[dict[str, Any]] = []
         for start in range(0, len(streams), self._streams_per_query):
             chunk = streams[start : start + self._streams_per_query]
-            try:
-                async with self._deps.timed("mongodb", "checkpoints"):
-                    cursor = self._checkpoints.find({"_id": {"$in": chunk}}, {"version": 1, "updated_at": 1})
-                    docs = await cursor.to_list()
-            except Exception as exc:
-                # Every current waiter fails with the driver's error (UNAVAILABLE for them); the next waiter
-                # restarts the poll, so an outage does not outlive MongoDB's.
-                self.last_error = exc
-                for ticket in self._book.tickets():
-                    self._book.remove(ticket)
-                    if ticket.future is not None and not ticket.future.done():
-                        ticket.future.set_exception(exc)
-                return
-            self.last_error = None
-            seen_at = time.time()
-            versions = {str(doc["_id"]): _version(doc) for doc in docs}
-            written = {str(doc["_id"]): _written_at(doc) for doc in docs}
-            for ticket in self._book.observe(versions):
-                # Answerable once its last checkpoint was written (those read before this poll came earlier).
-                answerable = max([ticket.since, *(written[s] for s in ticket.missing if s in written)])
-                self.stages.observe("checkpoint_to_seen", seen_at - answerable)
-                if ticket.future is not None and not ticket.future.done():
-                    ticket.future.set_result(None)
+            async with self._deps.timed("mongodb", "checkpoints"):
+                docs += await self._checkpoints.find({"_id": {"$in": chunk}}, {"version": 1, "updated_at": 1}).to_list()
+        return docs if self.switches == switches else []
+
+    def _observe(self, docs: list[dict[str, Any]]) -> None:
+        """Records the checkpoints read and wakes every waiting query they now satisfy."""
+        seen_at = time.time()
+        versions = {str(doc["_id"]): _version(doc) for doc in docs}
+        written = {str(doc["_id"]): _written_at(doc) for doc in docs}
+        for ticket in self._book.observe(versions):
+            # Answerable once its last checkpoint was written (those read before this poll came earlier).
+            answerable = max([ticket.since, *(written[s] for s in ticket.missing if s in written)])
+            self.stages.observe("checkpoint_to_seen", seen_at - answerable)
+            if ticket.future is not None and not ticket.future.done():
+                ticket.future.set_result(None)
 
     async def close(self) -> None:
         """Stops the poll; waiters still registered fail with Unavailable. Idempotent."""
@@ -356,6 +377,12 @@ class ReadYourWrites:
     def __init__(self, waiter: ConsistencyWaiter, max_wait_seconds: float) -> None:
         self.waiter = waiter
         self._max_wait = max_wait_seconds
+
+    @property
+    def switches(self) -> int:
+        """Generation switches so far. A query whose wait and read saw different counts may have read a generation
+        its tokens were not checked against: it waits and reads again (`query_service.api.runner`)."""
+        return self.waiter.switches
 
     async def ensure(
         self, requirements: list[Requirement], *, accept_stale: bool, time_remaining: float | None

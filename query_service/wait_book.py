@@ -32,7 +32,7 @@ class VersionCache:
     """
 
     def __init__(self, capacity: int = 100_000) -> None:
-        self._capacity = capacity
+        self.capacity = capacity
         self._versions: OrderedDict[str, int] = OrderedDict()
 
     def get(self, stream_id: str) -> int:
@@ -48,7 +48,7 @@ class VersionCache:
             self._versions[stream_id] = version
         if stream_id in self._versions:
             self._versions.move_to_end(stream_id)
-            while len(self._versions) > self._capacity:
+            while len(self._versions) > self.capacity:
                 self._versions.popitem(last=False)
 
     def __len__(self) -> int:
@@ -85,6 +85,10 @@ class WaitBook:
         self._by_stream: dict[str, set[int]] = {}
         self._ids = itertools.count(1)
         self._rotation = 0  # which ticket the next capped round starts with
+
+    def forget_versions(self) -> None:
+        """Forgets every version seen (they describe a read model no longer read); the tickets stay."""
+        self.cache = VersionCache(self.cache.capacity)
 
     def unmet(self, requirements: Iterable[Requirement]) -> dict[str, int]:
         """stream id -> version of the requirements the cache does not already know to be reflected."""

@@ -207,11 +207,16 @@ class OrderQueryServicer(pb_grpc.OrderQueryServiceServicer):
             raise InvalidArgument(violations)
         assert order_id is not None
         # A watch has no "stale" answer: it starts from the token's state or fails (UNAVAILABLE, with the lag).
+        switches = self._ryw.switches
         await self._ryw.ensure(requirements, accept_stale=False, time_remaining=context.time_remaining())
         # Subscribe first, read second: every change after the read is then on its way to us (see watch.py).
         subscription = await self._hub.subscribe(order_id)
         try:
             doc = await self._read_model.get_including_deleted(order_id)
+            while self._ryw.switches != switches:  # read across a generation switch: wait and read there again
+                switches = self._ryw.switches
+                await self._ryw.ensure(requirements, accept_stale=False, time_remaining=context.time_remaining())
+                doc = await self._read_model.get_including_deleted(order_id)
             if doc is None or doc.get("deleted") is True:
                 raise NotFound(f"order {order_id} not found")
             last = views.order_from_document(doc)

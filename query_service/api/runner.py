@@ -60,10 +60,17 @@ class QueryRunner(Generic[Src]):
             parsed = collect(violations, lambda: entry.parse(request))
             if violations:
                 raise InvalidArgument(violations)
-            consistency = await self._ryw.ensure(
-                requirements, accept_stale=requirement.accept_stale, time_remaining=context.time_remaining()
-            )
-            return await entry.read(self._source, parsed, consistency)
+            while True:
+                # Every reader switches generations at once, between two of our awaits: an answer read across a
+                # switch may come from a generation the tokens were not checked against, so it is waited for and
+                # read again there (switches are minutes apart; this repeats only for one that lands just here).
+                switches = self._ryw.switches
+                consistency = await self._ryw.ensure(
+                    requirements, accept_stale=requirement.accept_stale, time_remaining=context.time_remaining()
+                )
+                answer = await entry.read(self._source, parsed, consistency)
+                if self._ryw.switches == switches:
+                    return answer
         except Exception as exc:  # CancelledError (the client left) is a BaseException and passes through
             await fail(context, method, exc)
 

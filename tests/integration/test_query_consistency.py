@@ -14,11 +14,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import pytest
-from cqrs.orders.v1 import consistency_pb2, customer_service_pb2, customer_service_pb2_grpc, query_service_pb2
+from cqrs.orders.v1 import (
+    consistency_pb2,
+    customer_service_pb2,
+    customer_service_pb2_grpc,
+    order_pb2,
+    query_service_pb2,
+)
 from cqrs.orders.v1 import query_service_pb2_grpc as qgrpc
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient
@@ -28,9 +34,11 @@ from core.consistency import ConsistencyToken
 from core.errors import Unavailable
 from core.grpc_errors import field_violations
 from core.log_throttle import per_request
+from core.rpc_table import Context
 from localservers import free_port
+from query_service.api.runner import Query, QueryRunner
 from query_service.config import QuerySettings
-from query_service.consistency import ConsistencyWaiter, Requirement
+from query_service.consistency import ConsistencyWaiter, ReadYourWrites, Requirement
 from query_service.server import RunningServer, start_query_server
 from tests.integration.test_query_service import T0, make_order
 from tests.support import eventually
@@ -559,3 +567,155 @@ async def test_a_waiter_loop_that_fails_unexpectedly_fails_its_waiters_fast_and_
         assert outcome.reached
     finally:
         await waiter.close()
+
+
+# ------------------------------------------------------------------------------ across a generation switch
+
+
+async def activate(base: AsyncDatabase[Document], database: AsyncDatabase[Document], generation: int) -> None:
+    """Makes `database` the active read-model generation, as `cqrs rebuild --cutover` or `--activate` does."""
+    await base["read_model_generations"].replace_one(
+        {"_id": "active"},
+        {"_id": "active", "generation": generation, "database": database.name, "versions": {},
+         "switched_at": dt.datetime.now(dt.UTC)},
+        upsert=True,
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def next_generation(db: AsyncDatabase[Document]) -> AsyncIterator[AsyncDatabase[Document]]:
+    database = db.client[f"{db.name}_g2"]
+    try:
+        yield database
+    finally:
+        await db.client.drop_database(database.name)
+
+
+async def test_a_token_the_old_generation_reflected_is_waited_for_on_the_new_one(
+    mongo_url: str, db: AsyncDatabase[Document], next_generation: AsyncDatabase[Document]
+) -> None:
+    """A switch's target can be behind the generation it replaces for a moment (it catches up on the last events
+    while already active; a rollback's target longer): what the query service saw in the old one must not answer
+    a token in the new one."""
+    await activate(db, db, 1)
+    doc = await put_order(db, 3)
+    await put_order(next_generation, 1, order_id=doc["_id"])  # the target, still behind
+    request = query_service_pb2.GetOrderRequest(order_id=doc["_id"], consistency=consistency(token(doc["_id"], 3)))
+    running = await _server(mongo_url, db.name, generation_poll_seconds=0.05)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as chan:
+            stub = qgrpc.OrderQueryServiceStub(chan)
+            assert (await stub.GetOrder(request, timeout=5)).order.version == 3  # seen in generation 1
+
+            await activate(db, next_generation, 2)
+
+            async def switched() -> bool:
+                plain = query_service_pb2.GetOrderRequest(order_id=doc["_id"])
+                return (await stub.GetOrder(plain, timeout=5)).order.version == 1
+
+            await eventually(switched, what="the query service to read generation 2")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetOrder(request, timeout=1.0)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"order {doc['_id']} is at version 1, the token needs 3" in (caught.value.details() or "")
+
+            async def catch_up() -> None:
+                await asyncio.sleep(0.3)
+                await put_order(next_generation, 3, order_id=doc["_id"])
+
+            caught_up = asyncio.create_task(catch_up())
+            response = await stub.GetOrder(request, timeout=10)
+            await caught_up
+    finally:
+        await running.stop()
+    assert response.order.version == 3 and not response.consistency.stale
+    assert response.consistency.waited_ms >= 250
+
+
+async def test_checkpoints_read_while_the_generation_switches_do_not_count_for_the_new_one(
+    db: AsyncDatabase[Document], next_generation: AsyncDatabase[Document]
+) -> None:
+    doc = await put_order(db, 3)
+    await put_order(next_generation, 1, order_id=doc["_id"])
+    waiter = ConsistencyWaiter(db["checkpoints"], poll_interval=0.01)
+    try:
+        waiting = asyncio.create_task(waiter.wait([Requirement("order", doc["_id"], 3)], timeout=1.0))
+        for _ in range(100):  # one turn of the loop at a time, until the poll's query has been sent
+            if waiter.queries:
+                break
+            await asyncio.sleep(0)
+        assert waiter.queries == 1
+        waiter.use_database(next_generation)  # while generation 1's answer (version 3) is on its way
+        outcome = await waiting
+    finally:
+        await waiter.close()
+    assert not outcome.reached, "answered by a poll of the generation switched away from"
+    assert [(lag.required, lag.applied) for lag in outcome.behind] == [(3, 1)]
+
+
+async def test_a_query_read_across_a_switch_waits_and_reads_again_in_the_new_generation(
+    db: AsyncDatabase[Document], next_generation: AsyncDatabase[Document]
+) -> None:
+    """The switch can land between a query's wait and its read: its answer then comes from a generation its tokens
+    were not checked against, so it waits there and reads again."""
+    doc = await put_order(db, 3)
+    await put_order(next_generation, 1, order_id=doc["_id"])
+    waiter = ConsistencyWaiter(db["checkpoints"], poll_interval=0.01)
+    databases = [db]
+
+    async def read(source: None, order_id: str, read_consistency: consistency_pb2.ReadConsistency) -> Any:
+        if len(databases) == 1:  # the first read: the switch lands just before it
+            waiter.use_database(next_generation)
+            databases.append(next_generation)
+            asyncio.get_running_loop().call_later(
+                0.3, lambda: asyncio.ensure_future(put_order(next_generation, 3, order_id))
+            )
+        found = await databases[-1]["orders"].find_one({"_id": order_id})
+        assert found is not None
+        return query_service_pb2.GetOrderResponse(
+            order=order_pb2.Order(version=found["version"]), consistency=read_consistency
+        )
+
+    entry: Query[Any, None, str, Any] = Query(query_service_pb2.GetOrderRequest, lambda r: r.order_id, read)
+    request = query_service_pb2.GetOrderRequest(order_id=doc["_id"], consistency=consistency(token(doc["_id"], 3)))
+    try:
+        runner = QueryRunner(None, ReadYourWrites(waiter, 5.0))
+        response = await runner.run("GetOrder", entry, request, cast(Context, _Deadline(5)))
+        assert isinstance(response, query_service_pb2.GetOrderResponse)
+    finally:
+        await waiter.close()
+    assert response.order.version == 3, "answered from the new generation before it reflected the token"
+    assert not response.consistency.stale and response.consistency.waited_ms >= 250
+
+
+class _Deadline:
+    """What `QueryRunner.run` asks of a gRPC context when nothing fails: the time left."""
+
+    def __init__(self, seconds: float) -> None:
+        self._until = time.monotonic() + seconds
+
+    def time_remaining(self) -> float:
+        return self._until - time.monotonic()
+
+
+async def test_with_no_time_to_wait_a_token_is_still_checked_once(mongo_url: str, db: AsyncDatabase[Document]) -> None:
+    doc = await put_order(db, 3)
+    running = await _server(mongo_url, db.name, query_max_wait_seconds=0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as chan:
+            stub = qgrpc.OrderQueryServiceStub(chan)
+            reflected = await stub.GetOrder(
+                query_service_pb2.GetOrderRequest(order_id=doc["_id"], consistency=consistency(token(doc["_id"], 3))),
+                timeout=5,
+            )
+            ahead = await stub.GetOrder(
+                query_service_pb2.GetOrderRequest(
+                    order_id=doc["_id"], consistency=consistency(token(doc["_id"], 5), accept_stale=True)
+                ),
+                timeout=5,
+            )
+    finally:
+        await running.stop()
+    assert reflected.order.version == 3 and not reflected.consistency.stale
+    assert ahead.consistency.stale
+    assert [(lag.required_version, lag.applied_version) for lag in ahead.consistency.behind] == [(5, 3)]
