@@ -87,6 +87,7 @@ class Handover:
     worker: Worker
     frees_lease: bool
     task: asyncio.Task[None] | None = None
+    lease_expires: datetime = FREE  # when a lease left to expire (see `_stop_worker`) does
 
 
 class WorkerNotStarted(Exception):
@@ -167,11 +168,15 @@ class PartitionOwner:
     async def _rebalance(self) -> None:
         leases = self._leases
         # The leases first: they are what expires.
-        leaving = [h.worker for h in self._handovers.values() if h.frees_lease]
-        held, expires = await leases.renew([*self.workers, *(w.partition for w in leaving)])
-        for worker in leaving:
-            if worker.partition in held:
-                worker.fence.expires_at = expires  # its batch in hand stays fenced until the lease is freed
+        leaving = [h for h in self._handovers.values() if h.frees_lease]
+        held, expires = await leases.renew([*self.workers, *(h.worker.partition for h in leaving)])
+        for handover in leaving:
+            if handover.worker.partition not in held:
+                continue
+            if handover.frees_lease:
+                handover.worker.fence.expires_at = expires  # its batch in hand stays fenced until the lease is freed
+            else:  # its worker was given up on while this renewal was on its way: the lease now lasts until then
+                handover.lease_expires = max(handover.lease_expires, expires)
         for partition in list(self.workers):
             if partition in held:
                 self.workers[partition].fence.expires_at = expires
@@ -236,12 +241,18 @@ class PartitionOwner:
         self._metrics.partitions_owned.set(len(self.workers))
         handover = self._handovers[partition] = Handover(worker, free_lease)
         handover.task = asyncio.create_task(
-            self._handed_over(worker, free_lease, members), name=f"projector partition {partition} handover"
+            self._handed_over(handover, members), name=f"projector partition {partition} handover"
         )
         handover.task.add_done_callback(self._handover_done)
 
-    async def _handed_over(self, worker: Worker, free_lease: bool, members: int) -> None:
-        await self._stop_worker(worker)
+    async def _handed_over(self, handover: Handover, members: int) -> None:
+        worker, free_lease = handover.worker, handover.frees_lease
+        if not await self._stop_worker(handover):
+            if free_lease:
+                log.warning("partition %d: its lease is left to expire, not freed", worker.partition)
+                if not self._stopping.is_set():  # the partition stays out of our plan until then
+                    await asyncio.sleep((handover.lease_expires - datetime.now(UTC)).total_seconds())
+            return
         if not free_lease:
             return
         try:
@@ -265,8 +276,11 @@ class PartitionOwner:
         if not task.cancelled() and task.exception() is not None:
             self._handover_failure = task.exception()
 
-    async def _stop_worker(self, worker: Worker) -> None:
-        """Lets the worker finish its batch in hand (bounded), then closes its source."""
+    async def _stop_worker(self, handover: Handover) -> bool:
+        """Lets the worker finish its batch in hand (bounded), then closes its source; False when it had to be
+        cancelled."""
+        worker = handover.worker
+        finished = True
         try:
             await asyncio.wait_for(asyncio.shield(worker.task), timeout=WORKER_STOP_TIMEOUT_SECONDS)
         except TimeoutError:
@@ -275,12 +289,21 @@ class PartitionOwner:
                 worker.partition,
                 WORKER_STOP_TIMEOUT_SECONDS,
             )
+            finished = False
+            # Cancelling the worker does not stop the applier's write of a batch it already took: the lease is left
+            # to expire instead of being freed (no longer renewed, and the partition not ours to claim until then),
+            # so no other replica applies the partition beside that write; and a batch of it still waiting in the
+            # applier is handed back, not applied (the applier checks the fence first).
+            handover.frees_lease = False
+            handover.lease_expires = worker.fence.expires_at
+            worker.fence.expires_at = FREE
         except Exception:
             pass  # its failure is the supervisor's business when the loop raises it; here it is stopping anyway
         worker.task.cancel()
         with contextlib.suppress(BaseException):
             await worker.task
         await worker.close()
+        return finished
 
     def _raise_if_a_worker_failed(self) -> None:
         if self._handover_failure is not None:

@@ -17,6 +17,7 @@ import pytest
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+import projector.partitions
 from projector.leases import PartitionLeases
 from projector.metrics import ProjectorMetrics
 from projector.partitions import Fence, PartitionOwner, WorkerNotStarted
@@ -47,6 +48,8 @@ class Replica:
         leases: type[PartitionLeases] = PartitionLeases,
     ) -> None:
         self.started: list[int] = []  # partitions whose worker started (workers of one claim start in any order)
+        self.fences: dict[int, Fence] = {}  # the fence each partition's last worker got
+        self.cancelled: list[int] = []  # partitions whose worker was cancelled with its batch in hand
         self.unavailable: set[int] = set()  # partitions whose source cannot be opened (JetStream without a quorum)
         self.refused = 0  # worker starts refused so
         self.metrics = ProjectorMetrics()
@@ -71,12 +74,17 @@ class Replica:
         async def consume() -> None:
             while not fence.released:  # noqa: ASYNC110  # a flag, checked between batches as the real workers do
                 await asyncio.sleep(0.02)
-            await asyncio.sleep(self._finish_seconds)  # the batch in hand
+            try:
+                await asyncio.sleep(self._finish_seconds)  # the batch in hand
+            except asyncio.CancelledError:
+                self.cancelled.append(partition)
+                raise
 
         if partition in self.unavailable:
             self.refused += 1
             raise WorkerNotStarted(f"partition {partition}: its source cannot be opened")
         self.started.append(partition)
+        self.fences[partition] = fence
         return asyncio.create_task(consume()), _nothing
 
     def handovers(self, direction: str) -> float:
@@ -311,3 +319,47 @@ async def test_a_stopping_replica_frees_every_lease_once_its_batches_finish_toge
     assert held == 0
     assert await lease_store["projector_members"].count_documents({}) == 0
     assert replica.handovers("released") == PARTITIONS
+
+
+async def test_a_partition_whose_batch_outlasts_the_handover_is_left_to_expire_not_freed(
+    lease_store: AsyncDatabase[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Giving up on a worker whose batch takes too long cancels the worker, not the applier's write of that batch:
+    freeing the lease then would let the next owner apply the partition beside it. The lease is left to expire
+    (the next owner takes it only then), and a batch of it still waiting to be applied is handed back (its fence
+    no longer valid)."""
+    monkeypatch.setattr(projector.partitions, "WORKER_STOP_TIMEOUT_SECONDS", 0.3)
+    first = Replica(lease_store, "a", finish_seconds=60)  # a batch in hand that never finishes
+    async with joined_by_a_second_replica(lease_store, first) as second:
+        given_up = sorted(first.cancelled)
+        assert given_up == [4, 5, 6, 7], first.cancelled
+        assert not any(first.fences[p].valid() for p in given_up)
+        assert second.owner.owned == given_up and first.handovers("released") == 0
+        assert second.handovers("claimed") == len(given_up)  # once each, when their leases had expired
+
+
+async def test_the_lease_of_a_partition_given_up_on_stays_held_until_it_expires(
+    lease_store: AsyncDatabase[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(projector.partitions, "WORKER_STOP_TIMEOUT_SECONDS", 0.3)
+    first = Replica(lease_store, "a", finish_seconds=60)
+    probe = PartitionLeases(lease_store, "group", "probe", LEASE_SECONDS)
+    second: Replica | None = None
+    try:
+
+        async def first_owns_all() -> bool:
+            return first.owner.owned == list(range(PARTITIONS))
+
+        await eventually(first_owns_all, what="the only replica to own every partition")
+        second = Replica(lease_store, "b", finish_seconds=0)
+
+        async def given_up() -> bool:
+            return len(first.cancelled) == PARTITIONS // 2
+
+        await eventually(given_up, timeout=30, what="the first replica to give up on the workers it releases")
+        owners = await probe.owners()
+        assert all(owners.get(p) == "a" for p in first.cancelled), f"freed while its batch may be written: {owners}"
+    finally:
+        for replica in (second, first):
+            if replica is not None:
+                await replica.stop()
