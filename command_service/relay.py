@@ -53,6 +53,10 @@ from core.tracing import context_from_traceparent, inject_headers, tracer
 log = logging.getLogger(__name__)
 
 RETRY_BASE_SECONDS = 0.1
+# A pass stops waiting for its acks once none has come for this long while some are missing: a stream leader that
+# steps down (a node restarted, even gracefully) drops the publishes in flight, whose acks never come, and waiting
+# the whole publish timeout for them held every later event back that long. Healthy acks come within milliseconds.
+ACK_STALL_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,16 +361,17 @@ class OutboxRelay:
         try:
             if not futures:
                 return acked
-            done, pending = await asyncio.wait(futures, timeout=self._settings.publish_timeout)
-            for fut in pending:
-                fut.cancel()
+            await _acks(futures, self._settings.publish_timeout)
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
             first_error: BaseException | None = None
             for event, fut, span in zip(events, futures, spans, strict=False):
-                if fut in done and not fut.cancelled() and fut.exception() is None:
+                if not fut.cancelled() and fut.exception() is None:
                     acked.append(event.position)
                     span.set_attribute("messaging.nats.stream_sequence", fut.result().seq)
                 else:
-                    error = fut.exception() if fut in done and not fut.cancelled() else TimeoutError()
+                    error = TimeoutError() if fut.cancelled() else fut.exception()
                     span.set_status(Status(StatusCode.ERROR, repr(error)))
                     if first_error is None:
                         first_error = error
@@ -394,3 +399,31 @@ class OutboxRelay:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+async def _acks(futures: list[asyncio.Future[PubAck]], timeout: float) -> None:
+    """Waits until every publish of a pass is answered, `timeout` passes, or none is answered for
+    `ACK_STALL_SECONDS` while some are still missing (see there)."""
+    loop = asyncio.get_running_loop()
+    everything = loop.create_future()
+    missing = len(futures)
+    last_answer = started = loop.time()
+
+    def answered(_: asyncio.Future[PubAck]) -> None:
+        nonlocal missing, last_answer
+        missing -= 1
+        last_answer = loop.time()
+        if missing == 0 and not everything.done():
+            everything.set_result(None)
+
+    for fut in futures:
+        fut.add_done_callback(answered)
+    try:
+        while not everything.done():
+            wake = min(started + timeout, last_answer + ACK_STALL_SECONDS)
+            if wake <= loop.time():
+                return
+            await asyncio.wait({everything}, timeout=wake - loop.time())
+    finally:
+        for fut in futures:
+            fut.remove_done_callback(answered)

@@ -120,6 +120,11 @@ class FaultStack:
         """SIGKILL the server's whole process group (PostgreSQL's backends too), as an OOM kill would."""
         await self._request(20, op="kill", kind=server.name)
 
+    async def stop_server(self, server: ServerProcess) -> None:
+        """Stops the server as an orderly shutdown does (SIGTERM, then its exit: a NATS node hands over the
+        leaderships it holds first); SIGKILLed after 15 s."""
+        await self._request(30, op="stop", kind=server.name)
+
     async def restart_server(self, server: ServerProcess) -> float:
         """Starts the server again on its port and data; returns the seconds it took to become ready."""
         started = time.monotonic()

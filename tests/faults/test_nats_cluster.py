@@ -40,6 +40,11 @@ CATCH_UP_TIMEOUT = 30.0
 LOAD_PAUSE = 0.25  # per client between commands: a load the projector keeps up with on 2 busy cores
 PROJECTOR_PROGRESS = 20  # messages the projector must acknowledge while a node is dead
 QUORUM_LOSSES = 3
+# A load that keeps the relay publishing (a publish in flight at almost any moment), and how long the relay may then
+# take to publish again after the stream leader is stopped: its ack stall, its backoff and its reconnect.
+BUSY_LOAD_PAUSE = 0.01
+LEADER_RESTARTS = 3
+MAX_PUBLISH_STALL = 3.5
 
 
 async def _cluster_info(stack: FaultStack) -> tuple[int, ClusterInfo, dict[str, ClusterInfo]]:
@@ -174,6 +179,43 @@ async def test_cluster_node_killed_under_load_one_at_a_time(cluster_stack: Fault
         await load.stop()
     replicas, stream, _ = await _cluster_info(stack)
     assert replicas == REPLICAS and len(stream.replicas or []) == REPLICAS - 1, f"stream replicas: {stream}"
+    await assert_scenario_clean(stack, load)
+
+
+async def test_a_rolling_restart_of_the_cluster_under_load_stalls_the_relay_for_no_timeout(
+    cluster_stack: FaultStack,
+) -> None:
+    """Each node stopped in turn as a rolling upgrade stops it (SIGTERM: it hands its leaderships over), under a
+    load that keeps the relay publishing: the stream leader's step-down drops the publishes in flight, and the
+    relay must not wait its whole publish timeout (5 s) for acks that never come before it publishes again."""
+    stack = cluster_stack
+    rng = random.Random()
+    service = await stack.command_service(CQRS_STREAM_REPLICAS=str(REPLICAS))
+    load = Load([service.address], seed=rng.randrange(1 << 30), pause=BUSY_LOAD_PAUSE).start()
+    stalls: dict[str, float] = {}  # restart -> seconds until the relay had published what came before it
+    try:
+        await wait_outbox_older_than_drained(
+            stack.dsn, time.time(), timeout=ELECTION_TIMEOUT, what="the relay to create the stream and publish"
+        )
+        await stack.projector(CQRS_STREAM_REPLICAS=str(REPLICAS))
+        for round_no in range(1, LEADER_RESTARTS + 1):
+            await load.progress(rng.randint(100, 200), what=f"before restart {round_no}")
+            leader = (await _wait_replicated(stack, why=f"before restart {round_no}")).leader or ""
+            node = next(node for node in stack.nats_nodes if node.name == leader)
+            stopped_at = time.time()
+            await stack.stop_server(node)
+            await wait_outbox_older_than_drained(
+                stack.dsn, stopped_at, timeout=ELECTION_TIMEOUT,
+                what=f"the relay to publish what was committed before {node.name} (stream leader) stopped",
+            )  # fmt: skip
+            stalls[f"restart {round_no} ({node.name})"] = published = time.time() - stopped_at
+            print(f"restart {round_no}: {node.name} (stream leader) stopped; relay caught up {published:.1f}s later")
+            await stack.restart_server(node)
+            await _wait_replicated(stack, why=f"after restarting {node.name}")
+    finally:
+        await load.stop()
+    # Before: 4.8 to 4.9 s each time (the publish timeout, then the reconnect); now about the ack stall (1 s).
+    assert max(stalls.values()) < MAX_PUBLISH_STALL, stalls
     await assert_scenario_clean(stack, load)
 
 
