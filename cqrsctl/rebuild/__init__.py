@@ -332,9 +332,12 @@ async def _drop_retired(conns: _Connections, config: RebuildConfig, generations:
     if config.drop_retired_after_hours is None:
         return []
     horizon = datetime.now(UTC) - timedelta(hours=config.drop_retired_after_hours)
+    # A switch back to a retired generation that gave up (or is still on its way) leaves it `retired` while the
+    # services already read it: the active pointer decides, not the state.
+    active = (await generations.active()).generation
     dropped = []
     for doc in await generations.retired_before(horizon):
-        if doc.get("state") == RETIRED:
+        if doc.get("state") == RETIRED and int(doc["_id"]) != active:
             await _drop(conns, generations, doc)
             dropped.append(int(doc["_id"]))
     return dropped

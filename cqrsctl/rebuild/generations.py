@@ -21,6 +21,7 @@ One document per rebuilt (or retired) generation:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -30,6 +31,8 @@ from pymongo.errors import DuplicateKeyError
 
 from core.generations import ACTIVE_ID, COLLECTION, ActiveGeneration, database_name, ensure_active
 from cqrsctl.rebuild.reader import Cursor
+
+log = logging.getLogger(__name__)
 
 BUILDING: Final = "building"
 CAUGHT_UP: Final = "caught_up"
@@ -82,11 +85,20 @@ class Generations:
             doc = await self.get(generation)
             if doc is None:
                 raise GenerationError(f"no generation {generation} is recorded")
+            if doc.get("state") == DROPPED:  # its cursor says it has what its dropped database lost
+                raise GenerationError(f"generation {generation} was dropped: build a new one")
             return doc, True
         if not new:
             latest = await self._col.find_one({"_id": {"$type": "number"}}, sort=[("_id", -1)])
             if latest is not None and latest.get("state") in UNFINISHED and latest["_id"] != active:
-                return latest, True
+                if dict(latest.get("versions") or {}) == dict(self.versions):
+                    return latest, True
+                # Begun by a build whose projections differ (an interrupted Job, then the next release's): its
+                # documents so far are the other build's, so it is left as it is and a new one is built.
+                log.warning(
+                    "generation %s was begun with other projection versions (%s, not %s): building a new one",
+                    latest["_id"], latest.get("versions"), dict(self.versions),
+                )  # fmt: skip
         return await self._create(max(active, await self._highest()) + 1, start_position), False
 
     async def _highest(self) -> int:

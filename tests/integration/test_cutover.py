@@ -509,3 +509,35 @@ async def test_a_watch_stream_open_across_the_switch_goes_on_with_the_new_genera
         assert second.order.version == 2 and [line.sku for line in second.order.lines] == ["SKU-W"]
         assert await live.db["orders"].find_one({"_id": order_id, "version": 2}) is None  # not in the old one
         stream.cancel()
+
+
+async def test_a_rollback_that_gave_up_leaves_its_generation_undropped_by_the_retired_sweep(live: System) -> None:
+    """A switch back to a retired generation that gives up after the services moved leaves that generation marked
+    `retired` while it is the one they read: the deployment Job's `--drop-retired-after` must not drop it."""
+    first = await run_rebuild(rebuild_config(live, cutover=True))
+    assert first.cutover is not None and first.generation == 2
+    stuck = {"_id": f"{WRITER_PREFIX}stuck"}  # a projector that does not move back in time
+    await live.db[COLLECTION].update_one(
+        stuck,
+        {"$set": {"generation": 2, "database": f"{live.config.mongo_database}_g2", "seen_at": _far_future()}},
+        upsert=True,
+    )
+    with pytest.raises(CutoverFailed):
+        await activate(rebuild_config(live, switch_timeout_seconds=2.0), 1)
+    await live.db[COLLECTION].delete_one(stuck)
+    assert (await live.db[COLLECTION].find_one({"_id": ACTIVE_ID}) or {}).get("generation") == 1
+    assert (await generation_doc(live, 1))["state"] == RETIRED
+    orders = await live.db["orders"].count_documents({})
+
+    job = await run_rebuild(rebuild_config(live, if_needed=True, cutover=True, drop_retired_after_hours=0.0))
+
+    assert 1 not in job.dropped, "the retired sweep dropped the generation the services read"
+    assert await live.db["orders"].count_documents({}) == orders > 0
+
+
+async def test_a_dropped_generation_cannot_be_built_again_under_its_number(live: System) -> None:
+    built = await run_rebuild(rebuild_config(live))
+    assert built.generation == 2 and built.equal
+    await drop_generation(rebuild_config(live), 2)
+    with pytest.raises(GenerationError, match="generation 2 was dropped: build a new one"):
+        await run_rebuild(rebuild_config(live, generation=2))

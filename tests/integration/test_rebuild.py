@@ -182,6 +182,27 @@ async def test_a_crashed_rebuild_resumes_from_its_recorded_position(live: System
     assert (doc["state"], doc["events_applied"]) == (COMPARED, events)
 
 
+async def test_a_generation_begun_with_other_projection_versions_is_not_resumed(live: System) -> None:
+    """An interrupted Job, then the next release's Job (its orders projection changed): resuming would finish the
+    generation with documents of both projection versions, and the changed collection is not compared."""
+
+    async def crash_after_two_batches(batches: int) -> None:
+        if batches == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        await run_rebuild(rebuild_config(live, batch_size=20), on_batch=crash_after_two_batches)
+    assert (await generation_doc(live, 2))["state"] == BUILDING
+    next_release = tuple(
+        dataclasses.replace(p, version=p.version + 1) if p.name == "orders" else p for p in PROJECTIONS
+    )
+
+    result = await run_rebuild(rebuild_config(live, batch_size=20), projections=next_release)
+
+    assert (result.generation, result.resumed) == (3, False)
+    assert (await generation_doc(live, 2))["state"] == BUILDING  # left as it was, for the operator to drop
+
+
 async def test_a_rebuild_under_writes_faster_than_it_applies_still_ends(live: System) -> None:
     """Every batch the rebuild applies (5 events) brings 6 new events: a rebuild that caught up "until no event is
     left" would chase them forever. It stops at the transactions that started after each pass began."""
