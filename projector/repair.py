@@ -180,9 +180,10 @@ class Repairer:
             out = await self._pipeline.apply(decode_recorded(later, self._projections, self._decoder))
             following = {e.stream_id for e in later}
             for sid in list(following):
-                reached[sid] = max(reached[sid], out.versions.get(sid, reached[sid]))
-                if _failure(out, sid) is not None:
+                if _failure(out, sid) is not None:  # parked again, holding its copies: none of them is deleted
                     following.discard(sid)
+                    continue
+                reached[sid] = max(reached[sid], out.versions.get(sid, reached[sid]))
 
     async def skip(self, park: Park, event: RecordedEvent, note: str = "") -> None:
         """Marks the parked event as skipped: the document moves to its version unchanged, and a record says so.

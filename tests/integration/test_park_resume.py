@@ -23,7 +23,7 @@ from core.order_events import OrderCreated, OrderItemAdded, OrderItemQuantityCha
 from core.values import Address
 from projector.parking import HeldEvent, Park
 from projector.pipeline import Pipeline
-from projector.planning import GAP, NEEDS_UPGRADE, POISON, decode_recorded
+from projector.planning import GAP, NEEDS_UPGRADE, POISON, WRITE_FAILED, decode_recorded
 from projector.repair import Repairer
 from tests.integration.test_sales_report import BY_TYPE
 from tests.support import StartedCommands
@@ -130,3 +130,39 @@ async def test_a_backlog_of_parks_resumes_in_shared_batches_each_stream_as_alone
     now = await pipeline.parks.get(poisoned)
     assert now is not None and (now.kind, now.version) == (POISON, 2)
     assert [h.version for h in await pipeline.parks.held(poisoned)] == [1, 2]
+
+
+async def test_a_copy_held_during_a_resumption_whose_write_is_refused_stays_held_and_is_applied_later(
+    pipeline: Pipeline, db: AsyncDatabase[Doc]
+) -> None:
+    """A live batch held (and acknowledged) a later copy while the park was being resumed: the resumption applies it
+    after its unpark. When MongoDB refuses that write, the stream is parked again holding the copy, which must
+    survive the resumption's clean-up and be applied once MongoDB takes it."""
+    order_id = str(uuid.uuid4())
+    await pipeline.apply(decode_recorded([recorded(order_id, 1, OrderCreated(order_id, "c", "EUR", ADDRESS))], BY_TYPE))
+    park = Park(order_id, "order", GAP, "waiting for version 2", 2)
+    await pipeline.parks.park([park])
+    await pipeline.parks.hold([HeldEvent(order_id, 2, recorded(order_id, 2, OrderItemAdded("A", "a", 1, 5)).to_json())])
+    third = recorded(order_id, 3, OrderItemAdded("B", "b", 1, 7))
+    await db.command("collMod", "orders", validator={"version": {"$lt": 3}})  # refuses version 3
+    apply = pipeline.apply
+
+    async def apply_then_hold_the_third(*args: Any, **kwargs: Any) -> Any:
+        out = await apply(*args, **kwargs)
+        if all(h.version != 3 for h in await pipeline.parks.held(order_id)):  # as a live batch did, before the unpark
+            await pipeline.parks.hold([HeldEvent(order_id, 3, third.to_json())])
+        return out
+
+    pipeline.apply = apply_then_hold_the_third  # type: ignore[method-assign]
+    try:
+        await Repairer(pipeline, decode_event).resume_held(park)
+    finally:
+        pipeline.apply = apply  # type: ignore[method-assign]
+    again = await pipeline.parks.get(order_id)
+    assert again is not None and (again.kind, again.version) == (WRITE_FAILED, 3), again
+    assert [h.version for h in await pipeline.parks.held(order_id)] == [3], "the refused event's copy was deleted"
+
+    await db.command("collMod", "orders", validator={})  # MongoDB fixed
+    assert await Repairer(pipeline, decode_event).resume_held(again) is not None
+    doc = await db["orders"].find_one({"_id": order_id})
+    assert doc is not None and doc["version"] == 3 and await pipeline.parks.get(order_id) is None
