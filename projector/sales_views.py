@@ -100,10 +100,11 @@ class SalesViews:
         checkpoints: Mapping[str, int] | None = None,
     ) -> dict[str, Document]:
         """Counts the facts of these orders that are not counted yet, then rolls up the days they count on;
-        returns the report documents written. `failed`: where to record the days whose report MongoDB refused
-        (a refused fact raises: the batch is retried whole). `docs`: order documents as the caller just wrote or
-        read them, by id, with their change logs (the others are read). `checkpoints`: the orders' checkpoint
-        versions as the batch read them; only facts of events above them are counted (absent: every fact)."""
+        returns the report documents written. `failed`: where to record the orders that count on a day whose
+        report MongoDB refused (a refused fact raises: the batch is retried whole). `docs`: order documents as the
+        caller just wrote or read them, by id, with their change logs (the others are read). `checkpoints`: the
+        orders' checkpoint versions as the batch read them; only facts of events above them are counted (absent:
+        every fact)."""
         ids = sorted(set(order_ids))
         if not ids:
             return {}
@@ -121,7 +122,12 @@ class SalesViews:
             for fact in fact_updates(order_id, order, above.get(order_id, 0))
         ]
         await self._count(facts)
-        return await self.roll_up({key for order in orders.values() for key in keys_of_order(order)}, failed)
+        days = {order_id: set(keys_of_order(order)) for order_id, order in orders.items()}
+        refused: set[str] = set()
+        reports = await self.roll_up(set().union(*days.values()), refused)
+        if failed is not None:  # the view is keyed by order: each order behind a refused day fails
+            failed.update(order_id for order_id, keys in days.items() if keys & refused)
+        return reports
 
     async def _count(self, facts: list[Fact]) -> None:
         """One update per shard, guarded by the tags of all its facts. An upsert whose filter missed because a tag

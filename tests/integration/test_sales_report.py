@@ -28,6 +28,7 @@ from command_service.domain import commands as cmd
 from command_service.handlers import order_handler
 from core.dependency_metrics import dependency_metrics
 from core.envelope import RecordedEvent
+from core.events import decode_event
 from core.projections.sales import (
     COUNTED_FIELD,
     REPORT_VERSION_FIELD,
@@ -40,8 +41,9 @@ from cqrs_client import OrdersClient, field_violations
 from cqrsctl.rebuild import RebuildConfig, run_rebuild
 from cqrsctl.verify import FindingKind, run_verify
 from projector.pipeline import Pipeline
-from projector.planning import decode_recorded
+from projector.planning import WRITE_FAILED, decode_recorded
 from projector.registry import PROJECTIONS
+from projector.repair import Repairer
 from projector.sales_views import SalesViews
 from query_service.config import QuerySettings
 from query_service.server import RunningServer, start_query_server
@@ -157,6 +159,37 @@ async def test_a_recomputation_never_replaces_a_report_of_more_facts(
 
 
 # ---- the whole system ------------------------------------------------------------------------------------------
+
+
+async def test_an_order_whose_days_report_is_refused_is_not_checkpointed_and_counts_once_it_is_taken(
+    mongo: AsyncMongoClient[Doc], unique_name: str
+) -> None:
+    """The report is keyed by order, its documents by day: a refused day must fail the orders that count on it (their
+    checkpoints unmoved, the stream parked once offered enough), so that the day's report is written once MongoDB
+    takes it (here by the park's resumption)."""
+    database = mongo[unique_name]
+    await database.create_collection(SALES_COLLECTION, validator={"placed_orders": {"$lte": 1}})  # one placement
+    pipeline = Pipeline(
+        database, BY_TYPE, dependency_metrics(CollectorRegistry()), stream_name="", park_after=5, max_backoff=1.0
+    )
+    await pipeline.ensure_indexes()
+    first = order_events("EUR", [("ANVIL", 1, 100)], placed_at=D1)
+    second = order_events("EUR", [("ROPE", 1, 200)], placed_at=D1)
+    assert not (await pipeline.apply(decode_recorded(first, BY_TYPE))).unsettled
+
+    refused = await pipeline.apply(decode_recorded(second, BY_TYPE))
+
+    order_id = second[0].stream_id
+    assert order_id in refused.unsettled, refused.unsettled
+    checkpoint = await database["checkpoints"].find_one({"_id": order_id})
+    assert checkpoint is None or checkpoint["version"] < second[-1].version
+    park = await pipeline.parks.get(order_id)
+    assert park is not None and park.kind == WRITE_FAILED
+    await database.command("collMod", SALES_COLLECTION, validator={})  # MongoDB takes it again
+    resumed = await Repairer(pipeline, decode_event).resume_held(park)
+    assert resumed is not None and resumed.resumed, resumed
+    day = (await reports(database))[f"{D1.date().isoformat()}/EUR"]
+    assert (day["placed_orders"], day["placed_revenue_minor"]) == (2, 300)
 
 
 async def move_to(pool: asyncpg.Pool, order_id: str, event_type: str, at: datetime) -> None:
