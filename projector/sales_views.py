@@ -87,6 +87,12 @@ class SalesViews:
 
         return {SALES_REPORT.name: report}
 
+    async def clear(self) -> None:
+        """Forgets every counted fact and every report document: what a recomputation from the orders starts from
+        (counted afresh, a fact whose tag a sweep forgot would count twice)."""
+        await self._shards.delete_many({})
+        await self._reports.delete_many({})
+
     async def ensure_indexes(self) -> None:
         """The roll-up's index on the shards and the query service's on the report; idempotent."""
         await self._shards.create_indexes(_index_models(SHARD_INDEXES))

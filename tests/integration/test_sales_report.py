@@ -44,6 +44,7 @@ from projector.pipeline import Pipeline
 from projector.planning import WRITE_FAILED, decode_recorded
 from projector.registry import PROJECTIONS
 from projector.repair import Repairer
+from projector.sales_tags import SalesTagSweeper
 from projector.sales_views import SalesViews
 from query_service.config import QuerySettings
 from query_service.server import RunningServer, start_query_server
@@ -190,6 +191,26 @@ async def test_an_order_whose_days_report_is_refused_is_not_checkpointed_and_cou
     assert resumed is not None and resumed.resumed, resumed
     day = (await reports(database))[f"{D1.date().isoformat()}/EUR"]
     assert (day["placed_orders"], day["placed_revenue_minor"]) == (2, 300)
+
+
+async def test_recomputing_the_views_after_a_sweep_counts_every_fact_once(
+    mongo: AsyncMongoClient[Doc], unique_name: str
+) -> None:
+    """A generation that was active has had its counted facts' tags swept: recomputing its views (`cqrs rebuild
+    --generation N` of a retired one) must not count those facts again."""
+    database = mongo[unique_name]
+    await apply_in_batches(database, order_events("EUR", [("ANVIL", 2, 1250)], placed_at=D1), 100)
+    sweeper = SalesTagSweeper(database, grace=0.0, full_scan_every=1)
+    await sweeper.sweep()
+    assert (await sweeper.sweep()).forgotten == 1
+    pipeline = Pipeline(
+        database, BY_TYPE, dependency_metrics(CollectorRegistry()), stream_name="", park_after=1, max_backoff=1.0
+    )
+
+    await pipeline.recompute_views()
+
+    day = (await reports(database))[f"{D1.date().isoformat()}/EUR"]
+    assert (day["placed_orders"], day["placed_revenue_minor"]) == (1, 2500)
 
 
 async def move_to(pool: asyncpg.Pool, order_id: str, event_type: str, at: datetime) -> None:
