@@ -168,3 +168,15 @@ async def first_to_finish(*coros: Coroutine[Any, Any, None]) -> None:
     for task in done:
         if not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
+
+
+async def all_unless_one_fails(*coros: Coroutine[Any, Any, None]) -> None:
+    """Runs the coroutines together until every one returns; the first to raise cancels (and awaits) the others and
+    its exception propagates (`asyncio.gather` alone leaves them running, with nobody left to stop them)."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

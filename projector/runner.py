@@ -36,7 +36,7 @@ from core.failpoints import failpoint
 from core.jetstream import JETSTREAM_UNAVAILABLE
 from core.projections import Projection
 from core.subjects import stream_subjects
-from core.supervisor import Supervisor
+from core.supervisor import Supervisor, all_unless_one_fails
 from projector.applier import BatchApplier
 from projector.batch_gate import BatchGate
 from projector.config import ProjectorSettings
@@ -360,7 +360,7 @@ class Projector:
             raise
 
         async def consume() -> None:
-            await asyncio.gather(*(self._consume_source(source, fence) for source in sources))
+            await all_unless_one_fails(*(self._consume_source(source, fence) for source in sources))
 
         return asyncio.create_task(consume(), name=f"projector partition {partition}"), close
 

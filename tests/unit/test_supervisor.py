@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from core.supervisor import Supervisor, first_to_finish
+from core.supervisor import Supervisor, all_unless_one_fails, first_to_finish
 from tests.support import eventually
 
 
@@ -93,22 +93,41 @@ async def test_stop_drains_then_cancels_and_never_hangs() -> None:
     await asyncio.sleep(0.1)
 
 
+async def _forever(cancelled: asyncio.Event) -> None:
+    """Runs until cancelled, then says so."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        cancelled.set()
+
+
+async def _fails_soon(error: Exception) -> None:
+    await asyncio.sleep(0.01)
+    raise error
+
+
 async def test_first_to_finish_cancels_the_rest_and_raises_the_first_error() -> None:
     cancelled = asyncio.Event()
-
-    async def forever() -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            cancelled.set()
-
-    async def lease_lost() -> None:
-        await asyncio.sleep(0.01)
-        raise ConnectionError("lease gone")
-
     with pytest.raises(ConnectionError, match="lease gone"):
-        await first_to_finish(forever(), lease_lost())
+        await first_to_finish(_forever(cancelled), _fails_soon(ConnectionError("lease gone")))
     assert cancelled.is_set()
+
+
+async def test_all_unless_one_fails_waits_for_every_one_and_a_failure_stops_the_others() -> None:
+    finished: list[str] = []
+    cancelled = asyncio.Event()
+
+    async def after(seconds: float, name: str) -> None:
+        await asyncio.sleep(seconds)
+        finished.append(name)
+
+    await all_unless_one_fails(after(0.02, "slow"), after(0.01, "fast"))
+    assert finished == ["fast", "slow"]
+
+    # A partition's other source, fetching, beside one whose loop hits a bug.
+    with pytest.raises(RuntimeError, match="a bug"):
+        await all_unless_one_fails(_forever(cancelled), _fails_soon(RuntimeError("a bug in one source's loop")))
+    assert cancelled.is_set(), "the other source was left running"
 
 
 async def _true(value: bool) -> bool:
